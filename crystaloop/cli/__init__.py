@@ -1,0 +1,53 @@
+"""The ``crystaloop`` command line.
+
+Each command group lives in its own module and imports heavy dependencies
+(torch, pw.x tooling) only inside its commands, so ``crystaloop --help`` is fast.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from crystaloop.cli._common import console, report_user_error
+from crystaloop.errors import UserError
+
+app = typer.Typer(
+    name="crystaloop",
+    help="Active-learning DFT loop for inorganic crystals.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _register() -> None:
+    from crystaloop.cli import bench, campaign, data, db, dft, generate, models, query, train
+
+    app.add_typer(db.app, name="db", help="Start, stop and inspect the database.")
+    app.command("query", help="Query candidates by campaign, formula, elements and property windows.")(
+        query.query
+    )
+    app.add_typer(data.app, name="data", help="Build, load and import training data.")
+    app.add_typer(train.app, name="train", help="Train the UNet, VAE and CGCNN models.")
+    app.add_typer(generate.app, name="generate", help="Sample candidate crystals from the generator.")
+    app.add_typer(dft.app, name="dft", help="Quantum ESPRESSO relaxations and pseudopotentials.")
+    app.add_typer(campaign.app, name="campaign", help="Validate, run and report campaigns.")
+    app.add_typer(models.app, name="models", help="The registry of trained models.")
+    app.add_typer(bench.app, name="bench", help="Benchmarks with numbers to report.")
+
+
+_register()
+
+
+def main() -> None:
+    """Console-script entry point: user errors print one line and exit 2."""
+    try:
+        app()
+    except UserError as exc:
+        report_user_error(exc)
+        sys.exit(exc.exit_code)
+
+
+__all__ = ["app", "console", "main"]

@@ -1,0 +1,24 @@
+"""Shared pieces of the CLI: consoles and error reporting."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+from crystaloop.errors import UserError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def report_user_error(exc: UserError) -> None:
+    """Print a user error as one line (plus one line per listed problem)."""
+    err_console.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
+    for line in exc.lines:
+        err_console.print(f"  {line}", highlight=False, soft_wrap=True)
+
+
+def group(help_text: str):
+    """A typer sub-app with the project's defaults."""
+    import typer
+
+    return typer.Typer(help=help_text, no_args_is_help=True, pretty_exceptions_enable=False)

@@ -1,0 +1,7 @@
+"""``crystaloop query``."""
+
+from __future__ import annotations
+
+
+def query() -> None:
+    """Query candidates."""

@@ -1,0 +1,7 @@
+"""`crystaloop train` commands."""
+
+from __future__ import annotations
+
+from crystaloop.cli._common import group
+
+app = group("train commands.")

@@ -1,0 +1,215 @@
+"""Document schemas for every collection.
+
+Structures are stored as pymatgen ``as_dict()`` with derived query fields.
+Predicted and DFT property values are kept apart.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pymatgen.core import Structure
+
+from crystaloop.properties import PROPERTY_NAMES
+
+COLLECTIONS = ("candidates", "dft_tasks", "campaigns", "models", "training_structures")
+
+
+def utcnow() -> datetime:
+    """Timezone-aware now (UTC)."""
+    return datetime.now(UTC)
+
+
+class CandidateState(StrEnum):
+    """The candidate life cycle.
+
+    ``generated -> rejected | shortlisted -> selected -> submitted -> relaxed | failed``
+    """
+
+    GENERATED = "generated"
+    REJECTED = "rejected"
+    SHORTLISTED = "shortlisted"
+    SELECTED = "selected"
+    SUBMITTED = "submitted"
+    RELAXED = "relaxed"
+    FAILED = "failed"
+
+
+ALLOWED_TRANSITIONS: dict[CandidateState, tuple[CandidateState, ...]] = {
+    CandidateState.GENERATED: (CandidateState.REJECTED, CandidateState.SHORTLISTED),
+    CandidateState.SHORTLISTED: (CandidateState.SELECTED, CandidateState.REJECTED),
+    CandidateState.SELECTED: (CandidateState.SUBMITTED,),
+    CandidateState.SUBMITTED: (CandidateState.RELAXED, CandidateState.FAILED),
+    CandidateState.REJECTED: (),
+    CandidateState.RELAXED: (),
+    CandidateState.FAILED: (),
+}
+
+
+class _Doc(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_enum_values=True)
+
+
+class StructureFields(_Doc):
+    """A structure plus the fields that queries use."""
+
+    structure: dict[str, Any] = Field(description="pymatgen Structure.as_dict().")
+    formula_pretty: str
+    reduced_formula: str
+    elements: list[str] = Field(description="Sorted element symbols (multikey index).")
+    chemsys: str = Field(description="Elements joined by '-', sorted.")
+    nsites: int
+    spacegroup: str | None = Field(None, description="International symbol, symprec 0.1.")
+    fingerprint: str = Field(description="Cheap dedup key: reduced formula, nsites, volume bin.")
+
+    @classmethod
+    def fields_from(cls, structure: Structure, spacegroup: bool = True) -> dict[str, Any]:
+        """The derived fields for ``structure`` as a dict."""
+        comp = structure.composition
+        elements = sorted(el.symbol for el in comp.elements)
+        sg = None
+        if spacegroup:
+            try:
+                sg = structure.get_space_group_info(symprec=0.1)[0]
+            except Exception:  # spglib can fail on badly distorted cells; the field is optional
+                sg = None
+        return {
+            "structure": structure.as_dict(),
+            "formula_pretty": comp.reduced_formula,
+            "reduced_formula": comp.reduced_formula,
+            "elements": elements,
+            "chemsys": "-".join(elements),
+            "nsites": len(structure),
+            "spacegroup": sg,
+            "fingerprint": fingerprint(structure),
+        }
+
+
+def fingerprint(structure: Structure) -> str:
+    """A cheap key: equal structures share it (formula, sites per formula unit, volume/atom bin)."""
+    comp = structure.composition
+    _, n_units = comp.get_reduced_composition_and_factor()
+    vpa = structure.volume / len(structure)
+    return f"{comp.reduced_formula}|{len(structure) / n_units:g}|{round(vpa * 2) / 2:g}"
+
+
+class PredictedValue(_Doc):
+    """A model prediction of one property."""
+
+    mean: float | None
+    std: float | None = None
+    model_version: str | None = None
+
+
+class FilterStep(_Doc):
+    """One stage of the filter cascade that a candidate went through."""
+
+    stage: str
+    passed: bool
+    reason: str | None = None
+    at: datetime = Field(default_factory=utcnow)
+
+
+class CandidateDoc(StructureFields):
+    """A generated candidate. ``predicted`` and ``dft`` are kept apart."""
+
+    candidate_id: str
+    campaign: str
+    round: int = Field(ge=0)
+    state: CandidateState = CandidateState.GENERATED
+    state_history: list[dict[str, Any]] = Field(default_factory=list)
+    rejected_stage: str | None = None
+    rejected_reason: str | None = None
+    provenance: dict[str, Any] = Field(
+        default_factory=dict,
+        description="How it was made: model versions, sampling mode, base formula, seed.",
+    )
+    filter_trail: list[FilterStep] = Field(default_factory=list)
+    predicted: dict[str, PredictedValue] = Field(default_factory=dict)
+    dft: dict[str, float | None] = Field(
+        default_factory=dict, description="DFT values keyed by property name (units per property)."
+    )
+    dft_engine: Literal["espresso", "surrogate"] | None = None
+    dft_task_id: str | None = None
+    acquisition_score: float | None = None
+    owner: str | None = Field(None, description="Process that made the last transition.")
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class DFTTaskRecord(_Doc):
+    """One DFT (or surrogate) relaxation, as seen by the loop and the query CLI."""
+
+    task_id: str
+    candidate_id: str | None = None
+    campaign: str | None = None
+    round: int | None = None
+    engine: Literal["espresso", "surrogate"]
+    preset: str | None = None
+    state: Literal["submitted", "running", "successful", "failed"]
+    reasons: list[str] = Field(default_factory=list)
+    reduced_formula: str | None = None
+    elements: list[str] = Field(default_factory=list)
+    energy_per_atom: float | None = Field(None, description="eV/atom")
+    formation_energy_per_atom: float | None = Field(None, description="eV/atom")
+    output: dict[str, Any] = Field(default_factory=dict, description="The full task document.")
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class RoundDoc(_Doc):
+    """What one campaign round did, stage by stage."""
+
+    round: int
+    stage: str = "started"
+    counts: dict[str, int] = Field(default_factory=dict)
+    metrics: dict[str, float | None] = Field(default_factory=dict)
+    started_at: datetime = Field(default_factory=utcnow)
+    finished_at: datetime | None = None
+
+
+class CampaignDoc(_Doc):
+    """A campaign and its per-round documents."""
+
+    name: str
+    config: dict[str, Any]
+    status: Literal["created", "running", "stopped", "finished", "failed"] = "created"
+    rounds: list[RoundDoc] = Field(default_factory=list)
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class ModelDoc(_Doc):
+    """A trained model version in the registry."""
+
+    kind: Literal["unet", "vae", "cgcnn", "cgcnn-ensemble"]
+    version: str
+    dataset_hash: str
+    config: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, float | None] = Field(default_factory=dict)
+    checkpoint: str = Field(description="Checkpoint path (or gridfs:<id>).")
+    torch_version: str | None = None
+    default: bool = False
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class TrainingStructureDoc(StructureFields):
+    """A labelled structure for training (prior set, Materials Project, or DFT feedback)."""
+
+    structure_id: str = Field(description="Stable id, e.g. 'prior:perovskite:SrTiO3' or 'mp-5229'.")
+    source: Literal["prior", "materials_project", "dft", "surrogate"]
+    dataset: str = Field(description="Dataset name, e.g. 'prior-v1'.")
+    material_class: Literal["binary", "perovskite", "heusler", "other"] = "other"
+    prototype: str | None = Field(None, description="B1, B2, B3, perovskite, L21 ...")
+    labels: dict[str, float | None] = Field(
+        default_factory=dict, description=f"Keyed by {', '.join(PROPERTY_NAMES)}."
+    )
+    labeller: str | None = Field(None, description="e.g. 'chgnet-0.3.0', 'pw.x-6.7', 'mp-api'.")
+    converged: bool = True
+    eos_residual: float | None = Field(None, description="RMS E(V) fit residual, eV/atom.")
+    reject_reason: str | None = None
+    material_id: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)

@@ -1,0 +1,1 @@
+"""crystaloop.generative.models."""
