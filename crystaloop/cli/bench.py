@@ -1,7 +1,14 @@
-"""``crystaloop bench``: benchmarks whose numbers go in issue notes and the README."""
+"""``crystaloop bench``: benchmarks whose numbers go in issue notes and the README.
+
+Each area registers its own commands from its own module (``register(app)``).
+"""
 
 from __future__ import annotations
 
+from crystaloop.cli import bench_db, bench_dft, bench_representation
 from crystaloop.cli._common import group
 
 app = group("Benchmarks with numbers to report.")
+
+for _module in (bench_db, bench_representation, bench_dft):
+    _module.register(app)
