@@ -23,7 +23,18 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from crystaloop.cli import bench, campaign, data, db, dft, generate, models, query, train
+    from crystaloop.cli import (
+        bench,
+        campaign,
+        data,
+        db,
+        dft,
+        evaluate,
+        generate,
+        models,
+        query,
+        train,
+    )
 
     app.add_typer(db.app, name="db", help="Start, stop and inspect the database.")
     app.command("query", help="Query candidates by campaign, formula, elements and property windows.")(
@@ -35,6 +46,7 @@ def _register() -> None:
     app.add_typer(dft.app, name="dft", help="Quantum ESPRESSO relaxations and pseudopotentials.")
     app.add_typer(campaign.app, name="campaign", help="Validate, run and report campaigns.")
     app.add_typer(models.app, name="models", help="The registry of trained models.")
+    app.add_typer(evaluate.app, name="evaluate", help="Evaluate models against the papers' tables.")
     app.add_typer(bench.app, name="bench", help="Benchmarks with numbers to report.")
 
 
