@@ -1,7 +1,59 @@
-"""`crystaloop db` commands."""
+"""``crystaloop db``: the embedded server and collection counts."""
 
 from __future__ import annotations
 
-from crystaloop.cli._common import group
+from crystaloop.cli._common import console, group
 
-app = group("db commands.")
+app = group("Start, stop and inspect the database.")
+
+
+@app.command("start")
+def start() -> None:
+    """Start the embedded server (or reuse the running one)."""
+    from crystaloop.db.server import EmbeddedServer
+    from crystaloop.settings import get_settings
+
+    settings = get_settings()
+    if not settings.uses_embedded_db:
+        console.print(f"using {settings.safe_uri}; nothing embedded to start", highlight=False)
+        return
+    record = EmbeddedServer(settings.data_dir).start()
+    console.print(f"embedded database at {record.uri} (pid {record.pid}, storage {record.storage_path})")
+
+
+@app.command("stop")
+def stop() -> None:
+    """Stop the embedded server."""
+    from crystaloop.db.server import EmbeddedServer
+    from crystaloop.settings import get_settings
+
+    settings = get_settings()
+    stopped = EmbeddedServer(settings.data_dir).stop()
+    console.print("embedded database stopped" if stopped else "no embedded database was running")
+
+
+@app.command("status")
+def status() -> None:
+    """Show where the database is and how many documents each collection holds."""
+    from rich.table import Table
+
+    from crystaloop.db import COLLECTIONS, get_database
+    from crystaloop.db.server import EmbeddedServer
+    from crystaloop.settings import get_settings
+
+    settings = get_settings()
+    if settings.uses_embedded_db:
+        record = EmbeddedServer(settings.data_dir).running()
+        if record is None:
+            console.print("embedded database: not running (start it with 'crystaloop db start')")
+            return
+        console.print(f"embedded database at {record.uri} (pid {record.pid})")
+    else:
+        console.print(f"database at {settings.safe_uri}", highlight=False)
+    database = get_database(settings)
+    table = Table(title=f"database '{settings.database}'")
+    table.add_column("collection")
+    table.add_column("documents", justify="right")
+    for name in COLLECTIONS:
+        table.add_row(name, str(database[name].estimated_document_count()))
+    console.print(table)

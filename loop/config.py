@@ -1,0 +1,326 @@
+"""Campaign configuration: pydantic models loaded from YAML.
+
+Every model forbids unknown keys. :func:`load_campaign_config` turns every
+validation problem into one line naming the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pymatgen.core import Composition, Element
+
+from crystaloop.errors import ConfigError
+from crystaloop.properties import PROPERTIES, PROPERTY_NAMES
+
+MaterialClass = Literal["binary", "perovskite", "heusler"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _check_element(symbol: str) -> str:
+    if not isinstance(symbol, str) or not Element.is_valid_symbol(symbol):
+        raise ValueError(f"unknown element {symbol!r}; use a chemical symbol such as 'Sr', 'Ti', 'O'")
+    return symbol
+
+
+class TargetWindow(_Strict):
+    """A target window on one property; either bound may be open (null).
+
+    Units are fixed per property (see :mod:`crystaloop.properties`).
+    """
+
+    property: str = Field(description=f"One of: {', '.join(PROPERTY_NAMES)}.")
+    min: float | None = Field(None, description="Lower bound, in the property's unit.")
+    max: float | None = Field(None, description="Upper bound, in the property's unit.")
+
+    @field_validator("property")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in PROPERTIES:
+            raise ValueError(f"unknown property {value!r}; allowed: {', '.join(PROPERTY_NAMES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _bounds(self) -> TargetWindow:
+        spec = PROPERTIES[self.property]
+        unit = f" {spec.unit}" if spec.unit else ""
+        if self.min is None and self.max is None:
+            raise ValueError(f"empty window for {self.property}: give min, max or both")
+        for bound in (self.min, self.max):
+            if bound is not None and not spec.contains(bound):
+                raise ValueError(
+                    f"{self.property} bound {bound} is outside the physical range "
+                    f"[{spec.lower}, {spec.upper}]{unit}"
+                )
+        if self.min is not None and self.max is not None and self.min >= self.max:
+            raise ValueError(
+                f"min ({self.min}) must be below max ({self.max}) for {self.property}{unit}"
+            )
+        return self
+
+    def contains(self, value: float | None) -> bool:
+        """True if ``value`` lies inside the window (None never does)."""
+        if value is None:
+            return False
+        return (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+
+
+class ElementRules(_Strict):
+    """Which elements candidates may contain."""
+
+    allow: list[str] | None = Field(None, description="Only these elements (null: any).")
+    deny: list[str] = Field(default_factory=list, description="Never these elements.")
+
+    @field_validator("allow", "deny")
+    @classmethod
+    def _elements(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else [_check_element(s) for s in value]
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> ElementRules:
+        both = sorted(set(self.allow or ()) & set(self.deny))
+        if both:
+            raise ValueError(f"elements both allowed and denied: {', '.join(both)}; keep each in one list")
+        return self
+
+    def permits(self, symbols: typing.Iterable[str]) -> bool:
+        """True if every symbol is allowed and none is denied."""
+        symbols = set(symbols)
+        if symbols & set(self.deny):
+            return False
+        return self.allow is None or symbols <= set(self.allow)
+
+
+class Budget(_Strict):
+    """Per-round budgets."""
+
+    candidates_per_round: int = Field(1000, ge=1, description="Candidates generated per round.")
+    dft_per_round: int = Field(8, ge=1, description="DFT relaxations per round.")
+
+
+class StopRules(_Strict):
+    """When a campaign stops before ``max_rounds``."""
+
+    min_hits: int | None = Field(None, ge=1, description="Stop after this many DFT-verified hits.")
+    hit_rate: float | None = Field(
+        None, gt=0, le=1, description="Stop when a round's DFT hit rate reaches this fraction."
+    )
+    patience: int | None = Field(
+        None, ge=1, description="Stop after this many rounds without a new hit."
+    )
+
+
+class Sampling(_Strict):
+    """How latent vectors are drawn."""
+
+    mode: Literal["random", "around_base", "interpolate"] = "random"
+    base_formulas: list[str] = Field(default_factory=list, description="Compounds to sample around.")
+    std: float = Field(
+        0.5, gt=0, description="Standard deviation of the latent perturbation (not a variance)."
+    )
+    interpolation_steps: int = Field(10, ge=2, description="Points between two base compounds.")
+    seed: int = 0
+
+    @field_validator("base_formulas")
+    @classmethod
+    def _formulas(cls, value: list[str]) -> list[str]:
+        for formula in value:
+            try:
+                comp = Composition(formula)
+            except Exception:
+                raise ValueError(
+                    f"base formula {formula!r} is not a chemical formula, e.g. 'SrTiO3'"
+                ) from None
+            if comp.num_atoms == 0:
+                raise ValueError(f"base formula {formula!r} has no atoms")
+        return value
+
+    @model_validator(mode="after")
+    def _needs_bases(self) -> Sampling:
+        need = {"around_base": 1, "interpolate": 2}.get(self.mode, 0)
+        if len(self.base_formulas) < need:
+            raise ValueError(f"mode {self.mode!r} needs at least {need} base_formulas")
+        return self
+
+
+class Filters(_Strict):
+    """Thresholds of the filter cascade."""
+
+    min_distance: float = Field(0.5, gt=0, description="Minimum interatomic distance (Å).")
+    same_stoichiometry_as_base: bool = Field(
+        True, description="With around_base sampling, keep only the base compounds' stoichiometries."
+    )
+    novelty: bool = Field(True, description="Drop structures present in the training set.")
+    window_tolerance: float = Field(
+        0.2, ge=0, description="Keep predictions within this relative margin of a window bound."
+    )
+    uip_screen: bool = Field(True, description="Relax with CHGNet and re-check the window before DFT.")
+    max_uip_volume_change: float = Field(
+        0.3, gt=0, description="Reject if CHGNet relaxation changes the volume by more than this fraction."
+    )
+
+
+class Acquisition(_Strict):
+    """How shortlisted candidates are chosen for DFT."""
+
+    strategy: Literal["probability_in_window", "ucb", "greedy", "random"] = "probability_in_window"
+    kappa: float = Field(1.0, ge=0, description="Exploration weight on the ensemble std (ucb).")
+    diversity: float = Field(
+        0.5, ge=0, le=1, description="Weight of composition diversity against score (0: score only)."
+    )
+
+
+class DFTSettings(_Strict):
+    """The relaxation engine."""
+
+    engine: Literal["espresso", "surrogate"] = "espresso"
+    preset: str = Field("fast", description="Preset name in dft/espresso/presets (fast, standard).")
+    pseudo_family: str = Field("local-pbe", description="Family name, or a path to a family YAML.")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="Merged into a preset copy.")
+
+
+class Execution(_Strict):
+    """Where DFT jobs run."""
+
+    backend: Literal["local", "fireworks", "jobflow-remote"] = "local"
+    worker: str | None = Field(None, description="FireWorks fworker or jobflow-remote worker name.")
+    project: str | None = Field(None, description="jobflow-remote project name.")
+
+
+class Retraining(_Strict):
+    """When and what to retrain from DFT results."""
+
+    every: int = Field(1, ge=1, description="Retrain after every this many rounds.")
+    cgcnn: bool = True
+    generator_conditioning: bool = True
+    epochs: int = Field(20, ge=1)
+    min_new_results: int = Field(1, ge=1, description="Skip retraining with fewer new DFT results.")
+
+
+class CampaignConfig(_Strict):
+    """A whole campaign."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Letters, digits, _ . -")
+    description: str = ""
+    targets: list[TargetWindow] = Field(min_length=1)
+    material_classes: list[MaterialClass] = Field(
+        default_factory=lambda: ["binary", "perovskite", "heusler"], min_length=1
+    )
+    elements: ElementRules = Field(default_factory=ElementRules)
+    budget: Budget = Field(default_factory=Budget)
+    max_rounds: int = Field(3, ge=1)
+    stop: StopRules = Field(default_factory=StopRules)
+    sampling: Sampling = Field(default_factory=Sampling)
+    filters: Filters = Field(default_factory=Filters)
+    acquisition: Acquisition = Field(default_factory=Acquisition)
+    dft: DFTSettings = Field(default_factory=DFTSettings)
+    execution: Execution = Field(default_factory=Execution)
+    retrain: Retraining = Field(default_factory=Retraining)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _unique_targets(self) -> CampaignConfig:
+        names = [t.property for t in self.targets]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"one window per property; repeated: {', '.join(repeated)}")
+        return self
+
+    def in_all_windows(self, values: dict[str, float | None]) -> bool:
+        """True if ``values`` (property -> value) lie in every target window."""
+        return all(t.contains(values.get(t.property)) for t in self.targets)
+
+
+# -- loading and error reporting -------------------------------------------------------------
+
+
+def _unwrap(annotation: Any) -> Any:
+    """The model class inside Optional[...] / list[...] / dict[..., ...], if any."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType, list, dict, tuple):
+        for arg in typing.get_args(annotation):
+            inner = _unwrap(arg)
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                return inner
+    return annotation
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: Any = CampaignConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return []
+        model = _unwrap(model.model_fields[part].annotation)
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
+def _path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def format_validation_error(error: ValidationError) -> list[str]:
+    """One line per problem: ``field: what is wrong; what is allowed``."""
+    lines = []
+    for err in error.errors():
+        loc = tuple(err["loc"])
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(loc[:-1])
+            lines.append(f"{_path(loc)}: unknown key; allowed keys: {', '.join(allowed)}")
+        elif err["type"] == "string_pattern_mismatch":
+            lines.append(f"{_path(loc)}: use only letters, digits, '_', '.' and '-' (no spaces)")
+        elif err["type"] == "missing":
+            lines.append(f"{_path(loc)}: required field is missing")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{_path(loc)}: {msg}")
+    return lines
+
+
+def parse_campaign_config(data: Any, *, source: str = "<config>") -> CampaignConfig:
+    """Validate a mapping as a :class:`CampaignConfig`.
+
+    Raises
+    ------
+    ConfigError
+        With one line per problem in ``.lines``.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a campaign file must be a YAML mapping (key: value)")
+    try:
+        return CampaignConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = format_validation_error(exc)
+        raise ConfigError(f"{source}: {len(lines)} problem(s) in the campaign config", lines) from None
+
+
+def load_campaign_config(path: str | Path) -> CampaignConfig:
+    """Read and validate a campaign YAML file.
+
+    Raises
+    ------
+    ConfigError
+        Missing file, YAML syntax error (with its line), or validation problems.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"campaign file {path} does not exist; pass a YAML file such as configs/demo.yaml")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: invalid YAML{where}; fix the syntax") from None
+    return parse_campaign_config(data, source=str(path))
