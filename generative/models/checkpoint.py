@@ -1,0 +1,75 @@
+"""Save and load models as one ``.pt`` file: kind, constructor arguments, weights, extras."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from crystaloop.generative.models.cgcnn import CGCNN
+from crystaloop.generative.models.ensemble import CGCNNEnsemble
+from crystaloop.generative.models.unet import UNet3D
+from crystaloop.generative.models.vae import CondDFCVAE
+from torch import nn
+
+_CLASSES: dict[str, type[nn.Module]] = {"unet": UNet3D, "vae": CondDFCVAE, "cgcnn": CGCNN}
+
+
+def model_payload(model: nn.Module) -> dict[str, Any]:
+    """The picklable description of ``model`` (kind, hparams, state dict)."""
+    if isinstance(model, CGCNNEnsemble):
+        return {
+            "kind": model.kind,
+            "members": [model_payload(m) for m in model.members],
+        }
+    return {
+        "kind": model.kind,
+        "hparams": dict(model.hparams),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+
+
+def model_from_payload(payload: dict[str, Any]) -> nn.Module:
+    """Rebuild a model from :func:`model_payload` output."""
+    if payload["kind"] == CGCNNEnsemble.kind:
+        return CGCNNEnsemble([model_from_payload(m) for m in payload["members"]])
+    cls = _CLASSES[payload["kind"]]
+    hparams = dict(payload["hparams"])
+    if cls is UNet3D:
+        model = cls(hparams.pop("atomic_numbers"), **hparams)
+    elif cls is CGCNN:
+        model = cls(hparams.pop("properties"), **hparams)
+    else:
+        model = cls(**hparams)
+    model.load_state_dict(payload["state_dict"])
+    return model
+
+
+def save_model(model: nn.Module, path: str | Path, **extra: Any) -> Path:
+    """Write ``model`` and ``extra`` metadata (config, metrics ...) to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = model_payload(model)
+    payload["extra"] = extra
+    payload["torch_version"] = torch.__version__
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_model(path: str | Path, map_location: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """The model stored at ``path`` (in eval mode) and its extra metadata.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    payload = torch.load(path, map_location=map_location, weights_only=False)
+    model = model_from_payload(payload)
+    model.eval()
+    return model, payload.get("extra", {})
