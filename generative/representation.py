@@ -22,9 +22,8 @@ from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
-from pymatgen.core import Lattice, Structure
-
 from crystaloop.generative.radii import ionic_radius
+from pymatgen.core import Lattice, Structure
 
 _NORM = (2.0 * np.pi) ** -1.5
 _ORTHOGONAL_TOLERANCE_DEGREES = 1e-6
@@ -79,9 +78,7 @@ class VoxelCrystal:
 
     def channels(self) -> np.ndarray:
         """The 4-channel model input ``(density, x, y, z)``, shape ``(4, g, g, g)``, float32."""
-        return np.concatenate([self.density[None], self.coords], axis=0).astype(
-            np.float32, copy=False
-        )
+        return np.concatenate([self.density[None], self.coords], axis=0).astype(np.float32, copy=False)
 
 
 def voxel_centres(grid: int) -> np.ndarray:
