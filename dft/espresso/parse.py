@@ -1,0 +1,213 @@
+"""pw.x output parsing: ASE's reader plus the few fields it does not extract.
+
+ASE's ``read_espresso_out`` gives structures, energies, forces, stress,
+magnetic moments and eigenvalues. Version, wall time, convergence flags,
+total magnetisation and error messages are read here because ASE skips them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from pymatgen.core import Structure
+from pymatgen.io.ase import AseAtomsAdaptor
+
+EV_PER_A3_TO_GPA = 160.21766208
+_VERSION = re.compile(r"Program PWSCF v\.?\s*([^\s]+)\s+starts")
+_WALL = re.compile(r"PWSCF\s*:.*CPU\s+(.*)WALL")
+_TOTAL_MAG = re.compile(r"total magnetization\s*=\s*(-?[\d.]+)")
+_SCF_FAILED = "convergence NOT achieved"
+_MAX_STEPS = "The maximum number of steps has been reached"
+_RELAX_DONE = ("End of BFGS Geometry Optimization", "End final coordinates", "bfgs converged")
+_FINAL_SCF = "A final scf calculation at the relaxed structure"
+
+
+class PwOutputError(ValueError):
+    """An output that cannot be read as a pw.x run; the message says why."""
+
+
+@dataclass
+class PwOutput:
+    """What a pw.x output says. Energies in eV, forces eV/Å, stress GPa, times s."""
+
+    path: Path
+    version: str | None
+    calculation: str | None
+    job_done: bool
+    scf_converged: bool
+    relax_converged: bool | None
+    max_steps_reached: bool
+    n_ionic_steps: int
+    initial_structure: Structure | None
+    final_structure: Structure | None
+    energy: float | None
+    energies: list[float]
+    forces: np.ndarray | None
+    stress: np.ndarray | None
+    total_magnetization: float | None
+    band_gap: float | None
+    is_metal: bool | None
+    fermi_energy: float | None
+    wall_time_s: float | None
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def successful(self) -> bool:
+        """Finished, SCF converged and (for relaxations) the geometry converged."""
+        return (
+            self.job_done
+            and self.scf_converged
+            and self.relax_converged is not False
+            and self.energy is not None
+        )
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    return raw.decode("utf-8", errors="replace")
+
+
+def parse_wall_time(text: str) -> float | None:
+    """Seconds from pw.x's last ``PWSCF : ... WALL`` line (formats ``1h 2m``, ``3m 4.5s``)."""
+    matches = _WALL.findall(text)
+    if not matches:
+        return None
+    total = 0.0
+    for value, unit in re.findall(r"([\d.]+)\s*([hms])", matches[-1]):
+        total += float(value) * {"h": 3600.0, "m": 60.0, "s": 1.0}[unit]
+    return total
+
+
+def parse_errors(text: str) -> list[str]:
+    """Messages of pw.x's ``%%%%`` error blocks (``Error in routine X (n): message``)."""
+    errors = []
+    for block in re.findall(r"%{20,}\n(.*?)\n\s*%{20,}", text, re.S):
+        lines = [ln.strip() for ln in block.splitlines() if ln.strip()]
+        if lines:
+            errors.append(" ".join(lines))
+    return errors
+
+
+def band_gap_from(atoms) -> tuple[float | None, bool | None]:
+    """``(gap_eV, is_metal)`` from eigenvalues and the Fermi level; ``(None, None)`` if unknown.
+
+    A metal has bands crossing the Fermi level (gap 0.0). Without empty bands the gap is unknown.
+    """
+    calc = atoms.calc
+    kpts = getattr(calc, "kpts", None)
+    if not kpts:
+        return None, None
+    try:
+        efermi = calc.get_fermi_level()
+    except Exception:  # the calculator raises when the level was not printed
+        efermi = None
+    if efermi is None:
+        return None, None
+    eigs = [np.asarray(k.eps_n) for k in kpts]
+    below = [e[e <= efermi + 1e-4] for e in eigs]
+    above = [e[e > efermi + 1e-4] for e in eigs]
+    if any(len(a) == 0 for a in above):
+        return None, None
+    counts = {len(b) for b in below}
+    if len(counts) > 1:
+        return 0.0, True
+    vbm = max(b.max() for b in below if len(b))
+    cbm = min(a.min() for a in above)
+    gap = float(cbm - vbm)
+    if gap < 1e-3:
+        return 0.0, True
+    return gap, False
+
+
+def parse_pw_output(path: Path | str) -> PwOutput:
+    """Read a pw.x output file (plain or gzipped).
+
+    Raises
+    ------
+    PwOutputError
+        Not a pw.x output, or one with no readable configuration; the message names the cause.
+    """
+    path = Path(path)
+    try:
+        text = _read_text(path)
+    except OSError as exc:
+        raise PwOutputError(f"{path}: cannot read ({exc.strerror})") from None
+    if "Program PWSCF" not in text:
+        raise PwOutputError(f"{path}: not a pw.x output (no 'Program PWSCF' banner)")
+    images = _ase_images(path, text)
+    version = _VERSION.search(text)
+    calc_match = re.search(r"calculation\s*=\s*'([^']+)'", text)
+    calculation = calc_match.group(1) if calc_match else None
+    max_steps = _MAX_STEPS in text
+    if any(marker in text for marker in _RELAX_DONE):
+        relax_converged: bool | None = True
+    elif max_steps or re.search(r"(bfgs|BFGS).*(failed|history already reset)", text):
+        relax_converged = False
+    elif "Geometry Optimization" in text or "enthalpy new" in text:
+        relax_converged = False
+    else:
+        relax_converged = None
+    adaptor = AseAtomsAdaptor()
+    with_energy = [a for a in images if a.calc is not None and a.calc.results.get("energy") is not None]
+    last = with_energy[-1] if with_energy else None
+    forces = stress = None
+    gap = is_metal = fermi = None
+    if last is not None:
+        results = last.calc.results
+        if results.get("forces") is not None:
+            forces = np.asarray(results["forces"], dtype=float)
+        if results.get("stress") is not None:
+            from ase.stress import voigt_6_to_full_3x3_stress
+
+            stress = voigt_6_to_full_3x3_stress(np.asarray(results["stress"])) * EV_PER_A3_TO_GPA
+        gap, is_metal = band_gap_from(last)
+        try:
+            fermi = last.calc.get_fermi_level()
+        except Exception:  # not printed
+            fermi = None
+    mags = _TOTAL_MAG.findall(text)
+    return PwOutput(
+        path=path,
+        version=version.group(1) if version else None,
+        calculation=calculation,
+        job_done="JOB DONE" in text,
+        scf_converged=_SCF_FAILED not in text,
+        relax_converged=relax_converged,
+        max_steps_reached=max_steps,
+        n_ionic_steps=len(with_energy) - (1 if _FINAL_SCF in text and len(with_energy) > 1 else 0),
+        initial_structure=adaptor.get_structure(images[0]) if images else None,
+        final_structure=adaptor.get_structure(last if last is not None else images[-1])
+        if images
+        else None,
+        energy=float(last.calc.results["energy"]) if last is not None else None,
+        energies=[float(a.calc.results["energy"]) for a in with_energy],
+        forces=forces,
+        stress=stress,
+        total_magnetization=float(mags[-1]) if mags else None,
+        band_gap=gap,
+        is_metal=is_metal,
+        fermi_energy=float(fermi) if fermi is not None else None,
+        wall_time_s=parse_wall_time(text),
+        errors=parse_errors(text),
+    )
+
+
+def _ase_images(path: Path, text: str) -> list:
+    from ase.io.espresso import read_espresso_out
+
+    try:
+        images = list(read_espresso_out(io.StringIO(text), index=slice(None), results_required=False))
+    except Exception as exc:  # ASE raises many types on truncated or unusual files
+        raise PwOutputError(
+            f"{path}: ASE's pw.x reader failed ({type(exc).__name__}: {str(exc)[:120]})"
+        ) from None
+    if not images:
+        raise PwOutputError(f"{path}: no atomic configuration found")
+    return images

@@ -1,0 +1,120 @@
+"""The one place pw.x is started."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from crystaloop.dft.espresso.inputs import INPUT_FILE, OUTPUT_FILE
+
+from crystaloop.errors import UserError
+
+STDERR_FILE = "pw.err"
+
+
+@dataclass(frozen=True)
+class PwRun:
+    """How a pw.x run ended."""
+
+    command: list[str]
+    returncode: int | None
+    wall_time_s: float
+    timed_out: bool
+    directory: Path
+
+    @property
+    def output(self) -> Path:
+        """The captured standard output."""
+        return self.directory / OUTPUT_FILE
+
+
+def build_pw_command(pw_command: str, input_file: str = INPUT_FILE) -> list[str]:
+    """``pw_command`` split like a shell would, plus ``-in <input_file>``.
+
+    Raises
+    ------
+    UserError
+        The command is empty.
+    """
+    argv = shlex.split(pw_command)
+    if not argv:
+        raise UserError("pw_command is empty; set CRYSTALOOP_PW_COMMAND, e.g. 'pw.x'")
+    return [*argv, "-in", input_file]
+
+
+def pw_environment(omp_num_threads: int, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for pw.x: ``OMP_NUM_THREADS`` and Open MPI's run-as-root switches."""
+    env = dict(os.environ if base is None else base)
+    env["OMP_NUM_THREADS"] = str(omp_num_threads)
+    # Open MPI refuses to start as root (CI, containers) without both of these.
+    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    return env
+
+
+def pw_available(pw_command: str | None = None) -> bool:
+    """True when the pw.x executable of ``pw_command`` is on PATH."""
+    from crystaloop.settings import get_settings
+
+    argv = shlex.split(pw_command or get_settings().pw_command)
+    exe = next((a for a in argv if a.endswith("pw.x")), argv[0] if argv else "pw.x")
+    return shutil.which(exe) is not None
+
+
+def run_pw(
+    directory: Path | str,
+    *,
+    pw_command: str | None = None,
+    omp_num_threads: int | None = None,
+    timeout_s: float | None = None,
+) -> PwRun:
+    """Run pw.x on ``directory/pw.in``; stdout goes to ``pw.out``, stderr to ``pw.err``.
+
+    Parameters
+    ----------
+    directory
+        Job directory holding the input.
+    pw_command, omp_num_threads
+        Default: the settings' values.
+    timeout_s
+        Kill pw.x after this many seconds (a wall-time limit); ``timed_out`` is then True.
+
+    Raises
+    ------
+    UserError
+        The pw.x executable cannot be started.
+    """
+    from crystaloop.settings import get_settings
+
+    settings = get_settings()
+    directory = Path(directory)
+    command = build_pw_command(pw_command or settings.pw_command)
+    env = pw_environment(omp_num_threads or settings.omp_num_threads)
+    start = time.perf_counter()
+    timed_out = False
+    with (directory / OUTPUT_FILE).open("w") as out, (directory / STDERR_FILE).open("w") as err:
+        try:
+            proc = subprocess.Popen(command, cwd=directory, stdout=out, stderr=err, env=env)
+        except OSError as exc:
+            raise UserError(
+                f"cannot start '{command[0]}' ({exc.strerror}); install Quantum ESPRESSO "
+                "(apt-get install quantum-espresso) or set CRYSTALOOP_PW_COMMAND"
+            ) from None
+        try:
+            returncode = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            returncode, timed_out = None, True
+    return PwRun(
+        command=command,
+        returncode=returncode,
+        wall_time_s=time.perf_counter() - start,
+        timed_out=timed_out,
+        directory=directory,
+    )
