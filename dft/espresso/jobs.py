@@ -1,0 +1,350 @@
+"""jobflow Makers for pw.x: vc-relax, static, and element references.
+
+Each Maker is a dataclass with a ``name``, a preset, overrides and run
+settings; ``make(structure, prev_dir=None)`` returns a Job whose output is a
+:class:`~crystaloop.dft.schemas.QETaskDocument`. ``make`` never changes the
+Maker. Forces and ionic steps go to the jobflow ``data`` store.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from crystaloop.dft import store
+from crystaloop.dft.espresso.handlers import HandledRun, default_handlers, run_with_handlers
+from crystaloop.dft.espresso.inputs import build_pw_input, deep_merge, load_preset
+from crystaloop.dft.pseudos import PseudoFamily, family_from_settings
+from crystaloop.dft.references import reference_structure
+from crystaloop.dft.schemas import (
+    Correction,
+    ElementReference,
+    IonicStep,
+    PseudoRef,
+    QEInputDoc,
+    QETaskDocument,
+)
+from jobflow import Maker, job
+from pymatgen.core import Structure
+
+from crystaloop.errors import UserError
+
+DATA_FIELDS = ["forces", "ionic_steps"]
+
+
+def current_task_id() -> str:
+    """The running jobflow job's uuid, or a fresh one outside jobflow."""
+    from jobflow import CURRENT_JOB
+
+    current = CURRENT_JOB.job
+    return str(current.uuid) if current is not None else str(uuid.uuid4())
+
+
+def job_directory(task_id: str) -> Path:
+    """``<data_dir>/dft/jobs/<task_id>``, created."""
+    from crystaloop.settings import get_settings
+
+    path = get_settings().data_dir / "dft" / "jobs" / task_id
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def preset_key(preset: str, overrides: dict[str, Any]) -> str:
+    """The preset label plus a short hash of the overrides (the reference cache key)."""
+    import hashlib
+    import json
+
+    label = load_preset(preset).label
+    if not overrides:
+        return label
+    digest = hashlib.md5(json.dumps(overrides, sort_keys=True, default=str).encode()).hexdigest()
+    return f"{label}+{digest[:8]}"
+
+
+@dataclass
+class BaseQEMaker(Maker):
+    """Common settings of the pw.x Makers.
+
+    Parameters
+    ----------
+    name
+        Job name.
+    preset
+        Preset name (``fast``, ``standard``) or a YAML path.
+    overrides
+        Deep-merged into a copy of the preset (``input_data``, ``kpoint_density``...).
+    max_retries
+        Error-handler retries before the task is marked failed.
+    timeout_s
+        Wall-time limit per pw.x attempt, s (the run restarts from the last geometry).
+    pw_command
+        Overrides the settings' ``pw_command``.
+    metadata
+        Stored with the result (``candidate_id``, ``campaign``, ``round``...).
+    record
+        Write the result to the ``dft_tasks`` collection.
+    """
+
+    name: str = "qe job"
+    preset: str = "fast"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    max_retries: int = 3
+    timeout_s: float | None = None
+    pw_command: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    record: bool = True
+    calculation: ClassVar[str] = "scf"
+
+    @job(data=DATA_FIELDS, output_schema=QETaskDocument)
+    def make(self, structure: Structure, prev_dir: str | Path | None = None) -> QETaskDocument:
+        """A Job that runs pw.x on ``structure`` and returns a QETaskDocument."""
+        return run_espresso_task(self, structure, prev_dir=prev_dir)
+
+
+@dataclass
+class QERelaxMaker(BaseQEMaker):
+    """Variable-cell relaxation (``vc-relax``)."""
+
+    name: str = "qe relax"
+    calculation: ClassVar[str] = "vc-relax"
+
+
+@dataclass
+class QEStaticMaker(BaseQEMaker):
+    """A single SCF calculation."""
+
+    name: str = "qe static"
+    calculation: ClassVar[str] = "scf"
+
+
+def _merged_preset(maker: BaseQEMaker, calculation: str):
+    base = {"input_data": {"control": {"calculation": calculation}}}
+    return load_preset(maker.preset, deep_merge(base, maker.overrides))
+
+
+def _failed_document(
+    maker: BaseQEMaker, structure: Structure, task_id: str, reasons: list[str], calculation: str
+) -> QETaskDocument:
+    return QETaskDocument(
+        task_id=task_id,
+        engine="espresso",
+        task_label=maker.name,
+        calculation=calculation,
+        state="failed",
+        reasons=reasons,
+        formula_pretty=structure.composition.reduced_formula,
+        elements=sorted(el.symbol for el in structure.composition.elements),
+        nsites=len(structure),
+        initial_structure=structure,
+        input=QEInputDoc(preset=load_preset(maker.preset).label, overrides=maker.overrides),
+        metadata=dict(maker.metadata),
+    )
+
+
+def run_espresso_task(
+    maker: BaseQEMaker,
+    structure: Structure,
+    *,
+    prev_dir: str | Path | None = None,
+    calculation: str | None = None,
+    family: PseudoFamily | None = None,
+) -> QETaskDocument:
+    """Run pw.x for ``maker`` on ``structure`` with error recovery; record and return the result.
+
+    A structure with elements the family lacks gives a failed document and never starts pw.x.
+    """
+    start = time.perf_counter()
+    calculation = calculation or maker.calculation
+    task_id = current_task_id()
+    family = family or family_from_settings()
+    missing = family.missing(el.symbol for el in structure.composition.elements)
+    if missing:
+        doc = _failed_document(
+            maker,
+            structure,
+            task_id,
+            [f"no pseudopotential for {', '.join(missing)} in family '{family.name}'"],
+            calculation,
+        )
+        if maker.record:
+            store.save_task(doc)
+        return doc
+    preset = _merged_preset(maker, calculation)
+    pw_input = build_pw_input(structure, preset, family)
+    directory = job_directory(task_id)
+    if maker.record:
+        store.mark_running(
+            task_id,
+            structure.composition.reduced_formula,
+            sorted(el.symbol for el in structure.composition.elements),
+            "espresso",
+            preset.label,
+            maker.metadata,
+        )
+    if prev_dir is not None and (Path(prev_dir) / "out").is_dir():
+        shutil.copytree(Path(prev_dir) / "out", directory / "out", dirs_exist_ok=True)
+    handled = run_with_handlers(
+        pw_input,
+        directory,
+        handlers=default_handlers(),
+        max_retries=maker.max_retries,
+        pw_command=maker.pw_command,
+        timeout_s=maker.timeout_s,
+    )
+    doc = task_document(
+        handled,
+        structure=structure,
+        task_id=task_id,
+        label=maker.name,
+        calculation=calculation,
+        overrides=maker.overrides,
+        family=family,
+        directory=directory,
+        prev_dir=prev_dir,
+        metadata=maker.metadata,
+    )
+    doc.total_time_s = time.perf_counter() - start
+    if maker.record:
+        store.save_task(doc)
+    return doc
+
+
+def task_document(
+    handled: HandledRun,
+    *,
+    structure: Structure,
+    task_id: str,
+    label: str,
+    calculation: str,
+    overrides: dict[str, Any],
+    family: PseudoFamily,
+    directory: Path,
+    prev_dir: str | Path | None,
+    metadata: dict[str, Any],
+) -> QETaskDocument:
+    """Build the task document from a handled pw.x run."""
+    out = handled.output
+    pw_input = handled.pw_input
+    final = out.final_structure if out is not None else None
+    energy = out.energy if out is not None else None
+    return QETaskDocument(
+        task_id=task_id,
+        engine="espresso",
+        task_label=label,
+        calculation=calculation,
+        state=handled.state,
+        reasons=handled.reasons,
+        formula_pretty=structure.composition.reduced_formula,
+        elements=sorted(el.symbol for el in structure.composition.elements),
+        nsites=len(structure),
+        initial_structure=structure,
+        final_structure=final,
+        energy=energy,
+        energy_per_atom=energy / len(structure) if energy is not None else None,
+        forces=out.forces.tolist() if out is not None and out.forces is not None else None,
+        stress=out.stress.tolist() if out is not None and out.stress is not None else None,
+        total_magnetization=out.total_magnetization if out is not None else None,
+        band_gap=out.band_gap if out is not None else None,
+        is_metal=out.is_metal if out is not None else None,
+        scf_converged=out.scf_converged if out is not None else None,
+        relax_converged=out.relax_converged if out is not None else None,
+        n_ionic_steps=out.n_ionic_steps if out is not None else 0,
+        ionic_steps=[IonicStep(energy=e) for e in (out.energies if out is not None else [])],
+        wall_time_s=handled.engine_wall_time_s,
+        code_version=f"pw.x {out.version}" if out is not None and out.version else None,
+        input=QEInputDoc(
+            preset=pw_input.preset,
+            overrides=overrides,
+            parameters=pw_input.input_data,
+            kpoints=list(pw_input.kpts),
+            pseudopotentials=[
+                PseudoRef(element=el, filename=fn, md5=pw_input.pseudo_md5.get(el, ""))
+                for el, fn in sorted(pw_input.pseudopotentials.items())
+            ],
+            pseudo_family=family.name,
+        ),
+        corrections=[Correction(**c) for c in handled.corrections],
+        dir_name=str(directory),
+        prev_dir=str(prev_dir) if prev_dir is not None else None,
+        metadata=dict(metadata),
+    )
+
+
+@dataclass
+class ElementReferenceMaker(BaseQEMaker):
+    """Relax an element's reference structure once per (preset, pseudopotential) and cache it.
+
+    The cache lives in the ``element_references`` collection, keyed by element, engine,
+    preset (with an overrides hash) and pseudopotential md5. A cached reference is
+    returned without running pw.x.
+    """
+
+    name: str = "qe element reference"
+    calculation: ClassVar[str] = "vc-relax"
+
+    @job(output_schema=ElementReference)
+    def make(self, element: str, structure: Structure | None = None) -> ElementReference:
+        """A Job returning the element's reference energy (eV/atom), cached in the DB."""
+        return run_element_reference(self, element, structure)
+
+
+def run_element_reference(
+    maker: ElementReferenceMaker, element: str, structure: Structure | None = None
+) -> ElementReference:
+    """Look up, or relax and cache, the reference for ``element``.
+
+    Raises
+    ------
+    UserError
+        The family lacks the element, or the reference relaxation failed.
+    """
+    family = family_from_settings()
+    if element not in family.pseudopotentials:
+        raise UserError(
+            f"no pseudopotential for {element} in family '{family.name}'; add one to the family"
+        )
+    md5 = family.pseudopotentials[element].md5
+    key = preset_key(maker.preset, maker.overrides)
+    cached = store.get_reference(element, "espresso", key, md5)
+    if cached is not None:
+        return ElementReference(
+            element=element,
+            engine="espresso",
+            preset=key,
+            energy_per_atom=cached["energy_per_atom"],
+            task_id=cached["task_id"],
+            cached=True,
+        )
+    ref_structure, calculation = reference_structure(element, structure)
+    overrides = maker.overrides
+    if calculation == "relax":
+        overrides = deep_merge({"kpoint_density": 1}, maker.overrides)
+    runner = BaseQEMaker(
+        name=f"{maker.name} {element}",
+        preset=maker.preset,
+        overrides=overrides,
+        max_retries=maker.max_retries,
+        timeout_s=maker.timeout_s,
+        pw_command=maker.pw_command,
+        metadata={**maker.metadata, "role": "element_reference", "element": element},
+        record=maker.record,
+    )
+    doc = run_espresso_task(runner, ref_structure, calculation=calculation, family=family)
+    if not doc.successful or doc.energy_per_atom is None:
+        raise UserError(
+            f"reference relaxation for {element} failed ({'; '.join(doc.reasons)}); "
+            f"see {doc.dir_name}"
+        )
+    store.put_reference(element, "espresso", key, md5, doc.energy_per_atom, doc.task_id)
+    return ElementReference(
+        element=element,
+        engine="espresso",
+        preset=key,
+        energy_per_atom=doc.energy_per_atom,
+        task_id=doc.task_id,
+        cached=False,
+    )

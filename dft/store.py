@@ -1,0 +1,131 @@
+"""DFT results in MongoDB: ``dft_tasks`` records and the ``element_references`` cache."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from crystaloop.dft.schemas import QETaskDocument
+
+TASKS = "dft_tasks"
+REFERENCES = "element_references"
+
+
+def _database(database=None):
+    if database is not None:
+        return database
+    from crystaloop.db import get_database
+
+    return get_database()
+
+
+def task_record(doc: QETaskDocument, preset: str | None = None) -> dict[str, Any]:
+    """The ``DFTTaskRecord`` for a task document, validated, as a dict."""
+    from crystaloop.db.documents import DFTTaskRecord
+
+    meta = doc.metadata
+    record = DFTTaskRecord(
+        task_id=doc.task_id,
+        candidate_id=meta.get("candidate_id"),
+        campaign=meta.get("campaign"),
+        round=meta.get("round"),
+        engine=doc.engine,
+        preset=preset or doc.input.preset,
+        state=doc.state,
+        reasons=doc.reasons,
+        reduced_formula=doc.final_structure.composition.reduced_formula
+        if doc.final_structure is not None
+        else doc.formula_pretty,
+        elements=doc.elements,
+        energy_per_atom=doc.energy_per_atom,
+        formation_energy_per_atom=doc.formation_energy_per_atom,
+        output=doc.model_dump(mode="json", exclude={"ionic_steps"}),
+    )
+    return record.model_dump()
+
+
+def mark_running(
+    task_id: str, formula: str, elements: list[str], engine: str, preset: str, meta: dict, database=None
+) -> None:
+    """Insert (or reset) a ``running`` record so a killed job is visible."""
+    from crystaloop.db.documents import DFTTaskRecord
+
+    record = DFTTaskRecord(
+        task_id=task_id,
+        candidate_id=meta.get("candidate_id"),
+        campaign=meta.get("campaign"),
+        round=meta.get("round"),
+        engine=engine,
+        preset=preset,
+        state="running",
+        reduced_formula=formula,
+        elements=elements,
+    ).model_dump()
+    _database(database)[TASKS].replace_one({"task_id": task_id}, record, upsert=True)
+
+
+def save_task(doc: QETaskDocument, database=None) -> None:
+    """Write the final record of ``doc`` (replacing its running record)."""
+    _database(database)[TASKS].replace_one(
+        {"task_id": doc.task_id}, task_record(doc), upsert=True
+    )
+
+
+def set_formation_energy(task_id: str, value: float | None, database=None) -> None:
+    """Store a formation energy (eV/atom) on a task record."""
+    _database(database)[TASKS].update_one(
+        {"task_id": task_id},
+        {
+            "$set": {
+                "formation_energy_per_atom": value,
+                "output.formation_energy_per_atom": value,
+                "updated_at": datetime.now(UTC),
+            }
+        },
+    )
+
+
+def reference_key(element: str, engine: str, preset_key: str, md5: str | None) -> dict[str, str]:
+    """The cache key of an element reference."""
+    return {"element": element, "engine": engine, "preset": preset_key, "md5": md5 or "-"}
+
+
+def get_reference(
+    element: str, engine: str, preset_key: str, md5: str | None, database=None
+) -> dict[str, Any] | None:
+    """The cached reference (``energy_per_atom`` in eV/atom, ``task_id``), or None."""
+    return _database(database)[REFERENCES].find_one(
+        reference_key(element, engine, preset_key, md5), {"_id": 0}
+    )
+
+
+def put_reference(
+    element: str,
+    engine: str,
+    preset_key: str,
+    md5: str | None,
+    energy_per_atom: float,
+    task_id: str,
+    database=None,
+) -> None:
+    """Cache an element reference energy (eV/atom)."""
+    key = reference_key(element, engine, preset_key, md5)
+    _database(database)[REFERENCES].replace_one(
+        key,
+        {
+            **key,
+            "energy_per_atom": energy_per_atom,
+            "task_id": task_id,
+            "created_at": datetime.now(UTC),
+        },
+        upsert=True,
+    )
+
+
+def tasks_by_state(database=None) -> dict[str, list[dict[str, Any]]]:
+    """``dft_tasks`` grouped by state (newest first), without the full output."""
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    cursor = _database(database)[TASKS].find({}, {"output": 0, "_id": 0}).sort("updated_at", -1)
+    for doc in cursor:
+        grouped.setdefault(doc["state"], []).append(doc)
+    return grouped

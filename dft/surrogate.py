@@ -1,0 +1,201 @@
+"""The ``surrogate`` engine: CHGNet relaxations behind the same Maker interface as pw.x.
+
+For machines without pw.x and for fast loop tests. Every document it produces
+has ``engine="surrogate"``; its energies are CHGNet's (MPtrj-compatible GGA/GGA+U
+scale), never DFT.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, ClassVar
+
+from crystaloop.dft import store
+from crystaloop.dft.espresso.jobs import DATA_FIELDS, current_task_id
+from crystaloop.dft.references import reference_structure
+from crystaloop.dft.schemas import ElementReference, IonicStep, QEInputDoc, QETaskDocument
+from jobflow import Maker, job
+from pymatgen.core import Structure
+
+SURROGATE_PRESET = "chgnet"
+
+
+@lru_cache(maxsize=1)
+def load_chgnet():
+    """The bundled pretrained CHGNet (offline; loaded once per process)."""
+    from chgnet.model import CHGNet
+
+    return CHGNet.load(verbose=False)
+
+
+@dataclass
+class SurrogateRelaxMaker(Maker):
+    """Relax with CHGNet (cell and positions); output is a QETaskDocument labelled surrogate.
+
+    Parameters
+    ----------
+    fmax
+        Force convergence, eV/Å.
+    steps
+        Maximum optimiser steps.
+    preset
+        Recorded only (keeps the interface of the pw.x Makers).
+    """
+
+    name: str = "surrogate relax"
+    preset: str = SURROGATE_PRESET
+    overrides: dict[str, Any] = field(default_factory=dict)
+    fmax: float = 0.05
+    steps: int = 300
+    metadata: dict[str, Any] = field(default_factory=dict)
+    record: bool = True
+    relax_cell: ClassVar[bool] = True
+
+    @job(data=DATA_FIELDS, output_schema=QETaskDocument)
+    def make(self, structure: Structure, prev_dir: str | Path | None = None) -> QETaskDocument:
+        """A Job that relaxes ``structure`` with CHGNet."""
+        return run_surrogate_task(self, structure, prev_dir=prev_dir)
+
+
+@dataclass
+class SurrogateStaticMaker(SurrogateRelaxMaker):
+    """A single CHGNet energy/force/stress evaluation."""
+
+    name: str = "surrogate static"
+    relax_cell: ClassVar[bool] = False
+
+
+def run_surrogate_task(
+    maker: SurrogateRelaxMaker,
+    structure: Structure,
+    *,
+    prev_dir: str | Path | None = None,
+    relax: bool | None = None,
+) -> QETaskDocument:
+    """Relax (or evaluate) ``structure`` with CHGNet; record and return the document."""
+    import chgnet
+    from chgnet.model import StructOptimizer
+
+    start = time.perf_counter()
+    relax = maker.relax_cell if relax is None else relax
+    task_id = current_task_id()
+    model = load_chgnet()
+    reasons: list[str] = []
+    energies: list[float] = []
+    engine_start = time.perf_counter()
+    try:
+        if relax:
+            optimizer = StructOptimizer(model=model, use_device="cpu")
+            result = optimizer.relax(
+                structure.copy(), fmax=maker.fmax, steps=maker.steps, verbose=False
+            )
+            final = result["final_structure"]
+            trajectory = result["trajectory"]
+            energies = [float(e) for e in trajectory.energies]
+            n_steps = len(energies)
+            converged = n_steps < maker.steps
+            if not converged:
+                reasons.append(f"not converged to fmax={maker.fmax} eV/Å in {maker.steps} steps")
+        else:
+            final, n_steps, converged = structure.copy(), 1, True
+        prediction = model.predict_structure(final, task="efsm")
+        state = "successful" if converged else "failed"
+    except Exception as exc:  # a model failure must still end as a failed task
+        final, prediction, n_steps, state = None, None, 0, "failed"
+        reasons.append(f"CHGNet failed: {type(exc).__name__}: {exc}")
+    engine_time = time.perf_counter() - engine_start
+    energy = float(prediction["e"]) * len(final) if prediction is not None else None
+    doc = QETaskDocument(
+        task_id=task_id,
+        engine="surrogate",
+        task_label=maker.name,
+        calculation="vc-relax" if relax else "scf",
+        state=state,
+        reasons=reasons,
+        formula_pretty=structure.composition.reduced_formula,
+        elements=sorted(el.symbol for el in structure.composition.elements),
+        nsites=len(structure),
+        initial_structure=structure,
+        final_structure=final,
+        energy=energy,
+        energy_per_atom=energy / len(final) if energy is not None else None,
+        forces=prediction["f"].tolist() if prediction is not None else None,
+        stress=prediction["s"].tolist() if prediction is not None else None,
+        total_magnetization=float(prediction["m"].sum()) if prediction is not None else None,
+        scf_converged=None,
+        relax_converged=converged if relax else None,
+        n_ionic_steps=n_steps,
+        ionic_steps=[IonicStep(energy=e) for e in energies],
+        wall_time_s=engine_time,
+        code_version=f"chgnet {chgnet.__version__}",
+        input=QEInputDoc(preset=maker.preset, overrides=maker.overrides),
+        prev_dir=str(prev_dir) if prev_dir is not None else None,
+        metadata=dict(maker.metadata),
+    )
+    if doc.stress is not None:
+        doc.stress = _full_stress(doc.stress)
+    doc.total_time_s = time.perf_counter() - start
+    if maker.record:
+        store.save_task(doc)
+    return doc
+
+
+def _full_stress(stress: list) -> list[list[float]]:
+    values = [float(v) for v in (stress if not isinstance(stress[0], list) else sum(stress, []))]
+    if len(values) == 9:
+        return [values[0:3], values[3:6], values[6:9]]
+    xx, yy, zz, yz, xz, xy = values
+    return [[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]]
+
+
+@dataclass
+class SurrogateElementReferenceMaker(SurrogateRelaxMaker):
+    """CHGNet element reference, cached like the pw.x one (engine ``surrogate``)."""
+
+    name: str = "surrogate element reference"
+
+    @job(output_schema=ElementReference)
+    def make(self, element: str, structure: Structure | None = None) -> ElementReference:
+        """A Job returning the element's CHGNet reference energy (eV/atom)."""
+        return run_surrogate_reference(self, element, structure)
+
+
+def run_surrogate_reference(
+    maker: SurrogateElementReferenceMaker, element: str, structure: Structure | None = None
+) -> ElementReference:
+    """Look up, or relax and cache, the CHGNet reference for ``element``."""
+    from crystaloop.errors import UserError
+
+    cached = store.get_reference(element, "surrogate", maker.preset, None)
+    if cached is not None:
+        return ElementReference(
+            element=element,
+            engine="surrogate",
+            preset=maker.preset,
+            energy_per_atom=cached["energy_per_atom"],
+            task_id=cached["task_id"],
+            cached=True,
+        )
+    ref_structure, calculation = reference_structure(element, structure)
+    runner = SurrogateRelaxMaker(
+        name=f"{maker.name} {element}",
+        fmax=maker.fmax,
+        steps=maker.steps,
+        metadata={**maker.metadata, "role": "element_reference", "element": element},
+        record=maker.record,
+    )
+    doc = run_surrogate_task(runner, ref_structure, relax=calculation == "vc-relax")
+    if doc.energy_per_atom is None:
+        raise UserError(f"surrogate reference for {element} failed ({'; '.join(doc.reasons)})")
+    store.put_reference(element, "surrogate", maker.preset, None, doc.energy_per_atom, doc.task_id)
+    return ElementReference(
+        element=element,
+        engine="surrogate",
+        preset=maker.preset,
+        energy_per_atom=doc.energy_per_atom,
+        task_id=doc.task_id,
+        cached=False,
+    )
