@@ -2,6 +2,247 @@
 
 from __future__ import annotations
 
-from crystaloop.cli._common import group
+from pathlib import Path
+
+import typer
+
+from crystaloop.cli._common import console, group
+from crystaloop.errors import UserError
 
 app = group("dft commands.")
+pseudos_app = group("Pseudopotential families.")
+app.add_typer(pseudos_app, name="pseudos", help="Build and inspect pseudopotential families.")
+
+
+@pseudos_app.command("build-local")
+def build_local(
+    dest: Path = typer.Option(
+        None, "--dest", help="Target directory (default: the settings' pseudo_dir)."
+    ),
+    ld1: bool = typer.Option(True, "--ld1/--no-ld1", help="Generate PAW potentials with ld1.x."),
+    jobs: int = typer.Option(2, "--jobs", min=1, help="ld1.x runs in parallel."),
+) -> None:
+    """Assemble a real PBE family from this machine's Quantum ESPRESSO files."""
+    from rich.table import Table
+
+    from crystaloop.dft.pseudos import CUTOFF_POLICY, build_local_family, load_family
+    from crystaloop.settings import get_settings
+
+    target = dest or get_settings().resolved_pseudo_dir()
+    report = build_local_family(target, use_ld1=ld1, jobs=jobs)
+    family = load_family(report.family_path)
+    table = Table(title=f"{family.name}: {len(report.elements)} elements in {target}")
+    for column in ("element", "file", "type", "source", "ecutwfc (Ry)", "ecutrho (Ry)"):
+        table.add_column(column)
+    for element in report.elements:
+        entry = family.pseudopotentials[element]
+        table.add_row(
+            element,
+            entry.filename,
+            entry.pseudo_type or "",
+            entry.source or "",
+            f"{entry.ecutwfc:g}",
+            f"{entry.ecutrho:g}",
+        )
+    console.print(table)
+    console.print(f"elements: {' '.join(report.elements)}")
+    console.print(f"ld1.x succeeded: {' '.join(report.ld1_ok) or '-'}")
+    for name, reason in sorted(report.ld1_failed.items()):
+        console.print(f"ld1.x failed: {name}: {reason}", highlight=False)
+    if report.rewrapped:
+        console.print(f"re-wrapped long lines in: {' '.join(sorted(report.rewrapped))}")
+    console.print(f"cutoffs: {CUTOFF_POLICY}", highlight=False)
+    console.print(f"family YAML: {report.family_path}")
+
+
+@pseudos_app.command("show")
+def show_family() -> None:
+    """Print the configured family: elements, files and cutoffs."""
+    from rich.table import Table
+
+    from crystaloop.dft.pseudos import family_from_settings
+
+    family = family_from_settings()
+    table = Table(title=f"{family.name} ({family.functional}) in {family.pseudo_dir}")
+    for column in ("element", "file", "md5", "ecutwfc (Ry)", "ecutrho (Ry)"):
+        table.add_column(column)
+    for element in family.elements:
+        e = family.pseudopotentials[element]
+        table.add_row(element, e.filename, e.md5[:10], f"{e.ecutwfc:g}", f"{e.ecutrho:g}")
+    console.print(table)
+
+
+def _read_structure(path: Path):
+    from pymatgen.core import Structure
+
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; give a CIF or POSCAR file")
+    try:
+        return Structure.from_file(str(path))
+    except Exception as exc:  # pymatgen raises many types for malformed files
+        raise UserError(
+            f"cannot read a crystal structure from {path} ({type(exc).__name__}); check the file"
+        ) from None
+
+
+@app.command("relax")
+def relax(
+    structure_file: Path = typer.Argument(..., help="Structure file (CIF, POSCAR...)."),
+    preset: str = typer.Option("fast", "--preset", help="fast, standard, or a preset YAML."),
+    backend: str = typer.Option("local", "--backend", help="local, fireworks or jobflow-remote."),
+    engine: str = typer.Option("espresso", "--engine", help="espresso (pw.x) or surrogate (CHGNet)."),
+    formation_energy: bool = typer.Option(
+        True, "--formation-energy/--no-formation-energy", help="Also compute E_f per atom."
+    ),
+    worker: str = typer.Option(None, "--worker", help="jobflow-remote worker name."),
+    project: str = typer.Option(None, "--project", help="jobflow-remote project name."),
+) -> None:
+    """Relax one structure (vc-relax) and print the result table."""
+    from crystaloop.dft.backends import BACKENDS, run_flow
+    from crystaloop.dft.espresso.inputs import load_preset
+
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+    if engine not in ("espresso", "surrogate"):
+        raise UserError(f"unknown engine '{engine}'; choose espresso or surrogate")
+    structure = _read_structure(structure_file)
+    if engine == "espresso":
+        from crystaloop.dft.pseudos import family_from_settings
+
+        load_preset(preset)
+        family_from_settings().require(structure)
+    flow = _build_flow(structure, engine, preset, formation_energy)
+    if backend == "fireworks":
+        ids = run_flow(flow, "fireworks")
+        console.print(
+            f"submitted {len(ids)} Fireworks (ids {ids[0]}-{ids[-1]}); run workers with "
+            "'rlaunch -l my_launchpad.yaml rapidfire'"
+        )
+        return
+    if backend == "jobflow-remote":
+        if not worker or not project:
+            raise UserError("--backend jobflow-remote needs --worker and --project")
+        run_flow(flow, "jobflow-remote", project=project, worker=worker)
+        console.print(f"submitted to jobflow-remote project {project}; follow with 'jf job list'")
+        return
+    responses = run_flow(flow, "local")
+    _print_result(flow, responses)
+
+
+def _build_flow(structure, engine: str, preset: str, formation_energy: bool):
+    from jobflow import Flow
+
+    from crystaloop.dft.flows import FormationEnergyFlow
+
+    if formation_energy:
+        return FormationEnergyFlow(structure, engine=engine, preset=preset)
+    if engine == "surrogate":
+        from crystaloop.dft.surrogate import SurrogateRelaxMaker
+
+        return Flow([SurrogateRelaxMaker().make(structure)])
+    from crystaloop.dft.espresso.jobs import QERelaxMaker
+
+    return Flow([QERelaxMaker(preset=preset).make(structure)])
+
+
+def _print_result(flow, responses) -> None:
+    from rich.table import Table
+
+    from crystaloop.dft.schemas import FormationEnergyDocument, QETaskDocument
+
+    task = formation = None
+    for job in flow.jobs:
+        response = responses.get(job.uuid, {})
+        output = response[max(response)].output if response else None
+        if isinstance(output, QETaskDocument) and task is None:
+            task = output
+        if isinstance(output, FormationEnergyDocument):
+            formation = output
+    if task is None:
+        raise UserError("the relaxation did not run; see the job log above")
+    table = Table(title=f"{task.formula_pretty}: {task.state} (engine: {task.engine})")
+    table.add_column("quantity")
+    table.add_column("value")
+    final = task.final_structure
+    rows = [
+        ("task id", task.task_id),
+        ("engine", task.engine),
+        ("preset", task.input.preset),
+        ("state", task.state),
+        ("energy per atom (eV/atom)", _fmt(task.energy_per_atom)),
+        (
+            "formation energy (eV/atom)",
+            _fmt(formation.formation_energy_per_atom if formation else None),
+        ),
+        ("lattice a, b, c (Å)", " ".join(f"{x:.4f}" for x in final.lattice.abc) if final else "-"),
+        ("volume per atom (Å³)", _fmt(final.volume / len(final) if final else None)),
+        ("band gap (eV)", _fmt(task.band_gap)),
+        ("total magnetisation (μB/cell)", _fmt(task.total_magnetization)),
+        ("ionic steps", str(task.n_ionic_steps)),
+        ("engine wall time (s)", _fmt(task.wall_time_s, ".2f")),
+        ("corrections", str(len(task.corrections))),
+        ("reasons", "; ".join(task.reasons) or "-"),
+        ("directory", task.dir_name or "-"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+    if task.engine == "surrogate":
+        console.print("[bold yellow]engine: surrogate[/] - CHGNet estimate, not DFT.")
+
+
+def _fmt(value, spec: str = ".4f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+@app.command("status")
+def status(limit: int = typer.Option(10, "--limit", min=0, help="Rows per state.")) -> None:
+    """List DFT jobs by state."""
+    from rich.table import Table
+
+    from crystaloop.dft.store import tasks_by_state
+
+    grouped = tasks_by_state()
+    if not grouped:
+        console.print("no DFT tasks yet")
+        return
+    summary = ", ".join(f"{state}: {len(docs)}" for state, docs in sorted(grouped.items()))
+    console.print(f"dft_tasks: {summary}")
+    table = Table()
+    for column in ("state", "task id", "formula", "engine", "preset", "E (eV/atom)", "E_f (eV/atom)",
+                   "reasons"):
+        table.add_column(column)
+    for state, docs in sorted(grouped.items()):
+        for doc in docs[:limit]:
+            table.add_row(
+                state,
+                doc["task_id"][:8],
+                doc.get("reduced_formula") or "-",
+                doc["engine"],
+                doc.get("preset") or "-",
+                _fmt(doc.get("energy_per_atom")),
+                _fmt(doc.get("formation_energy_per_atom")),
+                "; ".join(doc.get("reasons") or [])[:60] or "-",
+            )
+    console.print(table)
+
+
+@app.command("remote-config")
+def remote_config(
+    name: str = typer.Option("crystaloop", "--name", help="jobflow-remote project name."),
+    scheduler: str = typer.Option("slurm", "--scheduler", help="slurm, pbs or shell."),
+    host: str = typer.Option("localhost", "--host", help="Cluster login host."),
+    work_dir: str = typer.Option("/scratch/crystaloop/jobs", "--work-dir"),
+    pre_run: str = typer.Option("module load quantum-espresso", "--pre-run"),
+    out: Path = typer.Option(Path("~/.jfremote"), "--out", help="Where jf looks for projects."),
+) -> None:
+    """Write a jobflow-remote project YAML whose queue and JobStore are crystaloop's MongoDB."""
+    from crystaloop.dft.backends import remote_project_config, write_remote_project
+
+    if scheduler not in ("slurm", "pbs", "shell"):
+        raise UserError(f"unknown scheduler '{scheduler}'; choose slurm, pbs or shell")
+    config = remote_project_config(
+        name, scheduler=scheduler, host=host, work_dir=work_dir, pre_run=pre_run
+    )
+    path = write_remote_project(config, out)
+    console.print(f"wrote {path}; check it with 'jf project check -p {name}'")
