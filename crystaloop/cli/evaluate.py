@@ -1,7 +1,102 @@
-"""`crystaloop evaluate` commands."""
+"""`crystaloop evaluate` commands: reconstruction (Table 5) and properties (Table 1)."""
 
 from __future__ import annotations
 
-from crystaloop.cli._common import group
+import json
+from typing import Literal
+
+import typer
+
+from crystaloop.cli._common import console, group
 
 app = group("Evaluate trained models against the papers' tables.")
+
+_LIMIT = typer.Option(None, "--limit", min=1, help="Random held-out subset of N (fixed seed).")
+_SEED = typer.Option(0, "--seed", help="Seed of the --limit subset.")
+_FORMAT = typer.Option("table", "--format", help="table or json.")
+
+
+def _check_format(fmt: str) -> Literal["table", "json"]:
+    from crystaloop.errors import UserError
+
+    if fmt not in ("table", "json"):
+        raise UserError(f"--format must be 'table' or 'json', not {fmt!r}")
+    return fmt  # type: ignore[return-value]
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+@app.command("reconstruction")
+def reconstruction(
+    vae: str = typer.Option(None, "--vae", help="VAE version or checkpoint (default: registry default)."),
+    unet: str = typer.Option(None, "--unet", help="UNet version or checkpoint (default: registry default)."),
+    limit: int = _LIMIT,
+    seed: int = _SEED,
+    fmt: str = _FORMAT,
+) -> None:
+    """VAE + UNet + watershed reconstruction of held-out crystals, against the paper's Table 5."""
+    from rich.table import Table
+
+    from crystaloop.db import get_database
+    from crystaloop.generative.evaluate import PAPER_TABLE5, TARGETS_TABLE5, evaluate_reconstruction
+
+    fmt = _check_format(fmt)
+    metrics = evaluate_reconstruction(get_database(), vae=vae, unet=unet, limit=limit, seed=seed)
+    if fmt == "json":
+        print(json.dumps(metrics))
+        return
+    table = Table(title=f"reconstruction ({metrics['n_structures']} held-out structures)")
+    for column in ("metric", "this model", "paper", "target"):
+        table.add_column(column)
+    for key, value in metrics.items():
+        target = TARGETS_TABLE5.get(key)
+        table.add_row(
+            key, _fmt(value), _fmt(PAPER_TABLE5.get(key)), f"{target[0]} {target[1]}" if target else ""
+        )
+    console.print(table)
+
+
+@app.command("properties")
+def properties(
+    model: str = typer.Option(
+        None, "--model", help="CGCNN version or checkpoint (default: registry default)."
+    ),
+    limit: int = _LIMIT,
+    seed: int = _SEED,
+    fmt: str = _FORMAT,
+    plot: str = typer.Option(None, "--plot", help="Write a parity-plot PNG here."),
+) -> None:
+    """CGCNN MAE, SMAPE and ensemble calibration on held-out crystals, against Table 1."""
+    from rich.table import Table
+
+    from crystaloop.db import get_database
+    from crystaloop.generative.evaluate import PAPER_TABLE1_MAE, TARGETS_TABLE1_MAE, evaluate_properties
+    from crystaloop.properties import property_spec
+
+    fmt = _check_format(fmt)
+    metrics = evaluate_properties(get_database(), model=model, limit=limit, seed=seed, plot=plot)
+    if fmt == "json":
+        print(json.dumps(metrics))
+        return
+    table = Table(title=f"properties ({metrics['n_structures']} held-out structures)")
+    for column in ("property", "MAE", "SMAPE %", "within 1σ", "within 2σ", "paper MAE", "target MAE"):
+        table.add_column(column)
+    for name, mae in metrics.get("mae", {}).items():
+        unit = property_spec(name).unit
+        target = TARGETS_TABLE1_MAE.get(name)
+        table.add_row(
+            f"{name} ({unit})" if unit else name,
+            _fmt(mae),
+            _fmt(metrics.get("smape", {}).get(name)),
+            _fmt(metrics.get("within_1sigma", {}).get(name)),
+            _fmt(metrics.get("within_2sigma", {}).get(name)),
+            _fmt(PAPER_TABLE1_MAE.get(name)),
+            f"<= {target}" if target else "",
+        )
+    console.print(table)
+    if plot:
+        console.print(f"parity plot: {plot}", highlight=False)

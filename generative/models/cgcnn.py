@@ -101,9 +101,7 @@ def collate_graphs(graphs: Sequence[CrystalGraph]) -> GraphBatch:
     return GraphBatch(
         torch.from_numpy(np.concatenate([g.atomic_numbers for g in graphs])),
         torch.from_numpy(np.concatenate([g.centers + o for g, o in zip(graphs, offsets, strict=True)])),
-        torch.from_numpy(
-            np.concatenate([g.neighbors + o for g, o in zip(graphs, offsets, strict=True)])
-        ),
+        torch.from_numpy(np.concatenate([g.neighbors + o for g, o in zip(graphs, offsets, strict=True)])),
         torch.from_numpy(np.concatenate([g.distances for g in graphs])),
         torch.from_numpy(
             np.concatenate([np.full(len(g.atomic_numbers), k) for k, g in enumerate(graphs)])

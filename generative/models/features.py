@@ -105,7 +105,6 @@ def _continuous(name: str, value) -> np.ndarray:
     return _one_hot(value, _N_BINS, lambda v: int((v - low) / (high - low) * _N_BINS))
 
 
-
 class GaussianDistance:
     """Expand distances (Angstrom) on Gaussians centred every ``step`` from 0 to ``cutoff``.
 

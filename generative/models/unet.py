@@ -101,9 +101,7 @@ class UNet3D(nn.Module):
         self.up = nn.ModuleList()
         self.merge = nn.ModuleList()
         for deep, shallow in zip(reversed(widths[1:]), reversed(widths[:-1]), strict=True):
-            self.up.append(
-                nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), conv3d(deep, shallow))
-            )
+            self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), conv3d(deep, shallow)))
             self.merge.append(
                 nn.Sequential(
                     ConvBlock(2 * shallow, shallow, circular=circular),

@@ -48,6 +48,8 @@ class CondDFCVAE(nn.Module):
         Names of properties regressed from z (FTCP joint head); empty for none.
     condition
         Decile boundaries of the conditioning property (stored with the model).
+    density_scale, coord_scale
+        Divisors that bring density (1/Angstrom^3) and coordinates (Angstrom) to model units.
     """
 
     kind = "vae"
@@ -63,6 +65,8 @@ class CondDFCVAE(nn.Module):
         properties: Sequence[str] = (),
         property_hidden: int = 128,
         condition: DecileCondition | dict | None = None,
+        density_scale: float = 1.0,
+        coord_scale: float = 10.0,
     ) -> None:
         super().__init__()
         widths = list(widths)
@@ -81,7 +85,12 @@ class CondDFCVAE(nn.Module):
             "properties": self.properties,
             "property_hidden": property_hidden,
             "condition": self.condition.to_dict(),
+            "density_scale": density_scale,
+            "coord_scale": coord_scale,
         }
+        self.density_scale, self.coord_scale = density_scale, coord_scale
+        self.register_buffer("property_mean", torch.zeros(len(self.properties)))
+        self.register_buffer("property_std", torch.ones(len(self.properties)))
         self.grid, self.in_channels, self.latent_dim = grid, in_channels, latent_dim
         self.bottom = grid // 2 ** len(widths)
         flat = widths[-1] * self.bottom**3
@@ -117,6 +126,14 @@ class CondDFCVAE(nn.Module):
             if self.properties
             else None
         )
+
+    def to_input(self, density: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        """Model input (B, 4, g, g, g) from density (B, g, g, g) and coordinates (B, 3, g, g, g)."""
+        return torch.cat([density[:, None] / self.density_scale, coords / self.coord_scale], dim=1)
+
+    def split_output(self, recon: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Density (B, g, g, g; 1/Angstrom^3) and coordinates (B, 3, g, g, g; Angstrom)."""
+        return recon[:, 0] * self.density_scale, recon[:, 1:4] * self.coord_scale
 
     def encode(self, x: torch.Tensor, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior mean and log-variance; ``condition`` (B, 10) is broadcast as channels."""
@@ -171,13 +188,18 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(dim=1)).mean()
 
 
-def perceptual_loss(unet: UNet3D, target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-    """Sum over UNet hidden layers of MSE(phi_p(M), phi_p(M')) on the density channel."""
+def perceptual_loss(
+    unet: UNet3D, target: torch.Tensor, recon: torch.Tensor, density_scale: float = 1.0
+) -> torch.Tensor:
+    """Sum over UNet hidden layers of MSE(phi_p(M), phi_p(M')) on the density channel.
+
+    ``density_scale`` turns the VAE's density channel back into the UNet's units.
+    """
     with torch.no_grad():
-        reference = unet.features(target[:, :1])
+        reference = unet.features(target[:, :1] * density_scale)
     return sum(
         F.mse_loss(mine.float(), ref.float())
-        for mine, ref in zip(unet.features(recon[:, :1]), reference, strict=True)
+        for mine, ref in zip(unet.features(recon[:, :1] * density_scale), reference, strict=True)
     )
 
 
@@ -193,6 +215,7 @@ def vae_loss(
     species_classes: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     class_weights: torch.Tensor | None = None,
+    density_scale: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The Cond-DFC-VAE loss and its parts.
 
@@ -208,13 +231,15 @@ def vae_loss(
         (B, P) normalised targets and a 0/1 mask of present labels, for the property head.
     segmenter, species_classes, mask, class_weights
         For joint VAE + UNet training: the trainable UNet and its targets (paper 003).
+    density_scale
+        Factor from the VAE's density channel to the UNet's density units.
     """
     mse = F.mse_loss(output.recon.float(), target.float())
     kld = kl_divergence(output.mu.float(), output.logvar.float())
     loss = mse + weights.beta * kld
     parts = {"mse": float(mse.detach()), "kld": float(kld.detach())}
     if perceptual is not None and weights.alpha:
-        term = perceptual_loss(perceptual, target, output.recon)
+        term = perceptual_loss(perceptual, target, output.recon, density_scale)
         loss = loss + weights.alpha * term
         parts["perceptual"] = float(term.detach())
     if output.properties is not None and property_targets is not None:
@@ -224,7 +249,8 @@ def vae_loss(
         loss = loss + weights.property_weight * term
         parts["property"] = float(term.detach())
     if segmenter is not None and species_classes is not None and mask is not None:
-        seg, _ = unet_loss(segmenter(output.recon[:, :1]), species_classes, mask, class_weights)
+        seg_input = output.recon[:, :1] * density_scale
+        seg, _ = unet_loss(segmenter(seg_input), species_classes, mask, class_weights)
         loss = loss + weights.gamma * seg
         parts["segmentation"] = float(seg.detach())
     parts["loss"] = float(loss.detach())

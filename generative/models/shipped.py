@@ -1,0 +1,51 @@
+"""Checkpoints shipped with the package, described by ``checkpoints/manifest.json``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from crystaloop.errors import UserError
+
+CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
+MANIFEST = CHECKPOINT_DIR / "manifest.json"
+
+
+def shipped_models() -> list[dict]:
+    """Manifest entries: kind, version, file, command, dataset_hash, metrics, torch_version, config."""
+    if not MANIFEST.is_file():
+        return []
+    return json.loads(MANIFEST.read_text())["models"]
+
+
+def register_shipped(database) -> list:
+    """Register every shipped checkpoint as the default of its kind.
+
+    Raises
+    ------
+    UserError
+        If no checkpoints are shipped or one listed in the manifest is missing.
+    """
+    from crystaloop.db.documents import ModelDoc
+    from crystaloop.db.registry import ModelRegistry
+
+    entries = shipped_models()
+    if not entries:
+        raise UserError("this install ships no default checkpoints; train them with `crystaloop train ...`")
+    registry = ModelRegistry(database)
+    docs = []
+    for entry in entries:
+        path = CHECKPOINT_DIR / entry["file"]
+        if not path.is_file():
+            raise UserError(f"shipped checkpoint {path} is missing; reinstall crystaloop")
+        doc = ModelDoc(
+            kind=entry["kind"],
+            version=entry["version"],
+            dataset_hash=entry["dataset_hash"],
+            config=entry.get("config", {}),
+            metrics=entry.get("metrics", {}),
+            checkpoint=str(path),
+            torch_version=entry.get("torch_version"),
+        )
+        docs.append(registry.register(doc, make_default=True))
+    return docs

@@ -1,0 +1,1 @@
+"""Training: configs, data, the generic loop, model tasks and registration."""

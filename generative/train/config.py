@@ -1,0 +1,180 @@
+"""Training configurations (YAML under ``configs/train/``), validated with pydantic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from crystaloop.errors import ConfigError
+from crystaloop.properties import PROPERTY_NAMES
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _check_properties(names: list[str]) -> list[str]:
+    unknown = [n for n in names if n not in PROPERTY_NAMES]
+    if unknown:
+        raise ValueError(f"unknown properties {unknown}; allowed: {', '.join(PROPERTY_NAMES)}")
+    return names
+
+
+class DataConfig(_Config):
+    """Which labelled structures to train on and how to split them."""
+
+    dataset: str | None = Field(None, description="training_structures 'dataset' name; None: all.")
+    material_classes: list[Literal["binary", "perovskite", "heusler", "other"]] | None = None
+    limit: int | None = Field(None, ge=2, description="Random subset (fixed seed) of the records.")
+    max_sites: int = Field(40, ge=1, description="Skip larger cells (the paper used <= 40 atoms).")
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Held-out share, by composition.")
+    split_seed: int = 0
+    grid: int = Field(32, ge=8, description="Voxels per cell edge (voxel models).")
+    augment: bool = Field(True, description="Random cube rotations of training samples.")
+    val_limit: int | None = Field(None, ge=1, description="Validate on at most this many samples.")
+    num_workers: int = Field(0, ge=0, description="DataLoader workers that voxelise on the fly.")
+
+
+class OptimConfig(_Config):
+    """Optimiser and schedule (Adam, as in the paper)."""
+
+    epochs: int = Field(50, ge=1)
+    batch_size: int = Field(20, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    patience: int = Field(10, ge=1, description="Early stopping: epochs without improvement.")
+    min_delta: float = Field(0.0, ge=0)
+    max_batches_per_epoch: int | None = Field(None, ge=1, description="Cap on steps per epoch.")
+    seed: int = 0
+    grad_clip: float | None = Field(10.0, gt=0)
+
+
+class UNetModelConfig(_Config):
+    """3-D UNet options."""
+
+    widths: list[int] = Field(default_factory=lambda: [16, 32, 64], min_length=2)
+    circular: bool = False
+
+
+class UNetTrainConfig(_Config):
+    """``crystaloop train unet``."""
+
+    kind: Literal["unet"] = "unet"
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=3e-6, batch_size=10))
+    model: UNetModelConfig = Field(default_factory=UNetModelConfig)
+    class_count_samples: int = Field(200, ge=1, description="Structures voxelised to count classes.")
+
+
+class VAEModelConfig(_Config):
+    """Cond-DFC-VAE options."""
+
+    latent_dim: int = Field(256, ge=2)
+    widths: list[int] = Field(default_factory=lambda: [32, 64, 128, 256], min_length=1)
+    circular: bool = False
+    properties: list[str] = Field(default_factory=list, description="FTCP joint regression head.")
+    property_hidden: int = Field(128, ge=1)
+    density_scale: float = Field(1.0, gt=0)
+    coord_scale: float = Field(10.0, gt=0, description="Angstrom per model unit.")
+
+    @field_validator("properties")
+    @classmethod
+    def _known(cls, value: list[str]) -> list[str]:
+        return _check_properties(value)
+
+
+class VAETrainConfig(_Config):
+    """``crystaloop train vae``."""
+
+    kind: Literal["vae"] = "vae"
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-4, batch_size=20))
+    model: VAEModelConfig = Field(default_factory=VAEModelConfig)
+    condition_property: str = "formation_energy_per_atom"
+    alpha: float = Field(1.0, ge=0, description="Perceptual (DFC) loss weight.")
+    beta: float = Field(0.0005, ge=0, description="KLD weight.")
+    gamma: float = Field(0.1, ge=0, description="Segmentation loss weight in joint mode.")
+    property_weight: float = Field(1.0, ge=0)
+    unet: str | None = Field(
+        None,
+        description="Perceptual UNet: checkpoint path or registry version; None: registry default.",
+    )
+    joint_unet: bool = Field(False, description="Train the UNet jointly (Hoffmann et al.).")
+
+    @field_validator("condition_property")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        return _check_properties([value])[0]
+
+
+class TransferConfig(_Config):
+    """Transfer learning from a pretrained CGCNN (SI 2.6)."""
+
+    base: str = Field(description="Checkpoint path or registry version of the pretrained model.")
+    head_epochs: int = Field(120, ge=0, description="Stage 2: frozen base, train heads.")
+    finetune_epochs: int = Field(10, ge=0, description="Stage 3: all layers, BN frozen.")
+    finetune_lr_factor: float = Field(0.01, gt=0)
+
+
+class CGCNNModelConfig(_Config):
+    """CGCNN options."""
+
+    hidden: int = Field(64, ge=1)
+    n_conv: int = Field(1, ge=1)
+    fc_hidden: int = Field(128, ge=1)
+    radius: float = Field(8.0, gt=0)
+    max_neighbors: int = Field(12, ge=1)
+
+
+class CGCNNTrainConfig(_Config):
+    """``crystaloop train cgcnn``."""
+
+    kind: Literal["cgcnn"] = "cgcnn"
+    data: DataConfig = Field(default_factory=lambda: DataConfig(max_sites=200))
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-3, batch_size=256))
+    model: CGCNNModelConfig = Field(default_factory=CGCNNModelConfig)
+    properties: list[str] = Field(default_factory=lambda: ["formation_energy_per_atom"])
+    ensemble_size: int = Field(5, ge=1)
+    bootstrap: bool = True
+    transfer: TransferConfig | None = None
+
+    @field_validator("properties")
+    @classmethod
+    def _known(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("name at least one property")
+        return _check_properties(value)
+
+
+TrainConfig = Annotated[UNetTrainConfig | VAETrainConfig | CGCNNTrainConfig, Field(discriminator="kind")]
+_BY_KIND = {"unet": UNetTrainConfig, "vae": VAETrainConfig, "cgcnn": CGCNNTrainConfig}
+
+
+def load_train_config(path: str | Path, kind: str) -> UNetTrainConfig | VAETrainConfig | CGCNNTrainConfig:
+    """Read and validate a training YAML for ``kind``.
+
+    Raises
+    ------
+    ConfigError
+        If the file is missing, not YAML, of another kind, or invalid (one line per problem).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"training config {path} not found; pass an existing YAML file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML ({exc.__class__.__name__}); fix the syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of key: value")
+    found = data.setdefault("kind", kind)
+    if found != kind:
+        raise ConfigError(f"{path} is a '{found}' config; use `crystaloop train {found}`")
+    try:
+        return _BY_KIND[kind].model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError(f"{path} is not a valid {kind} training config", lines) from None

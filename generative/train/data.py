@@ -1,0 +1,154 @@
+"""Labelled structures from the ``training_structures`` collection, split and served to models."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from crystaloop.generative.train.config import DataConfig
+from pymatgen.core import Structure
+from torch.utils.data import Dataset
+
+from crystaloop.errors import UserError
+
+
+@dataclass
+class LabelledStructure:
+    """One training record: id, structure and labels keyed by property name."""
+
+    structure_id: str
+    structure: Structure
+    labels: dict[str, float | None] = field(default_factory=dict)
+    material_class: str = "other"
+
+    @property
+    def formula(self) -> str:
+        """Reduced formula (the split key)."""
+        return self.structure.composition.reduced_formula
+
+    def label_array(self, properties: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Values (NaN where missing) and a 0/1 presence mask for ``properties``."""
+        values = np.array(
+            [np.nan if self.labels.get(p) is None else float(self.labels[p]) for p in properties],
+            dtype=np.float32,
+        )
+        return values, np.isfinite(values).astype(np.float32)
+
+
+def load_records(database, config: DataConfig) -> list[LabelledStructure]:
+    """Converged, non-rejected records matching ``config``, in a seeded random order.
+
+    Raises
+    ------
+    UserError
+        If nothing matches (e.g. the prior data has not been loaded).
+    """
+    query: dict = {"converged": True, "reject_reason": None, "nsites": {"$lte": config.max_sites}}
+    if config.dataset:
+        query["dataset"] = config.dataset
+    if config.material_classes:
+        query["material_class"] = {"$in": list(config.material_classes)}
+    projection = {"_id": 0, "structure_id": 1, "structure": 1, "labels": 1, "material_class": 1}
+    docs = sorted(database["training_structures"].find(query, projection), key=lambda d: d["structure_id"])
+    if not docs:
+        raise UserError(
+            "no training structures match the config; run `crystaloop data load-prior` "
+            "(or check data.dataset / data.material_classes)"
+        )
+    order = np.random.default_rng(config.split_seed).permutation(len(docs))
+    if config.limit:
+        order = order[: config.limit]
+    return [
+        LabelledStructure(
+            docs[i]["structure_id"],
+            Structure.from_dict(docs[i]["structure"]),
+            dict(docs[i].get("labels") or {}),
+            docs[i].get("material_class", "other"),
+        )
+        for i in order
+    ]
+
+
+def dataset_hash(records: Sequence[LabelledStructure]) -> str:
+    """Content hash (16 hex) of the ids, structures and labels of ``records``."""
+    digest = hashlib.sha256()
+    for record in sorted(records, key=lambda r: r.structure_id):
+        lattice = np.round(record.structure.lattice.matrix, 4).tolist()
+        frac = np.round(record.structure.frac_coords, 4).tolist()
+        species = [s.specie.symbol for s in record.structure]
+        labels = {k: None if v is None else round(float(v), 5) for k, v in sorted(record.labels.items())}
+        digest.update(json.dumps([record.structure_id, lattice, frac, species, labels]).encode())
+    return digest.hexdigest()[:16]
+
+
+def composition_split(
+    records: Sequence[LabelledStructure], test_fraction: float = 0.2, seed: int = 0
+) -> tuple[list[LabelledStructure], list[LabelledStructure]]:
+    """Train and held-out lists; every structure of one reduced formula lands on the same side.
+
+    Formulas are ranked by a seeded hash and the first ``round(test_fraction * n_formulas)``
+    (at least one) are held out, so the split depends on the set of formulas, not their order.
+    """
+    formulas = sorted(
+        {r.formula for r in records},
+        key=lambda f: hashlib.sha256(f"{seed}:{f}".encode()).hexdigest(),
+    )
+    held_out = set(formulas[: max(1, round(test_fraction * len(formulas)))])
+    train = [r for r in records if r.formula not in held_out]
+    test = [r for r in records if r.formula in held_out]
+    if not train or not test:
+        raise UserError(
+            f"the composition split left an empty side ({len(train)} train, {len(test)} test); "
+            "use more structures or change data.test_fraction"
+        )
+    return train, test
+
+
+class VoxelDataset(Dataset):
+    """Voxel samples voxelised on the fly, with random cube rotations when ``augment``.
+
+    Items are dicts of tensors: ``density`` (g, g, g; 1/Angstrom^3), ``coords`` (3, g, g, g;
+    Angstrom), ``species`` (g, g, g; Z), ``mask`` (g, g, g), ``labels`` and ``label_mask`` (P,).
+    """
+
+    def __init__(
+        self,
+        records: Sequence[LabelledStructure],
+        properties: Sequence[str],
+        *,
+        grid: int = 32,
+        augment: bool = False,
+        seed: int = 0,
+    ) -> None:
+        self.records = list(records)
+        self.properties = list(properties)
+        self.grid, self.augment, self.seed = grid, augment, seed
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        from crystaloop.generative.representation import rotate90, voxelize
+
+        record = self.records[index]
+        voxels = voxelize(record.structure, grid=self.grid)
+        if self.augment:
+            voxels = rotate90(voxels, int(torch.randint(24, (1,)).item()))
+        values, present = record.label_array(self.properties)
+        return {
+            "density": torch.from_numpy(np.ascontiguousarray(voxels.density, dtype=np.float32)),
+            "coords": torch.from_numpy(np.ascontiguousarray(voxels.coords, dtype=np.float32)),
+            "species": torch.from_numpy(voxels.species.astype(np.int64)),
+            "mask": torch.from_numpy(voxels.mask.astype(np.float32)),
+            "labels": torch.from_numpy(values),
+            "label_mask": torch.from_numpy(present),
+        }
+
+
+def elements_of(records: Sequence[LabelledStructure]) -> list[int]:
+    """Sorted atomic numbers present in ``records``."""
+    return sorted({el.Z for r in records for el in r.structure.composition.elements})

@@ -1,0 +1,402 @@
+"""Train a UNet, VAE or CGCNN (ensemble) from a config and register it in the ``models`` collection."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from crystaloop.generative.models.cgcnn import CGCNN
+from crystaloop.generative.models.checkpoint import load_model, save_model
+from crystaloop.generative.models.condition import DecileCondition
+from crystaloop.generative.models.ensemble import CGCNNEnsemble, bootstrap_indices
+from crystaloop.generative.models.unet import UNet3D
+from crystaloop.generative.models.vae import CondDFCVAE, VAELossWeights
+from crystaloop.generative.train.config import (
+    CGCNNTrainConfig,
+    UNetTrainConfig,
+    VAETrainConfig,
+)
+from crystaloop.generative.train.data import (
+    LabelledStructure,
+    VoxelDataset,
+    composition_split,
+    dataset_hash,
+    elements_of,
+    load_records,
+)
+from crystaloop.generative.train.loop import TrainState, fit, pick_device, seed_everything
+from crystaloop.generative.train.tasks import (
+    CGCNNTask,
+    UNetTask,
+    VAETask,
+    estimate_class_weights,
+    graph_collate,
+)
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from crystaloop.errors import UserError
+
+AnyConfig = UNetTrainConfig | VAETrainConfig | CGCNNTrainConfig
+
+
+def default_version(name: str, config: AnyConfig) -> str:
+    """``<name>-<8 hex of the config>``: stable, so ``--resume`` finds the same run."""
+    digest = hashlib.sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True).encode())
+    return f"{name}-{digest.hexdigest()[:8]}"
+
+
+def resolve_checkpoint(reference: str | None, kind: str, database) -> Path:
+    """A checkpoint path from a path, a registry version, or (None) the registry default.
+
+    Raises
+    ------
+    UserError
+        If nothing is found.
+    """
+    if reference and Path(reference).expanduser().is_file():
+        return Path(reference).expanduser()
+    from crystaloop.db.registry import ModelRegistry
+
+    registry = ModelRegistry(database)
+    doc = None
+    for k in [kind, "cgcnn-ensemble"] if kind == "cgcnn" else [kind]:
+        doc = doc or registry.get(k, version=reference)
+    if doc is None or not Path(doc.checkpoint).is_file():
+        what = f"version {reference!r}" if reference else "a default"
+        raise UserError(
+            f"no {kind} checkpoint ({what}) found; train one with `crystaloop train {kind}` "
+            "or run `crystaloop models load-default`"
+        )
+    return Path(doc.checkpoint)
+
+
+def register(database, kind: str, version: str, checkpoint: Path, extra: dict[str, Any], metrics):
+    """Insert the trained model in the registry (and make it the default of its kind)."""
+    from crystaloop.db.documents import ModelDoc
+    from crystaloop.db.registry import ModelRegistry
+
+    doc = ModelDoc(
+        kind=kind,
+        version=version,
+        dataset_hash=extra["dataset_hash"],
+        config=extra["config"],
+        metrics={k: float(v) for k, v in metrics.items() if isinstance(v, int | float)},
+        checkpoint=str(checkpoint.resolve()),
+        torch_version=torch.__version__,
+    )
+    return ModelRegistry(database).register(doc, make_default=True)
+
+
+def _loader(dataset: Dataset, batch_size: int, *, shuffle: bool, workers: int, collate=None, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        collate_fn=collate,
+        generator=generator,
+        persistent_workers=workers > 0,
+    )
+
+
+def _val_subset(dataset: Dataset, limit: int | None) -> Dataset:
+    if limit is None or limit >= len(dataset):
+        return dataset
+    return Subset(dataset, np.linspace(0, len(dataset) - 1, limit).astype(int).tolist())
+
+
+def _prepare(config: AnyConfig, database) -> tuple[list, list, str]:
+    records = load_records(database, config.data)
+    train, test = composition_split(records, config.data.test_fraction, config.data.split_seed)
+    return train, test, dataset_hash(records)
+
+
+def train_unet(
+    config: UNetTrainConfig, database, run_dir: Path, *, resume=False, device="auto", console=None
+):
+    """Train the segmentation UNet; returns the best checkpoint, extra metadata and metrics."""
+    device = pick_device(device)
+    seed_everything(config.optim.seed)
+    train, test, data_hash = _prepare(config, database)
+    unet = UNet3D(elements_of(train + test), widths=config.model.widths, circular=config.model.circular)
+    train_set = VoxelDataset(train, [], grid=config.data.grid, augment=config.data.augment)
+    val_set = _val_subset(VoxelDataset(test, [], grid=config.data.grid), config.data.val_limit)
+    weights = estimate_class_weights(
+        unet, VoxelDataset(train, [], grid=config.data.grid), config.class_count_samples
+    )
+    extra = _extra(config, data_hash, train, test, class_weights=weights.tolist())
+    state = fit(
+        UNetTask(unet, weights, device),
+        _loader(train_set, config.optim.batch_size, shuffle=True, workers=config.data.num_workers),
+        _loader(val_set, config.optim.batch_size, shuffle=False, workers=config.data.num_workers),
+        config.optim,
+        run_dir,
+        device=device,
+        resume=resume,
+        label="unet",
+        extra=extra,
+        console=console,
+    )
+    return run_dir / "best.pt", extra, state.best_metrics
+
+
+def train_vae(config: VAETrainConfig, database, run_dir: Path, *, resume=False, device="auto", console=None):
+    """Train the Cond-DFC-VAE (perceptual UNet from the registry, or joint UNet training)."""
+    device = pick_device(device)
+    seed_everything(config.optim.seed)
+    train, test, data_hash = _prepare(config, database)
+    key = config.condition_property
+    train = [r for r in train if r.labels.get(key) is not None]
+    test = [r for r in test if r.labels.get(key) is not None]
+    if not train or not test:
+        raise UserError(f"no training structures carry a {key} label; pick another condition_property")
+    properties = [key, *config.model.properties]
+    m = config.model
+    vae = CondDFCVAE(
+        grid=config.data.grid,
+        latent_dim=m.latent_dim,
+        widths=m.widths,
+        circular=m.circular,
+        properties=m.properties,
+        property_hidden=m.property_hidden,
+        condition=DecileCondition.fit([r.labels[key] for r in train], key),
+        density_scale=m.density_scale,
+        coord_scale=m.coord_scale,
+    )
+    if m.properties:
+        mean, std = _label_statistics(np.array([r.label_array(m.properties)[0] for r in train]))
+        vae.property_mean.copy_(torch.as_tensor(mean))
+        vae.property_std.copy_(torch.as_tensor(std))
+    unet, seg_weights, unet_ref = None, None, None
+    if config.alpha > 0 or config.joint_unet:
+        try:
+            path = resolve_checkpoint(config.unet, "unet", database)
+            unet, unet_extra = load_model(path)
+            unet_ref = str(path)
+            seg_weights = torch.tensor(unet_extra.get("class_weights") or [])
+        except UserError:
+            if not config.joint_unet:
+                raise
+            unet = UNet3D(elements_of(train + test))
+        if config.joint_unet and (seg_weights is None or len(seg_weights) != unet.n_classes):
+            seg_weights = estimate_class_weights(unet, VoxelDataset(train, [], grid=config.data.grid), 200)
+        missing = set(elements_of(train + test)) - set(unet.vocabulary.atomic_numbers)
+        if config.joint_unet and missing:
+            raise UserError(
+                f"the UNet does not know elements Z={sorted(missing)}; retrain the UNet on this data"
+            )
+    weights = VAELossWeights(config.alpha, config.beta, config.gamma, config.property_weight)
+    extra = _extra(config, data_hash, train, test, unet=unet_ref)
+    train_set = VoxelDataset(train, properties, grid=config.data.grid, augment=config.data.augment)
+    val_set = _val_subset(VoxelDataset(test, properties, grid=config.data.grid), config.data.val_limit)
+    task = VAETask(vae, weights, device, unet=unet, joint=config.joint_unet, seg_weights=seg_weights)
+    state = fit(
+        task,
+        _loader(train_set, config.optim.batch_size, shuffle=True, workers=config.data.num_workers),
+        _loader(val_set, config.optim.batch_size, shuffle=False, workers=config.data.num_workers),
+        config.optim,
+        run_dir,
+        device=device,
+        resume=resume,
+        label="vae",
+        extra=extra,
+        console=console,
+    )
+    if config.joint_unet and unet is not None:
+        save_model(unet, run_dir / "joint-unet.pt", **extra)
+    return run_dir / "best.pt", extra, state.best_metrics
+
+
+class _GraphSet(Dataset):
+    def __init__(self, graphs, values, present) -> None:
+        self.graphs, self.values, self.present = graphs, values, present
+
+    def __len__(self) -> int:
+        return len(self.graphs)
+
+    def __getitem__(self, i):
+        return self.graphs[i], self.values[i], self.present[i]
+
+
+def graph_set(model: CGCNN, records: list[LabelledStructure], properties) -> _GraphSet:
+    """Graphs and labels of ``records`` (built once, kept in memory)."""
+    graphs = [model.graph(r.structure) for r in records]
+    arrays = [r.label_array(properties) for r in records]
+    return _GraphSet(graphs, [a[0] for a in arrays], [a[1] for a in arrays])
+
+
+def train_cgcnn(
+    config: CGCNNTrainConfig, database, run_dir: Path, *, resume=False, device="auto", console=None
+):
+    """Train K CGCNNs on bootstrap samples (optionally by transfer) and evaluate the ensemble."""
+    device = pick_device(device)
+    seed_everything(config.optim.seed)
+    train, test, data_hash = _prepare(config, database)
+    props = config.properties
+    train = [r for r in train if np.isfinite(r.label_array(props)[0]).any()]
+    test = [r for r in test if np.isfinite(r.label_array(props)[0]).any()]
+    if not train or not test:
+        raise UserError(f"no training structures carry any of {props}; check `properties`")
+    m = config.model
+    template = CGCNN(
+        props,
+        hidden=m.hidden,
+        n_conv=m.n_conv,
+        fc_hidden=m.fc_hidden,
+        radius=m.radius,
+        max_neighbors=m.max_neighbors,
+    )
+    template_kwargs = {k: v for k, v in template.hparams.items() if k != "properties"}
+    train_graphs = graph_set(template, train, props)
+    val_graphs = _val_subset(graph_set(template, test, props), config.data.val_limit)
+    mean, std = _label_statistics(np.array(train_graphs.values))
+    base = None
+    if config.transfer:
+        base, _ = load_model(resolve_checkpoint(config.transfer.base, "cgcnn", database))
+    extra = _extra(config, data_hash, train, test)
+    members = []
+    for k in range(config.ensemble_size):
+        seed = config.optim.seed + k
+        seed_everything(seed)
+        indices = np.arange(len(train_graphs))
+        if config.bootstrap and config.ensemble_size > 1:
+            indices = bootstrap_indices(len(train_graphs), seed)
+        subset = Subset(train_graphs, indices.tolist())
+        member_dir = run_dir / f"member-{k}"
+        loaders = (
+            _loader(
+                subset, config.optim.batch_size, shuffle=True, workers=0, collate=graph_collate, seed=seed
+            ),
+            _loader(val_graphs, config.optim.batch_size, shuffle=False, workers=0, collate=graph_collate),
+        )
+        member_optim = config.optim.model_copy(update={"seed": seed})
+        if base is None:
+            torch.manual_seed(seed)
+            model = CGCNN(props, **template_kwargs)
+            model.set_normalization(mean, std)
+            fit(
+                CGCNNTask(model, device),
+                *loaders,
+                member_optim,
+                member_dir,
+                device=device,
+                resume=resume,
+                label=f"cgcnn {k + 1}/{config.ensemble_size}",
+                extra=extra,
+                console=console,
+            )
+        else:
+            source = base.members[k % len(base.members)] if isinstance(base, CGCNNEnsemble) else base
+            model = load_model_copy(source)
+            model.replace_heads(props)
+            model.set_normalization(mean, std)
+            model.freeze_base()
+            t = config.transfer
+            heads_optim = member_optim.model_copy(update={"epochs": max(t.head_epochs, 1)})
+            fit(
+                CGCNNTask(model, device),
+                *loaders,
+                heads_optim,
+                member_dir / "heads",
+                device=device,
+                resume=resume,
+                label=f"cgcnn {k + 1} heads",
+                extra=extra,
+                console=console,
+            )
+            model, _ = load_model(member_dir / "heads" / "best.pt")
+            model.unfreeze_base()
+            if t.finetune_epochs:
+                tune = member_optim.model_copy(
+                    update={"epochs": t.finetune_epochs, "lr": config.optim.lr * t.finetune_lr_factor}
+                )
+                fit(
+                    CGCNNTask(model, device),
+                    *loaders,
+                    tune,
+                    member_dir,
+                    device=device,
+                    resume=resume,
+                    label=f"cgcnn {k + 1} fine-tune",
+                    extra=extra,
+                    console=console,
+                )
+            else:
+                save_model(model, member_dir / "best.pt", **extra)
+        best, _ = load_model(member_dir / "best.pt")
+        members.append(best)
+    ensemble = CGCNNEnsemble(members) if len(members) > 1 else members[0]
+    from crystaloop.generative.evaluate import property_metrics
+
+    metrics = property_metrics(ensemble, [val_graphs[i] for i in range(len(val_graphs))], device="cpu")
+    path = save_model(ensemble, run_dir / "best.pt", **extra, metrics=metrics)
+    return path, extra, metrics
+
+
+def load_model_copy(model: CGCNN) -> CGCNN:
+    """A fresh copy of ``model`` (same hparams and weights)."""
+    from crystaloop.generative.models.checkpoint import model_from_payload, model_payload
+
+    return model_from_payload(model_payload(model))
+
+
+def _label_statistics(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and std over finite values (0 and 1 for columns with none)."""
+    mean, std = np.zeros(values.shape[1], np.float32), np.ones(values.shape[1], np.float32)
+    for i in range(values.shape[1]):
+        column = values[:, i][np.isfinite(values[:, i])]
+        if column.size:
+            mean[i], std[i] = column.mean(), max(float(column.std()), 1e-6)
+    return mean, std
+
+
+def _extra(config: AnyConfig, data_hash: str, train, test, **more) -> dict[str, Any]:
+    return {
+        "config": config.model_dump(mode="json"),
+        "dataset_hash": data_hash,
+        "n_train": len(train),
+        "n_test": len(test),
+        **more,
+    }
+
+
+TRAINERS = {"unet": train_unet, "vae": train_vae, "cgcnn": train_cgcnn}
+
+
+def train_and_register(
+    kind: str,
+    config: AnyConfig,
+    database,
+    run_root: Path,
+    *,
+    version: str,
+    resume: bool = False,
+    device: str = "auto",
+    console=None,
+):
+    """Train ``kind`` with ``config`` into ``run_root/kind/version`` and register it.
+
+    Raises
+    ------
+    UserError
+        If the run directory already holds a run and ``resume`` is not set.
+    """
+    run_dir = run_root / kind / version
+    if (run_dir / "last.pt").exists() or any(run_dir.glob("member-*")):
+        if not resume:
+            raise UserError(f"{run_dir} already holds a run; pass --resume or a new --version")
+    path, extra, metrics = TRAINERS[kind](
+        config, database, run_dir, resume=resume, device=device, console=console
+    )
+    registered_kind = kind
+    if kind == "cgcnn" and getattr(config, "ensemble_size", 1) > 1:
+        registered_kind = "cgcnn-ensemble"
+    return register(database, registered_kind, version, path, extra, metrics), metrics
+
+
+__all__ = ["TrainState", "train_and_register", "resolve_checkpoint", "default_version"]

@@ -1,0 +1,192 @@
+"""Model-specific training tasks for :func:`crystaloop.generative.train.loop.fit`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+from crystaloop.generative.models.cgcnn import CGCNN, CrystalGraph, GraphBatch, collate_graphs, masked_mse
+from crystaloop.generative.models.unet import UNet3D, class_weights, unet_loss
+from crystaloop.generative.models.vae import CondDFCVAE, VAELossWeights, vae_loss
+from torch import nn
+
+
+def _mean_parts(rows: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+    total = sum(n for n, _ in rows) or 1
+    keys = rows[0][1].keys() if rows else ()
+    return {k: sum(n * parts[k] for n, parts in rows) / total for k in keys}
+
+
+def nonzero_recall(predicted_z: torch.Tensor, true_z: torch.Tensor) -> tuple[int, int]:
+    """Correct non-background voxels and all non-background voxels."""
+    nonzero = true_z > 0
+    return int((predicted_z[nonzero] == true_z[nonzero]).sum()), int(nonzero.sum())
+
+
+class UNetTask:
+    """Segmentation of true density maps into species and mask."""
+
+    def __init__(self, unet: UNet3D, weights: torch.Tensor, device: torch.device) -> None:
+        self.unet, self.weights, self.device = unet.to(device), weights.to(device), device
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"unet": self.unet}
+
+    def trainable(self) -> Iterable[nn.Parameter]:
+        return self.unet.parameters()
+
+    def _loss(self, batch):
+        density = batch["density"].to(self.device)[:, None]
+        species = batch["species"].to(self.device)
+        classes = self.unet.vocabulary.encode(species)
+        output = self.unet(density)
+        loss, parts = unet_loss(output, classes, batch["mask"].to(self.device), self.weights)
+        return loss, parts, density, species
+
+    def train_step(self, batch):
+        loss, parts, _, _ = self._loss(batch)
+        return loss, parts
+
+    def evaluate(self, batches) -> dict[str, float]:
+        rows, correct, total = [], 0, 0
+        for batch in batches:
+            loss, parts, density, species = self._loss(batch)
+            rows.append((len(density), {"loss": float(loss), **parts}))
+            c, t = nonzero_recall(self.unet.predict_species(density), species)
+            correct, total = correct + c, total + t
+        return {**_mean_parts(rows), "unet_nonzero_recall": correct / max(total, 1)}
+
+    def final_model(self) -> nn.Module:
+        return self.unet
+
+
+def estimate_class_weights(unet: UNet3D, dataset, n: int) -> torch.Tensor:
+    """Inverse-frequency weights from the voxel counts of up to ``n`` samples of ``dataset``."""
+    counts = torch.zeros(unet.n_classes, dtype=torch.float64)
+    for i in np.linspace(0, len(dataset) - 1, min(n, len(dataset))).astype(int):
+        classes = unet.vocabulary.encode(dataset[int(i)]["species"])
+        counts += torch.bincount(classes.flatten(), minlength=unet.n_classes).double()
+    return class_weights(counts.numpy())
+
+
+class VAETask:
+    """Cond-DFC-VAE with a frozen perceptual UNet, or a jointly trained UNet."""
+
+    def __init__(
+        self,
+        vae: CondDFCVAE,
+        weights: VAELossWeights,
+        device: torch.device,
+        *,
+        unet: UNet3D | None = None,
+        joint: bool = False,
+        seg_weights: torch.Tensor | None = None,
+    ) -> None:
+        self.vae, self.weights, self.device, self.joint = vae.to(device), weights, device, joint
+        self.unet = unet.to(device) if unet is not None else None
+        self.seg_weights = seg_weights.to(device) if seg_weights is not None else None
+        if self.unet is not None and not joint:
+            self.unet.eval()
+            for p in self.unet.parameters():
+                p.requires_grad_(False)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"vae": self.vae, **({"unet": self.unet} if self.joint else {})}
+
+    def trainable(self) -> Iterable[nn.Parameter]:
+        yield from self.vae.parameters()
+        if self.joint and self.unet is not None:
+            yield from self.unet.parameters()
+
+    def _loss(self, batch):
+        density = batch["density"].to(self.device)
+        x = self.vae.to_input(density, batch["coords"].to(self.device))
+        labels = batch["labels"].to(self.device)
+        condition = self.vae.condition.one_hot(labels[:, 0].cpu().numpy()).to(self.device)
+        output = self.vae(x, condition)
+        kwargs = {}
+        if self.vae.properties:
+            targets = (labels[:, 1:] - self.vae.property_mean) / self.vae.property_std
+            kwargs.update(property_targets=targets, property_mask=batch["label_mask"][:, 1:].to(self.device))
+        if self.unet is not None and not self.joint:
+            self.unet.eval()
+            kwargs["perceptual"] = self.unet
+        if self.joint and self.unet is not None:
+            kwargs.update(
+                segmenter=self.unet,
+                species_classes=self.unet.vocabulary.encode(batch["species"].to(self.device)),
+                mask=batch["mask"].to(self.device),
+                class_weights=self.seg_weights,
+                perceptual=None,
+            )
+        loss, parts = vae_loss(output, x, self.weights, density_scale=self.vae.density_scale, **kwargs)
+        return loss, parts, output, x
+
+    def train_step(self, batch):
+        loss, parts, _, _ = self._loss(batch)
+        return loss, parts
+
+    def evaluate(self, batches) -> dict[str, float]:
+        rows = []
+        for batch in batches:
+            loss, parts, output, x = self._loss(batch)
+            density_mse = float(((output.recon[:, 0] - x[:, 0]) ** 2).mean())
+            coords_mse = float(((output.recon[:, 1:] - x[:, 1:]) ** 2).mean())
+            rows.append((len(x), {**parts, "vae_mse": density_mse, "coords_mse": coords_mse}))
+        return _mean_parts(rows)
+
+    def final_model(self) -> nn.Module:
+        return self.vae
+
+
+def graph_collate(items: Sequence[tuple[CrystalGraph, np.ndarray, np.ndarray]]):
+    """(GraphBatch, labels (B, P), presence mask (B, P)) from dataset items."""
+    graphs, values, present = zip(*items, strict=True)
+    return (
+        collate_graphs(graphs),
+        torch.from_numpy(np.stack(values)),
+        torch.from_numpy(np.stack(present)),
+    )
+
+
+class CGCNNTask:
+    """Multi-property regression with masks for missing labels (normalised targets)."""
+
+    def __init__(self, model: CGCNN, device: torch.device) -> None:
+        self.model, self.device = model.to(device), device
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"cgcnn": self.model}
+
+    def trainable(self) -> Iterable[nn.Parameter]:
+        return self.model.parameters()
+
+    def _loss(self, batch):
+        graphs, values, present = batch
+        graphs: GraphBatch = graphs.to(self.device)
+        values, present = values.to(self.device), present.to(self.device)
+        prediction = self.model(graphs)
+        targets = (values - self.model.target_mean) / self.model.target_std
+        return masked_mse(prediction, targets, present), prediction, values, present
+
+    def train_step(self, batch):
+        loss, *_ = self._loss(batch)
+        return loss, {}
+
+    def evaluate(self, batches) -> dict[str, float]:
+        errors, counts, loss_sum, n = None, None, 0.0, 0
+        for batch in batches:
+            loss, prediction, values, present = self._loss(batch)
+            absolute = (self.model.denormalize(prediction) - torch.nan_to_num(values)).abs() * present
+            errors = absolute.sum(0) if errors is None else errors + absolute.sum(0)
+            counts = present.sum(0) if counts is None else counts + present.sum(0)
+            loss_sum, n = loss_sum + float(loss) * len(values), n + len(values)
+        metrics = {"loss": loss_sum / max(n, 1)}
+        for i, name in enumerate(self.model.properties):
+            if counts is not None and counts[i] > 0:
+                metrics[f"mae_{name}"] = float(errors[i] / counts[i])
+        return metrics
+
+    def final_model(self) -> nn.Module:
+        return self.model

@@ -1,0 +1,183 @@
+"""End-to-end training on a tiny labelled set in the real database: train, register, resume, evaluate."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+from crystaloop.db.documents import StructureFields, TrainingStructureDoc
+from crystaloop.db.registry import ModelRegistry
+from crystaloop.generative.models import CGCNNEnsemble, CondDFCVAE, UNet3D, load_model
+from crystaloop.generative.train.config import DataConfig, load_train_config
+from crystaloop.generative.train.data import composition_split, load_records
+from crystaloop.generative.train.run import default_version, train_and_register
+from pymatgen.core import Lattice, Structure
+from typer.testing import CliRunner
+
+from crystaloop.cli import app
+from crystaloop.errors import ConfigError
+
+GRID = 16
+TINY_DATA = {"grid": GRID, "max_sites": 40}
+TINY_OPTIM = {"epochs": 1, "batch_size": 4, "lr": 1e-3, "max_batches_per_epoch": 2}
+
+
+def _records() -> list[dict]:
+    rows = []
+    rng = np.random.default_rng(0)
+    pairs = [("Na", "Cl"), ("K", "Cl"), ("Mg", "O"), ("Ca", "O"), ("Li", "F"), ("Na", "F")]
+    for i, (a, b) in enumerate(pairs):
+        s = Structure.from_spacegroup("Fm-3m", Lattice.cubic(4.2 + 0.3 * i), [a, b], [[0, 0, 0], [0.5] * 3])
+        rows.append((f"test:B1:{a}{b}", s, "binary"))
+    for i, (a, b) in enumerate([("Sr", "Ti"), ("Ba", "Ti"), ("Ca", "Ti"), ("Sr", "Zr")]):
+        s = Structure(
+            Lattice.cubic(3.9 + 0.1 * i),
+            [a, b, "O", "O", "O"],
+            [[0, 0, 0], [0.5] * 3, [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]],
+        )
+        rows.append((f"test:perovskite:{a}{b}O3", s, "perovskite"))
+    docs = []
+    for sid, s, cls in rows:
+        labels = {
+            "formation_energy_per_atom": float(rng.normal(-2, 1)),
+            "bulk_modulus": float(rng.uniform(20, 200)),
+            "band_gap": None,
+        }
+        doc = TrainingStructureDoc(
+            **StructureFields.fields_from(s, spacegroup=False),
+            structure_id=sid,
+            source="prior",
+            dataset="test",
+            material_class=cls,
+            labels=labels,
+        )
+        docs.append(doc.model_dump())
+    return docs
+
+
+@pytest.fixture
+def labelled(database):
+    database["training_structures"].insert_many(_records())
+    return database
+
+
+def _config(tmp_path, name: str, body: dict):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def test_split_is_by_composition_and_stable(labelled):
+    config = DataConfig(grid=GRID, test_fraction=0.3)
+    records = load_records(labelled, config)
+    train, test = composition_split(records, 0.3, 0)
+    assert {r.formula for r in train}.isdisjoint({r.formula for r in test})
+    again, _ = composition_split(list(reversed(records)), 0.3, 0)
+    assert {r.structure_id for r in again} == {r.structure_id for r in train}
+
+
+def test_train_unet_then_vae_then_cgcnn_register_and_resume(labelled, tmp_path, settings):
+    root = tmp_path / "runs"
+    unet_path = _config(
+        tmp_path,
+        "unet",
+        {"data": TINY_DATA, "optim": TINY_OPTIM, "model": {"widths": [4, 8]}, "class_count_samples": 4},
+    )
+    unet_cfg = load_train_config(unet_path, "unet")
+    doc, metrics = train_and_register("unet", unet_cfg, labelled, root, version="u1")
+    assert doc.kind == "unet" and doc.default and 0.0 <= metrics["unet_nonzero_recall"] <= 1.0
+    unet, extra = load_model(doc.checkpoint)
+    assert isinstance(unet, UNet3D) and extra["class_weights"][0] == 0.0
+    assert extra["dataset_hash"] == doc.dataset_hash and len(doc.dataset_hash) == 16
+
+    vae_body = {
+        "data": TINY_DATA,
+        "optim": TINY_OPTIM,
+        "model": {"latent_dim": 8, "widths": [4, 8], "properties": ["bulk_modulus"], "circular": True},
+    }
+    vae_cfg = load_train_config(_config(tmp_path, "vae", vae_body), "vae")
+    doc, metrics = train_and_register("vae", vae_cfg, labelled, root, version="v1")
+    assert np.isfinite(metrics["loss"]) and metrics["perceptual"] > 0 and "property" in metrics
+    vae, extra = load_model(doc.checkpoint)
+    assert isinstance(vae, CondDFCVAE) and extra["unet"].endswith("best.pt")
+    assert len(vae.condition.boundaries) == 9 and vae.property_std[0] > 1
+
+    cg_body = {
+        "data": {"max_sites": 40},
+        "optim": {**TINY_OPTIM, "epochs": 2},
+        "model": {"hidden": 8, "fc_hidden": 8},
+        "properties": ["formation_energy_per_atom", "bulk_modulus", "band_gap"],
+        "ensemble_size": 2,
+    }
+    cg_cfg = load_train_config(_config(tmp_path, "cgcnn", cg_body), "cgcnn")
+    doc, metrics = train_and_register("cgcnn", cg_cfg, labelled, root, version="c1")
+    assert doc.kind == "cgcnn-ensemble" and "mae_formation_energy_per_atom" in metrics
+    assert "mae_band_gap" not in metrics  # no labels: masked out
+    ensemble, _ = load_model(doc.checkpoint)
+    assert isinstance(ensemble, CGCNNEnsemble) and len(ensemble.members) == 2
+
+    with pytest.raises(Exception, match="--resume"):
+        train_and_register("cgcnn", cg_cfg, labelled, root, version="c1")
+    longer = cg_cfg.model_copy(update={"optim": cg_cfg.optim.model_copy(update={"epochs": 3})})
+    train_and_register("cgcnn", longer, labelled, root, version="c1", resume=True)
+    state = __import__("torch").load(root / "cgcnn" / "c1" / "member-1" / "last.pt", weights_only=False)
+    assert state["state"]["epoch"] == 3 and len(state["state"]["history"]) == 3
+
+    kinds = {d.kind for d in ModelRegistry(labelled).list()}
+    assert kinds == {"unet", "vae", "cgcnn-ensemble"}
+
+    runner = CliRunner()
+    listed = runner.invoke(app, ["models", "list"])
+    assert listed.exit_code == 0 and "cgcnn-ensemble" in listed.output
+    result = runner.invoke(app, ["evaluate", "properties", "--format", "json", "--limit", "3"])
+    assert result.exit_code == 0, result.output
+    props = json.loads(result.output)
+    assert props["n_structures"] <= 3 and "formation_energy_per_atom" in props["mae"]
+    assert 0.0 <= props["within_2sigma"]["formation_energy_per_atom"] <= 1.0
+    result = runner.invoke(app, ["evaluate", "reconstruction", "--format", "json", "--limit", "2"])
+    assert result.exit_code == 0, result.output
+    recon = json.loads(result.output)
+    for key in (
+        "lattice_mae_angstrom",
+        "emd_mean_angstrom",
+        "delta_nsites_mean",
+        "unet_nonzero_recall",
+        "vae_mse",
+    ):
+        assert key in recon
+    assert recon["n_structures"] >= 1 and recon["vae_mse"] >= 0
+
+
+def test_joint_vae_unet_training_saves_both(labelled, tmp_path, settings):
+    body = {
+        "data": TINY_DATA,
+        "optim": TINY_OPTIM,
+        "model": {"latent_dim": 8, "widths": [4, 8]},
+        "alpha": 0.0,
+        "joint_unet": True,
+    }
+    cfg = load_train_config(_config(tmp_path, "joint", body), "vae")
+    doc, metrics = train_and_register("vae", cfg, labelled, tmp_path / "runs", version="j1")
+    assert metrics["segmentation"] > 0
+    assert (tmp_path / "runs" / "vae" / "j1" / "joint-unet.pt").is_file()
+
+
+def test_bad_configs_are_user_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_train_config(tmp_path / "missing.yaml", "unet")
+    path = _config(tmp_path, "bad", {"optim": {"epochs": 0}, "colour": "red"})
+    with pytest.raises(ConfigError) as info:
+        load_train_config(path, "vae")
+    assert any("colour" in line for line in info.value.lines)
+    with pytest.raises(ConfigError, match="crystaloop train unet"):
+        load_train_config(_config(tmp_path, "u", {"kind": "unet"}), "vae")
+    assert default_version("x", load_train_config(_config(tmp_path, "ok", {}), "cgcnn")).startswith("x-")
+
+
+def test_cli_train_without_data_is_a_one_line_error(settings, tmp_path):
+    path = _config(tmp_path, "unet", {"data": TINY_DATA, "optim": TINY_OPTIM})
+    result = CliRunner().invoke(app, ["train", "unet", "--config", str(path)])
+    assert result.exit_code != 0
+    assert "load-prior" in str(result.exception)
