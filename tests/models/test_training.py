@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from crystaloop.db.documents import StructureFields, TrainingStructureDoc
 from crystaloop.db.registry import ModelRegistry
@@ -122,7 +124,7 @@ def test_train_unet_then_vae_then_cgcnn_register_and_resume(labelled, tmp_path, 
         train_and_register("cgcnn", cg_cfg, labelled, root, version="c1")
     longer = cg_cfg.model_copy(update={"optim": cg_cfg.optim.model_copy(update={"epochs": 3})})
     train_and_register("cgcnn", longer, labelled, root, version="c1", resume=True)
-    state = __import__("torch").load(root / "cgcnn" / "c1" / "member-1" / "last.pt", weights_only=False)
+    state = torch.load(root / "cgcnn" / "c1" / "member-1" / "last.pt", weights_only=False)
     assert state["state"]["epoch"] == 3 and len(state["state"]["history"]) == 3
 
     kinds = {d.kind for d in ModelRegistry(labelled).list()}
@@ -164,6 +166,32 @@ def test_joint_vae_unet_training_saves_both(labelled, tmp_path, settings):
     assert (tmp_path / "runs" / "vae" / "j1" / "joint-unet.pt").is_file()
 
 
+def test_cgcnn_transfer_learning_from_a_registered_model(labelled, tmp_path, settings):
+    base = {
+        "data": {"max_sites": 40},
+        "optim": TINY_OPTIM,
+        "model": {"hidden": 8, "fc_hidden": 8},
+        "ensemble_size": 1,
+    }
+    cfg = load_train_config(_config(tmp_path, "base", base), "cgcnn")
+    doc, _ = train_and_register("cgcnn", cfg, labelled, tmp_path / "runs", version="ef")
+    assert doc.kind == "cgcnn"
+    pretrained, _ = load_model(doc.checkpoint)
+    transfer = {
+        **base,
+        "properties": ["bulk_modulus"],
+        "transfer": {"base": "ef", "head_epochs": 1, "finetune_epochs": 1},
+    }
+    cfg = load_train_config(_config(tmp_path, "transfer", transfer), "cgcnn")
+    doc, metrics = train_and_register("cgcnn", cfg, labelled, tmp_path / "runs", version="k")
+    tuned, _ = load_model(doc.checkpoint)
+    assert tuned.properties == ["bulk_modulus"] and "mae_bulk_modulus" in metrics
+    heads, _ = load_model(tmp_path / "runs" / "cgcnn" / "k" / "member-0" / "heads" / "best.pt")
+    # stage 2 kept the pretrained base; stage 3 fine-tuned it
+    assert torch.equal(heads.embedding.weight, pretrained.embedding.weight)
+    assert not torch.equal(tuned.embedding.weight, pretrained.embedding.weight)
+
+
 def test_bad_configs_are_user_errors(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_train_config(tmp_path / "missing.yaml", "unet")
@@ -181,3 +209,15 @@ def test_cli_train_without_data_is_a_one_line_error(settings, tmp_path):
     result = CliRunner().invoke(app, ["train", "unet", "--config", str(path)])
     assert result.exit_code != 0
     assert "load-prior" in str(result.exception)
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted((Path(__file__).parents[2] / "configs" / "train").glob("*/*.yaml")),
+    ids=lambda p: f"{p.parent.name}/{p.name}",
+)
+def test_shipped_training_configs_validate(path):
+    config = load_train_config(path, yaml.safe_load(path.read_text())["kind"])
+    assert config.optim.epochs >= 1
+    if path.parent.name == "paper":
+        assert config.optim.lr in (1e-4, 3e-6, 1e-3)
