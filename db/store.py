@@ -100,7 +100,8 @@ class CandidateStore:
         c.create_index("chemsys")
         for name in PROPERTY_NAMES:
             c.create_index(property_field(name))
-            c.create_index(property_field(name, dft=True))
+            # Few candidates ever get DFT values, so a sparse index costs little on insert.
+            c.create_index(property_field(name, dft=True), sparse=True)
 
     # -- insertion -------------------------------------------------------------------------
 
@@ -356,10 +357,15 @@ class CandidateStore:
             out.append((Structure.from_dict(doc.structure), doc))
         return out
 
-    def count_by_state(self, campaign: str | None = None) -> dict[str, int]:
-        """Number of candidates per state (aggregation)."""
+    @staticmethod
+    def count_pipeline(campaign: str | None = None) -> list[dict[str, Any]]:
+        """Aggregation pipeline counting candidates per state."""
         pipeline: list[dict[str, Any]] = []
         if campaign:
             pipeline.append({"$match": {"campaign": campaign}})
         pipeline.append({"$group": {"_id": "$state", "n": {"$sum": 1}}})
-        return {row["_id"]: row["n"] for row in self.collection.aggregate(pipeline)}
+        return pipeline
+
+    def count_by_state(self, campaign: str | None = None) -> dict[str, int]:
+        """Number of candidates per state (aggregation)."""
+        return {row["_id"]: row["n"] for row in self.collection.aggregate(self.count_pipeline(campaign))}

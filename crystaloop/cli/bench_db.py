@@ -1,9 +1,65 @@
-"""`crystaloop bench db`."""
+"""``crystaloop bench db``."""
 
 from __future__ import annotations
 
+import json
+import tempfile
+
 import typer
+
+from crystaloop.cli._common import console
 
 
 def register(app: typer.Typer) -> None:
-    """Add the db benchmark command to ``app``."""
+    """Add the database benchmark command to ``app``."""
+
+    @app.command("db")
+    def bench_db(
+        n: int = typer.Option(100_000, "-n", min=1, help="Candidates to insert."),
+        batch: int = typer.Option(2_000, min=1, help="Insert batch size."),
+        repeats: int = typer.Option(20, min=1, help="Repetitions per query (median reported)."),
+        uri: str = typer.Option(None, help="Benchmark this server instead of a fresh embedded one."),
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    ) -> None:
+        """Insert N candidates and time a window query, an elements query and a status count."""
+        from rich.progress import Progress
+        from rich.table import Table
+
+        from crystaloop.db.benchmark import run_db_benchmark
+        from crystaloop.db.connection import get_client
+        from crystaloop.db.server import EmbeddedServer
+        from crystaloop.settings import CrystaloopSettings, redact_uri
+
+        tmp = None
+        server = None
+        if not uri:
+            tmp = tempfile.TemporaryDirectory(prefix="crystaloop-bench-")
+            server = EmbeddedServer(tmp.name)
+            uri = server.start().uri
+            target = "embedded server (fresh)"
+        else:
+            target = redact_uri(uri)
+        try:
+            settings = CrystaloopSettings(mongodb_uri=uri, database="crystaloop_bench")
+            database = get_client(settings)[settings.database]
+            with Progress(console=console, transient=True) as bar:
+                task = bar.add_task("inserting", total=n)
+                result = run_db_benchmark(
+                    database, n=n, batch=batch, repeats=repeats, progress=lambda k: bar.advance(task, k)
+                )
+        finally:
+            if server:
+                server.stop()
+            if tmp:
+                tmp.cleanup()
+        if as_json:
+            print(json.dumps({"target": target, **result.__dict__}))
+            return
+        table = Table(title=f"candidate store on {target}, {result.n:,} candidates")
+        table.add_column("measure")
+        table.add_column("value", justify="right")
+        table.add_column("plan")
+        table.add_row("inserts/s", f"{result.inserts_per_second:,.0f}", f"{result.insert_seconds:.1f} s total")
+        for name, ms in result.query_ms.items():
+            table.add_row(f"{name} (median ms)", f"{ms:.1f}", result.plans.get(name, ""))
+        console.print(table)

@@ -1,0 +1,157 @@
+"""Insert and query benchmark for the candidate store."""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pymatgen.core import Lattice, Structure
+from pymongo.database import Database
+
+from crystaloop.db.documents import CandidateDoc, CandidateState, PredictedValue, StructureFields
+from crystaloop.db.store import CandidateStore, Window
+from crystaloop.properties import PROPERTIES
+
+_A_SITE = ("Sr", "Ba", "Ca", "K", "Na", "La")
+_B_SITE = ("Ti", "Zr", "Hf", "Nb", "Ta", "Sn", "Al", "Ga")
+_X_SITE = ("O", "F", "Cl", "S")
+
+
+def _templates(rng: random.Random, n: int = 64) -> list[dict[str, Any]]:
+    """Derived fields of ``n`` small perovskite and rock-salt cells (spacegroups skipped)."""
+    out = []
+    for _ in range(n):
+        if rng.random() < 0.5:
+            a, b, x = rng.choice(_A_SITE), rng.choice(_B_SITE), rng.choice(_X_SITE)
+            s = Structure(
+                Lattice.cubic(rng.uniform(3.7, 4.3)), [a, b, x, x, x],
+                [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]],
+            )
+        else:
+            s = Structure.from_spacegroup(
+                "Fm-3m", Lattice.cubic(rng.uniform(4.0, 6.0)),
+                [rng.choice(_A_SITE), rng.choice(_X_SITE)], [[0, 0, 0], [0.5, 0.5, 0.5]],
+            )
+        out.append(StructureFields.fields_from(s, spacegroup=False))
+    return out
+
+
+def synthetic_candidates(n: int, campaign: str, seed: int = 0) -> list[CandidateDoc]:
+    """``n`` candidate documents with random predictions for all eight properties."""
+    rng = random.Random(seed)
+    templates = _templates(rng)
+    states = [s for s in CandidateState]
+    docs = []
+    for i in range(n):
+        predicted = {
+            name: PredictedValue(
+                mean=rng.uniform(max(spec.lower, -4.0), min(spec.upper, 10.0)),
+                std=rng.uniform(0.01, 0.3),
+                model_version="bench",
+            )
+            for name, spec in PROPERTIES.items()
+        }
+        docs.append(
+            CandidateDoc(
+                candidate_id=f"{campaign}-{i:08d}",
+                campaign=campaign,
+                round=i % 5,
+                state=rng.choice(states),
+                predicted=predicted,
+                **rng.choice(templates),
+            )
+        )
+    return docs
+
+
+@dataclass
+class DBBenchmarkResult:
+    """What :func:`run_db_benchmark` measured."""
+
+    n: int
+    insert_seconds: float
+    inserts_per_second: float
+    query_ms: dict[str, float] = field(default_factory=dict)
+    plans: dict[str, str] = field(default_factory=dict)
+
+
+def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def _stages(plan: dict[str, Any]) -> str:
+    names = []
+    node = plan
+    while isinstance(node, dict):
+        if "stage" in node:
+            stage = node["stage"]
+            names.append(f"{stage}({node['indexName']})" if stage == "IXSCAN" else stage)
+        node = node.get("inputStage") or (node.get("inputStages") or [None])[0]
+    return " <- ".join(names) or "?"
+
+
+def _winning_plan(explained: dict[str, Any]) -> dict[str, Any]:
+    if "queryPlanner" in explained:
+        return explained["queryPlanner"].get("winningPlan", {})
+    for stage in explained.get("stages", []):
+        if "$cursor" in stage:
+            return _winning_plan(stage["$cursor"])
+    return {}
+
+
+def run_db_benchmark(
+    database: Database,
+    *,
+    n: int = 100_000,
+    batch: int = 2_000,
+    repeats: int = 20,
+    progress: Callable[[int], None] | None = None,
+) -> DBBenchmarkResult:
+    """Insert ``n`` candidates in batches, then time the typical queries (median ms)."""
+    campaign = "bench"
+    database["candidates"].delete_many({"campaign": campaign})
+    store = CandidateStore(database)
+    docs = synthetic_candidates(n, campaign)
+    start = time.perf_counter()
+    for i in range(0, n, batch):
+        store.insert_many(docs[i : i + batch])
+        if progress:
+            progress(min(batch, n - i))
+    elapsed = time.perf_counter() - start
+
+    windows = [Window("formation_energy_per_atom", -2.0, -1.0), Window("band_gap", 1.0, 3.0)]
+    window_filter = store.build_filter(campaign=campaign, windows=windows)
+    window_sort = store.sort_key("formation_energy_per_atom")
+    elements_filter = store.build_filter(campaign=campaign, elements=["O", "Ti"])
+    coll = store.collection
+    queries: dict[str, Callable[[], Any]] = {
+        "two_property_window_sort_limit50": lambda: list(coll.find(window_filter).sort(window_sort).limit(50)),
+        "by_elements_limit50": lambda: list(coll.find(elements_filter).limit(50)),
+        "status_counts": lambda: store.count_by_state(campaign),
+    }
+    result = DBBenchmarkResult(n=n, insert_seconds=elapsed, inserts_per_second=n / elapsed)
+    for name, fn in queries.items():
+        result.query_ms[name] = _median_ms(fn, repeats)
+    result.plans["two_property_window_sort_limit50"] = _stages(
+        _winning_plan(coll.find(window_filter).sort(window_sort).limit(50).explain())
+    )
+    result.plans["by_elements_limit50"] = _stages(_winning_plan(coll.find(elements_filter).limit(50).explain()))
+    result.plans["status_counts"] = _stages(
+        _winning_plan(
+            database.command(
+                "aggregate", "candidates", pipeline=store.count_pipeline(campaign), explain=True
+            )
+        )
+    )
+    coll.delete_many({"campaign": campaign})
+    return result
