@@ -12,11 +12,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy.optimize import linear_sum_assignment
+
 from crystaloop.generative.models.cgcnn import CGCNN, collate_graphs
 from crystaloop.generative.models.ensemble import CGCNNEnsemble
 from crystaloop.generative.models.unet import UNet3D
 from crystaloop.generative.models.vae import CondDFCVAE
-from scipy.optimize import linear_sum_assignment
 
 PAPER_TABLE5 = {
     "vae_mse": 0.013,

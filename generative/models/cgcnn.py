@@ -12,13 +12,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from crystaloop.generative.models.features import (
     ATOM_FEATURES,
     GaussianDistance,
     atom_feature_table,
 )
-from torch import nn
-
 from crystaloop.properties import property_spec
 
 NAN_WHEN_METALLIC = ("dielectric_constant", "refractive_index")

@@ -6,11 +6,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+
 from crystaloop.generative.models.cgcnn import CGCNN
 from crystaloop.generative.models.ensemble import CGCNNEnsemble
 from crystaloop.generative.models.unet import UNet3D
 from crystaloop.generative.models.vae import CondDFCVAE
-from torch import nn
 
 _CLASSES: dict[str, type[nn.Module]] = {"unet": UNet3D, "vae": CondDFCVAE, "cgcnn": CGCNN}
 

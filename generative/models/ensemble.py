@@ -6,8 +6,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from crystaloop.generative.models.cgcnn import CGCNN, GraphBatch, apply_metallic_nan
 from torch import nn
+
+from crystaloop.generative.models.cgcnn import CGCNN, GraphBatch, apply_metallic_nan
 
 
 class CGCNNEnsemble(nn.Module):

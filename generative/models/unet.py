@@ -8,8 +8,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from crystaloop.generative.models.layers import ConvBlock, conv3d
 from torch import nn
+
+from crystaloop.generative.models.layers import ConvBlock, conv3d
 
 
 class UNetOutput(NamedTuple):

@@ -13,10 +13,11 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from crystaloop.generative.models.condition import N_DECILES, DecileCondition
 from crystaloop.generative.models.layers import ConvBlock, conv3d
 from crystaloop.generative.models.unet import UNet3D, unet_loss
-from torch import nn
 
 
 class VAEOutput(NamedTuple):

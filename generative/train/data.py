@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from crystaloop.generative.train.config import DataConfig
 from pymatgen.core import Structure
 from torch.utils.data import Dataset
 
 from crystaloop.errors import UserError
+from crystaloop.generative.train.config import DataConfig
 
 
 @dataclass

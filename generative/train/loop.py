@@ -13,9 +13,10 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from torch import nn
+
 from crystaloop.generative.models.checkpoint import save_model
 from crystaloop.generative.train.config import OptimConfig
-from torch import nn
 
 
 class Task(Protocol):

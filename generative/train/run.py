@@ -9,6 +9,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from crystaloop.errors import UserError
 from crystaloop.generative.models.cgcnn import CGCNN
 from crystaloop.generative.models.checkpoint import load_model, save_model
 from crystaloop.generative.models.condition import DecileCondition
@@ -36,9 +39,6 @@ from crystaloop.generative.train.tasks import (
     estimate_class_weights,
     graph_collate,
 )
-from torch.utils.data import DataLoader, Dataset, Subset
-
-from crystaloop.errors import UserError
 
 AnyConfig = UNetTrainConfig | VAETrainConfig | CGCNNTrainConfig
 

@@ -6,10 +6,18 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
+from torch import nn
+
 from crystaloop.generative.models.cgcnn import CGCNN, CrystalGraph, GraphBatch, collate_graphs, masked_mse
 from crystaloop.generative.models.unet import UNet3D, class_weights, unet_loss
 from crystaloop.generative.models.vae import CondDFCVAE, VAELossWeights, vae_loss
-from torch import nn
+
+CHANNELS_LAST = torch.channels_last_3d
+"""3-D convolutions run about twice as fast on the CPU in this memory format."""
+
+
+def _volumes(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=CHANNELS_LAST)
 
 
 def _mean_parts(rows: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
@@ -28,7 +36,8 @@ class UNetTask:
     """Segmentation of true density maps into species and mask."""
 
     def __init__(self, unet: UNet3D, weights: torch.Tensor, device: torch.device) -> None:
-        self.unet, self.weights, self.device = unet.to(device), weights.to(device), device
+        self.unet = unet.to(device, memory_format=CHANNELS_LAST)
+        self.weights, self.device = weights.to(device), device
 
     def modules(self) -> dict[str, nn.Module]:
         return {"unet": self.unet}
@@ -37,7 +46,7 @@ class UNetTask:
         return self.unet.parameters()
 
     def _loss(self, batch):
-        density = batch["density"].to(self.device)[:, None]
+        density = _volumes(batch["density"].to(self.device)[:, None])
         species = batch["species"].to(self.device)
         classes = self.unet.vocabulary.encode(species)
         output = self.unet(density)
@@ -83,8 +92,9 @@ class VAETask:
         joint: bool = False,
         seg_weights: torch.Tensor | None = None,
     ) -> None:
-        self.vae, self.weights, self.device, self.joint = vae.to(device), weights, device, joint
-        self.unet = unet.to(device) if unet is not None else None
+        self.vae = vae.to(device, memory_format=CHANNELS_LAST)
+        self.weights, self.device, self.joint = weights, device, joint
+        self.unet = unet.to(device, memory_format=CHANNELS_LAST) if unet is not None else None
         self.seg_weights = seg_weights.to(device) if seg_weights is not None else None
         if self.unet is not None and not joint:
             self.unet.eval()
@@ -101,7 +111,7 @@ class VAETask:
 
     def _loss(self, batch):
         density = batch["density"].to(self.device)
-        x = self.vae.to_input(density, batch["coords"].to(self.device))
+        x = _volumes(self.vae.to_input(density, batch["coords"].to(self.device)))
         labels = batch["labels"].to(self.device)
         condition = self.vae.condition.one_hot(labels[:, 0].cpu().numpy()).to(self.device)
         output = self.vae(x, condition)

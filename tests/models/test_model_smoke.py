@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from pymatgen.core import Lattice, Structure
+
 from crystaloop.generative.models import (
     CGCNN,
     CGCNNEnsemble,
@@ -23,7 +25,6 @@ from crystaloop.generative.models import (
     vae_loss,
 )
 from crystaloop.generative.models.features import ATOM_FEATURES, atom_feature_table
-from pymatgen.core import Lattice, Structure
 
 GRID = 16
 ZS = [8, 22, 38]

@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from crystaloop.db.documents import StructureFields, TrainingStructureDoc
-from crystaloop.db.registry import ModelRegistry
-from crystaloop.generative.models import CGCNNEnsemble, CondDFCVAE, UNet3D, load_model
-from crystaloop.generative.train.config import DataConfig, load_train_config
-from crystaloop.generative.train.data import composition_split, load_records
-from crystaloop.generative.train.run import default_version, train_and_register
 from pymatgen.core import Lattice, Structure
 from typer.testing import CliRunner
 
 from crystaloop.cli import app
+from crystaloop.db.documents import StructureFields, TrainingStructureDoc
+from crystaloop.db.registry import ModelRegistry
 from crystaloop.errors import ConfigError
+from crystaloop.generative.models import CGCNNEnsemble, CondDFCVAE, UNet3D, load_model
+from crystaloop.generative.train.config import DataConfig, load_train_config
+from crystaloop.generative.train.data import composition_split, load_records
+from crystaloop.generative.train.run import default_version, train_and_register
 
 GRID = 16
 TINY_DATA = {"grid": GRID, "max_sites": 40}
