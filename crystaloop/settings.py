@@ -135,9 +135,7 @@ class CrystaloopSettings(BaseSettings):
         return "cuda" if torch.cuda.is_available() else "cpu"
 
     def __repr__(self) -> str:
-        fields = ", ".join(
-            f"{k}={getattr(self, k)!r}" for k in type(self).model_fields if k != "mongodb_uri"
-        )
+        fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in type(self).model_fields if k != "mongodb_uri")
         return f"CrystaloopSettings(mongodb_uri={self.safe_uri!r}, {fields})"
 
     __str__ = __repr__

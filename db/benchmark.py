@@ -28,13 +28,16 @@ def _templates(rng: random.Random, n: int = 64) -> list[dict[str, Any]]:
         if rng.random() < 0.5:
             a, b, x = rng.choice(_A_SITE), rng.choice(_B_SITE), rng.choice(_X_SITE)
             s = Structure(
-                Lattice.cubic(rng.uniform(3.7, 4.3)), [a, b, x, x, x],
+                Lattice.cubic(rng.uniform(3.7, 4.3)),
+                [a, b, x, x, x],
                 [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]],
             )
         else:
             s = Structure.from_spacegroup(
-                "Fm-3m", Lattice.cubic(rng.uniform(4.0, 6.0)),
-                [rng.choice(_A_SITE), rng.choice(_X_SITE)], [[0, 0, 0], [0.5, 0.5, 0.5]],
+                "Fm-3m",
+                Lattice.cubic(rng.uniform(4.0, 6.0)),
+                [rng.choice(_A_SITE), rng.choice(_X_SITE)],
+                [[0, 0, 0], [0.5, 0.5, 0.5]],
             )
         out.append(StructureFields.fields_from(s, spacegroup=False))
     return out
@@ -135,7 +138,9 @@ def run_db_benchmark(
     elements_filter = store.build_filter(campaign=campaign, elements=["O", "Ti"])
     coll = store.collection
     queries: dict[str, Callable[[], Any]] = {
-        "two_property_window_sort_limit50": lambda: list(coll.find(window_filter).sort(window_sort).limit(50)),
+        "two_property_window_sort_limit50": lambda: list(
+            coll.find(window_filter).sort(window_sort).limit(50)
+        ),
         "by_elements_limit50": lambda: list(coll.find(elements_filter).limit(50)),
         "status_counts": lambda: store.count_by_state(campaign),
     }
@@ -145,12 +150,12 @@ def run_db_benchmark(
     result.plans["two_property_window_sort_limit50"] = _stages(
         _winning_plan(coll.find(window_filter).sort(window_sort).limit(50).explain())
     )
-    result.plans["by_elements_limit50"] = _stages(_winning_plan(coll.find(elements_filter).limit(50).explain()))
+    result.plans["by_elements_limit50"] = _stages(
+        _winning_plan(coll.find(elements_filter).limit(50).explain())
+    )
     result.plans["status_counts"] = _stages(
         _winning_plan(
-            database.command(
-                "aggregate", "candidates", pipeline=store.count_pipeline(campaign), explain=True
-            )
+            database.command("aggregate", "candidates", pipeline=store.count_pipeline(campaign), explain=True)
         )
     )
     coll.delete_many({"campaign": campaign})

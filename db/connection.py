@@ -8,9 +8,9 @@ import pymongo
 from pymongo.database import Database
 from pymongo.errors import ConfigurationError, OperationFailure, PyMongoError
 
+from crystaloop.db.server import EmbeddedServer
 from crystaloop.errors import DatabaseUnavailable
 from crystaloop.settings import CrystaloopSettings, get_settings, redact_uri
-from crystaloop.db.server import EmbeddedServer
 
 
 def resolve_uri(settings: CrystaloopSettings | None = None) -> str:

@@ -29,9 +29,7 @@ class ModelRegistry:
         if make_default:
             self.collection.update_many({"kind": doc.kind}, {"$set": {"default": False}})
             doc = doc.model_copy(update={"default": True})
-        self.collection.replace_one(
-            {"kind": doc.kind, "version": doc.version}, doc.model_dump(), upsert=True
-        )
+        self.collection.replace_one({"kind": doc.kind, "version": doc.version}, doc.model_dump(), upsert=True)
         return doc
 
     def list(self, kind: str | None = None) -> list[ModelDoc]:
@@ -46,7 +44,8 @@ class ModelRegistry:
             found = self.collection.find_one({"kind": kind, "version": version}, {"_id": 0})
         else:
             found = self.collection.find_one(
-                {"kind": kind}, {"_id": 0},
+                {"kind": kind},
+                {"_id": 0},
                 sort=[("default", pymongo.DESCENDING), ("created_at", pymongo.DESCENDING)],
             )
         return ModelDoc.model_validate(found) if found else None

@@ -129,14 +129,21 @@ class EmbeddedServer:
         port = find_free_port(self.host)
         cmd = [
             _executable(),
-            "--host", self.host,
-            "--port", str(port),
-            "--storage-path", str(self.storage_path),
-            "--log-level", "WARNING",
+            "--host",
+            self.host,
+            "--port",
+            str(port),
+            "--storage-path",
+            str(self.storage_path),
+            "--log-level",
+            "WARNING",
         ]
         with open(self.log_path, "ab") as log:
             proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
         record = ServerRecord(self.host, port, proc.pid, str(self.storage_path))
@@ -152,9 +159,7 @@ class EmbeddedServer:
                 return record
             time.sleep(0.1)
         proc.terminate()
-        raise UserError(
-            f"the embedded database did not answer within {timeout:.0f} s; see {self.log_path}"
-        )
+        raise UserError(f"the embedded database did not answer within {timeout:.0f} s; see {self.log_path}")
 
     def stop(self, timeout: float = 20.0) -> bool:
         """Stop the recorded server. Returns True if one was running."""

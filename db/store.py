@@ -14,6 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import pymongo
+from pymatgen.analysis.structure_matcher import StructureMatcher
+from pymatgen.core import Structure
+from pymongo import ReturnDocument
+from pymongo.database import Database
+
 from crystaloop.db.documents import (
     ALLOWED_TRANSITIONS,
     CandidateDoc,
@@ -22,11 +27,6 @@ from crystaloop.db.documents import (
     StructureFields,
     utcnow,
 )
-from pymatgen.analysis.structure_matcher import StructureMatcher
-from pymatgen.core import Structure
-from pymongo import ReturnDocument
-from pymongo.database import Database
-
 from crystaloop.properties import PROPERTY_NAMES, property_spec
 
 SORTABLE_FIELDS = ("created_at", "round", "nsites", "reduced_formula", "acquisition_score")
@@ -334,9 +334,7 @@ class CandidateStore:
             return [(property_field(name, dft=dft), direction)]
         if name in SORTABLE_FIELDS:
             return [(name, direction)]
-        raise ValueError(
-            f"cannot sort by {name!r}; use one of {', '.join(SORTABLE_FIELDS + PROPERTY_NAMES)}"
-        )
+        raise ValueError(f"cannot sort by {name!r}; use one of {', '.join(SORTABLE_FIELDS + PROPERTY_NAMES)}")
 
     def query(
         self,

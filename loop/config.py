@@ -61,9 +61,7 @@ class TargetWindow(_Strict):
                     f"[{spec.lower}, {spec.upper}]{unit}"
                 )
         if self.min is not None and self.max is not None and self.min >= self.max:
-            raise ValueError(
-                f"min ({self.min}) must be below max ({self.max}) for {self.property}{unit}"
-            )
+            raise ValueError(f"min ({self.min}) must be below max ({self.max}) for {self.property}{unit}")
         return self
 
     def contains(self, value: float | None) -> bool:
@@ -113,9 +111,7 @@ class StopRules(_Strict):
     hit_rate: float | None = Field(
         None, gt=0, le=1, description="Stop when a round's DFT hit rate reaches this fraction."
     )
-    patience: int | None = Field(
-        None, ge=1, description="Stop after this many rounds without a new hit."
-    )
+    patience: int | None = Field(None, ge=1, description="Stop after this many rounds without a new hit.")
 
 
 class Sampling(_Strict):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from crystaloop.loop.config import load_campaign_config, parse_campaign_config
 from typer.testing import CliRunner
 
 from crystaloop.cli import app
 from crystaloop.errors import ConfigError
+from crystaloop.loop.config import load_campaign_config, parse_campaign_config
 from crystaloop.properties import PROPERTIES
 
 
@@ -84,7 +84,9 @@ def test_validate_cli_exit_codes(tmp_path, repo_root):
     assert ok.exit_code == 0 and "demo" in ok.output
 
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump(_minimal(colour="x", targets=[{"property": "band_gap", "min": 2, "max": 1}])))
+    bad.write_text(
+        yaml.safe_dump(_minimal(colour="x", targets=[{"property": "band_gap", "min": 2, "max": 1}]))
+    )
     import subprocess
     import sys
     from pathlib import Path
@@ -100,7 +102,9 @@ def test_validate_cli_exit_codes(tmp_path, repo_root):
     assert callable(main)
 
 
-@pytest.mark.parametrize("content, needle", [("name: [unclosed", "invalid YAML at line"), ("- a\n- b\n", "mapping")])
+@pytest.mark.parametrize(
+    "content, needle", [("name: [unclosed", "invalid YAML at line"), ("- a\n- b\n", "mapping")]
+)
 def test_unreadable_yaml(tmp_path, content, needle):
     path = tmp_path / "c.yaml"
     path.write_text(content)

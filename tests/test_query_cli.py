@@ -7,25 +7,30 @@ import io
 import json
 
 import pytest
-from crystaloop.db.store import CandidateStore
 from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Lattice, Structure
 from typer.testing import CliRunner
 
 from crystaloop.cli import app
+from crystaloop.db.store import CandidateStore
 
 
 @pytest.fixture
 def filled(database):
     store = CandidateStore(database)
     s1 = Structure(
-        Lattice.cubic(3.905), ["Sr", "Ti", "O", "O", "O"],
+        Lattice.cubic(3.905),
+        ["Sr", "Ti", "O", "O", "O"],
         [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]],
     )
     s2 = Structure.from_spacegroup("Fm-3m", Lattice.cubic(4.212), ["Mg", "O"], [[0, 0, 0], [0.5, 0.5, 0.5]])
     for s, ef in ((s1, -3.4), (s2, -3.0)):
-        store.add(s, campaign="demo", round=0,
-                  predicted={"formation_energy_per_atom": {"mean": ef, "std": 0.05, "model_version": "t"}})
+        store.add(
+            s,
+            campaign="demo",
+            round=0,
+            predicted={"formation_energy_per_atom": {"mean": ef, "std": 0.05, "model_version": "t"}},
+        )
     return store, {"SrTiO3": s1, "MgO": s2}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from crystaloop.db.server import EmbeddedServer, ping
 
 
@@ -32,9 +33,9 @@ def test_start_reuse_stop(server):
 def test_stale_record_is_removed(server):
     server.root.mkdir(parents=True)
     # A pid that cannot exist and a closed port: a record left by a dead server.
-    server.record_path.write_text(json.dumps(
-        {"host": "127.0.0.1", "port": 9, "pid": 2**22 + 12345, "storage_path": "x"}
-    ))
+    server.record_path.write_text(
+        json.dumps({"host": "127.0.0.1", "port": 9, "pid": 2**22 + 12345, "storage_path": "x"})
+    )
     assert server.running() is None
     assert not server.record_path.exists()
     record = server.start()

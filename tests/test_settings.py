@@ -58,7 +58,6 @@ def test_credentials_never_shown(monkeypatch):
 
 def test_unreachable_database_message_has_no_credentials(monkeypatch):
     from crystaloop.db.connection import get_client
-
     from crystaloop.errors import DatabaseUnavailable
 
     monkeypatch.setenv("CRYSTALOOP_MONGODB_URI", "mongodb://bob:hunter2@127.0.0.1:9/")

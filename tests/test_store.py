@@ -8,9 +8,10 @@ import sys
 import textwrap
 
 import pytest
+from pymatgen.core import Lattice, Structure
+
 from crystaloop.db.documents import CandidateState
 from crystaloop.db.store import CandidateStore, StateError, Window
-from pymatgen.core import Lattice, Structure
 
 
 def rocksalt(a: float, species=("Na", "Cl")) -> Structure:
@@ -19,7 +20,8 @@ def rocksalt(a: float, species=("Na", "Cl")) -> Structure:
 
 def perovskite(a: float, a_site="Sr", b_site="Ti", x="O") -> Structure:
     return Structure(
-        Lattice.cubic(a), [a_site, b_site, x, x, x],
+        Lattice.cubic(a),
+        [a_site, b_site, x, x, x],
         [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]],
     )
 
@@ -68,7 +70,11 @@ def test_life_cycle_and_history(store):
         doc = store.transition(cid, state, owner="me")
         assert doc.state == state
     assert [h["state"] for h in doc.state_history] == [
-        "generated", "shortlisted", "selected", "submitted", "relaxed"
+        "generated",
+        "shortlisted",
+        "selected",
+        "submitted",
+        "relaxed",
     ]
     assert doc.owner == "me"
 
@@ -158,7 +164,11 @@ def test_two_processes_never_claim_the_same_candidate(store, settings):
 
 def test_query_filters(store):
     rows = [
-        (perovskite(3.9), _pred(formation_energy_per_atom=-2.5, band_gap=1.8), {"formation_energy_per_atom": -2.4}),
+        (
+            perovskite(3.9),
+            _pred(formation_energy_per_atom=-2.5, band_gap=1.8),
+            {"formation_energy_per_atom": -2.4},
+        ),
         (perovskite(4.2, "Ba", "Zr"), _pred(formation_energy_per_atom=-3.2, band_gap=3.0), {}),
         (rocksalt(4.2, ("Mg", "O")), _pred(formation_energy_per_atom=-2.9, band_gap=5.0), {}),
         (rocksalt(5.64), _pred(formation_energy_per_atom=-2.0, band_gap=5.0), {}),
@@ -195,8 +205,13 @@ def test_window_rejects_inverted_bounds():
 
 def test_explain_uses_index(store):
     for i in range(20):
-        store.add(rocksalt(4 + i * 0.05, ("Mg", "O")), campaign="x", round=0,
-                  predicted=_pred(formation_energy_per_atom=-i / 10), dedup=False)
+        store.add(
+            rocksalt(4 + i * 0.05, ("Mg", "O")),
+            campaign="x",
+            round=0,
+            predicted=_pred(formation_energy_per_atom=-i / 10),
+            dedup=False,
+        )
     query = store.build_filter(windows=[Window("formation_energy_per_atom", -1.0, -0.5)])
     plan = json.dumps(store.collection.find(query).explain(), default=str)
     assert "IXSCAN" in plan

@@ -59,7 +59,9 @@ def register(app: typer.Typer) -> None:
         table.add_column("measure")
         table.add_column("value", justify="right")
         table.add_column("plan")
-        table.add_row("inserts/s", f"{result.inserts_per_second:,.0f}", f"{result.insert_seconds:.1f} s total")
+        table.add_row(
+            "inserts/s", f"{result.inserts_per_second:,.0f}", f"{result.insert_seconds:.1f} s total"
+        )
         for name, ms in result.query_ms.items():
             table.add_row(f"{name} (median ms)", f"{ms:.1f}", result.plans.get(name, ""))
         console.print(table)
