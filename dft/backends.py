@@ -25,7 +25,6 @@ DATA_COLLECTION = "jobflow_data"
 
 def _uri_and_database(settings=None) -> tuple[str, str]:
     from crystaloop.db.connection import resolve_uri
-
     from crystaloop.settings import get_settings
 
     settings = settings or get_settings()

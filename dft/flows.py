@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from crystaloop.dft import store
-from crystaloop.dft.schemas import ElementReference, FormationEnergyDocument, QETaskDocument
 from jobflow import Flow, Job, job
 from pymatgen.core import Structure
+
+from crystaloop.dft import store
+from crystaloop.dft.schemas import ElementReference, FormationEnergyDocument, QETaskDocument
 
 Engine = Literal["espresso", "surrogate"]
 

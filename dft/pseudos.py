@@ -200,7 +200,7 @@ def read_upf_header(text: str) -> UpfHeader:
         return UpfHeader(
             element=attrs["element"].strip(),
             functional=attrs.get("functional", "").strip(),
-            pseudo_type=attrs.get("pseudo_type", "").strip().upper(),
+            pseudo_type=_normalise_type(attrs.get("pseudo_type", "")),
             wfc_cutoff=_float(attrs.get("wfc_cutoff")),
             rho_cutoff=_float(attrs.get("rho_cutoff")),
             has_so=attrs.get("has_so", "F").strip().upper() in {"T", "TRUE", ".TRUE."},
@@ -228,6 +228,11 @@ def read_upf_header(text: str) -> UpfHeader:
         rho_cutoff=_float(values[1] if len(values) > 1 else None),
         has_so="<PP_ADDINFO>" in text or "fully-relativistic" in text[:5000].lower(),
     )
+
+
+def _normalise_type(value: str) -> str:
+    value = value.strip().upper()
+    return {"USPP": "US", "SL": "NC", "1/R": "NC"}.get(value, value)
 
 
 def _float(value: str | None) -> float:

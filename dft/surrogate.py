@@ -13,12 +13,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar
 
+from jobflow import Maker, job
+from pymatgen.core import Structure
+
 from crystaloop.dft import store
 from crystaloop.dft.espresso.jobs import DATA_FIELDS, current_task_id
 from crystaloop.dft.references import reference_structure
 from crystaloop.dft.schemas import ElementReference, IonicStep, QEInputDoc, QETaskDocument
-from jobflow import Maker, job
-from pymatgen.core import Structure
 
 SURROGATE_PRESET = "chgnet"
 

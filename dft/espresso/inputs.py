@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from crystaloop.dft.pseudos import PseudoFamily
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pymatgen.core import Structure
 from pymatgen.io.ase import AseAtomsAdaptor
 from pymatgen.io.vasp.inputs import Kpoints
 
+from crystaloop.dft.pseudos import PseudoFamily
 from crystaloop.errors import UserError
 
 #: Elements whose presence switches spin polarisation on under ``spin_polarization: auto``.

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from jobflow import Maker, job
+from pymatgen.core import Structure
+
 from crystaloop.dft import store
 from crystaloop.dft.espresso.handlers import HandledRun, default_handlers, run_with_handlers
 from crystaloop.dft.espresso.inputs import build_pw_input, deep_merge, load_preset
@@ -28,9 +31,6 @@ from crystaloop.dft.schemas import (
     QEInputDoc,
     QETaskDocument,
 )
-from jobflow import Maker, job
-from pymatgen.core import Structure
-
 from crystaloop.errors import UserError
 
 DATA_FIELDS = ["forces", "ionic_steps"]

@@ -126,8 +126,11 @@ def band_gap_from(atoms) -> tuple[float | None, bool | None]:
     return gap, False
 
 
-def parse_pw_output(path: Path | str) -> PwOutput:
+def parse_pw_output(path: Path | str, *, strict: bool = True) -> PwOutput:
     """Read a pw.x output file (plain or gzipped).
+
+    With ``strict=False`` an output ASE cannot read still gives the flags read from the
+    text (convergence, errors, wall time) with no structures or energies.
 
     Raises
     ------
@@ -141,15 +144,15 @@ def parse_pw_output(path: Path | str) -> PwOutput:
         raise PwOutputError(f"{path}: cannot read ({exc.strerror})") from None
     if "Program PWSCF" not in text:
         raise PwOutputError(f"{path}: not a pw.x output (no 'Program PWSCF' banner)")
-    images = _ase_images(path, text)
+    images = _ase_images(path, text, strict)
     version = _VERSION.search(text)
     calc_match = re.search(r"calculation\s*=\s*'([^']+)'", text)
     calculation = calc_match.group(1) if calc_match else None
     max_steps = _MAX_STEPS in text
-    if any(marker in text for marker in _RELAX_DONE):
-        relax_converged: bool | None = True
-    elif max_steps or re.search(r"(bfgs|BFGS).*(failed|history already reset)", text):
-        relax_converged = False
+    if max_steps or re.search(r"(bfgs|BFGS).*(failed|history already reset)", text):
+        relax_converged: bool | None = False
+    elif any(marker in text for marker in _RELAX_DONE):
+        relax_converged = True
     elif "Geometry Optimization" in text or "enthalpy new" in text:
         relax_converged = False
     else:
@@ -199,15 +202,31 @@ def parse_pw_output(path: Path | str) -> PwOutput:
     )
 
 
-def _ase_images(path: Path, text: str) -> list:
+_BAND_MARKERS = ("End of self-consistent calculation", "End of band structure calculation")
+
+
+def _read_images(text: str) -> list:
     from ase.io.espresso import read_espresso_out
 
+    return list(read_espresso_out(io.StringIO(text), index=slice(None), results_required=False))
+
+
+def _ase_images(path: Path, text: str, strict: bool = True) -> list:
+    """ASE's images; on failure retry without the eigenvalue blocks (ASE trips on some)."""
     try:
-        images = list(read_espresso_out(io.StringIO(text), index=slice(None), results_required=False))
-    except Exception as exc:  # ASE raises many types on truncated or unusual files
-        raise PwOutputError(
-            f"{path}: ASE's pw.x reader failed ({type(exc).__name__}: {str(exc)[:120]})"
-        ) from None
-    if not images:
+        images = _read_images(text)
+    except Exception as first:  # ASE raises many types on truncated or unusual files
+        stripped = "\n".join(
+            ln for ln in text.splitlines() if not any(m in ln for m in _BAND_MARKERS)
+        )
+        try:
+            images = _read_images(stripped)
+        except Exception:  # the fallback failed too; report the first error
+            if not strict:
+                return []
+            raise PwOutputError(
+                f"{path}: ASE's pw.x reader failed ({type(first).__name__}: {str(first)[:120]})"
+            ) from None
+    if not images and strict:
         raise PwOutputError(f"{path}: no atomic configuration found")
     return images

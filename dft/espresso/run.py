@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from crystaloop.dft.espresso.inputs import INPUT_FILE, OUTPUT_FILE
-
 from crystaloop.errors import UserError
 
 STDERR_FILE = "pw.err"

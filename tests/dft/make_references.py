@@ -1,0 +1,103 @@
+"""Regenerate the fake pw.x reference folders with the real pw.x.
+
+Run from the repository root (takes about a minute)::
+
+    python tests/dft/make_references.py
+
+Each case runs the real job code with the local PBE family and the ``fast``
+preset, then stores every attempt's ``pw.in`` and gzipped ``pw.out`` under
+``tests/dft/reference/<case>/attempt_<n>/``, plus ``run.json`` (exit code,
+wall time, whether it was killed).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REFERENCE = HERE / "reference"
+
+
+def cases():
+    from crystaloop.dft.espresso.jobs import QERelaxMaker, QEStaticMaker
+    from crystaloop.dft.references import bulk_structure
+
+    si = bulk_structure("Si", "diamond", 5.431)
+    c = bulk_structure("C", "diamond", 3.567)
+    sic = bulk_structure("Si", "diamond", 4.36)
+    sic.replace(1, "C")
+    strained = bulk_structure("Si", "diamond", 5.10)
+    return {
+        "si_relax": (QERelaxMaker(record=False), si),
+        "c_relax": (QERelaxMaker(record=False), c),
+        "sic_relax": (QERelaxMaker(record=False), sic),
+        "si_static": (QEStaticMaker(record=False), si),
+        "si_scf_retry": (
+            QEStaticMaker(record=False, overrides={"input_data": {"electrons": {"electron_maxstep": 3}}}),
+            si,
+        ),
+        "si_ionic_retry": (
+            QERelaxMaker(record=False, overrides={"input_data": {"control": {"nstep": 3}}}),
+            strained,
+        ),
+    }
+
+
+def main() -> None:
+    from crystaloop.dft import espresso
+    from crystaloop.dft.espresso import run as pw_run
+    from crystaloop.dft.espresso.jobs import run_espresso_task
+    from crystaloop.dft.pseudos import build_local_family
+    from crystaloop.settings import get_settings
+
+    tmp = Path(tempfile.mkdtemp(prefix="crystaloop-refs-"))
+    build_local_family(tmp / "pseudo", ld1_elements=["C"])
+    os.environ["CRYSTALOOP_PSEUDO_DIR"] = str(tmp / "pseudo")
+    os.environ["CRYSTALOOP_DATA_DIR"] = str(tmp / "data")
+    get_settings.cache_clear()
+    runs = []
+    real_run_pw = pw_run.run_pw
+
+    def recording_run_pw(directory, **kwargs):
+        result = real_run_pw(directory, **kwargs)
+        runs.append(result)
+        return result
+
+    pw_run.run_pw = recording_run_pw
+    selected = set(sys.argv[1:])
+    for name, (maker, structure) in cases().items():
+        if selected and name not in selected:
+            continue
+        runs.clear()
+        doc = run_espresso_task(maker, structure)
+        target = REFERENCE / name
+        shutil.rmtree(target, ignore_errors=True)
+        directory = Path(doc.dir_name)
+        for index, run in enumerate(runs):
+            suffix = "" if index == len(runs) - 1 else f".{index}"
+            attempt = target / f"attempt_{index}"
+            attempt.mkdir(parents=True)
+            shutil.copyfile(directory / f"pw.in{suffix}", attempt / "pw.in")
+            with gzip.open(attempt / "pw.out.gz", "wt") as fh:
+                fh.write((directory / f"pw.out{suffix}").read_text())
+            (attempt / "run.json").write_text(
+                json.dumps(
+                    {
+                        "returncode": run.returncode,
+                        "wall_time_s": round(run.wall_time_s, 3),
+                        "timed_out": run.timed_out,
+                    }
+                )
+            )
+        print(f"{name}: {doc.state}, {len(runs)} attempt(s), {doc.energy_per_atom} eV/atom")
+    del espresso
+
+
+if __name__ == "__main__":
+    main()

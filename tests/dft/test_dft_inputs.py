@@ -1,0 +1,96 @@
+"""Presets, overrides, spin and the written pw.x input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from ase.io.espresso import read_fortran_namelist
+from pymatgen.core import Lattice, Structure
+
+from crystaloop.dft.espresso.inputs import available_presets, build_pw_input, load_preset
+from crystaloop.dft.pseudos import load_family
+from crystaloop.dft.references import bulk_structure
+from crystaloop.errors import UserError
+
+FAKE_FAMILY = Path(__file__).parent / "data" / "family.yaml"
+
+
+@pytest.fixture
+def family():
+    return load_family(FAKE_FAMILY)
+
+
+def test_standard_preset_follows_the_paper():
+    preset = load_preset("standard")
+    control = preset.input_data["control"]
+    assert control["calculation"] == "vc-relax"
+    assert control["etot_conv_thr"] == 1e-4
+    assert control["forc_conv_thr"] == 1e-3
+    assert preset.input_data["system"]["smearing"] == "gaussian"
+    assert preset.ecutwfc is None and preset.label == "standard@1"
+    assert {"fast", "standard"} <= set(available_presets())
+
+
+def test_overrides_merge_into_a_copy():
+    preset = load_preset("fast")
+    before = preset.model_dump()
+    changed = preset.with_overrides(
+        {"input_data": {"system": {"vdw_corr": "grimme-d2"}}, "kpoint_density": 50}
+    )
+    assert changed.input_data["system"]["vdw_corr"] == "grimme-d2"
+    assert changed.input_data["system"]["smearing"] == "gaussian"
+    assert changed.kpoint_density == 50
+    assert preset.model_dump() == before
+    assert load_preset("fast").model_dump() == before
+
+
+def test_bad_override_and_unknown_preset_are_user_errors():
+    with pytest.raises(UserError, match="kpoint_density"):
+        load_preset("fast", {"kpoint_density": -1})
+    with pytest.raises(UserError, match="unknown preset"):
+        load_preset("ultra")
+
+
+def test_input_uses_family_cutoffs_kgrid_and_pseudos(family, tmp_path):
+    sic = bulk_structure("Si", "diamond", 4.36)
+    sic.replace(1, "C")
+    pw_input = build_pw_input(sic, load_preset("standard"), family)
+    assert pw_input.input_data["system"]["ecutwfc"] == 45.0
+    assert pw_input.input_data["system"]["ecutrho"] == 360.0
+    path = pw_input.write(tmp_path)
+    with path.open() as fh:
+        namelist, cards = read_fortran_namelist(fh)
+    assert namelist["control"]["calculation"] == "vc-relax"
+    assert namelist["system"]["nat"] == 2
+    assert "nspin" not in namelist["system"]
+    species = " ".join(cards)
+    assert "Si.pbe-nl-rrkjus_psl.1.0.0.UPF" in species and "C.pbe-paw_kj.UPF" in species
+    assert pw_input.kpts[0] >= 7
+    fast = build_pw_input(sic, load_preset("fast"), family)
+    assert fast.input_data["system"]["ecutwfc"] == 25.0
+    assert fast.kpts[0] < pw_input.kpts[0]
+
+
+def test_magnetic_elements_switch_spin_on(tmp_path):
+    fe = bulk_structure("Fe", "bcc", 2.87)
+    family = load_family(FAKE_FAMILY).model_copy(deep=True)
+    family.pseudopotentials["Fe"] = family.pseudopotentials["Cu"].model_copy(
+        update={"filename": "Fe.pbe-paw_kj.UPF"}
+    )
+    pw_input = build_pw_input(fe, load_preset("fast"), family)
+    with pw_input.write(tmp_path).open() as fh:
+        namelist, _ = read_fortran_namelist(fh)
+    assert namelist["system"]["nspin"] == 2
+    assert namelist["system"]["starting_magnetization(1)"] == pytest.approx(0.4)
+    off = build_pw_input(fe, load_preset("fast", {"spin_polarization": "off"}), family)
+    assert "nspin" not in off.input_data["system"]
+    si = Structure(Lattice.cubic(5.43), ["Si"], [[0, 0, 0]])
+    assert "nspin" not in build_pw_input(si, load_preset("fast"), load_family(FAKE_FAMILY)).input_data["system"]
+
+
+def test_static_input_drops_relaxation_namelists(family):
+    si = bulk_structure("Si", "diamond", 5.43)
+    preset = load_preset("fast", {"input_data": {"control": {"calculation": "scf"}}})
+    data = build_pw_input(si, preset, family).input_data
+    assert "ions" not in data and "cell" not in data

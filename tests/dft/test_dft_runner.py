@@ -1,0 +1,62 @@
+"""The one pw.x runner: command, environment, capture, timeout."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from crystaloop.dft.espresso.run import build_pw_command, pw_environment, run_pw
+from crystaloop.errors import UserError
+
+
+def test_command_is_split_and_gets_the_input():
+    assert build_pw_command("mpirun -np 4 pw.x") == ["mpirun", "-np", "4", "pw.x", "-in", "pw.in"]
+    with pytest.raises(UserError):
+        build_pw_command("  ")
+
+
+def test_environment_sets_threads_and_root_switches():
+    env = pw_environment(3, base={"PATH": "/usr/bin"})
+    assert env["OMP_NUM_THREADS"] == "3"
+    assert env["OMPI_ALLOW_RUN_AS_ROOT"] == "1"
+    assert env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] == "1"
+    assert env["PATH"] == "/usr/bin"
+
+
+def _script(tmp_path, body: str) -> str:
+    path = tmp_path / "fake_pw.py"
+    path.write_text(body)
+    return f"{sys.executable} {path}"
+
+
+def test_runs_in_the_directory_and_captures_output(tmp_path, settings):
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "pw.in").write_text("input")
+    command = _script(
+        tmp_path,
+        "import os, sys\n"
+        "print(os.getcwd(), os.environ['OMP_NUM_THREADS'], sys.argv[1:], open(sys.argv[2]).read())\n"
+        "print('oops', file=sys.stderr)\n",
+    )
+    result = run_pw(job, pw_command=command, omp_num_threads=2)
+    assert result.returncode == 0 and not result.timed_out
+    out = (job / "pw.out").read_text()
+    assert str(job) in out and " 2 " in out and "['-in', 'pw.in'] input" in out
+    assert (job / "pw.err").read_text().strip() == "oops"
+
+
+def test_timeout_kills_and_says_so(tmp_path, settings):
+    job = tmp_path / "job"
+    job.mkdir()
+    command = _script(tmp_path, "import time\nprint('started', flush=True)\ntime.sleep(30)\n")
+    result = run_pw(job, pw_command=command, timeout_s=0.5)
+    assert result.timed_out and result.returncode is None
+    assert result.wall_time_s < 10
+    assert "started" in (job / "pw.out").read_text()
+
+
+def test_missing_executable_is_a_user_error(tmp_path, settings):
+    with pytest.raises(UserError, match="cannot start"):
+        run_pw(tmp_path, pw_command="/nonexistent/pw.x")
