@@ -137,6 +137,7 @@ def fit(
     with Progress(*columns, console=console, transient=False) as progress:
         bar = progress.add_task(label, total=optim.epochs * steps, loss=float("nan"))
         progress.update(bar, completed=state.epoch * steps)
+        last_note = time.time()
         while state.epoch < optim.epochs:
             for module in task.modules().values():
                 module.train()
@@ -155,6 +156,14 @@ def fit(
                 scaler.update()
                 total, count = total + float(loss.detach()), count + 1
                 progress.update(bar, advance=1, loss=total / count)
+                if not progress.console.is_terminal and time.time() - last_note > 60:
+                    last_note = time.time()
+                    remaining = progress.tasks[0].time_remaining
+                    progress.console.print(
+                        f"{label} epoch {state.epoch + 1} step {count}/{steps} loss {total / count:.4g}"
+                        f" ETA {remaining / 60 if remaining else float('nan'):.0f} min",
+                        highlight=False,
+                    )
             for module in task.modules().values():
                 module.eval()
             with torch.no_grad():
