@@ -49,3 +49,33 @@ def register_shipped(database) -> list:
         )
         docs.append(registry.register(doc, make_default=True))
     return docs
+
+
+def ship(doc, command: str) -> dict:
+    """Copy a registered model's checkpoint into the package and record it in the manifest.
+
+    Parameters
+    ----------
+    doc
+        The :class:`~crystaloop.db.documents.ModelDoc` of the trained model.
+    command
+        The exact command that trained it.
+    """
+    import shutil
+
+    CHECKPOINT_DIR.mkdir(parents=True, exist_ok=True)
+    name = f"{doc.kind}-{doc.version}.pt"
+    shutil.copyfile(doc.checkpoint, CHECKPOINT_DIR / name)
+    entry = {
+        "kind": doc.kind,
+        "version": doc.version,
+        "file": name,
+        "command": command,
+        "dataset_hash": doc.dataset_hash,
+        "metrics": doc.metrics,
+        "torch_version": doc.torch_version,
+        "config": doc.config,
+    }
+    entries = [e for e in shipped_models() if e["kind"] != doc.kind] + [entry]
+    MANIFEST.write_text(json.dumps({"models": entries}, indent=1) + "\n")
+    return entry

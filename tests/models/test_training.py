@@ -221,3 +221,23 @@ def test_shipped_training_configs_validate(path):
     assert config.optim.epochs >= 1
     if path.parent.name == "paper":
         assert config.optim.lr in (1e-4, 3e-6, 1e-3)
+
+
+def test_load_default_registers_shipped_checkpoints(settings, tmp_path, monkeypatch):
+    from crystaloop.db import get_database
+    from crystaloop.db.documents import ModelDoc
+    from crystaloop.generative.models import save_model, shipped
+
+    monkeypatch.setattr(shipped, "CHECKPOINT_DIR", tmp_path / "ckpt")
+    monkeypatch.setattr(shipped, "MANIFEST", tmp_path / "ckpt" / "manifest.json")
+    runner = CliRunner()
+    assert runner.invoke(app, ["models", "load-default"]).exit_code != 0  # nothing shipped yet
+    path = save_model(UNet3D([8, 22], widths=[4, 8]), tmp_path / "trained.pt")
+    doc = ModelDoc(kind="unet", version="cpu-1", dataset_hash="abc", checkpoint=str(path), metrics={"x": 1.0})
+    entry = shipped.ship(doc, "crystaloop train unet --config configs/train/cpu/unet.yaml")
+    assert (tmp_path / "ckpt" / entry["file"]).is_file()
+    result = runner.invoke(app, ["models", "load-default"])
+    assert result.exit_code == 0, result.output
+    registered = ModelRegistry(get_database()).get("unet")
+    assert registered.version == "cpu-1" and registered.default
+    assert registered.checkpoint == str(tmp_path / "ckpt" / entry["file"])
