@@ -2,6 +2,131 @@
 
 from __future__ import annotations
 
-from crystaloop.cli._common import group
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from crystaloop.cli._common import console, group
+from crystaloop.errors import UserError
 
 app = group("data commands.")
+
+
+def _progress_callback(description: str):
+    """A (done, total) callback driving a rich bar with ETA, or log lines when not on a terminal."""
+    import time
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console,
+    )
+    state: dict = {"task": None, "t0": time.perf_counter(), "first": None, "last_log": 0.0}
+
+    def update(done: int, total: int) -> None:
+        now = time.perf_counter()
+        if state["task"] is None:
+            state["task"] = progress.add_task(description, total=total, completed=done)
+            state["first"] = done
+        progress.update(state["task"], completed=done)
+        if not console.is_terminal and (now - state["last_log"] > 30 or done == total):
+            state["last_log"] = now
+            rate = (done - state["first"]) / max(now - state["t0"], 1e-9)
+            eta = (total - done) / rate if rate > 0 else float("nan")
+            console.print(
+                f"{description}: {done}/{total}  {rate:.2f}/s  elapsed {now - state['t0']:.0f} s  eta {eta:.0f} s"
+            )
+
+    return progress, update
+
+
+@app.command("build-prior")
+def build_prior(
+    limit: Annotated[
+        int | None, typer.Option(help="Label only the first N structures of the build order.")
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Worker processes (one torch thread each).")] = 2,
+    build_dir: Annotated[
+        Path | None, typer.Option(help="Resumable state; default <data_dir>/prior-build[-limitN].")
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(help="Shipped file; default the packaged prior-v1.json.gz (full build) or build_dir."),
+    ] = None,
+) -> None:
+    """Enumerate and label the prior set with CHGNet (resumable), then write the shipped file."""
+    import time
+
+    from crystaloop.generative.data import prior
+    from crystaloop.generative.data.elements import palette
+    from crystaloop.generative.data.references import compute_references, load_references
+    from crystaloop.settings import get_settings
+
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be a positive integer, got {limit}")
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+    settings = get_settings()
+    suffix = f"-limit{limit}" if limit else ""
+    build_dir = build_dir or settings.data_dir / f"prior-build{suffix}"
+    output = output or (build_dir / f"{prior.DATASET}.json.gz" if limit else prior.SHIPPED_PATH)
+    from chgnet.model import CHGNet
+
+    model = CHGNet.load(verbose=False)
+    labeller = f"chgnet-{model.version}"
+    cache = build_dir / f"references-{labeller}.json" if limit else None
+    t0 = time.perf_counter()
+    symbols = sorted({el for p in prior.build_order(limit) for el in p.species})
+    if limit is None:
+        symbols = list(palette())
+    progress, update = _progress_callback("labelling")
+    with progress:
+        report = prior.build(build_dir, limit=limit, workers=workers, progress=update)
+    with console.status(f"elemental references for {len(symbols)} elements"):
+        compute_references(symbols, labeller, model=model, cache=cache)
+    header = prior.finalize(report.labels_path, output, load_references(labeller, cache), limit=limit)
+    console.print(
+        f"labelled {report.labelled_now} now, {report.already_done} already done, {report.total} total "
+        f"in {time.perf_counter() - t0:.0f} s"
+    )
+    console.print(
+        f"wrote {output} ({output.stat().st_size / 1e6:.2f} MB), content hash {header['content_hash']}"
+    )
+
+
+@app.command("load-prior")
+def load_prior(
+    path: Annotated[
+        Path | None, typer.Option(help="Prior file; default the packaged prior-v1.json.gz.")
+    ] = None,
+) -> None:
+    """Load the shipped prior set into the ``training_structures`` collection (replaces that dataset)."""
+    import time
+
+    from crystaloop.db import get_database
+    from crystaloop.generative.data import prior
+    from crystaloop.generative.data.store import replace_dataset
+
+    t0 = time.perf_counter()
+    doc = prior.read_prior(path or prior.SHIPPED_PATH)
+    docs = prior.to_documents(doc)
+    n = replace_dataset(get_database(), doc["dataset"], docs)
+    rejected = sum(1 for d in docs if d["reject_reason"])
+    console.print(
+        f"loaded {n} structures ({n - rejected} labelled, {rejected} rejected) of {doc['dataset']} "
+        f"hash {doc['content_hash'][:16]} in {time.perf_counter() - t0:.1f} s"
+    )
