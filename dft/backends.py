@@ -42,7 +42,9 @@ def job_store(settings=None):
     return JobStore(docs, additional_stores={"data": data})
 
 
-def run_local(flow, *, store=None, root_dir: Path | str | None = None) -> dict[str, Any]:
+def run_local(
+    flow, *, store=None, root_dir: Path | str | None = None, log: bool = False
+) -> dict[str, Any]:
     """Run ``flow`` now with ``jobflow.run_locally`` and the MongoDB ``JobStore``.
 
     Returns jobflow's responses: ``{job_uuid: {index: Response}}``.
@@ -50,7 +52,7 @@ def run_local(flow, *, store=None, root_dir: Path | str | None = None) -> dict[s
     from jobflow import run_locally
 
     store = store or job_store()
-    return run_locally(flow, store=store, log=False, root_dir=root_dir, ensure_success=False)
+    return run_locally(flow, store=store, log=log, root_dir=root_dir, ensure_success=False)
 
 
 def launchpad(settings=None):
@@ -83,7 +85,7 @@ def launch_rapidfire(*, lpad=None, launch_dir: Path | str | None = None, nlaunch
     lpad = lpad or launchpad()
     launch_dir = Path(launch_dir or ".")
     launch_dir.mkdir(parents=True, exist_ok=True)
-    rapidfire(lpad, FWorker(), nlaunches=nlaunches, launch_dir=str(launch_dir), strm_lvl="WARNING")
+    rapidfire(lpad, FWorker(), m_dir=str(launch_dir), nlaunches=nlaunches, strm_lvl="WARNING")
 
 
 def remote_project_config(

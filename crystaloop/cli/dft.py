@@ -125,7 +125,7 @@ def relax(
         run_flow(flow, "jobflow-remote", project=project, worker=worker)
         console.print(f"submitted to jobflow-remote project {project}; follow with 'jf job list'")
         return
-    responses = run_flow(flow, "local")
+    responses = run_flow(flow, "local", log=True)
     _print_result(flow, responses)
 
 

@@ -1,0 +1,39 @@
+"""The CHGNet surrogate engine: same interface, labelled surrogate everywhere."""
+
+from __future__ import annotations
+
+import pytest
+from jobflow import Flow
+
+from crystaloop.dft.backends import run_local
+from crystaloop.dft.flows import FormationEnergyFlow
+from crystaloop.dft.references import bulk_structure
+from crystaloop.dft.schemas import QETaskDocument
+from crystaloop.dft.surrogate import SurrogateRelaxMaker
+
+
+def test_surrogate_relax_is_labelled_and_recorded(settings, database):
+    si = bulk_structure("Si", "diamond", 5.2)
+    job = SurrogateRelaxMaker().make(si)
+    doc = run_local(Flow([job]))[job.uuid][1].output
+    assert isinstance(doc, QETaskDocument)
+    assert doc.engine == "surrogate" and doc.state == "successful"
+    assert doc.code_version.startswith("chgnet")
+    conventional_a = doc.final_structure.lattice.a * 2**0.5
+    assert conventional_a == pytest.approx(5.45, abs=0.1)
+    assert len(doc.forces) == 2 and len(doc.stress) == 3
+    record = database["dft_tasks"].find_one({"task_id": doc.task_id})
+    assert record["engine"] == "surrogate" and record["output"]["engine"] == "surrogate"
+
+
+def test_surrogate_formation_energy_flow(settings, database):
+    sic = bulk_structure("Si", "diamond", 4.36)
+    sic.replace(1, "C")
+    flow = FormationEnergyFlow(sic, engine="surrogate")
+    responses = run_local(flow)
+    result = responses[flow.jobs[-1].uuid][1].output
+    assert result.engine == "surrogate" and result.state == "successful"
+    assert -1.0 < result.formation_energy_per_atom < 0.2
+    assert {d["engine"] for d in database["dft_tasks"].find()} == {"surrogate"}
+    assert {d["engine"] for d in database["element_references"].find()} == {"surrogate"}
+    assert len(FormationEnergyFlow(sic, engine="surrogate").jobs) == 2
