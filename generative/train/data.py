@@ -90,14 +90,18 @@ def composition_split(
 ) -> tuple[list[LabelledStructure], list[LabelledStructure]]:
     """Train and held-out lists; every structure of one reduced formula lands on the same side.
 
-    Formulas are ranked by a seeded hash and the first ``round(test_fraction * n_formulas)``
-    (at least one) are held out, so the split depends on the set of formulas, not their order.
+    A formula is held out when a seeded hash of it, read as a number in [0, 1), falls below
+    ``test_fraction``; the side of a formula therefore never depends on which other records are
+    loaded. Sets too small to fill both sides fall back to holding out the lowest-hash formulas.
     """
-    formulas = sorted(
-        {r.formula for r in records},
-        key=lambda f: hashlib.sha256(f"{seed}:{f}".encode()).hexdigest(),
-    )
-    held_out = set(formulas[: max(1, round(test_fraction * len(formulas)))])
+    def score(formula: str) -> float:
+        digest = hashlib.sha256(f"{seed}:{formula}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64
+
+    formulas = sorted({r.formula for r in records}, key=score)
+    held_out = {f for f in formulas if score(f) < test_fraction}
+    if not held_out or len(held_out) == len(formulas):
+        held_out = set(formulas[: max(1, round(test_fraction * len(formulas)))])
     train = [r for r in records if r.formula not in held_out]
     test = [r for r in records if r.formula in held_out]
     if not train or not test:

@@ -110,8 +110,13 @@ def _val_subset(dataset: Dataset, limit: int | None) -> Dataset:
     return Subset(dataset, np.linspace(0, len(dataset) - 1, limit).astype(int).tolist())
 
 
-def _prepare(config: AnyConfig, database) -> tuple[list, list, str]:
+def _prepare(config: AnyConfig, database, keep=None) -> tuple[list, list, str]:
+    """Train and held-out records (those passing ``keep``) and the hash of what is used."""
     records = load_records(database, config.data)
+    if keep is not None:
+        records = [r for r in records if keep(r)]
+        if not records:
+            raise UserError("no training structures carry the labels this config needs; check its properties")
     train, test = composition_split(records, config.data.test_fraction, config.data.split_seed)
     return train, test, dataset_hash(records)
 
@@ -149,12 +154,8 @@ def train_vae(config: VAETrainConfig, database, run_dir: Path, *, resume=False, 
     """Train the Cond-DFC-VAE (perceptual UNet from the registry, or joint UNet training)."""
     device = pick_device(device)
     seed_everything(config.optim.seed)
-    train, test, data_hash = _prepare(config, database)
     key = config.condition_property
-    train = [r for r in train if r.labels.get(key) is not None]
-    test = [r for r in test if r.labels.get(key) is not None]
-    if not train or not test:
-        raise UserError(f"no training structures carry a {key} label; pick another condition_property")
+    train, test, data_hash = _prepare(config, database, keep=lambda r: r.labels.get(key) is not None)
     properties = [key, *config.model.properties]
     m = config.model
     vae = CondDFCVAE(
@@ -236,12 +237,10 @@ def train_cgcnn(
     """Train K CGCNNs on bootstrap samples (optionally by transfer) and evaluate the ensemble."""
     device = pick_device(device)
     seed_everything(config.optim.seed)
-    train, test, data_hash = _prepare(config, database)
     props = config.properties
-    train = [r for r in train if np.isfinite(r.label_array(props)[0]).any()]
-    test = [r for r in test if np.isfinite(r.label_array(props)[0]).any()]
-    if not train or not test:
-        raise UserError(f"no training structures carry any of {props}; check `properties`")
+    train, test, data_hash = _prepare(
+        config, database, keep=lambda r: bool(np.isfinite(r.label_array(props)[0]).any())
+    )
     m = config.model
     template = CGCNN(
         props,
