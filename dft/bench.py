@@ -1,0 +1,115 @@
+"""Timing of relaxations run through crystaloop: framework overhead and time per relaxation.
+
+Overhead is the wall time of ``run_local`` on a one-job flow (input writing, jobflow,
+parsing, the task document, the ``dft_tasks`` record and the MongoDB ``JobStore``)
+minus the wall time of the pw.x processes themselves.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+from pymatgen.core import Lattice, Structure
+
+from crystaloop.dft.references import bulk_structure
+
+
+def si_cell() -> Structure:
+    """Diamond Si, 2 atoms (primitive cell)."""
+    return bulk_structure("Si", "diamond", 5.431)
+
+
+def demo_cell() -> Structure:
+    """2H (wurtzite) SiC, 4 atoms: the size of a typical loop candidate."""
+    lattice = Lattice.hexagonal(3.08, 5.05)
+    u = 0.375
+    return Structure(
+        lattice,
+        ["Si", "Si", "C", "C"],
+        [[1 / 3, 2 / 3, 0], [2 / 3, 1 / 3, 0.5], [1 / 3, 2 / 3, u], [2 / 3, 1 / 3, 0.5 + u]],
+    )
+
+
+CELLS = {"si": si_cell, "demo": demo_cell}
+
+
+@dataclass
+class RelaxTiming:
+    """One timed relaxation. Times in s."""
+
+    cell: str
+    formula: str
+    nsites: int
+    preset: str
+    state: str
+    total_s: float
+    pw_wall_s: float
+    pw_reported_s: float | None
+    overhead_s: float
+    overhead_pct: float
+    ionic_steps: int
+
+
+def time_relaxation(cell: str, preset: str) -> RelaxTiming:
+    """Relax one cell through ``run_local`` with the MongoDB JobStore and time it."""
+    from jobflow import Flow
+
+    from crystaloop.dft.backends import job_store, run_local
+    from crystaloop.dft.espresso.jobs import QERelaxMaker
+    from crystaloop.dft.espresso.parse import parse_pw_output
+
+    structure = CELLS[cell]()
+    store = job_store()
+    job = QERelaxMaker(preset=preset, metadata={"benchmark": "bench dft"}).make(structure)
+    flow = Flow([job])
+    start = time.perf_counter()
+    responses = run_local(flow, store=store)
+    total = time.perf_counter() - start
+    doc = responses[job.uuid][1].output
+    pw_wall = doc.wall_time_s or 0.0
+    reported = None
+    if doc.dir_name:
+        try:
+            reported = parse_pw_output(f"{doc.dir_name}/pw.out").wall_time_s
+        except (OSError, ValueError):
+            reported = None
+    overhead = total - pw_wall
+    return RelaxTiming(
+        cell=cell,
+        formula=structure.composition.reduced_formula,
+        nsites=len(structure),
+        preset=preset,
+        state=doc.state,
+        total_s=total,
+        pw_wall_s=pw_wall,
+        pw_reported_s=reported,
+        overhead_s=overhead,
+        overhead_pct=100.0 * overhead / pw_wall if pw_wall else float("nan"),
+        ionic_steps=doc.n_ionic_steps,
+    )
+
+
+def summarise(timings: list[RelaxTiming]) -> dict:
+    """Median per (cell, preset) of the timed runs."""
+    groups: dict[tuple[str, str], list[RelaxTiming]] = {}
+    for t in timings:
+        groups.setdefault((t.cell, t.preset), []).append(t)
+    rows = []
+    for (cell, preset), runs in groups.items():
+        rows.append(
+            {
+                "cell": cell,
+                "formula": runs[0].formula,
+                "nsites": runs[0].nsites,
+                "preset": preset,
+                "runs": len(runs),
+                "states": sorted({r.state for r in runs}),
+                "total_s": statistics.median(r.total_s for r in runs),
+                "pw_wall_s": statistics.median(r.pw_wall_s for r in runs),
+                "overhead_s": statistics.median(r.overhead_s for r in runs),
+                "overhead_pct": statistics.median(r.overhead_pct for r in runs),
+            }
+        )
+    return {"rows": rows, "runs": [asdict(t) for t in timings]}
