@@ -130,3 +130,109 @@ def load_prior(
         f"loaded {n} structures ({n - rejected} labelled, {rejected} rejected) of {doc['dataset']} "
         f"hash {doc['content_hash'][:16]} in {time.perf_counter() - t0:.1f} s"
     )
+
+
+@app.command("import-mp")
+def import_mp(
+    classes: Annotated[
+        list[str] | None, typer.Option("--class", help="binary, perovskite, heusler (repeatable).")
+    ] = None,
+    max_per_query: Annotated[int | None, typer.Option(help="Cap on documents per MP search.")] = None,
+) -> None:
+    """Import cubic binaries, perovskites and Heuslers with their properties from the Materials Project.
+
+    Needs ``pip install 'crystaloop[mp]'`` and ``MP_API_KEY``.
+    """
+    from crystaloop.db import get_database
+    from crystaloop.generative.data import materials_project
+    from crystaloop.generative.data.store import upsert_documents
+
+    chosen = classes or list(materials_project.QUERIES)
+    with console.status("querying the Materials Project"):
+        docs = materials_project.fetch(chosen, max_per_query=max_per_query)
+    n = upsert_documents(get_database(), docs)
+    console.print(f"imported {n} structures from the Materials Project into training_structures")
+
+
+@app.command("shards")
+def shards(
+    out_dir: Annotated[Path, typer.Argument(help="Directory for shard-*.npz and manifest.json.")],
+    path: Annotated[Path | None, typer.Option(help="Prior file; default the packaged one.")] = None,
+    grid: Annotated[int, typer.Option(help="Voxels per cell edge.")] = 32,
+    shard_size: Annotated[int, typer.Option(help="Structures per shard.")] = 256,
+    limit: Annotated[int | None, typer.Option(help="Only the first N structures.")] = None,
+) -> None:
+    """Precompute compressed voxel shards of the prior set (optional; on-the-fly voxelisation is the default)."""
+    from crystaloop.generative.data import prior
+    from crystaloop.generative.data.dataset import prior_records
+    from crystaloop.generative.data.shards import write_shards
+    from crystaloop.properties import PROPERTY_NAMES
+
+    if grid < 8 or shard_size < 1:
+        raise UserError("--grid must be >= 8 and --shard-size >= 1")
+    records = prior_records(path or prior.SHIPPED_PATH, limit=limit)
+    progress, update = _progress_callback("voxelising")
+    with progress:
+        manifest = write_shards(
+            records, out_dir, PROPERTY_NAMES, grid=grid, shard_size=shard_size, progress=update
+        )
+    size = sum(f.stat().st_size for f in out_dir.glob("shard-*.npz"))
+    console.print(f"wrote {len(records)} samples to {manifest.parent} ({size / 1e6:.1f} MB)")
+
+
+@app.command("bench-loader")
+def bench_loader(
+    samples: Annotated[int, typer.Option(help="Structures used for the measurement.")] = 512,
+    batch_size: Annotated[int, typer.Option(help="Batch size (the UNet default is 10).")] = 10,
+    batches: Annotated[int, typer.Option(help="Batches timed per configuration.")] = 20,
+    path: Annotated[Path | None, typer.Option(help="Prior file; default the packaged one.")] = None,
+) -> None:
+    """Samples/s of on-the-fly voxelisation and of shards, against a UNet training step's consumption."""
+    import tempfile
+
+    import torch
+    from rich.table import Table
+
+    from crystaloop.generative.data import prior
+    from crystaloop.generative.data.dataset import VoxelDataset, prior_records
+    from crystaloop.generative.data.loader_bench import loader_throughput, train_step_throughput
+    from crystaloop.generative.data.shards import ShardDataset, ShardOrderSampler, write_shards
+    from crystaloop.properties import PROPERTY_NAMES
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    records = prior_records(path or prior.SHIPPED_PATH, limit=samples)
+    results = []
+    fly = VoxelDataset(records, PROPERTY_NAMES, augment=True)
+    for workers in (0, 2):
+        results.append(
+            loader_throughput(
+                f"on the fly, {workers} workers",
+                fly,
+                batch_size=batch_size,
+                num_workers=workers,
+                batches=batches,
+            )
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = write_shards(records, Path(tmp), PROPERTY_NAMES, shard_size=128)
+        size = sum(f.stat().st_size for f in Path(tmp).glob("shard-*.npz"))
+        shard_set = ShardDataset(manifest, augment=True)
+        for workers in (0, 2):
+            results.append(
+                loader_throughput(
+                    f"shards, {workers} workers",
+                    shard_set,
+                    batch_size=batch_size,
+                    num_workers=workers,
+                    batches=batches,
+                    sampler=ShardOrderSampler(shard_set),
+                )
+            )
+    results.append(train_step_throughput(batch_size=batch_size))
+    table = Table(title=f"voxel loader throughput ({len(records)} structures, grid 32)")
+    table.add_column("configuration")
+    table.add_column("samples/s", justify="right")
+    for r in results:
+        table.add_row(r.name, f"{r.per_second:.1f}")
+    console.print(table)
+    console.print(f"shards on disk: {size / len(records) / 1e3:.1f} kB per structure")

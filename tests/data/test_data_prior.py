@@ -1,0 +1,130 @@
+"""The prior build: resumable labelling, the shipped file, its hash, and load-prior into MongoDB."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from crystaloop.cli import app
+from crystaloop.db.documents import TrainingStructureDoc
+from crystaloop.errors import UserError
+from crystaloop.generative.data import prior
+from crystaloop.generative.data.store import COLLECTION
+from crystaloop.properties import PROPERTIES
+
+runner = CliRunner()
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """Run the real entry point (user errors -> one line, exit 2)."""
+    code = "import sys; from crystaloop.cli import main; sys.argv = ['crystaloop', *sys.argv[1:]]; main()"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def small_build(tmp_path_factory):
+    build_dir = tmp_path_factory.mktemp("prior-build")
+    first = prior.build(build_dir, limit=3, workers=1)
+    return build_dir, first
+
+
+def test_build_labels_then_resumes_without_relabelling(small_build):
+    build_dir, first = small_build
+    assert (first.total, first.labelled_now, first.already_done) == (3, 3, 0)
+    lines = (build_dir / "labels.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    again = prior.build(build_dir, limit=3, workers=1)
+    assert (again.labelled_now, again.already_done) == (0, 3)
+    assert (build_dir / "labels.jsonl").read_text().splitlines() == lines
+    # Extending the limit labels only the new structure.
+    more = prior.build(build_dir, limit=4, workers=1)
+    assert (more.labelled_now, more.already_done) == (1, 3)
+
+
+def test_a_torn_last_line_is_ignored_on_resume(tmp_path):
+    path = tmp_path / "labels.jsonl"
+    path.write_text(json.dumps({"structure_id": "prior:B2:Ni-Al"}) + "\n" + '{"structure_id": "pri')
+    assert list(prior.read_done(path)) == ["prior:B2:Ni-Al"]
+
+
+@pytest.fixture(scope="module")
+def shipped_small(small_build, tmp_path_factory):
+    build_dir, _ = small_build
+    refs = {s: {"energy_per_atom": -3.0, "state": "test"} for p in prior.build_order(4) for s in p.species}
+    out = tmp_path_factory.mktemp("ship") / "prior-small.json.gz"
+    header = prior.finalize(build_dir / "labels.jsonl", out, refs, limit=4)
+    return out, header
+
+
+def test_shipped_file_has_records_labels_and_a_valid_hash(shipped_small):
+    path, header = shipped_small
+    doc = prior.read_prior(path)
+    assert doc["count"] == 4 == len(doc["records"])
+    assert doc["content_hash"] == header["content_hash"] == prior.content_hash(doc["records"])
+    assert doc["labeller"] == "chgnet-0.3.0"
+    for rec in doc["records"]:
+        if rec["reject_reason"]:
+            continue
+        assert set(rec["labels"]) == set(prior.LABEL_KEYS) <= set(PROPERTIES)
+        assert rec["a0"] > 2 and rec["eos_residual"] >= 0
+        assert PROPERTIES["bulk_modulus"].contains(rec["labels"]["bulk_modulus"])
+
+
+def test_a_corrupted_file_is_refused(shipped_small, tmp_path):
+    path, _ = shipped_small
+    doc = json.loads(gzip.decompress(path.read_bytes()))
+    doc["records"][0]["a0"] += 0.1
+    bad = tmp_path / "bad.json.gz"
+    bad.write_bytes(gzip.compress(json.dumps(doc).encode()))
+    with pytest.raises(UserError, match="content hash"):
+        prior.read_prior(bad)
+
+
+def test_documents_validate_against_the_schema(shipped_small):
+    path, _ = shipped_small
+    docs = prior.to_documents(prior.read_prior(path))
+    for d in docs:
+        TrainingStructureDoc.model_validate(d)
+        assert d["source"] == "prior" and d["dataset"] == prior.DATASET
+        assert d["structure_id"].startswith(f"prior:{d['prototype']}:")
+
+
+def test_load_prior_cli_fills_the_collection_and_is_idempotent(shipped_small, database):
+    path, header = shipped_small
+    for _ in range(2):
+        result = runner.invoke(app, ["data", "load-prior", "--path", str(path)])
+        assert result.exit_code == 0, result.output
+    coll = database[COLLECTION]
+    assert coll.count_documents({"dataset": prior.DATASET}) == 4
+    assert "structure_id_1" in coll.index_information()
+    assert header["content_hash"][:16] in result.output
+
+
+def test_load_prior_without_a_file_exits_2(settings, tmp_path):
+    result = run_cli("data", "load-prior", "--path", str(tmp_path / "missing.json.gz"))
+    assert result.returncode == 2
+    assert "not found" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_build_prior_cli_rejects_a_bad_limit(settings):
+    result = run_cli("data", "build-prior", "--limit", "0")
+    assert result.returncode == 2
+    assert "--limit" in result.stderr
+
+
+def test_shipped_prior_set():
+    if not prior.SHIPPED_PATH.exists():
+        pytest.skip("the prior set has not been built yet")
+    doc = prior.read_prior()
+    labelled = [r for r in doc["records"] if not r["reject_reason"]]
+    assert len(labelled) >= 10_000
+    assert {r["prototype"] for r in labelled} == {"B1", "B2", "B3", "perovskite", "L21"}
+    for rec in labelled:
+        for name, value in rec["labels"].items():
+            assert value is None or PROPERTIES[name].contains(value) or not rec["converged"], (rec, name)
+    assert all(r["reject_reason"] for r in doc["records"] if "labels" not in r)
