@@ -185,28 +185,33 @@ def run_espresso_task(
             preset.label,
             maker.metadata,
         )
-    if prev_dir is not None and (Path(prev_dir) / "out").is_dir():
-        shutil.copytree(Path(prev_dir) / "out", directory / "out", dirs_exist_ok=True)
-    handled = run_with_handlers(
-        pw_input,
-        directory,
-        handlers=default_handlers(),
-        max_retries=maker.max_retries,
-        pw_command=maker.pw_command,
-        timeout_s=maker.timeout_s,
-    )
-    doc = task_document(
-        handled,
-        structure=structure,
-        task_id=task_id,
-        label=maker.name,
-        calculation=calculation,
-        overrides=maker.overrides,
-        family=family,
-        directory=directory,
-        prev_dir=prev_dir,
-        metadata=maker.metadata,
-    )
+    try:
+        if prev_dir is not None and (Path(prev_dir) / "out").is_dir():
+            shutil.copytree(Path(prev_dir) / "out", directory / "out", dirs_exist_ok=True)
+        handled = run_with_handlers(
+            pw_input,
+            directory,
+            handlers=default_handlers(),
+            max_retries=maker.max_retries,
+            pw_command=maker.pw_command,
+            timeout_s=maker.timeout_s,
+        )
+        doc = task_document(
+            handled,
+            structure=structure,
+            task_id=task_id,
+            label=maker.name,
+            calculation=calculation,
+            overrides=maker.overrides,
+            family=family,
+            directory=directory,
+            prev_dir=prev_dir,
+            metadata=maker.metadata,
+        )
+    except Exception as exc:  # a submitted task must still end as failed, with the reason
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        doc = _failed_document(maker, structure, task_id, [reason], calculation)
+        doc.dir_name = str(directory)
     doc.total_time_s = time.perf_counter() - start
     if maker.record:
         store.save_task(doc)

@@ -118,3 +118,16 @@ def test_failed_relaxation_gives_a_failed_formation_energy(fake_pw, fake_setting
     assert result.state == "failed" and "relaxation failed" in result.reasons
     states = {d["state"] for d in database["dft_tasks"].find()}
     assert states == {"successful", "failed"}
+
+
+def test_unexpected_error_still_ends_as_failed(monkeypatch, fake_settings, database):
+    from crystaloop.dft.espresso import run as pw_run
+    from crystaloop.errors import UserError
+
+    def broken(directory, **kwargs):
+        raise UserError("cannot start 'pw.x' (No such file or directory)")
+
+    monkeypatch.setattr(pw_run, "run_pw", broken)
+    doc = run_espresso_task(QERelaxMaker(), bulk_structure("Si", "diamond", 5.431))
+    assert doc.state == "failed" and "cannot start" in doc.reasons[0]
+    assert database["dft_tasks"].find_one({"task_id": doc.task_id})["state"] == "failed"
