@@ -137,7 +137,7 @@ def fetch(
     *,
     api_key: str | None = None,
     max_per_query: int | None = None,
-    client_factory: Callable[[str], Any] = make_client,
+    client_factory: Callable[[str], Any] | None = None,
 ) -> list[dict]:
     """Summary documents of ``classes`` mapped to TrainingStructureDoc dicts.
 
@@ -153,7 +153,7 @@ def fetch(
     if not api_key:
         raise UserError("MP_API_KEY is not set; get a key at https://materialsproject.org/api and export it")
     try:
-        client = client_factory(api_key)
+        client = (client_factory or make_client)(api_key)
     except UserError:
         raise
     except Exception as exc:  # the client may validate the key or contact the server
