@@ -205,10 +205,24 @@ def parse_pw_output(path: Path | str, *, strict: bool = True) -> PwOutput:
 _BAND_MARKERS = ("End of self-consistent calculation", "End of band structure calculation")
 
 
+def _card_mentions_removed(text: str) -> str:
+    """Drop messages that mention a card (pw.x prints real cards at column 0); ASE's reader
+    takes any mention for a card."""
+    return "\n".join(
+        ln
+        for ln in text.splitlines()
+        if not (
+            ("ATOMIC_POSITIONS" in ln or "CELL_PARAMETERS" in ln)
+            and not ln.startswith(("ATOMIC_POSITIONS", "CELL_PARAMETERS"))
+        )
+    )
+
+
 def _read_images(text: str) -> list:
     from ase.io.espresso import read_espresso_out
 
-    return list(read_espresso_out(io.StringIO(text), index=slice(None), results_required=False))
+    cleaned = _card_mentions_removed(text)
+    return list(read_espresso_out(io.StringIO(cleaned), index=slice(None), results_required=False))
 
 
 def _ase_images(path: Path, text: str, strict: bool = True) -> list:
