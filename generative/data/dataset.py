@@ -70,7 +70,7 @@ class SplitRecord(BaseModel):
 def split_records(
     records: Sequence[LabelledStructure], *, seed: int = 0, test_fraction: float = 0.2
 ) -> tuple[list[LabelledStructure], list[LabelledStructure], SplitRecord]:
-    """80/20 (by default) split by reduced formula, with its :class:`SplitRecord`."""
+    """Split by reduced formula (about ``test_fraction`` of formulas held out), with its record."""
     train, test = composition_split(records, test_fraction, seed)
     test_formulas = sorted({r.formula for r in test})
     record = SplitRecord(
