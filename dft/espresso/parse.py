@@ -18,7 +18,7 @@ from pymatgen.core import Structure
 from pymatgen.io.ase import AseAtomsAdaptor
 
 EV_PER_A3_TO_GPA = 160.21766208
-_VERSION = re.compile(r"Program PWSCF v\.?\s*([^\s]+)\s+starts")
+_VERSION = re.compile(r"Program PWSCF v\.?\s*(\S+)")
 _WALL = re.compile(r"PWSCF\s*:.*CPU\s+(.*)WALL")
 _TOTAL_MAG = re.compile(r"total magnetization\s*=\s*(-?[\d.]+)")
 _SCF_FAILED = "convergence NOT achieved"
