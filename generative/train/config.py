@@ -36,6 +36,9 @@ class DataConfig(_Config):
     augment: bool = Field(True, description="Random cube rotations of training samples.")
     val_limit: int | None = Field(None, ge=1, description="Validate on at most this many samples.")
     num_workers: int = Field(0, ge=0, description="DataLoader workers that voxelise on the fly.")
+    crop: int | None = Field(
+        None, ge=4, description="UNet only: train on random periodic crops of this many voxels per edge."
+    )
 
 
 class OptimConfig(_Config):

@@ -94,6 +94,7 @@ def composition_split(
     ``test_fraction``; the side of a formula therefore never depends on which other records are
     loaded. Sets too small to fill both sides fall back to holding out the lowest-hash formulas.
     """
+
     def score(formula: str) -> float:
         digest = hashlib.sha256(f"{seed}:{formula}".encode()).digest()
         return int.from_bytes(digest[:8], "big") / 2**64

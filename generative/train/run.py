@@ -136,7 +136,7 @@ def train_unet(
     )
     extra = _extra(config, data_hash, train, test, class_weights=weights.tolist())
     state = fit(
-        UNetTask(unet, weights, device),
+        UNetTask(unet, weights, device, crop=config.data.crop),
         _loader(train_set, config.optim.batch_size, shuffle=True, workers=config.data.num_workers),
         _loader(val_set, config.optim.batch_size, shuffle=False, workers=config.data.num_workers),
         config.optim,

@@ -35,9 +35,11 @@ def nonzero_recall(predicted_z: torch.Tensor, true_z: torch.Tensor) -> tuple[int
 class UNetTask:
     """Segmentation of true density maps into species and mask."""
 
-    def __init__(self, unet: UNet3D, weights: torch.Tensor, device: torch.device) -> None:
+    def __init__(
+        self, unet: UNet3D, weights: torch.Tensor, device: torch.device, crop: int | None = None
+    ) -> None:
         self.unet = unet.to(device, memory_format=CHANNELS_LAST)
-        self.weights, self.device = weights.to(device), device
+        self.weights, self.device, self.crop = weights.to(device), device, crop
 
     def modules(self) -> dict[str, nn.Module]:
         return {"unet": self.unet}
@@ -54,6 +56,8 @@ class UNetTask:
         return loss, parts, density, species
 
     def train_step(self, batch):
+        if self.crop:
+            batch = periodic_crop(batch, self.crop)
         loss, parts, _, _ = self._loss(batch)
         return loss, parts
 
@@ -68,6 +72,22 @@ class UNetTask:
 
     def final_model(self) -> nn.Module:
         return self.unet
+
+
+def periodic_crop(batch: dict[str, torch.Tensor], size: int) -> dict[str, torch.Tensor]:
+    """The same random periodic ``size``-cube crop of every voxel tensor in ``batch``.
+
+    The UNet is fully convolutional, so training on crops is cheaper and it still runs on full grids.
+    """
+    out = dict(batch)
+    grid = batch["density"].shape[-1]
+    if size >= grid:
+        return out
+    shifts = [int(s) for s in torch.randint(grid, (3,))]
+    for key in ("density", "species", "mask"):
+        volume = torch.roll(batch[key], shifts=shifts, dims=(-3, -2, -1))
+        out[key] = volume[..., :size, :size, :size].contiguous()
+    return out
 
 
 def estimate_class_weights(unet: UNet3D, dataset, n: int) -> torch.Tensor:

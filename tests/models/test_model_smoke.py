@@ -272,3 +272,15 @@ def test_ensemble_mean_and_std(tmp_path):
     assert torch.allclose(mean, single.mean(0)) and (std > 0).all()
     loaded, _ = load_model(save_model(ensemble, tmp_path / "ens.pt"))
     assert torch.allclose(loaded.predict(batch)[1], std)
+
+
+def test_periodic_crop_keeps_channels_aligned():
+    from crystaloop.generative.train.tasks import periodic_crop
+
+    x, species = _voxels()
+    batch = {"density": x[:, 0], "species": species, "mask": (species > 0).float()}
+    torch.manual_seed(3)
+    cropped = periodic_crop(batch, 8)
+    assert cropped["density"].shape == (2, 8, 8, 8) and cropped["species"].shape == (2, 8, 8, 8)
+    assert torch.equal(cropped["mask"] > 0, cropped["species"] > 0)
+    assert torch.equal(cropped["density"] > 0, cropped["species"] > 0)
