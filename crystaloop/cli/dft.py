@@ -98,7 +98,12 @@ def relax(
     project: str = typer.Option(None, "--project", help="jobflow-remote project name."),
 ) -> None:
     """Relax one structure (vc-relax) and print the result table."""
+    import warnings
+
     from crystaloop.dft.backends import BACKENDS, run_flow
+
+    warnings.filterwarnings("ignore", message="cd is deprecated")
+    warnings.filterwarnings("ignore", message=".*_symmetry_equiv_pos_as_xyz.*")
     from crystaloop.dft.espresso.inputs import load_preset
 
     if backend not in BACKENDS:
