@@ -236,3 +236,42 @@ def bench_loader(
         table.add_row(r.name, f"{r.per_second:.1f}")
     console.print(table)
     console.print(f"shards on disk: {size / len(records) / 1e3:.1f} kB per structure")
+
+
+@app.command("stats")
+def stats(
+    path: Annotated[Path | None, typer.Option(help="Prior file; default the packaged one.")] = None,
+    figures: Annotated[Path | None, typer.Option(help="Write label histograms (PNG) here.")] = None,
+) -> None:
+    """Counts per class, rejects by reason and label statistics of a prior file."""
+    from crystaloop.generative.data import prior
+    from crystaloop.generative.data.stats import plot_histograms, summarize
+
+    file = path or prior.SHIPPED_PATH
+    doc = prior.read_prior(file)
+    s = summarize(doc)
+    console.print(
+        f"{doc['dataset']} {file} ({file.stat().st_size / 1e6:.2f} MB) hash {doc['content_hash']}\n"
+        f"structures {s['count']}, labelled {s['labelled']} (converged {s['converged']}), "
+        f"mechanically unstable {s['mechanically_unstable']}"
+    )
+    console.print("per prototype: " + ", ".join(f"{k} {v}" for k, v in sorted(s["per_prototype"].items())))
+    for reason, n in sorted(s["rejects"].items(), key=lambda kv: -kv[1]):
+        console.print(f"rejected {n}: {reason}")
+    cols = ("mean", "std", "min", "p5", "median", "p95", "max")
+    console.print(
+        f"{'label':<26} {'n':>6} " + " ".join(f"{c:>9}" for c in cols), highlight=False, soft_wrap=True
+    )
+    for key, v in s["labels"].items():
+        console.print(
+            f"{key:<26} {v['n']:>6} " + " ".join(f"{v[c]:>9.3f}" for c in cols),
+            highlight=False,
+            soft_wrap=True,
+        )
+    if "eos_residual_median" in s:
+        console.print(
+            f"EOS residual (eV/atom): median {s['eos_residual_median']:.2e}, p95 {s['eos_residual_p95']:.2e}"
+        )
+    if figures:
+        for p in plot_histograms(doc, figures):
+            console.print(f"wrote {p}")

@@ -170,7 +170,7 @@ def make_record(proto: Prototype, result: dict, references: dict[str, float] | N
         rec["a0"] = _r(proto.lattice_guess())
         return rec
     labels = {k: result.get(k) for k in LABEL_KEYS}
-    if references is not None:
+    if references is not None and set(proto.species) <= set(references):
         labels["formation_energy_per_atom"] = formation_energy(proto, result["energy_per_atom"], references)
     rec["labels"] = {k: _r(v) for k, v in labels.items()}
     rec.update({k: _r(result.get(k)) for k in EXTRA_KEYS})
