@@ -26,7 +26,7 @@ class Throughput:
 def loader_throughput(
     name: str, dataset: Dataset, *, batch_size: int, num_workers: int, batches: int, sampler=None
 ) -> Throughput:
-    """Time ``batches`` batches from a DataLoader over ``dataset`` (after one warm-up batch)."""
+    """Time ``batches`` steady-state batches from a DataLoader over ``dataset``."""
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -36,7 +36,9 @@ def loader_throughput(
         persistent_workers=False,
     )
     it = iter(loader)
-    next(it)
+    # Skip the batches workers prefetch before timing starts (2 per worker), plus one warm-up.
+    for _ in range(2 * num_workers + 1):
+        next(it)
     start = time.perf_counter()
     n = 0
     for _ in range(batches):
