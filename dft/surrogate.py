@@ -42,6 +42,8 @@ class SurrogateRelaxMaker(Maker):
         Force convergence, eV/Å.
     steps
         Maximum optimiser steps.
+    num_threads
+        torch CPU threads during the relaxation (small cells run fastest on one).
     preset
         Recorded only (keeps the interface of the pw.x Makers).
     """
@@ -51,6 +53,7 @@ class SurrogateRelaxMaker(Maker):
     overrides: dict[str, Any] = field(default_factory=dict)
     fmax: float = 0.05
     steps: int = 300
+    num_threads: int = 1
     metadata: dict[str, Any] = field(default_factory=dict)
     record: bool = True
     relax_cell: ClassVar[bool] = True
@@ -77,6 +80,19 @@ def run_surrogate_task(
     relax: bool | None = None,
 ) -> QETaskDocument:
     """Relax (or evaluate) ``structure`` with CHGNet; record and return the document."""
+    import torch
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(maker.num_threads)
+    try:
+        return _surrogate_task(maker, structure, prev_dir=prev_dir, relax=relax)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _surrogate_task(
+    maker: SurrogateRelaxMaker, structure: Structure, *, prev_dir, relax: bool | None
+) -> QETaskDocument:
     import chgnet
     from chgnet.model import StructOptimizer
 
@@ -185,6 +201,7 @@ def run_surrogate_reference(
         name=f"{maker.name} {element}",
         fmax=maker.fmax,
         steps=maker.steps,
+        num_threads=maker.num_threads,
         metadata={**maker.metadata, "role": "element_reference", "element": element},
         record=maker.record,
     )

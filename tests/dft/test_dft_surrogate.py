@@ -9,12 +9,12 @@ from crystaloop.dft.backends import run_local
 from crystaloop.dft.flows import FormationEnergyFlow
 from crystaloop.dft.references import bulk_structure
 from crystaloop.dft.schemas import QETaskDocument
-from crystaloop.dft.surrogate import SurrogateRelaxMaker
+from crystaloop.dft.surrogate import SurrogateElementReferenceMaker, SurrogateRelaxMaker
 
 
 def test_surrogate_relax_is_labelled_and_recorded(settings, database):
-    si = bulk_structure("Si", "diamond", 5.2)
-    job = SurrogateRelaxMaker().make(si)
+    si = bulk_structure("Si", "diamond", 5.3)
+    job = SurrogateRelaxMaker(fmax=0.1, steps=150).make(si)
     doc = run_local(Flow([job]))[job.uuid][1].output
     assert isinstance(doc, QETaskDocument)
     assert doc.engine == "surrogate" and doc.state == "successful"
@@ -29,7 +29,12 @@ def test_surrogate_relax_is_labelled_and_recorded(settings, database):
 def test_surrogate_formation_energy_flow(settings, database):
     sic = bulk_structure("Si", "diamond", 4.36)
     sic.replace(1, "C")
-    flow = FormationEnergyFlow(sic, engine="surrogate")
+    flow = FormationEnergyFlow(
+        sic,
+        engine="surrogate",
+        relax_maker=SurrogateRelaxMaker(fmax=0.1, steps=150),
+        reference_maker=SurrogateElementReferenceMaker(fmax=0.1, steps=150),
+    )
     responses = run_local(flow)
     result = responses[flow.jobs[-1].uuid][1].output
     assert result.engine == "surrogate" and result.state == "successful"
