@@ -47,6 +47,8 @@ CUTOFF_POLICY = (
     "norm-conserving and 8 for ultrasoft/PAW files. No convergence runs."
 )
 DEFAULT_ECUTWFC_RY = 45.0
+#: libyaml's safe loader when available (ten times faster than the pure-Python one).
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 #: pw.x 6.7's XML reader refuses lines longer than this; ld1.x 6.7 writes longer ones.
 MAX_UPF_LINE = 1000
 _NUMBERS_PER_LINE = 4
@@ -139,7 +141,7 @@ def load_family(path: Path | str, pseudo_dir: Path | str | None = None) -> Pseud
             "build-local' or set CRYSTALOOP_PSEUDO_FAMILY to an SSSP/pslibrary family YAML"
         )
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=SAFE_LOADER) or {}
         family = PseudoFamily.model_validate(data)
     except (yaml.YAMLError, ValueError) as exc:
         first = str(exc).splitlines()[0]

@@ -18,7 +18,7 @@ from pymatgen.core import Structure
 from pymatgen.io.ase import AseAtomsAdaptor
 from pymatgen.io.vasp.inputs import Kpoints
 
-from crystaloop.dft.pseudos import PseudoFamily
+from crystaloop.dft.pseudos import SAFE_LOADER, PseudoFamily
 from crystaloop.errors import UserError
 
 #: Elements whose presence switches spin polarisation on under ``spin_polarization: auto``.
@@ -115,7 +115,7 @@ def load_preset(name: str | Path, overrides: dict[str, Any] | None = None) -> Pr
             )
         text = resource.read_text()
     try:
-        preset = Preset.model_validate(yaml.safe_load(text))
+        preset = Preset.model_validate(yaml.load(text, Loader=SAFE_LOADER))
     except (yaml.YAMLError, ValidationError) as exc:
         raise UserError(f"preset '{name}' is invalid ({str(exc).splitlines()[0]})") from None
     return preset.with_overrides(overrides)
