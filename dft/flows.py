@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Literal
 
 from jobflow import Flow, Job, job
@@ -109,8 +110,6 @@ class FormationEnergyFlow(Flow):
         self.use_cache = use_cache
         relax_maker = self.relax_maker
         if self.metadata:
-            from dataclasses import replace
-
             relax_maker = replace(relax_maker, metadata={**relax_maker.metadata, **self.metadata})
         relax = relax_maker.make(structure)
         jobs: list[Job] = [relax]

@@ -8,6 +8,8 @@ Maker. Forces and ionic steps go to the jobflow ``data`` store.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import time
 import uuid
@@ -55,9 +57,6 @@ def job_directory(task_id: str) -> Path:
 
 def preset_key(preset: str, overrides: dict[str, Any]) -> str:
     """The preset label plus a short hash of the overrides (the reference cache key)."""
-    import hashlib
-    import json
-
     label = load_preset(preset).label
     if not overrides:
         return label
