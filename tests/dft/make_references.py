@@ -1,8 +1,11 @@
 """Regenerate the fake pw.x reference folders with the real pw.x.
 
-Run from the repository root (takes about a minute)::
+Run from the repository root (takes about a minute; name cases to redo only those)::
 
-    python tests/dft/make_references.py
+    python tests/dft/make_references.py [si_relax ...]
+
+``cu_overlap_crash`` was made by hand with the real pw.x: an scf of two Cu atoms 0.3 Å
+apart in a 5 Å cube (``fast`` preset), which aborts with MPI error code 57.
 
 Each case runs the real job code with the local PBE family and the ``fast``
 preset, then stores every attempt's ``pw.in`` and gzipped ``pw.out`` under
@@ -50,7 +53,6 @@ def cases():
 
 
 def main() -> None:
-    from crystaloop.dft import espresso
     from crystaloop.dft.espresso import run as pw_run
     from crystaloop.dft.espresso.jobs import run_espresso_task
     from crystaloop.dft.pseudos import build_local_family
@@ -96,7 +98,6 @@ def main() -> None:
                 )
             )
         print(f"{name}: {doc.state}, {len(runs)} attempt(s), {doc.energy_per_atom} eV/atom")
-    del espresso
 
 
 if __name__ == "__main__":
