@@ -117,14 +117,35 @@ def test_build_prior_cli_rejects_a_bad_limit(settings):
     assert "--limit" in result.stderr
 
 
+def test_stats_summarize_and_plot(shipped_small, tmp_path):
+    from crystaloop.generative.data.stats import plot_histograms, summarize
+
+    path, _ = shipped_small
+    doc = prior.read_prior(path)
+    s = summarize(doc)
+    assert s["count"] == 4 == s["labelled"] + sum(s["rejects"].values())
+    assert sum(s["per_prototype"].values()) == s["labelled"]
+    assert s["labels"]["bulk_modulus"]["n"] == s["labelled"]
+    paths = plot_histograms(doc, tmp_path / "fig")
+    assert paths and all(p.stat().st_size > 1000 for p in paths)
+
+
 def test_shipped_prior_set():
     if not prior.SHIPPED_PATH.exists():
         pytest.skip("the prior set has not been built yet")
+    from crystaloop.generative.data.prototypes import enumerate_all
+
     doc = prior.read_prior()
+    enumerated = {p.structure_id for p in enumerate_all()}
+    ids = [r["structure_id"] for r in doc["records"]]
+    assert len(set(ids)) == len(ids) and set(ids) <= enumerated
     labelled = [r for r in doc["records"] if not r["reject_reason"]]
-    assert len(labelled) >= 10_000
+    if len(ids) == len(enumerated):  # a complete build
+        assert len(labelled) >= 10_000
     assert {r["prototype"] for r in labelled} == {"B1", "B2", "B3", "perovskite", "L21"}
     for rec in labelled:
+        assert rec["labeller"] == doc["labeller"]
         for name, value in rec["labels"].items():
             assert value is None or PROPERTIES[name].contains(value) or not rec["converged"], (rec, name)
+        assert rec["labels"]["formation_energy_per_atom"] is not None
     assert all(r["reject_reason"] for r in doc["records"] if "labels" not in r)
