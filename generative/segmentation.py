@@ -139,14 +139,14 @@ def segment(
         split_species=split_species,
     )
     sites = []
-    for region in segmenter.regions():
+    for region, unwrapped in segmenter.regions():
         species = _vote(region, segmenter.labels)
         if species <= 0:
             continue
         sites.append(
             Site(
                 species=species,
-                frac_coords=segmenter.centroid(region),
+                frac_coords=segmenter.centroid(region, unwrapped),
                 n_voxels=len(region),
             )
         )
@@ -201,9 +201,10 @@ def periodic_label(mask: np.ndarray, periodic: bool = True) -> tuple[np.ndarray,
         both = (a > 0) & (b > 0)
         first.append(a[both])
         last.append(b[both])
-    pairs = np.unique(np.stack([np.concatenate(first), np.concatenate(last)], axis=1), axis=0)
-    if len(pairs) == 0:
+    codes = np.unique(np.concatenate(first) * (n + 1) + np.concatenate(last))
+    if len(codes) == 0:
         return labels, n
+    pairs = np.stack([codes // (n + 1), codes % (n + 1)], axis=1).tolist()
     parent = np.arange(n + 1)
 
     def root(x: int) -> int:
@@ -274,8 +275,9 @@ class _Segmenter:
         self.shape = np.array(self.labels.shape)
         self._hulls: dict = {}
 
-    def regions(self) -> list[np.ndarray]:
-        """Voxel index arrays ``(k, 3)`` (wrapped into the cell), one per atom."""
+    def regions(self) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """One ``(coords, unwrapped)`` pair per atom: voxel indices ``(k, 3)`` wrapped into the
+        cell, and the same shifted to be contiguous (None if the region wraps around)."""
         components, n = periodic_label(self.mask, self.periodic)
         if n == 0:
             return []
@@ -289,9 +291,8 @@ class _Segmenter:
             out.extend(self._segment(coords, depth=0))
         return out
 
-    def centroid(self, region: np.ndarray) -> np.ndarray:
+    def centroid(self, region: np.ndarray, unwrapped: np.ndarray | None) -> np.ndarray:
         """Periodic mean of the region's voxel centres, fractional, in ``[0, 1)``."""
-        unwrapped = self._unwrap(region)
         if unwrapped is not None:
             frac = (unwrapped.mean(axis=0) + 0.5) / self.shape
         else:
@@ -316,10 +317,11 @@ class _Segmenter:
             out[:, axis] = (coords[:, axis] - start) % g + start
         return out
 
-    def _segment(self, coords: np.ndarray, depth: int) -> list[np.ndarray]:
-        if len(coords) < self.min_size or depth >= self.max_iterations:
-            return [coords]
+    def _segment(self, coords: np.ndarray, depth: int) -> list[tuple[np.ndarray, np.ndarray | None]]:
         unwrapped = self._unwrap(coords)
+        atom = [(coords, unwrapped)]
+        if len(coords) < self.min_size or depth >= self.max_iterations:
+            return atom
         wrap = unwrapped is None
         if wrap:
             origin = np.zeros(3, dtype=np.int64)
@@ -339,12 +341,12 @@ class _Segmenter:
         several_species = self.split_species and np.count_nonzero(counts >= self.min_size) > 1
         markers, erosions = self._markers(lab, wrap, several_species)
         if markers is None:
-            return [coords]
+            return atom
         if not wrap and not several_species and _convexity(region, self._hulls) > self.min_convexity:
-            return [coords]
+            return atom
         pieces = self._watershed(region, lab, markers, origin, pad=erosions + 1 if wrap else 0)
         if len(pieces) < 2:
-            return [coords]
+            return atom
         out = []
         for piece in pieces:
             out.extend(self._segment(piece, depth + 1))
@@ -365,11 +367,31 @@ class _Segmenter:
 
     def _markers(self, lab: np.ndarray, wrap: bool, several_species: bool) -> tuple[np.ndarray | None, int]:
         """Watershed markers from repeated erosion (at least two) and the erosions used."""
-        foreground = lab >= 0
+        foreground = _erode(lab, wrap=wrap)
+        if wrap or several_species:
+            taxicab = None
+        else:
+            # In one species the k-th erosion is the set at taxicab depth >= k in the first one.
+            # Every component of a level set holds a regional maximum of that depth, so a single
+            # maximum means no erosion can split the region.
+            taxicab = ndi.distance_transform_cdt(foreground, metric="taxicab")
+            peaks = (taxicab == ndi.maximum_filter(taxicab, footprint=_FACE_STRUCTURE)) & foreground
+            peak_labels, n_peaks = ndi.label(peaks, structure=_FACE_STRUCTURE)
+            if n_peaks <= 1:
+                return None, 1
+            heights = ndi.maximum(taxicab, peak_labels, np.arange(1, n_peaks + 1))
+            # Level k has at most as many components as there are peaks of height >= k.
+            last_level = int(np.sort(heights)[-2])
         erosions = 0
         while True:
             erosions += 1
-            foreground = _erode(np.where(foreground, lab, -1))
+            if taxicab is not None and erosions > last_level:
+                return None, erosions
+            if erosions > 1:
+                if taxicab is None:
+                    foreground = _erode(np.where(foreground, lab, -1), wrap=wrap)
+                else:
+                    foreground = taxicab >= erosions
             if np.count_nonzero(foreground) < self.min_size:
                 return None, erosions
             markers, n = self._label(foreground, wrap)
@@ -389,7 +411,7 @@ class _Segmenter:
         if self.density is not None:
             landscape = -self._gather(self.density, region, origin, 0.0)
         else:
-            landscape = _erode(lab, same_species_only=True)
+            landscape = _erode(lab, wrap=pad > 0, same_species_only=True)
         if pad:
             landscape = np.pad(landscape, pad, mode="wrap")
             markers = np.pad(markers, pad, mode="wrap")
@@ -448,14 +470,24 @@ class _Segmenter:
         return markers, n
 
 
-def _erode(lab: np.ndarray, same_species_only: bool = False) -> np.ndarray:
-    """Erosion of labelled regions (-1 = outside) with the face-connected cross, wrapping.
+def _erode(lab: np.ndarray, wrap: bool, same_species_only: bool = False) -> np.ndarray:
+    """Erosion of labelled regions (-1 = outside) with the face-connected cross.
 
+    With ``wrap`` the array is a periodic cell; otherwise its border voxels must be outside.
     With ``same_species_only`` a voxel is removed only when a neighbour inside the region has a
     different label (background neighbours are allowed); otherwise any differing neighbour
     removes it.
     """
+    if not wrap:
+        out = np.zeros(lab.shape, dtype=bool)
+        out[1:-1, 1:-1, 1:-1] = _erode_interior(lab, same_species_only)
+        return out
     padded = np.pad(lab, 1, mode="wrap")
+    return _erode_interior(padded, same_species_only)
+
+
+def _erode_interior(padded: np.ndarray, same_species_only: bool) -> np.ndarray:
+    """Erosion of the interior ``[1:-1, 1:-1, 1:-1]`` of ``padded``."""
     centre = padded[1:-1, 1:-1, 1:-1]
     out = centre >= 0
     for neighbour in (
