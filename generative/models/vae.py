@@ -256,3 +256,42 @@ def vae_loss(
         parts["segmentation"] = float(seg.detach())
     parts["loss"] = float(loss.detach())
     return loss, parts
+
+
+def optimize_latent(
+    vae: CondDFCVAE,
+    z: torch.Tensor,
+    property_name: str,
+    window: tuple[float, float],
+    *,
+    steps: int = 100,
+    lr: float = 0.05,
+    prior_weight: float = 0.01,
+) -> torch.Tensor:
+    """Move latent vectors so the property head predicts values inside ``window`` (FTCP-style).
+
+    Minimises the squared distance of the (de-normalised) prediction to the window plus
+    ``prior_weight * |z|^2`` to stay near the prior. Needs a model trained with a property head.
+
+    Raises
+    ------
+    ValueError
+        If ``property_name`` is not one of the head's properties.
+    """
+    if property_name not in vae.properties:
+        raise ValueError(f"{property_name!r} is not predicted by this VAE's head ({vae.properties})")
+    index = vae.properties.index(property_name)
+    lower, upper = window
+    z = z.detach().clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([z], lr=lr)
+    was_training = vae.training
+    vae.eval()
+    for _ in range(steps):
+        value = vae.property_head(z)[:, index] * vae.property_std[index] + vae.property_mean[index]
+        outside = F.relu(lower - value) + F.relu(value - upper)
+        loss = (outside**2).mean() + prior_weight * z.pow(2).sum(dim=1).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    vae.train(was_training)
+    return z.detach()

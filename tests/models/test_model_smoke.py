@@ -284,3 +284,22 @@ def test_periodic_crop_keeps_channels_aligned():
     assert cropped["density"].shape == (2, 8, 8, 8) and cropped["species"].shape == (2, 8, 8, 8)
     assert torch.equal(cropped["mask"] > 0, cropped["species"] > 0)
     assert torch.equal(cropped["density"] > 0, cropped["species"] > 0)
+
+
+def test_latent_optimisation_moves_the_property_head_into_the_window():
+    from crystaloop.generative.models.vae import optimize_latent
+
+    torch.manual_seed(0)
+    vae = CondDFCVAE(grid=GRID, latent_dim=8, widths=(4, 8), properties=["band_gap"])
+    z0 = torch.randn(4, 8)
+
+    def predicted(z):
+        with torch.no_grad():
+            return vae.property_head(z)[:, 0] * vae.property_std[0] + vae.property_mean[0]
+
+    target = (float(predicted(z0).max()) + 1.0, float(predicted(z0).max()) + 1.5)
+    z = optimize_latent(vae, z0, "band_gap", target, steps=300, lr=0.05, prior_weight=0.0)
+    after = predicted(z)
+    assert ((after >= target[0] - 0.05) & (after <= target[1] + 0.05)).all()
+    with pytest.raises(ValueError, match="not predicted"):
+        optimize_latent(vae, z0, "bulk_modulus", (0.0, 1.0))
