@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
-from crystaloop.generative.radii import ionic_radius
 from pymatgen.core import Lattice, Structure
+
+from crystaloop.generative.radii import ionic_radius
 
 _NORM = (2.0 * np.pi) ** -1.5
 _ORTHOGONAL_TOLERANCE_DEGREES = 1e-6

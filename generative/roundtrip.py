@@ -85,11 +85,18 @@ def _atomic(symbol: str) -> float:
     return float(radius) if radius is not None else ionic_radius(symbol)
 
 
+_FCC = np.array([[0, 0, 0], [0, 0.5, 0.5], [0.5, 0, 0.5], [0.5, 0.5, 0]])
+
+
+def _fcc(lattice_constant: float, species: Sequence[str], basis: Sequence[Sequence[float]]):
+    coords = [(_FCC + np.asarray(b)) % 1.0 for b in basis]
+    names = [name for name in species for _ in range(4)]
+    return Structure(Lattice.cubic(lattice_constant), names, np.concatenate(coords))
+
+
 def rocksalt(a: str, b: str, lattice_constant: float) -> Structure:
     """Rock-salt AB (Fm-3m), A at the origin."""
-    return Structure.from_spacegroup(
-        "Fm-3m", Lattice.cubic(lattice_constant), [a, b], [[0, 0, 0], [0.5, 0.5, 0.5]]
-    )
+    return _fcc(lattice_constant, [a, b], [[0, 0, 0], [0.5, 0.5, 0.5]])
 
 
 def cscl(a: str, b: str, lattice_constant: float) -> Structure:
@@ -99,9 +106,7 @@ def cscl(a: str, b: str, lattice_constant: float) -> Structure:
 
 def zincblende(a: str, b: str, lattice_constant: float) -> Structure:
     """Zinc-blende AB (F-43m), A at the origin."""
-    return Structure.from_spacegroup(
-        "F-43m", Lattice.cubic(lattice_constant), [a, b], [[0, 0, 0], [0.25, 0.25, 0.25]]
-    )
+    return _fcc(lattice_constant, [a, b], [[0, 0, 0], [0.25, 0.25, 0.25]])
 
 
 def perovskite(a: str, b: str, x: str, lattice_constant: float) -> Structure:
@@ -115,11 +120,10 @@ def perovskite(a: str, b: str, x: str, lattice_constant: float) -> Structure:
 
 def heusler(x: str, y: str, z: str, lattice_constant: float) -> Structure:
     """L2₁ X2YZ Heusler (Fm-3m), 16-atom conventional cell, Y at the origin."""
-    return Structure.from_spacegroup(
-        "Fm-3m",
-        Lattice.cubic(lattice_constant),
-        [x, y, z],
-        [[0.25, 0.25, 0.25], [0, 0, 0], [0.5, 0.5, 0.5]],
+    return _fcc(
+        lattice_constant,
+        [x, x, y, z],
+        [[0.25, 0.25, 0.25], [0.75, 0.75, 0.75], [0, 0, 0], [0.5, 0.5, 0.5]],
     )
 
 

@@ -418,7 +418,15 @@ class _Segmenter:
             region = np.pad(region, pad, mode="wrap")
         if self.density is None:
             landscape = -ndi.distance_transform_cdt(landscape, metric="taxicab")
-        pieces = watershed(landscape, markers, mask=region, connectivity=1)
+        if self.density is not None and self.split_species:
+            # The density does not stop at species boundaries; flood each species separately.
+            lab_padded = np.pad(lab, pad, mode="wrap") if pad else lab
+            pieces = np.zeros(markers.shape, dtype=markers.dtype)
+            for z in np.unique(lab_padded[lab_padded > 0]):
+                inside = lab_padded == z
+                pieces += watershed(landscape, np.where(inside, markers, 0), mask=inside, connectivity=1)
+        else:
+            pieces = watershed(landscape, markers, mask=region, connectivity=1)
         if pad:
             pieces = pieces[pad:-pad, pad:-pad, pad:-pad]
             region = region[pad:-pad, pad:-pad, pad:-pad]
