@@ -274,6 +274,7 @@ class _Segmenter:
     def __post_init__(self) -> None:
         self.shape = np.array(self.labels.shape)
         self._hulls: dict = {}
+        self._atoms: set = set()
 
     def regions(self) -> list[tuple[np.ndarray, np.ndarray | None]]:
         """One ``(coords, unwrapped)`` pair per atom: voxel indices ``(k, 3)`` wrapped into the
@@ -337,12 +338,18 @@ class _Segmenter:
         # Markers first: a region that no erosion splits is one atom whatever its convexity, so
         # the (costly) hull is only measured when it decides something. A region that wraps
         # around the cell cannot be one atom's ball and is split without the test.
+        key = None if wrap else (lab.shape, lab.tobytes())
+        if key is not None and key in self._atoms:
+            return atom
         counts = np.bincount(lab[region])
         several_species = self.split_species and np.count_nonzero(counts >= self.min_size) > 1
         markers, erosions = self._markers(lab, wrap, several_species)
-        if markers is None:
-            return atom
-        if not wrap and not several_species and _convexity(region, self._hulls) > self.min_convexity:
+        if markers is None or (
+            not wrap and not several_species and _convexity(region, self._hulls) > self.min_convexity
+        ):
+            # Translated copies of a region (fcc sublattices) get the same answer.
+            if key is not None:
+                self._atoms.add(key)
             return atom
         pieces = self._watershed(region, lab, markers, origin, pad=erosions + 1 if wrap else 0)
         if len(pieces) < 2:
