@@ -386,7 +386,9 @@ class _Segmenter:
             peak_labels, n_peaks = ndi.label(peaks, structure=_FACE_STRUCTURE)
             if n_peaks <= 1:
                 return None, 1
-            heights = ndi.maximum(taxicab, peak_labels, np.arange(1, n_peaks + 1))
+            heights = np.zeros(n_peaks + 1, dtype=taxicab.dtype)
+            np.maximum.at(heights, peak_labels[peaks], taxicab[peaks])
+            heights = heights[1:]
             # Level k has at most as many components as there are peaks of height >= k.
             last_level = int(np.sort(heights)[-2])
         erosions = 0
@@ -402,6 +404,8 @@ class _Segmenter:
             if np.count_nonzero(foreground) < self.min_size:
                 return None, erosions
             markers, n = self._label(foreground, wrap)
+            if n < 2 and not several_species:
+                continue
             markers, n = self._drop_small(markers, n)
             if several_species:
                 markers, n = self._add_lost_species(markers, n, lab, wrap)
