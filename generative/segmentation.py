@@ -21,15 +21,19 @@ Choices the paper leaves open, stated here:
   binary mask as in the paper. If one erosion leaves fewer than two markers the erosion is
   repeated until it does or the eroded foreground falls under ``min_size`` voxels (the paper's
   termination), so overlapping balls of one species separate; ``max_iterations`` bounds the
-  recursion depth. Marker components under ``min_size``
-  voxels (slivers left where balls overlap) are dropped. A species component of at least
-  ``min_size`` voxels that erosion removed entirely becomes a marker of its own, so a small ion
-  next to a large one is not swallowed.
+  recursion depth. Marker components under ``min_size`` voxels (slivers left where balls
+  overlap) are dropped. A species component of at least ``min_size`` voxels that erosion removed
+  entirely becomes a marker of its own, so a small ion next to a large one is not swallowed.
 - With ``split_species``, a region holding at least ``min_size`` voxels of each of two species
   is split whatever its convexity: a small ion touching a large one barely dents the
   convexity of their union.
-- The watershed landscape is the negative density when a density map is given, otherwise the
-  negative taxicab distance to the nearest voxel that is background or of another species.
+- The certain background of the paper (one dilation) is the region itself: the watershed is
+  confined to the mask.
+- The watershed landscape is the negative density when a density map is given (flooded one
+  species at a time with ``split_species``), otherwise the negative taxicab distance to the
+  nearest voxel that is background or of another species.
+- A region found to be one atom is remembered for the call, so translated copies of it (the fcc
+  sublattices of rock salt, zinc blende and Heuslers) are not tested again.
 - Species are a majority vote of the non-zero species labels over the region (of the argmax
   classes, when probabilities are given).
 """
