@@ -232,13 +232,15 @@ def parity_plot(mean: np.ndarray, values: np.ndarray, present: np.ndarray, prope
     plt.close(fig)
 
 
-def _held_out(database, extra: dict, limit: int | None, seed: int):
+def _held_out(database, extra: dict, limit: int | None, seed: int, keep=None):
     from crystaloop.generative.train.config import DataConfig
     from crystaloop.generative.train.data import composition_split, load_records
 
     data = DataConfig.model_validate(extra["config"]["data"])
     records = load_records(database, data)
     _, test = composition_split(records, data.test_fraction, data.split_seed)
+    if keep is not None:
+        test = [r for r in test if keep(r)]
     if limit is not None and limit < len(test):
         order = np.random.default_rng(seed).permutation(len(test))[:limit]
         test = [test[i] for i in sorted(order)]
@@ -254,11 +256,14 @@ def evaluate_reconstruction(
 
     vae_model, vae_extra = load_model(resolve_checkpoint(vae, "vae", database))
     unet_model, _ = load_model(resolve_checkpoint(unet, "unet", database))
-    test, data = _held_out(database, vae_extra, limit, seed)
     key = vae_model.condition.property_name
-    test = [r for r in test if r.labels.get(key) is not None]
     known = set(unet_model.vocabulary.atomic_numbers)
-    test = [r for r in test if {el.Z for el in r.structure.composition.elements} <= known]
+
+    def usable(record) -> bool:
+        elements = {el.Z for el in record.structure.composition.elements}
+        return record.labels.get(key) is not None and elements <= known
+
+    test, data = _held_out(database, vae_extra, limit, seed, keep=usable)
     rows = [reconstruct_one(vae_model, unet_model, r, grid=data.grid) for r in test]
     if not rows:
         from crystaloop.errors import UserError
@@ -280,7 +285,11 @@ def evaluate_properties(
     from crystaloop.generative.train.run import graph_set, resolve_checkpoint
 
     network, extra = load_model(resolve_checkpoint(model, "cgcnn", database))
-    test, _ = _held_out(database, extra, limit, seed)
+
+    def labelled(record) -> bool:
+        return any(record.labels.get(p) is not None for p in network.properties)
+
+    test, _ = _held_out(database, extra, limit, seed, keep=labelled)
     template = network.members[0] if isinstance(network, CGCNNEnsemble) else network
     graphs = graph_set(template, test, network.properties)
     items = [graphs[i] for i in range(len(graphs))]
