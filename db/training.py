@@ -8,8 +8,6 @@ from typing import Any
 from pymongo import ReplaceOne
 from pymongo.database import Database
 
-from crystaloop.properties import PROPERTY_NAMES
-
 COLLECTION = "training_structures"
 
 
@@ -20,8 +18,6 @@ def ensure_indexes(db: Database) -> None:
     coll.create_index([("dataset", 1), ("material_class", 1)])
     coll.create_index("reduced_formula")
     coll.create_index("elements")
-    for name in PROPERTY_NAMES:
-        coll.create_index(f"labels.{name}", sparse=True)
 
 
 def replace_dataset(

@@ -118,8 +118,8 @@ def load_prior(
     import time
 
     from crystaloop.db import get_database
+    from crystaloop.db.training import replace_dataset
     from crystaloop.generative.data import prior
-    from crystaloop.generative.data.store import replace_dataset
 
     t0 = time.perf_counter()
     doc = prior.read_prior(path or prior.SHIPPED_PATH)
@@ -144,8 +144,8 @@ def import_mp(
     Needs ``pip install 'crystaloop[mp]'`` and ``MP_API_KEY``.
     """
     from crystaloop.db import get_database
+    from crystaloop.db.training import upsert_documents
     from crystaloop.generative.data import materials_project
-    from crystaloop.generative.data.store import upsert_documents
 
     chosen = classes or list(materials_project.QUERIES)
     with console.status("querying the Materials Project"):

@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 
 from crystaloop.cli import app
 from crystaloop.db.documents import TrainingStructureDoc
+from crystaloop.db.training import COLLECTION
 from crystaloop.errors import UserError
 from crystaloop.generative.data import materials_project as mp
-from crystaloop.generative.data.store import COLLECTION
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mp_summary_responses.json"
 RESPONSES = json.loads(FIXTURE.read_text())["responses"]

@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 
 from crystaloop.cli import app
 from crystaloop.db.documents import TrainingStructureDoc
+from crystaloop.db.training import COLLECTION
 from crystaloop.errors import UserError
 from crystaloop.generative.data import prior
-from crystaloop.generative.data.store import COLLECTION
 from crystaloop.properties import PROPERTIES
 
 runner = CliRunner()
