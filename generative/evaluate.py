@@ -16,8 +16,9 @@ from scipy.optimize import linear_sum_assignment
 
 from crystaloop.generative.models.cgcnn import CGCNN, collate_graphs
 from crystaloop.generative.models.ensemble import CGCNNEnsemble
-from crystaloop.generative.models.unet import UNet3D
+from crystaloop.generative.models.unet import UNet3D, voxel_spacing
 from crystaloop.generative.models.vae import CondDFCVAE
+from crystaloop.generative.train.tasks import recall_counts
 
 PAPER_TABLE5 = {
     "vae_mse": 0.013,
@@ -76,6 +77,7 @@ class ReconstructionRow:
     z_errors: np.ndarray
     recall_correct: int
     recall_total: int
+    recall_masked: int = 0
 
 
 @torch.no_grad()
@@ -95,10 +97,8 @@ def reconstruct_one(vae: CondDFCVAE, unet: UNet3D, record, *, grid: int) -> Reco
     recon_density, recon_coords = vae.split_output(out.recon)
     lattice = lattice_from_coordinates(recon_coords[0].cpu().numpy())
     true_species = torch.from_numpy(voxels.species.astype(np.int64))
-    own = unet.predict_species(density[:, None]).cpu()[0]
-    nonzero = true_species > 0
-    correct, total = int((own[nonzero] == true_species[nonzero]).sum()), int(nonzero.sum())
-    predicted = unet.predict_species(recon_density[:, None]).cpu()[0].numpy()
+    correct, masked, total = recall_counts(unet, density[:, None], voxel_spacing(coords), true_species[None])
+    predicted = unet.predict_species(recon_density[:, None], voxel_spacing(recon_coords)).cpu()[0].numpy()
     sites = segment(predicted, predicted > 0, density=recon_density[0].cpu().numpy())
     structure = to_structure(sites, lattice) if len(sites) else None
     true = record.structure
@@ -113,6 +113,7 @@ def reconstruct_one(vae: CondDFCVAE, unet: UNet3D, record, *, grid: int) -> Reco
             np.zeros(0, dtype=int),
             correct,
             total,
+            masked,
         )
     distances, z_errors = matched_site_errors(
         true.frac_coords,
@@ -130,6 +131,7 @@ def reconstruct_one(vae: CondDFCVAE, unet: UNet3D, record, *, grid: int) -> Reco
         z_errors,
         correct,
         total,
+        masked,
     )
 
 
@@ -141,6 +143,8 @@ def reconstruction_metrics(rows: Sequence[ReconstructionRow]) -> dict[str, float
         "n_structures": len(rows),
         "vae_mse": float(np.mean([r.vae_mse for r in rows])),
         "unet_nonzero_recall": sum(r.recall_correct for r in rows)
+        / max(sum(r.recall_total for r in rows), 1),
+        "unet_nonzero_recall_masked": sum(r.recall_masked for r in rows)
         / max(sum(r.recall_total for r in rows), 1),
         "lattice_mae_angstrom": float(np.mean([r.lattice_abs_error for r in rows])),
         "emd_mean_angstrom": float(np.mean(emds)) if emds else None,

@@ -201,6 +201,18 @@ class Retraining(_Strict):
     min_new_results: int = Field(1, ge=1, description="Skip retraining with fewer new DFT results.")
 
 
+class Models(_Strict):
+    """Which trained models a campaign uses: a registry version or a checkpoint path per kind.
+
+    ``None`` is the registry default of that kind; with nothing registered, the checkpoints shipped
+    with crystaloop are registered and used.
+    """
+
+    vae: str | None = Field(None, description="VAE version or checkpoint path; None: default.")
+    unet: str | None = Field(None, description="UNet version or checkpoint path; None: default.")
+    cgcnn: str | None = Field(None, description="CGCNN (ensemble) version or path; None: default.")
+
+
 class CampaignConfig(_Strict):
     """A whole campaign."""
 
@@ -220,6 +232,7 @@ class CampaignConfig(_Strict):
     dft: DFTSettings = Field(default_factory=DFTSettings)
     execution: Execution = Field(default_factory=Execution)
     retrain: Retraining = Field(default_factory=Retraining)
+    models: Models = Field(default_factory=Models)
     seed: int = 0
 
     @model_validator(mode="after")

@@ -22,6 +22,7 @@ def model_payload(model: nn.Module) -> dict[str, Any]:
         return {
             "kind": model.kind,
             "members": [model_payload(m) for m in model.members],
+            "sigma_scale": model.sigma_scale.tolist(),
         }
     return {
         "kind": model.kind,
@@ -33,10 +34,14 @@ def model_payload(model: nn.Module) -> dict[str, Any]:
 def model_from_payload(payload: dict[str, Any]) -> nn.Module:
     """Rebuild a model from :func:`model_payload` output."""
     if payload["kind"] == CGCNNEnsemble.kind:
-        return CGCNNEnsemble([model_from_payload(m) for m in payload["members"]])
+        ensemble = CGCNNEnsemble([model_from_payload(m) for m in payload["members"]])
+        if "sigma_scale" in payload:
+            ensemble.sigma_scale.copy_(torch.as_tensor(payload["sigma_scale"], dtype=torch.float32))
+        return ensemble
     cls = _CLASSES[payload["kind"]]
     hparams = dict(payload["hparams"])
     if cls is UNet3D:
+        hparams.setdefault("input_transform", "none")  # checkpoints that predate the option
         model = cls(hparams.pop("atomic_numbers"), **hparams)
     elif cls is CGCNN:
         model = cls(hparams.pop("properties"), **hparams)

@@ -51,6 +51,30 @@ def register_shipped(database) -> list:
     return docs
 
 
+def resolve_models(database, *, vae: str | None = None, unet: str | None = None, cgcnn: str | None = None):
+    """Checkpoint paths of the models a campaign uses, keyed ``vae``, ``unet`` and ``cgcnn``.
+
+    Each reference is a registry version or a checkpoint path; ``None`` takes the registry default.
+    A kind with nothing registered falls back to the shipped checkpoints (registered first, as
+    ``crystaloop models load-default`` does), so a fresh install runs with them unless told otherwise.
+
+    Raises
+    ------
+    UserError
+        If a reference is unknown, or nothing is registered and nothing is shipped.
+    """
+    from crystaloop.db.registry import ModelRegistry
+    from crystaloop.generative.train.run import resolve_checkpoint
+
+    registry = ModelRegistry(database)
+    wanted = {"vae": vae, "unet": unet, "cgcnn": cgcnn}
+    kinds = {"vae": ["vae"], "unet": ["unet"], "cgcnn": ["cgcnn", "cgcnn-ensemble"]}
+    if any(ref is None and not any(registry.get(k) for k in kinds[name]) for name, ref in wanted.items()):
+        if shipped_models():
+            register_shipped(database)
+    return {name: resolve_checkpoint(ref, name, database) for name, ref in wanted.items()}
+
+
 def ship(doc, command: str) -> dict:
     """Copy a registered model's checkpoint into the package and record it in the manifest.
 

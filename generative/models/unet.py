@@ -54,6 +54,13 @@ class SpeciesVocabulary:
         return table[classes.long()]
 
 
+INPUT_TRANSFORMS = {
+    "none": lambda x: x,
+    "log1p": lambda x: torch.log1p(x.clamp_min(0.0)),
+}
+"""Density transforms applied before the first convolution."""
+
+
 class UNet3D(nn.Module):
     """A 3-D UNet with a species head and a mask head.
 
@@ -68,6 +75,17 @@ class UNet3D(nn.Module):
         ``2 ** (len(widths) - 1)``.
     circular
         Periodic padding in every convolution.
+    input_transform
+        ``"log1p"`` (default) feeds ``log(1 + max(M, 0))`` to the network: eq. 1 peaks span about
+        0.3 (large anions) to 100 Angstrom^-3 (small cations), and on that compressed scale a peak's
+        height and width, which identify the species, are both visible to the first layer.
+        ``"none"`` feeds the raw density.
+    spacing
+        Also feed the voxel edge lengths (Angstrom, one constant channel per axis). The grid spans
+        one cell, so a voxel is 0.1-0.5 Angstrom depending on the cell; without the spacing a peak's
+        width is only known in voxels, and peak heights alone do not separate the species (most
+        neighbouring elements in ``Z / r^3`` differ by under 5 %). Callers then pass ``spacing``
+        (B, 3), e.g. from :func:`voxel_spacing`.
     """
 
     kind = "unet"
@@ -79,18 +97,26 @@ class UNet3D(nn.Module):
         in_channels: int = 1,
         widths: Sequence[int] = (16, 32, 64),
         circular: bool = False,
+        input_transform: str = "log1p",
+        spacing: bool = False,
     ) -> None:
         super().__init__()
+        if input_transform not in INPUT_TRANSFORMS:
+            raise ValueError(f"input_transform must be one of {sorted(INPUT_TRANSFORMS)}; got {input_transform!r}")
         self.vocabulary = SpeciesVocabulary(atomic_numbers)
+        self.input_transform = input_transform
+        self.spacing = spacing
         self.hparams = {
             "atomic_numbers": self.vocabulary.atomic_numbers[1:],
             "in_channels": in_channels,
             "widths": list(widths),
             "circular": circular,
+            "input_transform": input_transform,
+            "spacing": spacing,
         }
         widths = list(widths)
         self.down = nn.ModuleList()
-        previous = in_channels
+        previous = in_channels + (3 if spacing else 0)
         for width in widths:
             self.down.append(
                 nn.Sequential(
@@ -117,7 +143,13 @@ class UNet3D(nn.Module):
         """Species classes including background."""
         return len(self.vocabulary)
 
-    def _encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def _encode(self, x: torch.Tensor, spacing: torch.Tensor | None) -> list[torch.Tensor]:
+        x = INPUT_TRANSFORMS[self.input_transform](x)
+        if self.spacing:
+            if spacing is None:
+                raise ValueError("this UNet was trained with voxel spacings; pass spacing=(B, 3) in Angstrom")
+            planes = spacing.to(x.dtype)[:, :, None, None, None].expand(-1, -1, *x.shape[2:])
+            x = torch.cat([x, planes], dim=1)
         skips = []
         for level, block in enumerate(self.down):
             if level:
@@ -126,9 +158,9 @@ class UNet3D(nn.Module):
             skips.append(x)
         return skips
 
-    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def features(self, x: torch.Tensor, spacing: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Hidden feature maps phi_p (every level, encoder and decoder) for the perceptual loss."""
-        skips = self._encode(x)
+        skips = self._encode(x, spacing)
         hidden = list(skips)
         x = skips[-1]
         for up, merge, skip in zip(self.up, self.merge, reversed(skips[:-1]), strict=True):
@@ -136,18 +168,48 @@ class UNet3D(nn.Module):
             hidden.append(x)
         return hidden
 
-    def forward(self, x: torch.Tensor) -> UNetOutput:
-        """Species and mask logits for density maps ``x`` of shape (B, in_channels, g, g, g)."""
-        last = self.features(x)[-1]
+    def forward(self, x: torch.Tensor, spacing: torch.Tensor | None = None) -> UNetOutput:
+        """Species and mask logits for density maps ``x`` of shape (B, in_channels, g, g, g).
+
+        ``spacing`` (B, 3) holds the voxel edge lengths in Angstrom; needed when the UNet was
+        built with ``spacing=True``.
+        """
+        last = self.features(x, spacing)[-1]
         return UNetOutput(self.species_head(last), self.mask_head(last))
 
     @torch.no_grad()
-    def predict_species(self, x: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    def predict(
+        self, x: torch.Tensor, spacing: torch.Tensor | None = None, threshold: float = 0.5
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Species head and mask head read out per voxel: (B, g, g, g) each.
+
+        The first is the atomic number of the best non-background class everywhere (the species
+        head is trained on site voxels only: background has weight 0); the second is the mask.
+        """
+        out = self(x, spacing)
+        best = self.vocabulary.decode(out.species_logits[:, 1:].argmax(dim=1) + 1)
+        return best, torch.sigmoid(out.mask_logits[:, 0]) > threshold
+
+    @torch.no_grad()
+    def predict_species(
+        self, x: torch.Tensor, spacing: torch.Tensor | None = None, threshold: float = 0.5
+    ) -> torch.Tensor:
         """Atomic numbers per voxel (B, g, g, g): the best non-background class inside the mask."""
-        out = self(x)
-        best = out.species_logits[:, 1:].argmax(dim=1) + 1
-        inside = torch.sigmoid(out.mask_logits[:, 0]) > threshold
-        return self.vocabulary.decode(torch.where(inside, best, torch.zeros_like(best)))
+        best, inside = self.predict(x, spacing, threshold)
+        return torch.where(inside, best, torch.zeros_like(best))
+
+
+def voxel_spacing(coords: torch.Tensor) -> torch.Tensor:
+    """Voxel edge lengths (B, 3) from coordinate channels (B, 3, g, g, g), in their units.
+
+    The step between neighbouring voxel centres along each grid axis, taken as the median over
+    the grid so that a periodic roll (a training crop) or a noisy decoded map does not bias it.
+    """
+    steps = []
+    for axis in (2, 3, 4):
+        step = torch.linalg.vector_norm(torch.diff(coords.float(), dim=axis), dim=1)
+        steps.append(step.flatten(1).median(dim=1).values)
+    return torch.stack(steps, dim=1)
 
 
 def class_weights(class_counts: Sequence[float] | np.ndarray) -> torch.Tensor:

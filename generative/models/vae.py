@@ -190,17 +190,22 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 
 def perceptual_loss(
-    unet: UNet3D, target: torch.Tensor, recon: torch.Tensor, density_scale: float = 1.0
+    unet: UNet3D,
+    target: torch.Tensor,
+    recon: torch.Tensor,
+    density_scale: float = 1.0,
+    spacing: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sum over UNet hidden layers of MSE(phi_p(M), phi_p(M')) on the density channel.
 
-    ``density_scale`` turns the VAE's density channel back into the UNet's units.
+    ``density_scale`` turns the VAE's density channel back into the UNet's units; ``spacing``
+    (B, 3) are the true voxel edge lengths, for a UNet that takes them.
     """
     with torch.no_grad():
-        reference = unet.features(target[:, :1] * density_scale)
+        reference = unet.features(target[:, :1] * density_scale, spacing)
     return sum(
         F.mse_loss(mine.float(), ref.float())
-        for mine, ref in zip(unet.features(recon[:, :1] * density_scale), reference, strict=True)
+        for mine, ref in zip(unet.features(recon[:, :1] * density_scale, spacing), reference, strict=True)
     )
 
 
@@ -217,6 +222,7 @@ def vae_loss(
     mask: torch.Tensor | None = None,
     class_weights: torch.Tensor | None = None,
     density_scale: float = 1.0,
+    spacing: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The Cond-DFC-VAE loss and its parts.
 
@@ -234,13 +240,15 @@ def vae_loss(
         For joint VAE + UNet training: the trainable UNet and its targets (paper 003).
     density_scale
         Factor from the VAE's density channel to the UNet's density units.
+    spacing
+        True voxel edge lengths (B, 3; Angstrom) for UNets that take them.
     """
     mse = F.mse_loss(output.recon.float(), target.float())
     kld = kl_divergence(output.mu.float(), output.logvar.float())
     loss = mse + weights.beta * kld
     parts = {"mse": float(mse.detach()), "kld": float(kld.detach())}
     if perceptual is not None and weights.alpha:
-        term = perceptual_loss(perceptual, target, output.recon, density_scale)
+        term = perceptual_loss(perceptual, target, output.recon, density_scale, spacing)
         loss = loss + weights.alpha * term
         parts["perceptual"] = float(term.detach())
     if output.properties is not None and property_targets is not None:
@@ -251,7 +259,7 @@ def vae_loss(
         parts["property"] = float(term.detach())
     if segmenter is not None and species_classes is not None and mask is not None:
         seg_input = output.recon[:, :1] * density_scale
-        seg, _ = unet_loss(segmenter(seg_input), species_classes, mask, class_weights)
+        seg, _ = unet_loss(segmenter(seg_input, spacing), species_classes, mask, class_weights)
         loss = loss + weights.gamma * seg
         parts["segmentation"] = float(seg.detach())
     parts["loss"] = float(loss.detach())

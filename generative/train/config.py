@@ -32,6 +32,13 @@ class DataConfig(_Config):
     max_sites: int = Field(40, ge=1, description="Skip larger cells (the paper used <= 40 atoms).")
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Held-out share, by composition.")
     split_seed: int = 0
+    val_fraction: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="Share of the training formulas kept aside for early stopping and the ensemble's "
+        "variance calibration (0: use the held-out split, as older runs did).",
+    )
     grid: int = Field(32, ge=8, description="Voxels per cell edge (voxel models).")
     augment: bool = Field(True, description="Random cube rotations of training samples.")
     val_limit: int | None = Field(None, ge=1, description="Validate on at most this many samples.")
@@ -53,6 +60,9 @@ class OptimConfig(_Config):
     max_batches_per_epoch: int | None = Field(None, ge=1, description="Cap on steps per epoch.")
     seed: int = 0
     grad_clip: float | None = Field(10.0, gt=0)
+    schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="Learning rate: constant, or cosine decay to lr/100 over all epochs."
+    )
 
 
 class UNetModelConfig(_Config):
@@ -60,6 +70,10 @@ class UNetModelConfig(_Config):
 
     widths: list[int] = Field(default_factory=lambda: [16, 32, 64], min_length=2)
     circular: bool = False
+    input_transform: Literal["log1p", "none"] = Field(
+        "log1p", description="Density transform before the first convolution."
+    )
+    spacing: bool = Field(True, description="Feed the voxel edge lengths (Angstrom) as input channels.")
 
 
 class UNetTrainConfig(_Config):

@@ -58,11 +58,21 @@ def seed_everything(seed: int) -> None:
 
 
 def pick_device(requested: str = "auto") -> torch.device:
-    """CUDA when available (or asked for), else CPU using every core."""
+    """CUDA when available (or asked for), else CPU using every core (or ``OMP_NUM_THREADS``)."""
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0 else max(1, os.cpu_count() or 1))
     return torch.device("cpu")
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, steps_per_epoch: int):
+    """Per-step learning-rate schedule (a constant one is a no-op with a state to checkpoint)."""
+    if optim.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=max(1, optim.epochs * steps_per_epoch), eta_min=optim.lr / 100
+        )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
 def _limited(loader: Iterable, limit: int | None) -> Iterator:
@@ -105,6 +115,10 @@ def fit(
     params = [p for p in task.trainable() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=optim.lr, weight_decay=optim.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    steps = len(train_loader)
+    if optim.max_batches_per_epoch:
+        steps = min(steps, optim.max_batches_per_epoch)
+    scheduler = _scheduler(optimizer, optim, steps)
     state = TrainState()
     seed_everything(optim.seed)
     if resume and last.is_file():
@@ -113,6 +127,8 @@ def fit(
             module.load_state_dict(saved["modules"][name])
         optimizer.load_state_dict(saved["optimizer"])
         scaler.load_state_dict(saved["scaler"])
+        if "scheduler" in saved:
+            scheduler.load_state_dict(saved["scheduler"])
         state = TrainState(**saved["state"])
         torch.set_rng_state(saved["rng"]["torch"])
         np.random.set_state(saved["rng"]["numpy"])  # noqa: NPY002
@@ -122,9 +138,6 @@ def fit(
     if state.finished:
         return state
 
-    steps = len(train_loader)
-    if optim.max_batches_per_epoch:
-        steps = min(steps, optim.max_batches_per_epoch)
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -154,6 +167,7 @@ def fit(
                     torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)
                 scaler.step(optimizer)
                 scaler.update()
+                scheduler.step()
                 total, count = total + float(loss.detach()), count + 1
                 progress.update(bar, advance=1, loss=total / count)
                 if not progress.console.is_terminal and time.time() - last_note > 60:
@@ -190,6 +204,7 @@ def fit(
                     "modules": {n: m.state_dict() for n, m in task.modules().items()},
                     "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(),
+                    "scheduler": scheduler.state_dict(),
                     "state": asdict(state),
                     "rng": {
                         "torch": torch.get_rng_state(),

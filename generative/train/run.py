@@ -110,15 +110,23 @@ def _val_subset(dataset: Dataset, limit: int | None) -> Dataset:
     return Subset(dataset, np.linspace(0, len(dataset) - 1, limit).astype(int).tolist())
 
 
-def _prepare(config: AnyConfig, database, keep=None) -> tuple[list, list, str]:
-    """Train and held-out records (those passing ``keep``) and the hash of what is used."""
+def _prepare(config: AnyConfig, database, keep=None) -> tuple[list, list, str, list[int]]:
+    """Train and validation records (those passing ``keep``), the hash of all that is used and
+    the atomic numbers of every record (held-out ones included: a UNet's vocabulary).
+
+    The held-out (test) formulas are never trained or validated on. Validation formulas are a
+    second composition split of the training side (``data.val_fraction``), so early stopping and
+    the ensemble's variance calibration never see the held-out split the evaluate commands use.
+    """
     records = load_records(database, config.data)
     if keep is not None:
         records = [r for r in records if keep(r)]
         if not records:
             raise UserError("no training structures carry the labels this config needs; check its properties")
     train, test = composition_split(records, config.data.test_fraction, config.data.split_seed)
-    return train, test, dataset_hash(records)
+    if config.data.val_fraction > 0:
+        train, test = composition_split(train, config.data.val_fraction, config.data.split_seed + 1)
+    return train, test, dataset_hash(records), elements_of(records)
 
 
 def train_unet(
@@ -127,14 +135,20 @@ def train_unet(
     """Train the segmentation UNet; returns the best checkpoint, extra metadata and metrics."""
     device = pick_device(device)
     seed_everything(config.optim.seed)
-    train, test, data_hash = _prepare(config, database)
-    unet = UNet3D(elements_of(train + test), widths=config.model.widths, circular=config.model.circular)
+    train, val, data_hash, elements = _prepare(config, database)
+    unet = UNet3D(
+        elements,
+        widths=config.model.widths,
+        circular=config.model.circular,
+        input_transform=config.model.input_transform,
+        spacing=config.model.spacing,
+    )
     train_set = VoxelDataset(train, [], grid=config.data.grid, augment=config.data.augment)
-    val_set = _val_subset(VoxelDataset(test, [], grid=config.data.grid), config.data.val_limit)
+    val_set = _val_subset(VoxelDataset(val, [], grid=config.data.grid), config.data.val_limit)
     weights = estimate_class_weights(
         unet, VoxelDataset(train, [], grid=config.data.grid), config.class_count_samples
     )
-    extra = _extra(config, data_hash, train, test, class_weights=weights.tolist())
+    extra = _extra(config, data_hash, train, val, class_weights=weights.tolist())
     state = fit(
         UNetTask(unet, weights, device, crop=config.data.crop),
         _loader(train_set, config.optim.batch_size, shuffle=True, workers=config.data.num_workers),
@@ -155,7 +169,9 @@ def train_vae(config: VAETrainConfig, database, run_dir: Path, *, resume=False, 
     device = pick_device(device)
     seed_everything(config.optim.seed)
     key = config.condition_property
-    train, test, data_hash = _prepare(config, database, keep=lambda r: r.labels.get(key) is not None)
+    train, val, data_hash, elements = _prepare(
+        config, database, keep=lambda r: r.labels.get(key) is not None
+    )
     properties = [key, *config.model.properties]
     m = config.model
     vae = CondDFCVAE(
@@ -183,18 +199,18 @@ def train_vae(config: VAETrainConfig, database, run_dir: Path, *, resume=False, 
         except UserError:
             if not config.joint_unet:
                 raise
-            unet = UNet3D(elements_of(train + test))
+            unet = UNet3D(elements)
         if config.joint_unet and (seg_weights is None or len(seg_weights) != unet.n_classes):
             seg_weights = estimate_class_weights(unet, VoxelDataset(train, [], grid=config.data.grid), 200)
-        missing = set(elements_of(train + test)) - set(unet.vocabulary.atomic_numbers)
+        missing = set(elements) - set(unet.vocabulary.atomic_numbers)
         if config.joint_unet and missing:
             raise UserError(
                 f"the UNet does not know elements Z={sorted(missing)}; retrain the UNet on this data"
             )
     weights = VAELossWeights(config.alpha, config.beta, config.gamma, config.property_weight)
-    extra = _extra(config, data_hash, train, test, unet=unet_ref)
+    extra = _extra(config, data_hash, train, val, unet=unet_ref)
     train_set = VoxelDataset(train, properties, grid=config.data.grid, augment=config.data.augment)
-    val_set = _val_subset(VoxelDataset(test, properties, grid=config.data.grid), config.data.val_limit)
+    val_set = _val_subset(VoxelDataset(val, properties, grid=config.data.grid), config.data.val_limit)
     task = VAETask(vae, weights, device, unet=unet, joint=config.joint_unet, seg_weights=seg_weights)
     state = fit(
         task,
@@ -238,7 +254,7 @@ def train_cgcnn(
     device = pick_device(device)
     seed_everything(config.optim.seed)
     props = config.properties
-    train, test, data_hash = _prepare(
+    train, val, data_hash, _ = _prepare(
         config, database, keep=lambda r: bool(np.isfinite(r.label_array(props)[0]).any())
     )
     m = config.model
@@ -252,12 +268,12 @@ def train_cgcnn(
     )
     template_kwargs = {k: v for k, v in template.hparams.items() if k != "properties"}
     train_graphs = graph_set(template, train, props)
-    val_graphs = _val_subset(graph_set(template, test, props), config.data.val_limit)
+    val_graphs = _val_subset(graph_set(template, val, props), config.data.val_limit)
     mean, std = _label_statistics(np.array(train_graphs.values))
     base = None
     if config.transfer:
         base, _ = load_model(resolve_checkpoint(config.transfer.base, "cgcnn", database))
-    extra = _extra(config, data_hash, train, test)
+    extra = _extra(config, data_hash, train, val)
     members = []
     for k in range(config.ensemble_size):
         seed = config.optim.seed + k
@@ -330,9 +346,12 @@ def train_cgcnn(
         best, _ = load_model(member_dir / "best.pt")
         members.append(best)
     ensemble = CGCNNEnsemble(members) if len(members) > 1 else members[0]
-    from crystaloop.generative.evaluate import property_metrics
+    from crystaloop.generative.evaluate import predict_properties, property_metrics
 
-    metrics = property_metrics(ensemble, [val_graphs[i] for i in range(len(val_graphs))], device="cpu")
+    val_items = [val_graphs[i] for i in range(len(val_graphs))]
+    if isinstance(ensemble, CGCNNEnsemble):
+        extra["sigma_scale"] = ensemble.calibrate(*predict_properties(ensemble, val_items))
+    metrics = property_metrics(ensemble, val_items, device="cpu")
     path = save_model(ensemble, run_dir / "best.pt", **extra, metrics=metrics)
     return path, extra, metrics
 
@@ -354,12 +373,12 @@ def _label_statistics(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, std
 
 
-def _extra(config: AnyConfig, data_hash: str, train, test, **more) -> dict[str, Any]:
+def _extra(config: AnyConfig, data_hash: str, train, val, **more) -> dict[str, Any]:
     return {
         "config": config.model_dump(mode="json"),
         "dataset_hash": data_hash,
         "n_train": len(train),
-        "n_test": len(test),
+        "n_val": len(val),
         **more,
     }
 

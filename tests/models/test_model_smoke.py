@@ -303,3 +303,59 @@ def test_latent_optimisation_moves_the_property_head_into_the_window():
     assert ((after >= target[0] - 0.05) & (after <= target[1] + 0.05)).all()
     with pytest.raises(ValueError, match="not predicted"):
         optimize_latent(vae, z0, "bulk_modulus", (0.0, 1.0))
+
+
+def test_unet_voxel_spacing_channels_change_the_prediction_and_round_trip(tmp_path):
+    from crystaloop.generative.models.unet import voxel_spacing
+    from crystaloop.generative.representation import coordinate_channels
+
+    lattice = Lattice.from_parameters(4.0, 6.0, 8.0, 90, 90, 120)
+    coords = torch.from_numpy(coordinate_channels(lattice, GRID))[None]
+    expected = torch.tensor([lattice.abc]) / GRID
+    assert torch.allclose(voxel_spacing(coords), expected, atol=1e-5)
+    rolled = torch.roll(coords, shifts=(5, 3, 7), dims=(-3, -2, -1))  # a training crop's seam
+    assert torch.allclose(voxel_spacing(rolled), expected, atol=1e-5)
+
+    torch.manual_seed(0)
+    unet = UNet3D(ZS, widths=(4, 8), spacing=True).eval()
+    x, _ = _voxels()
+    with pytest.raises(ValueError, match="spacing"):
+        unet(x[:, :1])
+    small, large = torch.full((2, 3), 0.15), torch.full((2, 3), 0.45)
+    assert not torch.allclose(unet(x[:, :1], small).species_logits, unet(x[:, :1], large).species_logits)
+    loaded, _ = load_model(save_model(unet, tmp_path / "unet.pt"))
+    assert loaded.spacing and loaded.input_transform == "log1p"
+    assert torch.allclose(loaded(x[:, :1], small).species_logits, unet(x[:, :1], small).species_logits)
+
+
+def test_unet_input_transform_and_older_checkpoints(tmp_path):
+    with pytest.raises(ValueError, match="input_transform"):
+        UNet3D(ZS, input_transform="sqrt")
+    unet = UNet3D(ZS, widths=(4, 8), input_transform="none")
+    payload_path = save_model(unet, tmp_path / "old.pt")
+    payload = torch.load(payload_path, weights_only=False)
+    del payload["hparams"]["input_transform"], payload["hparams"]["spacing"]  # as written before the options
+    torch.save(payload, payload_path)
+    loaded, _ = load_model(payload_path)
+    assert loaded.input_transform == "none" and not loaded.spacing
+
+
+def test_ensemble_variance_calibration_scales_sigma_and_round_trips(tmp_path):
+    members = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        members.append(CGCNN(["formation_energy_per_atom"], hidden=8, fc_hidden=8))
+    ensemble = CGCNNEnsemble(members)
+    rng = np.random.default_rng(0)
+    n = 2000
+    spread = rng.uniform(0.01, 0.05, size=(n, 1))
+    errors = rng.normal(0.0, 3.0 * spread)  # errors three times the members' spread
+    values = rng.normal(size=(n, 1))
+    (scale,) = ensemble.calibrate(values + errors, spread, values, np.ones((n, 1)))
+    assert 2.7 < scale < 3.3
+    assert abs(float((np.abs(errors) <= scale * spread).mean()) - 0.6827) < 0.01
+    batch = collate_graphs([members[0].graph(s) for s in _structures()])
+    raw = torch.stack([m.eval().denormalize(m(batch)) for m in members]).std(0, unbiased=False)
+    assert torch.allclose(ensemble.predict(batch)[1], raw * scale)
+    loaded, _ = load_model(save_model(ensemble, tmp_path / "ens.pt"))
+    assert torch.allclose(loaded.sigma_scale, torch.tensor([scale]))

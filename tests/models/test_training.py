@@ -80,6 +80,19 @@ def test_split_is_by_composition_and_stable(labelled):
     assert {r.structure_id for r in again} == {r.structure_id for r in train}
 
 
+def test_validation_formulas_come_from_the_training_side(labelled):
+    from crystaloop.generative.train.config import CGCNNTrainConfig
+    from crystaloop.generative.train.run import _prepare
+
+    config = CGCNNTrainConfig(data={"max_sites": 40, "test_fraction": 0.3, "val_fraction": 0.3})
+    train, val, data_hash, elements = _prepare(config, labelled)
+    _, test = composition_split(load_records(labelled, config.data), 0.3, 0)
+    formulas = [{r.formula for r in side} for side in (train, val, test)]
+    assert all(formulas) and formulas[0].isdisjoint(formulas[1]) and formulas[2].isdisjoint(formulas[0] | formulas[1])
+    assert len(train) + len(val) + len(test) == 10 and len(data_hash) == 16
+    assert {8, 9, 11, 17, 22, 40, 56} <= set(elements)
+
+
 def test_train_unet_then_vae_then_cgcnn_register_and_resume(labelled, tmp_path, settings):
     root = tmp_path / "runs"
     unet_path = _config(
@@ -108,7 +121,7 @@ def test_train_unet_then_vae_then_cgcnn_register_and_resume(labelled, tmp_path, 
 
     cg_body = {
         "data": {"max_sites": 40},
-        "optim": {**TINY_OPTIM, "epochs": 2},
+        "optim": {**TINY_OPTIM, "epochs": 2, "schedule": "cosine"},
         "model": {"hidden": 8, "fc_hidden": 8},
         "properties": ["formation_energy_per_atom", "bulk_modulus", "band_gap"],
         "ensemble_size": 2,
@@ -126,6 +139,8 @@ def test_train_unet_then_vae_then_cgcnn_register_and_resume(labelled, tmp_path, 
     train_and_register("cgcnn", longer, labelled, root, version="c1", resume=True)
     state = torch.load(root / "cgcnn" / "c1" / "member-1" / "last.pt", weights_only=False)
     assert state["state"]["epoch"] == 3 and len(state["state"]["history"]) == 3
+    assert state["scheduler"]["_last_lr"][0] < 1e-3  # cosine decay, carried through the resume
+    assert ensemble.sigma_scale.shape == (3,) and bool((ensemble.sigma_scale > 0).all())
 
     kinds = {d.kind for d in ModelRegistry(labelled).list()}
     assert kinds == {"unet", "vae", "cgcnn-ensemble"}
@@ -241,3 +256,34 @@ def test_load_default_registers_shipped_checkpoints(settings, tmp_path, monkeypa
     registered = ModelRegistry(get_database()).get("unet")
     assert registered.version == "cpu-1" and registered.default
     assert registered.checkpoint == str(tmp_path / "ckpt" / entry["file"])
+
+
+def test_campaign_models_default_to_the_shipped_checkpoints(settings, tmp_path, monkeypatch):
+    from crystaloop.db import get_database
+    from crystaloop.db.documents import ModelDoc
+    from crystaloop.errors import UserError
+    from crystaloop.generative.models import CGCNN, CondDFCVAE, save_model, shipped
+    from crystaloop.loop.config import CampaignConfig
+
+    monkeypatch.setattr(shipped, "CHECKPOINT_DIR", tmp_path / "ckpt")
+    monkeypatch.setattr(shipped, "MANIFEST", tmp_path / "ckpt" / "manifest.json")
+    database = get_database()
+    with pytest.raises(UserError, match="load-default"):
+        shipped.resolve_models(database)
+    models = {
+        "unet": UNet3D([8, 22], widths=[4, 8]),
+        "vae": CondDFCVAE(grid=GRID, latent_dim=8, widths=(4, 8)),
+        "cgcnn": CGCNN(["formation_energy_per_atom"], hidden=8, fc_hidden=8),
+    }
+    for kind, model in models.items():
+        path = save_model(model, tmp_path / f"{kind}.pt")
+        shipped.ship(ModelDoc(kind=kind, version=f"{kind}-shipped", dataset_hash="h", checkpoint=str(path)), "cmd")
+    config = CampaignConfig.model_validate({"name": "c", "targets": [{"property": "band_gap", "min": 1, "max": 2}]})
+    assert config.models.vae is None
+    paths = shipped.resolve_models(database, **config.models.model_dump())
+    assert {k: p.name for k, p in paths.items()} == {k: f"{k}-{k}-shipped.pt" for k in models}
+    assert ModelRegistry(database).get("vae").default
+    own = save_model(models["vae"], tmp_path / "mine.pt")
+    assert shipped.resolve_models(database, vae=str(own))["vae"] == own
+    with pytest.raises(UserError, match="no unet checkpoint"):
+        shipped.resolve_models(database, unet="no-such-version")
