@@ -95,7 +95,13 @@ class VAEModelConfig(_Config):
     properties: list[str] = Field(default_factory=list, description="FTCP joint regression head.")
     property_hidden: int = Field(128, ge=1)
     density_scale: float = Field(1.0, gt=0)
-    coord_scale: float = Field(10.0, gt=0, description="Angstrom per model unit.")
+    coord_scale: float = Field(
+        1.0,
+        gt=0,
+        description="Angstrom per model unit of the coordinate channels. At 1 they weigh enough in the "
+        "loss for the decoder to learn them (the lattice is read from them); at 10 a CPU run decoded "
+        "flat coordinates.",
+    )
 
     @field_validator("properties")
     @classmethod
