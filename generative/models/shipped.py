@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 from crystaloop.errors import UserError
@@ -18,8 +19,11 @@ def shipped_models() -> list[dict]:
     return json.loads(MANIFEST.read_text())["models"]
 
 
-def register_shipped(database) -> list:
-    """Register every shipped checkpoint as the default of its kind.
+def register_shipped(database, kinds: Iterable[str] | None = None) -> list:
+    """Register every shipped checkpoint (or those of ``kinds``) as the default of its kind.
+
+    ``kinds`` are model names as the campaign uses them (``vae``, ``unet``, ``cgcnn``); a
+    ``cgcnn-ensemble`` entry counts as ``cgcnn``.
 
     Raises
     ------
@@ -30,6 +34,8 @@ def register_shipped(database) -> list:
     from crystaloop.db.registry import ModelRegistry
 
     entries = shipped_models()
+    if kinds is not None:
+        entries = [e for e in entries if e["kind"].split("-")[0] in set(kinds)]
     if not entries:
         raise UserError("this install ships no default checkpoints; train them with `crystaloop train ...`")
     registry = ModelRegistry(database)
@@ -55,24 +61,29 @@ def resolve_models(database, *, vae: str | None = None, unet: str | None = None,
     """Checkpoint paths of the models a campaign uses, keyed ``vae``, ``unet`` and ``cgcnn``.
 
     Each reference is a registry version or a checkpoint path; ``None`` takes the registry default.
-    A kind with nothing registered falls back to the shipped checkpoints (registered first, as
-    ``crystaloop models load-default`` does), so a fresh install runs with them unless told otherwise.
+    A kind with nothing registered falls back to its shipped checkpoint (registered first, as
+    ``crystaloop models load-default`` does, without touching the other kinds), so a fresh install
+    runs with them unless told otherwise.
 
     Raises
     ------
     UserError
         If a reference is unknown, or nothing is registered and nothing is shipped.
     """
-    from crystaloop.db.registry import ModelRegistry
     from crystaloop.generative.train.run import resolve_checkpoint
 
-    registry = ModelRegistry(database)
-    wanted = {"vae": vae, "unet": unet, "cgcnn": cgcnn}
-    kinds = {"vae": ["vae"], "unet": ["unet"], "cgcnn": ["cgcnn", "cgcnn-ensemble"]}
-    if any(ref is None and not any(registry.get(k) for k in kinds[name]) for name, ref in wanted.items()):
-        if shipped_models():
-            register_shipped(database)
-    return {name: resolve_checkpoint(ref, name, database) for name, ref in wanted.items()}
+    paths, missing = {}, []
+    for name, ref in {"vae": vae, "unet": unet, "cgcnn": cgcnn}.items():
+        try:
+            paths[name] = resolve_checkpoint(ref, name, database)
+        except UserError:
+            if ref is not None or not shipped_models():
+                raise
+            missing.append(name)
+    if missing:
+        register_shipped(database, kinds=missing)
+        paths.update({name: resolve_checkpoint(None, name, database) for name in missing})
+    return paths
 
 
 def ship(doc, command: str) -> dict:

@@ -123,10 +123,10 @@ def _prepare(config: AnyConfig, database, keep=None) -> tuple[list, list, str, l
         records = [r for r in records if keep(r)]
         if not records:
             raise UserError("no training structures carry the labels this config needs; check its properties")
-    train, test = composition_split(records, config.data.test_fraction, config.data.split_seed)
-    if config.data.val_fraction > 0:
-        train, test = composition_split(train, config.data.val_fraction, config.data.split_seed + 1)
-    return train, test, dataset_hash(records), elements_of(records)
+    train, val = composition_split(records, config.data.test_fraction, config.data.split_seed)
+    if config.data.val_fraction > 0:  # else the held-out split validates, as in older runs
+        train, val = composition_split(train, config.data.val_fraction, config.data.split_seed + 1)
+    return train, val, dataset_hash(records), elements_of(records)
 
 
 def train_unet(

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from crystaloop.generative.evaluate import recall_counts
 from crystaloop.generative.models.cgcnn import CGCNN, CrystalGraph, GraphBatch, collate_graphs, masked_mse
 from crystaloop.generative.models.unet import UNet3D, class_weights, unet_loss, voxel_spacing
 from crystaloop.generative.models.vae import CondDFCVAE, VAELossWeights, vae_loss
@@ -24,24 +25,6 @@ def _mean_parts(rows: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
     total = sum(n for n, _ in rows) or 1
     keys = rows[0][1].keys() if rows else ()
     return {k: sum(n * parts[k] for n, parts in rows) / total for k in keys}
-
-
-def nonzero_recall(predicted_z: torch.Tensor, true_z: torch.Tensor) -> tuple[int, int]:
-    """Correct non-background voxels and all non-background voxels."""
-    nonzero = true_z > 0
-    return int((predicted_z[nonzero] == true_z[nonzero]).sum()), int(nonzero.sum())
-
-
-def recall_counts(unet: UNet3D, density, spacing, true_z) -> tuple[int, int, int]:
-    """Correct species-head voxels, correct ones also inside the predicted mask, and all site voxels.
-
-    The first over the third is the paper's non-zero classification recall; the second over the
-    third also asks the mask head to find the voxel.
-    """
-    species, inside = unet.predict(density, spacing)
-    correct, total = nonzero_recall(species, true_z)
-    masked, _ = nonzero_recall(torch.where(inside, species, torch.zeros_like(species)), true_z)
-    return correct, masked, total
 
 
 class UNetTask:

@@ -62,3 +62,17 @@ def test_property_metrics_mae_smape_and_calibration():
     assert np.isclose(flat["smape_formation_energy_per_atom"], expected_smape, atol=1e-3)
     nested = nest_property_metrics(flat)
     assert set(nested) == {"n_structures", "mae", "smape", "within_1sigma", "within_2sigma"}
+
+
+def test_recall_counts_species_head_and_mask():
+    from crystaloop.generative.evaluate import recall_counts
+
+    class _Fixed:
+        def predict(self, density, spacing):
+            species = torch.tensor([[8, 8, 22, 22, 38]])
+            inside = torch.tensor([[True, False, True, True, True]])
+            return species, inside
+
+    true_z = torch.tensor([[8, 8, 38, 0, 38]])
+    # site voxels 0, 1, 2, 4; species right at 0, 1, 4; of those, 0 and 4 are inside the mask
+    assert recall_counts(_Fixed(), None, None, true_z) == (3, 2, 4)

@@ -260,12 +260,17 @@ def test_cgcnn_transfer_learning_stages():
     assert not model.convs[0].bn_sum.training
 
 
-def test_ensemble_mean_and_std(tmp_path):
+def _tiny_ensemble() -> CGCNNEnsemble:
     members = []
     for seed in range(3):
         torch.manual_seed(seed)
         members.append(CGCNN(["formation_energy_per_atom"], hidden=8, fc_hidden=8))
-    ensemble = CGCNNEnsemble(members)
+    return CGCNNEnsemble(members)
+
+
+def test_ensemble_mean_and_std(tmp_path):
+    ensemble = _tiny_ensemble()
+    members = list(ensemble.members)
     batch = collate_graphs([members[0].graph(s) for s in _structures()])
     mean, std = ensemble.predict(batch)
     single = torch.stack([m.eval().denormalize(m(batch)) for m in members])
@@ -341,11 +346,8 @@ def test_unet_input_transform_and_older_checkpoints(tmp_path):
 
 
 def test_ensemble_variance_calibration_scales_sigma_and_round_trips(tmp_path):
-    members = []
-    for seed in range(3):
-        torch.manual_seed(seed)
-        members.append(CGCNN(["formation_energy_per_atom"], hidden=8, fc_hidden=8))
-    ensemble = CGCNNEnsemble(members)
+    ensemble = _tiny_ensemble()
+    members = list(ensemble.members)
     rng = np.random.default_rng(0)
     n = 2000
     spread = rng.uniform(0.01, 0.05, size=(n, 1))

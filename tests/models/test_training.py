@@ -280,9 +280,14 @@ def test_campaign_models_default_to_the_shipped_checkpoints(settings, tmp_path, 
         shipped.ship(ModelDoc(kind=kind, version=f"{kind}-shipped", dataset_hash="h", checkpoint=str(path)), "cmd")
     config = CampaignConfig.model_validate({"name": "c", "targets": [{"property": "band_gap", "min": 1, "max": 2}]})
     assert config.models.vae is None
+    mine = save_model(models["unet"], tmp_path / "my-unet.pt")
+    ModelRegistry(database).register(
+        ModelDoc(kind="unet", version="mine", dataset_hash="h", checkpoint=str(mine)), make_default=True
+    )
     paths = shipped.resolve_models(database, **config.models.model_dump())
-    assert {k: p.name for k, p in paths.items()} == {k: f"{k}-{k}-shipped.pt" for k in models}
-    assert ModelRegistry(database).get("vae").default
+    assert paths["unet"] == mine  # a registered model of a kind is kept; only missing kinds fall back
+    assert {k: paths[k].name for k in ("vae", "cgcnn")} == {k: f"{k}-{k}-shipped.pt" for k in ("vae", "cgcnn")}
+    assert ModelRegistry(database).get("vae").default and ModelRegistry(database).get("unet").version == "mine"
     own = save_model(models["vae"], tmp_path / "mine.pt")
     assert shipped.resolve_models(database, vae=str(own))["vae"] == own
     with pytest.raises(UserError, match="no unet checkpoint"):
