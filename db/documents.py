@@ -134,6 +134,10 @@ class CandidateDoc(StructureFields):
     )
     dft_engine: Literal["espresso", "surrogate"] | None = None
     dft_task_id: str | None = None
+    uip: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Universal-potential screen: relaxed structure, energies (eV/atom), displacement (Å).",
+    )
     acquisition_score: float | None = None
     owner: str | None = Field(None, description="Process that made the last transition.")
     created_at: datetime = Field(default_factory=utcnow)
