@@ -1,0 +1,277 @@
+"""From latent vectors to crystal structures: VAE decoder, UNet, periodic watershed.
+
+:class:`Decoder` is the one entry point that generation uses. It holds a trained
+:class:`~crystaloop.generative.models.vae.CondDFCVAE` and
+:class:`~crystaloop.generative.models.unet.UNet3D` and turns a batch of latent vectors and
+decile conditions into pymatgen Structures, one :class:`DecodedCandidate` per input row, in the
+input order. The path is the paper's (Court et al. 2020):
+
+1. the VAE decodes z and the condition into a density map and coordinate channels (batched on
+   the device);
+2. the lattice is the least-squares fit of the coordinate channels;
+3. the UNet reads the density into a species map and a site mask (batched on the device);
+4. the periodic watershed (Algorithm S1) cuts the mask into sites (worker processes);
+5. the sites and the lattice become a Structure.
+
+A row fails, with a short reason, when the lattice is not physical or no site is found.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from pymatgen.core import Element, Lattice, Structure
+
+from crystaloop.generative.models.condition import N_DECILES
+from crystaloop.generative.models.unet import UNet3D, voxel_spacing
+from crystaloop.generative.models.vae import CondDFCVAE
+
+# A decoded lattice outside these bounds is not a crystal the DFT stage could run: edges under
+# 1.5 Angstrom hold no ion, edges over 30 Angstrom are beyond the prior's cells by a factor > 3,
+# and cells flatter than these angles or volumes are degenerate fits of noisy coordinate maps.
+MIN_EDGE_ANGSTROM = 1.5
+MAX_EDGE_ANGSTROM = 30.0
+MIN_ANGLE_DEGREES = 30.0
+MAX_ANGLE_DEGREES = 150.0
+MIN_VOLUME_PER_EDGE3 = 0.1
+
+
+@dataclass(frozen=True)
+class DecodedCandidate:
+    """One decoded row.
+
+    Attributes
+    ----------
+    index : int
+        Position in the input batch.
+    structure : pymatgen.core.Structure or None
+        The decoded crystal; ``None`` when decoding failed.
+    reason : str or None
+        One short phrase why decoding failed (``"no sites"``, ``"unphysical lattice"``).
+    latent : numpy.ndarray or None
+        The z the row came from, shape ``(latent_dim,)``.
+    """
+
+    index: int
+    structure: Structure | None
+    reason: str | None
+    latent: np.ndarray | None = None
+
+
+def lattice_problem(lattice: Lattice) -> str | None:
+    """Why ``lattice`` is not physical (one phrase), or ``None`` if it is."""
+    abc = np.asarray(lattice.abc, dtype=float)
+    angles = np.asarray(lattice.angles, dtype=float)
+    if not (np.all(np.isfinite(abc)) and np.all(np.isfinite(angles))):
+        return "unphysical lattice"
+    if abc.min() < MIN_EDGE_ANGSTROM or abc.max() > MAX_EDGE_ANGSTROM:
+        return "unphysical lattice"
+    if angles.min() < MIN_ANGLE_DEGREES or angles.max() > MAX_ANGLE_DEGREES:
+        return "unphysical lattice"
+    if not lattice.volume > MIN_VOLUME_PER_EDGE3 * float(np.prod(abc)):
+        return "unphysical lattice"
+    return None
+
+
+def _segment_row(args) -> tuple[list[tuple[int, np.ndarray]], str | None]:
+    """Worker: (species map, density) -> [(Z, frac)] sites, or a failure reason."""
+    from crystaloop.generative.segmentation import segment
+
+    species, density = args
+    if not (species > 0).any():
+        return [], "no sites"
+    sites = segment(species, species > 0, density=density)
+    if not sites:
+        return [], "no sites"
+    return [(s.species, s.frac_coords) for s in sites], None
+
+
+class Decoder:
+    """Latent vectors to structures with a trained VAE and UNet.
+
+    Parameters
+    ----------
+    vae
+        The conditional VAE (its ``condition`` gives the decile boundaries).
+    unet
+        The UNet whose vocabulary gives the species that can be decoded.
+    device
+        Where the networks run (``"auto"``: CUDA when available).
+    workers
+        Processes for the watershed (``None``: all cores; ``1``: in this process).
+    """
+
+    def __init__(
+        self,
+        vae: CondDFCVAE,
+        unet: UNet3D,
+        *,
+        device: str | torch.device = "auto",
+        workers: int | None = None,
+    ) -> None:
+        if str(device) == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.vae = vae.to(self.device).eval()
+        self.unet = unet.to(self.device).eval()
+        self.workers = max(1, int(workers if workers is not None else (os.cpu_count() or 1)))
+
+    @classmethod
+    def from_checkpoints(
+        cls, vae: str | Path, unet: str | Path, *, device: str = "auto", workers: int | None = None
+    ) -> Decoder:
+        """Load both networks from checkpoint files (see ``crystaloop models list``)."""
+        from crystaloop.generative.models.checkpoint import load_model
+
+        vae_model, _ = load_model(vae)
+        unet_model, _ = load_model(unet)
+        if not isinstance(vae_model, CondDFCVAE) or not isinstance(unet_model, UNet3D):
+            from crystaloop.errors import UserError
+
+            raise UserError(f"{vae} must be a VAE checkpoint and {unet} a UNet checkpoint")
+        return cls(vae_model, unet_model, device=device, workers=workers)
+
+    @property
+    def elements(self) -> list[str]:
+        """Symbols of the elements the UNet can decode."""
+        return [Element.from_Z(z).symbol for z in self.unet.vocabulary.atomic_numbers[1:]]
+
+    def _class_filter(self, allowed_elements: Sequence[str] | None) -> torch.Tensor | None:
+        """Boolean (n_classes,) of the classes that may be chosen, background excluded."""
+        if allowed_elements is None:
+            return None
+        from crystaloop.errors import UserError
+
+        wanted = set()
+        for symbol in allowed_elements:
+            try:
+                wanted.add(Element(str(symbol)).Z)
+            except ValueError as error:
+                raise UserError(f"{symbol!r} is not an element symbol; use symbols such as 'Na'") from error
+        keep = torch.tensor([z in wanted for z in self.unet.vocabulary.atomic_numbers], dtype=torch.bool)
+        keep[0] = False
+        if not keep.any():
+            raise UserError(
+                f"none of {sorted(allowed_elements)} can be decoded; the UNet knows {', '.join(self.elements)}"
+            )
+        return keep
+
+    @torch.no_grad()
+    def species_maps(
+        self, density: torch.Tensor, coords: torch.Tensor, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Atomic numbers per voxel (B, g, g, g) inside the UNet's mask, 0 outside.
+
+        ``keep`` (n_classes,) restricts the species head's choice to the allowed classes.
+        """
+        out = self.unet(density[:, None], voxel_spacing(coords))
+        logits = out.species_logits[:, 1:]
+        if keep is not None:
+            logits = logits.masked_fill(~keep[1:].to(logits.device)[None, :, None, None, None], float("-inf"))
+        best = self.unet.vocabulary.decode(logits.argmax(dim=1) + 1)
+        inside = torch.sigmoid(out.mask_logits[:, 0]) > 0.5
+        return torch.where(inside, best, torch.zeros_like(best))
+
+    @torch.no_grad()
+    def decode(
+        self,
+        z: torch.Tensor,
+        condition: torch.Tensor,
+        *,
+        allowed_elements: Sequence[str] | None = None,
+        batch_size: int = 64,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[DecodedCandidate]:
+        """Decode ``z`` (n, latent_dim) under one-hot ``condition`` (n, 10) into candidates.
+
+        Parameters
+        ----------
+        z, condition
+            Latent vectors and their decile one-hots, row for row.
+        allowed_elements
+            Element symbols the species decisions are restricted to (``None``: the UNet's all).
+        batch_size
+            Rows per network pass.
+        progress
+            Called as ``progress(done, total)`` after each batch.
+
+        Returns
+        -------
+        list of DecodedCandidate
+            One per row, in the input order.
+        """
+        from crystaloop.generative.representation import lattice_from_coordinates
+        from crystaloop.generative.segmentation import to_structure
+
+        z = torch.as_tensor(z, dtype=torch.float32)
+        condition = torch.as_tensor(condition, dtype=torch.float32)
+        if z.ndim != 2 or z.shape[1] != self.vae.latent_dim:
+            raise ValueError(f"z must be shaped (n, {self.vae.latent_dim}); got {tuple(z.shape)}")
+        if condition.shape != (z.shape[0], N_DECILES):
+            raise ValueError(f"condition must be shaped ({z.shape[0]}, {N_DECILES}); got {tuple(condition.shape)}")
+        keep = self._class_filter(allowed_elements)
+        total = z.shape[0]
+        results: list[DecodedCandidate] = []
+        pool = ProcessPoolExecutor(self.workers) if self.workers > 1 and total > 1 else None
+        try:
+            for start in range(0, total, batch_size):
+                zb = z[start : start + batch_size].to(self.device)
+                cb = condition[start : start + batch_size].to(self.device)
+                density, coords = self.vae.split_output(self.vae.decode(zb, cb))
+                density = density.clamp_min(0.0)
+                species = self.species_maps(density, coords, keep).cpu().numpy()
+                density_np = density.float().cpu().numpy()
+                coords_np = coords.float().cpu().numpy()
+                jobs = [(species[i], density_np[i]) for i in range(len(species))]
+                segmented = list(pool.map(_segment_row, jobs)) if pool else [_segment_row(j) for j in jobs]
+                for i, (sites, reason) in enumerate(segmented):
+                    index = start + i
+                    latent = z[index].numpy().copy()
+                    try:
+                        lattice = lattice_from_coordinates(coords_np[i])
+                        problem = lattice_problem(lattice)
+                    except (ValueError, np.linalg.LinAlgError):
+                        problem = "unphysical lattice"
+                    if problem is None and reason is None:
+                        results.append(DecodedCandidate(index, to_structure(sites, lattice), None, latent))
+                    else:
+                        results.append(DecodedCandidate(index, None, problem or reason, latent))
+                if progress is not None:
+                    progress(min(start + batch_size, total), total)
+        finally:
+            if pool is not None:
+                pool.shutdown()
+        return results
+
+    @torch.no_grad()
+    def encode(
+        self, structures: Sequence[Structure], property_values: Sequence[float] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder posterior (mu, logvar), each (n, latent_dim), of ``structures``.
+
+        ``property_values`` (in the VAE condition's property) pick each structure's decile;
+        ``None`` takes the middle decile for all.
+        """
+        from crystaloop.generative.representation import voxelize
+
+        if property_values is not None and len(property_values) != len(structures):
+            raise ValueError(f"{len(property_values)} property values for {len(structures)} structures")
+        if not structures:
+            empty = torch.zeros(0, self.vae.latent_dim)
+            return empty, empty.clone()
+        voxels = [voxelize(s, grid=self.vae.grid) for s in structures]
+        density = torch.from_numpy(np.stack([v.density for v in voxels]).astype(np.float32)).to(self.device)
+        coords = torch.from_numpy(np.stack([v.coords for v in voxels]).astype(np.float32)).to(self.device)
+        if property_values is None:
+            condition = torch.zeros(len(structures), N_DECILES)
+            condition[:, N_DECILES // 2] = 1.0
+        else:
+            condition = self.vae.condition.one_hot(list(property_values))
+        mu, logvar = self.vae.encode(self.vae.to_input(density, coords), condition.to(self.device))
+        return mu.cpu(), logvar.cpu()
