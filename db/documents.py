@@ -15,7 +15,7 @@ from pymatgen.core import Structure
 
 from crystaloop.properties import PROPERTY_NAMES
 
-COLLECTIONS = ("candidates", "dft_tasks", "campaigns", "models", "training_structures")
+COLLECTIONS = ("candidates", "dft_tasks", "campaigns", "campaign_rounds", "dft_cache", "models", "training_structures")
 
 
 def utcnow() -> datetime:
@@ -139,6 +139,10 @@ class CandidateDoc(StructureFields):
         description="Universal-potential screen: relaxed structure, energies (eV/atom), displacement (Å).",
     )
     acquisition_score: float | None = None
+    selected_round: int | None = Field(None, description="The round whose acquisition picked it for DFT.")
+    dft_job: dict[str, Any] = Field(
+        default_factory=dict, description="Backend, flow uuid, attempts and ids of its DFT submission."
+    )
     owner: str | None = Field(None, description="Process that made the last transition.")
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
@@ -164,24 +168,58 @@ class DFTTaskRecord(_Doc):
     updated_at: datetime = Field(default_factory=utcnow)
 
 
-class RoundDoc(_Doc):
-    """What one campaign round did, stage by stage."""
+ROUND_STEPS: tuple[str, ...] = ("generate", "acquire", "submit", "harvest", "retrain", "report")
 
-    round: int
-    stage: str = "started"
+
+class StepRecord(_Doc):
+    """One step of a campaign round: what went in, what came out, and which models it used."""
+
+    name: str
+    status: Literal["running", "done", "failed"] = "running"
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    outputs: dict[str, Any] = Field(default_factory=dict, description="Counts, ids, metrics.")
+    model_versions: dict[str, str] = Field(default_factory=dict)
+    error: str | None = None
+    started_at: datetime = Field(default_factory=utcnow)
+    finished_at: datetime | None = None
+
+
+class RoundDoc(_Doc):
+    """What one campaign round did, step by step (collection ``campaign_rounds``)."""
+
+    campaign: str
+    round: int = Field(ge=0)
+    steps: dict[str, StepRecord] = Field(default_factory=dict, description=f"Keyed by {', '.join(ROUND_STEPS)}.")
     counts: dict[str, int] = Field(default_factory=dict)
     metrics: dict[str, float | None] = Field(default_factory=dict)
     started_at: datetime = Field(default_factory=utcnow)
     finished_at: datetime | None = None
 
 
+class Lease(_Doc):
+    """Which process may act on a campaign; renewed by a heartbeat, taken over once expired."""
+
+    owner: str = Field(description="host:pid of the holder.")
+    token: str
+    heartbeat_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime
+
+
 class CampaignDoc(_Doc):
-    """A campaign and its per-round documents."""
+    """A campaign (collection ``campaigns``); its rounds live in ``campaign_rounds``."""
 
     name: str
     config: dict[str, Any]
     status: Literal["created", "running", "stopped", "finished", "failed"] = "created"
-    rounds: list[RoundDoc] = Field(default_factory=list)
+    status_reason: str | None = None
+    lease: Lease | None = None
+    stop_requested: bool = False
+    model_versions: dict[str, str] = Field(
+        default_factory=dict, description="Models the next round uses: kind -> registry version."
+    )
+    conditioning: dict[str, Any] = Field(
+        default_factory=dict, description="Decile boundaries of the generator's condition, as last updated."
+    )
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
 

@@ -112,17 +112,26 @@ class StopRules(_Strict):
         None, gt=0, le=1, description="Stop when a round's DFT hit rate reaches this fraction."
     )
     patience: int | None = Field(None, ge=1, description="Stop after this many rounds without a new hit.")
+    max_dft: int | None = Field(None, ge=1, description="Stop once this many DFT relaxations were submitted.")
 
 
 class Sampling(_Strict):
     """How latent vectors are drawn."""
 
-    mode: Literal["random", "around_base", "interpolate"] = "random"
+    mode: Literal["random", "around_base", "interpolate", "optimize"] = "random"
     base_formulas: list[str] = Field(default_factory=list, description="Compounds to sample around.")
     std: float = Field(
         0.5, gt=0, description="Standard deviation of the latent perturbation (not a variance)."
     )
     interpolation_steps: int = Field(10, ge=2, description="Points between two base compounds.")
+    condition_on: Literal["base", "target"] = Field(
+        "base", description="around_base: condition on the base compound's decile or the target's."
+    )
+    optimize_steps: int = Field(100, ge=1, description="optimize: gradient steps in latent space.")
+    restrict_elements: bool = Field(
+        True, description="Restrict the decoder's species choice to the campaign's allowed elements."
+    )
+    store_latent: bool = Field(False, description="Keep each candidate's latent vector in its provenance.")
     seed: int = 0
 
     @field_validator("base_formulas")
@@ -162,16 +171,54 @@ class Filters(_Strict):
     max_uip_volume_change: float = Field(
         0.3, gt=0, description="Reject if CHGNet relaxation changes the volume by more than this fraction."
     )
+    allowed_formulas: list[str] = Field(
+        default_factory=list, description="Anonymous formulas (e.g. 'ABC3') the stoichiometry stage keeps."
+    )
+    min_probability: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Window rule: keep if P(in window) under N(mean, std) reaches this (null: mean rule).",
+    )
+    window_relative_to_base: float | None = Field(
+        None,
+        gt=0,
+        description="Formation-energy window per candidate: base E_f widened by this fraction (paper: 0.2).",
+    )
+    uip_fmax: float = Field(0.1, gt=0, description="CHGNet relaxation force convergence (eV/Å).")
+    uip_steps: int = Field(200, ge=1, description="CHGNet relaxation step limit.")
+    store_rejects: bool = Field(
+        False, description="Store rejected candidates compactly (state rejected); default: count only."
+    )
 
 
 class Acquisition(_Strict):
-    """How shortlisted candidates are chosen for DFT."""
+    """How shortlisted candidates are chosen for DFT.
 
-    strategy: Literal["probability_in_window", "ucb", "greedy", "random"] = "probability_in_window"
-    kappa: float = Field(1.0, ge=0, description="Exploration weight on the ensemble std (ucb).")
-    diversity: float = Field(
-        0.5, ge=0, le=1, description="Weight of composition diversity against score (0: score only)."
+    ``strategy`` names a registered acquisition function (see :mod:`crystaloop.loop.acquire`):
+    ``probability_in_window`` (default), ``uncertainty``, ``ucb``, ``greedy``, ``random``, or a
+    user's own.
+    """
+
+    strategy: str = Field("probability_in_window", description="A registered acquisition function.")
+    kappa: float = Field(1.0, ge=0, description="Weight of the uncertainty bonus (uncertainty, ucb).")
+    epsilon: float = Field(0.0, ge=0, le=1, description="Chance of a uniformly random pick (ε-greedy).")
+    max_per_formula: int | None = Field(1, ge=1, description="At most this many per reduced formula per batch.")
+    max_per_chemsys: int | None = Field(2, ge=1, description="At most this many per chemical system per batch.")
+    uip_sigma: float | None = Field(
+        0.1, gt=0, description="Error (eV/atom) given to the UIP formation energy when fused; null: ignore it."
     )
+
+    @field_validator("strategy")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        from crystaloop.loop.acquire import get_acquisition
+
+        try:
+            get_acquisition(value)
+        except ConfigError as exc:
+            raise ValueError(exc.message) from None
+        return value
 
 
 class DFTSettings(_Strict):
@@ -184,20 +231,29 @@ class DFTSettings(_Strict):
 
 
 class Execution(_Strict):
-    """Where DFT jobs run."""
+    """Where DFT jobs run, and how the loop waits for them."""
 
     backend: Literal["local", "fireworks", "jobflow-remote"] = "local"
     worker: str | None = Field(None, description="FireWorks fworker or jobflow-remote worker name.")
     project: str | None = Field(None, description="jobflow-remote project name.")
+    harvest_timeout_s: float = Field(
+        86400.0, gt=0, description="Give up waiting for a round's DFT results after this long (s)."
+    )
+    poll_interval_s: float = Field(10.0, gt=0, description="Seconds between polls of the DB for results.")
+    db_retry_s: float = Field(120.0, ge=0, description="Ride out a lost database connection this long (s).")
 
 
 class Retraining(_Strict):
-    """When and what to retrain from DFT results."""
+    """When and what to retrain from DFT results (hooks in :mod:`crystaloop.loop.retrain`)."""
 
     every: int = Field(1, ge=1, description="Retrain after every this many rounds.")
-    cgcnn: bool = True
-    generator_conditioning: bool = True
-    epochs: int = Field(20, ge=1)
+    cgcnn: bool = Field(True, description="Run the cgcnn_finetune hook.")
+    generator_conditioning: bool = Field(True, description="Run the conditioning_update hook.")
+    hooks: list[str] = Field(default_factory=list, description="Further registered hooks, by name.")
+    epochs: int = Field(20, ge=1, description="Fine-tuning epochs of the CGCNN ensemble.")
+    dft_weight: float = Field(5.0, gt=0, description="Weight of a DFT label against a prior label.")
+    replay: int = Field(512, ge=0, description="Prior structures mixed into each fine-tune.")
+    learning_rate: float = Field(3e-4, gt=0)
     min_new_results: int = Field(1, ge=1, description="Skip retraining with fewer new DFT results.")
 
 

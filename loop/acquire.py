@@ -1,0 +1,227 @@
+"""Acquisition: which shortlisted candidates go to DFT.
+
+An acquisition function scores candidates from their predictions; the batch is
+then taken best-first under diversity caps (at most k per reduced formula and
+per chemical system) up to the round's budget. Functions are looked up by name
+in :data:`ACQUISITIONS`; :func:`register_acquisition` (or the entry-point group
+``crystaloop.acquisition``) adds a user's own.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+
+import numpy as np
+
+from crystaloop.db.documents import CandidateDoc
+from crystaloop.errors import ConfigError
+
+ENTRY_POINT_GROUP = "crystaloop.acquisition"
+
+
+@dataclass(frozen=True)
+class AcquisitionContext:
+    """What an acquisition function may use besides the candidates.
+
+    Attributes
+    ----------
+    windows
+        ``(property, min, max)`` per target window, bounds None when open (property units).
+    kappa
+        Weight of the uncertainty bonus.
+    uip_sigma
+        Assumed error of the universal potential's formation energy, eV/atom; None ignores it.
+    rng
+        Random numbers (random acquisition, ε-greedy).
+    """
+
+    windows: tuple[tuple[str, float | None, float | None], ...]
+    kappa: float = 1.0
+    uip_sigma: float | None = None
+    rng: np.random.Generator | None = None
+
+
+AcquisitionFunction = Callable[[Sequence[CandidateDoc], AcquisitionContext], np.ndarray]
+ACQUISITIONS: dict[str, AcquisitionFunction] = {}
+
+
+def register_acquisition(name: str) -> Callable[[AcquisitionFunction], AcquisitionFunction]:
+    """Decorator: make ``fn(candidates, context) -> scores`` available as ``acquisition.strategy: name``."""
+
+    def decorate(fn: AcquisitionFunction) -> AcquisitionFunction:
+        ACQUISITIONS[name] = fn
+        return fn
+
+    return decorate
+
+
+def get_acquisition(name: str) -> AcquisitionFunction:
+    """The function registered as ``name`` (built in, registered, or from an entry point).
+
+    Raises
+    ------
+    ConfigError
+        No such acquisition function.
+    """
+    if name not in ACQUISITIONS:
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            if ep.name == name:
+                ACQUISITIONS[name] = ep.load()
+    if name not in ACQUISITIONS:
+        raise ConfigError(
+            f"unknown acquisition strategy {name!r}; use one of {', '.join(sorted(ACQUISITIONS))} "
+            f"or register one (entry-point group {ENTRY_POINT_GROUP!r})"
+        )
+    return ACQUISITIONS[name]
+
+
+def _normal_cdf(x: float) -> float:
+    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+
+
+def probability_in_window(mean: float, std: float, lower: float | None, upper: float | None) -> float:
+    """P(lower <= X <= upper) for X ~ N(mean, std²); a zero std gives 0 or 1."""
+    if mean is None or not math.isfinite(mean):
+        return 0.0
+    if std is None or not math.isfinite(std) or std <= 0:
+        return float((lower is None or mean >= lower) and (upper is None or mean <= upper))
+    hi = 1.0 if upper is None else _normal_cdf((upper - mean) / std)
+    lo = 0.0 if lower is None else _normal_cdf((lower - mean) / std)
+    return max(hi - lo, 0.0)
+
+
+def combined_estimate(candidate: CandidateDoc, prop: str, context: AcquisitionContext) -> tuple[float, float]:
+    """Mean and std of ``prop``: the ensemble's, fused with the UIP value when configured.
+
+    The two estimates are combined by inverse-variance weighting (the UIP screen
+    only gives a formation energy).
+    """
+    predicted = candidate.predicted.get(prop)
+    mean = predicted.mean if predicted and predicted.mean is not None else float("nan")
+    std = predicted.std if predicted and predicted.std is not None else 0.0
+    uip = candidate.uip.get(prop) if candidate.uip else None
+    if context.uip_sigma and uip is not None and math.isfinite(uip):
+        if not math.isfinite(mean):
+            return float(uip), context.uip_sigma
+        if std <= 0:
+            return mean, std
+        w_model, w_uip = 1.0 / std**2, 1.0 / context.uip_sigma**2
+        fused = (w_model * mean + w_uip * uip) / (w_model + w_uip)
+        return fused, math.sqrt(1.0 / (w_model + w_uip))
+    return mean, std
+
+
+def window_probability(candidate: CandidateDoc, context: AcquisitionContext) -> float:
+    """Probability that the candidate lies in every window (properties taken as independent)."""
+    p = 1.0
+    for prop, lower, upper in context.windows:
+        mean, std = combined_estimate(candidate, prop, context)
+        p *= probability_in_window(mean, std, lower, upper)
+    return p
+
+
+@register_acquisition("probability_in_window")
+def acquire_probability(candidates: Sequence[CandidateDoc], context: AcquisitionContext) -> np.ndarray:
+    """P(in every window): exploitation with the ensemble's uncertainty."""
+    return np.array([window_probability(c, context) for c in candidates])
+
+
+@register_acquisition("uncertainty")
+def acquire_uncertainty(candidates: Sequence[CandidateDoc], context: AcquisitionContext) -> np.ndarray:
+    """P(in window) plus ``kappa`` times the mean normalised ensemble std (an exploration bonus)."""
+    scores = acquire_probability(candidates, context)
+    bonus = np.zeros(len(candidates))
+    for i, c in enumerate(candidates):
+        stds = [combined_estimate(c, prop, context)[1] for prop, _, _ in context.windows]
+        widths = [
+            (hi - lo) if lo is not None and hi is not None else 1.0 for _, lo, hi in context.windows
+        ]
+        bonus[i] = np.mean([s / w for s, w in zip(stds, widths, strict=True) if math.isfinite(s)] or [0.0])
+    return scores + context.kappa * bonus
+
+
+@register_acquisition("ucb")
+def acquire_ucb(candidates: Sequence[CandidateDoc], context: AcquisitionContext) -> np.ndarray:
+    """Minus the distance of (mean ± kappa·std) to the window, summed over windows: 0 is best."""
+    scores = np.zeros(len(candidates))
+    for i, c in enumerate(candidates):
+        total = 0.0
+        for prop, lower, upper in context.windows:
+            mean, std = combined_estimate(c, prop, context)
+            if not math.isfinite(mean):
+                total -= 1e6
+                continue
+            reach = context.kappa * (std if math.isfinite(std) else 0.0)
+            below = 0.0 if lower is None else max(lower - (mean + reach), 0.0)
+            above = 0.0 if upper is None else max((mean - reach) - upper, 0.0)
+            total -= below + above
+        scores[i] = total
+    return scores
+
+
+@register_acquisition("greedy")
+def acquire_greedy(candidates: Sequence[CandidateDoc], context: AcquisitionContext) -> np.ndarray:
+    """Minus the distance of the mean to the window centre (no uncertainty)."""
+    scores = np.zeros(len(candidates))
+    for i, c in enumerate(candidates):
+        for prop, lower, upper in context.windows:
+            mean, _ = combined_estimate(c, prop, context)
+            if not math.isfinite(mean):
+                scores[i] -= 1e6
+                continue
+            if lower is not None and upper is not None:
+                centre = 0.5 * (lower + upper)
+            else:
+                centre = lower if lower is not None else upper
+            scores[i] -= abs(mean - centre)
+    return scores
+
+
+@register_acquisition("random")
+def acquire_random(candidates: Sequence[CandidateDoc], context: AcquisitionContext) -> np.ndarray:
+    """Uniform random scores: the baseline of the efficiency benchmark."""
+    rng = context.rng or np.random.default_rng()
+    return rng.random(len(candidates))
+
+
+def select_batch(
+    candidates: Sequence[CandidateDoc],
+    scores: np.ndarray,
+    *,
+    budget: int,
+    max_per_formula: int | None = None,
+    max_per_chemsys: int | None = None,
+    epsilon: float = 0.0,
+    rng: np.random.Generator | None = None,
+) -> list[tuple[CandidateDoc, float]]:
+    """Best-first batch of at most ``budget`` under the diversity caps.
+
+    With probability ``epsilon`` each pick is a uniformly random remaining
+    candidate instead of the best one (ε-greedy exploration). Ties keep the
+    candidates' order, so a fixed seed gives a fixed batch.
+    """
+    rng = rng or np.random.default_rng(0)
+    order = list(np.argsort(-np.asarray(scores, dtype=float), kind="stable"))
+    per_formula: dict[str, int] = {}
+    per_chemsys: dict[str, int] = {}
+    chosen: list[tuple[CandidateDoc, float]] = []
+
+    def allowed(c: CandidateDoc) -> bool:
+        return (max_per_formula is None or per_formula.get(c.reduced_formula, 0) < max_per_formula) and (
+            max_per_chemsys is None or per_chemsys.get(c.chemsys, 0) < max_per_chemsys
+        )
+
+    while order and len(chosen) < budget:
+        eligible = [i for i in order if allowed(candidates[i])]
+        if not eligible:
+            break
+        pick = eligible[int(rng.integers(len(eligible)))] if epsilon and rng.random() < epsilon else eligible[0]
+        order.remove(pick)
+        c = candidates[pick]
+        per_formula[c.reduced_formula] = per_formula.get(c.reduced_formula, 0) + 1
+        per_chemsys[c.chemsys] = per_chemsys.get(c.chemsys, 0) + 1
+        chosen.append((c, float(scores[pick])))
+    return chosen

@@ -1,0 +1,282 @@
+"""Retraining hooks: feed a round's DFT results back into the models.
+
+A hook is ``fn(context) -> HookResult``, registered by name with
+:func:`register_hook`. Built in:
+
+- ``cgcnn_finetune``: fine-tune the CGCNN ensemble on a replay sample of the
+  prior data plus every DFT result so far (DFT labels weighted up), register the
+  new version, and record the MAE on this round's DFT results before and after.
+- ``conditioning_update``: add the DFT-relaxed structures and their values to the
+  training data (``training_structures``, source ``dft`` or ``surrogate``) and
+  recompute the decile boundaries of the generator's condition.
+
+A hook that raises leaves the previous model versions in use; its error is
+recorded and the campaign goes on.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pymatgen.core import Structure
+
+from crystaloop.errors import ConfigError
+
+
+@dataclass
+class DFTResult:
+    """One harvested relaxation: candidate, relaxed structure, DFT values (property units)."""
+
+    candidate_id: str
+    round: int
+    structure: Structure
+    values: dict[str, float | None]
+    engine: str
+    predicted: dict[str, float | None] = field(default_factory=dict)
+
+
+@dataclass
+class HookContext:
+    """What a hook sees.
+
+    Attributes
+    ----------
+    campaign, round
+        Which campaign and round ran.
+    config
+        The validated :class:`~crystaloop.loop.config.CampaignConfig`.
+    database
+        The crystaloop database.
+    models
+        Checkpoint path per kind (``vae``, ``unet``, ``cgcnn``) that the round used.
+    results
+        Every harvested DFT result of the campaign so far.
+    new_results
+        Those of this round.
+    work_dir
+        Where new checkpoints go.
+    """
+
+    campaign: str
+    round: int
+    config: Any
+    database: Any
+    models: dict[str, str]
+    results: list[DFTResult]
+    new_results: list[DFTResult]
+    work_dir: Path
+
+
+@dataclass
+class HookResult:
+    """Outcome of one hook: metrics, the model versions it registered, or its error."""
+
+    name: str
+    status: str = "done"
+    metrics: dict[str, Any] = field(default_factory=dict)
+    new_models: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+
+
+Hook = Callable[[HookContext], HookResult]
+HOOKS: dict[str, Hook] = {}
+
+
+def register_hook(name: str) -> Callable[[Hook], Hook]:
+    """Decorator: make ``fn(context) -> HookResult`` available to ``retrain.hooks``."""
+
+    def decorate(fn: Hook) -> Hook:
+        HOOKS[name] = fn
+        return fn
+
+    return decorate
+
+
+def enabled_hooks(retraining) -> list[str]:
+    """Hook names a campaign's ``retrain`` section turns on, in order.
+
+    Raises
+    ------
+    ConfigError
+        A named hook is not registered.
+    """
+    names = []
+    if retraining.cgcnn:
+        names.append("cgcnn_finetune")
+    if retraining.generator_conditioning:
+        names.append("conditioning_update")
+    for name in retraining.hooks:
+        if name not in HOOKS:
+            raise ConfigError(f"unknown retraining hook {name!r}; registered: {', '.join(sorted(HOOKS))}")
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def run_hooks(names: list[str], context: HookContext) -> list[HookResult]:
+    """Run each hook; one that raises gives a ``failed`` result and changes nothing."""
+    results = []
+    for name in names:
+        try:
+            result = HOOKS[name](context)
+        except Exception as exc:  # a failing hook must never end the campaign
+            last = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+            where = f" ({Path(last.filename).name}:{last.lineno})" if last else ""
+            result = HookResult(name, status="failed", error=f"{type(exc).__name__}: {exc}{where}")
+        results.append(result)
+    return results
+
+
+def _registry_version(database, kind: str, version: str, checkpoint: Path, config: dict, metrics: dict, data_hash: str):
+    from crystaloop.db.documents import ModelDoc
+    from crystaloop.db.registry import ModelRegistry
+
+    clean = {k: (float(v) if v is not None else None) for k, v in metrics.items() if isinstance(v, int | float) or v is None}
+    ModelRegistry(database).register(
+        ModelDoc(
+            kind=kind,
+            version=version,
+            dataset_hash=data_hash,
+            config=config,
+            metrics=clean,
+            checkpoint=str(checkpoint),
+        )
+    )
+
+
+@register_hook("cgcnn_finetune")
+def cgcnn_finetune(context: HookContext) -> HookResult:
+    """Fine-tune the CGCNN ensemble on prior replay plus all DFT results; register the new version."""
+    import torch
+
+    from crystaloop.generative.models.checkpoint import load_model, save_model
+    from crystaloop.generative.train.finetune import (
+        finetune_ensemble,
+        mean_absolute_errors,
+        predict_structures,
+    )
+
+    settings = context.config.retrain
+    ensemble, extra = load_model(context.models["cgcnn"])
+    properties = list(ensemble.properties)
+    new = context.new_results
+    new_values = _matrix([r.values for r in new], properties)
+    before, _ = predict_structures(ensemble, [r.structure for r in new])
+    screened = _matrix([r.predicted for r in new], properties)
+    metrics: dict[str, Any] = {
+        "mae_before": mean_absolute_errors(before, new_values, properties),
+        "mae_screening": mean_absolute_errors(screened, new_values, properties),
+        "n_dft": len(context.results),
+        "n_new_dft": len(new),
+    }
+    replay = _replay_records(context.database, settings.replay, seed=context.config.seed + context.round)
+    structures = [s for s, _ in replay] + [r.structure for r in context.results]
+    labels = [lab for _, lab in replay] + [r.values for r in context.results]
+    weights = [1.0] * len(replay) + [settings.dft_weight] * len(context.results)
+    previous_threads = torch.get_num_threads()
+    try:
+        losses = finetune_ensemble(
+            ensemble,
+            structures,
+            labels,
+            weights,
+            epochs=settings.epochs,
+            lr=settings.learning_rate,
+            seed=context.config.seed + context.round,
+        )
+    finally:
+        torch.set_num_threads(previous_threads)
+    after, _ = predict_structures(ensemble, [r.structure for r in new])
+    metrics["mae_after"] = mean_absolute_errors(after, new_values, properties)
+    metrics.update(losses)
+    version = f"{context.campaign}-cgcnn-r{context.round}"
+    path = context.work_dir / f"{version}.pt"
+    save_model(ensemble, path, **{**extra, "finetuned_from": str(context.models["cgcnn"]), "round": context.round})
+    target = properties[0] if properties else "formation_energy_per_atom"
+    flat = {
+        f"mae_before_{target}": metrics["mae_before"].get(target),
+        f"mae_after_{target}": metrics["mae_after"].get(target),
+    }
+    _registry_version(
+        context.database,
+        "cgcnn-ensemble",
+        version,
+        path,
+        {"finetuned_from": str(context.models["cgcnn"]), "epochs": settings.epochs, "dft_weight": settings.dft_weight},
+        flat,
+        data_hash=f"{context.campaign}:r{context.round}:{len(context.results)}",
+    )
+    return HookResult("cgcnn_finetune", metrics=metrics, new_models={"cgcnn": version})
+
+
+def _matrix(rows: list[dict[str, float | None]], properties: list[str]) -> np.ndarray:
+    """(N, P) floats with NaN for missing values."""
+    return np.array(
+        [[np.nan if row.get(p) is None else float(row[p]) for p in properties] for row in rows], dtype=float
+    ).reshape(len(rows), len(properties))
+
+
+def _replay_records(database, n: int, *, seed: int) -> list[tuple[Structure, dict]]:
+    """``n`` random labelled prior structures (converged, not rejected)."""
+    if n <= 0:
+        return []
+    query = {"source": "prior", "converged": True, "reject_reason": None}
+    ids = [d["structure_id"] for d in database["training_structures"].find(query, {"structure_id": 1, "_id": 0})]
+    if not ids:
+        return []
+    rng = np.random.default_rng(seed)
+    picked = sorted(rng.choice(len(ids), size=min(n, len(ids)), replace=False))
+    chosen = [ids[i] for i in picked]
+    docs = database["training_structures"].find(
+        {"structure_id": {"$in": chosen}}, {"_id": 0, "structure": 1, "labels": 1}
+    )
+    return [(Structure.from_dict(d["structure"]), dict(d.get("labels") or {})) for d in docs]
+
+
+@register_hook("conditioning_update")
+def conditioning_update(context: HookContext) -> HookResult:
+    """Add DFT results to the training data and recompute the condition's decile boundaries."""
+    from crystaloop.db.documents import StructureFields, TrainingStructureDoc
+    from crystaloop.db.training import upsert_documents
+    from crystaloop.generative.models.condition import DecileCondition
+    from crystaloop.generative.models.checkpoint import load_model
+
+    vae, _ = load_model(context.models["vae"])
+    condition = vae.condition
+    docs = []
+    for r in context.new_results:
+        docs.append(
+            TrainingStructureDoc(
+                structure_id=f"{r.engine}:{context.campaign}:{r.candidate_id}",
+                source="dft" if r.engine == "espresso" else "surrogate",
+                dataset=f"campaign:{context.campaign}",
+                labels={k: v for k, v in r.values.items() if v is not None},
+                labeller=r.engine,
+                **StructureFields.fields_from(r.structure),
+            ).model_dump()
+        )
+    added = upsert_documents(context.database, docs) if docs else 0
+    name = condition.property_name
+    query = {"converged": True, "reject_reason": None, f"labels.{name}": {"$ne": None}}
+    values = [
+        d["labels"][name]
+        for d in context.database["training_structures"].find(query, {"labels": 1, "_id": 0})
+        if d.get("labels", {}).get(name) is not None
+    ]
+    updated = DecileCondition.fit(values, name)
+    shift = [float(b - a) for a, b in zip(condition.boundaries, updated.boundaries, strict=True)]
+    return HookResult(
+        "conditioning_update",
+        metrics={
+            "added": added,
+            "n_labelled": len(values),
+            "boundaries_before": list(condition.boundaries),
+            "boundaries_after": list(updated.boundaries),
+            "max_boundary_shift": float(np.max(np.abs(shift))) if shift else 0.0,
+        },
+    )
