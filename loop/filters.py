@@ -1,0 +1,467 @@
+"""The filter cascade: staged checks on decoded candidates, with a count in and out per stage.
+
+Stages run in order (paper 002, Table 2, plus a universal-potential screen):
+
+1. ``decoded``: at least one site and a physical lattice (edges above 1 Å, positive volume).
+2. ``valid``: every minimum-image interatomic distance at least ``min_distance`` (Å).
+3. ``stoichiometry`` (optional): the base compound's reduced formula, or an allowed anonymous one.
+4. ``elements``: the campaign's allow/deny lists and the pseudopotential family's coverage.
+5. ``novel``: not equivalent (``StructureMatcher``) to training data or earlier campaign candidates.
+6. ``window``: the CGCNN ensemble puts the candidate in the target window.
+7. ``uip_screen``: CHGNet relaxation; its formation energy must lie in the widened window too.
+8. ``unique``: equivalent survivors are grouped and the best-scored one is kept.
+
+Every stage writes a verdict (and reason) into each candidate's filter trail.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+from pymatgen.analysis.structure_matcher import StructureMatcher
+from pymatgen.core import Composition, Structure
+
+from crystaloop.db.documents import FilterStep
+from crystaloop.loop.config import ElementRules, TargetWindow
+
+MIN_EDGE_ANGSTROM = 1.0
+
+
+@dataclass
+class Candidate:
+    """A candidate travelling through the cascade.
+
+    Attributes
+    ----------
+    index
+        Row in the sampled batch.
+    structure
+        The decoded structure (None when decoding failed).
+    sample
+        Sampling metadata of its row (decile, base formula ...).
+    latent
+        The latent vector it was decoded from.
+    windows
+        Per-candidate windows that replace the campaign's for their property (e.g. the paper's
+        "within 20 % of the base E_f").
+    """
+
+    index: int
+    structure: Structure | None
+    sample: dict[str, Any] = field(default_factory=dict)
+    latent: np.ndarray | None = None
+    decode_reason: str | None = None
+    windows: dict[str, TargetWindow] = field(default_factory=dict)
+    trail: list[FilterStep] = field(default_factory=list)
+    predicted: dict[str, dict[str, Any]] = field(default_factory=dict)
+    score: float | None = None
+    uip: dict[str, Any] = field(default_factory=dict)
+    rejected_stage: str | None = None
+    rejected_reason: str | None = None
+
+    def record(self, stage: str, passed: bool, reason: str | None = None) -> None:
+        """Append a verdict to the trail; a failure marks the candidate rejected at ``stage``."""
+        self.trail.append(FilterStep(stage=stage, passed=passed, reason=reason))
+        if not passed:
+            self.rejected_stage, self.rejected_reason = stage, reason
+
+    def window_for(self, target: TargetWindow) -> TargetWindow:
+        """The window this candidate is judged against for ``target.property``."""
+        return self.windows.get(target.property, target)
+
+
+Verdict = tuple[bool, str | None]
+
+
+class Stage(Protocol):
+    """One cascade stage: a verdict (passed, reason) per candidate, in order."""
+
+    name: str
+
+    def judge(self, candidates: Sequence[Candidate]) -> list[Verdict]: ...
+
+
+@dataclass
+class StageCount:
+    """Counts of one stage of one run."""
+
+    stage: str
+    n_in: int
+    n_out: int
+    seconds: float
+
+
+# -- window arithmetic ------------------------------------------------------------------------
+
+
+def widen(window: TargetWindow, tolerance: float) -> tuple[float, float]:
+    """Window bounds moved outward by ``tolerance`` times their magnitude (open bounds infinite)."""
+    lo = -math.inf if window.min is None else window.min - tolerance * abs(window.min)
+    hi = math.inf if window.max is None else window.max + tolerance * abs(window.max)
+    return lo, hi
+
+
+def probability_in_window(mean: float, std: float, window: TargetWindow) -> float:
+    """P(lower <= X <= upper) for X ~ N(mean, std^2); an indicator when std is 0."""
+    lo = -math.inf if window.min is None else window.min
+    hi = math.inf if window.max is None else window.max
+    if not math.isfinite(mean):
+        return 0.0
+    if not std or std <= 0 or not math.isfinite(std):
+        return float(lo <= mean <= hi)
+
+    def cdf(x: float) -> float:
+        return 0.5 * (1.0 + math.erf((x - mean) / (std * math.sqrt(2.0))))
+
+    return max(0.0, cdf(hi) - cdf(lo))
+
+
+def relative_window(prop: str, center: float, fraction: float) -> TargetWindow:
+    """The window ``center ± fraction·|center|`` on ``prop`` (paper: E_f within 20 % of the base)."""
+    half = abs(center) * fraction
+    return TargetWindow(property=prop, min=center - half, max=center + half)
+
+
+# -- stages ------------------------------------------------------------------------------------
+
+
+@dataclass
+class DecodedStage:
+    """Segmentation found at least one site and the lattice is physical."""
+
+    name: str = "decoded"
+    min_edge: float = MIN_EDGE_ANGSTROM
+
+    def judge(self, candidates: Sequence[Candidate]) -> list[Verdict]:
+        out = []
+        for c in candidates:
+            s = c.structure
+            if s is None:
+                out.append((False, c.decode_reason or "not decoded"))
+            elif len(s) == 0:
+                out.append((False, "no sites"))
+            elif min(s.lattice.abc) <= self.min_edge:
+                out.append((False, f"lattice edge {min(s.lattice.abc):.2f} Å below {self.min_edge:g} Å"))
+            elif not s.volume > 0:
+                out.append((False, "non-positive cell volume"))
+            else:
+                out.append((True, None))
+        return out
+
+
+@dataclass
+class ValidityStage:
+    """Every minimum-image interatomic distance is at least ``min_distance`` (Å)."""
+
+    min_distance: float = 0.5
+    name: str = "valid"
+
+    def judge(self, candidates: Sequence[Candidate]) -> list[Verdict]:
+        out = []
+        for c in candidates:
+            closest = min_distance(c.structure, self.min_distance)
+            if closest is None:
+                out.append((True, None))
+            else:
+                out.append((False, f"atoms {closest:.2f} Å apart (minimum {self.min_distance:g} Å)"))
+        return out
+
+
+def min_distance(structure: Structure, cutoff: float) -> float | None:
+    """The shortest periodic interatomic distance below ``cutoff`` (Å), or None if there is none."""
+    # exclude_self drops only a site's zero-distance pair with itself, so coincident sites count.
+    _, _, _, distances = structure.get_neighbor_list(r=cutoff, exclude_self=True)
+    return float(distances.min()) if len(distances) else None
+
+
+def anonymous_formula(formula: str) -> str:
+    """pymatgen's anonymised reduced formula ('SrTiO3' -> 'ABC3')."""
+    return Composition(formula).anonymized_formula
+
+
+@dataclass
+class StoichiometryStage:
+    """Same reduced formula as the candidate's base compound(s), or an allowed anonymous formula."""
+
+    use_base: bool = True
+    allowed_formulas: Sequence[str] = ()
+    name: str = "stoichiometry"
+
+    def __post_init__(self) -> None:
+        self._anonymous = {anonymous_formula(f) for f in self.allowed_formulas}
+
+    def judge(self, candidates: Sequence[Candidate]) -> list[Verdict]:
+        out = []
+        for c in candidates:
+            comp = c.structure.composition
+            bases = c.sample.get("base_formulas") or (
+                [c.sample["base_formula"]] if c.sample.get("base_formula") else []
+            )
+            if self.use_base and bases:
+                reduced = {Composition(b).reduced_formula for b in bases}
+                if comp.reduced_formula in reduced:
+                    out.append((True, None))
+                    continue
+            if comp.anonymized_formula in self._anonymous:
+                out.append((True, None))
+                continue
+            if not (self.use_base and bases) and not self._anonymous:
+                out.append((True, None))
+                continue
+            wanted = sorted({Composition(b).reduced_formula for b in bases} | self._anonymous)
+            out.append((False, f"{comp.reduced_formula} is not {' or '.join(wanted)}"))
+        return out
+
+
+@dataclass
+class ElementStage:
+    """Inside the campaign's allow/deny lists and, when given, the pseudopotential family."""
+
+    rules: ElementRules
+    covered: frozenset[str] | None = None
+    family: str | None = None
+    name: str = "elements"
+
+    def judge(self, candidates: Sequence[Candidate]) -> list[Verdict]:
+        out = []
+        for c in candidates:
+            symbols = {el.symbol for el in c.structure.composition.elements}
+            if not self.rules.permits(symbols):
+                denied = sorted(symbols & set(self.rules.deny))
+                outside = sorted(symbols - set(self.rules.allow or symbols))
+                out.append((False, f"element(s) {', '.join(denied + outside)} not allowed"))
+            elif self.covered is not None and not symbols <= self.covered:
+                missing = ", ".join(sorted(symbols - self.covered))
+                out.append((False, f"no pseudopotential for {missing} in {self.family}"))
+            else:
+                out.append((True, None))
+        return out
+
+
+@dataclass
+class NoveltyStage:
+    """Not equivalent to a known structure of the same reduced formula.
+
+    ``known(reduced_formula)`` returns the structures to compare with (training data and earlier
+    campaign candidates); it is called once per formula.
+    """
+
+    known: Callable[[str], Sequence[Structure]]
+    matcher: StructureMatcher = field(default_factory=StructureMatcher)
+    name: str = "novel"
+
+    def judge(self, candidates: Sequence[Candidate]) -> list[Verdict]:
+        cache: dict[str, Sequence[Structure]] = {}
+        out = []
+        for c in candidates:
+            formula = c.structure.composition.reduced_formula
+            if formula not in cache:
+                cache[formula] = self.known(formula)
+            if any(self.matcher.fit(c.structure, k) for k in cache[formula]):
+                out.append((False, f"{formula} is already known (training data or campaign)"))
+            else:
+                out.append((True, None))
+        return out
+
+
+class Predictor(Protocol):
+    """Property model: means and standard deviations (n, n_properties), property units."""
+
+    properties: list[str]
+    version: str
+
+    def predict(self, structures: Sequence[Structure]) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+@dataclass
+class WindowStage:
+    """The ensemble puts the candidate in every target window it can predict.
+
+    With ``min_probability`` None the mean must lie in the window widened by ``tolerance``;
+    otherwise P(in window) under N(mean, std^2) must reach ``min_probability``. The score is the
+    product over targets of P(in window); every predicted property is stored on the candidate.
+    """
+
+    predictor: Predictor
+    targets: Sequence[TargetWindow]
+    tolerance: float = 0.2
+    min_probability: float | None = None
+    name: str = "window"
+
+    def judge(self, candidates: Sequence[Candidate]) -> list[Verdict]:
+        if not candidates:
+            return []
+        mean, std = self.predictor.predict([c.structure for c in candidates])
+        names = list(self.predictor.properties)
+        out = []
+        for row, c in enumerate(candidates):
+            c.predicted = {
+                p: {
+                    "mean": _finite(mean[row, i]),
+                    "std": _finite(std[row, i]),
+                    "model_version": self.predictor.version,
+                }
+                for i, p in enumerate(names)
+            }
+            score, failures = 1.0, []
+            for target in self.targets:
+                if target.property not in names:
+                    continue
+                i = names.index(target.property)
+                window = c.window_for(target)
+                m, s = float(mean[row, i]), float(std[row, i])
+                probability = probability_in_window(m, s, window)
+                score *= probability
+                if self.min_probability is None:
+                    lo, hi = widen(window, self.tolerance)
+                    ok = math.isfinite(m) and lo <= m <= hi
+                    why = f"{target.property} {m:.3g} outside [{lo:.3g}, {hi:.3g}]"
+                else:
+                    ok = probability >= self.min_probability
+                    why = f"P({target.property} in window) {probability:.2f} < {self.min_probability:g}"
+                if not ok:
+                    failures.append(why)
+            c.score = score
+            out.append((not failures, "; ".join(failures) or None))
+        return out
+
+
+def _finite(value: float) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+class Relaxer(Protocol):
+    """A universal potential: relax a structure, return the relaxed structure and energies."""
+
+    version: str
+
+    def relax(self, structure: Structure) -> dict[str, Any]: ...
+
+
+@dataclass
+class UIPStage:
+    """CHGNet relaxes the candidate; its formation energy must lie in the widened window.
+
+    ``references`` are elemental energies (eV/atom) on the same scale as the prior data's
+    labels. The relaxed structure, energies (eV/atom), formation energy, mean and max site
+    displacement (Å) and volume change go into the candidate's ``uip`` record.
+    """
+
+    relaxer: Relaxer
+    references: Callable[[Iterable[str]], dict[str, float]]
+    targets: Sequence[TargetWindow]
+    tolerance: float = 0.2
+    max_volume_change: float = 0.3
+    name: str = "uip_screen"
+
+    def judge(self, candidates: Sequence[Candidate]) -> list[Verdict]:
+        out = []
+        for c in candidates:
+            try:
+                result = self.relaxer.relax(c.structure)
+            except Exception as exc:  # a potential that fails on a wild cell rejects the cell
+                out.append((False, f"relaxation failed: {type(exc).__name__}"))
+                continue
+            final: Structure = result["structure"]
+            comp = final.composition.fractional_composition
+            refs = self.references(el.symbol for el in comp.elements)
+            formation = result["energy_per_atom"] - sum(x * refs[el.symbol] for el, x in comp.items())
+            shift = displacement(c.structure, final)
+            volume_change = final.volume / c.structure.volume - 1.0
+            c.uip = {
+                "model": self.relaxer.version,
+                "structure": final.as_dict(),
+                "initial_energy_per_atom": result["initial_energy_per_atom"],
+                "energy_per_atom": result["energy_per_atom"],
+                "formation_energy_per_atom": formation,
+                "mean_displacement_angstrom": float(shift.mean()),
+                "max_displacement_angstrom": float(shift.max()),
+                "volume_change": volume_change,
+                "steps": result["steps"],
+                "converged": result["converged"],
+            }
+            failures = []
+            if abs(volume_change) > self.max_volume_change:
+                failures.append(f"volume changed by {100 * volume_change:+.0f} %")
+            for target in self.targets:
+                if target.property != "formation_energy_per_atom":
+                    continue
+                lo, hi = widen(c.window_for(target), self.tolerance)
+                if not lo <= formation <= hi:
+                    failures.append(f"CHGNet E_f {formation:.3f} eV/atom outside [{lo:.3g}, {hi:.3g}]")
+            out.append((not failures, "; ".join(failures) or None))
+        return out
+
+
+def displacement(initial: Structure, final: Structure) -> np.ndarray:
+    """Per-site minimum-image displacement (Å), fractional shifts measured in the final lattice."""
+    delta = final.frac_coords - initial.frac_coords
+    delta -= np.round(delta)
+    return np.linalg.norm(delta @ final.lattice.matrix, axis=1)
+
+
+@dataclass
+class UniqueStage:
+    """Group equivalent candidates (same reduced formula, then ``StructureMatcher``); keep the best.
+
+    "Best" is the highest score (P in window), ties broken by batch order.
+    """
+
+    matcher: StructureMatcher = field(default_factory=StructureMatcher)
+    name: str = "unique"
+
+    def judge(self, candidates: Sequence[Candidate]) -> list[Verdict]:
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, c in enumerate(candidates):
+            groups[c.structure.composition.reduced_formula].append(i)
+        verdicts: list[Verdict] = [(True, None)] * len(candidates)
+        for members in groups.values():
+            members.sort(key=lambda i: (-(candidates[i].score or 0.0), candidates[i].index))
+            kept: list[int] = []
+            for i in members:
+                twin = next((k for k in kept if self.matcher.fit(candidates[i].structure, candidates[k].structure)), None)
+                if twin is None:
+                    kept.append(i)
+                else:
+                    verdicts[i] = (False, f"equivalent to sample {candidates[twin].index}")
+        return verdicts
+
+
+# -- the cascade -------------------------------------------------------------------------------
+
+
+@dataclass
+class FilterCascade:
+    """Stages in order; :meth:`run` returns the survivors and a count per stage."""
+
+    stages: Sequence[Stage]
+
+    def run(
+        self,
+        candidates: Sequence[Candidate],
+        *,
+        progress: Callable[[str, int, int], None] | None = None,
+    ) -> tuple[list[Candidate], list[StageCount]]:
+        """Judge ``candidates`` stage by stage; each stage sees only the previous survivors."""
+        alive = list(candidates)
+        counts = []
+        for k, stage in enumerate(self.stages):
+            start = time.perf_counter()
+            verdicts = stage.judge(alive) if alive else []
+            survivors = []
+            for c, (passed, reason) in zip(alive, verdicts, strict=True):
+                c.record(stage.name, passed, reason)
+                if passed:
+                    survivors.append(c)
+            counts.append(StageCount(stage.name, len(alive), len(survivors), time.perf_counter() - start))
+            alive = survivors
+            if progress is not None:
+                progress(stage.name, k + 1, len(self.stages))
+        return alive, counts

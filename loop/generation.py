@@ -1,0 +1,671 @@
+"""One generation step of a campaign: sample, decode, filter, and store the shortlist.
+
+:func:`generate_candidates` is what the campaign loop calls. It draws latent vectors
+(:mod:`crystaloop.generative.sample`), decodes them with the species restricted to the
+campaign's elements (:class:`crystaloop.generative.decode.Decoder`), runs the filter cascade
+(:mod:`crystaloop.loop.filters`) and writes every survivor as a ``shortlisted`` candidate in one
+``insert_many``, each tagged with the call's ``generation_id``, so a loop killed mid-call can
+tell whether the call's results landed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from pymatgen.core import Composition, Structure
+
+from crystaloop.db.documents import CandidateDoc, CandidateState, utcnow
+from crystaloop.errors import UserError
+from crystaloop.loop.config import CampaignConfig, TargetWindow
+from crystaloop.loop.filters import (
+    Candidate,
+    DecodedStage,
+    ElementStage,
+    FilterCascade,
+    NoveltyStage,
+    StoichiometryStage,
+    UIPStage,
+    UniqueStage,
+    ValidityStage,
+    WindowStage,
+    relative_window,
+)
+
+STRATEGIES = ("random", "around_base", "interpolate", "optimize")
+EF = "formation_energy_per_atom"
+
+
+class StageReport(BaseModel):
+    """Counts of one step: candidates in and out, and its wall time (s)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stage: str
+    n_in: int
+    n_out: int
+    seconds: float
+
+
+class GenerationReport(BaseModel):
+    """What one :func:`generate_candidates` call did."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    generation_id: str
+    campaign: str
+    round: int
+    strategy: str
+    parameters: dict[str, Any] = Field(default_factory=dict, description="Strategy parameters.")
+    seed: int
+    n_requested: int
+    restrict_elements: bool = Field(description="Species decisions restricted at decoding time.")
+    allowed_elements: list[str] | None = None
+    stages: list[StageReport] = Field(default_factory=list, description="The cascade, in order.")
+    seconds: dict[str, float] = Field(
+        default_factory=dict, description="Wall time (s) per step: load, sample, decode, each stage, write."
+    )
+    shortlisted: list[str] = Field(default_factory=list, description="Ids of stored survivors.")
+    n_shortlisted: int = 0
+    n_rejects_stored: int = 0
+    model_versions: dict[str, str] = Field(default_factory=dict)
+    dry_run: bool = False
+    rejected_reasons: dict[str, dict[str, int]] = Field(
+        default_factory=dict, description="Per stage, the most frequent rejection reasons and counts."
+    )
+
+    @property
+    def total_seconds(self) -> float:
+        """Wall time of the whole call (s)."""
+        return float(sum(self.seconds.values()))
+
+
+# -- models ------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=4)
+def load_decoder(vae: str, unet: str, device: str = "auto", workers: int | None = None):
+    """A :class:`~crystaloop.generative.decode.Decoder`, kept for the life of the process."""
+    from crystaloop.generative.decode import Decoder
+
+    return Decoder.from_checkpoints(vae, unet, device=device, workers=workers)
+
+
+class EnsemblePredictor:
+    """The CGCNN ensemble (or a single CGCNN) as a batched predictor of means and stds.
+
+    Structures the model cannot featurise (elements beyond Pu) get NaN rows.
+    """
+
+    def __init__(self, path: str | Path, version: str, *, device: str = "cpu", batch_size: int = 256) -> None:
+        from crystaloop.generative.models.checkpoint import load_model
+
+        self.model, _ = load_model(path)
+        self.model = self.model.to(device).eval()
+        self.device, self.batch_size, self.version = device, batch_size, version
+        self.properties = list(self.model.properties)
+        members = getattr(self.model, "members", None)
+        self._graph = (members[0] if members is not None else self.model).graph
+
+    @torch.no_grad()
+    def predict(self, structures: Sequence[Structure]) -> tuple[np.ndarray, np.ndarray]:
+        """Means and standard deviations, each (n, n_properties), property units."""
+        from crystaloop.generative.models.cgcnn import collate_graphs
+        from crystaloop.generative.models.ensemble import CGCNNEnsemble
+
+        n, p = len(structures), len(self.properties)
+        mean, std = np.full((n, p), np.nan), np.full((n, p), np.nan)
+        graphs, rows = [], []
+        for i, s in enumerate(structures):
+            try:
+                graphs.append(self._graph(s))
+                rows.append(i)
+            except ValueError:
+                continue
+        for start in range(0, len(graphs), self.batch_size):
+            batch = collate_graphs(graphs[start : start + self.batch_size]).to(self.device)
+            if isinstance(self.model, CGCNNEnsemble):
+                m, s = self.model.predict(batch)
+            else:
+                m = self.model.predict(batch)
+                s = torch.zeros_like(m)
+            idx = rows[start : start + self.batch_size]
+            mean[idx], std[idx] = m.cpu().numpy(), s.cpu().numpy()
+        return mean, std
+
+
+class CHGNetRelaxer:
+    """Cell and position relaxation with the bundled CHGNet (eV/atom energies)."""
+
+    def __init__(self, *, fmax: float = 0.1, steps: int = 200) -> None:
+        from chgnet.model import StructOptimizer
+
+        from crystaloop.dft.surrogate import load_chgnet
+
+        self.model = load_chgnet()
+        self.optimizer = StructOptimizer(model=self.model, use_device="cpu")
+        self.fmax, self.steps = fmax, steps
+        self.version = f"chgnet-{self.model.version}"
+
+    def relax(self, structure: Structure) -> dict[str, Any]:
+        """Relaxed structure, initial and final energies (eV/atom), steps and convergence."""
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = self.optimizer.relax(structure.copy(), fmax=self.fmax, steps=self.steps, verbose=False)
+        final = result["final_structure"]
+        energies = result["trajectory"].energies
+        return {
+            "structure": final,
+            "initial_energy_per_atom": float(energies[0]) / len(structure),
+            "energy_per_atom": float(self.model.predict_structure(final, task="e")["e"]),
+            "steps": len(energies),
+            "converged": len(energies) < self.steps,
+        }
+
+
+def chgnet_references(labeller: str) -> Callable[[Iterable[str]], dict[str, float]]:
+    """Elemental CHGNet references (eV/atom) of the prior data; missing ones computed and cached.
+
+    New elements are cached under the data directory, never in the installed package.
+    """
+    from crystaloop.generative.data.references import compute_references, load_references
+    from crystaloop.settings import get_settings
+
+    cache = get_settings().data_dir / "references" / f"references-{labeller}.json"
+    table = {s: v["energy_per_atom"] for s, v in load_references(labeller, cache).items()}
+
+    def lookup(symbols: Iterable[str]) -> dict[str, float]:
+        symbols = sorted(set(symbols))
+        missing = [s for s in symbols if s not in table]
+        if missing:
+            from crystaloop.dft.surrogate import load_chgnet
+
+            table.update(compute_references(missing, labeller, model=load_chgnet(), cache=cache))
+        return {s: table[s] for s in symbols}
+
+    return lookup
+
+
+def model_versions(database, paths: dict[str, str]) -> dict[str, str]:
+    """Registry version of each checkpoint path (the file stem when it is not registered)."""
+    out = {}
+    for kind, path in paths.items():
+        doc = database["models"].find_one({"checkpoint": str(path)}, {"version": 1})
+        out[kind] = doc["version"] if doc else Path(path).stem
+    return out
+
+
+# -- data the cascade compares with ----------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def _shipped_prior() -> dict[str, list[tuple[Structure, dict]]]:
+    from crystaloop.generative.data.dataset import prior_records
+
+    by_formula: dict[str, list[tuple[Structure, dict]]] = {}
+    for record in prior_records():
+        by_formula.setdefault(record.structure.composition.reduced_formula, []).append(
+            (record.structure, dict(record.labels))
+        )
+    return by_formula
+
+
+def training_structures(database, reduced_formula: str) -> list[tuple[Structure, dict]]:
+    """Training structures of one reduced formula with their labels.
+
+    From the ``training_structures`` collection; when it is empty, from the shipped prior set the
+    shipped models were trained on.
+    """
+    from crystaloop.db.training import COLLECTION
+
+    coll = database[COLLECTION]
+    if coll.estimated_document_count() == 0:
+        return list(_shipped_prior().get(reduced_formula, []))
+    docs = coll.find({"reduced_formula": reduced_formula}, {"structure": 1, "labels": 1})
+    return [(Structure.from_dict(d["structure"]), d.get("labels") or {}) for d in docs]
+
+
+def known_structures(database, campaign: str) -> Callable[[str], list[Structure]]:
+    """Lookup of known structures by reduced formula: training data plus live campaign candidates."""
+    from crystaloop.db.store import CandidateStore
+
+    store = CandidateStore(database)
+
+    def lookup(formula: str) -> list[Structure]:
+        known = [s for s, _ in training_structures(database, formula)]
+        query = {"campaign": campaign, "reduced_formula": formula, "state": {"$ne": CandidateState.REJECTED.value}}
+        known += [Structure.from_dict(d["structure"]) for d in store.collection.find(query, {"structure": 1})]
+        return known
+
+    return lookup
+
+
+@dataclass(frozen=True)
+class BaseCompound:
+    """A compound to sample around: its structure and, when known, its formation energy (eV/atom)."""
+
+    formula: str
+    structure: Structure
+    formation_energy: float | None
+
+
+def resolve_base(database, reference: str) -> BaseCompound:
+    """A base compound from a CIF path or a formula in the training data (lowest E_f polymorph).
+
+    Raises
+    ------
+    UserError
+        If the CIF cannot be read or the formula is not in the training data.
+    """
+    path = Path(reference)
+    if path.suffix.lower() == ".cif" or path.is_file():
+        try:
+            structure = Structure.from_file(path)
+        except Exception as exc:
+            raise UserError(f"cannot read base compound {path} ({type(exc).__name__}); give a valid CIF") from None
+        return BaseCompound(structure.composition.reduced_formula, structure, None)
+    formula = Composition(reference).reduced_formula
+    found = training_structures(database, formula)
+    if not found:
+        raise UserError(
+            f"base compound {reference} is not in the training data; give a CIF path in "
+            "sampling.base_formulas or load the data with `crystaloop data load-prior`"
+        )
+
+    def energy(item: tuple[Structure, dict]) -> float:
+        value = item[1].get(EF)
+        return math.inf if value is None else float(value)
+
+    structure, labels = min(found, key=energy)
+    return BaseCompound(formula, structure, labels.get(EF))
+
+
+# -- sampling ----------------------------------------------------------------------------------
+
+
+def condition_window(config: CampaignConfig, property_name: str) -> TargetWindow | None:
+    """The campaign's window on the VAE condition's property, if it has one."""
+    return next((t for t in config.targets if t.property == property_name), None)
+
+
+def draw_latents(
+    config: CampaignConfig,
+    decoder,
+    database,
+    *,
+    n: int,
+    strategy: str,
+    seed: int,
+):
+    """The :class:`~crystaloop.generative.sample.LatentSamples` and the bases they came from."""
+    from crystaloop.generative import sample
+
+    vae = decoder.vae
+    window = condition_window(config, vae.condition.property_name)
+    target_deciles = (
+        sample.window_deciles(vae.condition, window.min, window.max)
+        if window is not None
+        else list(range(10))
+    )
+    bases: list[BaseCompound] = []
+    sampling = config.sampling
+    if strategy in ("around_base", "interpolate") or (strategy == "optimize" and sampling.base_formulas):
+        if not sampling.base_formulas:
+            raise UserError(f"strategy {strategy!r} needs sampling.base_formulas in the campaign file")
+        bases = [resolve_base(database, f) for f in sampling.base_formulas]
+        values = [b.formation_energy for b in bases]
+        labelled = vae.condition.property_name == EF and all(v is not None for v in values)
+        means, _ = decoder.encode([b.structure for b in bases], values if labelled else None)
+        if sampling.condition_on == "base" and vae.condition.property_name == EF:
+            base_deciles = [
+                [int(vae.condition.index([v])[0])] if v is not None else target_deciles for v in values
+            ]
+        else:
+            base_deciles = [target_deciles] * len(bases)
+        formulas = [b.formula for b in bases]
+    if strategy == "random" or (strategy == "optimize" and not bases):
+        samples = sample.sample_random(vae.latent_dim, n, target_deciles, seed=seed)
+    elif strategy in ("around_base", "optimize"):
+        samples = sample.sample_around_bases(means, formulas, base_deciles, n, std=sampling.std, seed=seed)
+    elif strategy == "interpolate":
+        if len(bases) < 2:
+            raise UserError("strategy 'interpolate' needs at least two sampling.base_formulas")
+        samples = sample.sample_interpolation(
+            means, formulas, base_deciles, n, steps=sampling.interpolation_steps, std=sampling.std, seed=seed
+        )
+    else:
+        raise UserError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+    if strategy == "optimize":
+        target = next((t for t in config.targets if t.property in vae.properties), None)
+        if target is None:
+            raise UserError(
+                f"strategy 'optimize' needs a VAE with a property head for one of the targets "
+                f"({', '.join(t.property for t in config.targets)}); this VAE predicts "
+                f"{', '.join(vae.properties) or 'nothing'}; train configs/train/paper/vae_joint.yaml"
+            )
+        lo = -math.inf if target.min is None else target.min
+        hi = math.inf if target.max is None else target.max
+        samples = sample.optimize_samples(vae, samples, target.property, (lo, hi), steps=sampling.optimize_steps)
+    return samples, bases
+
+
+# -- elements ----------------------------------------------------------------------------------
+
+
+def pseudo_family(config: CampaignConfig):
+    """The pseudopotential family a campaign's espresso engine uses (None for the surrogate).
+
+    ``dft.pseudo_family`` is a family YAML path, or the name of the family configured in the
+    settings (``CRYSTALOOP_PSEUDO_FAMILY``).
+
+    Raises
+    ------
+    UserError
+        If the family cannot be found or the configured one has another name.
+    """
+    if config.dft.engine != "espresso":
+        return None
+    from crystaloop.dft.pseudos import family_from_settings, load_family
+
+    ref = config.dft.pseudo_family
+    if ref.endswith((".yaml", ".yml")) or Path(ref).expanduser().is_file():
+        return load_family(ref)
+    family = family_from_settings()
+    if family.name != ref:
+        raise UserError(
+            f"the campaign asks for pseudopotential family {ref!r} but the configured one is "
+            f"{family.name!r}; set CRYSTALOOP_PSEUDO_FAMILY to its YAML or give the YAML path in dft.pseudo_family"
+        )
+    return family
+
+
+def allowed_elements(config: CampaignConfig, family, decodable: Sequence[str]) -> list[str]:
+    """Decodable elements the campaign allows (allow/deny lists and pseudopotential coverage).
+
+    Raises
+    ------
+    UserError
+        If none remain.
+    """
+    rules = config.elements
+    keep = [
+        s
+        for s in decodable
+        if rules.permits([s]) and (family is None or s in family.pseudopotentials)
+    ]
+    if not keep:
+        raise UserError(
+            "no element the decoder knows is allowed by elements.allow/deny"
+            + (f" and covered by pseudopotential family {family.name}" if family else "")
+            + f"; the decoder knows {' '.join(decodable)}"
+        )
+    return keep
+
+
+# -- the call ------------------------------------------------------------------------------------
+
+
+def derive_seed(config: CampaignConfig, round: int) -> int:
+    """The default seed of a round: the campaign's sampling seed and round number combined."""
+    return int(np.random.SeedSequence([config.sampling.seed, config.seed, round]).generate_state(1)[0])
+
+
+def build_cascade(
+    config: CampaignConfig,
+    *,
+    strategy: str,
+    database,
+    family,
+    predictor,
+    uip: bool,
+) -> FilterCascade:
+    """The stages a campaign's filter settings ask for, in order."""
+    f = config.filters
+    stages: list[Any] = [DecodedStage(), ValidityStage(f.min_distance)]
+    by_base = f.same_stoichiometry_as_base and strategy in ("around_base", "interpolate")
+    if by_base or f.allowed_formulas:
+        stages.append(StoichiometryStage(use_base=by_base, allowed_formulas=f.allowed_formulas))
+    covered = frozenset(family.pseudopotentials) if family is not None else None
+    stages.append(ElementStage(config.elements, covered, family.name if family is not None else None))
+    if f.novelty:
+        stages.append(NoveltyStage(known_structures(database, config.name)))
+    stages.append(WindowStage(predictor, config.targets, f.window_tolerance, f.min_probability))
+    if uip:
+        relaxer = CHGNetRelaxer(fmax=f.uip_fmax, steps=f.uip_steps)
+        stages.append(
+            UIPStage(
+                relaxer,
+                chgnet_references(relaxer.version),
+                config.targets,
+                f.window_tolerance,
+                f.max_uip_volume_change,
+            )
+        )
+    stages.append(UniqueStage())
+    return FilterCascade(stages)
+
+
+def generate_candidates(
+    config: CampaignConfig,
+    *,
+    database,
+    n: int,
+    round: int = 0,
+    generation_id: str | None = None,
+    strategy: str | None = None,
+    dry_run: bool = False,
+    seed: int | None = None,
+    models: dict[str, str] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+    restrict_elements: bool | None = None,
+    uip_screen: bool | None = None,
+    batch_size: int = 64,
+    device: str | None = None,
+    workers: int | None = None,
+) -> GenerationReport:
+    """Sample ``n`` candidates, filter them and store the survivors as ``shortlisted``.
+
+    Parameters
+    ----------
+    config
+        The campaign.
+    database
+        The crystaloop database.
+    n
+        Latent samples to draw.
+    round
+        Campaign round recorded on every candidate.
+    generation_id
+        Tag written into every stored candidate's provenance (default: a new id).
+    strategy
+        ``random``, ``around_base``, ``interpolate`` or ``optimize`` (default ``sampling.mode``).
+    dry_run
+        Run everything, write nothing.
+    seed
+        Sampling seed (default: derived from the campaign seeds and the round).
+    models
+        Checkpoint paths ``{"vae", "unet", "cgcnn"}`` (default: the campaign's, resolved).
+    progress
+        Called as ``progress(step, done, total)``: ``decode`` per batch, then each stage.
+    restrict_elements, uip_screen
+        Override ``sampling.restrict_elements`` and ``filters.uip_screen``.
+    batch_size, device, workers
+        Decoder batch size, device (default from settings) and watershed processes.
+
+    Raises
+    ------
+    UserError
+        Unknown strategy, base compound or pseudopotential family; no allowed element.
+    """
+    from crystaloop.db.store import CandidateStore
+    from crystaloop.generative.models.shipped import resolve_models
+    from crystaloop.settings import get_settings
+
+    if n < 1:
+        raise UserError(f"--n must be at least 1; got {n}")
+    strategy = strategy or config.sampling.mode
+    if strategy not in STRATEGIES:
+        raise UserError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+    restrict = config.sampling.restrict_elements if restrict_elements is None else restrict_elements
+    uip = config.filters.uip_screen if uip_screen is None else uip_screen
+    seed = derive_seed(config, round) if seed is None else int(seed)
+    generation_id = generation_id or uuid.uuid4().hex
+    seconds: dict[str, float] = {}
+
+    clock = time.perf_counter()
+    paths = models or resolve_models(database, **config.models.model_dump())
+    paths = {k: str(v) for k, v in paths.items()}
+    versions = model_versions(database, paths)
+    device = device or get_settings().resolve_device()
+    decoder = load_decoder(paths["vae"], paths["unet"], device, workers)
+    predictor = EnsemblePredictor(paths["cgcnn"], versions["cgcnn"], device=device)
+    family = pseudo_family(config)
+    allowed = allowed_elements(config, family, decoder.elements)
+    cascade = build_cascade(config, strategy=strategy, database=database, family=family, predictor=predictor, uip=uip)
+    seconds["load"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    samples, bases = draw_latents(config, decoder, database, n=n, strategy=strategy, seed=seed)
+    seconds["sample"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    decoded = decoder.decode(
+        samples.z,
+        samples.condition,
+        allowed_elements=allowed if restrict else None,
+        batch_size=batch_size,
+        progress=(lambda done, total: progress("decode", done, total)) if progress else None,
+    )
+    seconds["decode"] = time.perf_counter() - clock
+
+    base_windows = {}
+    fraction = config.filters.window_relative_to_base
+    if fraction is not None:
+        base_windows = {
+            b.formula: relative_window(EF, b.formation_energy, fraction)
+            for b in bases
+            if b.formation_energy is not None
+        }
+    candidates = []
+    for d in decoded:
+        row = samples.rows[d.index]
+        window = base_windows.get(row.get("base_formula"))
+        candidates.append(
+            Candidate(
+                index=d.index,
+                structure=d.structure,
+                sample=row,
+                latent=d.latent,
+                decode_reason=d.reason,
+                windows={EF: window} if window is not None else {},
+            )
+        )
+    survivors, counts = cascade.run(candidates, progress=progress)
+    for c in counts:
+        seconds[c.stage] = c.seconds
+
+    report = GenerationReport(
+        generation_id=generation_id,
+        campaign=config.name,
+        round=round,
+        strategy=strategy,
+        parameters=samples.parameters,
+        seed=seed,
+        n_requested=n,
+        restrict_elements=restrict,
+        allowed_elements=allowed if restrict else None,
+        stages=[StageReport(stage=c.stage, n_in=c.n_in, n_out=c.n_out, seconds=c.seconds) for c in counts],
+        model_versions=versions,
+        dry_run=dry_run,
+        rejected_reasons=reason_counts(candidates),
+    )
+
+    clock = time.perf_counter()
+    provenance = {
+        "generation_id": generation_id,
+        "strategy": strategy,
+        "parameters": samples.parameters,
+        "seed": seed,
+        "model_versions": versions,
+        "restrict_elements": restrict,
+    }
+    docs = [
+        candidate_document(c, config, round, provenance, CandidateState.SHORTLISTED, config.sampling.store_latent)
+        for c in survivors
+    ]
+    rejects = []
+    if config.filters.store_rejects:
+        rejects = [
+            candidate_document(c, config, round, provenance, CandidateState.REJECTED, False)
+            for c in candidates
+            if c.rejected_stage is not None and c.structure is not None and len(c.structure) > 0
+        ]
+    if not dry_run:
+        CandidateStore(database).insert_many(docs + rejects)
+    seconds["write"] = time.perf_counter() - clock
+    report.shortlisted = [d.candidate_id for d in docs]
+    report.n_shortlisted = len(docs)
+    report.n_rejects_stored = 0 if dry_run else len(rejects)
+    report.seconds = seconds
+    return report
+
+
+def reason_counts(candidates: Sequence[Candidate], top: int = 5) -> dict[str, dict[str, int]]:
+    """Per stage, the ``top`` most frequent rejection reasons (numbers stripped) and their counts."""
+    import re
+    from collections import Counter
+
+    per_stage: dict[str, Counter] = {}
+    for c in candidates:
+        if c.rejected_stage is None:
+            continue
+        reason = re.sub(r"-?\d+(\.\d+)?", "#", c.rejected_reason or "")
+        per_stage.setdefault(c.rejected_stage, Counter())[reason] += 1
+    return {stage: dict(counter.most_common(top)) for stage, counter in per_stage.items()}
+
+
+def candidate_document(
+    candidate: Candidate,
+    config: CampaignConfig,
+    round: int,
+    provenance: dict[str, Any],
+    state: CandidateState,
+    store_latent: bool,
+) -> CandidateDoc:
+    """The stored form of a candidate that went through the cascade."""
+    from crystaloop.db.store import CandidateStore
+
+    prov = {**provenance, "sample": candidate.sample, "sample_index": candidate.index}
+    if store_latent and candidate.latent is not None:
+        prov["latent"] = [float(x) for x in candidate.latent]
+    doc = CandidateStore.new_document(
+        candidate.structure,
+        campaign=config.name,
+        round=round,
+        provenance=prov,
+        predicted=candidate.predicted,
+    )
+    now = utcnow()
+    history = [*doc.state_history, {"state": state.value, "at": now}]
+    update: dict[str, Any] = {
+        "state": state.value,
+        "state_history": history,
+        "filter_trail": candidate.trail,
+        "uip": candidate.uip,
+    }
+    if state is CandidateState.REJECTED:
+        update["rejected_stage"] = candidate.rejected_stage
+        update["rejected_reason"] = candidate.rejected_reason
+        history[-1].update(stage=candidate.rejected_stage, reason=candidate.rejected_reason)
+    return doc.model_copy(update=update)
