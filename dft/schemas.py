@@ -89,6 +89,14 @@ class QETaskDocument(BaseModel):
         None, description="eV; 0.0 for a metal; None when there are no empty bands."
     )
     is_metal: bool | None = None
+    band_gap_by_spin: list[float | None] | None = Field(
+        None,
+        description="eV per spin channel (up, down) of a spin-polarised run; 0.0 for a metallic "
+        "channel; None for unpolarised runs.",
+    )
+    is_half_metal: bool | None = Field(
+        None, description="One spin channel metallic, the other gapped; None when unpolarised."
+    )
     scf_converged: bool | None = None
     relax_converged: bool | None = None
     n_ionic_steps: int = Field(0, description="Ionic steps (SCF cycles with an energy).")

@@ -254,6 +254,8 @@ def task_document(
         total_magnetization=out.total_magnetization if out is not None else None,
         band_gap=out.band_gap if out is not None else None,
         is_metal=out.is_metal if out is not None else None,
+        band_gap_by_spin=out.band_gap_by_spin if out is not None else None,
+        is_half_metal=out.is_half_metal if out is not None else None,
         scf_converged=out.scf_converged if out is not None else None,
         relax_converged=out.relax_converged if out is not None else None,
         n_ionic_steps=out.n_ionic_steps if out is not None else 0,

@@ -33,7 +33,10 @@ class PwOutputError(ValueError):
 
 @dataclass
 class PwOutput:
-    """What a pw.x output says. Energies in eV, forces eV/Å, stress GPa, times s."""
+    """What a pw.x output says. Energies in eV, forces eV/Å, stress GPa, times s.
+
+    ``band_gap_by_spin`` (up, down) and ``is_half_metal`` are set for spin-polarised runs only.
+    """
 
     path: Path
     version: str | None
@@ -55,6 +58,8 @@ class PwOutput:
     fermi_energy: float | None
     wall_time_s: float | None
     errors: list[str] = field(default_factory=list)
+    band_gap_by_spin: list[float | None] | None = None
+    is_half_metal: bool | None = None
 
     @property
     def successful(self) -> bool:
@@ -95,35 +100,101 @@ def parse_errors(text: str) -> list[str]:
     return errors
 
 
-def band_gap_from(atoms) -> tuple[float | None, bool | None]:
-    """``(gap_eV, is_metal)`` from eigenvalues and the Fermi level; ``(None, None)`` if unknown.
+#: Levels within this of the Fermi level (eV) count as occupied (smearing leaves them fractional).
+_FERMI_TOLERANCE = 1e-4
+#: Gaps below this (eV) are reported as metallic.
+_MIN_GAP = 1e-3
 
-    A metal has bands crossing the Fermi level (gap 0.0). Without empty bands the gap is unknown.
+
+@dataclass(frozen=True)
+class BandGap:
+    """Band gap of a pw.x run, overall and per spin channel. Energies in eV.
+
+    Follows pymatgen's ``BandStructure.get_band_gap``: the run is a metal when a band crosses
+    the Fermi level in either channel; otherwise the VBM is the highest occupied level over both
+    spins and the CBM the lowest empty level over both, so an insulator whose channels hold
+    different numbers of occupied bands (any ferromagnetic insulator) gets a gap, not 0.
+
+    Attributes
+    ----------
+    gap
+        Overall gap; 0.0 for a metal; None when unknown (no empty bands, or no Fermi level).
+    is_metal
+        A band crosses the Fermi level in at least one channel; None when unknown.
+    by_spin
+        Spin-polarised runs only: the gap of each channel (up, down); 0.0 for a metallic
+        channel, None for a channel with no occupied or no empty levels.
+    """
+
+    gap: float | None
+    is_metal: bool | None
+    by_spin: tuple[float | None, ...] | None = None
+
+    @property
+    def is_half_metal(self) -> bool | None:
+        """One channel metallic, the other gapped; None for unpolarised or unknown runs."""
+        if self.by_spin is None or len(self.by_spin) != 2 or None in self.by_spin:
+            return None
+        return sorted(g > 0.0 for g in self.by_spin) == [False, True]
+
+
+UNKNOWN_GAP = BandGap(None, None)
+
+
+def _channel_gap(eigs: list[np.ndarray], efermi: float) -> tuple[str, float | None, float | None]:
+    """``(kind, vbm, cbm)`` of one spin channel; kind is metal, gapped or unknown."""
+    below = [e[e <= efermi + _FERMI_TOLERANCE] for e in eigs]
+    above = [e[e > efermi + _FERMI_TOLERANCE] for e in eigs]
+    if len({len(b) for b in below}) > 1:  # the occupied count changes across k: a band crosses
+        return "metal", None, None
+    vbm = max((b.max() for b in below if len(b)), default=None)
+    cbm = min((a.min() for a in above if len(a)), default=None)
+    if any(len(a) == 0 for a in above):  # no empty bands: nothing to measure a gap to
+        return "unknown", vbm, None
+    if vbm is not None and cbm - vbm < _MIN_GAP:
+        return "metal", None, None
+    return "gapped", vbm, cbm
+
+
+def band_gap_from(atoms) -> BandGap:
+    """Overall and per-spin band gap from an ASE image's eigenvalues and Fermi level.
+
+    ASE lists the k-points once per spin channel; each channel is judged on its own, then the
+    extrema are combined over both (see :class:`BandGap`).
     """
     calc = atoms.calc
     kpts = getattr(calc, "kpts", None)
     if not kpts:
-        return None, None
+        return UNKNOWN_GAP
     try:
         efermi = calc.get_fermi_level()
     except Exception:  # the calculator raises when the level was not printed
         efermi = None
     if efermi is None:
-        return None, None
-    eigs = [np.asarray(k.eps_n) for k in kpts]
-    below = [e[e <= efermi + 1e-4] for e in eigs]
-    above = [e[e > efermi + 1e-4] for e in eigs]
-    if any(len(a) == 0 for a in above):
-        return None, None
-    counts = {len(b) for b in below}
-    if len(counts) > 1:
-        return 0.0, True
-    vbm = max(b.max() for b in below if len(b))
-    cbm = min(a.min() for a in above)
+        return UNKNOWN_GAP
+    spins = sorted({k.s for k in kpts})
+    channels = [
+        _channel_gap([np.asarray(k.eps_n, dtype=float) for k in kpts if k.s == s], efermi) for s in spins
+    ]
+    by_spin = None
+    if len(channels) == 2:
+        by_spin = tuple(
+            0.0 if kind == "metal" else float(cbm - vbm) if vbm is not None and cbm is not None else None
+            for kind, vbm, cbm in channels
+        )
+    kinds = {kind for kind, _, _ in channels}
+    if "metal" in kinds:
+        return BandGap(0.0, True, by_spin)
+    if "unknown" in kinds:
+        return BandGap(None, None, by_spin)
+    vbm = max((v for _, v, _ in channels if v is not None), default=None)
+    cbm = min(c for _, _, c in channels)
+    if vbm is None:  # no electrons at all
+        return BandGap(None, None, by_spin)
     gap = float(cbm - vbm)
-    if gap < 1e-3:
-        return 0.0, True
-    return gap, False
+    if gap < _MIN_GAP:
+        return BandGap(0.0, True, by_spin)
+    return BandGap(gap, False, by_spin)
 
 
 def parse_pw_output(path: Path | str, *, strict: bool = True) -> PwOutput:
@@ -161,7 +232,8 @@ def parse_pw_output(path: Path | str, *, strict: bool = True) -> PwOutput:
     with_energy = [a for a in images if a.calc is not None and a.calc.results.get("energy") is not None]
     last = with_energy[-1] if with_energy else None
     forces = stress = None
-    gap = is_metal = fermi = None
+    gap = UNKNOWN_GAP
+    fermi = None
     if last is not None:
         results = last.calc.results
         if results.get("forces") is not None:
@@ -170,7 +242,7 @@ def parse_pw_output(path: Path | str, *, strict: bool = True) -> PwOutput:
             from ase.stress import voigt_6_to_full_3x3_stress
 
             stress = voigt_6_to_full_3x3_stress(np.asarray(results["stress"])) * EV_PER_A3_TO_GPA
-        gap, is_metal = band_gap_from(last)
+        gap = band_gap_from(last)
         try:
             fermi = last.calc.get_fermi_level()
         except Exception:  # not printed
@@ -186,16 +258,16 @@ def parse_pw_output(path: Path | str, *, strict: bool = True) -> PwOutput:
         max_steps_reached=max_steps,
         n_ionic_steps=len(with_energy) - (1 if _FINAL_SCF in text and len(with_energy) > 1 else 0),
         initial_structure=adaptor.get_structure(images[0]) if images else None,
-        final_structure=adaptor.get_structure(last if last is not None else images[-1])
-        if images
-        else None,
+        final_structure=adaptor.get_structure(last if last is not None else images[-1]) if images else None,
         energy=float(last.calc.results["energy"]) if last is not None else None,
         energies=[float(a.calc.results["energy"]) for a in with_energy],
         forces=forces,
         stress=stress,
         total_magnetization=float(mags[-1]) if mags else None,
-        band_gap=gap,
-        is_metal=is_metal,
+        band_gap=gap.gap,
+        is_metal=gap.is_metal,
+        band_gap_by_spin=list(gap.by_spin) if gap.by_spin is not None else None,
+        is_half_metal=gap.is_half_metal,
         fermi_energy=float(fermi) if fermi is not None else None,
         wall_time_s=parse_wall_time(text),
         errors=parse_errors(text),
@@ -230,9 +302,7 @@ def _ase_images(path: Path, text: str, strict: bool = True) -> list:
     try:
         images = _read_images(text)
     except Exception as first:  # ASE raises many types on truncated or unusual files
-        stripped = "\n".join(
-            ln for ln in text.splitlines() if not any(m in ln for m in _BAND_MARKERS)
-        )
+        stripped = "\n".join(ln for ln in text.splitlines() if not any(m in ln for m in _BAND_MARKERS))
         try:
             images = _read_images(stripped)
         except Exception:  # the fallback failed too; report the first error
