@@ -48,17 +48,65 @@ def build_order(limit: int | None = None) -> list[Prototype]:
 
 
 def read_done(labels_path: Path) -> dict[str, dict]:
-    """Finished results in ``labels_path`` keyed by structure id (a torn last line is ignored)."""
+    """Finished results in ``labels_path`` keyed by structure id.
+
+    A torn last line (no newline: the build was killed while writing it) is skipped; its
+    structure is labelled again on resume.
+
+    Raises
+    ------
+    crystaloop.errors.UserError
+        Any other line is not a JSON record with a ``structure_id``; the message names the
+        file and the line.
+    """
+    from crystaloop.errors import UserError
+
     done: dict[str, dict] = {}
-    if labels_path.exists():
-        with labels_path.open() as fh:
-            for line in fh:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                done[rec["structure_id"]] = rec
+    if not labels_path.exists():
+        return done
+    lines = labels_path.read_text().split("\n")
+    torn = lines.pop()  # "" when the file ends with a newline, else the unterminated tail
+    for number, line in enumerate(lines, start=1):
+        rec, problem = _parse_label_line(line)
+        if problem:
+            raise UserError(
+                f"{labels_path} line {number}: {problem}; remove that line (its structure is "
+                "labelled again) or delete the file to rebuild"
+            )
+        done[rec["structure_id"]] = rec
+    rec, problem = _parse_label_line(torn) if torn else (None, "empty")
+    if not problem:  # killed between the record and its newline: the record is complete
+        done[rec["structure_id"]] = rec
     return done
+
+
+def _parse_label_line(line: str) -> tuple[dict | None, str | None]:
+    """``(record, None)`` for a valid line, else ``(None, what is wrong)``."""
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return None, f"not valid JSON ({exc.msg} at column {exc.colno})"
+    if not isinstance(rec, dict) or not isinstance(rec.get("structure_id"), str):
+        return None, "not a label record (no structure_id)"
+    return rec, None
+
+
+def _repair_torn_tail(labels_path: Path) -> None:
+    """End the file on a complete line before appending: drop a torn tail, or add the newline
+    of a complete one (appending to a torn line would corrupt the next record)."""
+    if not labels_path.exists():
+        return
+    data = labels_path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return
+    cut = data.rfind(b"\n") + 1
+    _, problem = _parse_label_line(data[cut:].decode("utf-8", errors="replace"))
+    with labels_path.open("r+b") as fh:
+        if problem:
+            fh.truncate(cut)
+        else:
+            fh.seek(0, os.SEEK_END)
+            fh.write(b"\n")
 
 
 _LABELLER = None
@@ -110,11 +158,17 @@ def build(
         Worker processes (one torch thread each); 1 labels in this process.
     progress
         Called with (done, total) after every chunk.
+
+    Raises
+    ------
+    crystaloop.errors.UserError
+        ``labels.jsonl`` has a malformed line other than a torn last one (see :func:`read_done`).
     """
     build_dir.mkdir(parents=True, exist_ok=True)
     labels_path = build_dir / "labels.jsonl"
     protos = build_order(limit)
     done = read_done(labels_path)
+    _repair_torn_tail(labels_path)
     todo = [p.structure_id for p in protos if p.structure_id not in done]
     already = len(protos) - len(todo)
     chunks = [todo[i : i + chunk_size] for i in range(0, len(todo), chunk_size)]

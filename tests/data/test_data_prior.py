@@ -52,6 +52,57 @@ def test_a_torn_last_line_is_ignored_on_resume(tmp_path):
     assert list(prior.read_done(path)) == ["prior:B2:Ni-Al"]
 
 
+@pytest.mark.parametrize(
+    ("lines", "bad_line"),
+    [
+        # A broken line in the middle is not a torn write: the build appends whole lines.
+        (
+            [
+                '{"structure_id": "prior:B2:Ni-Al"}',
+                '{"structure_id": "pri',
+                '{"structure_id": "prior:B2:Co-Al"}',
+            ],
+            2,
+        ),
+        # A malformed last line that ends with a newline was written whole.
+        (['{"structure_id": "prior:B2:Ni-Al"}', "not json"], 2),
+        # Valid JSON that is no label record.
+        (['{"structure_id": "prior:B2:Ni-Al"}', '{"labels": {}}', '{"structure_id": "prior:B2:Co-Al"}'], 2),
+        (['["prior:B2:Ni-Al"]'], 1),
+    ],
+)
+def test_any_other_malformed_line_stops_with_the_file_and_line(tmp_path, lines, bad_line):
+    path = tmp_path / "labels.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match=rf"{path} line {bad_line}: .*remove that line"):
+        prior.read_done(path)
+    with pytest.raises(UserError, match=rf"line {bad_line}"):
+        prior.build(tmp_path, limit=1, workers=1)
+
+
+def test_a_resumed_build_replaces_a_torn_last_line(small_build, tmp_path):
+    build_dir, _ = small_build
+    lines = (build_dir / "labels.jsonl").read_text().splitlines()[:3]  # the first 3 of the order
+    labels = tmp_path / "labels.jsonl"
+    # Killed while writing the third record: two whole lines and half of the third.
+    labels.write_text(lines[0] + "\n" + lines[1] + "\n" + lines[2][: len(lines[2]) // 2])
+    report = prior.build(tmp_path, limit=3, workers=1)
+    assert (report.labelled_now, report.already_done) == (1, 2)
+    resumed = labels.read_text()
+    assert resumed.endswith("\n") and resumed.count("\n") == 3
+    assert set(prior.read_done(labels)) == {json.loads(line)["structure_id"] for line in lines}
+
+
+def test_a_whole_record_without_its_newline_is_kept(small_build, tmp_path):
+    build_dir, _ = small_build
+    lines = (build_dir / "labels.jsonl").read_text().splitlines()[:3]
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("\n".join(lines))  # killed between the last record and its newline
+    report = prior.build(tmp_path, limit=3, workers=1)
+    assert (report.labelled_now, report.already_done) == (0, 3)
+    assert labels.read_text() == "\n".join(lines) + "\n"
+
+
 @pytest.fixture(scope="module")
 def shipped_small(small_build, tmp_path_factory):
     build_dir, _ = small_build
