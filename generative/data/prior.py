@@ -41,9 +41,16 @@ ROUND = 6
 
 
 def build_order(limit: int | None = None) -> list[Prototype]:
-    """All prototypes in the fixed build order (the first ``limit`` if given)."""
-    protos = enumerate_all()
+    """All prototypes in the fixed build order (the first ``limit`` if given).
+
+    The shuffle runs over the enumeration that still held the B3 sublattice swaps (SiC twice),
+    and the swaps are dropped afterwards: every other structure keeps the place it had, so
+    ``--limit`` builds made before the deduplication label the same structures.
+    """
+    keep = {p.structure_id for p in enumerate_all()}
+    protos = enumerate_all(one_per_crystal=False)
     random.Random(ORDER_SEED).shuffle(protos)
+    protos = [p for p in protos if p.structure_id in keep]
     return protos[:limit] if limit else protos
 
 
@@ -265,9 +272,16 @@ def finalize(
             "eos_residual": "eV/atom (RMS)",
         },
         "references": {s: {k: _r(v) for k, v in ref.items()} for s, ref in sorted(references.items())},
-        "count": len(records),
-        "content_hash": content_hash(records),
     }
+    return write_prior(output, header, records)
+
+
+def write_prior(output: Path, header: dict, records: list[dict]) -> dict:
+    """Write a shipped file (gzip level 9, no timestamp: the bytes depend on the content only).
+
+    ``count`` and ``content_hash`` are set from ``records``; returns the header written.
+    """
+    header = {**header, "count": len(records), "content_hash": content_hash(records)}
     output.parent.mkdir(parents=True, exist_ok=True)
     payload = json.dumps({**header, "records": records}, separators=(",", ":")).encode()
     with output.open("wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=9, mtime=0) as gz:

@@ -48,6 +48,17 @@ MATERIAL_CLASS = {
     "L21": "heusler",
 }
 PROTOTYPES = tuple(_BASES)
+# Role permutations that give the same crystal, because a symmetry of the empty prototype swaps
+# the sublattices: B1, B2 and L21 by the translation (1/2, 1/2, 1/2) (4a <-> 4b, 1a <-> 1b; 8c onto
+# itself), B3 by inversion then the translation (1/4, 1/4, 1/4) (4a <-> 4c). Perovskite A and B
+# sites differ (12- against 6-fold coordinated), so ABX3 and BAX3 are distinct crystals.
+EQUIVALENT_ROLE_SWAPS: dict[str, tuple[tuple[int, ...], ...]] = {
+    "B1": ((1, 0),),
+    "B2": ((1, 0),),
+    "B3": ((1, 0),),
+    "perovskite": (),
+    "L21": ((0, 2, 1),),
+}
 
 
 @dataclass(frozen=True)
@@ -79,6 +90,14 @@ class Prototype:
     def formula(self) -> str:
         """Reduced formula, e.g. ``SrTiO3``."""
         return self.primitive(4.0).composition.reduced_formula
+
+    @property
+    def crystal_key(self) -> tuple[str, tuple[str, ...]]:
+        """The same for every species order that gives the same crystal (e.g. B3 SiC and CSi)."""
+        orders = [self.species] + [
+            tuple(self.species[i] for i in swap) for swap in EQUIVALENT_ROLE_SWAPS[self.name]
+        ]
+        return self.name, min(orders)
 
     @property
     def structure_id(self) -> str:
@@ -196,14 +215,22 @@ def enumerate_heuslers() -> Iterator[Prototype]:
             yield Prototype("L21", (x, y, z))
 
 
-def enumerate_all() -> list[Prototype]:
-    """Every prototype of the prior set, without duplicates, in a fixed order."""
-    seen: set[str] = set()
+def enumerate_all(*, one_per_crystal: bool = True) -> list[Prototype]:
+    """Every prototype of the prior set, one entry per crystal, in a fixed order.
+
+    Species orders that give the same crystal (:attr:`Prototype.crystal_key`) keep the first one
+    enumerated: the ionic B3 carbides come before the group-IV pairs, so SiC is ``prior:B3:Si-C``
+    (cation first) and ``prior:B3:C-Si`` is not enumerated. ``one_per_crystal=False`` gives the
+    enumeration of ``prior-v1`` before those duplicates were dropped (one entry per id); the
+    build order is shuffled from it so that every structure keeps its place.
+    """
+    seen: set = set()
     out = []
     for proto in itertools.chain(enumerate_binaries(), enumerate_perovskites(), enumerate_heuslers()):
-        if proto.structure_id in seen or set(proto.species) & pal.EXCLUDED:
+        key = proto.crystal_key if one_per_crystal else proto.structure_id
+        if key in seen or set(proto.species) & pal.EXCLUDED:
             continue
-        seen.add(proto.structure_id)
+        seen.add(key)
         out.append(proto)
     return out
 

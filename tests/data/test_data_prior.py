@@ -184,12 +184,15 @@ def test_stats_summarize_and_plot(shipped_small, tmp_path):
 def test_shipped_prior_set():
     if not prior.SHIPPED_PATH.exists():
         pytest.skip("the prior set has not been built yet")
-    from crystaloop.generative.data.prototypes import enumerate_all
+    from crystaloop.generative.data.prototypes import enumerate_all, prototype_from_id
 
     doc = prior.read_prior()
     enumerated = {p.structure_id for p in enumerate_all()}
     ids = [r["structure_id"] for r in doc["records"]]
     assert len(set(ids)) == len(ids) and set(ids) <= enumerated
+    # One record per crystal: B3 SiC, GeC and SnC are not stored a second time as C-Si, C-Ge, C-Sn.
+    keys = [prototype_from_id(i).crystal_key for i in ids]
+    assert len(set(keys)) == len(keys)
     labelled = [r for r in doc["records"] if not r["reject_reason"]]
     if len(ids) == len(enumerated):  # a complete build
         assert len(labelled) >= 10_000
@@ -200,3 +203,18 @@ def test_shipped_prior_set():
             assert value is None or PROPERTIES[name].contains(value) or not rec["converged"], (rec, name)
         assert rec["labels"]["formation_energy_per_atom"] is not None
     assert all(r["reject_reason"] for r in doc["records"] if "labels" not in r)
+
+
+def test_build_order_drops_only_the_swaps_and_keeps_every_other_place():
+    import random
+
+    from crystaloop.generative.data.prototypes import enumerate_all
+
+    order = [p.structure_id for p in prior.build_order()]
+    # The order before the B3 carbide swaps were deduplicated: the same seeded shuffle.
+    before = enumerate_all(one_per_crystal=False)
+    random.Random(prior.ORDER_SEED).shuffle(before)
+    before = [p.structure_id for p in before]
+    assert len(before) - len(order) == 3
+    assert [i for i in before if not i.startswith("prior:B3:C-")] == order
+    assert [p.structure_id for p in prior.build_order(5)] == order[:5]
