@@ -2,26 +2,49 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
+import pytest
 import yaml
 from typer.testing import CliRunner
 
 from crystaloop.cli import app
+from crystaloop.dft.espresso.parse import parse_pw_output
 from crystaloop.dft.references import bulk_structure
+
+REFERENCE = Path(__file__).parent / "reference"
 
 runner = CliRunner()
 
 
 def test_relax_prints_the_result_table_and_status_lists_it(fake_pw, fake_settings, tmp_path):
-    fake_pw({"qe relax": "si_relax", "qe element reference Si": "si_relax"})
-    poscar = tmp_path / "Si.vasp"
-    bulk_structure("Si", "diamond", 5.431).to(filename=str(poscar))
+    fake_pw(
+        {"qe relax": "sic_relax", "qe element reference Si": "si_relax", "qe element reference C": "c_relax"}
+    )
+    poscar = tmp_path / "SiC.vasp"
+    sic = bulk_structure("Si", "diamond", 4.36)
+    sic.replace(1, "C")
+    sic.to(filename=str(poscar))
     result = runner.invoke(app, ["dft", "relax", str(poscar), "--preset", "fast"])
     assert result.exit_code == 0, result.output
-    assert "Si: successful (engine: espresso)" in result.output
-    assert "-138.73" in result.output and "0.0000" in result.output
+    assert "SiC: successful (engine: espresso)" in result.output
+    # E_f = E(SiC)/2 - (E(Si)/2 + E(C)/2) / 2 from the three replayed pw.x runs (eV/atom):
+    # -194.60684 - (-138.73323 - 249.79714) / 2 = -0.34166. PBE puts zinc-blende SiC a few
+    # tenths of an eV/atom below Si + diamond.
+    energies = {
+        case: parse_pw_output(REFERENCE / case / "attempt_0" / "pw.out.gz").energy / 2
+        for case in ("sic_relax", "si_relax", "c_relax")
+    }
+    expected = energies["sic_relax"] - (energies["si_relax"] + energies["c_relax"]) / 2
+    assert expected == pytest.approx(-0.3417, abs=1e-4)
+    row = re.search(r"formation energy \(eV/atom\)\s*\S\s*(-?\d+\.\d+)", result.output)
+    assert row is not None, result.output
+    assert float(row.group(1)) == pytest.approx(expected, abs=1e-4)
+    assert f"{energies['sic_relax']:.4f}" in result.output
     status = runner.invoke(app, ["dft", "status"])
     assert status.exit_code == 0
-    assert "successful: 2" in status.output
+    assert "successful: 3" in status.output
 
 
 def test_relax_rejects_bad_input_with_one_line(fake_settings, tmp_path):
