@@ -35,15 +35,36 @@ def formation_energy_job(
         el: (ref.energy_per_atom if isinstance(ref, ElementReference) else float(ref))
         for el, ref in references.items()
     }
-    if not task.successful or task.energy is None or task.final_structure is None:
+    cutoffs = {
+        "ecutwfc": task.input.ecutwfc,
+        "ecutrho": task.input.ecutrho,
+        "below_suggested_cutoffs": task.input.below_suggested_cutoffs,
+    }
+    reasons = [] if task.successful else ["relaxation failed", *task.reasons]
+    mismatched = [
+        f"{el} at {ref.ecutwfc:g}/{ref.ecutrho:g} Ry"
+        for el, ref in sorted(references.items())
+        if isinstance(ref, ElementReference)
+        and ref.ecutwfc is not None
+        and task.input.ecutwfc is not None
+        and (ref.ecutwfc, ref.ecutrho) != (task.input.ecutwfc, task.input.ecutrho)
+    ]
+    if mismatched:
+        # Total energies at different plane-wave cutoffs are not comparable.
+        reasons.append(
+            f"references at other cutoffs than the compound's "
+            f"{task.input.ecutwfc:g}/{task.input.ecutrho:g} Ry: {', '.join(mismatched)}"
+        )
+    if reasons or task.energy is None or task.final_structure is None:
         return FormationEnergyDocument(
             task_id=task.task_id,
             engine=task.engine,
             formula_pretty=task.formula_pretty,
             state="failed",
-            reasons=["relaxation failed", *task.reasons],
+            reasons=reasons or ["relaxation gave no energy"],
             references=energies,
             preset=task.input.preset,
+            **cutoffs,
         )
     value = formation_energy_per_atom(task.final_structure, task.energy, energies)
     if record:
@@ -57,6 +78,7 @@ def formation_energy_job(
         formation_energy_per_atom=value,
         references=energies,
         preset=task.input.preset,
+        **cutoffs,
     )
 
 
@@ -114,12 +136,19 @@ class FormationEnergyFlow(Flow):
         relax = relax_maker.make(structure)
         jobs: list[Job] = [relax]
         references: dict[str, Any] = {}
-        for element in sorted(el.symbol for el in structure.composition.elements):
-            cached = self._cached(element) if use_cache else None
+        compound_elements = sorted(el.symbol for el in structure.composition.elements)
+        for element in compound_elements:
+            cached = self._cached(element, compound_elements) if use_cache else None
             if cached is not None:
                 references[element] = cached
                 continue
-            ref_job = self.reference_maker.make(element, self.reference_structures.get(element))
+            if engine == "surrogate":
+                ref_job = self.reference_maker.make(element, self.reference_structures.get(element))
+            else:
+                # The reference runs at the compound's cutoffs, not at the element's own.
+                ref_job = self.reference_maker.make(
+                    element, self.reference_structures.get(element), compound_elements
+                )
             ref_job.name = f"{self.reference_maker.name} {element}"
             jobs.append(ref_job)
             references[element] = ref_job.output
@@ -128,25 +157,38 @@ class FormationEnergyFlow(Flow):
         jobs.append(fe)
         super().__init__(jobs, output=fe.output, name=name)
 
-    def _cached(self, element: str) -> float | None:
+    def _cached(self, element: str, compound_elements: list[str]) -> ElementReference | None:
         from crystaloop.errors import UserError
 
         try:
             if self.engine == "surrogate":
                 hit = store.get_reference(element, "surrogate", self.reference_maker.preset, None)
             else:
-                from crystaloop.dft.espresso.jobs import preset_key
+                from crystaloop.dft.espresso.jobs import reference_cutoffs, reference_key
                 from crystaloop.dft.pseudos import family_from_settings
 
                 family = family_from_settings()
                 entry = family.pseudopotentials.get(element)
-                if entry is None:
+                if entry is None or family.missing(compound_elements):
                     return None
-                key = preset_key(self.reference_maker.preset, self.reference_maker.overrides)
+                maker = self.reference_maker
+                cutoffs = reference_cutoffs(maker, element, compound_elements, family)
+                key = reference_key(maker.preset, maker.overrides, cutoffs)
                 hit = store.get_reference(element, "espresso", key, entry.md5)
         except UserError:
             return None
-        return float(hit["energy_per_atom"]) if hit else None
+        if not hit:
+            return None
+        return ElementReference(
+            element=element,
+            engine=self.engine,
+            preset=hit["preset"],
+            energy_per_atom=float(hit["energy_per_atom"]),
+            task_id=hit["task_id"],
+            cached=True,
+            ecutwfc=hit.get("ecutwfc"),
+            ecutrho=hit.get("ecutrho"),
+        )
 
 
 def _default_relax_maker(engine: Engine, preset: str, overrides: dict[str, Any]):

@@ -24,8 +24,9 @@ import subprocess
 import tempfile
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -47,6 +48,11 @@ CUTOFF_POLICY = (
     "norm-conserving and 8 for ultrasoft/PAW files. No convergence runs."
 )
 DEFAULT_ECUTWFC_RY = 45.0
+#: ld1.x inputs shipped with crystaloop; each replaces QE's stock input for its element.
+SHIPPED_LD1_DIR = Path(__file__).parent / "data" / "ld1"
+#: Verdicts of 'crystaloop dft pseudos verify' for the files build-local picks, by file name
+#: (ld1.x stamps the generation date into a UPF, so md5s differ between builds).
+LOCAL_VERDICTS = Path(__file__).parent / "data" / "local_pbe_verdicts.yaml"
 #: libyaml's safe loader when available (ten times faster than the pure-Python one).
 SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 #: pw.x 6.7's XML reader refuses lines longer than this; ld1.x 6.7 writes longer ones.
@@ -66,6 +72,14 @@ class PseudoEntry(BaseModel):
     ecutrho: float = Field(gt=0, description="Suggested charge-density cutoff, Ry.")
     pseudo_type: str | None = Field(None, description="NC, US or PAW.")
     source: str | None = Field(None, description="Where the file came from.")
+    verdict: Literal["verified", "marginal", "failed", "unverified"] = Field(
+        "unverified",
+        description="Against all-electron PBE ('crystaloop dft pseudos verify'); campaigns "
+        "refuse elements that are not verified.",
+    )
+    verification: dict[str, Any] | None = Field(
+        None, description="The numbers behind the verdict (eV/atom, Å^3/atom, GPa)."
+    )
 
 
 class PseudoFamily(BaseModel):
@@ -85,6 +99,11 @@ class PseudoFamily(BaseModel):
     def elements(self) -> list[str]:
         """The covered element symbols, sorted by atomic number."""
         return sorted(self.pseudopotentials, key=lambda s: Element(s).Z)
+
+    def verdict(self, element: str) -> str:
+        """The element's verification verdict (``unverified`` when the family lacks it)."""
+        entry = self.pseudopotentials.get(element)
+        return entry.verdict if entry is not None else "unverified"
 
     def missing(self, elements: Iterable[str]) -> list[str]:
         """Elements in ``elements`` the family has no file for."""
@@ -122,7 +141,24 @@ class PseudoFamily(BaseModel):
     def cutoffs_for(self, structure: Structure) -> tuple[float, float]:
         """``(ecutwfc, ecutrho)`` in Ry: the maximum over the structure's elements."""
         self.require(structure)
-        entries = [self.pseudopotentials[el.symbol] for el in structure.composition.elements]
+        return self.cutoffs_for_elements(el.symbol for el in structure.composition.elements)
+
+    def cutoffs_for_elements(self, elements: Iterable[str]) -> tuple[float, float]:
+        """``(ecutwfc, ecutrho)`` in Ry: the maximum suggestion over ``elements``.
+
+        Raises
+        ------
+        UserError
+            The family lacks some of the elements.
+        """
+        elements = list(elements)
+        missing = self.missing(elements)
+        if missing:
+            raise UserError(
+                f"pseudopotential family '{self.name}' has no file for {', '.join(missing)}; "
+                "add them to the family YAML or choose another family"
+            )
+        entries = [self.pseudopotentials[el] for el in elements]
         return max(e.ecutwfc for e in entries), max(e.ecutrho for e in entries)
 
 
@@ -188,13 +224,22 @@ class UpfHeader:
         return tokens[:4] in (["SLA", "PW", "PBX", "PBC"], ["SLA", "PW", "PBE", "PBE"])
 
 
-def read_upf_header(text: str) -> UpfHeader:
-    """Parse the header of a UPF file given as text.
+class UpfHeaderError(UserError, ValueError):
+    """A UPF header field that cannot be read (names the file and the field)."""
+
+
+def read_upf_header(text: str, source: str = "<UPF text>") -> UpfHeader:
+    """Parse the header of a UPF file given as text; ``source`` names the file in errors.
+
+    A cutoff the file does not give is 0.0 (no suggestion); one it gives but that is not
+    a number raises, so it never silently becomes the default cutoff.
 
     Raises
     ------
     ValueError
         No recognisable header.
+    UpfHeaderError
+        A cutoff field is present but unreadable.
     """
     match = re.search(r"<PP_HEADER\s([^>]*)/?>", text, re.S)
     if match and "element=" in match.group(1):
@@ -203,8 +248,8 @@ def read_upf_header(text: str) -> UpfHeader:
             element=attrs["element"].strip(),
             functional=attrs.get("functional", "").strip(),
             pseudo_type=_normalise_type(attrs.get("pseudo_type", "")),
-            wfc_cutoff=_float(attrs.get("wfc_cutoff")),
-            rho_cutoff=_float(attrs.get("rho_cutoff")),
+            wfc_cutoff=_float(attrs.get("wfc_cutoff"), "wfc_cutoff", source),
+            rho_cutoff=_float(attrs.get("rho_cutoff"), "rho_cutoff", source),
             has_so=attrs.get("has_so", "F").strip().upper() in {"T", "TRUE", ".TRUE."},
         )
     block = re.search(r"<PP_HEADER>(.*?)</PP_HEADER>", text, re.S)
@@ -226,8 +271,8 @@ def read_upf_header(text: str) -> UpfHeader:
         element=fields["element"].strip(),
         functional=" ".join(fields.get("functional", "").split()[:4]),
         pseudo_type="US" if ptype == "US" else ("PAW" if ptype == "PAW" else "NC"),
-        wfc_cutoff=_float(values[0] if values else None),
-        rho_cutoff=_float(values[1] if len(values) > 1 else None),
+        wfc_cutoff=_float(values[0] if values else None, "Suggested cutoff (wfc)", source),
+        rho_cutoff=_float(values[1] if len(values) > 1 else None, "Suggested cutoff (rho)", source),
         has_so="<PP_ADDINFO>" in text or "fully-relativistic" in text[:5000].lower(),
     )
 
@@ -237,11 +282,17 @@ def _normalise_type(value: str) -> str:
     return {"USPP": "US", "SL": "NC", "1/R": "NC"}.get(value, value)
 
 
-def _float(value: str | None) -> float:
-    try:
-        return float(str(value).replace("D", "E").replace("d", "e"))
-    except (TypeError, ValueError):
+def _float(value: str | None, field: str, source: str) -> float:
+    """A header number (Fortran ``D`` exponents allowed); None (field absent) is 0.0."""
+    if value is None:
         return 0.0
+    try:
+        return float(value.strip().replace("D", "E").replace("d", "e"))
+    except ValueError:
+        raise UpfHeaderError(
+            f"{source}: UPF header field {field} = {value!r} is not a number; "
+            "fix or replace the file"
+        ) from None
 
 
 def rewrap_long_lines(path: Path | str, max_length: int = MAX_UPF_LINE) -> int:
@@ -287,8 +338,9 @@ class Candidate:
         """Higher is preferred: pslibrary 1.x, then ld1.x PAW, then files with cutoffs."""
         name = self.path.name
         return (
+            self.source == "ld1.x (crystaloop input)",
             "psl.1." in name,
-            self.source == "ld1.x",
+            self.source.startswith("ld1.x"),
             self.header.wfc_cutoff > 0,
             {"PAW": 2, "US": 1}.get(self.header.pseudo_type, 0),
             name,
@@ -330,6 +382,7 @@ class BuildReport:
     ld1_ok: list[str]
     ld1_failed: dict[str, str]
     rewrapped: dict[str, int]
+    dropped: dict[str, str] = field(default_factory=dict)
 
 
 def _gather_candidates(
@@ -351,11 +404,14 @@ def _gather_candidates(
     failed: dict[str, str] = {}
     if use_ld1 and shutil.which("ld1.x") and PAW_INPUT_DIR.is_dir():
         wanted = {e.lower() for e in ld1_elements} if ld1_elements else None
+        shipped = sorted(SHIPPED_LD1_DIR.glob("*.in")) if SHIPPED_LD1_DIR.is_dir() else []
+        replaced = {p.name.split(".")[0].lower() for p in shipped}
         inputs = [
             p
-            for p in sorted(PAW_INPUT_DIR.glob("*.in"))
+            for p in [*sorted(PAW_INPUT_DIR.glob("*.in")), *shipped]
             if re.search(r"dft\s*=\s*'PBE'", p.read_text())
-            and (wanted is None or p.stem.split("-")[0].lower() in wanted)
+            and (wanted is None or _input_element(p) in wanted)
+            and (p.parent == SHIPPED_LD1_DIR or _input_element(p) not in replaced)
         ]
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
             results = list(
@@ -366,16 +422,33 @@ def _gather_candidates(
                 failed[inp.stem] = reason
                 continue
             ok.append(inp.stem)
-            found.extend(_candidate(upf, upf.read_text(), "ld1.x"))
+            # A shipped input was chosen over the stock one on purpose: rank it first.
+            source = "ld1.x (crystaloop input)" if inp.parent == SHIPPED_LD1_DIR else "ld1.x"
+            found.extend(_candidate(upf, upf.read_text(), source))
     return found, ok, failed
+
+
+def _input_element(path: Path) -> str:
+    """The element of an ld1.x input file name (``Pd.in``, ``Li-1s.in``, ``Pd.pbe-...in``)."""
+    return re.split(r"[.-]", path.name, maxsplit=1)[0].lower()
+
+
+def local_verdicts() -> dict[str, dict[str, Any]]:
+    """Shipped verdicts by element: ``{filename, verdict, verification}``."""
+    if not LOCAL_VERDICTS.is_file():
+        return {}
+    data = yaml.load(LOCAL_VERDICTS.read_text(), Loader=SAFE_LOADER) or {}
+    return data.get("elements", {})
 
 
 def _candidate(path: Path, text: str, source: str) -> list[Candidate]:
     if not path.is_file():
         return []
     try:
-        header = read_upf_header(text)
+        header = read_upf_header(text, str(path))
         Element(header.element)
+    except UpfHeaderError:
+        raise
     except (ValueError, KeyError):
         return []
     lowered = path.name.lower()
@@ -393,6 +466,7 @@ def build_local_family(
     ld1_elements: Iterable[str] | None = None,
     jobs: int = 2,
     name: str = "local-pbe",
+    include_failed: bool = False,
 ) -> BuildReport:
     """Assemble a PBE family from this machine's Quantum ESPRESSO files into ``dest``.
 
@@ -406,6 +480,11 @@ def build_local_family(
         Restrict ld1.x generation to these elements (default: every PBE input).
     jobs
         ld1.x runs in parallel.
+    include_failed
+        Keep elements whose shipped verdict is ``failed`` (dropped by default).
+
+    Each entry carries the shipped verdict of its file (``local_pbe_verdicts.yaml``), or
+    ``unverified`` for a file that was never verified.
 
     Raises
     ------
@@ -428,7 +507,14 @@ def build_local_family(
                 best[cand.header.element] = cand
         entries: dict[str, PseudoEntry] = {}
         rewrapped: dict[str, int] = {}
+        verdicts = local_verdicts()
+        dropped: dict[str, str] = {}
         for element, cand in best.items():
+            known = verdicts.get(element, {})
+            verdict = known.get("verdict", "unverified") if known.get("filename") == cand.path.name else "unverified"
+            if verdict == "failed" and not include_failed:
+                dropped[element] = cand.path.name
+                continue
             target = dest / cand.path.name
             shutil.copyfile(cand.path, target)
             count = rewrap_long_lines(target)
@@ -442,6 +528,8 @@ def build_local_family(
                 ecutrho=ecutrho,
                 pseudo_type=cand.header.pseudo_type,
                 source=cand.source,
+                verdict=verdict,
+                verification=known.get("verification") if verdict != "unverified" else None,
             )
     ordered = dict(sorted(entries.items(), key=lambda kv: Element(kv[0]).Z))
     family = PseudoFamily(
@@ -458,4 +546,5 @@ def build_local_family(
         ld1_ok=ld1_ok,
         ld1_failed=ld1_failed,
         rewrapped=rewrapped,
+        dropped=dropped,
     )

@@ -4,9 +4,18 @@ Bulk elements use their ground-state prototype at the experimental lattice
 constant (the relaxation then finds the PBE one). Gaseous elements are
 dimers in a cubic box, relaxed at fixed cell. Carbon uses diamond, which PBE
 places within a few meV/atom of graphite without van der Waals terms.
+
+Elements whose ground state is no simple prototype are built from their
+experimental crystal structures (``COMPLEX_STRUCTURES``: α-B, α-Ga, solid I2),
+and the rest from ASE's reference states where those are a structure ASE can
+build (fcc, bcc, hcp metals, diamond, bct, A7 rhombohedral). Any other element
+needs a structure from the user; :func:`check_references` says so before a
+campaign starts.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import numpy as np
 from pymatgen.core import Lattice, Structure
@@ -43,6 +52,19 @@ BULK_PROTOTYPES: dict[str, tuple[str, float, float | None]] = {
 #: element -> bond length of the dimer, Å
 DIMERS: dict[str, float] = {"H": 0.74, "N": 1.10, "O": 1.21, "F": 1.42, "Cl": 1.99}
 DIMER_BOX = 8.0
+#: element -> (space group, lattice a, b, c in Å (hexagonal setting for R-3m), Wyckoff sites);
+#: experimental structures, reduced to the primitive cell.
+COMPLEX_STRUCTURES: dict[str, tuple[str, tuple[float, float, float], list[list[float]], str]] = {
+    # α-B, 12-atom icosahedra (Decker & Kasper, Acta Cryst. 12, 503 (1959)).
+    "B": ("R-3m", (4.9179, 4.9179, 12.5805), [[0.11886, 0.88114, 0.89133], [0.19686, 0.80314, 0.02432]],
+          "alpha-B"),
+    # α-Ga, Ga2 dimers (Sharma & Donohue, Z. Kristallogr. 117, 293 (1962)).
+    "Ga": ("Cmce", (4.5197, 7.6633, 4.5260), [[0.0, 0.1549, 0.0810]], "alpha-Ga"),
+    # Solid I2 at 110 K (van Bolhuis et al., Acta Cryst. 23, 90 (1967)).
+    "I": ("Cmce", (7.136, 4.686, 9.784), [[0.0, 0.15434, 0.11741]], "I2 molecular crystal"),
+}
+#: ASE reference-state symmetries that ``ase.build.bulk`` builds faithfully.
+ASE_SYMMETRIES = {"fcc", "bcc", "hcp", "diamond", "bct", "rhombohedral"}
 
 
 def bulk_structure(element: str, prototype: str, a: float, c_over_a: float | None = None) -> Structure:
@@ -68,6 +90,45 @@ def dimer_structure(element: str, bond: float, box: float = DIMER_BOX) -> Struct
     return Structure(Lattice.cubic(box), [element] * 2, coords, coords_are_cartesian=True)
 
 
+def complex_structure(element: str) -> Structure:
+    """The primitive cell of ``element``'s entry in ``COMPLEX_STRUCTURES``."""
+    group, (a, b, c), sites, _ = COMPLEX_STRUCTURES[element]
+    lattice = Lattice.hexagonal(a, c) if group == "R-3m" else Lattice.orthorhombic(a, b, c)
+    conventional = Structure.from_spacegroup(group, lattice, [element] * len(sites), sites)
+    return conventional.get_primitive_structure()
+
+
+def ase_reference_structure(element: str) -> Structure | None:
+    """``element`` from ASE's reference states, when ASE can build that state faithfully."""
+    from ase.build import bulk
+    from ase.data import atomic_numbers, reference_states
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    state = reference_states[atomic_numbers[element]] if element in atomic_numbers else None
+    if not state or state.get("symmetry") not in ASE_SYMMETRIES:
+        return None
+    # ASE files trigonal Se and Te as "hcp" with c/a near 1.1-1.3: not their real structure.
+    if state["symmetry"] == "hcp" and not 1.5 <= state.get("c/a", 0.0) <= 1.95:
+        return None
+    try:
+        return AseAtomsAdaptor.get_structure(bulk(element))
+    except (ValueError, KeyError, RuntimeError):
+        return None
+
+
+def default_reference(element: str) -> tuple[Structure, str] | None:
+    """The built-in reference of ``element`` and its calculation, or None."""
+    if element in BULK_PROTOTYPES:
+        prototype, a, c_over_a = BULK_PROTOTYPES[element]
+        return bulk_structure(element, prototype, a, c_over_a), "vc-relax"
+    if element in DIMERS:
+        return dimer_structure(element, DIMERS[element]), "relax"
+    if element in COMPLEX_STRUCTURES:
+        return complex_structure(element), "vc-relax"
+    found = ase_reference_structure(element)
+    return (found, "vc-relax") if found is not None else None
+
+
 def reference_structure(element: str, structure: Structure | None = None) -> tuple[Structure, str]:
     """The reference structure of ``element`` and its calculation (``vc-relax`` or ``relax``).
 
@@ -78,12 +139,37 @@ def reference_structure(element: str, structure: Structure | None = None) -> tup
     """
     if structure is not None:
         return structure, "vc-relax"
-    if element in BULK_PROTOTYPES:
-        prototype, a, c_over_a = BULK_PROTOTYPES[element]
-        return bulk_structure(element, prototype, a, c_over_a), "vc-relax"
-    if element in DIMERS:
-        return dimer_structure(element, DIMERS[element]), "relax"
-    raise UserError(
-        f"no built-in reference structure for {element}; pass one with "
-        "FormationEnergyFlow(reference_structures={...})"
+    found = default_reference(element)
+    if found is None:
+        raise UserError(
+            f"no built-in reference structure for {element}; pass one with "
+            "FormationEnergyFlow(reference_structures={...})"
+        )
+    return found
+
+
+def check_references(elements: Iterable[str], supplied: Iterable[str] = ()) -> None:
+    """Raise before a campaign starts if an element has no reference structure.
+
+    Parameters
+    ----------
+    elements
+        The campaign's allowed elements.
+    supplied
+        Elements the user gives reference structures for.
+
+    Raises
+    ------
+    UserError
+        One line naming every element without a reference and how to supply one.
+    """
+    missing = sorted(
+        e for e in {str(e) for e in elements} - set(supplied) if default_reference(e) is None
     )
+    if missing:
+        raise UserError(
+            f"no built-in reference structure for {', '.join(missing)} (formation energies need "
+            "one per element); supply its ground-state structure, e.g. "
+            f"FormationEnergyFlow(reference_structures={{'{missing[0]}': Structure.from_file("
+            f"'{missing[0]}.cif')}}), or drop the element from the campaign"
+        )

@@ -40,6 +40,17 @@ class QEInputDoc(BaseModel):
     kpoints: list[int] | None = Field(None, description="Monkhorst-Pack divisions.")
     pseudopotentials: list[PseudoRef] = Field(default_factory=list)
     pseudo_family: str | None = None
+    ecutwfc: float | None = Field(None, description="Wavefunction cutoff used, Ry.")
+    ecutrho: float | None = Field(None, description="Charge-density cutoff used, Ry.")
+    suggested_ecutwfc: float | None = Field(
+        None, description="The family's suggestion for this structure's elements, Ry."
+    )
+    suggested_ecutrho: float | None = Field(
+        None, description="The family's suggestion for this structure's elements, Ry."
+    )
+    below_suggested_cutoffs: bool = Field(
+        False, description="True when a cutoff used is below the family's suggestion."
+    )
 
 
 class Correction(BaseModel):
@@ -126,6 +137,8 @@ class ElementReference(BaseModel):
     energy_per_atom: float = Field(description="eV/atom.")
     task_id: str = Field(description="The relaxation that produced it.")
     cached: bool = Field(False, description="True when read from the DB cache.")
+    ecutwfc: float | None = Field(None, description="Wavefunction cutoff, Ry (pw.x only).")
+    ecutrho: float | None = Field(None, description="Charge-density cutoff, Ry (pw.x only).")
 
 
 class FormationEnergyDocument(BaseModel):
@@ -142,3 +155,8 @@ class FormationEnergyDocument(BaseModel):
         default_factory=dict, description="Element -> reference energy, eV/atom."
     )
     preset: str | None = None
+    ecutwfc: float | None = Field(None, description="Cutoff of the compound and its references, Ry.")
+    ecutrho: float | None = Field(None, description="Cutoff of the compound and its references, Ry.")
+    below_suggested_cutoffs: bool = Field(
+        False, description="True when the cutoffs were below the family's suggestion."
+    )

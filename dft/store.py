@@ -107,8 +107,9 @@ def put_reference(
     energy_per_atom: float,
     task_id: str,
     database=None,
+    cutoffs: tuple[float, float] | None = None,
 ) -> None:
-    """Cache an element reference energy (eV/atom)."""
+    """Cache an element reference energy (eV/atom), with the cutoffs (Ry) it ran at."""
     key = reference_key(element, engine, preset_key, md5)
     _database(database)[REFERENCES].replace_one(
         key,
@@ -116,6 +117,8 @@ def put_reference(
             **key,
             "energy_per_atom": energy_per_atom,
             "task_id": task_id,
+            "ecutwfc": cutoffs[0] if cutoffs else None,
+            "ecutrho": cutoffs[1] if cutoffs else None,
             "created_at": datetime.now(UTC),
         },
         upsert=True,

@@ -7,6 +7,7 @@ preset files and the loaded presets are never modified.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -145,6 +146,21 @@ class PwInput:
     magmoms: list[float] | None = None
     preset: str = ""
     pseudo_md5: dict[str, str] = field(default_factory=dict)
+    suggested_cutoffs: tuple[float, float] | None = None
+
+    @property
+    def cutoffs(self) -> tuple[float, float]:
+        """``(ecutwfc, ecutrho)`` in Ry as written."""
+        system = self.input_data["system"]
+        return float(system["ecutwfc"]), float(system["ecutrho"])
+
+    @property
+    def below_suggested_cutoffs(self) -> bool:
+        """True when a cutoff is below the family's suggestion for these elements."""
+        if self.suggested_cutoffs is None:
+            return False
+        wfc, rho = self.cutoffs
+        return wfc < self.suggested_cutoffs[0] - 1e-9 or rho < self.suggested_cutoffs[1] - 1e-9
 
     def write(self, directory: Path | str, filename: str = INPUT_FILE) -> Path:
         """Write the input with ASE's ``write_espresso_in``; returns its path."""
@@ -168,12 +184,29 @@ class PwInput:
         return path
 
 
+def resolve_cutoffs(
+    preset: Preset, family: PseudoFamily, elements: Iterable[str]
+) -> tuple[float, float]:
+    """``(ecutwfc, ecutrho)`` in Ry for a calculation on ``elements``.
+
+    A preset's fixed cutoffs win; otherwise the maximum of the family's suggestions over
+    ``elements``. Element references use the compound's elements here, so a reference
+    and its compound always share cutoffs.
+    """
+    suggested = family.cutoffs_for_elements(elements)
+    return (
+        preset.ecutwfc if preset.ecutwfc is not None else suggested[0],
+        preset.ecutrho if preset.ecutrho is not None else suggested[1],
+    )
+
+
 def build_pw_input(
     structure: Structure,
     preset: Preset,
     family: PseudoFamily,
     *,
     prefix: str = "pwscf",
+    cutoff_elements: Iterable[str] | None = None,
 ) -> PwInput:
     """The pw.x input for ``structure``: preset values, family cutoffs, k-grid and spin.
 
@@ -181,17 +214,22 @@ def build_pw_input(
     ------
     UserError
         The family lacks an element of the structure (pw.x is never started).
+
+    ``cutoff_elements`` (default: the structure's) are the elements whose suggested
+    cutoffs set ``ecutwfc``/``ecutrho``: an element reference passes its compound's.
     """
     pseudopotentials = family.pseudopotentials_for(structure)
-    ecutwfc, ecutrho = family.cutoffs_for(structure)
+    own = [el.symbol for el in structure.composition.elements]
+    elements = sorted(set(own) | set(cutoff_elements or []))
+    ecutwfc, ecutrho = resolve_cutoffs(preset, family, elements)
     data = {section: dict(preset.input_data.get(section, {})) for section in NAMELISTS}
     for section, values in preset.input_data.items():
         data.setdefault(section, dict(values))
     data["control"].update(
         {"pseudo_dir": str(family.pseudo_dir), "outdir": "./out", "prefix": prefix}
     )
-    data["system"]["ecutwfc"] = preset.ecutwfc if preset.ecutwfc is not None else ecutwfc
-    data["system"]["ecutrho"] = preset.ecutrho if preset.ecutrho is not None else ecutrho
+    data["system"]["ecutwfc"] = ecutwfc
+    data["system"]["ecutrho"] = ecutrho
     magmoms = None
     if is_spin_polarized(structure, preset):
         data["system"]["nspin"] = 2
@@ -214,4 +252,5 @@ def build_pw_input(
         magmoms=magmoms,
         preset=preset.label,
         pseudo_md5=family.md5s_for(structure),
+        suggested_cutoffs=family.cutoffs_for(structure),
     )

@@ -22,7 +22,7 @@ from pymatgen.core import Structure
 
 from crystaloop.dft import store
 from crystaloop.dft.espresso.handlers import HandledRun, default_handlers, run_with_handlers
-from crystaloop.dft.espresso.inputs import build_pw_input, deep_merge, load_preset
+from crystaloop.dft.espresso.inputs import build_pw_input, deep_merge, load_preset, resolve_cutoffs
 from crystaloop.dft.pseudos import PseudoFamily, family_from_settings
 from crystaloop.dft.references import reference_structure
 from crystaloop.dft.schemas import (
@@ -53,6 +53,16 @@ def job_directory(task_id: str) -> Path:
     path = get_settings().data_dir / "dft" / "jobs" / task_id
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def reference_key(preset: str, overrides: dict[str, Any], cutoffs: tuple[float, float]) -> str:
+    """The element-reference cache key: preset label, overrides hash and the cutoffs (Ry).
+
+    The cutoffs are part of the key because a reference is only comparable with a compound
+    computed at the same cutoffs; a Pd reference at Pd's own 35 Ry is a different number
+    from the one CuPd needs at Cu's 50 Ry.
+    """
+    return f"{preset_key(preset, overrides)}@{cutoffs[0]:g}/{cutoffs[1]:g}Ry"
 
 
 def preset_key(preset: str, overrides: dict[str, Any]) -> str:
@@ -151,10 +161,13 @@ def run_espresso_task(
     prev_dir: str | Path | None = None,
     calculation: str | None = None,
     family: PseudoFamily | None = None,
+    cutoff_elements: list[str] | None = None,
 ) -> QETaskDocument:
     """Run pw.x for ``maker`` on ``structure`` with error recovery; record and return the result.
 
     A structure with elements the family lacks gives a failed document and never starts pw.x.
+    ``cutoff_elements`` widens the elements whose suggested cutoffs apply (an element
+    reference runs at its compound's cutoffs).
     """
     start = time.perf_counter()
     calculation = calculation or maker.calculation
@@ -173,7 +186,7 @@ def run_espresso_task(
             store.save_task(doc)
         return doc
     preset = _merged_preset(maker, calculation)
-    pw_input = build_pw_input(structure, preset, family)
+    pw_input = build_pw_input(structure, preset, family, cutoff_elements=cutoff_elements)
     directory = job_directory(task_id)
     if maker.record:
         store.mark_running(
@@ -272,6 +285,11 @@ def task_document(
                 for el, fn in sorted(pw_input.pseudopotentials.items())
             ],
             pseudo_family=family.name,
+            ecutwfc=pw_input.cutoffs[0],
+            ecutrho=pw_input.cutoffs[1],
+            suggested_ecutwfc=pw_input.suggested_cutoffs[0] if pw_input.suggested_cutoffs else None,
+            suggested_ecutrho=pw_input.suggested_cutoffs[1] if pw_input.suggested_cutoffs else None,
+            below_suggested_cutoffs=pw_input.below_suggested_cutoffs,
         ),
         corrections=[Correction(**c) for c in handled.corrections],
         dir_name=str(directory),
@@ -282,26 +300,44 @@ def task_document(
 
 @dataclass
 class ElementReferenceMaker(BaseQEMaker):
-    """Relax an element's reference structure once per (preset, pseudopotential) and cache it.
+    """Relax an element's reference structure once per (preset, cutoffs, pseudopotential).
 
     The cache lives in the ``element_references`` collection, keyed by element, engine,
-    preset (with an overrides hash) and pseudopotential md5. A cached reference is
-    returned without running pw.x.
+    preset (with an overrides hash and the cutoffs) and pseudopotential md5. A cached
+    reference is returned without running pw.x. The cutoffs are those of the compound
+    (``compound_elements``), never the element's own, so every formation energy compares
+    total energies at one plane-wave basis.
     """
 
     name: str = "qe element reference"
     calculation: ClassVar[str] = "vc-relax"
 
     @job(output_schema=ElementReference)
-    def make(self, element: str, structure: Structure | None = None) -> ElementReference:
+    def make(
+        self,
+        element: str,
+        structure: Structure | None = None,
+        compound_elements: list[str] | None = None,
+    ) -> ElementReference:
         """A Job returning the element's reference energy (eV/atom), cached in the DB."""
-        return run_element_reference(self, element, structure)
+        return run_element_reference(self, element, structure, compound_elements)
+
+
+def reference_cutoffs(
+    maker: BaseQEMaker, element: str, compound_elements: list[str] | None, family: PseudoFamily
+) -> tuple[float, float]:
+    """The cutoffs (Ry) the reference of ``element`` runs at for a compound of ``compound_elements``."""
+    elements = sorted({element, *(compound_elements or [])})
+    return resolve_cutoffs(_merged_preset(maker, maker.calculation), family, elements)
 
 
 def run_element_reference(
-    maker: ElementReferenceMaker, element: str, structure: Structure | None = None
+    maker: ElementReferenceMaker,
+    element: str,
+    structure: Structure | None = None,
+    compound_elements: list[str] | None = None,
 ) -> ElementReference:
-    """Look up, or relax and cache, the reference for ``element``.
+    """Look up, or relax and cache, the reference for ``element`` at the compound's cutoffs.
 
     Raises
     ------
@@ -314,7 +350,8 @@ def run_element_reference(
             f"no pseudopotential for {element} in family '{family.name}'; add one to the family"
         )
     md5 = family.pseudopotentials[element].md5
-    key = preset_key(maker.preset, maker.overrides)
+    cutoffs = reference_cutoffs(maker, element, compound_elements, family)
+    key = reference_key(maker.preset, maker.overrides, cutoffs)
     cached = store.get_reference(element, "espresso", key, md5)
     if cached is not None:
         return ElementReference(
@@ -324,6 +361,8 @@ def run_element_reference(
             energy_per_atom=cached["energy_per_atom"],
             task_id=cached["task_id"],
             cached=True,
+            ecutwfc=cutoffs[0],
+            ecutrho=cutoffs[1],
         )
     ref_structure, calculation = reference_structure(element, structure)
     overrides = maker.overrides
@@ -339,13 +378,21 @@ def run_element_reference(
         metadata={**maker.metadata, "role": "element_reference", "element": element},
         record=maker.record,
     )
-    doc = run_espresso_task(runner, ref_structure, calculation=calculation, family=family)
+    doc = run_espresso_task(
+        runner,
+        ref_structure,
+        calculation=calculation,
+        family=family,
+        cutoff_elements=sorted({element, *(compound_elements or [])}),
+    )
     if not doc.successful or doc.energy_per_atom is None:
         raise UserError(
             f"reference relaxation for {element} failed ({'; '.join(doc.reasons)}); "
             f"see {doc.dir_name}"
         )
-    store.put_reference(element, "espresso", key, md5, doc.energy_per_atom, doc.task_id)
+    store.put_reference(
+        element, "espresso", key, md5, doc.energy_per_atom, doc.task_id, cutoffs=cutoffs
+    )
     return ElementReference(
         element=element,
         engine="espresso",
@@ -353,4 +400,6 @@ def run_element_reference(
         energy_per_atom=doc.energy_per_atom,
         task_id=doc.task_id,
         cached=False,
+        ecutwfc=cutoffs[0],
+        ecutrho=cutoffs[1],
     )

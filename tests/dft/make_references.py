@@ -49,6 +49,15 @@ def cases():
             QERelaxMaker(record=False, overrides={"input_data": {"control": {"nstep": 3}}}),
             strained,
         ),
+        # SiC with the demo preset (family cutoffs: max of C 40 and Si 45 Ry), and its element
+        # references at the compound's 45/360 Ry, as FormationEnergyFlow runs them.
+        "sic_relax_demo": (QERelaxMaker(preset="demo", record=False), sic),
+        "c_ref_demo_in_sic": (
+            QERelaxMaker(preset="demo", record=False), c, {"cutoff_elements": ["C", "Si"]}
+        ),
+        "si_ref_demo_in_sic": (
+            QERelaxMaker(preset="demo", record=False), si, {"cutoff_elements": ["C", "Si"]}
+        ),
     }
 
 
@@ -73,11 +82,11 @@ def main() -> None:
 
     pw_run.run_pw = recording_run_pw
     selected = set(sys.argv[1:])
-    for name, (maker, structure) in cases().items():
+    for name, (maker, structure, *extra) in cases().items():
         if selected and name not in selected:
             continue
         runs.clear()
-        doc = run_espresso_task(maker, structure)
+        doc = run_espresso_task(maker, structure, **(extra[0] if extra else {}))
         target = REFERENCE / name
         shutil.rmtree(target, ignore_errors=True)
         directory = Path(doc.dir_name)

@@ -90,7 +90,9 @@ def test_formation_energy_flow_caches_references(fake_pw, fake_settings, databas
     )
     assert result.formation_energy_per_atom == pytest.approx(expected)
     cached = {d["element"]: d for d in database["element_references"].find()}
-    assert set(cached) == {"Si", "C"} and cached["Si"]["preset"] == "fast@1"
+    # fast fixes 25/200 Ry for every element, so both references share the compound's cutoffs.
+    assert set(cached) == {"Si", "C"} and cached["Si"]["preset"] == "fast@1@25/200Ry"
+    assert (result.ecutwfc, result.ecutrho, result.below_suggested_cutoffs) == (25.0, 200.0, True)
     record = database["dft_tasks"].find_one({"task_id": result.task_id})
     assert record["formation_energy_per_atom"] == pytest.approx(result.formation_energy_per_atom)
     assert len(fake.calls) == 3

@@ -91,4 +91,20 @@ def test_local_family_is_real_pbe_and_readable(local_family):
         assert read_upf_header(path.read_text()).is_pbe, element
         assert max(len(line) for line in path.read_text().splitlines()) <= MAX_UPF_LINE
         assert entry.ecutrho >= 4 * entry.ecutwfc
-    assert family.pseudopotentials["Pd"].source == "ld1.x"
+    # Pd comes from crystaloop's own ld1.x input (pslibrary 0.3.0), not QE's stock Pd.in.
+    pd = family.pseudopotentials["Pd"]
+    assert (pd.source, pd.filename) == ("ld1.x (crystaloop input)", "Pd.pbe-n-kjpaw_psl.0.3.0.UPF")
+
+
+def test_unreadable_cutoff_raises_naming_file_and_field():
+    broken = V2_HEADER.replace('wfc_cutoff="33.689107937216399"', 'wfc_cutoff="3x.6"')
+    with pytest.raises(UserError, match=r"Pd\.broken\.UPF: UPF header field wfc_cutoff = '3x\.6'"):
+        read_upf_header(broken, "Pd.broken.UPF")
+    broken_v1 = V1_HEADER.replace("0.0000000  0.0000000 Suggested", "abc  0.0000000 Suggested")
+    with pytest.raises(UserError, match=r"Rh\.UPF: .*Suggested cutoff \(wfc\)"):
+        read_upf_header(broken_v1, "Rh.UPF")
+
+
+def test_absent_cutoff_means_no_suggestion():
+    header = read_upf_header(V2_HEADER.replace('rho_cutoff="134.75643174886559"', ""))
+    assert header.rho_cutoff == 0.0 and header.wfc_cutoff > 0
