@@ -11,8 +11,15 @@ Two checks per element, both against the ACWF all-electron data in
   all-electron V0, a Birch-Murnaghan fit, and ACWF's ν and ε metrics plus V0 and B0.
 
 Runs are non-spin-polarised, as in the ACWF set. The verdict per element is
-``verified`` (every number within ACWF's "good" thresholds), ``marginal`` (within
-twice those) or ``failed``; it is written into the family YAML.
+``verified`` (every number within the thresholds below), ``marginal`` (within twice
+those) or ``failed``; it is written into the family YAML.
+
+The thresholds ask what formation energies need, not code-to-code agreement:
+ACWF's own "good" class (ν ≤ 0.33, ε ≤ 0.20) compares converged all-electron
+codes with each other, and is reported next to the verdict. Here ν ≤ 1.0 keeps
+V0 within about 1 % (lattice 0.3 %), ε ≤ 0.40 keeps the whole curve close, and
+the structural energy within 30 meV/atom keeps non-ground-state environments
+from being penalised (the bug that put CuPd above its elements).
 """
 
 from __future__ import annotations
@@ -31,9 +38,12 @@ from crystaloop.dft.pseudos import SAFE_LOADER, PseudoFamily
 from crystaloop.errors import UserError
 
 Verdict = Literal["verified", "marginal", "failed", "unverified"]
-#: ACWF's "good agreement" thresholds (Bosoni et al. 2024): ε (dimensionless) and ν.
-EPSILON_GOOD = 0.20
-NU_GOOD = 0.33
+#: Verdict thresholds (see the module docstring): ε (dimensionless) and ν.
+EPSILON_GOOD = 0.40
+NU_GOOD = 1.0
+#: ACWF's "good agreement" class between all-electron codes (Bosoni et al. 2024), for reference.
+ACWF_EPSILON_GOOD = 0.20
+ACWF_NU_GOOD = 0.33
 #: Structural energy difference tolerance, eV/atom: the spread of PBE codes on bcc-fcc.
 STRUCTURAL_GOOD_EV = 0.030
 #: ν weights of B0 and B1 relative to V0 (ACWF).
@@ -244,6 +254,9 @@ class ElementVerification:
             "structural_energy_ae_ev": r(self.structural_energy_ae),
             "nu": r(self.nu, 3),
             "epsilon": r(self.epsilon, 3),
+            "acwf_good": None
+            if self.nu is None or self.epsilon is None
+            else bool(self.nu <= ACWF_NU_GOOD and self.epsilon <= ACWF_EPSILON_GOOD),
             "v0_a3": r(self.v0),
             "v0_ae_a3": r(self.v0_ae),
             "b0_gpa": r(self.b0_gpa, 1),
@@ -346,3 +359,105 @@ def pwx_energy_fn(
         return float(doc.energy)
 
     return energy
+
+
+def write_verdicts(family_path, results: Sequence[ElementVerification]) -> None:
+    """Store each result's verdict and numbers in the family YAML (other entries untouched)."""
+    from pathlib import Path
+
+    path = Path(family_path)
+    data = yaml.load(path.read_text(), Loader=SAFE_LOADER)
+    for result in results:
+        entry = data["pseudopotentials"].get(result.element)
+        if entry is None:
+            continue
+        entry["verdict"] = result.verdict
+        entry["verification"] = result.summary()
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def result_row(result: ElementVerification) -> dict[str, Any]:
+    """One element's numbers as a flat dict (for tables and JSON)."""
+    error = result.structural_error
+    return {
+        "element": result.element,
+        "structure": result.prototype,
+        "check": f"{result.polymorph}-{result.prototype}",
+        "dE_ev": result.structural_energy,
+        "dE_ae_ev": result.structural_energy_ae,
+        "dE_error_mev": None if error is None else 1000 * error,
+        "v0_a3": result.v0,
+        "v0_ae_a3": result.v0_ae,
+        "b0_gpa": result.b0_gpa,
+        "b0_ae_gpa": result.b0_ae_gpa,
+        "nu": result.nu,
+        "epsilon": result.epsilon,
+        "volumes_a3": result.volumes,
+        "energies_ev": result.energies,
+        "verdict": result.verdict,
+        "reasons": result.reasons,
+    }
+
+
+def campaign_dft_problems(
+    elements: Sequence[str],
+    *,
+    preset: str,
+    family: PseudoFamily | None = None,
+    allow_unverified: bool = False,
+    override_hint: str = "--allow-unverified",
+) -> tuple[list[str], list[str]]:
+    """``(warnings, refusals)`` for a campaign over ``elements`` with ``preset``: one line each.
+
+    Warns when the preset fixes cutoffs below the family's suggestion for an element (its
+    results are then not converged; 'fast' at 25/200 Ry collapses NiO by 21 %). Refuses the
+    elements the family lacks, and those whose verdict is not ``verified`` unless
+    ``allow_unverified`` (then they are a warning); the refusal names ``override_hint``.
+
+    Raises
+    ------
+    UserError
+        Unknown preset, or no family configured.
+    """
+    from crystaloop.dft.espresso.inputs import load_preset
+    from crystaloop.dft.pseudos import family_from_settings
+
+    family = family or family_from_settings()
+    loaded = load_preset(preset)
+    wanted = sorted({str(e) for e in elements})
+    warnings: list[str] = []
+    refusals: list[str] = []
+    missing = family.missing(wanted)
+    if missing:
+        refusals.append(
+            f"family '{family.name}' has no pseudopotential for {', '.join(missing)}; "
+            f"drop them from the campaign or add files to the family (it covers {' '.join(family.elements)})"
+        )
+    present = [e for e in wanted if e not in missing]
+    low = []
+    for element in present:
+        entry = family.pseudopotentials[element]
+        wfc = loaded.ecutwfc if loaded.ecutwfc is not None else entry.ecutwfc
+        rho = loaded.ecutrho if loaded.ecutrho is not None else entry.ecutrho
+        if wfc < entry.ecutwfc or rho < entry.ecutrho:
+            low.append(f"{element} ({entry.ecutwfc:g}/{entry.ecutrho:g})")
+    if low:
+        warnings.append(
+            f"preset '{loaded.name}' sets cutoffs {loaded.ecutwfc:g}/{loaded.ecutrho:g} Ry, below the "
+            f"family's suggestion for {', '.join(low)} Ry; their energies are not converged: use "
+            "--preset demo or standard"
+        )
+    unverified = [e for e in present if family.verdict(e) != "verified"]
+    if unverified:
+        named = ", ".join(f"{e} ({family.verdict(e)})" for e in unverified)
+        if allow_unverified:
+            warnings.append(
+                f"elements not verified against all-electron PBE in family '{family.name}': {named}; "
+                "their formation energies may be wrong (allowed by the override)"
+            )
+        else:
+            refusals.append(
+                f"elements not verified against all-electron PBE in family '{family.name}': {named}; "
+                f"drop them, run 'crystaloop dft pseudos verify', or allow them with {override_hint}"
+            )
+    return warnings, refusals

@@ -72,6 +72,95 @@ def show_family() -> None:
     console.print(table)
 
 
+@pseudos_app.command("verify")
+def verify_family(
+    elements: str = typer.Option(
+        None, "--elements", help="Comma-separated elements (default: every element with a reference)."
+    ),
+    eos: bool = typer.Option(True, "--eos/--no-eos", help="Also the EOS (ν, ε, V0, B0)."),
+    points: int = typer.Option(7, "--points", help="EOS volumes (at least 7)."),
+    span: float = typer.Option(0.06, "--span", help="EOS half-range as a fraction of V0 (at least 0.06)."),
+    write: bool = typer.Option(
+        True, "--write/--no-write", help="Store verdicts and numbers in the family YAML."
+    ),
+    output: Path = typer.Option(None, "--output", help="Also write the numbers as JSON here."),
+    fmt: str = typer.Option("table", "--format", help="table or json."),
+) -> None:
+    """Check the family against all-electron PBE (ACWF): bcc-fcc-type energy, EOS, ν, ε, V0, B0."""
+    import json
+
+    from crystaloop.dft.pseudos import family_from_settings
+    from crystaloop.dft.verification import (
+        EPSILON_GOOD,
+        NU_GOOD,
+        STRUCTURAL_GOOD_EV,
+        acwf_references,
+        acwf_source,
+        pwx_energy_fn,
+        result_row,
+        verify_element,
+        write_verdicts,
+    )
+    from crystaloop.settings import get_settings
+
+    if fmt not in ("table", "json"):
+        raise UserError(f"unknown format '{fmt}'; choose table or json")
+    family = family_from_settings()
+    references = acwf_references()
+    if elements:
+        chosen = [e.strip() for e in elements.split(",") if e.strip()]
+        missing = family.missing(chosen)
+        if missing:
+            raise UserError(
+                f"family '{family.name}' has no file for {', '.join(missing)}; "
+                f"it covers {' '.join(family.elements)}"
+            )
+    else:
+        chosen = [e for e in family.elements if e in references]
+    energy_fn = pwx_energy_fn(family)
+    results = []
+    for element in chosen:
+        with console.status(f"verifying {element} (pw.x)"):
+            results.append(
+                verify_element(element, energy_fn, eos=eos, points=points, span=span, references=references)
+            )
+        entry = family.pseudopotentials[element]
+        results[-1].ecutwfc, results[-1].ecutrho = entry.ecutwfc, entry.ecutrho
+    rows = [result_row(r) for r in results]
+    if write:
+        write_verdicts(get_settings().resolved_pseudo_family(), results)
+    if output:
+        output.write_text(json.dumps({"source": acwf_source(), "elements": rows}, indent=2))
+    if fmt == "json":
+        print(json.dumps({"source": acwf_source(), "elements": rows}, indent=2))
+        return
+    console.print(_verify_table(rows, family.name))
+    console.print(
+        f"verified: |ΔE error| <= {STRUCTURAL_GOOD_EV * 1000:.0f} meV/atom, ν <= {NU_GOOD}, "
+        f"ε <= {EPSILON_GOOD}; marginal: within twice those; reference: {acwf_source()}",
+        highlight=False,
+    )
+    if write:
+        console.print(f"verdicts written to {get_settings().resolved_pseudo_family()}")
+
+
+def _verify_table(rows, name: str):
+    from rich.table import Table
+
+    table = Table(title=f"{name} against all-electron PBE (ACWF)")
+    for column in ("element", "structure", "check", "ΔE (eV/atom)", "ΔE AE", "error (meV)",
+                   "V0 (Å³/atom)", "V0 AE", "B0 (GPa)", "B0 AE", "ν", "ε", "verdict"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(
+            r["element"], r["structure"], r["check"], _fmt(r["dE_ev"], ".3f"), _fmt(r["dE_ae_ev"], ".3f"),
+            _fmt(r["dE_error_mev"], ".0f"), _fmt(r["v0_a3"], ".3f"), _fmt(r["v0_ae_a3"], ".3f"),
+            _fmt(r["b0_gpa"], ".1f"), _fmt(r["b0_ae_gpa"], ".1f"), _fmt(r["nu"], ".2f"),
+            _fmt(r["epsilon"], ".2f"), r["verdict"],
+        )
+    return table
+
+
 def _read_structure(path: Path):
     from pymatgen.core import Structure
 

@@ -61,6 +61,50 @@ def cases():
     }
 
 
+def record_verify(element: str, name: str, family_dir: Path) -> None:
+    """Record every pw.x run of ``crystaloop dft pseudos verify`` for ``element`` as attempt_<n>.
+
+    The verify command runs its SCFs one after another outside jobflow, so the fake pw.x
+    replays them in order under the job name ``direct``.
+    """
+    from crystaloop.dft.espresso import run as pw_run
+    from crystaloop.dft.pseudos import load_family
+    from crystaloop.dft.verification import pwx_energy_fn, verify_element
+
+    family = load_family(family_dir / "family.yaml")
+    target = REFERENCE / name
+    shutil.rmtree(target, ignore_errors=True)
+    real_run_pw = pw_run.run_pw
+    count = 0
+
+    def recording_run_pw(directory, **kwargs):
+        nonlocal count
+        result = real_run_pw(directory, **kwargs)
+        attempt = target / f"attempt_{count}"
+        attempt.mkdir(parents=True)
+        shutil.copyfile(Path(directory) / "pw.in", attempt / "pw.in")
+        with gzip.open(attempt / "pw.out.gz", "wt") as fh:
+            fh.write((Path(directory) / "pw.out").read_text())
+        (attempt / "run.json").write_text(
+            json.dumps(
+                {
+                    "returncode": result.returncode,
+                    "wall_time_s": round(result.wall_time_s, 3),
+                    "timed_out": result.timed_out,
+                }
+            )
+        )
+        count += 1
+        return result
+
+    pw_run.run_pw = recording_run_pw
+    try:
+        result = verify_element(element, pwx_energy_fn(family))
+    finally:
+        pw_run.run_pw = real_run_pw
+    print(f"{name}: {count} runs, verdict {result.verdict}, nu {result.nu}, dE {result.structural_energy}")
+
+
 def main() -> None:
     from crystaloop.dft.espresso import run as pw_run
     from crystaloop.dft.espresso.jobs import run_espresso_task
@@ -82,6 +126,13 @@ def main() -> None:
 
     pw_run.run_pw = recording_run_pw
     selected = set(sys.argv[1:])
+    if "be_verify" in selected:
+        # Be: one atom per cell, the cheapest element to verify (structural check + 7-point EOS).
+        build_local_family(tmp / "pseudo-be", ld1_elements=["Be"])
+        record_verify("Be", "be_verify", tmp / "pseudo-be")
+        selected.discard("be_verify")
+        if not selected:
+            return
     for name, (maker, structure, *extra) in cases().items():
         if selected and name not in selected:
             continue
