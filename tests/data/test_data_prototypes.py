@@ -55,8 +55,16 @@ def test_no_two_entries_match_with_structure_matcher(prototypes):
     assert same == []
 
 
-@pytest.mark.parametrize(("name", "species"), [("B1", ("Na", "Cl")), ("B2", ("Cs", "Cl")),
-    ("B3", ("Si", "C")), ("perovskite", ("Sr", "Ti", "O")), ("L21", ("Cu", "Mn", "Al"))])  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "species"),
+    [
+        ("B1", ("Na", "Cl")),
+        ("B2", ("Cs", "Cl")),
+        ("B3", ("Si", "C")),
+        ("perovskite", ("Sr", "Ti", "O")),
+        ("L21", ("Cu", "Mn", "Al")),
+    ],
+)
 def test_declared_role_swaps_are_exactly_the_symmetric_ones(name, species):
     from pymatgen.analysis.structure_matcher import StructureMatcher
 

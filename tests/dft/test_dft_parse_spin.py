@@ -1,7 +1,8 @@
 """Band gaps of spin-polarised pw.x runs, from real outputs.
 
 Both references are real pw.x 6.7 scf runs (``fast`` preset, local PBE family, about 3 and 5 s
-on one core), made with the job code the way ``make_references.py`` makes the others:
+on one core), made as ``make_references.py`` makes the others: ``run_espresso_task`` with
+``QEStaticMaker(record=False)``, every attempt's ``pw.in`` and gzipped ``pw.out`` stored:
 
 - ``o2_fm_scf``: one O2 molecule (1.23 Å) in a 5 Å cube, ``spin_polarization: on``. It ends
   in the triplet (2.00 Bohr mag/cell): the up channel holds 7 occupied bands, the down channel
