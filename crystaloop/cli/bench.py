@@ -12,3 +12,7 @@ app = group("Benchmarks with numbers to report.")
 
 for _module in (bench_db, bench_representation, bench_dft):
     _module.register(app)
+
+from crystaloop.cli import bench_presets  # noqa: E402  (registered on its own line)
+
+bench_presets.register(app)

@@ -1,0 +1,169 @@
+"""Presets against each other and against reference formation energies: ``bench presets``.
+
+Each compound of the binary test set (``data/binary_testset.yaml``) is relaxed with
+each preset through :class:`~crystaloop.dft.flows.FormationEnergyFlow`, with element
+references at the compound's own cutoffs. Per (compound, preset) the result is stored
+as JSON in an output folder, so an interrupted benchmark resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pymatgen.core import Lattice, Structure
+
+from crystaloop.dft.pseudos import SAFE_LOADER
+
+
+def load_testset() -> dict[str, Any]:
+    """The shipped binary test set: ``{"source": ..., "compounds": {formula: spec}}``."""
+    text = (resources.files("crystaloop.dft") / "data" / "binary_testset.yaml").read_text()
+    return yaml.load(text, Loader=SAFE_LOADER)
+
+
+def compound_structure(spec: dict[str, Any]) -> Structure:
+    """The structure of one test-set entry (``lattice`` is cubic, fcc or hexagonal)."""
+    kind, value = next(iter(spec["lattice"].items()))
+    if kind == "cubic":
+        lattice = Lattice.cubic(value)
+    elif kind == "hexagonal":
+        lattice = Lattice.hexagonal(*value)
+    else:  # fcc: primitive cell of the conventional cube ``value``
+        h = value / 2
+        lattice = Lattice([[0, h, h], [h, 0, h], [h, h, 0]])
+    return Structure(lattice, spec["species"], spec["coords"])
+
+
+@dataclass
+class PresetResult:
+    """One compound relaxed with one preset."""
+
+    compound: str
+    preset: str
+    state: str
+    formation_energy: float | None  # eV/atom
+    a: float | None  # Å, conventional a for cubic/fcc cells, hexagonal a otherwise
+    ecutwfc: float | None
+    ecutrho: float | None
+    below_suggested_cutoffs: bool
+    pw_time_s: float  # pw.x wall time of the relaxation and of the references it ran
+    wall_s: float
+    references_cached: list[str]
+    reasons: list[str]
+
+
+def conventional_a(structure: Structure, spec: dict[str, Any]) -> float:
+    """The lattice constant comparable with ``exp_a``."""
+    kind = next(iter(spec["lattice"]))
+    if kind == "fcc":
+        return (4 * structure.volume) ** (1 / 3)
+    if kind == "cubic":
+        return structure.volume ** (1 / 3)
+    return structure.lattice.a
+
+
+def run_compound(compound: str, preset: str, spec: dict[str, Any]) -> PresetResult:
+    """Relax ``compound`` with ``preset`` and compute E_f (references at its cutoffs)."""
+    from crystaloop.dft.backends import run_local
+    from crystaloop.dft.flows import FormationEnergyFlow
+    from crystaloop.dft.schemas import ElementReference, FormationEnergyDocument, QETaskDocument
+
+    structure = compound_structure(spec)
+    flow = FormationEnergyFlow(
+        structure, preset=preset, metadata={"benchmark": "bench presets", "compound": compound}
+    )
+    start = time.perf_counter()
+    responses = run_local(flow)
+    wall = time.perf_counter() - start
+    outputs = []
+    for job in flow.jobs:
+        response = responses.get(job.uuid, {})
+        outputs.append(response[max(response)].output if response else None)
+    task = next((o for o in outputs if isinstance(o, QETaskDocument)), None)
+    formation = next((o for o in outputs if isinstance(o, FormationEnergyDocument)), None)
+    cached = sorted(
+        el for el in structure.composition.as_dict() if el not in {j.name.split()[-1] for j in flow.jobs}
+    )
+    pw_time = _pw_time([task]) + _reference_pw_time([o for o in outputs if isinstance(o, ElementReference)])
+    final = task.final_structure if task is not None else None
+    return PresetResult(
+        compound=compound,
+        preset=preset,
+        state=formation.state if formation else "failed",
+        formation_energy=formation.formation_energy_per_atom if formation else None,
+        a=conventional_a(final, spec) if final is not None else None,
+        ecutwfc=formation.ecutwfc if formation else None,
+        ecutrho=formation.ecutrho if formation else None,
+        below_suggested_cutoffs=bool(formation and formation.below_suggested_cutoffs),
+        pw_time_s=pw_time,
+        wall_s=wall,
+        references_cached=cached,
+        reasons=list(formation.reasons) if formation else ["no formation-energy output"],
+    )
+
+
+def _pw_time(tasks) -> float:
+    return float(sum(t.wall_time_s or 0.0 for t in tasks if t is not None))
+
+
+def _reference_pw_time(references) -> float:
+    """pw.x time of the references this flow ran (cached ones cost nothing now)."""
+    from crystaloop.dft import store
+
+    total = 0.0
+    for ref in references:
+        if ref.cached:
+            continue
+        record = store._database()[store.TASKS].find_one({"task_id": ref.task_id}, {"output.wall_time_s": 1})
+        total += float((record or {}).get("output", {}).get("wall_time_s") or 0.0)
+    return total
+
+
+def run_bench(
+    compounds: list[str], presets: list[str], out_dir: Path, log=print
+) -> list[PresetResult]:
+    """Run every (compound, preset) not already in ``out_dir``; return all results there."""
+    testset = load_testset()["compounds"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for preset in presets:
+        for compound in compounds:
+            path = out_dir / f"{compound}_{preset}.json"
+            if path.is_file():
+                results.append(PresetResult(**json.loads(path.read_text())))
+                continue
+            log(f"relaxing {compound} with {preset}")
+            result = run_compound(compound, preset, testset[compound])
+            path.write_text(json.dumps(asdict(result), indent=2))
+            results.append(result)
+    return results
+
+
+def summarise(results: list[PresetResult]) -> dict[str, Any]:
+    """Per compound and preset: E_f, lattice, errors against experiment and against standard."""
+    testset = load_testset()["compounds"]
+    by_key = {(r.compound, r.preset): r for r in results}
+    rows = []
+    for r in results:
+        spec = testset[r.compound]
+        standard = by_key.get((r.compound, "standard"))
+        rows.append(
+            {
+                **asdict(r),
+                "exp_ef": spec["exp_ef"],
+                "exp_a": spec["exp_a"],
+                "ef_minus_exp": None if r.formation_energy is None else r.formation_energy - spec["exp_ef"],
+                "a_error_pct": None if r.a is None else 100 * (r.a - spec["exp_a"]) / spec["exp_a"],
+                "ef_minus_standard": None
+                if r.formation_energy is None or standard is None or standard.formation_energy is None
+                else r.formation_energy - standard.formation_energy,
+                "sign_error": r.formation_energy is not None and r.formation_energy > 0 > spec["exp_ef"],
+            }
+        )
+    return {"source": load_testset()["source"], "rows": rows}
