@@ -28,7 +28,7 @@ def bench_presets(
     from rich.table import Table
 
     from crystaloop.cli._common import console
-    from crystaloop.dft.bench_presets import load_testset, run_bench, summarise, compound_structure
+    from crystaloop.dft.bench_presets import compound_structure, load_testset, run_bench, summarise
     from crystaloop.dft.espresso.inputs import load_preset
     from crystaloop.dft.espresso.run import pw_available
     from crystaloop.dft.pseudos import family_from_settings

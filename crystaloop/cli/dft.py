@@ -262,6 +262,7 @@ def _print_result(flow, responses) -> None:
         ("task id", task.task_id),
         ("engine", task.engine),
         ("preset", task.input.preset),
+        ("cutoffs (Ry)", _cutoffs(task)),
         ("state", task.state),
         ("energy per atom (eV/atom)", _fmt(task.energy_per_atom)),
         (
@@ -281,8 +282,21 @@ def _print_result(flow, responses) -> None:
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
+    if task.input.below_suggested_cutoffs:
+        console.print(
+            f"[bold yellow]cutoffs {task.input.ecutwfc:g}/{task.input.ecutrho:g} Ry are below the "
+            f"family's suggestion {task.input.suggested_ecutwfc:g}/{task.input.suggested_ecutrho:g} Ry"
+            "[/]: energies and lattice are not converged; use --preset demo or standard."
+        )
     if task.engine == "surrogate":
         console.print("[bold yellow]engine: surrogate[/] - CHGNet estimate, not DFT.")
+
+
+def _cutoffs(task) -> str:
+    if task.input.ecutwfc is None:
+        return "-"
+    flag = " (below the family's suggestion)" if task.input.below_suggested_cutoffs else ""
+    return f"{task.input.ecutwfc:g}/{task.input.ecutrho:g}{flag}"
 
 
 def _fmt(value, spec: str = ".4f") -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from crystaloop.dft.bench_presets import PresetResult, load_testset, summarise, compound_structure
+from crystaloop.dft.bench_presets import PresetResult, compound_structure, load_testset, summarise
 from crystaloop.dft.references import check_references
 
 
