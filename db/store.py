@@ -1,7 +1,10 @@
 """The candidate store: insert with deduplication, atomic state transitions, queries.
 
-Every transition is one ``find_one_and_update`` conditional on the current state,
-so two loop processes can never select or submit the same candidate.
+Every transition is one ``find_one_and_update`` on the full candidate document,
+conditional on its current state, so two loop processes can never select or
+submit the same candidate. After each write the store brings the candidate's
+lean summary and its campaign round's state counter up to date
+(:mod:`crystaloop.db.summaries`); queries and counts read those.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Structure
 from pymongo import ReturnDocument
 from pymongo.database import Database
+from pymongo.errors import DuplicateKeyError
 
 from crystaloop.db.documents import (
     ALLOWED_TRANSITIONS,
@@ -27,9 +31,22 @@ from crystaloop.db.documents import (
     StructureFields,
     utcnow,
 )
+from crystaloop.db.migrate import ensure_indexes as ensure_layout_indexes
+from crystaloop.db.migrate import ensure_layout
+from crystaloop.db.summaries import (
+    COUNTER_COLLECTION,
+    SUMMARY_COLLECTION,
+    CandidateSummaryDoc,
+    counter_id,
+    element_key,
+)
 from crystaloop.properties import PROPERTY_NAMES, property_spec
 
 SORTABLE_FIELDS = ("created_at", "round", "nsites", "reduced_formula", "acquisition_score")
+
+#: A window on the sort property is read in slices: the first covers 1/64 of the
+#: window's span, each next one twice the last, until ``limit`` hits are found.
+FIRST_SLICE_FRACTION = 1 / 64
 
 
 class StateError(RuntimeError):
@@ -73,35 +90,35 @@ def default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def summary_field(name: str, *, dft: bool = False) -> str:
+    """The summary field that holds property ``name`` (predicted mean, or the DFT value)."""
+    property_spec(name)
+    return f"dft.{name}" if dft else f"predicted.{name}"
+
+
 class CandidateStore:
-    """Candidates of all campaigns in the ``candidates`` collection.
+    """Candidates of all campaigns: full documents in ``candidates``, their summaries and counters.
 
     Parameters
     ----------
     database
-        The crystaloop database.
+        The crystaloop database. A database written before summaries existed is
+        migrated here, once (:func:`crystaloop.db.migrate.ensure_layout`).
     matcher
         Structure equivalence for deduplication; pymatgen defaults when None.
     """
 
     def __init__(self, database: Database, matcher: StructureMatcher | None = None) -> None:
+        self.database = database
         self.collection = database["candidates"]
+        self.summaries = database[SUMMARY_COLLECTION]
+        self.counters = database[COUNTER_COLLECTION]
         self.matcher = matcher or StructureMatcher()
-        self.ensure_indexes()
+        ensure_layout(database)
 
     def ensure_indexes(self) -> None:
         """Create the indexes the queries use (idempotent)."""
-        c = self.collection
-        c.create_index("candidate_id", unique=True)
-        c.create_index([("campaign", 1), ("round", 1), ("state", 1)])
-        c.create_index([("campaign", 1), ("reduced_formula", 1)])
-        c.create_index("reduced_formula")
-        c.create_index("elements")
-        c.create_index("chemsys")
-        for name in PROPERTY_NAMES:
-            c.create_index(property_field(name))
-            # Few candidates ever get DFT values, so a sparse index costs little on insert.
-            c.create_index(property_field(name, dft=True), sparse=True)
+        ensure_layout_indexes(self.database)
 
     # -- insertion -------------------------------------------------------------------------
 
@@ -109,14 +126,23 @@ class CandidateStore:
         """The id of an equivalent candidate in ``campaign``, or None.
 
         The cheap fingerprint is tried first; ``StructureMatcher`` runs only on
-        candidates with the same reduced formula.
+        candidates with the same reduced formula (found through the summaries).
         """
         fields = StructureFields.fields_from(structure, spacegroup=False)
-        same_formula = list(
-            self.collection.find(
-                {"campaign": campaign, "reduced_formula": fields["reduced_formula"]},
-                {"candidate_id": 1, "structure": 1, "fingerprint": 1},
+        ids = [
+            d["_id"]
+            for d in self.summaries.find(
+                {"reduced_formula": fields["reduced_formula"], "campaign": campaign}, {"_id": 1}
             )
+        ]
+        same_formula = (
+            list(
+                self.collection.find(
+                    {"candidate_id": {"$in": ids}}, {"candidate_id": 1, "structure": 1, "fingerprint": 1}
+                )
+            )
+            if ids
+            else []
         )
         same_formula.sort(key=lambda d: d.get("fingerprint") != fields["fingerprint"])
         for doc in same_formula:
@@ -149,7 +175,7 @@ class CandidateStore:
         doc = self.new_document(
             structure, campaign=campaign, round=round, provenance=provenance, predicted=predicted
         )
-        self.collection.insert_one(doc.model_dump())
+        self.insert_many([doc])
         return doc.candidate_id, True
 
     @staticmethod
@@ -173,11 +199,61 @@ class CandidateStore:
         )
 
     def insert_many(self, docs: Iterable[CandidateDoc]) -> int:
-        """Bulk-insert prepared documents without deduplication. Returns the count."""
+        """Bulk-insert prepared documents without deduplication. Returns the count.
+
+        Full documents go in first; their summaries and counts follow, so a
+        summary never names a candidate that is not stored.
+        """
         payload = [d.model_dump() for d in docs]
         if not payload:
             return 0
-        return len(self.collection.insert_many(payload, ordered=False).inserted_ids)
+        inserted = len(self.collection.insert_many(payload, ordered=False).inserted_ids)
+        summaries = [CandidateSummaryDoc.document_from(d) for d in payload]
+        self.summaries.insert_many(summaries, ordered=False)
+        counts: dict[tuple[str, int], dict[str, int]] = {}
+        for s in summaries:
+            per_state = counts.setdefault((s["campaign"], s["round"]), {})
+            per_state[s["state"]] = per_state.get(s["state"], 0) + 1
+        for (campaign, round_), per_state in counts.items():
+            self._count(campaign, round_, per_state)
+        return inserted
+
+    def _count(self, campaign: str, round: int, deltas: dict[str, int]) -> None:
+        self.counters.update_one(
+            {"_id": counter_id(campaign, round)},
+            {
+                "$inc": {f"counts.{state}": n for state, n in deltas.items()},
+                "$setOnInsert": {"campaign": campaign, "round": round},
+            },
+            upsert=True,
+        )
+
+    def _sync_summary(self, candidate: dict[str, Any]) -> None:
+        """Replace the summary of ``candidate`` (a full stored document) and move its count.
+
+        The replacement is conditional on the summary's revision, so when two
+        transitions of one candidate finish out of order the later state wins,
+        and each counter move pairs with the summary it replaced.
+        """
+        summary = CandidateSummaryDoc.document_from(candidate)
+        try:
+            before = self.summaries.find_one_and_replace(
+                {"_id": summary["_id"], "revision": {"$lte": summary["revision"]}},
+                summary,
+                projection={"campaign": 1, "round": 1, "state": 1},
+                upsert=True,
+            )
+        except DuplicateKeyError:  # a newer summary is already there
+            return
+        new_key = (summary["campaign"], summary["round"])
+        if before is None:
+            self._count(*new_key, {summary["state"]: 1})
+        elif (before["campaign"], before["round"]) == new_key:
+            if before["state"] != summary["state"]:
+                self._count(*new_key, {before["state"]: -1, summary["state"]: 1})
+        else:
+            self._count(before["campaign"], before["round"], {before["state"]: -1})
+            self._count(*new_key, {summary["state"]: 1})
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -214,6 +290,7 @@ class CandidateStore:
                 f"candidate {candidate_id} is {current['state']!r}; it cannot become {to.value!r} "
                 f"(allowed from: {', '.join(sources) or 'nothing'})"
             )
+        self._sync_summary(found)
         return CandidateDoc.model_validate(found)
 
     def claim(
@@ -228,28 +305,46 @@ class CandidateStore:
     ) -> list[CandidateDoc]:
         """Atomically move up to ``limit`` candidates, best acquisition score first.
 
-        Each candidate is taken by one ``find_one_and_update``, so concurrent
-        callers never claim the same candidate.
+        The best ids are read from the summaries; each is then taken by one
+        ``find_one_and_update`` on the full document, conditional on
+        ``from_state``, so concurrent callers never claim the same candidate. An id
+        that another caller took first is skipped.
         """
         from_state, to = CandidateState(from_state), CandidateState(to)
         if to not in ALLOWED_TRANSITIONS[from_state]:
             raise StateError(f"{from_state.value!r} cannot become {to.value!r}")
-        query: dict[str, Any] = {"campaign": campaign, "state": from_state.value}
+        query: dict[str, Any] = {"state": from_state.value, "campaign": campaign}
         if round is not None:
             query["round"] = round
-        claimed = []
+        claimed: list[CandidateDoc] = []
+        taken_elsewhere: set[str] = set()
         update = self._transition_update(to, owner=owner)
-        for _ in range(limit):
-            found = self.collection.find_one_and_update(
-                query,
-                update,
-                projection={"_id": 0},
-                sort=[("acquisition_score", pymongo.DESCENDING), ("candidate_id", 1)],
-                return_document=ReturnDocument.AFTER,
-            )
-            if found is None:
+        while len(claimed) < limit:
+            want = limit - len(claimed)
+            ids = [
+                d["_id"]
+                for d in self.summaries.find(
+                    query,
+                    {"_id": 1},
+                    sort=[("acquisition_score", pymongo.DESCENDING), ("_id", pymongo.ASCENDING)],
+                    limit=want + len(taken_elsewhere),
+                )
+                if d["_id"] not in taken_elsewhere
+            ]
+            if not ids:
                 break
-            claimed.append(CandidateDoc.model_validate(found))
+            for candidate_id in ids[:want]:
+                found = self.collection.find_one_and_update(
+                    {"candidate_id": candidate_id, "state": from_state.value},
+                    update,
+                    projection={"_id": 0},
+                    return_document=ReturnDocument.AFTER,
+                )
+                if found is None:
+                    taken_elsewhere.add(candidate_id)
+                    continue
+                self._sync_summary(found)
+                claimed.append(CandidateDoc.model_validate(found))
         return claimed
 
     @staticmethod
@@ -282,6 +377,25 @@ class CandidateStore:
             {"$push": {"filter_trail": step.model_dump()}, "$set": {"updated_at": utcnow()}},
         )
 
+    def set_fields(self, candidate_id: str, fields: dict[str, Any]) -> CandidateDoc:
+        """``$set`` fields of one candidate outside a transition (e.g. DFT values), summary included.
+
+        Raises
+        ------
+        StateError
+            No such candidate.
+        """
+        found = self.collection.find_one_and_update(
+            {"candidate_id": candidate_id},
+            {"$set": {**fields, "updated_at": utcnow()}},
+            projection={"_id": 0},
+            return_document=ReturnDocument.AFTER,
+        )
+        if found is None:
+            raise StateError(f"no candidate {candidate_id!r}")
+        self._sync_summary(found)
+        return CandidateDoc.model_validate(found)
+
     # -- queries ---------------------------------------------------------------------------
 
     def get(self, candidate_id: str) -> CandidateDoc | None:
@@ -301,7 +415,7 @@ class CandidateStore:
         windows: Sequence[Window] = (),
         dft: bool = False,
     ) -> dict[str, Any]:
-        """The MongoDB filter for the given criteria (all must hold)."""
+        """The MongoDB filter on full candidate documents for the given criteria (all must hold)."""
         from pymatgen.core import Composition
 
         query: dict[str, Any] = {}
@@ -324,6 +438,60 @@ class CandidateStore:
         return query
 
     @staticmethod
+    def summary_filter(
+        *,
+        campaign: str | None = None,
+        round: int | None = None,
+        state: str | Sequence[str] | None = None,
+        formula: str | None = None,
+        elements: Sequence[str] | None = None,
+        chemsys: str | None = None,
+        windows: Sequence[Window] = (),
+        dft: bool = False,
+        lead: str | None = None,
+    ) -> dict[str, Any]:
+        """The filter on summaries for the same criteria as :meth:`build_filter`.
+
+        Clause order is the plan: the embedded server answers the first clause
+        that an index can serve and checks the rest on each document it fetched
+        (equalities alone ride a compound index instead). The formula comes
+        first, then an element key (one element or a pair: exact for ``$all`` of
+        one or two, and a superset for more elements or a chemical system), then
+        the windows (the window on property ``lead`` first), then campaign,
+        state and round.
+        """
+        full = CandidateStore.build_filter(
+            campaign=campaign,
+            round=round,
+            state=state,
+            formula=formula,
+            elements=elements,
+            chemsys=chemsys,
+            windows=(),
+            dft=dft,
+        )
+        query: dict[str, Any] = {}
+        if "reduced_formula" in full:
+            query["reduced_formula"] = full["reduced_formula"]
+        symbols = sorted(set(elements or ())) or full.get("chemsys", "").split("-")
+        if symbols != [""]:
+            query["element_keys"] = element_key(symbols)
+        if len(set(elements or ())) > 2:
+            query["elements"] = full["elements"]
+        if "chemsys" in full:
+            query["chemsys"] = full["chemsys"]
+        if dft and windows:
+            # DFT values are rare and their fields carry no index; this key narrows to them.
+            query["dft_properties"] = sorted(windows, key=lambda w: w.property != lead)[0].property
+        for window in sorted(windows, key=lambda w: w.property != lead):
+            # As in build_filter, a later window on the same property replaces an earlier one.
+            query.update(window.mongo_filter(summary_field(window.property, dft=dft)))
+        for key in ("campaign", "state", "round"):
+            if key in full:
+                query[key] = full[key]
+        return query
+
+    @staticmethod
     def sort_key(sort: str | None, *, dft: bool = False) -> list[tuple[str, int]]:
         """Translate ``[-]field`` into a pymongo sort; property names map to their field."""
         if not sort:
@@ -336,6 +504,15 @@ class CandidateStore:
             return [(name, direction)]
         raise ValueError(f"cannot sort by {name!r}; use one of {', '.join(SORTABLE_FIELDS + PROPERTY_NAMES)}")
 
+    @classmethod
+    def summary_sort(cls, sort: str | None, *, dft: bool = False) -> list[tuple[str, int]]:
+        """:meth:`sort_key` on summary fields, ties broken by candidate id."""
+        ((field, direction),) = cls.sort_key(sort, dft=dft)
+        name = field.split(".")[1] if field.startswith(("predicted.", "dft.")) else None
+        if name:
+            field = summary_field(name, dft=dft)
+        return [(field, direction), ("_id", pymongo.ASCENDING)]
+
     def query(
         self,
         *,
@@ -344,7 +521,109 @@ class CandidateStore:
         dft: bool = False,
         **criteria: Any,
     ) -> list[tuple[Structure, CandidateDoc]]:
-        """Candidates matching ``criteria`` (see :meth:`build_filter`), as structures and documents."""
+        """Candidates matching ``criteria`` (see :meth:`build_filter`), as structures and documents.
+
+        The summaries pick the hits (:meth:`matching_ids`); their full documents are read by id.
+        """
+        ids = self.matching_ids(sort=sort, limit=limit, dft=dft, **criteria)
+        return [(Structure.from_dict(doc.structure), doc) for doc in self.get_many(ids)]
+
+    def get_many(self, candidate_ids: Sequence[str]) -> list[CandidateDoc]:
+        """Full documents of ``candidate_ids``, in that order (missing ids are skipped)."""
+        by_id: dict[str, dict[str, Any]] = {}
+        for i in range(0, len(candidate_ids), 1_000):
+            chunk = list(candidate_ids[i : i + 1_000])
+            for raw in self.collection.find({"candidate_id": {"$in": chunk}}, {"_id": 0}):
+                by_id[raw["candidate_id"]] = raw
+        return [CandidateDoc.model_validate(by_id[c]) for c in candidate_ids if c in by_id]
+
+    def matching_ids(
+        self,
+        *,
+        sort: str | None = None,
+        limit: int = 50,
+        dft: bool = False,
+        stats: dict[str, Any] | None = None,
+        **criteria: Any,
+    ) -> list[str]:
+        """Ids of the candidates :meth:`query` returns, in order, read from the summaries alone.
+
+        When the sort is on a property that also has a window, the window is read
+        in slices of growing width, in sort order, until ``limit`` hits are found;
+        each slice is one indexed range, so the server fetches and sorts only
+        about as many summaries as the answer needs. ``stats``, when given,
+        receives the filter sent and the number of slices read.
+        """
+        stats = stats if stats is not None else {}
+        sort_spec = self.summary_sort(sort, dft=dft)
+        name = (sort or "").lstrip("-+")
+        query = self.summary_filter(dft=dft, lead=name, **criteria)
+        field = summary_field(name, dft=dft) if name in PROPERTY_NAMES else None
+        window = query.get(field) if field else None
+        stats.update(filter=query, sort=sort_spec, slices=1)
+        if not (limit and window and ("$gte" in window or "$lte" in window)):
+            cursor = self.summaries.find(query, {"_id": 1}, sort=sort_spec, limit=limit or 0)
+            return [d["_id"] for d in cursor]
+        ids: list[str] = []
+        slices = self._slices(window, name, descending=sort_spec[0][1] == pymongo.DESCENDING)
+        for stats["slices"], bounds in enumerate(slices, start=1):
+            sliced = {**query, field: bounds}
+            cursor = self.summaries.find(sliced, {"_id": 1}, sort=sort_spec, limit=limit - len(ids))
+            ids += [d["_id"] for d in cursor]
+            if len(ids) >= limit:
+                break
+        return ids
+
+    @staticmethod
+    def _slices(bounds: dict[str, float], name: str, *, descending: bool) -> list[dict[str, float]]:
+        """Consecutive ranges that split ``bounds`` (``$gte``/``$lte``) in sort order.
+
+        Each slice is half-open, so a value falls in exactly one; an open end of
+        the window stays open in the slice that reaches it. The first slice spans
+        :data:`FIRST_SLICE_FRACTION` of the window (the property's range where
+        the window is open) and each next one doubles.
+        """
+        spec = property_spec(name)
+        lo, hi = bounds.get("$gte"), bounds.get("$lte")
+        start = lo if lo is not None else spec.lower
+        stop = hi if hi is not None else spec.upper
+        if not start < stop:
+            return [bounds]
+        width = (stop - start) * FIRST_SLICE_FRACTION
+        edges: list[float] = []
+        offset = width
+        while offset < stop - start:
+            edges.append(start + offset if not descending else stop - offset)
+            width *= 2
+            offset += width
+        slices = []
+        if not descending:
+            lower: dict[str, float] = {"$gte": lo} if lo is not None else {}
+            for edge in edges:
+                slices.append({**lower, "$lt": edge})
+                lower = {"$gte": edge}
+            slices.append({**lower, **({"$lte": hi} if hi is not None else {})})
+        else:
+            upper: dict[str, float] = {"$lte": hi} if hi is not None else {}
+            for edge in edges:
+                slices.append({"$gte": edge, **upper})
+                upper = {"$lt": edge}
+            slices.append({**({"$gte": lo} if lo is not None else {}), **upper})
+        return slices
+
+    def query_full_documents(
+        self,
+        *,
+        sort: str | None = None,
+        limit: int = 50,
+        dft: bool = False,
+        **criteria: Any,
+    ) -> list[tuple[Structure, CandidateDoc]]:
+        """:meth:`query` answered from the full documents alone, as before summaries existed.
+
+        Slow at scale on the embedded server; it is the reference that the
+        summary path is tested against.
+        """
         query = self.build_filter(dft=dft, **criteria)
         cursor = self.collection.find(query, {"_id": 0}).sort(self.sort_key(sort, dft=dft))
         if limit:
@@ -357,13 +636,26 @@ class CandidateStore:
 
     @staticmethod
     def count_pipeline(campaign: str | None = None) -> list[dict[str, Any]]:
-        """Aggregation pipeline counting candidates per state."""
+        """Aggregation pipeline counting full candidate documents per state.
+
+        :meth:`count_by_state` reads counters instead; the pipeline stays for
+        checks against the full documents.
+        """
         pipeline: list[dict[str, Any]] = []
         if campaign:
             pipeline.append({"$match": {"campaign": campaign}})
         pipeline.append({"$group": {"_id": "$state", "n": {"$sum": 1}}})
         return pipeline
 
-    def count_by_state(self, campaign: str | None = None) -> dict[str, int]:
-        """Number of candidates per state (aggregation)."""
-        return {row["_id"]: row["n"] for row in self.collection.aggregate(self.count_pipeline(campaign))}
+    def count_by_state(self, campaign: str | None = None, *, round: int | None = None) -> dict[str, int]:
+        """Number of candidates per state, summed over the counters of each campaign round."""
+        query: dict[str, Any] = {}
+        if campaign:
+            query["campaign"] = campaign
+        if round is not None:
+            query["round"] = round
+        totals: dict[str, int] = {}
+        for counter in self.counters.find(query, {"counts": 1}):
+            for state, n in counter.get("counts", {}).items():
+                totals[state] = totals.get(state, 0) + n
+        return {state: n for state, n in totals.items() if n > 0}

@@ -176,7 +176,7 @@ def test_query_filters(store):
     for i, (s, pred, dft) in enumerate(rows):
         cid, _ = store.add(s, campaign="q", round=i % 2, predicted=pred)
         if dft:
-            store.collection.update_one({"candidate_id": cid}, {"$set": {"dft": dft}})
+            store.set_fields(cid, {"dft": dft})
     formulas = lambda hits: sorted(d.reduced_formula for _, d in hits)  # noqa: E731
     assert formulas(store.query(campaign="q", formula="O3SrTi")) == ["SrTiO3"]
     assert formulas(store.query(elements=["O"])) == ["BaZrO3", "MgO", "SrTiO3"]
@@ -212,6 +212,11 @@ def test_explain_uses_index(store):
             predicted=_pred(formation_energy_per_atom=-i / 10),
             dedup=False,
         )
-    query = store.build_filter(windows=[Window("formation_energy_per_atom", -1.0, -0.5)])
-    plan = json.dumps(store.collection.find(query).explain(), default=str)
+    # The embedded server serves the first clause from an index and filters the rest,
+    # so the window must lead and its clause alone must be an index scan.
+    query = store.summary_filter(windows=[Window("formation_energy_per_atom", -1.0, -0.5)], campaign="x")
+    lead, clause = next(iter(query.items()))
+    assert lead == "predicted.formation_energy_per_atom"
+    plan = json.dumps(store.summaries.find({lead: clause}).explain(), default=str)
     assert "IXSCAN" in plan
+    assert len(store.query(windows=[Window("formation_energy_per_atom", -1.0, -0.5)], campaign="x")) == 6

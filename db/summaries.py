@@ -1,0 +1,160 @@
+"""Lean per-candidate summaries and per-state counters that queries read.
+
+The full candidate document (structure, provenance, filter trail, history) is
+about 2.8 kB. The embedded server decodes every document an index lookup
+returns in Python, and it sorts and limits only after that, so queries read a
+small summary instead: scalar predictions and DFT values, state, campaign,
+round, formula, chemical system and element keys. Summaries live in their own
+collection with the candidate id as ``_id``; the full document is then read by
+id for the few hits that a query returns.
+
+Counters hold the number of candidates per state for each campaign and round,
+so counting never aggregates.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from itertools import combinations
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from crystaloop.properties import PROPERTY_NAMES
+
+SUMMARY_COLLECTION = "candidate_summaries"
+COUNTER_COLLECTION = "candidate_counts"
+META_COLLECTION = "crystaloop_meta"
+
+#: Bumped whenever summaries or indexes change shape; the migration runs when it differs.
+LAYOUT_VERSION = 2
+
+#: Indexes of the full ``candidates`` collection: the id, which transitions and reads use.
+#: Each index entry costs an insert about as much as the document itself on the
+#: embedded server, so everything else is looked up through the summaries.
+CANDIDATE_INDEXES: tuple[tuple[list[tuple[str, int]], dict[str, Any]], ...] = (
+    ([("candidate_id", 1)], {"unique": True}),
+)
+
+#: Indexes of the summaries. The embedded planner serves one clause from an index
+#: (or equalities on a compound prefix); the store puts the most selective clause
+#: first, so every field that should lead a query has an index that starts with it.
+SUMMARY_INDEXES: tuple[tuple[list[tuple[str, int]], dict[str, Any]], ...] = (
+    ([("campaign", 1), ("state", 1), ("round", 1)], {}),
+    ([("reduced_formula", 1)], {}),
+    ([("element_keys", 1)], {}),
+    *(([(f"predicted.{name}", 1)], {}) for name in PROPERTY_NAMES),
+    # Absent until a candidate has DFT values, so it costs nothing on insert.
+    ([("dft_properties", 1)], {"sparse": True}),
+)
+
+#: Index names that the layout before summaries created on ``candidates``; the migration drops them.
+LEGACY_CANDIDATE_INDEXES = (
+    "campaign_1_round_1_state_1",
+    "campaign_1_reduced_formula_1",
+    "reduced_formula_1",
+    "elements_1",
+    "chemsys_1",
+    *(f"predicted.{name}.mean_1" for name in PROPERTY_NAMES),
+    *(f"dft.{name}_1" for name in PROPERTY_NAMES),
+)
+
+
+def element_keys(elements: list[str]) -> list[str]:
+    """Each element and each pair ``"A-B"`` (sorted): the index keys of ``$all`` of one or two."""
+    symbols = sorted(set(elements))
+    return symbols + [f"{a}-{b}" for a, b in combinations(symbols, 2)]
+
+
+def element_key(elements: list[str]) -> str:
+    """The :func:`element_keys` entry that every candidate containing ``elements`` has."""
+    symbols = sorted(set(elements))
+    return "-".join(symbols[:2])
+
+
+class CandidateSummaryDoc(BaseModel):
+    """The query view of one candidate (collection ``candidate_summaries``).
+
+    Derived from the full document only; the migration and ``crystaloop db
+    migrate --rebuild`` recompute it.
+    """
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    candidate_id: str = Field(alias="_id")
+    campaign: str
+    round: int
+    state: str
+    reduced_formula: str
+    chemsys: str
+    elements: list[str]
+    element_keys: list[str] = Field(description="Elements and element pairs 'A-B' (multikey index).")
+    nsites: int
+    acquisition_score: float | None = None
+    predicted: dict[str, float | None] = Field(
+        default_factory=dict, description="Predicted mean per property (units per property)."
+    )
+    dft: dict[str, float | None] = Field(
+        default_factory=dict, description="DFT value per property; absent keys stay absent."
+    )
+    dft_properties: list[str] | None = Field(
+        None, description="Names in ``dft``; left out (not indexed) while there are none."
+    )
+    created_at: datetime
+    revision: int = Field(
+        description="Length of the state history; a summary is never replaced by an older one."
+    )
+
+    @classmethod
+    def document_from(cls, candidate: dict[str, Any]) -> dict[str, Any]:
+        """The summary of a full candidate document (as stored), ready to write."""
+        predicted = {
+            name: value.get("mean") if isinstance(value, dict) else value
+            for name, value in (candidate.get("predicted") or {}).items()
+        }
+        dft = dict(candidate.get("dft") or {})
+        summary = cls(
+            candidate_id=candidate["candidate_id"],
+            campaign=candidate["campaign"],
+            round=candidate["round"],
+            state=candidate.get("state", "generated"),
+            reduced_formula=candidate["reduced_formula"],
+            chemsys=candidate["chemsys"],
+            elements=candidate["elements"],
+            element_keys=element_keys(candidate["elements"]),
+            nsites=candidate["nsites"],
+            acquisition_score=candidate.get("acquisition_score"),
+            predicted=predicted,
+            dft=dft,
+            dft_properties=sorted(dft) or None,
+            created_at=candidate["created_at"],
+            revision=len(candidate.get("state_history") or ()),
+        )
+        out = summary.model_dump(by_alias=True)
+        if out["dft_properties"] is None:
+            del out["dft_properties"]  # absent, so the sparse index holds no entry
+        return out
+
+
+#: Fields of the full document that :meth:`CandidateSummaryDoc.document_from` reads.
+SUMMARY_SOURCE_FIELDS = {
+    "_id": 0,
+    "candidate_id": 1,
+    "campaign": 1,
+    "round": 1,
+    "state": 1,
+    "reduced_formula": 1,
+    "chemsys": 1,
+    "elements": 1,
+    "nsites": 1,
+    "acquisition_score": 1,
+    "predicted": 1,
+    "dft": 1,
+    "created_at": 1,
+    "state_history.state": 1,
+}
+
+
+def counter_id(campaign: str, round: int) -> str:
+    """The ``_id`` of the counter document of one campaign round (the round has no ':')."""
+    return f"{round}:{campaign}"
