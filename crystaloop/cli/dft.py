@@ -47,6 +47,8 @@ def build_local(
     console.print(table)
     console.print(f"elements: {' '.join(report.elements)}")
     console.print(f"ld1.x succeeded: {' '.join(report.ld1_ok) or '-'}")
+    for element, filename in sorted(report.dropped.items()):
+        console.print(f"left out: {element} ({filename} failed verification; see docs/dft.md)")
     for name, reason in sorted(report.ld1_failed.items()):
         console.print(f"ld1.x failed: {name}: {reason}", highlight=False)
     if report.rewrapped:
@@ -64,11 +66,11 @@ def show_family() -> None:
 
     family = family_from_settings()
     table = Table(title=f"{family.name} ({family.functional}) in {family.pseudo_dir}")
-    for column in ("element", "file", "md5", "ecutwfc (Ry)", "ecutrho (Ry)"):
+    for column in ("element", "file", "md5", "ecutwfc (Ry)", "ecutrho (Ry)", "verdict"):
         table.add_column(column)
     for element in family.elements:
         e = family.pseudopotentials[element]
-        table.add_row(element, e.filename, e.md5[:10], f"{e.ecutwfc:g}", f"{e.ecutrho:g}")
+        table.add_row(element, e.filename, e.md5[:10], f"{e.ecutwfc:g}", f"{e.ecutrho:g}", e.verdict)
     console.print(table)
 
 
