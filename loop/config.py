@@ -228,6 +228,9 @@ class DFTSettings(_Strict):
     preset: str = Field("fast", description="Preset name in dft/espresso/presets (fast, standard).")
     pseudo_family: str = Field("local-pbe", description="Family name, or a path to a family YAML.")
     overrides: dict[str, Any] = Field(default_factory=dict, description="Merged into a preset copy.")
+    allow_unverified: bool = Field(
+        False, description="Let elements whose pseudopotential the family has not verified judge hits."
+    )
 
 
 class Execution(_Strict):

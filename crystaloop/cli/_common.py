@@ -6,8 +6,17 @@ from rich.console import Console
 
 from crystaloop.errors import UserError
 
-console = Console()
-err_console = Console(stderr=True)
+PIPE_WIDTH = 240
+"""Console width when the output is not a terminal, so tables in logs and pipes are never cut."""
+
+
+def _console(**kwargs) -> Console:
+    probe = Console(**kwargs)
+    return probe if probe.is_terminal else Console(width=PIPE_WIDTH, **kwargs)
+
+
+console = _console()
+err_console = _console(stderr=True)
 
 
 def report_user_error(exc: UserError) -> None:

@@ -1,7 +1,8 @@
-"""``crystaloop campaign`` commands."""
+"""``crystaloop campaign`` commands: validate, run, status, stop, report."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -9,6 +10,14 @@ import typer
 from crystaloop.cli._common import console, group
 
 app = group("Validate, run and report campaigns.")
+
+
+def _check_format(fmt: str) -> str:
+    from crystaloop.errors import UserError
+
+    if fmt not in ("table", "json"):
+        raise UserError(f"unknown format {fmt!r}; use --format table or --format json")
+    return fmt
 
 
 @app.command("validate")
@@ -32,3 +41,186 @@ def validate(path: Path = typer.Argument(..., help="Campaign YAML file.")) -> No
         f"dft: {config.dft.engine}/{config.dft.preset}; backend: {config.execution.backend}",
         highlight=False,
     )
+    warnings = _dft_checks(config)
+    for line in warnings:
+        console.print(f"  [yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
+
+
+def _dft_checks(config) -> list[str]:
+    """Warnings (cutoffs below the family's suggestion); raises on refused elements."""
+    from crystaloop.loop.campaign import Campaign
+
+    return Campaign.check_dft(config)
+
+
+@app.command("run")
+def run(
+    path: Path = typer.Argument(..., help="Campaign YAML file; a campaign of the same name resumes."),
+    max_rounds: int = typer.Option(None, "--max-rounds", min=1, help="Override max_rounds."),
+    fmt: str = typer.Option("table", "--format", help="table or json (the final summary)."),
+) -> None:
+    """Run a campaign (or resume it): generate, acquire, DFT, harvest, retrain, report."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from crystaloop.loop.campaign import Campaign
+    from crystaloop.loop.config import load_campaign_config
+
+    _check_format(fmt)
+    config = load_campaign_config(path)
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(step: str, done: int, total: int) -> None:
+            if step not in tasks:
+                tasks[step] = bar.add_task(step, total=total)
+            bar.update(tasks[step], completed=done, total=total)
+            if done >= total:
+                bar.remove_task(tasks.pop(step))
+
+        campaign = Campaign(config, log=lambda line: bar.console.print(line, highlight=False), progress=progress)
+        result = campaign.run(max_rounds=max_rounds)
+    _print_status(config.name, fmt, header=f"{result.status}: {result.reason}")
+
+
+@app.command("status")
+def status(
+    name: str = typer.Argument(..., help="Campaign name."),
+    fmt: str = typer.Option("table", "--format", help="table or json."),
+) -> None:
+    """Rounds, steps, counts, hit rates and running jobs of a campaign."""
+    _check_format(fmt)
+    _print_status(name, fmt)
+
+
+@app.command("stop")
+def stop(name: str = typer.Argument(..., help="Campaign name.")) -> None:
+    """Ask a running campaign to stop cleanly after its current step."""
+    from crystaloop.db import get_database
+    from crystaloop.db.campaigns import CampaignStore
+    from crystaloop.errors import UserError
+
+    if not CampaignStore(get_database()).request_stop(name):
+        raise UserError(f"no campaign named {name!r}; list them with `crystaloop campaign status --help`")
+    console.print(f"stop requested for {name}; it stops after its current step", highlight=False)
+
+
+@app.command("report")
+def report(
+    name: str = typer.Argument(..., help="Campaign name."),
+    out: Path = typer.Option(None, "--out", help="Folder for the report (default: the campaign folder)."),
+    fmt: str = typer.Option("table", "--format", help="table or json (the summary)."),
+) -> None:
+    """Write the campaign report (Markdown and PNG plots) from the database and print its summary."""
+    from crystaloop.db import get_database
+    from crystaloop.loop.report import write_report
+    from crystaloop.settings import get_settings
+
+    _check_format(fmt)
+    folder = out or get_settings().data_dir / "campaigns" / name
+    paths = write_report(get_database(), name, folder)
+    _print_status(name, fmt)
+    if fmt == "table":
+        for path in paths:
+            console.print(f"wrote {path}", highlight=False)
+
+
+def campaign_summary(database, name: str) -> dict:
+    """Everything ``status`` shows, as plain data.
+
+    Raises
+    ------
+    UserError
+        No campaign of that name.
+    """
+    from crystaloop.db.campaigns import CampaignStore
+    from crystaloop.db.store import CandidateStore
+    from crystaloop.errors import UserError
+
+    store = CampaignStore(database)
+    doc = store.get(name)
+    if doc is None:
+        known = ", ".join(c.name for c in store.list()) or "none yet"
+        raise UserError(f"no campaign named {name!r} (campaigns: {known}); start one with `crystaloop campaign run FILE`")
+    rounds = []
+    for r in store.all_rounds(name):
+        rounds.append(
+            {
+                "round": r.round,
+                "steps_done": [s for s, rec in r.steps.items() if rec.status == "done"],
+                "finished": r.finished_at is not None,
+                **{k: v for k, v in r.metrics.items()},
+            }
+        )
+    running = list(
+        database["candidates"].find(
+            {"campaign": name, "state": "submitted"}, {"_id": 0, "candidate_id": 1, "reduced_formula": 1, "dft_job": 1}
+        )
+    )
+    return {
+        "name": name,
+        "status": doc.status,
+        "reason": doc.status_reason,
+        "lease": doc.lease.owner if doc.lease else None,
+        "model_versions": doc.model_versions,
+        "states": CandidateStore(database).count_by_state(name),
+        "rounds": rounds,
+        "running_jobs": [
+            {"candidate_id": j["candidate_id"], "formula": j["reduced_formula"], "backend": j.get("dft_job", {}).get("backend")}
+            for j in running
+        ],
+    }
+
+
+def _print_status(name: str, fmt: str, header: str | None = None) -> None:
+    from rich.table import Table
+
+    from crystaloop.db import get_database
+
+    summary = campaign_summary(get_database(), name)
+    if fmt == "json":
+        console.print_json(json.dumps(summary, default=str))
+        return
+    if header:
+        console.print(f"[bold]{name}[/] {header}", highlight=False)
+    else:
+        console.print(f"[bold]{name}[/]: {summary['status']}" + (f" ({summary['reason']})" if summary["reason"] else ""), highlight=False)
+    table = Table("round", "steps", "generated", "shortlisted", "DFT", "relaxed", "failed", "hits", "hit rate", "cum. hits", "MAE before", "MAE after", "cache")
+    for r in summary["rounds"]:
+        table.add_row(
+            str(r["round"]),
+            f"{len(r['steps_done'])}/6",
+            _n(r.get("generated")),
+            _n(r.get("shortlisted")),
+            _n(r.get("submitted")),
+            _n(r.get("relaxed")),
+            _n(r.get("failed")),
+            _n(r.get("hits")),
+            _f(r.get("hit_rate"), ".0%"),
+            _n(r.get("cumulative_hits")),
+            _f(r.get("mae_before"), ".3f"),
+            _f(r.get("mae_after"), ".3f"),
+            _n(r.get("cache_hits")),
+        )
+    console.print(table)
+    states = ", ".join(f"{k} {v}" for k, v in sorted(summary["states"].items()))
+    console.print(f"candidates: {states or 'none'}", highlight=False)
+    if summary["running_jobs"]:
+        jobs = ", ".join(f"{j['formula']} ({j['backend']})" for j in summary["running_jobs"])
+        console.print(f"running DFT jobs: {jobs}", highlight=False)
+    if summary["lease"]:
+        console.print(f"held by: {summary['lease']}", highlight=False)
+
+
+def _n(value) -> str:
+    return "-" if value is None else str(value)
+
+
+def _f(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)

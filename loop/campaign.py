@@ -1,0 +1,784 @@
+"""The campaign loop: rounds of generate → acquire → submit → harvest → retrain → report.
+
+Every step writes its record (inputs, outputs, counts, model versions) on the
+round's document in ``campaign_rounds`` before the next step starts, and every
+candidate move is one conditional update in ``candidates``. A campaign killed at
+any moment therefore resumes from its last completed step:
+
+- ``generate`` stores its survivors in one insert tagged with the round's
+  generation id; a re-run finds them and does not generate again;
+- ``acquire`` counts what this round already selected and tops up only;
+- ``submit`` moves each candidate to ``submitted`` *before* its flow goes to the
+  backend, and finds flows a killed run already queued, so nothing is submitted
+  twice and nothing is orphaned;
+- ``harvest`` collects every ``submitted`` candidate of the round, running the
+  flows of the ``local`` backend itself (a flow killed with the process runs
+  again as a retry of the same submission);
+- ``retrain`` fine-tunes from the models the round started with, so a re-run
+  gives the same versions.
+
+One process acts on a campaign at a time: it holds a lease renewed by a
+heartbeat thread; a stale lease is taken over.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pymatgen.core import Structure
+from pymongo.errors import AutoReconnect, ConnectionFailure, ServerSelectionTimeoutError
+
+from crystaloop.db.campaigns import CampaignStore, LeaseLost
+from crystaloop.db.documents import ROUND_STEPS, CandidateDoc, CandidateState, StepRecord, utcnow
+from crystaloop.db.store import CandidateStore
+from crystaloop.errors import DatabaseUnavailable, UserError
+from crystaloop.loop.acquire import AcquisitionContext, get_acquisition, select_batch
+from crystaloop.loop.config import CampaignConfig
+from crystaloop.loop.retrain import DFTResult, HookContext, enabled_hooks, run_hooks
+
+KILL_ENV = "CRYSTALOOP_KILL_AT"
+"""Fault injection for the resume tests: ``step:point[,step:point]`` makes the process SIGKILL itself."""
+
+DB_ERRORS = (AutoReconnect, ConnectionFailure, ServerSelectionTimeoutError)
+MAX_LOCAL_ATTEMPTS = 2
+
+
+def fault_point(step: str, point: str) -> None:
+    """SIGKILL this process when ``step:point`` is listed in ``$CRYSTALOOP_KILL_AT`` (tests only)."""
+    wanted = os.environ.get(KILL_ENV, "")
+    if wanted and f"{step}:{point}" in {w.strip() for w in wanted.split(",")}:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class RoundOutcome:
+    """Summary of one finished round (counts and rates are also on the round document)."""
+
+    round: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CampaignResult:
+    """How a ``run`` ended."""
+
+    name: str
+    status: str
+    reason: str
+    rounds: list[RoundOutcome] = field(default_factory=list)
+
+
+class _Heartbeat(threading.Thread):
+    """Renews the lease every ``interval`` seconds; notes when it was lost."""
+
+    def __init__(self, store: CampaignStore, name: str, token: str, *, interval: float, ttl: float) -> None:
+        super().__init__(daemon=True, name=f"lease-{name}")
+        self.store, self.name_, self.token, self.interval, self.ttl = store, name, token, interval, ttl
+        self.stop_event = threading.Event()
+        self.lost = False
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.interval):
+            try:
+                if not self.store.renew_lease(self.name_, self.token, ttl_s=self.ttl):
+                    self.lost = True
+                    return
+            except DB_ERRORS:  # the main thread rides out the outage; keep trying
+                continue
+
+
+class Campaign:
+    """An active-learning campaign built from a validated config.
+
+    Parameters
+    ----------
+    config
+        The campaign configuration.
+    database
+        The crystaloop database (default: the configured one).
+    log
+        Called with one human-readable line per event (default: silent).
+    progress
+        Called as ``progress(step, done, total)`` during long steps.
+    lease_ttl_s, heartbeat_s
+        A lease not renewed within ``lease_ttl_s`` may be taken over; it is renewed every
+        ``heartbeat_s``.
+    """
+
+    def __init__(
+        self,
+        config: CampaignConfig,
+        *,
+        database=None,
+        log: Callable[[str], None] | None = None,
+        progress: Callable[[str, int, int], None] | None = None,
+        lease_ttl_s: float = 120.0,
+        heartbeat_s: float = 20.0,
+    ) -> None:
+        from crystaloop.db import get_database
+
+        self.config = config
+        self.name = config.name
+        self.database = database if database is not None else get_database()
+        self.log = log or (lambda line: None)
+        self.progress = progress
+        self.lease_ttl_s, self.heartbeat_s = lease_ttl_s, heartbeat_s
+        self.campaigns = CampaignStore(self.database)
+        self.candidates = CandidateStore(self.database)
+        self.token: str | None = None
+        self._heartbeat: _Heartbeat | None = None
+        self.models: dict[str, str] = {}
+
+    # -- running ---------------------------------------------------------------------------
+
+    @staticmethod
+    def check_dft(config: CampaignConfig) -> list[str]:
+        """Check what must hold before any work: element references and DFT trust.
+
+        Returns
+        -------
+        list of str
+            Warnings, one line each (e.g. cutoffs below the family's suggestion).
+
+        Raises
+        ------
+        UserError
+            An allowed element without a reference structure, or refused by the verification.
+        """
+        elements = [e for e in (config.elements.allow or []) if e not in set(config.elements.deny)]
+        if not elements:
+            return []
+        try:  # TEMPORARY until the DFT layer lands check_references
+            from crystaloop.dft.references import check_references
+
+            check_references(elements)
+        except ImportError:
+            pass
+        if config.dft.engine != "espresso":
+            return []
+        from crystaloop.dft.verification import campaign_dft_problems
+
+        warnings, refusals = campaign_dft_problems(
+            elements, preset=config.dft.preset, allow_unverified=config.dft.allow_unverified
+        )
+        if refusals:
+            raise UserError(refusals[0], refusals[1:])
+        return warnings
+
+    def run(self, *, max_rounds: int | None = None) -> CampaignResult:
+        """Run (or resume) the campaign until a stop rule fires or a stop is requested.
+
+        Raises
+        ------
+        UserError
+            Another live process holds the campaign, or the database stayed unreachable.
+        """
+        for line in self.check_dft(self.config):
+            self.log(f"warning: {line}")
+        config_doc = self.config.model_dump(mode="json")
+        existing = self.campaigns.get(self.name)
+        self.campaigns.ensure(self.name, config_doc)
+        lease = self.campaigns.acquire_lease(self.name, ttl_s=self.lease_ttl_s)
+        if lease is None:
+            holder = self.campaigns.get(self.name).lease
+            raise UserError(
+                f"campaign {self.name!r} is being run by {holder.owner} (lease until "
+                f"{holder.expires_at:%H:%M:%S} UTC); wait for it, or stop it with "
+                f"`crystaloop campaign stop {self.name}`"
+            )
+        self.token = lease.token
+        self._heartbeat = _Heartbeat(
+            self.campaigns, self.name, self.token, interval=self.heartbeat_s, ttl=self.lease_ttl_s
+        )
+        self._heartbeat.start()
+        try:
+            if existing is not None:
+                self.log(f"resuming campaign {self.name} ({len(self.campaigns.all_rounds(self.name))} round(s) on record)")
+            self.campaigns.update(
+                self.name, self.token, config=config_doc, status="running", stop_requested=False, status_reason=None
+            )
+            return self._rounds(max_rounds or self.config.max_rounds)
+        except LeaseLost:
+            raise UserError(
+                f"campaign {self.name!r}: another process took the lease over; this one stopped "
+                "without acting further"
+            ) from None
+        finally:
+            self._heartbeat.stop_event.set()
+            try:
+                self.campaigns.release_lease(self.name, self.token)
+            except DB_ERRORS:
+                pass
+
+    def _rounds(self, max_rounds: int) -> CampaignResult:
+        outcomes: list[RoundOutcome] = []
+        self.models = self._resolve_models()
+        number = self._first_open_round()
+        while True:
+            done, reason = self._should_stop(number, max_rounds)
+            if done:
+                self._guard(lambda: self.campaigns.update(self.name, self.token, status="finished", status_reason=reason))
+                self.log(f"campaign {self.name} finished: {reason}")
+                return CampaignResult(self.name, "finished", reason, outcomes)
+            self._guard(lambda n=number: self.campaigns.start_round(self.name, n))
+            for step in ROUND_STEPS:
+                if self._stop_requested():
+                    reason = f"stop requested; resumes at round {number} step {step}"
+                    self._guard(lambda r=reason: self.campaigns.update(self.name, self.token, status="stopped", status_reason=r))
+                    self.log(f"campaign {self.name} stopped: {reason}")
+                    return CampaignResult(self.name, "stopped", reason, outcomes)
+                self._run_step(number, step)
+            record = self.campaigns.round(self.name, number)
+            outcomes.append(RoundOutcome(number, dict(record.metrics)))
+            number += 1
+
+    def _run_step(self, number: int, step: str) -> None:
+        record = self.campaigns.round(self.name, number)
+        if step in record.steps and record.steps[step].status == "done":
+            return
+        self._check_lease()
+        self.log(f"round {number}: {step}")
+        started = StepRecord(name=step, model_versions=self._versions())
+        self._guard(lambda: self.campaigns.record_step(self.name, number, started))
+        fault_point(step, "start")
+        outputs, metrics = self._guard(lambda: getattr(self, f"_step_{step}")(number), what=f"round {number} {step}")
+        fault_point(step, "end")
+        finished = started.model_copy(
+            update={"status": "done", "outputs": outputs, "finished_at": utcnow(), "model_versions": self._versions()}
+        )
+        self._guard(lambda: self.campaigns.record_step(self.name, number, finished, metrics=metrics))
+
+    # -- steps -------------------------------------------------------------------------------
+
+    def _step_generate(self, number: int) -> tuple[dict, dict]:
+        from crystaloop.loop.generation import generate_candidates
+
+        generation_id = f"{self.name}-r{number}"
+        stored = self.candidates.collection.count_documents(
+            {"campaign": self.name, "provenance.generation_id": generation_id}
+        )
+        if stored:
+            self.log(f"  {stored} candidates of {generation_id} already stored; not generating again")
+            return {"generation_id": generation_id, "n_shortlisted": stored, "resumed": True}, {}
+        report = generate_candidates(
+            self.config,
+            database=self.database,
+            n=self.config.budget.candidates_per_round,
+            round=number,
+            generation_id=generation_id,
+            seed=self.config.seed * 1000 + number,
+            models=self.models,
+            progress=self.progress,
+        )
+        out = report.model_dump(mode="json")
+        self.log(f"  generated {out['n_requested']}, shortlisted {out['n_shortlisted']}")
+        return out, {"generated": out["n_requested"], "shortlisted": out["n_shortlisted"]}
+
+    def _step_acquire(self, number: int) -> tuple[dict, dict]:
+        acq = self.config.acquisition
+        already = self.candidates.collection.count_documents({"campaign": self.name, "selected_round": number})
+        budget = self.config.budget.dft_per_round
+        if self.config.stop.max_dft is not None:
+            budget = min(budget, self.config.stop.max_dft - self._dft_total() + already)
+        need = max(budget - already, 0)
+        pool = [
+            CandidateDoc.model_validate(d)
+            for d in self.candidates.collection.find(
+                {"campaign": self.name, "state": CandidateState.SHORTLISTED.value}, {"_id": 0}
+            ).sort("candidate_id", 1)
+        ]
+        rng = np.random.default_rng(self.config.seed * 7919 + number)
+        context = AcquisitionContext(
+            windows=tuple((t.property, t.min, t.max) for t in self.config.targets),
+            kappa=acq.kappa,
+            uip_sigma=acq.uip_sigma,
+            rng=rng,
+        )
+        scores = get_acquisition(acq.strategy)(pool, context) if pool else np.zeros(0)
+        batch = select_batch(
+            pool,
+            scores,
+            budget=need,
+            max_per_formula=acq.max_per_formula,
+            max_per_chemsys=acq.max_per_chemsys,
+            epsilon=acq.epsilon,
+            rng=rng,
+        )
+        for i, (candidate, score) in enumerate(batch):
+            self.candidates.transition(
+                candidate.candidate_id,
+                CandidateState.SELECTED,
+                update={"acquisition_score": score, "selected_round": number},
+            )
+            if i == 0:
+                fault_point("acquire", "mid")
+        selected = already + len(batch)
+        self.log(f"  selected {selected} of {len(pool) + already} shortlisted ({acq.strategy})")
+        return {
+            "strategy": acq.strategy,
+            "pool": len(pool),
+            "selected": selected,
+            "candidate_ids": [c.candidate_id for c, _ in batch],
+            "scores": [s for _, s in batch],
+        }, {"selected": selected}
+
+    def _step_submit(self, number: int) -> tuple[dict, dict]:
+        from crystaloop.dft.cache import DFTCache, relaxation_settings
+
+        cache = DFTCache(self.database)
+        backend = self.config.execution.backend
+        submitted, cached, requeued = 0, 0, 0
+        docs = list(
+            self.candidates.collection.find(
+                {"campaign": self.name, "selected_round": number, "state": CandidateState.SELECTED.value},
+                {"_id": 0},
+            ).sort("candidate_id", 1)
+        )
+        for i, raw in enumerate(docs):
+            candidate = CandidateDoc.model_validate(raw)
+            structure = self._dft_start(candidate)
+            settings = relaxation_settings(
+                structure, engine=self.config.dft.engine, preset=self.config.dft.preset, overrides=self.config.dft.overrides
+            )
+            hit = cache.lookup(structure, settings)
+            if hit is not None:
+                job = {"backend": "cache", "task_id": hit["task_id"], "settings_key": settings["key"], "attempts": 0}
+                cached += 1
+            else:
+                job = {"backend": backend, "settings_key": settings["key"], "attempts": 0, "submitted_at": utcnow()}
+            self.candidates.transition(candidate.candidate_id, CandidateState.SUBMITTED, update={"dft_job": job})
+            if i == 0:
+                fault_point("submit", "mid")
+            if hit is None:
+                submitted += 1
+        # Flows for remote backends are queued after the state change, so a kill in between
+        # leaves a submitted candidate without a queued flow, which this finds and queues.
+        if backend != "local":
+            requeued = self._queue_remote(number)
+        self.log(f"  submitted {submitted} to {backend}, {cached} answered by the DFT cache")
+        return {"submitted": submitted, "cache_hits": cached, "queued": requeued, "backend": backend}, {
+            "submitted": submitted + cached,
+            "cache_hits": cached,
+        }
+
+    def _step_harvest(self, number: int) -> tuple[dict, dict]:
+        backend = self.config.execution.backend
+        deadline = time.monotonic() + self.config.execution.harvest_timeout_s
+        relaxed = failed = 0
+        total = self.candidates.collection.count_documents({"campaign": self.name, "selected_round": number})
+        while True:
+            pending = [
+                CandidateDoc.model_validate(d)
+                for d in self.candidates.collection.find(
+                    {"campaign": self.name, "selected_round": number, "state": CandidateState.SUBMITTED.value},
+                    {"_id": 0},
+                ).sort("candidate_id", 1)
+            ]
+            for candidate in pending:
+                self._check_lease()
+                outcome = self._harvest_one(candidate, run_local=backend == "local" or candidate.dft_job.get("backend") == "local")
+                relaxed += outcome == "relaxed"
+                failed += outcome == "failed"
+                if self.progress:
+                    done = self.candidates.collection.count_documents(
+                        {"campaign": self.name, "selected_round": number, "state": {"$in": ["relaxed", "failed"]}}
+                    )
+                    self.progress("harvest", done, total)
+                if outcome is not None:
+                    fault_point("harvest", "mid")
+            still = self.candidates.collection.count_documents(
+                {"campaign": self.name, "selected_round": number, "state": CandidateState.SUBMITTED.value}
+            )
+            if still == 0:
+                break
+            if time.monotonic() > deadline:
+                self.log(f"  harvest timed out with {still} job(s) still running; they are collected next round")
+                break
+            time.sleep(self.config.execution.poll_interval_s)
+        hits = self._hits(selected_round=number)
+        n_done = self.candidates.collection.count_documents(
+            {"campaign": self.name, "selected_round": number, "state": "relaxed"}
+        )
+        n_failed = self.candidates.collection.count_documents(
+            {"campaign": self.name, "selected_round": number, "state": "failed"}
+        )
+        rate = len(hits) / n_done if n_done else None
+        self.log(f"  relaxed {n_done}, failed {n_failed}, hits {len(hits)}")
+        return {"relaxed": n_done, "failed": n_failed, "hits": hits, "harvested_now": relaxed + failed}, {
+            "relaxed": n_done,
+            "failed": n_failed,
+            "hits": len(hits),
+            "hit_rate": rate,
+        }
+
+    def _step_retrain(self, number: int) -> tuple[dict, dict]:
+        settings = self.config.retrain
+        results = self._dft_results()
+        new = [r for r in results if r.round == number]
+        if (number + 1) % settings.every != 0 or len(new) < settings.min_new_results:
+            reason = f"{len(new)} new DFT result(s); retraining needs {settings.min_new_results}" if len(
+                new
+            ) < settings.min_new_results else f"retraining runs every {settings.every} round(s)"
+            self.log(f"  retrain skipped: {reason}")
+            return {"skipped": reason}, {}
+        work_dir = self._work_dir() / "models"
+        work_dir.mkdir(parents=True, exist_ok=True)
+        context = HookContext(
+            campaign=self.name,
+            round=number,
+            config=self.config,
+            database=self.database,
+            models=dict(self.models),
+            results=results,
+            new_results=new,
+            work_dir=work_dir,
+        )
+        outcomes = run_hooks(enabled_hooks(settings), context)
+        versions = dict(self.campaigns.get(self.name).model_versions)
+        metrics: dict[str, Any] = {}
+        for outcome in outcomes:
+            if outcome.status == "done":
+                versions.update(outcome.new_models)
+            self.log(
+                f"  {outcome.name}: {outcome.status}"
+                + (f" ({outcome.error})" if outcome.error else "")
+                + (f" -> {', '.join(outcome.new_models.values())}" if outcome.new_models else "")
+            )
+        cg = next((o for o in outcomes if o.name == "cgcnn_finetune" and o.status == "done"), None)
+        if cg is not None:
+            target = self.config.targets[0].property
+            metrics = {
+                "mae_before": cg.metrics["mae_before"].get(target),
+                "mae_after": cg.metrics["mae_after"].get(target),
+                "mae_screening": cg.metrics["mae_screening"].get(target),
+            }
+        self.campaigns.update(self.name, self.token, model_versions=versions)
+        self.models = self._resolve_models()
+        return {
+            "hooks": [
+                {"name": o.name, "status": o.status, "metrics": o.metrics, "new_models": o.new_models, "error": o.error}
+                for o in outcomes
+            ]
+        }, metrics
+
+    def _step_report(self, number: int) -> tuple[dict, dict]:
+        rounds = self.campaigns.all_rounds(self.name)
+        cumulative = len(self._hits())
+        current = next(r for r in rounds if r.round == number)
+        counts = {k: int(v) for k, v in current.metrics.items() if isinstance(v, int) and not isinstance(v, bool)}
+        self.campaigns.finish_round(self.name, number, counts)
+        outputs: dict[str, Any] = {"cumulative_hits": cumulative}
+        try:
+            from crystaloop.loop.report import write_report
+
+            paths = write_report(self.database, self.name, self._work_dir())
+            outputs["files"] = [str(p) for p in paths]
+        except ImportError:
+            pass
+        self.log(f"  cumulative hits: {cumulative}")
+        return outputs, {"cumulative_hits": cumulative}
+
+    # -- DFT helpers -------------------------------------------------------------------------
+
+    def _dft_start(self, candidate: CandidateDoc) -> Structure:
+        """The structure DFT starts from: the UIP-relaxed one when the screen ran."""
+        relaxed = (candidate.uip or {}).get("structure")
+        return Structure.from_dict(relaxed) if relaxed else Structure.from_dict(candidate.structure)
+
+    def _flow(self, candidate: CandidateDoc, number: int):
+        from crystaloop.dft.flows import FormationEnergyFlow
+
+        return FormationEnergyFlow(
+            self._dft_start(candidate),
+            engine=self.config.dft.engine,
+            preset=self.config.dft.preset,
+            overrides=dict(self.config.dft.overrides),
+            metadata={"candidate_id": candidate.candidate_id, "campaign": self.name, "round": number},
+            name=f"formation energy {candidate.reduced_formula}",
+        )
+
+    def _queue_remote(self, number: int) -> int:
+        from crystaloop.dft import backends
+
+        queued = 0
+        for raw in self.candidates.collection.find(
+            {
+                "campaign": self.name,
+                "selected_round": number,
+                "state": CandidateState.SUBMITTED.value,
+                "dft_job.backend": self.config.execution.backend,
+                "dft_job.queued": {"$ne": True},
+            },
+            {"_id": 0},
+        ):
+            candidate = CandidateDoc.model_validate(raw)
+            flow = self._flow(candidate, number)
+            if self.config.execution.backend == "fireworks":
+                lpad = backends.launchpad()
+                known = lpad.fireworks.find_one({"spec._crystaloop_candidate": candidate.candidate_id}, {"fw_id": 1})
+                if known is None:
+                    ids = _submit_fireworks(flow, candidate.candidate_id, lpad)
+                else:
+                    ids = [known["fw_id"]]
+                ref = {"fw_ids": ids}
+            else:
+                ref = {"remote": str(backends.submit_remote(
+                    flow, project=self.config.execution.project, worker=self.config.execution.worker
+                ))}
+            self.candidates.collection.update_one(
+                {"candidate_id": candidate.candidate_id},
+                {"$set": {"dft_job.queued": True, "dft_job.flow_uuid": flow.uuid, **{f"dft_job.{k}": v for k, v in ref.items()}}},
+            )
+            queued += 1
+        return queued
+
+    def _task_for(self, candidate_id: str) -> dict[str, Any] | None:
+        """The finished relaxation record of a candidate (not its element references)."""
+        return self.database["dft_tasks"].find_one(
+            {
+                "candidate_id": candidate_id,
+                "state": {"$in": ["successful", "failed"]},
+                "output.metadata.role": {"$ne": "element_reference"},
+            },
+            {"_id": 0},
+            sort=[("updated_at", -1)],
+        )
+
+    def _harvest_one(self, candidate: CandidateDoc, *, run_local: bool) -> str | None:
+        """Collect one candidate's result (running its flow for the local backend); its new state."""
+        from crystaloop.dft.backends import run_local as run_flow_locally
+        from crystaloop.dft.cache import DFTCache, relaxation_settings
+
+        cache = DFTCache(self.database)
+        job = dict(candidate.dft_job)
+        if job.get("backend") == "cache":
+            hit = self.database["dft_cache"].find_one({"task_id": job["task_id"]}, {"_id": 0})
+            if hit is None:
+                return self._finish(candidate, "failed", reason="cached result disappeared", job=job)
+            return self._finish(candidate, "relaxed", values=hit["values"], task_id=hit["task_id"], job={**job, "from_cache": True})
+        task = self._task_for(candidate.candidate_id)
+        if task is not None and task["state"] == "successful" and task.get("formation_energy_per_atom") is None:
+            task = None if run_local and job.get("attempts", 0) < MAX_LOCAL_ATTEMPTS else task
+        if task is None:
+            if not run_local:
+                return None
+            if job.get("attempts", 0) >= MAX_LOCAL_ATTEMPTS:
+                return self._finish(candidate, "failed", reason=f"no result after {MAX_LOCAL_ATTEMPTS} attempts", job=job)
+            job["attempts"] = job.get("attempts", 0) + 1
+            self.candidates.collection.update_one(
+                {"candidate_id": candidate.candidate_id}, {"$set": {"dft_job.attempts": job["attempts"]}}
+            )
+            flow = self._flow(candidate, candidate.selected_round or 0)
+            run_flow_locally(flow, root_dir=self._work_dir() / "jobs")
+            task = self._task_for(candidate.candidate_id)
+            if task is None:
+                return self._finish(candidate, "failed", reason="the flow wrote no result", job=job)
+        output = task.get("output") or {}
+        if task["state"] != "successful" or task.get("formation_energy_per_atom") is None:
+            reasons = "; ".join(task.get("reasons") or []) or "no formation energy"
+            return self._finish(candidate, "failed", reason=reasons[:300], task_id=task["task_id"], job=job)
+        values = {
+            "formation_energy_per_atom": task["formation_energy_per_atom"],
+            "energy_per_atom": task.get("energy_per_atom"),
+        }
+        if output.get("band_gap") is not None:
+            values["band_gap"] = output["band_gap"]
+        job.update(_relaxation_change(output))
+        structure = self._dft_start(candidate)
+        settings = relaxation_settings(
+            structure, engine=self.config.dft.engine, preset=self.config.dft.preset, overrides=self.config.dft.overrides
+        )
+        cache.put(structure, settings, output, values, source={"campaign": self.name, "candidate_id": candidate.candidate_id})
+        return self._finish(candidate, "relaxed", values=values, task_id=task["task_id"], job=job)
+
+    def _finish(self, candidate: CandidateDoc, state: str, *, values=None, task_id=None, reason=None, job=None) -> str:
+        update: dict[str, Any] = {"dft_engine": self.config.dft.engine, "dft_job": job or candidate.dft_job}
+        if values is not None:
+            update["dft"] = values
+        if task_id is not None:
+            update["dft_task_id"] = task_id
+        self.candidates.transition(candidate.candidate_id, state, reason=reason, stage="dft" if reason else None, update=update)
+        return state
+
+    def _dft_results(self) -> list[DFTResult]:
+        """Every relaxed candidate of the campaign with its relaxed structure and values."""
+        results = []
+        for raw in self.candidates.collection.find(
+            {"campaign": self.name, "state": CandidateState.RELAXED.value}, {"_id": 0}
+        ).sort("candidate_id", 1):
+            c = CandidateDoc.model_validate(raw)
+            structure = None
+            if c.dft_task_id:
+                task = self.database["dft_tasks"].find_one({"task_id": c.dft_task_id}, {"output.final_structure": 1})
+                final = (task or {}).get("output", {}).get("final_structure")
+                structure = Structure.from_dict(final) if final else None
+            if structure is None:
+                hit = self.database["dft_cache"].find_one({"task_id": c.dft_task_id}, {"final_structure": 1})
+                structure = Structure.from_dict(hit["final_structure"]) if hit and hit.get("final_structure") else None
+            results.append(
+                DFTResult(
+                    candidate_id=c.candidate_id,
+                    round=c.selected_round if c.selected_round is not None else c.round,
+                    structure=structure or self._dft_start(c),
+                    values=dict(c.dft),
+                    engine=c.dft_engine or self.config.dft.engine,
+                    predicted={k: v.mean for k, v in c.predicted.items()},
+                )
+            )
+        return results
+
+    def _hits(self, selected_round: int | None = None) -> list[str]:
+        """Ids of relaxed candidates whose DFT values lie in every window."""
+        query: dict[str, Any] = {"campaign": self.name, "state": CandidateState.RELAXED.value}
+        if selected_round is not None:
+            query["selected_round"] = selected_round
+        return [
+            d["candidate_id"]
+            for d in self.candidates.collection.find(query, {"candidate_id": 1, "dft": 1, "_id": 0})
+            if self.config.in_all_windows(d.get("dft") or {})
+        ]
+
+    def _dft_total(self) -> int:
+        return self.candidates.collection.count_documents(
+            {"campaign": self.name, "state": {"$in": ["submitted", "relaxed", "failed"]}}
+        )
+
+    # -- bookkeeping -------------------------------------------------------------------------
+
+    def _resolve_models(self) -> dict[str, str]:
+        from crystaloop.generative.models.shipped import resolve_models
+
+        chosen = dict(self.config.models.model_dump())
+        chosen.update(self.campaigns.get(self.name).model_versions)
+        return {k: str(v) for k, v in resolve_models(self.database, **chosen).items()}
+
+    def _versions(self) -> dict[str, str]:
+        return {k: Path(v).stem for k, v in self.models.items()}
+
+    def _work_dir(self) -> Path:
+        from crystaloop.settings import get_settings
+
+        path = get_settings().data_dir / "campaigns" / self.name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _first_open_round(self) -> int:
+        rounds = self.campaigns.all_rounds(self.name)
+        for r in rounds:
+            if r.finished_at is None:
+                return r.round
+        return rounds[-1].round + 1 if rounds else 0
+
+    def _should_stop(self, number: int, max_rounds: int) -> tuple[bool, str]:
+        stop = self.config.stop
+        finished = [r for r in self.campaigns.all_rounds(self.name) if r.finished_at is not None]
+        if number >= max_rounds:
+            return True, f"reached max_rounds ({max_rounds})"
+        hits = len(self._hits())
+        if stop.min_hits is not None and hits >= stop.min_hits:
+            return True, f"{hits} DFT-verified hit(s) reached the target of {stop.min_hits}"
+        if stop.max_dft is not None and self._dft_total() >= stop.max_dft:
+            return True, f"DFT budget of {stop.max_dft} relaxations used"
+        if finished and stop.hit_rate is not None:
+            rate = finished[-1].metrics.get("hit_rate")
+            if rate is not None and rate >= stop.hit_rate:
+                return True, f"round {finished[-1].round} hit rate {rate:.2f} reached {stop.hit_rate}"
+        if stop.patience is not None and len(finished) >= stop.patience:
+            recent = finished[-stop.patience :]
+            if all(not r.metrics.get("hits") for r in recent):
+                return True, f"no new hit in {stop.patience} round(s)"
+        return False, ""
+
+    def _stop_requested(self) -> bool:
+        doc = self._guard(lambda: self.campaigns.get(self.name))
+        return bool(doc and doc.stop_requested)
+
+    def _check_lease(self) -> None:
+        if self._heartbeat is not None and self._heartbeat.lost:
+            raise LeaseLost(self.name)
+
+    def _guard(self, action: Callable[[], Any], *, what: str = "a database update") -> Any:
+        """Run ``action``, riding out a lost database for ``execution.db_retry_s`` seconds.
+
+        The embedded server is restarted when it is this installation's own. Every step is
+        idempotent, so an interrupted one is simply run again.
+
+        Raises
+        ------
+        DatabaseUnavailable
+            The database did not come back in time.
+        """
+        deadline = time.monotonic() + self.config.execution.db_retry_s
+        delay = 1.0
+        while True:
+            try:
+                return action()
+            except DB_ERRORS as exc:
+                if time.monotonic() > deadline:
+                    from crystaloop.settings import get_settings, redact_uri
+
+                    settings = get_settings()
+                    uri = settings.mongodb_uri or "the embedded server"
+                    raise DatabaseUnavailable(
+                        f"lost MongoDB ({redact_uri(uri) if settings.mongodb_uri else uri}, "
+                        f"{type(exc).__name__}) during {what}; nothing done is lost: start the "
+                        f"database and run `crystaloop campaign run` again to resume"
+                    ) from None
+                self.log(f"  database unreachable ({type(exc).__name__}); retrying in {delay:.0f} s")
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                _restart_embedded_server()
+
+
+def _restart_embedded_server() -> None:
+    """Start the embedded server again if no URI is configured (it is then ours to restart)."""
+    from crystaloop.db.connection import _client
+    from crystaloop.db.server import EmbeddedServer
+    from crystaloop.settings import get_settings
+
+    settings = get_settings()
+    if settings.mongodb_uri:
+        return
+    try:
+        EmbeddedServer(settings.data_dir).start()
+    except Exception:  # the next attempt reports it
+        return
+    _client.cache_clear()
+
+
+def _submit_fireworks(flow, candidate_id: str, lpad) -> list[int]:
+    """Queue ``flow`` on the LaunchPad, tagging every Firework with the candidate id."""
+    from jobflow.managers.fireworks import flow_to_workflow
+
+    from crystaloop.dft.backends import job_store
+
+    workflow = flow_to_workflow(flow, store=job_store())
+    for fw in workflow.fws:
+        fw.spec["_crystaloop_candidate"] = candidate_id
+    mapping = lpad.add_wf(workflow)
+    return sorted(mapping.values())
+
+
+def _relaxation_change(output: dict[str, Any]) -> dict[str, float]:
+    """Mean site displacement (Å) and energy change (eV/atom) of a relaxation, where known."""
+    out: dict[str, float] = {}
+    initial, final = output.get("initial_structure"), output.get("final_structure")
+    if initial and final:
+        a, b = Structure.from_dict(initial), Structure.from_dict(final)
+        if len(a) == len(b):
+            frac = b.frac_coords - a.frac_coords
+            frac -= np.round(frac)
+            out["mean_displacement_angstrom"] = float(np.linalg.norm(b.lattice.get_cartesian_coords(frac), axis=1).mean())
+    steps = output.get("ionic_steps") or []
+    energies = [s.get("energy") for s in steps if isinstance(s, dict) and s.get("energy") is not None]
+    if len(energies) >= 2 and final:
+        out["energy_change_per_atom"] = float((energies[-1] - energies[0]) / len(Structure.from_dict(final)))
+    return out

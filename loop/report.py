@@ -1,0 +1,213 @@
+"""Campaign reports: a Markdown page with PNG plots, rebuilt from the database alone.
+
+Per round: candidates generated, the cascade counts, DFT submitted, relaxed and
+failed, the hit rate (share of DFT-relaxed candidates whose DFT values lie in
+every window), cumulative hits, the CGCNN MAE before and after the retrain, and
+the mean displacement during the DFT relaxation. Plots: hit rate per round, a
+parity plot of predicted against DFT values, a histogram of the target property
+per round, and the cascade funnel.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from crystaloop.properties import PROPERTIES
+
+
+def round_rows(database, name: str) -> list[dict[str, Any]]:
+    """One row of numbers per round, from the round documents and the candidates.
+
+    Raises
+    ------
+    UserError
+        No campaign of that name.
+    """
+    from crystaloop.db.campaigns import CampaignStore
+    from crystaloop.errors import UserError
+    from crystaloop.loop.config import parse_campaign_config
+
+    store = CampaignStore(database)
+    doc = store.get(name)
+    if doc is None:
+        raise UserError(f"no campaign named {name!r}; start one with `crystaloop campaign run FILE`")
+    config = parse_campaign_config(doc.config, source=f"campaign {name}")
+    rows, cumulative = [], 0
+    for r in store.all_rounds(name):
+        done = list(
+            database["candidates"].find(
+                {"campaign": name, "selected_round": r.round, "state": {"$in": ["relaxed", "failed"]}},
+                {"_id": 0, "state": 1, "dft": 1, "dft_job": 1},
+            )
+        )
+        relaxed = [d for d in done if d["state"] == "relaxed"]
+        hits = sum(config.in_all_windows(d.get("dft") or {}) for d in relaxed)
+        cumulative += hits
+        displacement = [
+            d["dft_job"]["mean_displacement_angstrom"]
+            for d in relaxed
+            if d.get("dft_job", {}).get("mean_displacement_angstrom") is not None
+        ]
+        generate = r.steps.get("generate")
+        stages = (generate.outputs.get("stages") if generate else None) or []
+        rows.append(
+            {
+                "round": r.round,
+                "generated": r.metrics.get("generated"),
+                "shortlisted": r.metrics.get("shortlisted"),
+                "cascade": [(s["stage"], s["n_in"], s["n_out"]) for s in stages],
+                "submitted": r.metrics.get("submitted"),
+                "cache_hits": r.metrics.get("cache_hits"),
+                "relaxed": len(relaxed),
+                "failed": len(done) - len(relaxed),
+                "hits": hits,
+                "hit_rate": hits / len(relaxed) if relaxed else None,
+                "cumulative_hits": cumulative,
+                "mae_before": r.metrics.get("mae_before"),
+                "mae_after": r.metrics.get("mae_after"),
+                "mean_displacement_angstrom": float(np.mean(displacement)) if displacement else None,
+                "finished": r.finished_at is not None,
+            }
+        )
+    return rows
+
+
+def _fmt(value, spec: str = ".3f") -> str:
+    if value is None:
+        return "-"
+    return format(value, spec) if isinstance(value, float) else str(value)
+
+
+def write_report(database, name: str, folder: Path | str) -> list[Path]:
+    """Write ``report.md`` and its PNG plots into ``folder``; returns the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from crystaloop.db.campaigns import CampaignStore
+    from crystaloop.loop.config import parse_campaign_config
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = round_rows(database, name)
+    config = parse_campaign_config(CampaignStore(database).get(name).config, source=name)
+    target = config.targets[0]
+    spec = PROPERTIES[target.property]
+    paths: list[Path] = []
+
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    xs = [r["round"] for r in rows]
+    ax.plot(xs, [100 * (r["hit_rate"] or 0) for r in rows], "o-", label="hit rate (%)")
+    ax.set_xlabel("round")
+    ax.set_ylabel("DFT hit rate (%)")
+    ax2 = ax.twinx()
+    ax2.step(xs, [r["cumulative_hits"] for r in rows], where="mid", color="tab:orange", label="cumulative hits")
+    ax2.set_ylabel("cumulative hits")
+    ax.set_title(f"{name}: hits per round")
+    fig.tight_layout()
+    paths.append(_save(fig, folder / "hit_rate.png"))
+
+    relaxed = list(
+        database["candidates"].find(
+            {"campaign": name, "state": "relaxed"}, {"_id": 0, "predicted": 1, "dft": 1, "selected_round": 1}
+        )
+    )
+    pairs = [
+        (d["predicted"][target.property]["mean"], d["dft"][target.property], d.get("selected_round"))
+        for d in relaxed
+        if d.get("predicted", {}).get(target.property, {}).get("mean") is not None
+        and d.get("dft", {}).get(target.property) is not None
+    ]
+    fig, ax = plt.subplots(figsize=(4, 4))
+    if pairs:
+        p, t, rnd = (np.array(v, dtype=float) for v in zip(*pairs, strict=True))
+        scatter = ax.scatter(t, p, c=rnd, cmap="viridis", s=25)
+        lo, hi = float(min(p.min(), t.min())), float(max(p.max(), t.max()))
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+        fig.colorbar(scatter, ax=ax, label="round")
+    for bound in (target.min, target.max):
+        if bound is not None:
+            ax.axvline(bound, color="grey", lw=0.6)
+    ax.set_xlabel(f"DFT {spec.label}")
+    ax.set_ylabel(f"predicted {spec.label}")
+    ax.set_title("screening parity")
+    fig.tight_layout()
+    paths.append(_save(fig, folder / "parity.png"))
+
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    for r in rows:
+        values = [
+            d["dft"][target.property]
+            for d in relaxed
+            if d.get("selected_round") == r["round"] and d.get("dft", {}).get(target.property) is not None
+        ]
+        if values:
+            ax.hist(values, bins=10, alpha=0.5, label=f"round {r['round']}")
+    for bound in (target.min, target.max):
+        if bound is not None:
+            ax.axvline(bound, color="k", lw=0.8)
+    ax.set_xlabel(f"DFT {spec.label}")
+    ax.set_ylabel("candidates")
+    if rows:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(_save(fig, folder / "target_histogram.png"))
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    last = next((r for r in reversed(rows) if r["cascade"]), None)
+    if last:
+        names = [s for s, _, _ in last["cascade"]]
+        outs = [n_out for _, _, n_out in last["cascade"]]
+        ax.barh(names[::-1], outs[::-1])
+        ax.set_xscale("symlog")
+        ax.set_title(f"filter cascade, round {last['round']}")
+        ax.set_xlabel("candidates passing")
+    fig.tight_layout()
+    paths.append(_save(fig, folder / "cascade.png"))
+
+    lines = [
+        f"# Campaign {name}",
+        "",
+        f"Target: {', '.join(_window(t) for t in config.targets)}; DFT: {config.dft.engine}/{config.dft.preset}; "
+        f"acquisition: {config.acquisition.strategy}.",
+        "",
+        "| round | generated | shortlisted | DFT | relaxed | failed | hits | hit rate | cumulative hits "
+        "| MAE before | MAE after | mean displacement (Å) | cache hits |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        rate = "-" if r["hit_rate"] is None else f"{100 * r['hit_rate']:.0f} %"
+        lines.append(
+            f"| {r['round']} | {_fmt(r['generated'])} | {_fmt(r['shortlisted'])} | {_fmt(r['submitted'])} "
+            f"| {r['relaxed']} | {r['failed']} | {r['hits']} | {rate} | {r['cumulative_hits']} "
+            f"| {_fmt(r['mae_before'])} | {_fmt(r['mae_after'])} | {_fmt(r['mean_displacement_angstrom'])} "
+            f"| {_fmt(r['cache_hits'])} |"
+        )
+    lines += ["", f"MAE: CGCNN ensemble on that round's DFT results, {spec.unit}, before and after its fine-tune.", ""]
+    for r in rows:
+        if r["cascade"]:
+            funnel = " → ".join(f"{s} {n_out}" for s, _, n_out in r["cascade"])
+            lines.append(f"- round {r['round']} cascade: {funnel}")
+    lines += ["", *(f"![{p.stem}]({p.name})" for p in paths), ""]
+    report = folder / "report.md"
+    report.write_text("\n".join(lines))
+    return [report, *paths]
+
+
+def _window(t) -> str:
+    lo = "-inf" if t.min is None else f"{t.min:g}"
+    hi = "+inf" if t.max is None else f"{t.max:g}"
+    unit = PROPERTIES[t.property].unit
+    return f"{t.property} in [{lo}, {hi}] {unit}".strip()
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,193 @@
+"""The campaign loop on the real embedded DB with real CHGNet (surrogate engine).
+
+- The steps after generation (acquire, submit, harvest, retrain, report) on hand-made
+  shortlisted candidates: states, DFT values, model versions, the DFT cache.
+- The lease: a live lease blocks a second process; a stale one is taken over.
+- A stop request ends the run after the current step; the next run resumes.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import numpy as np
+import pytest
+from pymatgen.core import Lattice, Structure
+
+from crystaloop.db.campaigns import CampaignStore
+from crystaloop.db.documents import CandidateState, Lease, utcnow
+from crystaloop.db.store import CandidateStore
+from crystaloop.errors import UserError
+from crystaloop.loop.campaign import Campaign
+from crystaloop.loop.config import parse_campaign_config
+
+
+def campaign_config(name: str, **changes) -> dict:
+    """A small surrogate campaign."""
+    config = {
+        "name": name,
+        "targets": [{"property": "formation_energy_per_atom", "min": -1.5, "max": -0.05}],
+        "material_classes": ["binary"],
+        "elements": {"allow": ["Cu", "Pd", "Ni", "Al", "Fe", "Ti", "Ga", "Ag"]},
+        "budget": {"candidates_per_round": 16, "dft_per_round": 2},
+        "max_rounds": 1,
+        "dft": {"engine": "surrogate"},
+        "retrain": {"epochs": 1, "replay": 16},
+        "execution": {"poll_interval_s": 0.2},
+        "acquisition": {"max_per_chemsys": 1},
+    }
+    config.update(changes)
+    return config
+
+
+def b2(a: str, b: str, lattice: float) -> Structure:
+    return Structure(Lattice.cubic(lattice), [a, b], [[0, 0, 0], [0.5, 0.5, 0.5]])
+
+
+SHORTLIST = [
+    (b2("Ni", "Al", 2.88), -0.65, 0.05),
+    (b2("Cu", "Pd", 3.00), -0.12, 0.05),
+    (b2("Fe", "Al", 2.91), -0.30, 0.08),
+    (b2("Ti", "Ga", 3.10), 0.40, 0.05),
+]
+
+
+def shortlist(database, name: str, round: int = 0, items=SHORTLIST) -> list[str]:
+    """Store candidates as ``shortlisted`` with an ensemble prediction of E_f (eV/atom)."""
+    store = CandidateStore(database)
+    ids = []
+    for structure, mean, std in items:
+        cid, inserted = store.add(
+            structure,
+            campaign=name,
+            round=round,
+            predicted={"formation_energy_per_atom": {"mean": mean, "std": std}},
+            provenance={"generation_id": f"{name}-r{round}"},
+        )
+        assert inserted
+        store.transition(cid, CandidateState.SHORTLISTED)
+        ids.append(cid)
+    return ids
+
+
+@pytest.fixture
+def prior_subset(database):
+    """A few hundred prior structures (replay data for the fine-tune, conditioning labels)."""
+    from crystaloop.db.training import upsert_documents
+    from crystaloop.generative.data import prior
+
+    docs = prior.to_documents(prior.read_prior(prior.SHIPPED_PATH))
+    upsert_documents(database, [d for d in docs if not d["reject_reason"]][:200])
+    return database
+
+
+def test_round_after_generation(settings, prior_subset):
+    """One round from a stored shortlist: acquisition, surrogate DFT, harvest, retrain, report."""
+    database = prior_subset
+    name = "loop-steps"
+    ids = shortlist(database, name)
+    lines: list[str] = []
+    campaign = Campaign(parse_campaign_config(campaign_config(name)), database=database, log=lines.append)
+    result = campaign.run()
+    assert result.status == "finished"
+    assert "max_rounds" in result.reason
+
+    record = CampaignStore(database).round(name, 0)
+    assert [s for s in record.steps] == ["generate", "acquire", "submit", "harvest", "retrain", "report"]
+    assert all(step.status == "done" for step in record.steps.values())
+    assert record.steps["generate"].outputs["resumed"] is True  # the shortlist was found, not regenerated
+    # Acquisition took the two most probable in-window candidates (Ni-Al, Fe-Al share no chemsys).
+    picked = record.steps["acquire"].outputs["candidate_ids"]
+    assert picked == [ids[0], ids[2]]
+    store = CandidateStore(database)
+    for cid in ids:
+        doc = store.get(cid)
+        states = [h["state"] for h in doc.state_history]
+        if cid in picked:
+            assert states[:4] == ["generated", "shortlisted", "selected", "submitted"]
+            assert doc.state in (CandidateState.RELAXED.value, CandidateState.FAILED.value)
+            assert states.count("submitted") == 1
+            assert doc.selected_round == 0
+        else:
+            assert doc.state == CandidateState.SHORTLISTED.value
+    relaxed = [store.get(c) for c in picked if store.get(c).state == "relaxed"]
+    assert relaxed, "CHGNet relaxes simple B2 cells"
+    for doc in relaxed:
+        assert doc.dft_engine == "surrogate"
+        assert np.isfinite(doc.dft["formation_energy_per_atom"])
+        assert database["dft_tasks"].find_one({"task_id": doc.dft_task_id})["candidate_id"] == doc.candidate_id
+    # NiAl B2 is strongly bound in CHGNet as in DFT: a hit in [-1.5, -0.05] eV/atom.
+    assert record.metrics["hits"] >= 1
+    assert record.metrics["relaxed"] == len(relaxed)
+
+    hooks = {h["name"]: h for h in record.steps["retrain"].outputs["hooks"]}
+    assert hooks["cgcnn_finetune"]["status"] == "done", hooks["cgcnn_finetune"]["error"]
+    version = hooks["cgcnn_finetune"]["new_models"]["cgcnn"]
+    assert version == f"{name}-cgcnn-r0"
+    assert record.metrics["mae_before"] is not None and record.metrics["mae_after"] is not None
+    assert CampaignStore(database).get(name).model_versions["cgcnn"] == version
+    registered = database["models"].find_one({"version": version})
+    assert registered is not None and not registered["default"]
+    conditioning = hooks["conditioning_update"]
+    assert conditioning["status"] == "done"
+    assert conditioning["metrics"]["added"] == len(relaxed)
+    assert database["training_structures"].count_documents({"dataset": f"campaign:{name}"}) == len(relaxed)
+    assert record.finished_at is not None
+    report = record.steps["report"].outputs
+    assert report["cumulative_hits"] == record.metrics["hits"]
+    assert any(f.endswith("report.md") for f in report["files"])
+
+
+def test_dft_cache_answers_an_equivalent_structure(settings, prior_subset):
+    """A second campaign asking for a relaxed crystal (rotated, translated) gets the cached result."""
+    database = prior_subset
+    shortlist(database, "cache-a", items=[SHORTLIST[0]])
+    Campaign(parse_campaign_config(campaign_config("cache-a", retrain={"cgcnn": False, "generator_conditioning": False})), database=database).run()
+    moved = SHORTLIST[0][0].copy()
+    moved.translate_sites(range(len(moved)), [0.13, 0.2, 0.05])
+    shortlist(database, "cache-b", items=[(moved, -0.6, 0.05)])
+    Campaign(parse_campaign_config(campaign_config("cache-b", retrain={"cgcnn": False, "generator_conditioning": False})), database=database).run()
+    first = CandidateStore(database).query(campaign="cache-a")[0][1]
+    second = CandidateStore(database).query(campaign="cache-b")[0][1]
+    record = CampaignStore(database).round("cache-b", 0)
+    assert record.metrics["cache_hits"] == 1
+    assert second.state == "relaxed" and second.dft_job["from_cache"] is True
+    assert second.dft == first.dft
+    assert database["dft_tasks"].count_documents({"candidate_id": second.candidate_id}) == 0
+
+
+def test_live_lease_blocks_and_stale_lease_is_taken_over(settings, database):
+    store = CampaignStore(database)
+    config = parse_campaign_config(campaign_config("leased"))
+    store.ensure("leased", config.model_dump(mode="json"))
+    assert store.acquire_lease("leased", owner="other-host:1") is not None
+    with pytest.raises(UserError, match="other-host:1"):
+        Campaign(config, database=database).run()
+    stale = Lease(owner="other-host:1", token="t", expires_at=utcnow() - timedelta(seconds=5))
+    database["campaigns"].update_one({"name": "leased"}, {"$set": {"lease": stale.model_dump()}})
+    mine = store.acquire_lease("leased", owner="me:2")
+    assert mine is not None
+    assert store.get("leased").lease.owner == "me:2"
+    assert not store.renew_lease("leased", "t")
+
+
+def test_stop_request_ends_after_the_current_step_and_run_resumes(settings, prior_subset):
+    database = prior_subset
+    name = "stoppable"
+    shortlist(database, name, items=SHORTLIST[:2])
+    config = parse_campaign_config(campaign_config(name, retrain={"cgcnn": False, "generator_conditioning": False}))
+    store = CampaignStore(database)
+
+    def log(line: str) -> None:
+        if line.endswith(": acquire"):
+            store.request_stop(name)
+
+    stopped = Campaign(config, database=database, log=log).run()
+    assert stopped.status == "stopped"
+    assert "round 0 step submit" in stopped.reason
+    steps = store.round(name, 0).steps
+    assert steps["acquire"].status == "done" and "submit" not in steps
+    resumed = Campaign(config, database=database).run()
+    assert resumed.status == "finished"
+    assert all(s.status == "done" for s in store.round(name, 0).steps.values())
+    assert store.get(name).lease is None
