@@ -42,6 +42,17 @@ MAX_ANGLE_DEGREES = 150.0
 MIN_VOLUME_PER_EDGE3 = 0.1
 
 
+METHODS = ("paper", "pursuit", "sites")
+"""Decoding paths. For a VAE over eq. 1's density: ``paper`` is the UNet's species and mask, then
+Algorithm S1; ``pursuit`` reads sites and species from the density alone by matching eq. 1's
+Gaussians (:func:`crystaloop.generative.segmentation.pursuit_sites`). For a VAE over site
+channels: ``sites`` takes the heatmap's peaks and the nearest element in descriptor space
+(:func:`crystaloop.generative.representation.sites_from_channels`)."""
+
+SEGMENT_GRID = 32
+"""Grid the UNet was trained on: a coarser decoded density is upsampled to it (periodic, linear)."""
+
+
 @dataclass(frozen=True)
 class DecodedCandidate:
     """One decoded row.
@@ -80,16 +91,57 @@ def lattice_problem(lattice: Lattice) -> str | None:
 
 
 def _segment_row(args) -> tuple[list[tuple[int, np.ndarray]], str | None]:
-    """Worker: (species map, density) -> [(Z, frac)] sites, or a failure reason."""
-    from crystaloop.generative.segmentation import segment
+    """Worker: a species map and density (``paper``) or a density and lattice (``pursuit``) to
+    [(Z, frac)] sites, or a failure reason."""
+    from crystaloop.generative.segmentation import pursuit_sites, segment
 
-    species, density = args
-    if not (species > 0).any():
-        return [], "no sites"
-    sites = segment(species, species > 0, density=density)
+    method, first, second, elements = args
+    if method == "sites":
+        from pymatgen.core import Lattice as _Lattice
+
+        from crystaloop.generative.representation import sites_from_channels
+
+        found = sites_from_channels(first, _Lattice(second), elements)
+        return (found, None) if found else ([], "no sites")
+    if method == "pursuit":
+        sites = pursuit_sites(first, second, elements)
+    else:
+        species, density = first, second
+        if not (species > 0).any():
+            return [], "no sites"
+        sites = segment(species, species > 0, density=density)
     if not sites:
         return [], "no sites"
     return [(s.species, s.frac_coords) for s in sites], None
+
+
+def vae_channels(vae: CondDFCVAE, structures: Sequence[Structure]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The voxel channels the VAE reads (eq. 1 density or site channels) and coordinates, batched."""
+    from crystaloop.generative.representation import coordinate_channels, site_channels, voxelize
+
+    if getattr(vae, "representation", "density") == "sites":
+        channels = np.stack([site_channels(s, grid=vae.grid) for s in structures])
+        coords = np.stack([coordinate_channels(s.lattice, vae.grid) for s in structures])
+    else:
+        voxels = [voxelize(s, grid=vae.grid) for s in structures]
+        channels = np.stack([v.density for v in voxels])
+        coords = np.stack([v.coords for v in voxels])
+    return torch.from_numpy(channels.astype(np.float32)), torch.from_numpy(coords.astype(np.float32))
+
+
+def upsample(density: torch.Tensor, grid: int) -> torch.Tensor:
+    """Periodic trilinear upsampling of (B, g, g, g) maps to (B, grid, grid, grid)."""
+    g = density.shape[-1]
+    if g == grid:
+        return density
+    padded = torch.nn.functional.pad(density[:, None], (1, 1, 1, 1, 1, 1), mode="circular")
+    # voxel centres of the fine grid in the padded coarse grid's index space (centres at i + 1)
+    t = (torch.arange(grid, dtype=density.dtype, device=density.device) + 0.5) * g / grid + 0.5
+    coords = 2 * t / (g + 1) - 1  # align_corners=True: -1 and 1 are the padded grid's end centres
+    zz, yy, xx = torch.meshgrid(coords, coords, coords, indexing="ij")
+    sampling = torch.stack([xx, yy, zz], dim=-1)[None].expand(density.shape[0], -1, -1, -1, -1)
+    out = torch.nn.functional.grid_sample(padded, sampling, mode="bilinear", align_corners=True)
+    return out[:, 0]
 
 
 class Decoder:
@@ -114,7 +166,16 @@ class Decoder:
         *,
         device: str | torch.device = "auto",
         workers: int | None = None,
+        method: str | None = None,
     ) -> None:
+        sites = getattr(vae, "representation", "density") == "sites"
+        method = method or ("sites" if sites else "paper")
+        if method not in METHODS or (method == "sites") != sites:
+            allowed = "sites" if sites else "paper or pursuit"
+            raise ValueError(
+                f"this VAE ({'site channels' if sites else 'density'}) decodes with {allowed}, not {method!r}"
+            )
+        self.method = method
         if str(device) == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -124,7 +185,13 @@ class Decoder:
 
     @classmethod
     def from_checkpoints(
-        cls, vae: str | Path, unet: str | Path, *, device: str = "auto", workers: int | None = None
+        cls,
+        vae: str | Path,
+        unet: str | Path,
+        *,
+        device: str = "auto",
+        workers: int | None = None,
+        method: str | None = None,
     ) -> Decoder:
         """Load both networks from checkpoint files (see ``crystaloop models list``)."""
         from crystaloop.generative.models.checkpoint import load_model
@@ -135,7 +202,7 @@ class Decoder:
             from crystaloop.errors import UserError
 
             raise UserError(f"{vae} must be a VAE checkpoint and {unet} a UNet checkpoint")
-        return cls(vae_model, unet_model, device=device, workers=workers)
+        return cls(vae_model, unet_model, device=device, workers=workers, method=method)
 
     @property
     def elements(self) -> list[str]:
@@ -164,13 +231,14 @@ class Decoder:
 
     @torch.no_grad()
     def species_maps(
-        self, density: torch.Tensor, coords: torch.Tensor, keep: torch.Tensor | None = None
+        self, density: torch.Tensor, spacing: torch.Tensor, keep: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Atomic numbers per voxel (B, g, g, g) inside the UNet's mask, 0 outside.
 
-        ``keep`` (n_classes,) restricts the species head's choice to the allowed classes.
+        ``spacing`` (B, 3) are the voxel edges (Angstrom); ``keep`` (n_classes,) restricts the
+        species head's choice to the allowed classes.
         """
-        out = self.unet(density[:, None], voxel_spacing(coords))
+        out = self.unet(density[:, None], spacing)
         logits = out.species_logits[:, 1:]
         if keep is not None:
             logits = logits.masked_fill(~keep[1:].to(logits.device)[None, :, None, None, None], float("-inf"))
@@ -206,15 +274,14 @@ class Decoder:
         list of DecodedCandidate
             One per row, in the input order.
         """
-        from crystaloop.generative.representation import lattice_from_coordinates
-        from crystaloop.generative.segmentation import to_structure
-
         z = torch.as_tensor(z, dtype=torch.float32)
         condition = torch.as_tensor(condition, dtype=torch.float32)
         if z.ndim != 2 or z.shape[1] != self.vae.latent_dim:
             raise ValueError(f"z must be shaped (n, {self.vae.latent_dim}); got {tuple(z.shape)}")
         if condition.shape != (z.shape[0], N_DECILES):
-            raise ValueError(f"condition must be shaped ({z.shape[0]}, {N_DECILES}); got {tuple(condition.shape)}")
+            raise ValueError(
+                f"condition must be shaped ({z.shape[0]}, {N_DECILES}); got {tuple(condition.shape)}"
+            )
         keep = self._class_filter(allowed_elements)
         total = z.shape[0]
         results: list[DecodedCandidate] = []
@@ -224,30 +291,81 @@ class Decoder:
                 zb = z[start : start + batch_size].to(self.device)
                 cb = condition[start : start + batch_size].to(self.device)
                 density, coords = self.vae.split_output(self.vae.decode(zb, cb))
-                density = density.clamp_min(0.0)
-                species = self.species_maps(density, coords, keep).cpu().numpy()
-                density_np = density.float().cpu().numpy()
-                coords_np = coords.float().cpu().numpy()
-                jobs = [(species[i], density_np[i]) for i in range(len(species))]
-                segmented = list(pool.map(_segment_row, jobs)) if pool else [_segment_row(j) for j in jobs]
-                for i, (sites, reason) in enumerate(segmented):
+                rows = self.structures_from_maps(density, coords, keep=keep, pool=pool)
+                for i, (structure, reason) in enumerate(rows):
                     index = start + i
-                    latent = z[index].numpy().copy()
-                    try:
-                        lattice = lattice_from_coordinates(coords_np[i])
-                        problem = lattice_problem(lattice)
-                    except (ValueError, np.linalg.LinAlgError):
-                        problem = "unphysical lattice"
-                    if problem is None and reason is None:
-                        results.append(DecodedCandidate(index, to_structure(sites, lattice), None, latent))
-                    else:
-                        results.append(DecodedCandidate(index, None, problem or reason, latent))
+                    results.append(DecodedCandidate(index, structure, reason, z[index].numpy().copy()))
                 if progress is not None:
                     progress(min(start + batch_size, total), total)
         finally:
             if pool is not None:
                 pool.shutdown()
         return results
+
+    @torch.no_grad()
+    def structures_from_maps(
+        self,
+        density: torch.Tensor,
+        coords: torch.Tensor,
+        *,
+        keep: torch.Tensor | None = None,
+        pool: ProcessPoolExecutor | None = None,
+    ) -> list[tuple[Structure | None, str | None]]:
+        """Structures (or failure reasons) from decoded density (B, g, g, g) and coordinates (B, 3, g, g, g).
+
+        ``keep`` is :meth:`_class_filter`'s output: the classes species may be chosen from.
+        """
+        from crystaloop.generative.representation import coordinate_channels, lattice_from_coordinates
+        from crystaloop.generative.segmentation import to_structure
+
+        density = density.float()
+        if density.ndim == 4:  # eq. 1 density; site channels carry signed descriptors
+            density = density.clamp_min(0.0)
+        coords_np = coords.float().cpu().numpy()
+        lattices, problems = [], []
+        for i in range(len(coords_np)):
+            try:
+                lattice = lattice_from_coordinates(coords_np[i])
+                problems.append(lattice_problem(lattice))
+            except (ValueError, np.linalg.LinAlgError):
+                lattice = None
+                problems.append("unphysical lattice")
+            lattices.append(lattice)
+        if self.method in ("pursuit", "sites"):
+            zs = self.unet.vocabulary.atomic_numbers[1:]
+            if keep is not None:
+                zs = [z for z, k in zip(self.unet.vocabulary.atomic_numbers, keep.tolist(), strict=True) if k]
+            density_np = density.cpu().numpy()
+            jobs = [
+                (self.method, density_np[i], lattices[i].matrix, zs)
+                for i in range(len(density_np))
+                if problems[i] is None
+            ]
+        else:
+            fine = upsample(density, SEGMENT_GRID) if density.shape[-1] < SEGMENT_GRID else density
+            grid = fine.shape[-1]
+            spacing = torch.stack(
+                [
+                    voxel_spacing(torch.from_numpy(coordinate_channels(lattices[i], grid))[None])[0]
+                    if problems[i] is None
+                    else voxel_spacing(coords[i : i + 1].float().cpu())[0]
+                    for i in range(len(lattices))
+                ]
+            ).to(fine.device)
+            species = self.species_maps(fine, spacing, keep).cpu().numpy()
+            fine_np = fine.cpu().numpy()
+            jobs = [
+                ("paper", species[i], fine_np[i], None) for i in range(len(species)) if problems[i] is None
+            ]
+        segmented = iter(list(pool.map(_segment_row, jobs)) if pool else [_segment_row(j) for j in jobs])
+        rows: list[tuple[Structure | None, str | None]] = []
+        for lattice, problem in zip(lattices, problems, strict=True):
+            if problem is not None:
+                rows.append((None, problem))
+                continue
+            sites, reason = next(segmented)
+            rows.append((to_structure(sites, lattice), None) if reason is None else (None, reason))
+        return rows
 
     @torch.no_grad()
     def encode(
@@ -258,16 +376,13 @@ class Decoder:
         ``property_values`` (in the VAE condition's property) pick each structure's decile;
         ``None`` takes the middle decile for all.
         """
-        from crystaloop.generative.representation import voxelize
-
         if property_values is not None and len(property_values) != len(structures):
             raise ValueError(f"{len(property_values)} property values for {len(structures)} structures")
         if not structures:
             empty = torch.zeros(0, self.vae.latent_dim)
             return empty, empty.clone()
-        voxels = [voxelize(s, grid=self.vae.grid) for s in structures]
-        density = torch.from_numpy(np.stack([v.density for v in voxels]).astype(np.float32)).to(self.device)
-        coords = torch.from_numpy(np.stack([v.coords for v in voxels]).astype(np.float32)).to(self.device)
+        density, coords = vae_channels(self.vae, structures)
+        density, coords = density.to(self.device), coords.to(self.device)
         if property_values is None:
             condition = torch.zeros(len(structures), N_DECILES)
             condition[:, N_DECILES // 2] = 1.0

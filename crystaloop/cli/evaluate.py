@@ -1,4 +1,4 @@
-"""`crystaloop evaluate` commands: reconstruction (Table 5) and properties (Table 1)."""
+"""`crystaloop evaluate` commands: reconstruction (Table 5), properties (Table 1) and sampling."""
 
 from __future__ import annotations
 
@@ -34,6 +34,9 @@ def _fmt(value) -> str:
 def reconstruction(
     vae: str = typer.Option(None, "--vae", help="VAE version or checkpoint (default: registry default)."),
     unet: str = typer.Option(None, "--unet", help="UNet version or checkpoint (default: registry default)."),
+    method: str = typer.Option(
+        None, "--method", help="Decoding path: paper, pursuit or sites (default: the VAE's)."
+    ),
     limit: int = _LIMIT,
     seed: int = _SEED,
     fmt: str = _FORMAT,
@@ -45,14 +48,20 @@ def reconstruction(
     from crystaloop.generative.evaluate import PAPER_TABLE5, TARGETS_TABLE5, evaluate_reconstruction
 
     fmt = _check_format(fmt)
-    metrics = evaluate_reconstruction(get_database(), vae=vae, unet=unet, limit=limit, seed=seed)
+    metrics = evaluate_reconstruction(
+        get_database(), vae=vae, unet=unet, limit=limit, seed=seed, method=method
+    )
     if fmt == "json":
         print(json.dumps(metrics))
         return
-    table = Table(title=f"reconstruction ({metrics['n_structures']} held-out structures)")
+    table = Table(
+        title=f"reconstruction ({metrics['n_structures']} held-out structures, {metrics['method']} decoding)"
+    )
     for column in ("metric", "this model", "paper", "target"):
         table.add_column(column)
     for key, value in metrics.items():
+        if key == "method":
+            continue
         target = TARGETS_TABLE5.get(key)
         table.add_row(
             key, _fmt(value), _fmt(PAPER_TABLE5.get(key)), f"{target[0]} {target[1]}" if target else ""
@@ -100,3 +109,55 @@ def properties(
     console.print(table)
     if plot:
         console.print(f"parity plot: {plot}", highlight=False)
+
+
+@app.command("sampling")
+def sampling(
+    n: int = typer.Option(100, "--n", min=1, help="Samples to decode."),
+    strategy: str = typer.Option(
+        "random", "--strategy", help="random (z ~ N(0, I)) or around_base (sigma = sqrt(0.5))."
+    ),
+    method: str = typer.Option(
+        None, "--method", help="Decoding path: paper, pursuit or sites (default: the VAE's)."
+    ),
+    vae: str = typer.Option(None, "--vae", help="VAE version or checkpoint (default: registry default)."),
+    unet: str = typer.Option(None, "--unet", help="UNet version or checkpoint (default: registry default)."),
+    workers: int = typer.Option(None, "--workers", min=1, help="Watershed processes (default: all cores)."),
+    seed: int = _SEED,
+    fmt: str = _FORMAT,
+) -> None:
+    """Decode N samples and report the shares that are decoded, valid, charge-balanced, novel, unique."""
+    from rich.table import Table
+
+    from crystaloop.db import get_database
+    from crystaloop.errors import UserError
+    from crystaloop.generative.evaluate import TARGETS_SAMPLING, evaluate_sampling
+
+    fmt = _check_format(fmt)
+    if strategy not in ("random", "around_base"):
+        raise UserError(f"--strategy must be 'random' or 'around_base', not {strategy!r}")
+    metrics = evaluate_sampling(
+        get_database(), n=n, strategy=strategy, vae=vae, unet=unet, seed=seed, method=method, workers=workers
+    )
+    if fmt == "json":
+        print(json.dumps(metrics))
+        return
+    table = Table(title=f"sampling ({n} {strategy} samples, {metrics['method']} decoding)")
+    for column in ("measure", "this model", "paper", "target"):
+        table.add_column(column, overflow="fold")
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}: {v}" for k, v in value.items()) or "-"
+        target = TARGETS_SAMPLING.get(key)
+        if isinstance(target, dict):
+            target = target.get(strategy)
+        paper = metrics["paper_valid_share"] if key == "valid_share" else None
+        if key == "paper_valid_share":
+            continue
+        table.add_row(
+            key,
+            value if isinstance(value, str) else _fmt(value),
+            _fmt(paper),
+            f"{target[0]} {target[1]}" if target else "",
+        )
+    console.print(table)

@@ -68,8 +68,15 @@ class CondDFCVAE(nn.Module):
         condition: DecileCondition | dict | None = None,
         density_scale: float = 1.0,
         coord_scale: float = 10.0,
+        representation: str = "density",
     ) -> None:
         super().__init__()
+        if representation not in REPRESENTATIONS:
+            raise ValueError(f"representation must be one of {REPRESENTATIONS}; got {representation!r}")
+        if representation == "sites":
+            from crystaloop.generative.representation import DESCRIPTORS
+
+            in_channels = 1 + len(DESCRIPTORS) + 3
         widths = list(widths)
         if grid % 2 ** len(widths):
             raise ValueError(f"grid {grid} must divide by 2**{len(widths)} (one pool per width)")
@@ -88,7 +95,9 @@ class CondDFCVAE(nn.Module):
             "condition": self.condition.to_dict(),
             "density_scale": density_scale,
             "coord_scale": coord_scale,
+            "representation": representation,
         }
+        self.representation = representation
         self.density_scale, self.coord_scale = density_scale, coord_scale
         self.register_buffer("property_mean", torch.zeros(len(self.properties)))
         self.register_buffer("property_std", torch.ones(len(self.properties)))
@@ -129,12 +138,22 @@ class CondDFCVAE(nn.Module):
         )
 
     def to_input(self, density: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-        """Model input (B, 4, g, g, g) from density (B, g, g, g) and coordinates (B, 3, g, g, g)."""
-        return torch.cat([density[:, None] / self.density_scale, coords / self.coord_scale], dim=1)
+        """Model input (B, in_channels, g, g, g) from the voxel channels and coordinates (B, 3, g, g, g).
+
+        ``density`` is eq. 1's (B, g, g, g) map, or for ``representation="sites"`` the site
+        channels (B, 4, g, g, g) of :func:`crystaloop.generative.representation.site_channels`.
+        """
+        channels = density if density.ndim == 5 else density[:, None]
+        return torch.cat([channels / self.density_scale, coords / self.coord_scale], dim=1)
 
     def split_output(self, recon: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Density (B, g, g, g; 1/Angstrom^3) and coordinates (B, 3, g, g, g; Angstrom)."""
-        return recon[:, 0] * self.density_scale, recon[:, 1:4] * self.coord_scale
+        """Voxel channels and coordinates (B, 3, g, g, g; Angstrom) of a decoded batch.
+
+        The first is the density (B, g, g, g; 1/Angstrom^3), or the site channels (B, 4, g, g, g).
+        """
+        n = self.in_channels - 3
+        channels = recon[:, :n] * self.density_scale
+        return (channels[:, 0] if n == 1 else channels), recon[:, n : n + 3] * self.coord_scale
 
     def encode(self, x: torch.Tensor, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior mean and log-variance; ``condition`` (B, 10) is broadcast as channels."""
@@ -172,6 +191,10 @@ class CondDFCVAE(nn.Module):
         if mean is not None:
             z = z + mean.to(device)
         return self.decode(z, condition.to(device).expand(n, -1))
+
+
+REPRESENTATIONS = ("density", "sites")
+"""Voxel inputs: eq. 1's density (the paper) or site-centre heatmap plus element descriptors."""
 
 
 @dataclass

@@ -95,6 +95,9 @@ class VAEModelConfig(_Config):
     properties: list[str] = Field(default_factory=list, description="FTCP joint regression head.")
     property_hidden: int = Field(128, ge=1)
     density_scale: float = Field(1.0, gt=0)
+    representation: Literal["density", "sites"] = Field(
+        "density", description="density: eq. 1 (the paper); sites: site-centre heatmap + element descriptors."
+    )
     coord_scale: float = Field(
         1.0,
         gt=0,

@@ -118,6 +118,8 @@ class VoxelDataset(Dataset):
 
     Items are dicts of tensors: ``density`` (g, g, g; 1/Angstrom^3), ``coords`` (3, g, g, g;
     Angstrom), ``species`` (g, g, g; Z), ``mask`` (g, g, g), ``labels`` and ``label_mask`` (P,).
+    With ``representation="sites"``, ``density`` holds the site channels (4, g, g, g) of
+    :func:`crystaloop.generative.representation.site_channels` and there is no species or mask.
     """
 
     def __init__(
@@ -128,10 +130,12 @@ class VoxelDataset(Dataset):
         grid: int = 32,
         augment: bool = False,
         seed: int = 0,
+        representation: str = "density",
     ) -> None:
         self.records = list(records)
         self.properties = list(properties)
         self.grid, self.augment, self.seed = grid, augment, seed
+        self.representation = representation
 
     def __len__(self) -> int:
         return len(self.records)
@@ -140,6 +144,8 @@ class VoxelDataset(Dataset):
         from crystaloop.generative.representation import rotate90, voxelize
 
         record = self.records[index]
+        if self.representation == "sites":
+            return self._sites_item(record)
         voxels = voxelize(record.structure, grid=self.grid)
         if self.augment:
             voxels = rotate90(voxels, int(torch.randint(24, (1,)).item()))
@@ -149,6 +155,20 @@ class VoxelDataset(Dataset):
             "coords": torch.from_numpy(np.ascontiguousarray(voxels.coords, dtype=np.float32)),
             "species": torch.from_numpy(voxels.species.astype(np.int64)),
             "mask": torch.from_numpy(voxels.mask.astype(np.float32)),
+            "labels": torch.from_numpy(values),
+            "label_mask": torch.from_numpy(present),
+        }
+
+    def _sites_item(self, record) -> dict[str, torch.Tensor]:
+        from crystaloop.generative.representation import coordinate_channels, rotate_structure, site_channels
+
+        structure = record.structure
+        if self.augment:
+            structure = rotate_structure(structure, int(torch.randint(24, (1,)).item()))
+        values, present = record.label_array(self.properties)
+        return {
+            "density": torch.from_numpy(site_channels(structure, grid=self.grid)),
+            "coords": torch.from_numpy(coordinate_channels(structure.lattice, self.grid)),
             "labels": torch.from_numpy(values),
             "label_mask": torch.from_numpy(present),
         }

@@ -169,9 +169,7 @@ def train_vae(config: VAETrainConfig, database, run_dir: Path, *, resume=False, 
     device = pick_device(device)
     seed_everything(config.optim.seed)
     key = config.condition_property
-    train, val, data_hash, elements = _prepare(
-        config, database, keep=lambda r: r.labels.get(key) is not None
-    )
+    train, val, data_hash, elements = _prepare(config, database, keep=lambda r: r.labels.get(key) is not None)
     properties = [key, *config.model.properties]
     m = config.model
     vae = CondDFCVAE(
@@ -184,6 +182,7 @@ def train_vae(config: VAETrainConfig, database, run_dir: Path, *, resume=False, 
         condition=DecileCondition.fit([r.labels[key] for r in train], key),
         density_scale=m.density_scale,
         coord_scale=m.coord_scale,
+        representation=m.representation,
     )
     if m.properties:
         mean, std = _label_statistics(np.array([r.label_array(m.properties)[0] for r in train]))
@@ -209,8 +208,13 @@ def train_vae(config: VAETrainConfig, database, run_dir: Path, *, resume=False, 
             )
     weights = VAELossWeights(config.alpha, config.beta, config.gamma, config.property_weight)
     extra = _extra(config, data_hash, train, val, unet=unet_ref)
-    train_set = VoxelDataset(train, properties, grid=config.data.grid, augment=config.data.augment)
-    val_set = _val_subset(VoxelDataset(val, properties, grid=config.data.grid), config.data.val_limit)
+    train_set = VoxelDataset(
+        train, properties, grid=config.data.grid, augment=config.data.augment, representation=m.representation
+    )
+    val_set = _val_subset(
+        VoxelDataset(val, properties, grid=config.data.grid, representation=m.representation),
+        config.data.val_limit,
+    )
     task = VAETask(vae, weights, device, unet=unet, joint=config.joint_unet, seg_weights=seg_weights)
     state = fit(
         task,

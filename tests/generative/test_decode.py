@@ -39,7 +39,9 @@ def test_decode_returns_one_candidate_per_row_in_order(decoder):
 
 def test_allowed_elements_restrict_species(decoder):
     mu, _ = decoder.encode([Structure(Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])])
-    out = decoder.decode(mu.repeat(2, 1), decoder.vae.condition.one_hot([-2.0, -2.0]), allowed_elements=["Na", "Cl"])
+    out = decoder.decode(
+        mu.repeat(2, 1), decoder.vae.condition.one_hot([-2.0, -2.0]), allowed_elements=["Na", "Cl"]
+    )
     decoded = [c.structure for c in out if c.structure is not None]
     assert decoded
     assert {el.symbol for s in decoded for el in s.composition.elements} <= {"Na", "Cl"}
