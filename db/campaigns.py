@@ -86,21 +86,46 @@ class CampaignStore:
 
     # -- lease -----------------------------------------------------------------------------
 
-    def acquire_lease(self, name: str, *, ttl_s: float = 120.0, owner: str | None = None) -> Lease | None:
-        """Take the lease if it is free, expired, or already this owner's; None if held elsewhere."""
+    def acquire_lease(
+        self, name: str, *, ttl_s: float = 120.0, owner: str | None = None, replace_token: str | None = None
+    ) -> Lease | None:
+        """Take the lease if it is free, expired, already this owner's, or still ``replace_token``.
+
+        ``replace_token`` takes over a lease whose holder is known to be dead (a process of
+        this host that no longer exists). Returns None if the lease is held elsewhere.
+        """
         now = utcnow()
         owner = owner or default_owner()
         lease = Lease(owner=owner, token=uuid.uuid4().hex, heartbeat_at=now, expires_at=now + timedelta(seconds=ttl_s))
+        free = [{"lease": None}, {"lease.expires_at": {"$lt": now}}, {"lease.owner": owner}]
+        if replace_token:
+            free.append({"lease.token": replace_token})
         found = self.campaigns.find_one_and_update(
-            {
-                "name": name,
-                "$or": [{"lease": None}, {"lease.expires_at": {"$lt": now}}, {"lease.owner": owner}],
-            },
+            {"name": name, "$or": free},
             {"$set": {"lease": lease.model_dump(), "updated_at": now}},
             projection={"_id": 0, "name": 1},
             return_document=ReturnDocument.AFTER,
         )
         return lease if found else None
+
+    def dead_local_holder(self, name: str) -> str | None:
+        """The token of the lease if its holder is a process of this host that has exited."""
+        import os
+        import socket
+
+        doc = self.get(name)
+        if doc is None or doc.lease is None:
+            return None
+        host, _, pid = doc.lease.owner.rpartition(":")
+        if host != socket.gethostname() or not pid.isdigit():
+            return None
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return doc.lease.token
+        except PermissionError:  # alive, owned by another user
+            return None
+        return None
 
     def renew_lease(self, name: str, token: str, *, ttl_s: float = 120.0) -> bool:
         """Push the lease's expiry forward; False if it was taken over."""

@@ -186,7 +186,9 @@ class Campaign:
         config_doc = self.config.model_dump(mode="json")
         existing = self.campaigns.get(self.name)
         self.campaigns.ensure(self.name, config_doc)
-        lease = self.campaigns.acquire_lease(self.name, ttl_s=self.lease_ttl_s)
+        lease = self.campaigns.acquire_lease(
+            self.name, ttl_s=self.lease_ttl_s, replace_token=self.campaigns.dead_local_holder(self.name)
+        )
         if lease is None:
             holder = self.campaigns.get(self.name).lease
             raise UserError(

@@ -191,3 +191,51 @@ def test_stop_request_ends_after_the_current_step_and_run_resumes(settings, prio
     assert resumed.status == "finished"
     assert all(s.status == "done" for s in store.round(name, 0).steps.values())
     assert store.get(name).lease is None
+
+
+KILL_POINTS = ["acquire:mid", "submit:end", "harvest:start", "retrain:start", "report:end"]
+
+
+@pytest.mark.parametrize(
+    "kill_at",
+    ["submit:mid", "harvest:mid", KILL_POINTS[np.random.default_rng(20261127).integers(len(KILL_POINTS))]],
+)
+def test_sigkill_and_resume(settings, prior_subset, tmp_path, kill_at):
+    """SIGKILL `campaign run` inside a step; the rerun submits nothing twice and harvests every job."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    database = prior_subset
+    name = f"kill-{kill_at.replace(':', '-')}"
+    ids = shortlist(database, name, items=SHORTLIST[:3])
+    path = tmp_path / "campaign.yaml"
+    path.write_text(yaml.safe_dump(campaign_config(name, retrain={"epochs": 1, "replay": 8, "generator_conditioning": False})))
+    from pathlib import Path
+
+    command = [str(Path(sys.executable).parent / "crystaloop"), "campaign", "run", str(path)]
+    killed = subprocess.run(command, env={**os.environ, "CRYSTALOOP_KILL_AT": kill_at}, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    store = CampaignStore(database)
+    step = kill_at.split(":")[0]
+    assert store.round(name, 0).steps[step].status == "running"
+
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert all(s.status == "done" for s in store.round(name, 0).steps.values())
+    candidates = CandidateStore(database)
+    submitted = [c for c in (candidates.get(i) for i in ids) if c.selected_round is not None]
+    assert len(submitted) == 2
+    for doc in submitted:
+        states = [h["state"] for h in doc.state_history]
+        assert states.count("submitted") == 1, states
+        assert states.count("selected") == 1, states
+        assert doc.state in ("relaxed", "failed")
+        relaxations = database["dft_tasks"].count_documents(
+            {"candidate_id": doc.candidate_id, "output.metadata.role": {"$ne": "element_reference"}}
+        )
+        # A flow runs again only when the kill interrupted it (harvest:mid kills after a finished one).
+        assert relaxations == 1
+    assert store.get(name).lease is None
