@@ -383,21 +383,25 @@ def sites_from_channels(
     lattice: Lattice,
     elements: Sequence[int],
     *,
-    threshold: float = 0.5,
+    relative_threshold: float = 0.4,
+    floor: float = 0.1,
     min_separation: float = 0.9,
 ) -> list[tuple[int, np.ndarray]]:
     """Sites ``(Z, frac)`` read from (decoded) site channels.
 
-    Sites are the periodic local maxima of the heatmap above ``threshold``, refined by a parabola
-    along each axis; of two closer than ``min_separation`` Angstrom the higher is kept. Each
-    site's descriptors are the channel ratios at its voxel, and its species is the element of
-    ``elements`` nearest in descriptor space.
+    Sites are the periodic local maxima of the heatmap above ``relative_threshold`` times its
+    highest value (and above ``floor``), refined by a parabola along each axis; of two closer than
+    ``min_separation`` Angstrom the higher is kept. The threshold is relative because every site
+    has the same true peak and a blurry decoding lowers them all alike. Each site's descriptors
+    are the channel ratios at its voxel, and its species is the element of ``elements`` nearest
+    in descriptor space.
     """
     from scipy import ndimage as ndi
 
     heat = np.asarray(channels[0], dtype=np.float64)
     shape = np.array(heat.shape)
     local = ndi.maximum_filter(heat, size=3, mode="wrap")
+    threshold = max(floor, relative_threshold * float(heat.max()))
     peaks = np.argwhere((heat >= local) & (heat > threshold))
     peaks = peaks[np.argsort(-heat[tuple(peaks.T)], kind="stable")]
     table = np.array([element_descriptors(int(z)) for z in elements])

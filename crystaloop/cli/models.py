@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 from crystaloop.cli._common import console, group
@@ -49,3 +51,40 @@ def load_default() -> None:
     docs = register_shipped(get_database())
     for doc in docs:
         console.print(f"registered {doc.kind} {doc.version} ({doc.checkpoint})", highlight=False)
+
+
+@app.command("register")
+def register(
+    checkpoint: Path = typer.Argument(
+        ..., help="A checkpoint file, e.g. RUN/vae.pt from generative/train/gpu.py."
+    ),
+    version: str = typer.Option(..., "--version", help="Version name to register it under."),
+    default: bool = typer.Option(True, "--default/--no-default", help="Make it the default of its kind."),
+) -> None:
+    """Register a checkpoint trained elsewhere (such as the GPU trainer's) in the model registry."""
+    from crystaloop.db import get_database
+    from crystaloop.db.documents import ModelDoc
+    from crystaloop.db.registry import ModelRegistry
+    from crystaloop.errors import UserError
+    from crystaloop.generative.models.checkpoint import load_model
+
+    try:
+        model, extra = load_model(checkpoint)
+    except FileNotFoundError as error:
+        raise UserError(f"{checkpoint} does not exist; give the path of a .pt checkpoint") from error
+    except Exception as error:  # noqa: BLE001 -- any unreadable file is the user's input
+        raise UserError(f"{checkpoint} is not a crystaloop checkpoint ({type(error).__name__})") from error
+    import torch
+
+    metrics = {k: float(v) for k, v in (extra.get("metrics") or {}).items() if isinstance(v, int | float)}
+    doc = ModelDoc(
+        kind=model.kind,
+        version=version,
+        dataset_hash=extra.get("dataset_hash") or "unknown",
+        config=extra.get("config") or {},
+        metrics=metrics,
+        checkpoint=str(Path(checkpoint).resolve()),
+        torch_version=torch.__version__,
+    )
+    ModelRegistry(get_database()).register(doc, make_default=default)
+    console.print(f"registered {doc.kind} {doc.version} ({doc.checkpoint})", highlight=False)

@@ -58,3 +58,28 @@ def vae(config: Path = _CONFIG, resume: bool = _RESUME, version: str = _VERSION,
 def cgcnn(config: Path = _CONFIG, resume: bool = _RESUME, version: str = _VERSION, out: Path = _OUT) -> None:
     """Train the CGCNN property ensemble."""
     _train("cgcnn", config, resume, version, out)
+
+
+@app.command("site-shards")
+def site_shards(
+    out_dir: Path = typer.Argument(..., help="Directory for shard-*.npz and manifest.json."),
+    grid: int = typer.Option(16, "--grid", min=8, help="Voxels per cell edge."),
+    split: str = typer.Option("train", "--split", help="train (the held-out formulas left out) or all."),
+    limit: int = typer.Option(None, "--limit", min=2, help="Only N structures (a quick test)."),
+) -> None:
+    """Site-channel shards of the loaded training data for `python generative/train/gpu.py`."""
+    from crystaloop.db import get_database
+    from crystaloop.errors import UserError
+    from crystaloop.generative.train.config import DataConfig
+    from crystaloop.generative.train.data import composition_split, load_records
+    from crystaloop.generative.train.shards import write_site_shards
+    from crystaloop.properties import PROPERTY_NAMES
+
+    if split not in ("train", "all"):
+        raise UserError(f"--split must be 'train' or 'all', not {split!r}")
+    data = DataConfig(grid=grid, limit=limit)
+    records = load_records(get_database(), data)
+    if split == "train":
+        records, _ = composition_split(records, data.test_fraction, data.split_seed)
+    manifest = write_site_shards(records, out_dir, PROPERTY_NAMES, grid=grid)
+    console.print(f"wrote {len(records)} samples to {manifest.parent}", highlight=False)

@@ -74,9 +74,7 @@ class CondDFCVAE(nn.Module):
         if representation not in REPRESENTATIONS:
             raise ValueError(f"representation must be one of {REPRESENTATIONS}; got {representation!r}")
         if representation == "sites":
-            from crystaloop.generative.representation import DESCRIPTORS
-
-            in_channels = 1 + len(DESCRIPTORS) + 3
+            in_channels = SITE_CHANNELS + 3
         widths = list(widths)
         if grid % 2 ** len(widths):
             raise ValueError(f"grid {grid} must divide by 2**{len(widths)} (one pool per width)")
@@ -195,6 +193,10 @@ class CondDFCVAE(nn.Module):
 
 REPRESENTATIONS = ("density", "sites")
 """Voxel inputs: eq. 1's density (the paper) or site-centre heatmap plus element descriptors."""
+
+SITE_CHANNELS = 4
+"""Heatmap plus the three descriptors of ``representation.DESCRIPTORS``; a constant here so that
+the model imports without pymatgen (the GPU trainer has only torch and numpy)."""
 
 
 @dataclass

@@ -1,0 +1,238 @@
+"""Train the Cond-DFC-VAE from precomputed shards on one GPU: torch and numpy only.
+
+Run as a script from the repository root, with or without crystaloop installed (the GPU machine
+has neither pymatgen nor the project's other dependencies)::
+
+    python generative/train/gpu.py --shards SHARDS --out RUN --steps 6000 --batch-size 512
+
+``SHARDS`` is a directory of ``shard-*.npz`` files and ``manifest.json``: the output of
+``crystaloop data shards`` (eq. 1 density, the paper's representation) or of
+``crystaloop train site-shards`` (site channels). The representation and grid are read from the
+manifest. Training uses automatic mixed precision (bfloat16 autocast on CUDA), random cube
+rotations, a cosine learning-rate schedule, and writes ``RUN/last.pt`` (resumable with
+``--resume``) and ``RUN/vae.pt`` in the checkpoint format of
+:mod:`crystaloop.generative.models.checkpoint`; register it on the CPU side with
+``crystaloop models register RUN/vae.pt --version NAME``.
+
+The decile condition is fitted on the shard labels of the condition property, like
+``crystaloop train vae`` does on its training split; the shards hold only training structures
+when they were written from one (``--split train``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+
+_REPO = Path(__file__).resolve().parents[2]
+
+
+def _import_models():
+    """``CondDFCVAE``, ``vae_loss``, ``VAELossWeights``, ``DecileCondition`` and ``save_model``.
+
+    With crystaloop installed they are imported normally; otherwise the package directories of
+    this checkout are mapped by hand (as pyproject's package-dir does) without running the
+    package ``__init__`` files, which import pymatgen.
+    """
+    if importlib.util.find_spec("crystaloop") is None:
+        for name, folder in (
+            ("crystaloop", _REPO / "crystaloop"),
+            ("crystaloop.generative", _REPO / "generative"),
+            ("crystaloop.generative.models", _REPO / "generative" / "models"),
+        ):
+            module = types.ModuleType(name)
+            module.__path__ = [str(folder)]
+            sys.modules[name] = module
+    from crystaloop.generative.models.condition import DecileCondition
+    from crystaloop.generative.models.vae import CondDFCVAE, VAELossWeights, vae_loss
+
+    return CondDFCVAE, vae_loss, VAELossWeights, DecileCondition
+
+
+def load_shards(directory: Path) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
+    """Manifest, voxel channels (N, C, g, g, g; float16), lattices (N, 3, 3) and labels (N, P)."""
+    manifest = json.loads((directory / "manifest.json").read_text())
+    channels, lattices, labels = [], [], []
+    for shard in manifest["shards"]:
+        with np.load(directory / shard["file"]) as data:
+            values = data["sites"] if "sites" in data.files else data["density"][:, None]
+            channels.append(values.astype(np.float16))
+            lattices.append(data["lattice"].astype(np.float32))
+            labels.append(data["labels"].astype(np.float32))
+    return manifest, np.concatenate(channels), np.concatenate(lattices), np.concatenate(labels)
+
+
+def coordinate_channels(lattices: torch.Tensor, grid: int) -> torch.Tensor:
+    """Cartesian voxel-centre coordinates (B, 3, g, g, g; Angstrom) of (B, 3, 3) lattices."""
+    t = (torch.arange(grid, dtype=lattices.dtype, device=lattices.device) + 0.5) / grid
+    fi, fj, fk = torch.meshgrid(t, t, t, indexing="ij")
+    frac = torch.stack([fi, fj, fk], dim=-1)  # (g, g, g, 3)
+    return torch.einsum("xyzi,bij->bjxyz", frac, lattices)
+
+
+def rotate(channels: torch.Tensor, lattices: torch.Tensor, generator: torch.Generator):
+    """One random proper cube rotation (axis permutation and flips) per batch of channels and lattices.
+
+    Permuting grid axes permutes the lattice vectors; flipping grid axis ``a`` reverses the
+    fractional coordinate along it, which is the lattice vector ``a`` negated. Cubic cells (the
+    prior's) map onto themselves; the coordinate channels are rebuilt from the new lattice.
+    """
+    perm = torch.randperm(3, generator=generator).tolist()
+    flips = [a for a in range(3) if torch.rand(1, generator=generator).item() < 0.5]
+    inversions = sum(perm[i] > perm[j] for i in range(3) for j in range(i + 1, 3))
+    if (inversions + len(flips)) % 2:  # keep the cell right-handed: a proper rotation only
+        flips = [a for a in flips if a != 0] if 0 in flips else [0, *flips]
+    out = channels.permute(0, 1, *(2 + p for p in perm))
+    lat = lattices[:, perm]
+    if flips:
+        out = torch.flip(out, dims=[2 + a for a in flips])
+        sign = torch.ones(3, device=lattices.device)
+        sign[flips] = -1.0
+        lat = lat * sign[None, :, None]
+    return out.contiguous(), lat
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shards", type=Path, required=True, help="Directory with manifest.json.")
+    parser.add_argument("--out", type=Path, required=True, help="Run directory for checkpoints.")
+    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--batch-size", type=int, default=512, help="512 fits 80 GB at grid 32.")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--latent-dim", type=int, default=64)
+    parser.add_argument("--widths", type=str, default="16,32,64", help="Encoder widths, comma separated.")
+    parser.add_argument("--beta", type=float, default=0.01, help="KLD weight.")
+    parser.add_argument("--condition-property", default="formation_energy_per_atom")
+    parser.add_argument("--save-every", type=int, default=500, help="Steps between last.pt saves.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+
+    CondDFCVAE, vae_loss, VAELossWeights, DecileCondition = _import_models()
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
+    torch.manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    manifest, channels, lattices, labels = load_shards(args.shards)
+    grid = int(manifest["grid"])
+    representation = manifest.get("representation", "density")
+    key = manifest["properties"].index(args.condition_property)
+    present = np.isfinite(labels[:, key])
+    channels, lattices, labels = channels[present], lattices[present], labels[present, key]
+    condition = DecileCondition.fit(labels, args.condition_property)
+    widths = [int(w) for w in args.widths.split(",")]
+    hparams = dict(
+        grid=grid,
+        latent_dim=args.latent_dim,
+        widths=widths,
+        circular=True,
+        condition=condition.to_dict(),
+        coord_scale=1.0,
+        representation=representation,
+    )
+    vae = CondDFCVAE(**hparams).to(device)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, args.steps) / args.steps))
+    )
+    weights = VAELossWeights(alpha=0.0, beta=args.beta)
+    args.out.mkdir(parents=True, exist_ok=True)
+    last = args.out / "last.pt"
+    step = 0
+    if args.resume and last.is_file():
+        state = torch.load(last, map_location=device, weights_only=False)
+        vae.load_state_dict(state["vae"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        step = state["step"]
+    deciles = torch.as_tensor(condition.index(labels), dtype=torch.long)
+    channels_t = torch.from_numpy(channels)
+    lattices_t = torch.from_numpy(lattices)
+    use_amp = device.type == "cuda"
+    start = time.perf_counter()
+    vae.train()
+    while step < args.steps:
+        index = torch.randint(len(channels_t), (args.batch_size,), generator=generator)
+        x_vox = channels_t[index].to(device, non_blocking=True).float()
+        lat = lattices_t[index].to(device)
+        x_vox, lat = rotate(x_vox, lat, generator)
+        coords = coordinate_channels(lat, grid)
+        cond = torch.nn.functional.one_hot(deciles[index], 10).float().to(device)
+        x = vae.to_input(x_vox if representation == "sites" else x_vox[:, 0], coords)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+            output = vae(x, cond)
+        loss, parts = vae_loss(output, x, weights)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 10.0)
+        optimizer.step()
+        schedule.step()
+        step += 1
+        if step % args.save_every == 0 or step == args.steps:
+            torch.save(
+                {
+                    "vae": vae.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "step": step,
+                },
+                last,
+            )
+            rate = step / (time.perf_counter() - start)
+            print(
+                f"step {step}/{args.steps} loss {parts['loss']:.4f} mse {parts['mse']:.4f} kld {parts['kld']:.2f} ({rate:.1f} steps/s)",
+                flush=True,
+            )
+    vae.eval()
+    config = {
+        "kind": "vae",
+        "data": {
+            "grid": grid,
+            "shards": str(args.shards),
+            "max_sites": 40,
+            "test_fraction": 0.2,
+            "split_seed": 0,
+        },
+        "optim": {
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "amp": use_amp,
+            "schedule": "cosine",
+        },
+        "model": {"latent_dim": args.latent_dim, "widths": widths, "representation": representation},
+        "beta": args.beta,
+        "condition_property": args.condition_property,
+        "trainer": "generative/train/gpu.py",
+    }
+    payload = {
+        "kind": "vae",
+        "hparams": dict(vae.hparams),
+        "state_dict": {k: v.detach().cpu() for k, v in vae.state_dict().items()},
+        "extra": {
+            "config": config,
+            "dataset_hash": manifest.get("dataset_hash"),
+            "metrics": {"loss": parts["loss"], "mse": parts["mse"], "kld": parts["kld"]},
+            "command": "python generative/train/gpu.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        },
+        "torch_version": torch.__version__,
+    }
+    path = args.out / "vae.pt"
+    torch.save(payload, path)
+    print(f"wrote {path}", flush=True)
+    return path
+
+
+if __name__ == "__main__":
+    main()
