@@ -426,7 +426,10 @@ class UniqueStage:
             members.sort(key=lambda i: (-(candidates[i].score or 0.0), candidates[i].index))
             kept: list[int] = []
             for i in members:
-                twin = next((k for k in kept if self.matcher.fit(candidates[i].structure, candidates[k].structure)), None)
+                twin = next(
+                    (k for k in kept if self.matcher.fit(candidates[i].structure, candidates[k].structure)),
+                    None,
+                )
                 if twin is None:
                     kept.append(i)
                 else:

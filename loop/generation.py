@@ -244,7 +244,11 @@ def known_structures(database, campaign: str) -> Callable[[str], list[Structure]
 
     def lookup(formula: str) -> list[Structure]:
         known = [s for s, _ in training_structures(database, formula)]
-        query = {"campaign": campaign, "reduced_formula": formula, "state": {"$ne": CandidateState.REJECTED.value}}
+        query = {
+            "campaign": campaign,
+            "reduced_formula": formula,
+            "state": {"$ne": CandidateState.REJECTED.value},
+        }
         known += [Structure.from_dict(d["structure"]) for d in store.collection.find(query, {"structure": 1})]
         return known
 
@@ -273,7 +277,9 @@ def resolve_base(database, reference: str) -> BaseCompound:
         try:
             structure = Structure.from_file(path)
         except Exception as exc:
-            raise UserError(f"cannot read base compound {path} ({type(exc).__name__}); give a valid CIF") from None
+            raise UserError(
+                f"cannot read base compound {path} ({type(exc).__name__}); give a valid CIF"
+            ) from None
         return BaseCompound(structure.composition.reduced_formula, structure, None)
     formula = Composition(reference).reduced_formula
     found = training_structures(database, formula)
@@ -356,7 +362,9 @@ def draw_latents(
             )
         lo = -math.inf if target.min is None else target.min
         hi = math.inf if target.max is None else target.max
-        samples = sample.optimize_samples(vae, samples, target.property, (lo, hi), steps=sampling.optimize_steps)
+        samples = sample.optimize_samples(
+            vae, samples, target.property, (lo, hi), steps=sampling.optimize_steps
+        )
     return samples, bases
 
 
@@ -399,11 +407,7 @@ def allowed_elements(config: CampaignConfig, family, decodable: Sequence[str]) -
         If none remain.
     """
     rules = config.elements
-    keep = [
-        s
-        for s in decodable
-        if rules.permits([s]) and (family is None or s in family.pseudopotentials)
-    ]
+    keep = [s for s in decodable if rules.permits([s]) and (family is None or s in family.pseudopotentials)]
     if not keep:
         raise UserError(
             "no element the decoder knows is allowed by elements.allow/deny"
@@ -439,6 +443,10 @@ def build_cascade(
     covered = frozenset(family.pseudopotentials) if family is not None else None
     stages.append(ElementStage(config.elements, covered, family.name if family is not None else None))
     if f.novelty:
+        from crystaloop.db.training import COLLECTION
+
+        if database[COLLECTION].estimated_document_count() == 0:
+            _shipped_prior()  # read once here, so the novel stage's time is its own
         stages.append(NoveltyStage(known_structures(database, config.name)))
     stages.append(WindowStage(predictor, config.targets, f.window_tolerance, f.min_probability))
     if uip:
@@ -532,7 +540,9 @@ def generate_candidates(
     predictor = EnsemblePredictor(paths["cgcnn"], versions["cgcnn"], device=device)
     family = pseudo_family(config)
     allowed = allowed_elements(config, family, decoder.elements)
-    cascade = build_cascade(config, strategy=strategy, database=database, family=family, predictor=predictor, uip=uip)
+    cascade = build_cascade(
+        config, strategy=strategy, database=database, family=family, predictor=predictor, uip=uip
+    )
     seconds["load"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -601,7 +611,9 @@ def generate_candidates(
         "restrict_elements": restrict,
     }
     docs = [
-        candidate_document(c, config, round, provenance, CandidateState.SHORTLISTED, config.sampling.store_latent)
+        candidate_document(
+            c, config, round, provenance, CandidateState.SHORTLISTED, config.sampling.store_latent
+        )
         for c in survivors
     ]
     rejects = []

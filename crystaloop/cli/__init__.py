@@ -42,7 +42,7 @@ def _register() -> None:
     )
     app.add_typer(data.app, name="data", help="Build, load and import training data.")
     app.add_typer(train.app, name="train", help="Train the UNet, VAE and CGCNN models.")
-    app.add_typer(generate.app, name="generate", help="Sample candidate crystals from the generator.")
+    app.command("generate", help="Sample candidate crystals, filter them and store the shortlist.")(generate.generate)
     app.add_typer(dft.app, name="dft", help="Quantum ESPRESSO relaxations and pseudopotentials.")
     app.add_typer(campaign.app, name="campaign", help="Validate, run and report campaigns.")
     app.add_typer(models.app, name="models", help="The registry of trained models.")
@@ -54,12 +54,33 @@ _register()
 
 
 def main() -> None:
-    """Console-script entry point: user errors print one line and exit 2."""
+    """Console-script entry point: user errors print one line and exit 2.
+
+    A database connection lost mid-command is a user error too: one line with the
+    redacted URI, what was interrupted, and how to resume.
+    """
+    from pymongo.errors import AutoReconnect, ConnectionFailure, ServerSelectionTimeoutError
+
     try:
         app()
     except UserError as exc:
         report_user_error(exc)
         sys.exit(exc.exit_code)
+    except (AutoReconnect, ConnectionFailure, ServerSelectionTimeoutError) as exc:
+        report_user_error(lost_connection(exc, " ".join(sys.argv[1:3])))
+        sys.exit(UserError.exit_code)
+
+
+def lost_connection(exc: Exception, command: str) -> UserError:
+    """The one-line error for a MongoDB connection lost while ``crystaloop <command>`` ran."""
+    from crystaloop.settings import get_settings, redact_uri
+
+    settings = get_settings()
+    where = redact_uri(settings.mongodb_uri) if settings.mongodb_uri else f"the embedded server ({settings.data_dir})"
+    return UserError(
+        f"lost the connection to MongoDB at {where} ({type(exc).__name__}) during `crystaloop {command}`; "
+        f"what was written is kept: start the database (`crystaloop db start`) and run the command again to resume"
+    )
 
 
 __all__ = ["app", "console", "main"]

@@ -1,0 +1,243 @@
+"""The filter cascade, stage by stage, on hand-built structures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pymatgen.core import Lattice, Structure
+from pymatgen.core.operations import SymmOp
+
+from crystaloop.loop.config import ElementRules, TargetWindow
+from crystaloop.loop.filters import (
+    Candidate,
+    DecodedStage,
+    ElementStage,
+    FilterCascade,
+    NoveltyStage,
+    StoichiometryStage,
+    UIPStage,
+    UniqueStage,
+    ValidityStage,
+    WindowStage,
+    probability_in_window,
+    relative_window,
+    widen,
+)
+
+EF = "formation_energy_per_atom"
+
+
+def rocksalt(a: float = 5.64, species=("Na", "Cl")) -> Structure:
+    return Structure.from_spacegroup("Fm-3m", Lattice.cubic(a), list(species), [[0, 0, 0], [0.5, 0.5, 0.5]])
+
+
+def perovskite(a: float = 3.9, species=("Sr", "Ti", "O")) -> Structure:
+    return Structure(
+        Lattice.cubic(a),
+        list(species[:2]) + [species[2]] * 3,
+        [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]],
+    )
+
+
+def silicon() -> Structure:
+    return Structure(
+        Lattice.from_parameters(3.87, 3.87, 3.87, 60, 60, 60), ["Si", "Si"], [[0, 0, 0], [0.25, 0.25, 0.25]]
+    )
+
+
+def cand(structure, index=0, **kw) -> Candidate:
+    return Candidate(index=index, structure=structure, **kw)
+
+
+def verdicts(stage, candidates):
+    return [passed for passed, _ in stage.judge(candidates)]
+
+
+def test_decoded_needs_sites_and_a_physical_lattice():
+    empty = Structure(Lattice.cubic(4.0), [], [])
+    flat = Structure(Lattice.orthorhombic(0.8, 4.0, 4.0), ["Cu"], [[0, 0, 0]])
+    failed = cand(None, decode_reason="unphysical lattice")
+    out = DecodedStage().judge([cand(rocksalt()), cand(empty), cand(flat), failed])
+    assert [p for p, _ in out] == [True, False, False, False]
+    assert out[1][1] == "no sites" and "below 1" in out[2][1] and out[3][1] == "unphysical lattice"
+
+
+def test_valid_rejects_a_too_close_pair_and_a_tiny_cell():
+    close = Structure(Lattice.cubic(5.0), ["Cu", "Cu"], [[0, 0, 0], [0.06, 0, 0]])  # 0.3 Å apart
+    across = Structure(
+        Lattice.cubic(5.0), ["Cu", "Cu"], [[0.01, 0.5, 0.5], [0.97, 0.5, 0.5]]
+    )  # 0.2 Å via image
+    tiny = Structure(Lattice.cubic(0.45), ["H"], [[0, 0, 0]])  # its own image 0.45 Å away
+    out = ValidityStage(0.5).judge([cand(rocksalt()), cand(close), cand(across), cand(tiny)])
+    assert [p for p, _ in out] == [True, False, False, False]
+    assert "0.30 Å apart" in out[1][1] and "0.20 Å apart" in out[2][1]
+    assert verdicts(ValidityStage(0.25), [cand(close)]) == [True]
+
+
+def test_stoichiometry_against_base_and_anonymous_formulas():
+    base = {"base_formula": "SrTiO3"}
+    right = cand(perovskite(), sample=base)
+    wrong = cand(
+        Structure(Lattice.cubic(4.0), ["Sr", "Sr", "Ti", "O"], np.random.default_rng(0).random((4, 3))),
+        sample=base,
+    )
+    other_abx3 = cand(perovskite(species=("Ba", "Zr", "O")), sample=base)
+    out = StoichiometryStage(use_base=True).judge([right, wrong, other_abx3])
+    assert [p for p, _ in out] == [True, False, False]
+    assert "Sr2TiO" in out[1][1] and "SrTiO3" in out[1][1]
+    assert verdicts(
+        StoichiometryStage(use_base=True, allowed_formulas=["ABC3"]), [right, wrong, other_abx3]
+    ) == [
+        True,
+        False,
+        True,
+    ]
+    # without a base, only the anonymous list decides
+    assert verdicts(
+        StoichiometryStage(use_base=False, allowed_formulas=["AB"]), [cand(rocksalt()), right]
+    ) == [
+        True,
+        False,
+    ]
+
+
+def test_elements_allow_deny_and_pseudopotential_coverage():
+    nacl, sto = cand(rocksalt()), cand(perovskite())
+    assert verdicts(ElementStage(ElementRules(allow=["Na", "Cl"])), [nacl, sto]) == [True, False]
+    assert verdicts(ElementStage(ElementRules(deny=["Sr"])), [nacl, sto]) == [True, False]
+    stage = ElementStage(ElementRules(), frozenset({"Sr", "Ti", "O"}), "tiny-family")
+    out = stage.judge([nacl, sto])
+    assert [p for p, _ in out] == [False, True]
+    assert out[0][1] == "no pseudopotential for Cl, Na in tiny-family"
+
+
+def test_novel_rejects_a_rotated_translated_copy():
+    known = rocksalt()
+    copy = known.copy()
+    copy.apply_operation(SymmOp.from_axis_angle_and_translation([1, 1, 0], 37.0))
+    copy.translate_sites(list(range(len(copy))), [0.13, 0.21, 0.05])
+    asked = []
+
+    def lookup(formula):
+        asked.append(formula)
+        return [known] if formula == "NaCl" else []
+
+    strained = rocksalt(a=4.5, species=("K", "Br"))
+    stage = NoveltyStage(lookup)
+    out = stage.judge([cand(copy), cand(strained), cand(copy.copy())])
+    assert [p for p, _ in out] == [False, True, False]
+    assert sorted(asked) == ["KBr", "NaCl"]  # one lookup per formula
+
+
+class FixedPredictor:
+    """Predictions chosen by hand, so the window rule is checked in isolation."""
+
+    properties = [EF, "band_gap"]
+    version = "hand-made"
+
+    def __init__(self, means, stds):
+        self.means, self.stds = np.asarray(means, float), np.asarray(stds, float)
+
+    def predict(self, structures):
+        return self.means[: len(structures)], self.stds[: len(structures)]
+
+
+def test_window_mean_rule_with_tolerance_and_probability_rule():
+    window = TargetWindow(property=EF, min=-2.0, max=-1.0)
+    means = [[-1.5, 1.0], [-0.9, 1.0], [-0.5, 1.0], [float("nan"), 0.0]]
+    stds = [[0.1, 0.1], [0.5, 0.1], [0.1, 0.1], [0.1, 0.1]]
+    cands = [cand(rocksalt(), index=i) for i in range(4)]
+    out = WindowStage(FixedPredictor(means, stds), [window], tolerance=0.2).judge(cands)
+    # widened window: [-2.4, -0.8]
+    assert [p for p, _ in out] == [True, True, False, False]
+    assert "outside [-2.4, -0.8]" in out[2][1]
+    assert cands[0].predicted[EF] == {"mean": -1.5, "std": pytest.approx(0.1), "model_version": "hand-made"}
+    assert set(cands[0].predicted) == {EF, "band_gap"}
+    assert cands[0].score == pytest.approx(probability_in_window(-1.5, 0.1, window))
+    assert cands[3].predicted[EF]["mean"] is None
+    # probability rule: -0.9 +- 0.5 has P(in [-2, -1]) = 0.4207 - 0.0139 = 0.41
+    rule = WindowStage(FixedPredictor(means, stds), [window], tolerance=0.2, min_probability=0.4)
+    assert verdicts(rule, cands) == [True, True, False, False]
+    strict = WindowStage(FixedPredictor(means, stds), [window], min_probability=0.5)
+    out = strict.judge(cands)
+    assert [p for p, _ in out] == [True, False, False, False]
+    assert "P(formation_energy_per_atom in window) 0.41 < 0.5" in out[1][1]
+
+
+def test_window_per_candidate_relative_to_base():
+    # the paper's preset: within 20 % of the base's E_f (-2.0 -> [-2.4, -1.6])
+    near = cand(rocksalt(), windows={EF: relative_window(EF, -2.0, 0.2)})
+    far = cand(rocksalt(), index=1, windows={EF: relative_window(EF, -1.0, 0.2)})
+    target = TargetWindow(property=EF, min=-10.0, max=5.0)
+    stage = WindowStage(FixedPredictor([[-2.2, 0], [-2.2, 0]], [[0, 0], [0, 0]]), [target], tolerance=0.0)
+    assert verdicts(stage, [near, far]) == [True, False]
+    assert widen(relative_window(EF, -2.0, 0.2), 0.0) == pytest.approx((-2.4, -1.6))
+
+
+def test_unique_keeps_the_best_scored_of_equivalent_structures():
+    a = rocksalt()
+    b = a.copy()
+    b.apply_operation(SymmOp.from_axis_angle_and_translation([0, 0, 1], 90.0))
+    b.translate_sites(list(range(len(b))), [0.25, 0.1, 0.3])
+    cands = [cand(a, index=0, score=0.2), cand(b, index=1, score=0.9), cand(perovskite(), index=2, score=0.1)]
+    out = UniqueStage().judge(cands)
+    assert [p for p, _ in out] == [False, True, True]
+    assert out[0][1] == "equivalent to sample 1"
+
+
+def test_cascade_counts_add_up_and_trails_record_every_verdict():
+    close = Structure(Lattice.cubic(5.0), ["Na", "Cl"], [[0, 0, 0], [0.02, 0, 0]])
+    batch = [
+        cand(None, index=0, decode_reason="no sites"),
+        cand(close, index=1),
+        cand(rocksalt(), index=2),
+        cand(rocksalt(), index=3),
+        cand(perovskite(), index=4),
+    ]
+    cascade = FilterCascade(
+        [DecodedStage(), ValidityStage(0.5), ElementStage(ElementRules(deny=["Ti"])), UniqueStage()]
+    )
+    seen = []
+    survivors, counts = cascade.run(
+        batch, progress=lambda stage, done, total: seen.append((stage, done, total))
+    )
+    assert [(c.stage, c.n_in, c.n_out) for c in counts] == [
+        ("decoded", 5, 4),
+        ("valid", 4, 3),
+        ("elements", 3, 2),
+        ("unique", 2, 1),
+    ]
+    for before, after in zip(counts, counts[1:], strict=False):
+        assert before.n_out == after.n_in
+    rejected = [c for c in batch if c.rejected_stage]
+    assert len(rejected) + len(survivors) == len(batch)
+    assert {c.rejected_stage for c in rejected} == {"decoded", "valid", "elements", "unique"}
+    assert [s.stage for s in survivors[0].trail] == ["decoded", "valid", "elements", "unique"]
+    assert all(s.passed for s in survivors[0].trail)
+    assert [(s.stage, s.passed) for s in batch[1].trail] == [("decoded", True), ("valid", False)]
+    assert seen[-1] == ("unique", 4, 4)
+
+
+def test_uip_screen_relaxes_with_chgnet_and_rechecks_the_window():
+    from crystaloop.loop.generation import CHGNetRelaxer, chgnet_references
+
+    relaxer = CHGNetRelaxer(fmax=0.1, steps=60)
+    squeezed = silicon()
+    squeezed.scale_lattice(squeezed.volume * 0.9)
+    inside = cand(squeezed, index=0)
+    outside = cand(squeezed.copy(), index=1, windows={EF: TargetWindow(property=EF, min=-3.0, max=-2.0)})
+    stage = UIPStage(
+        relaxer, chgnet_references(relaxer.version), [TargetWindow(property=EF, min=-0.5, max=0.5)]
+    )
+    out = stage.judge([inside, outside])
+    assert [p for p, _ in out] == [True, False]
+    assert "CHGNet E_f" in out[1][1]
+    uip = inside.uip
+    # elemental Si against CHGNet's own Si reference: E_f near zero, volume back up after the squeeze
+    assert abs(uip["formation_energy_per_atom"]) < 0.05
+    assert uip["volume_change"] > 0.03
+    relaxed = Structure.from_dict(uip["structure"])
+    assert relaxed.volume > squeezed.volume
+    assert uip["energy_per_atom"] < uip["initial_energy_per_atom"]
+    assert uip["max_displacement_angstrom"] >= uip["mean_displacement_angstrom"] >= 0
+    assert uip["model"].startswith("chgnet-")
