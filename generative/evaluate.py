@@ -572,11 +572,21 @@ def evaluate_sampling(
 
     from crystaloop.generative.decode import Decoder
     from crystaloop.generative.models.checkpoint import load_model
-    from crystaloop.generative.models.shipped import resolve_models
+    from crystaloop.errors import UserError
+    from crystaloop.generative.models.shipped import register_shipped, shipped_models
     from crystaloop.generative.train.config import DataConfig
     from crystaloop.generative.train.data import composition_split
+    from crystaloop.generative.train.run import resolve_checkpoint
 
-    paths = resolve_models(database, vae=vae, unet=unet)
+    paths = {}
+    for kind, reference in (("vae", vae), ("unet", unet)):
+        try:
+            paths[kind] = resolve_checkpoint(reference, kind, database)
+        except UserError:
+            if reference is not None or not shipped_models():
+                raise
+            register_shipped(database, kinds=[kind])  # a fresh install runs on the shipped models
+            paths[kind] = resolve_checkpoint(None, kind, database)
     try:
         decoder = Decoder.from_checkpoints(paths["vae"], paths["unet"], workers=workers, method=method)
     except ValueError as error:

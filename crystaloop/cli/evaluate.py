@@ -24,6 +24,31 @@ def _check_format(fmt: str) -> Literal["table", "json"]:
     return fmt  # type: ignore[return-value]
 
 
+def _command(name: str, **options) -> str:
+    """The evaluate command line as given (options left at None are omitted)."""
+    parts = ["crystaloop", "evaluate", name]
+    for key, value in options.items():
+        if value is not None:
+            parts += [f"--{key.replace('_', '-')}", str(value)]
+    return " ".join(parts)
+
+
+def _record(
+    database, kinds: dict[str, str | None], command: str, metrics: dict, key: str = "held_out"
+) -> None:
+    """Write evaluate output into the registry entries (and shipped manifest entries) evaluated."""
+    from crystaloop.generative.models.shipped import record_held_out
+    from crystaloop.generative.train.run import resolve_checkpoint
+
+    for kind, reference in kinds.items():
+        record_held_out(database, resolve_checkpoint(reference, kind, database), command, metrics, key=key)
+
+
+def _numbers(metrics: dict) -> dict:
+    """The numeric shares and timings of a sampling report (distributions and paths left out)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float) and k != "paper_valid_share"}
+
+
 def _fmt(value) -> str:
     if value is None:
         return "-"
@@ -48,9 +73,10 @@ def reconstruction(
     from crystaloop.generative.evaluate import PAPER_TABLE5, TARGETS_TABLE5, evaluate_reconstruction
 
     fmt = _check_format(fmt)
-    metrics = evaluate_reconstruction(
-        get_database(), vae=vae, unet=unet, limit=limit, seed=seed, method=method
-    )
+    database = get_database()
+    metrics = evaluate_reconstruction(database, vae=vae, unet=unet, limit=limit, seed=seed, method=method)
+    command = _command("reconstruction", vae=vae, unet=unet, method=method, limit=limit, seed=seed or None)
+    _record(database, {"vae": vae, "unet": unet}, command, metrics)
     if fmt == "json":
         print(json.dumps(metrics))
         return
@@ -87,7 +113,14 @@ def properties(
     from crystaloop.properties import property_spec
 
     fmt = _check_format(fmt)
-    metrics = evaluate_properties(get_database(), model=model, limit=limit, seed=seed, plot=plot)
+    database = get_database()
+    metrics = evaluate_properties(database, model=model, limit=limit, seed=seed, plot=plot)
+    _record(
+        database,
+        {"cgcnn": model},
+        _command("properties", model=model, limit=limit, seed=seed or None),
+        metrics,
+    )
     if fmt == "json":
         print(json.dumps(metrics))
         return
@@ -136,9 +169,14 @@ def sampling(
     fmt = _check_format(fmt)
     if strategy not in ("random", "around_base"):
         raise UserError(f"--strategy must be 'random' or 'around_base', not {strategy!r}")
+    database = get_database()
     metrics = evaluate_sampling(
-        get_database(), n=n, strategy=strategy, vae=vae, unet=unet, seed=seed, method=method, workers=workers
+        database, n=n, strategy=strategy, vae=vae, unet=unet, seed=seed, method=method, workers=workers
     )
+    command = _command(
+        "sampling", n=n, strategy=strategy, method=method, vae=vae, unet=unet, seed=seed or None
+    )
+    _record(database, {"vae": vae}, command, _numbers(metrics), key=f"sampling_{strategy}")
     if fmt == "json":
         print(json.dumps(metrics))
         return

@@ -49,7 +49,15 @@ def register_shipped(database, kinds: Iterable[str] | None = None) -> list:
             version=entry["version"],
             dataset_hash=entry["dataset_hash"],
             config=entry.get("config", {}),
-            metrics=entry.get("metrics", {}),
+            metrics={
+                **entry.get("metrics", {}),
+                **entry.get("calibration", {}),
+                **{
+                    k: v
+                    for block in EVALUATIONS
+                    for k, v in flatten_metrics(entry.get(block, {}), block + "_").items()
+                },
+            },
             checkpoint=str(path),
             torch_version=entry.get("torch_version"),
         )
@@ -86,8 +94,89 @@ def resolve_models(database, *, vae: str | None = None, unet: str | None = None,
     return paths
 
 
+HELD_OUT_PREFIX = "held_out_"
+"""Registry metrics written by ``crystaloop evaluate`` on the held-out split carry this prefix."""
+
+EVALUATIONS = ("held_out", "sampling_random", "sampling_around_base")
+"""Blocks that ``crystaloop evaluate`` writes: reconstruction or property metrics on the held-out
+split, and the sampling shares of each strategy. Registry metrics carry ``<block>_`` prefixes."""
+
+CALIBRATION_PREFIXES = ("within_1sigma_", "within_2sigma_")
+"""Ensemble coverage on the validation split, where the sigma scale was fitted: about 68 % and 95 %
+there by construction, so a calibration check, not model quality."""
+
+
+def flatten_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a (nested) metrics dict as ``prefix + a_b`` keys; None and text dropped."""
+    flat: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            flat.update(flatten_metrics(value, f"{prefix}{key}_"))
+        elif isinstance(value, bool | int | float) and value is not None:
+            flat[f"{prefix}{key}"] = float(value)
+    return flat
+
+
+def split_metrics(metrics: dict) -> tuple[dict, dict, dict]:
+    """Validation metrics, calibration metrics and evaluate blocks ``{block: {key: value}}`` of a
+    registry doc's metrics."""
+    validation, calibration, held_out = {}, {}, {}
+    for key, value in metrics.items():
+        block = next((b for b in EVALUATIONS if key.startswith(b + "_")), None)
+        if block is not None:
+            held_out.setdefault(block, {})[key[len(block) + 1 :]] = value
+        elif key.startswith(CALIBRATION_PREFIXES):
+            calibration[key] = value
+        else:
+            validation[key] = value
+    return validation, calibration, held_out
+
+
+def _write_manifest(entries: list[dict]) -> None:
+    document = json.loads(MANIFEST.read_text()) if MANIFEST.is_file() else {}
+    document["models"] = entries
+    MANIFEST.write_text(json.dumps(document, indent=1) + "\n")
+
+
+def record_held_out(
+    database, checkpoint: str | Path, command: str, metrics: dict, *, key: str = "held_out"
+) -> dict | None:
+    """Store ``crystaloop evaluate`` output for the model at ``checkpoint``.
+
+    The registry entry of that checkpoint gets the numbers as ``<key>_*`` metrics (they replace
+    earlier ones of that block); when the checkpoint is a shipped one (its kind and version are in
+    the manifest), the manifest entry's ``key`` block becomes ``{"command": command, **metrics}``.
+    ``key`` is one of :data:`EVALUATIONS`. Returns the registry document updated, or ``None``
+    when the checkpoint is not registered.
+    """
+    if key not in EVALUATIONS:
+        raise ValueError(f"key must be one of {EVALUATIONS}; got {key!r}")
+    from crystaloop.db.registry import ModelRegistry
+
+    registry = ModelRegistry(database)
+    path = str(Path(checkpoint))
+    doc = next((d for d in registry.list() if d.checkpoint == path), None)
+    if doc is None:
+        return None
+    kept = {k: v for k, v in doc.metrics.items() if not k.startswith(key + "_")}
+    kept.update(flatten_metrics(metrics, key + "_"))
+    doc = doc.model_copy(update={"metrics": kept})
+    registry.register(doc, make_default=doc.default)
+    entries = shipped_models()
+    for entry in entries:
+        if entry["kind"] == doc.kind and entry["version"] == doc.version:
+            entry[key] = {"command": command, **metrics}
+            _write_manifest(entries)
+    return doc
+
+
 def ship(doc, command: str) -> dict:
     """Copy a registered model's checkpoint into the package and record it in the manifest.
+
+    The entry's ``metrics`` are the validation-split metrics registered at training time;
+    ensemble coverage fitted on that split goes to ``calibration``; ``held_out`` is what
+    ``crystaloop evaluate`` recorded for this version (kept when the same version is re-shipped,
+    else rebuilt from the registry's ``held_out_*`` metrics).
 
     Parameters
     ----------
@@ -101,16 +190,27 @@ def ship(doc, command: str) -> dict:
     CHECKPOINT_DIR.mkdir(parents=True, exist_ok=True)
     name = f"{doc.kind}-{doc.version}.pt"
     shutil.copyfile(doc.checkpoint, CHECKPOINT_DIR / name)
+    validation, calibration, held_out = split_metrics(doc.metrics)
+    previous = next(
+        (e for e in shipped_models() if e["kind"] == doc.kind and e["version"] == doc.version), None
+    )
     entry = {
         "kind": doc.kind,
         "version": doc.version,
         "file": name,
         "command": command,
         "dataset_hash": doc.dataset_hash,
-        "metrics": doc.metrics,
+        "metrics": validation,
         "torch_version": doc.torch_version,
         "config": doc.config,
     }
+    if calibration:
+        entry["calibration"] = calibration
+    for block in EVALUATIONS:
+        if previous is not None and block in previous:
+            entry[block] = previous[block]
+        elif block in held_out:
+            entry[block] = {"command": f"crystaloop evaluate (registry {block}_* metrics)", **held_out[block]}
     entries = [e for e in shipped_models() if e["kind"] != doc.kind] + [entry]
-    MANIFEST.write_text(json.dumps({"models": entries}, indent=1) + "\n")
+    _write_manifest(entries)
     return entry

@@ -1,0 +1,79 @@
+"""Shipped metrics come from code: evaluate writes its numbers to the registry and the manifest,
+re-shipping keeps them, and calibration-split coverage is labelled as calibration."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from crystaloop.cli import app
+from crystaloop.db.documents import ModelDoc
+from crystaloop.db.registry import ModelRegistry
+from crystaloop.generative.models import shipped
+
+SAMPLING_KEYS = {
+    "n_samples",
+    "decoded_share",
+    "valid_share",
+    "charge_balanced_share",
+    "novel_share_of_valid",
+    "unique_share_of_valid",
+    "novel_unique_share_of_valid",
+    "seconds_per_sample",
+    "site_counts",
+    "prototypes",
+    "failures",
+}
+
+
+def _ship_real(monkeypatch, tmp_path, database) -> dict[str, ModelDoc]:
+    """Ship copies of the packaged VAE and UNet into a temporary manifest; returns their docs."""
+    sources = {e["kind"]: shipped.CHECKPOINT_DIR / e["file"] for e in shipped.shipped_models()}
+    monkeypatch.setattr(shipped, "CHECKPOINT_DIR", tmp_path / "ckpt")
+    monkeypatch.setattr(shipped, "MANIFEST", tmp_path / "ckpt" / "manifest.json")
+    docs = {}
+    for kind in ("vae", "unet"):
+        doc = ModelDoc(kind=kind, version=f"{kind}-t1", dataset_hash="h", checkpoint=str(sources[kind]))
+        docs[kind] = ModelRegistry(database).register(doc, make_default=True)
+        shipped.ship(docs[kind], f"crystaloop train {kind} --config configs/train/cpu/{kind}.yaml")
+    return docs
+
+
+def test_ship_then_evaluate_sampling_writes_that_versions_numbers(monkeypatch, tmp_path, database):
+    _ship_real(monkeypatch, tmp_path, database)
+    args = ["evaluate", "sampling", "--n", "4", "--workers", "1", "--format", "json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert SAMPLING_KEYS <= set(report) and report["n_samples"] == 4
+    entry = next(e for e in shipped.shipped_models() if e["kind"] == "vae")
+    block = entry["sampling_random"]
+    assert block["command"] == "crystaloop evaluate sampling --n 4 --strategy random"
+    assert block["valid_share"] == report["valid_share"] and block["n_samples"] == 4
+    registered = ModelRegistry(database).get("vae", version="vae-t1")
+    assert registered.metrics["sampling_random_valid_share"] == report["valid_share"]
+
+
+def test_evaluate_output_survives_reshipping_and_calibration_is_labelled(monkeypatch, tmp_path, database):
+    docs = _ship_real(monkeypatch, tmp_path, database)
+    held_out = {"n_structures": 3, "lattice_mae_angstrom": 0.5, "mae": {"band_gap": 0.2}}
+    shipped.record_held_out(database, docs["vae"].checkpoint, "crystaloop evaluate reconstruction", held_out)
+    entry = next(e for e in shipped.shipped_models() if e["kind"] == "vae")
+    assert entry["held_out"] == {"command": "crystaloop evaluate reconstruction", **held_out}
+    again = ModelRegistry(database).get("vae", version="vae-t1")
+    assert again.metrics["held_out_mae_band_gap"] == 0.2
+    shipped.ship(again, "crystaloop train vae --config configs/train/cpu/vae.yaml")  # re-ship, same version
+    entry = next(e for e in shipped.shipped_models() if e["kind"] == "vae")
+    assert entry["held_out"]["lattice_mae_angstrom"] == 0.5 and "held_out_mae_band_gap" not in entry["metrics"]
+
+    ensemble = ModelDoc(
+        kind="cgcnn-ensemble",
+        version="e1",
+        dataset_hash="h",
+        checkpoint=docs["unet"].checkpoint,
+        metrics={"mae_band_gap": 0.3, "within_1sigma_band_gap": 0.68, "within_2sigma_band_gap": 0.95},
+    )
+    entry = shipped.ship(ensemble, "crystaloop train cgcnn --config configs/train/cpu/cgcnn.yaml")
+    assert entry["metrics"] == {"mae_band_gap": 0.3}
+    assert entry["calibration"] == {"within_1sigma_band_gap": 0.68, "within_2sigma_band_gap": 0.95}
