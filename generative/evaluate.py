@@ -570,9 +570,9 @@ def evaluate_sampling(
     """
     import time
 
+    from crystaloop.errors import UserError
     from crystaloop.generative.decode import Decoder
     from crystaloop.generative.models.checkpoint import load_model
-    from crystaloop.errors import UserError
     from crystaloop.generative.models.shipped import register_shipped, shipped_models
     from crystaloop.generative.train.config import DataConfig
     from crystaloop.generative.train.data import composition_split
