@@ -1,0 +1,166 @@
+"""End-to-end generation with the shipped models against the real embedded database."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from crystaloop.db.documents import CandidateDoc
+from crystaloop.errors import UserError
+from crystaloop.loop.config import parse_campaign_config
+from crystaloop.loop.generation import (
+    GenerationReport,
+    allowed_elements,
+    generate_candidates,
+    pseudo_family,
+    resolve_base,
+)
+
+FAKE_FAMILY = Path(__file__).resolve().parents[1] / "dft" / "data" / "family.yaml"
+
+
+def campaign(**overrides) -> dict:
+    data = {
+        "name": "gen-test",
+        "targets": [{"property": "formation_energy_per_atom", "min": -10.0, "max": 5.0}],
+        "sampling": {"mode": "around_base", "base_formulas": ["NaCl"], "std": 0.5, "seed": 3},
+        "filters": {"uip_screen": False, "same_stoichiometry_as_base": False},
+        "dft": {"engine": "surrogate"},
+    }
+    data.update(overrides)
+    return data
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def counts(report: GenerationReport) -> list[tuple[str, int, int]]:
+    return [(s.stage, s.n_in, s.n_out) for s in report.stages]
+
+
+def test_generate_writes_shortlisted_candidates_and_resumes_safely(database):
+    config = parse_campaign_config(campaign())
+    dry = generate_candidates(config, database=database, n=16, round=2, seed=11, dry_run=True)
+    again = generate_candidates(config, database=database, n=16, round=2, seed=11, dry_run=True)
+    assert counts(dry) == counts(again)  # determinism with a seed
+    assert dry.rejected_reasons == again.rejected_reasons
+    assert database["candidates"].count_documents({}) == 0  # dry runs write nothing
+
+    report = generate_candidates(config, database=database, n=16, round=2, seed=11, generation_id="g-1")
+    assert counts(report) == counts(dry)
+    stages = [s.stage for s in report.stages]
+    assert stages == ["decoded", "valid", "elements", "novel", "window", "unique"]
+    assert report.stages[0].n_in == 16
+    for before, after in zip(report.stages, report.stages[1:], strict=False):
+        assert before.n_out == after.n_in
+    assert report.n_shortlisted == report.stages[-1].n_out > 0
+    assert set(report.model_versions) == {"vae", "unet", "cgcnn"}
+    json.dumps(report.model_dump(mode="json"))
+
+    stored = [CandidateDoc.model_validate(d) for d in database["candidates"].find({}, {"_id": 0})]
+    assert sorted(d.candidate_id for d in stored) == sorted(report.shortlisted)
+    ensemble_properties = None
+    for doc in stored:
+        assert doc.state == "shortlisted" and doc.campaign == "gen-test" and doc.round == 2
+        assert doc.provenance["generation_id"] == "g-1"
+        assert doc.provenance["strategy"] == "around_base" and doc.provenance["seed"] == 11
+        assert doc.provenance["parameters"]["std"] == 0.5
+        assert doc.provenance["sample"]["base_formula"] == "NaCl"
+        assert doc.provenance["model_versions"] == report.model_versions
+        assert [s.stage for s in doc.filter_trail] == stages and all(s.passed for s in doc.filter_trail)
+        ensemble_properties = ensemble_properties or set(doc.predicted)
+        assert set(doc.predicted) == ensemble_properties
+        assert "formation_energy_per_atom" in doc.predicted
+        ef = doc.predicted["formation_energy_per_atom"]
+        assert ef.std is not None and ef.model_version == report.model_versions["cgcnn"]
+        assert [h["state"] for h in doc.state_history] == ["generated", "shortlisted"]
+        assert "latent" not in doc.provenance
+
+    # The same draw again: every survivor is now a campaign candidate, so novelty rejects it; with
+    # store_rejects the rejects are written compactly with their stage.
+    config = parse_campaign_config(
+        campaign(filters={"uip_screen": False, "same_stoichiometry_as_base": False, "store_rejects": True})
+    )
+    repeat = generate_candidates(config, database=database, n=16, round=3, seed=11, generation_id="g-2")
+    assert repeat.n_shortlisted == 0
+    novel = next(s for s in repeat.stages if s.stage == "novel")
+    assert novel.n_in - novel.n_out >= report.n_shortlisted
+    rejected = list(database["candidates"].find({"provenance.generation_id": "g-2"}))
+    assert len(rejected) == repeat.n_rejects_stored > 0
+    assert all(d["state"] == "rejected" and d["rejected_stage"] for d in rejected)
+    assert {d["rejected_stage"] for d in rejected} >= {"novel"}
+
+
+def test_pseudopotential_coverage_restricts_the_decoded_elements(settings, monkeypatch):
+    config = parse_campaign_config(campaign(dft={"engine": "espresso", "pseudo_family": str(FAKE_FAMILY)}))
+    family = pseudo_family(config)
+    assert family.name == "fake-pbe"
+    assert allowed_elements(config, family, ["Na", "Cl", "Si", "C", "Cu", "O"]) == ["Si", "C", "Cu"]
+    denied = parse_campaign_config(campaign(elements={"deny": ["Cu"]}))
+    assert pseudo_family(denied) is None  # the surrogate needs no pseudopotentials
+    assert allowed_elements(denied, None, ["Na", "Cu"]) == ["Na"]
+    with pytest.raises(UserError, match="no element the decoder knows is allowed"):
+        allowed_elements(config, family, ["Na", "Cl"])
+    named = parse_campaign_config(campaign(dft={"engine": "espresso", "pseudo_family": "sssp-efficiency"}))
+    monkeypatch.setenv("CRYSTALOOP_PSEUDO_FAMILY", str(FAKE_FAMILY))
+    from crystaloop.settings import get_settings
+
+    get_settings.cache_clear()
+    with pytest.raises(UserError, match="asks for pseudopotential family 'sssp-efficiency'"):
+        pseudo_family(named)
+
+
+def test_base_compounds_come_from_the_training_data_or_a_cif(database, tmp_path):
+    base = resolve_base(database, "NaCl")
+    assert base.structure.composition.reduced_formula == "NaCl" and base.formation_energy < -1.5
+    cif = tmp_path / "nacl.cif"
+    base.structure.to(filename=str(cif))
+    assert resolve_base(database, str(cif)).formula == "NaCl"
+    with pytest.raises(UserError, match="not in the training data"):
+        resolve_base(database, "Xe3Kr")
+
+
+def test_generate_cli_dry_run_json_and_bad_input(settings, tmp_path):
+    path = tmp_path / "campaign.yaml"
+    path.write_text(yaml.safe_dump(campaign()))
+    exe = Path(sys.executable).parent / "crystaloop"
+    result = subprocess.run(
+        [
+            str(exe),
+            "generate",
+            "--config",
+            str(path),
+            "--n",
+            "6",
+            "--dry-run",
+            "--format",
+            "json",
+            "--seed",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["n_requested"] == 6 and report["dry_run"] is True
+    assert report["stages"][0]["stage"] == "decoded" and report["stages"][0]["n_in"] == 6
+    bad = subprocess.run(
+        [str(exe), "generate", "--config", str(path), "--strategy", "sideways"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2
+    assert "unknown strategy 'sideways'" in bad.stderr and "Traceback" not in bad.stderr
