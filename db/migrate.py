@@ -83,6 +83,7 @@ def migrate_candidates(database: Database, *, batch: int = 1_000) -> MigrationRe
     ensure_indexes(database)
     candidates, summaries = database["candidates"], database[SUMMARY_COLLECTION]
     counts: Counter[tuple[str, int, str]] = Counter()
+    spans: dict[tuple[str, int], list[Any]] = {}
     seen: set[str] = set()
     pending: list[ReplaceOne] = []
 
@@ -96,6 +97,8 @@ def migrate_candidates(database: Database, *, batch: int = 1_000) -> MigrationRe
         summary = CandidateSummaryDoc.document_from(raw)
         seen.add(summary["_id"])
         counts[summary["campaign"], summary["round"], summary["state"]] += 1
+        span = spans.setdefault((summary["campaign"], summary["round"]), [summary["created_at"]] * 2)
+        span[0], span[1] = min(span[0], summary["created_at"]), max(span[1], summary["created_at"])
         pending.append(ReplaceOne({"_id": summary["_id"]}, summary, upsert=True))
         if len(pending) >= batch:
             flush()
@@ -108,7 +111,7 @@ def migrate_candidates(database: Database, *, batch: int = 1_000) -> MigrationRe
             {"_id": {"$in": orphans[i : i + batch]}}
         ).deleted_count
 
-    report.counters = _write_counters(database, counts)
+    report.counters = _write_counters(database, counts, spans)
     existing = {index["name"] for index in candidates.list_indexes()}
     for name in LEGACY_CANDIDATE_INDEXES:
         if name in existing:
@@ -125,8 +128,10 @@ def migrate_candidates(database: Database, *, batch: int = 1_000) -> MigrationRe
     return report
 
 
-def _write_counters(database: Database, counts: Counter[tuple[str, int, str]]) -> int:
-    """Replace every counter document with absolute counts; remove counters of nothing."""
+def _write_counters(
+    database: Database, counts: Counter[tuple[str, int, str]], spans: dict[tuple[str, int], list[Any]]
+) -> int:
+    """Replace every counter document with absolute counts and time spans; remove counters of nothing."""
     per_round: dict[tuple[str, int], dict[str, int]] = {}
     for (campaign, round_, state), n in counts.items():
         per_round.setdefault((campaign, round_), {})[state] = n
@@ -136,7 +141,16 @@ def _write_counters(database: Database, counts: Counter[tuple[str, int, str]]) -
         key = counter_id(campaign, round_)
         ids.append(key)
         counters.replace_one(
-            {"_id": key}, {"_id": key, "campaign": campaign, "round": round_, "counts": states}, upsert=True
+            {"_id": key},
+            {
+                "_id": key,
+                "campaign": campaign,
+                "round": round_,
+                "counts": states,
+                "first_created_at": spans[campaign, round_][0],
+                "last_created_at": spans[campaign, round_][1],
+            },
+            upsert=True,
         )
     counters.delete_many({"_id": {"$nin": ids}})
     return len(ids)

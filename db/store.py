@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import pymongo
@@ -47,6 +48,10 @@ SORTABLE_FIELDS = ("created_at", "round", "nsites", "reduced_formula", "acquisit
 #: A window on the sort property is read in slices: the first covers 1/64 of the
 #: window's span, each next one twice the last, until ``limit`` hits are found.
 FIRST_SLICE_FRACTION = 1 / 64
+
+#: Below this many matches (by the counters), equalities on campaign, state and
+#: round read their compound index at once instead of slicing by time.
+TIME_SLICE_MIN_MATCHES = 2_000
 
 
 class StateError(RuntimeError):
@@ -88,6 +93,65 @@ def property_field(name: str, *, dft: bool = False) -> str:
 def default_owner() -> str:
     """``host:pid`` of this process, recorded on each transition."""
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _stored(doc: CandidateDoc) -> dict[str, Any]:
+    """``doc.model_dump()``, with the structure dict passed through as it is.
+
+    Dumping the free-form structure dict is over 90 % of ``model_dump``'s time.
+    """
+    out = doc.model_dump(exclude={"structure"})
+    out["structure"] = doc.structure
+    return out
+
+
+def _datetime(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, UTC)
+
+
+def _slices(
+    bounds: dict[str, Any],
+    start: float,
+    stop: float,
+    *,
+    descending: bool,
+    value: Callable[[float], Any] = float,
+) -> list[dict[str, Any]]:
+    """Consecutive ranges that split ``bounds`` (``$gte``/``$lte``, either open) in sort order.
+
+    Each slice is half-open, so a value falls in exactly one; an open end of
+    ``bounds`` stays open in the slice that reaches it, so values outside
+    ``[start, stop]`` are still covered. The first slice spans
+    :data:`FIRST_SLICE_FRACTION` of the span (``bounds`` where given, else
+    ``start`` to ``stop``) and each next one doubles. ``value`` turns an edge
+    into the stored type.
+    """
+    lo, hi = bounds.get("$gte"), bounds.get("$lte")
+    start = lo if lo is not None else start
+    stop = hi if hi is not None else stop
+    if not start < stop:
+        return [bounds]
+    width = (stop - start) * FIRST_SLICE_FRACTION
+    edges: list[Any] = []
+    offset = width
+    while offset < stop - start:
+        edges.append(value(start + offset if not descending else stop - offset))
+        width *= 2
+        offset += width
+    slices = []
+    if not descending:
+        lower: dict[str, Any] = {"$gte": lo} if lo is not None else {}
+        for edge in edges:
+            slices.append({**lower, "$lt": edge})
+            lower = {"$gte": edge}
+        slices.append({**lower, **({"$lte": hi} if hi is not None else {})})
+    else:
+        upper: dict[str, Any] = {"$lte": hi} if hi is not None else {}
+        for edge in edges:
+            slices.append({"$gte": edge, **upper})
+            upper = {"$lt": edge}
+        slices.append({**({"$gte": lo} if lo is not None else {}), **upper})
+    return slices
 
 
 def summary_field(name: str, *, dft: bool = False) -> str:
@@ -204,29 +268,40 @@ class CandidateStore:
         Full documents go in first; their summaries and counts follow, so a
         summary never names a candidate that is not stored.
         """
-        payload = [d.model_dump() for d in docs]
+        payload = [_stored(d) for d in docs]
         if not payload:
             return 0
         inserted = len(self.collection.insert_many(payload, ordered=False).inserted_ids)
         summaries = [CandidateSummaryDoc.document_from(d) for d in payload]
         self.summaries.insert_many(summaries, ordered=False)
         counts: dict[tuple[str, int], dict[str, int]] = {}
+        spans: dict[tuple[str, int], list[datetime]] = {}
         for s in summaries:
-            per_state = counts.setdefault((s["campaign"], s["round"]), {})
+            key = (s["campaign"], s["round"])
+            per_state = counts.setdefault(key, {})
             per_state[s["state"]] = per_state.get(s["state"], 0) + 1
-        for (campaign, round_), per_state in counts.items():
-            self._count(campaign, round_, per_state)
+            spans.setdefault(key, []).append(s["created_at"])
+        for key, per_state in counts.items():
+            self._count(*key, per_state, created=(min(spans[key]), max(spans[key])))
         return inserted
 
-    def _count(self, campaign: str, round: int, deltas: dict[str, int]) -> None:
-        self.counters.update_one(
-            {"_id": counter_id(campaign, round)},
-            {
-                "$inc": {f"counts.{state}": n for state, n in deltas.items()},
-                "$setOnInsert": {"campaign": campaign, "round": round},
-            },
-            upsert=True,
-        )
+    def _count(
+        self,
+        campaign: str,
+        round: int,
+        deltas: dict[str, int],
+        *,
+        created: tuple[datetime, datetime] | None = None,
+    ) -> None:
+        update: dict[str, Any] = {
+            "$inc": {f"counts.{state}": n for state, n in deltas.items()},
+            "$setOnInsert": {"campaign": campaign, "round": round},
+        }
+        if created:
+            # The time span that default-sorted queries slice (see matching_ids).
+            update["$min"] = {"first_created_at": created[0]}
+            update["$max"] = {"last_created_at": created[1]}
+        self.counters.update_one({"_id": counter_id(campaign, round)}, update, upsert=True)
 
     def _sync_summary(self, candidate: dict[str, Any]) -> None:
         """Replace the summary of ``candidate`` (a full stored document) and move its count.
@@ -548,24 +623,43 @@ class CandidateStore:
     ) -> list[str]:
         """Ids of the candidates :meth:`query` returns, in order, read from the summaries alone.
 
-        When the sort is on a property that also has a window, the window is read
-        in slices of growing width, in sort order, until ``limit`` hits are found;
-        each slice is one indexed range, so the server fetches and sorts only
-        about as many summaries as the answer needs. ``stats``, when given,
-        receives the filter sent and the number of slices read.
+        With a limit, two kinds of query are read in slices of growing width, in
+        sort order, until ``limit`` hits are found; each slice is one indexed
+        range, so the server fetches and sorts about as many summaries as the
+        answer needs rather than every match:
+
+        - a sort on a property that also has a window: the window is sliced;
+        - a sort on ``created_at`` (the default) when nothing more selective
+          leads (only campaign, state and round, matching more than
+          :data:`TIME_SLICE_MIN_MATCHES` candidates by the counters), or when the
+          filter is exactly an element key and a campaign (the compound index
+          ``element_keys, campaign, created_at`` serves each slice exactly): the
+          campaign's time span, from its counters, is sliced.
+
+        ``stats``, when given, receives the filter sent and the number of slices read.
         """
         stats = stats if stats is not None else {}
         sort_spec = self.summary_sort(sort, dft=dft)
+        descending = sort_spec[0][1] == pymongo.DESCENDING
         name = (sort or "").lstrip("-+")
         query = self.summary_filter(dft=dft, lead=name, **criteria)
-        field = summary_field(name, dft=dft) if name in PROPERTY_NAMES else None
-        window = query.get(field) if field else None
         stats.update(filter=query, sort=sort_spec, slices=1)
-        if not (limit and window and ("$gte" in window or "$lte" in window)):
+        slices: list[dict[str, Any]] = []
+        field = summary_field(name, dft=dft) if name in PROPERTY_NAMES else sort_spec[0][0]
+        window = query.get(field)
+        if limit and name in PROPERTY_NAMES and window and ("$gte" in window or "$lte" in window):
+            spec = property_spec(name)
+            slices = _slices(window, spec.lower, spec.upper, descending=descending)
+        elif limit and field == "created_at" and self._time_slices_pay(query):
+            span = self._time_span(query)
+            if span:
+                query = {"created_at": {}, **query}  # the slice leads
+                slices = _slices({}, *span, descending=descending, value=_datetime)
+        if len(slices) < 2:
             cursor = self.summaries.find(query, {"_id": 1}, sort=sort_spec, limit=limit or 0)
             return [d["_id"] for d in cursor]
+        stats["filter"] = query
         ids: list[str] = []
-        slices = self._slices(window, name, descending=sort_spec[0][1] == pymongo.DESCENDING)
         for stats["slices"], bounds in enumerate(slices, start=1):
             sliced = {**query, field: bounds}
             cursor = self.summaries.find(sliced, {"_id": 1}, sort=sort_spec, limit=limit - len(ids))
@@ -574,42 +668,28 @@ class CandidateStore:
                 break
         return ids
 
-    @staticmethod
-    def _slices(bounds: dict[str, float], name: str, *, descending: bool) -> list[dict[str, float]]:
-        """Consecutive ranges that split ``bounds`` (``$gte``/``$lte``) in sort order.
+    def _time_slices_pay(self, query: dict[str, Any]) -> bool:
+        keys = set(query)
+        if keys == {"element_keys", "campaign"}:
+            return True
+        if not keys <= {"campaign", "state", "round"}:
+            return False
+        states = query.get("state")
+        states = states["$in"] if isinstance(states, dict) else [states] if states else None
+        counted = self.count_by_state(query.get("campaign"), round=query.get("round"))
+        matches = sum(n for state, n in counted.items() if states is None or state in states)
+        return matches > TIME_SLICE_MIN_MATCHES
 
-        Each slice is half-open, so a value falls in exactly one; an open end of
-        the window stays open in the slice that reaches it. The first slice spans
-        :data:`FIRST_SLICE_FRACTION` of the window (the property's range where
-        the window is open) and each next one doubles.
-        """
-        spec = property_spec(name)
-        lo, hi = bounds.get("$gte"), bounds.get("$lte")
-        start = lo if lo is not None else spec.lower
-        stop = hi if hi is not None else spec.upper
-        if not start < stop:
-            return [bounds]
-        width = (stop - start) * FIRST_SLICE_FRACTION
-        edges: list[float] = []
-        offset = width
-        while offset < stop - start:
-            edges.append(start + offset if not descending else stop - offset)
-            width *= 2
-            offset += width
-        slices = []
-        if not descending:
-            lower: dict[str, float] = {"$gte": lo} if lo is not None else {}
-            for edge in edges:
-                slices.append({**lower, "$lt": edge})
-                lower = {"$gte": edge}
-            slices.append({**lower, **({"$lte": hi} if hi is not None else {})})
-        else:
-            upper: dict[str, float] = {"$lte": hi} if hi is not None else {}
-            for edge in edges:
-                slices.append({"$gte": edge, **upper})
-                upper = {"$lt": edge}
-            slices.append({**({"$gte": lo} if lo is not None else {}), **upper})
-        return slices
+    def _time_span(self, query: dict[str, Any]) -> tuple[float, float] | None:
+        """First and last ``created_at`` (POSIX seconds) of the campaign rounds ``query`` names."""
+        scope = {k: query[k] for k in ("campaign", "round") if k in query}
+        first, last = None, None
+        for counter in self.counters.find(scope, {"first_created_at": 1, "last_created_at": 1}):
+            if counter.get("first_created_at") and counter.get("last_created_at"):
+                a, b = counter["first_created_at"].timestamp(), counter["last_created_at"].timestamp()
+                first = a if first is None else min(first, a)
+                last = b if last is None else max(last, b)
+        return (first, last) if first is not None and last is not None else None
 
     def query_full_documents(
         self,

@@ -42,7 +42,11 @@ CANDIDATE_INDEXES: tuple[tuple[list[tuple[str, int]], dict[str, Any]], ...] = (
 SUMMARY_INDEXES: tuple[tuple[list[tuple[str, int]], dict[str, Any]], ...] = (
     ([("campaign", 1), ("state", 1), ("round", 1)], {}),
     ([("reduced_formula", 1)], {}),
-    ([("element_keys", 1)], {}),
+    # One entry per element key: leads element queries, and with a campaign serves
+    # each created_at slice of a default-sorted element query exactly.
+    ([("element_keys", 1), ("campaign", 1), ("created_at", 1)], {}),
+    # Leads created_at slices when only campaign, state and round filter.
+    ([("created_at", 1)], {}),
     *(([(f"predicted.{name}", 1)], {}) for name in PROPERTY_NAMES),
     # Absent until a candidate has DFT values, so it costs nothing on insert.
     ([("dft_properties", 1)], {"sparse": True}),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import typer
+
 from crystaloop.cli._common import console, group
 
 app = group("Start, stop and inspect the database.")
@@ -39,6 +41,7 @@ def status() -> None:
 
     from crystaloop.db import COLLECTIONS, get_database
     from crystaloop.db.server import EmbeddedServer
+    from crystaloop.db.summaries import COUNTER_COLLECTION, SUMMARY_COLLECTION
     from crystaloop.settings import get_settings
 
     settings = get_settings()
@@ -54,6 +57,33 @@ def status() -> None:
     table = Table(title=f"database '{settings.database}'")
     table.add_column("collection")
     table.add_column("documents", justify="right")
-    for name in COLLECTIONS:
+    for name in (*COLLECTIONS, SUMMARY_COLLECTION, COUNTER_COLLECTION):
         table.add_row(name, str(database[name].estimated_document_count()))
     console.print(table)
+
+
+@app.command("migrate")
+def migrate(
+    rebuild: bool = typer.Option(
+        False, "--rebuild", help="Rebuild summaries and counters even when the layout is current."
+    ),
+) -> None:
+    """Bring the candidate collections to the current layout (runs by itself on first use).
+
+    ``--rebuild`` recomputes every summary and counter from the full candidate
+    documents, e.g. after a process died between a transition and its summary.
+    """
+    from crystaloop.db import get_database
+    from crystaloop.db.migrate import ensure_layout, migrate_candidates
+
+    database = get_database()
+    report = migrate_candidates(database) if rebuild else ensure_layout(database)
+    if report is None:
+        console.print("candidate layout is current; nothing to migrate (use --rebuild to recount)")
+        return
+    console.print(
+        f"candidates: {report.candidates}; summaries written: {report.summaries_written}; "
+        f"orphan summaries removed: {report.orphan_summaries_removed}; counters: {report.counters}; "
+        f"dropped indexes: {', '.join(report.dropped_indexes) or 'none'}",
+        highlight=False,
+    )

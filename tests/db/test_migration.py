@@ -115,3 +115,19 @@ def test_counters_follow_every_write(database):
     assert store.count_by_state("nothing") == {}
     with pytest.raises(pymongo.errors.BulkWriteError):
         store.insert_many([store.get(ids[0])])
+
+
+def test_db_migrate_command(database):
+    from typer.testing import CliRunner
+
+    from crystaloop.cli import app
+
+    write_legacy_layout(database, n=20)
+    result = CliRunner().invoke(app, ["db", "migrate"])
+    assert result.exit_code == 0, result.output
+    assert "candidates: 20; summaries written: 20" in result.output
+    assert database[SUMMARY_COLLECTION].count_documents({}) == 20
+    again = CliRunner().invoke(app, ["db", "migrate"])
+    assert "layout is current" in again.output
+    rebuilt = CliRunner().invoke(app, ["db", "migrate", "--rebuild"])
+    assert "candidates: 20; summaries written: 20; orphan summaries removed: 0" in rebuilt.output

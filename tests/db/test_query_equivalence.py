@@ -8,7 +8,8 @@ import random
 import pytest
 from pymatgen.core import Lattice, Structure
 
-from crystaloop.db.store import SORTABLE_FIELDS, CandidateStore, Window
+from crystaloop.db import store as store_module
+from crystaloop.db.store import SORTABLE_FIELDS, CandidateStore, Window, _datetime, _slices
 from crystaloop.properties import PROPERTY_NAMES
 
 
@@ -104,7 +105,7 @@ def _queries() -> list[dict]:
     ):
         out.append({"windows": windows, "sort": sort, "dft": dft, "limit": limit})
     rng = random.Random(11)
-    for _ in range(120):
+    for _ in range(80):
         out.append({key: rng.choice(values) for key, values in CRITERIA.items()})
     return out
 
@@ -141,26 +142,33 @@ def assert_same_answer(store: CandidateStore, query: dict) -> None:
             assert got == expected, query
 
 
-def test_every_query_matches_the_full_document_answer(filled):
+@pytest.mark.parametrize("time_slices", ["default", "always"])
+def test_every_query_matches_the_full_document_answer(filled, time_slices, monkeypatch):
+    if time_slices == "always":
+        # Slice by created_at whenever only campaign, state and round filter, however few match.
+        monkeypatch.setattr(store_module, "TIME_SLICE_MIN_MATCHES", -1)
     queries = _queries()
-    assert len(queries) > 200
-    hits = 0
+    assert len(queries) > 150
+    hits = sliced = 0
     for query in queries:
         assert_same_answer(filled, query)
-        hits += len(filled.query(**query))
+        stats: dict = {}
+        hits += len(filled.matching_ids(stats=stats, **{"limit": 50, **query}))
+        sliced += stats["slices"] > 1
     assert hits > 1000, "the query set should exercise real hits, not only empty answers"
+    assert sliced > 20, "window (and time) slices should be exercised"
 
 
-def test_window_slices_cover_the_window_once():
-    slices = CandidateStore._slices(
-        {"$gte": -2.0, "$lte": 1.0}, "formation_energy_per_atom", descending=False
-    )
+def test_slices_cover_the_range_once():
+    slices = _slices({"$gte": -2.0, "$lte": 1.0}, -10.0, 5.0, descending=False)
     assert slices[0] == {"$gte": -2.0, "$lt": pytest.approx(-2.0 + 3 / 64)}
     assert slices[-1]["$lte"] == 1.0 and "$lt" not in slices[-1]
     for before, after in itertools.pairwise(slices):
         assert before["$lt"] == after["$gte"]
-    down = CandidateStore._slices({"$lte": 3.0}, "band_gap", descending=True)
+    down = _slices({"$lte": 3.0}, 0.0, 20.0, descending=True)
     assert down[0] == {"$gte": pytest.approx(3.0 - 3 / 64), "$lte": 3.0}
     assert down[-1].keys() == {"$lt"}, "the open lower end stays open"
     for before, after in itertools.pairwise(down):
         assert before["$gte"] == after["$lt"]
+    times = _slices({}, 0.0, 640.0, descending=True, value=_datetime)
+    assert times[0] == {"$gte": _datetime(630.0)} and times[-1].keys() == {"$lt"}
