@@ -68,6 +68,7 @@ class GenerationReport(BaseModel):
     parameters: dict[str, Any] = Field(default_factory=dict, description="Strategy parameters.")
     seed: int
     n_requested: int
+    decoder_method: str | None = Field(None, description="The decoder's path (paper, pursuit, sites).")
     restrict_elements: bool = Field(description="Species decisions restricted at decoding time.")
     allowed_elements: list[str] | None = None
     stages: list[StageReport] = Field(default_factory=list, description="The cascade, in order.")
@@ -93,11 +94,17 @@ class GenerationReport(BaseModel):
 
 
 @lru_cache(maxsize=4)
-def load_decoder(vae: str, unet: str, device: str = "auto", workers: int | None = None):
-    """A :class:`~crystaloop.generative.decode.Decoder`, kept for the life of the process."""
+def load_decoder(
+    vae: str, unet: str, device: str = "auto", workers: int | None = None, method: str | None = None
+):
+    """A :class:`~crystaloop.generative.decode.Decoder`, kept for the life of the process.
+
+    ``method`` is the decoder's path (``paper``, ``pursuit``, ``sites``; None: the VAE's default).
+    """
     from crystaloop.generative.decode import Decoder
 
-    return Decoder.from_checkpoints(vae, unet, device=device, workers=workers)
+    kwargs = {"method": method} if method is not None else {}
+    return Decoder.from_checkpoints(vae, unet, device=device, workers=workers, **kwargs)
 
 
 class EnsemblePredictor:
@@ -481,6 +488,7 @@ def generate_candidates(
     batch_size: int = 64,
     device: str | None = None,
     workers: int | None = None,
+    decoder_method: str | None = None,
 ) -> GenerationReport:
     """Sample ``n`` candidates, filter them and store the survivors as ``shortlisted``.
 
@@ -508,8 +516,9 @@ def generate_candidates(
         Called as ``progress(step, done, total)``: ``decode`` per batch, then each stage.
     restrict_elements, uip_screen
         Override ``sampling.restrict_elements`` and ``filters.uip_screen``.
-    batch_size, device, workers
-        Decoder batch size, device (default from settings) and watershed processes.
+    batch_size, device, workers, decoder_method
+        Decoder batch size, device (default from settings), watershed processes and decoding path
+        (``paper``, ``pursuit``, ``sites``; default: the VAE's).
 
     Raises
     ------
@@ -536,7 +545,10 @@ def generate_candidates(
     paths = {k: str(v) for k, v in paths.items()}
     versions = model_versions(database, paths)
     device = device or get_settings().resolve_device()
-    decoder = load_decoder(paths["vae"], paths["unet"], device, workers)
+    try:
+        decoder = load_decoder(paths["vae"], paths["unet"], device, workers, decoder_method)
+    except ValueError as exc:
+        raise UserError(f"{exc}; pick another decoder method") from None
     predictor = EnsemblePredictor(paths["cgcnn"], versions["cgcnn"], device=device)
     family = pseudo_family(config)
     allowed = allowed_elements(config, family, decoder.elements)
@@ -587,6 +599,7 @@ def generate_candidates(
 
     report = GenerationReport(
         generation_id=generation_id,
+        decoder_method=getattr(decoder, "method", None),
         campaign=config.name,
         round=round,
         strategy=strategy,

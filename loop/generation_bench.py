@@ -45,6 +45,7 @@ def rates(report: GenerationReport) -> dict[str, Any]:
     return {
         "n": report.n_requested,
         "restrict_elements": report.restrict_elements,
+        "decoder_method": report.decoder_method,
         "valid": counts.get("valid", 0),
         "validity_rate": counts.get("valid", 0) / report.n_requested,
         "shortlisted": report.n_shortlisted,
@@ -69,6 +70,7 @@ def throughput(
     compare: bool = True,
     uip: bool | None = None,
     workers: int | None = None,
+    decoder_method: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Throughput with the decoding-time element restriction, and (``compare``) without it."""
     out = {}
@@ -84,6 +86,7 @@ def throughput(
             uip_screen=uip,
             batch_size=batch_size,
             workers=workers,
+            decoder_method=decoder_method,
         )
         out[name] = rates(report)
     return out
@@ -157,6 +160,7 @@ def table2(
     restrict_to_base: bool = False,
     uip: bool = False,
     batch_size: int = 64,
+    decoder_method: str | None = None,
     progress=None,
 ) -> dict[str, Any]:
     """Mean count per stage over the bases, scaled to 1000 samples, next to the paper's."""
@@ -171,6 +175,7 @@ def table2(
             seed=seed + k,
             dry_run=True,
             batch_size=batch_size,
+            decoder_method=decoder_method,
         )
         counts = {"initial": per_base} | {s.stage: s.n_out for s in report.stages}
         for stage, value in counts.items():

@@ -24,6 +24,9 @@ def bench_generate(
     ),
     uip: bool = typer.Option(None, "--uip/--no-uip", help="Run the CHGNet screen (default: the campaign's)."),
     threads: int = typer.Option(1, "--threads", min=1, help="torch CPU threads."),
+    method: str = typer.Option(
+        None, "--method", help="Decoder path: paper, pursuit or sites (default: the VAE's)."
+    ),
     table2: bool = typer.Option(False, "--table2", help="Also reproduce the paper's Table 2."),
     per_base: int = typer.Option(1000, "--per-base", min=1, help="Table 2: samples per base compound."),
     output: Path = typer.Option(None, "--output", help="Write the numbers as JSON here."),
@@ -63,12 +66,18 @@ def bench_generate(
             compare=compare,
             uip=uip,
             workers=workers,
+            decoder_method=method,
         )
     if table2:
         for name, restrict in (("unrestricted", False), ("restricted_to_base", True)):
             with console.status(f"Table 2 ({name}) ..."):
                 result.setdefault("table2", {})[name] = bench.table2(
-                    database, per_base=per_base, seed=seed, restrict_to_base=restrict, batch_size=batch_size
+                    database,
+                    per_base=per_base,
+                    seed=seed,
+                    restrict_to_base=restrict,
+                    batch_size=batch_size,
+                    decoder_method=method,
                 )
     if output is not None:
         output.write_text(json.dumps(result, indent=1) + "\n")
