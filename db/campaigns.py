@@ -96,7 +96,9 @@ class CampaignStore:
         """
         now = utcnow()
         owner = owner or default_owner()
-        lease = Lease(owner=owner, token=uuid.uuid4().hex, heartbeat_at=now, expires_at=now + timedelta(seconds=ttl_s))
+        lease = Lease(
+            owner=owner, token=uuid.uuid4().hex, heartbeat_at=now, expires_at=now + timedelta(seconds=ttl_s)
+        )
         free = [{"lease": None}, {"lease.expires_at": {"$lt": now}}, {"lease.owner": owner}]
         if replace_token:
             free.append({"lease.token": replace_token})

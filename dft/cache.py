@@ -62,7 +62,9 @@ def settings_key(engine: str, preset_key: str, md5s: dict[str, str], code_versio
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
-def relaxation_settings(structure: Structure, *, engine: str, preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
+def relaxation_settings(
+    structure: Structure, *, engine: str, preset: str, overrides: dict[str, Any]
+) -> dict[str, Any]:
     """The settings a relaxation of ``structure`` would run with, and their key."""
     if engine == "surrogate":
         from crystaloop.dft.surrogate import SURROGATE_PRESET

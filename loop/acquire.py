@@ -136,9 +136,7 @@ def acquire_uncertainty(candidates: Sequence[CandidateDoc], context: Acquisition
     bonus = np.zeros(len(candidates))
     for i, c in enumerate(candidates):
         stds = [combined_estimate(c, prop, context)[1] for prop, _, _ in context.windows]
-        widths = [
-            (hi - lo) if lo is not None and hi is not None else 1.0 for _, lo, hi in context.windows
-        ]
+        widths = [(hi - lo) if lo is not None and hi is not None else 1.0 for _, lo, hi in context.windows]
         bonus[i] = np.mean([s / w for s, w in zip(stds, widths, strict=True) if math.isfinite(s)] or [0.0])
     return scores + context.kappa * bonus
 
@@ -218,7 +216,9 @@ def select_batch(
         eligible = [i for i in order if allowed(candidates[i])]
         if not eligible:
             break
-        pick = eligible[int(rng.integers(len(eligible)))] if epsilon and rng.random() < epsilon else eligible[0]
+        pick = (
+            eligible[int(rng.integers(len(eligible)))] if epsilon and rng.random() < epsilon else eligible[0]
+        )
         order.remove(pick)
         c = candidates[pick]
         per_formula[c.reduced_formula] = per_formula.get(c.reduced_formula, 0) + 1

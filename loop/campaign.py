@@ -79,16 +79,16 @@ class CampaignResult:
 class _Heartbeat(threading.Thread):
     """Renews the lease every ``interval`` seconds; notes when it was lost."""
 
-    def __init__(self, store: CampaignStore, name: str, token: str, *, interval: float, ttl: float) -> None:
-        super().__init__(daemon=True, name=f"lease-{name}")
-        self.store, self.name_, self.token, self.interval, self.ttl = store, name, token, interval, ttl
+    def __init__(self, campaign: Campaign, token: str, *, interval: float, ttl: float) -> None:
+        super().__init__(daemon=True, name=f"lease-{campaign.name}")
+        self.campaign, self.token, self.interval, self.ttl = campaign, token, interval, ttl
         self.stop_event = threading.Event()
         self.lost = False
 
     def run(self) -> None:
         while not self.stop_event.wait(self.interval):
             try:
-                if not self.store.renew_lease(self.name_, self.token, ttl_s=self.ttl):
+                if not self.campaign.campaigns.renew_lease(self.campaign.name, self.token, ttl_s=self.ttl):
                     self.lost = True
                     return
             except DB_ERRORS:  # the main thread rides out the outage; keep trying
@@ -127,15 +127,37 @@ class Campaign:
 
         self.config = config
         self.name = config.name
-        self.database = database if database is not None else get_database()
         self.log = log or (lambda line: None)
         self.progress = progress
         self.lease_ttl_s, self.heartbeat_s = lease_ttl_s, heartbeat_s
-        self.campaigns = CampaignStore(self.database)
-        self.candidates = CandidateStore(self.database)
+        self._connect(database if database is not None else get_database())
         self.token: str | None = None
         self._heartbeat: _Heartbeat | None = None
         self.models: dict[str, str] = {}
+
+    def _connect(self, database) -> None:
+        self.database = database
+        self.campaigns = CampaignStore(database)
+        self.candidates = CandidateStore(database)
+
+    def _reconnect(self) -> None:
+        """Connect again after an outage; with no URI configured this restarts the embedded server."""
+        from crystaloop.db import get_database
+        from crystaloop.db.connection import _client
+
+        _client.cache_clear()
+        try:
+            self._connect(get_database())
+            # A server killed hard may come back without its last writes, the lease among them.
+            self.campaigns.ensure(self.name, self.config.model_dump(mode="json"))
+            lease = self.campaigns.acquire_lease(self.name, ttl_s=self.lease_ttl_s, replace_token=self.token)
+        except (UserError, *DB_ERRORS):  # not back yet; the caller retries
+            return
+        if lease is None:
+            raise LeaseLost(self.name)
+        self.token = lease.token
+        if self._heartbeat is not None:
+            self._heartbeat.token = lease.token
 
     # -- running ---------------------------------------------------------------------------
 
@@ -156,18 +178,18 @@ class Campaign:
         elements = [e for e in (config.elements.allow or []) if e not in set(config.elements.deny)]
         if not elements:
             return []
-        try:  # TEMPORARY until the DFT layer lands check_references
-            from crystaloop.dft.references import check_references
+        from crystaloop.dft.references import check_references
 
-            check_references(elements)
-        except ImportError:
-            pass
+        check_references(elements)
         if config.dft.engine != "espresso":
             return []
         from crystaloop.dft.verification import campaign_dft_problems
 
         warnings, refusals = campaign_dft_problems(
-            elements, preset=config.dft.preset, allow_unverified=config.dft.allow_unverified
+            elements,
+            preset=config.dft.preset,
+            allow_unverified=config.dft.allow_unverified,
+            override_hint="dft.allow_unverified: true in the campaign file",
         )
         if refusals:
             raise UserError(refusals[0], refusals[1:])
@@ -197,15 +219,20 @@ class Campaign:
                 f"`crystaloop campaign stop {self.name}`"
             )
         self.token = lease.token
-        self._heartbeat = _Heartbeat(
-            self.campaigns, self.name, self.token, interval=self.heartbeat_s, ttl=self.lease_ttl_s
-        )
+        self._heartbeat = _Heartbeat(self, self.token, interval=self.heartbeat_s, ttl=self.lease_ttl_s)
         self._heartbeat.start()
         try:
             if existing is not None:
-                self.log(f"resuming campaign {self.name} ({len(self.campaigns.all_rounds(self.name))} round(s) on record)")
+                self.log(
+                    f"resuming campaign {self.name} ({len(self.campaigns.all_rounds(self.name))} round(s) on record)"
+                )
             self.campaigns.update(
-                self.name, self.token, config=config_doc, status="running", stop_requested=False, status_reason=None
+                self.name,
+                self.token,
+                config=config_doc,
+                status="running",
+                stop_requested=False,
+                status_reason=None,
             )
             return self._rounds(max_rounds or self.config.max_rounds)
         except LeaseLost:
@@ -227,23 +254,33 @@ class Campaign:
         while True:
             done, reason = self._should_stop(number, max_rounds)
             if done:
-                self._guard(lambda: self.campaigns.update(self.name, self.token, status="finished", status_reason=reason))
+                self._guard(
+                    lambda r=reason: self.campaigns.update(
+                        self.name, self.token, status="finished", status_reason=r
+                    )
+                )
                 self.log(f"campaign {self.name} finished: {reason}")
                 return CampaignResult(self.name, "finished", reason, outcomes)
             self._guard(lambda n=number: self.campaigns.start_round(self.name, n))
             for step in ROUND_STEPS:
                 if self._stop_requested():
                     reason = f"stop requested; resumes at round {number} step {step}"
-                    self._guard(lambda r=reason: self.campaigns.update(self.name, self.token, status="stopped", status_reason=r))
+                    self._guard(
+                        lambda r=reason: self.campaigns.update(
+                            self.name, self.token, status="stopped", status_reason=r
+                        )
+                    )
                     self.log(f"campaign {self.name} stopped: {reason}")
                     return CampaignResult(self.name, "stopped", reason, outcomes)
                 self._run_step(number, step)
-            record = self.campaigns.round(self.name, number)
-            outcomes.append(RoundOutcome(number, dict(record.metrics)))
+            record = self._guard(lambda n=number: self.campaigns.round(self.name, n))
+            outcomes.append(RoundOutcome(number, dict(record.metrics) if record else {}))
             number += 1
 
     def _run_step(self, number: int, step: str) -> None:
-        record = self.campaigns.round(self.name, number)
+        record = self._guard(
+            lambda: self.campaigns.round(self.name, number) or self.campaigns.start_round(self.name, number)
+        )
         if step in record.steps and record.steps[step].status == "done":
             return
         self._check_lease()
@@ -251,10 +288,17 @@ class Campaign:
         started = StepRecord(name=step, model_versions=self._versions())
         self._guard(lambda: self.campaigns.record_step(self.name, number, started))
         fault_point(step, "start")
-        outputs, metrics = self._guard(lambda: getattr(self, f"_step_{step}")(number), what=f"round {number} {step}")
+        outputs, metrics = self._guard(
+            lambda: getattr(self, f"_step_{step}")(number), what=f"round {number} {step}"
+        )
         fault_point(step, "end")
         finished = started.model_copy(
-            update={"status": "done", "outputs": outputs, "finished_at": utcnow(), "model_versions": self._versions()}
+            update={
+                "status": "done",
+                "outputs": outputs,
+                "finished_at": utcnow(),
+                "model_versions": self._versions(),
+            }
         )
         self._guard(lambda: self.campaigns.record_step(self.name, number, finished, metrics=metrics))
 
@@ -286,7 +330,9 @@ class Campaign:
 
     def _step_acquire(self, number: int) -> tuple[dict, dict]:
         acq = self.config.acquisition
-        already = self.candidates.collection.count_documents({"campaign": self.name, "selected_round": number})
+        already = self.candidates.collection.count_documents(
+            {"campaign": self.name, "selected_round": number}
+        )
         budget = self.config.budget.dft_per_round
         if self.config.stop.max_dft is not None:
             budget = min(budget, self.config.stop.max_dft - self._dft_total() + already)
@@ -348,15 +394,30 @@ class Campaign:
             candidate = CandidateDoc.model_validate(raw)
             structure = self._dft_start(candidate)
             settings = relaxation_settings(
-                structure, engine=self.config.dft.engine, preset=self.config.dft.preset, overrides=self.config.dft.overrides
+                structure,
+                engine=self.config.dft.engine,
+                preset=self.config.dft.preset,
+                overrides=self.config.dft.overrides,
             )
             hit = cache.lookup(structure, settings)
             if hit is not None:
-                job = {"backend": "cache", "task_id": hit["task_id"], "settings_key": settings["key"], "attempts": 0}
+                job = {
+                    "backend": "cache",
+                    "task_id": hit["task_id"],
+                    "settings_key": settings["key"],
+                    "attempts": 0,
+                }
                 cached += 1
             else:
-                job = {"backend": backend, "settings_key": settings["key"], "attempts": 0, "submitted_at": utcnow()}
-            self.candidates.transition(candidate.candidate_id, CandidateState.SUBMITTED, update={"dft_job": job})
+                job = {
+                    "backend": backend,
+                    "settings_key": settings["key"],
+                    "attempts": 0,
+                    "submitted_at": utcnow(),
+                }
+            self.candidates.transition(
+                candidate.candidate_id, CandidateState.SUBMITTED, update={"dft_job": job}
+            )
             if i == 0:
                 fault_point("submit", "mid")
             if hit is None:
@@ -380,18 +441,28 @@ class Campaign:
             pending = [
                 CandidateDoc.model_validate(d)
                 for d in self.candidates.collection.find(
-                    {"campaign": self.name, "selected_round": number, "state": CandidateState.SUBMITTED.value},
+                    {
+                        "campaign": self.name,
+                        "selected_round": number,
+                        "state": CandidateState.SUBMITTED.value,
+                    },
                     {"_id": 0},
                 ).sort("candidate_id", 1)
             ]
             for candidate in pending:
                 self._check_lease()
-                outcome = self._harvest_one(candidate, run_local=backend == "local" or candidate.dft_job.get("backend") == "local")
+                outcome = self._harvest_one(
+                    candidate, run_local=backend == "local" or candidate.dft_job.get("backend") == "local"
+                )
                 relaxed += outcome == "relaxed"
                 failed += outcome == "failed"
                 if self.progress:
                     done = self.candidates.collection.count_documents(
-                        {"campaign": self.name, "selected_round": number, "state": {"$in": ["relaxed", "failed"]}}
+                        {
+                            "campaign": self.name,
+                            "selected_round": number,
+                            "state": {"$in": ["relaxed", "failed"]},
+                        }
                     )
                     self.progress("harvest", done, total)
                 if outcome is not None:
@@ -402,7 +473,9 @@ class Campaign:
             if still == 0:
                 break
             if time.monotonic() > deadline:
-                self.log(f"  harvest timed out with {still} job(s) still running; they are collected next round")
+                self.log(
+                    f"  harvest timed out with {still} job(s) still running; they are collected next round"
+                )
                 break
             time.sleep(self.config.execution.poll_interval_s)
         hits = self._hits(selected_round=number)
@@ -426,9 +499,11 @@ class Campaign:
         results = self._dft_results()
         new = [r for r in results if r.round == number]
         if (number + 1) % settings.every != 0 or len(new) < settings.min_new_results:
-            reason = f"{len(new)} new DFT result(s); retraining needs {settings.min_new_results}" if len(
-                new
-            ) < settings.min_new_results else f"retraining runs every {settings.every} round(s)"
+            reason = (
+                f"{len(new)} new DFT result(s); retraining needs {settings.min_new_results}"
+                if len(new) < settings.min_new_results
+                else f"retraining runs every {settings.every} round(s)"
+            )
             self.log(f"  retrain skipped: {reason}")
             return {"skipped": reason}, {}
         work_dir = self._work_dir() / "models"
@@ -466,7 +541,13 @@ class Campaign:
         self.models = self._resolve_models()
         return {
             "hooks": [
-                {"name": o.name, "status": o.status, "metrics": o.metrics, "new_models": o.new_models, "error": o.error}
+                {
+                    "name": o.name,
+                    "status": o.status,
+                    "metrics": o.metrics,
+                    "new_models": o.new_models,
+                    "error": o.error,
+                }
                 for o in outcomes
             ]
         }, metrics
@@ -475,7 +556,9 @@ class Campaign:
         rounds = self.campaigns.all_rounds(self.name)
         cumulative = len(self._hits())
         current = next(r for r in rounds if r.round == number)
-        counts = {k: int(v) for k, v in current.metrics.items() if isinstance(v, int) and not isinstance(v, bool)}
+        counts = {
+            k: int(v) for k, v in current.metrics.items() if isinstance(v, int) and not isinstance(v, bool)
+        }
         self.campaigns.finish_round(self.name, number, counts)
         outputs: dict[str, Any] = {"cumulative_hits": cumulative}
         try:
@@ -525,19 +608,31 @@ class Campaign:
             flow = self._flow(candidate, number)
             if self.config.execution.backend == "fireworks":
                 lpad = backends.launchpad()
-                known = lpad.fireworks.find_one({"spec._crystaloop_candidate": candidate.candidate_id}, {"fw_id": 1})
+                known = lpad.fireworks.find_one(
+                    {"spec._crystaloop_candidate": candidate.candidate_id}, {"fw_id": 1}
+                )
                 if known is None:
                     ids = _submit_fireworks(flow, candidate.candidate_id, lpad)
                 else:
                     ids = [known["fw_id"]]
                 ref = {"fw_ids": ids}
             else:
-                ref = {"remote": str(backends.submit_remote(
-                    flow, project=self.config.execution.project, worker=self.config.execution.worker
-                ))}
+                ref = {
+                    "remote": str(
+                        backends.submit_remote(
+                            flow, project=self.config.execution.project, worker=self.config.execution.worker
+                        )
+                    )
+                }
             self.candidates.collection.update_one(
                 {"candidate_id": candidate.candidate_id},
-                {"$set": {"dft_job.queued": True, "dft_job.flow_uuid": flow.uuid, **{f"dft_job.{k}": v for k, v in ref.items()}}},
+                {
+                    "$set": {
+                        "dft_job.queued": True,
+                        "dft_job.flow_uuid": flow.uuid,
+                        **{f"dft_job.{k}": v for k, v in ref.items()},
+                    }
+                },
             )
             queued += 1
         return queued
@@ -565,24 +660,36 @@ class Campaign:
             hit = self.database["dft_cache"].find_one({"task_id": job["task_id"]}, {"_id": 0})
             if hit is None:
                 return self._finish(candidate, "failed", reason="cached result disappeared", job=job)
-            return self._finish(candidate, "relaxed", values=hit["values"], task_id=hit["task_id"], job={**job, "from_cache": True})
-        task = self._task_for(candidate.candidate_id)
-        if task is not None and task["state"] == "successful" and task.get("formation_energy_per_atom") is None:
-            task = None if run_local and job.get("attempts", 0) < MAX_LOCAL_ATTEMPTS else task
-        if task is None:
-            if not run_local:
-                return None
-            if job.get("attempts", 0) >= MAX_LOCAL_ATTEMPTS:
-                return self._finish(candidate, "failed", reason=f"no result after {MAX_LOCAL_ATTEMPTS} attempts", job=job)
-            job["attempts"] = job.get("attempts", 0) + 1
-            self.candidates.collection.update_one(
-                {"candidate_id": candidate.candidate_id}, {"$set": {"dft_job.attempts": job["attempts"]}}
+            return self._finish(
+                candidate,
+                "relaxed",
+                values=hit["values"],
+                task_id=hit["task_id"],
+                job={**job, "from_cache": True},
             )
-            flow = self._flow(candidate, candidate.selected_round or 0)
-            run_flow_locally(flow, root_dir=self._work_dir() / "jobs")
-            task = self._task_for(candidate.candidate_id)
-            if task is None:
-                return self._finish(candidate, "failed", reason="the flow wrote no result", job=job)
+        task = self._task_for(candidate.candidate_id)
+        if not _complete(task):
+            if not run_local:
+                ended = self._remote_ended(candidate)
+                if ended is None:
+                    return None  # still queued or running on a worker
+                task = self._task_for(candidate.candidate_id)
+                if not _complete(task):
+                    return self._finish(candidate, "failed", reason=ended, job=job)
+            elif job.get("attempts", 0) >= MAX_LOCAL_ATTEMPTS:
+                return self._finish(
+                    candidate, "failed", reason=f"no result after {MAX_LOCAL_ATTEMPTS} attempts", job=job
+                )
+            else:
+                job["attempts"] = job.get("attempts", 0) + 1
+                self.candidates.collection.update_one(
+                    {"candidate_id": candidate.candidate_id}, {"$set": {"dft_job.attempts": job["attempts"]}}
+                )
+                flow = self._flow(candidate, candidate.selected_round or 0)
+                run_flow_locally(flow, root_dir=self._work_dir() / "jobs")
+                task = self._task_for(candidate.candidate_id)
+                if task is None:
+                    return self._finish(candidate, "failed", reason="the flow wrote no result", job=job)
         output = task.get("output") or {}
         if task["state"] != "successful" or task.get("formation_energy_per_atom") is None:
             reasons = "; ".join(task.get("reasons") or []) or "no formation energy"
@@ -596,18 +703,49 @@ class Campaign:
         job.update(_relaxation_change(output))
         structure = self._dft_start(candidate)
         settings = relaxation_settings(
-            structure, engine=self.config.dft.engine, preset=self.config.dft.preset, overrides=self.config.dft.overrides
+            structure,
+            engine=self.config.dft.engine,
+            preset=self.config.dft.preset,
+            overrides=self.config.dft.overrides,
         )
-        cache.put(structure, settings, output, values, source={"campaign": self.name, "candidate_id": candidate.candidate_id})
+        cache.put(
+            structure,
+            settings,
+            output,
+            values,
+            source={"campaign": self.name, "candidate_id": candidate.candidate_id},
+        )
         return self._finish(candidate, "relaxed", values=values, task_id=task["task_id"], job=job)
 
-    def _finish(self, candidate: CandidateDoc, state: str, *, values=None, task_id=None, reason=None, job=None) -> str:
+    def _remote_ended(self, candidate: CandidateDoc) -> str | None:
+        """Why a queued flow ended without a result (None while it may still deliver one)."""
+        if candidate.dft_job.get("backend") != "fireworks":
+            return None
+        from crystaloop.dft.backends import launchpad
+
+        states = [
+            fw["state"]
+            for fw in launchpad().fireworks.find(
+                {"spec._crystaloop_candidate": candidate.candidate_id}, {"state": 1}
+            )
+        ]
+        if "FIZZLED" in states:
+            return "a Firework of its flow fizzled"
+        if states and all(state == "COMPLETED" for state in states):
+            return "its flow completed without a formation energy"
+        return None
+
+    def _finish(
+        self, candidate: CandidateDoc, state: str, *, values=None, task_id=None, reason=None, job=None
+    ) -> str:
         update: dict[str, Any] = {"dft_engine": self.config.dft.engine, "dft_job": job or candidate.dft_job}
         if values is not None:
             update["dft"] = values
         if task_id is not None:
             update["dft_task_id"] = task_id
-        self.candidates.transition(candidate.candidate_id, state, reason=reason, stage="dft" if reason else None, update=update)
+        self.candidates.transition(
+            candidate.candidate_id, state, reason=reason, stage="dft" if reason else None, update=update
+        )
         return state
 
     def _dft_results(self) -> list[DFTResult]:
@@ -619,12 +757,18 @@ class Campaign:
             c = CandidateDoc.model_validate(raw)
             structure = None
             if c.dft_task_id:
-                task = self.database["dft_tasks"].find_one({"task_id": c.dft_task_id}, {"output.final_structure": 1})
+                task = self.database["dft_tasks"].find_one(
+                    {"task_id": c.dft_task_id}, {"output.final_structure": 1}
+                )
                 final = (task or {}).get("output", {}).get("final_structure")
                 structure = Structure.from_dict(final) if final else None
             if structure is None:
                 hit = self.database["dft_cache"].find_one({"task_id": c.dft_task_id}, {"final_structure": 1})
-                structure = Structure.from_dict(hit["final_structure"]) if hit and hit.get("final_structure") else None
+                structure = (
+                    Structure.from_dict(hit["final_structure"])
+                    if hit and hit.get("final_structure")
+                    else None
+                )
             results.append(
                 DFTResult(
                     candidate_id=c.candidate_id,
@@ -737,23 +881,7 @@ class Campaign:
                 self.log(f"  database unreachable ({type(exc).__name__}); retrying in {delay:.0f} s")
                 time.sleep(delay)
                 delay = min(delay * 2, 30.0)
-                _restart_embedded_server()
-
-
-def _restart_embedded_server() -> None:
-    """Start the embedded server again if no URI is configured (it is then ours to restart)."""
-    from crystaloop.db.connection import _client
-    from crystaloop.db.server import EmbeddedServer
-    from crystaloop.settings import get_settings
-
-    settings = get_settings()
-    if settings.mongodb_uri:
-        return
-    try:
-        EmbeddedServer(settings.data_dir).start()
-    except Exception:  # the next attempt reports it
-        return
-    _client.cache_clear()
+                self._reconnect()
 
 
 def _submit_fireworks(flow, candidate_id: str, lpad) -> list[int]:
@@ -769,6 +897,13 @@ def _submit_fireworks(flow, candidate_id: str, lpad) -> list[int]:
     return sorted(mapping.values())
 
 
+def _complete(task: dict[str, Any] | None) -> bool:
+    """A relaxation record that is final: failed, or successful with its formation energy."""
+    return task is not None and (
+        task["state"] == "failed" or task.get("formation_energy_per_atom") is not None
+    )
+
+
 def _relaxation_change(output: dict[str, Any]) -> dict[str, float]:
     """Mean site displacement (Å) and energy change (eV/atom) of a relaxation, where known."""
     out: dict[str, float] = {}
@@ -778,7 +913,9 @@ def _relaxation_change(output: dict[str, Any]) -> dict[str, float]:
         if len(a) == len(b):
             frac = b.frac_coords - a.frac_coords
             frac -= np.round(frac)
-            out["mean_displacement_angstrom"] = float(np.linalg.norm(b.lattice.get_cartesian_coords(frac), axis=1).mean())
+            out["mean_displacement_angstrom"] = float(
+                np.linalg.norm(b.lattice.get_cartesian_coords(frac), axis=1).mean()
+            )
     steps = output.get("ionic_steps") or []
     energies = [s.get("energy") for s in steps if isinstance(s, dict) and s.get("energy") is not None]
     if len(energies) >= 2 and final:

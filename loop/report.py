@@ -105,7 +105,9 @@ def write_report(database, name: str, folder: Path | str) -> list[Path]:
     ax.set_xlabel("round")
     ax.set_ylabel("DFT hit rate (%)")
     ax2 = ax.twinx()
-    ax2.step(xs, [r["cumulative_hits"] for r in rows], where="mid", color="tab:orange", label="cumulative hits")
+    ax2.step(
+        xs, [r["cumulative_hits"] for r in rows], where="mid", color="tab:orange", label="cumulative hits"
+    )
     ax2.set_ylabel("cumulative hits")
     ax.set_title(f"{name}: hits per round")
     fig.tight_layout()
@@ -187,7 +189,11 @@ def write_report(database, name: str, folder: Path | str) -> list[Path]:
             f"| {_fmt(r['mae_before'])} | {_fmt(r['mae_after'])} | {_fmt(r['mean_displacement_angstrom'])} "
             f"| {_fmt(r['cache_hits'])} |"
         )
-    lines += ["", f"MAE: CGCNN ensemble on that round's DFT results, {spec.unit}, before and after its fine-tune.", ""]
+    lines += [
+        "",
+        f"MAE: CGCNN ensemble on that round's DFT results, {spec.unit}, before and after its fine-tune.",
+        "",
+    ]
     for r in rows:
         if r["cascade"]:
             funnel = " → ".join(f"{s} {n_out}" for s, _, n_out in r["cascade"])

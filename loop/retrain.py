@@ -132,11 +132,17 @@ def run_hooks(names: list[str], context: HookContext) -> list[HookResult]:
     return results
 
 
-def _registry_version(database, kind: str, version: str, checkpoint: Path, config: dict, metrics: dict, data_hash: str):
+def _registry_version(
+    database, kind: str, version: str, checkpoint: Path, config: dict, metrics: dict, data_hash: str
+):
     from crystaloop.db.documents import ModelDoc
     from crystaloop.db.registry import ModelRegistry
 
-    clean = {k: (float(v) if v is not None else None) for k, v in metrics.items() if isinstance(v, int | float) or v is None}
+    clean = {
+        k: (float(v) if v is not None else None)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) or v is None
+    }
     ModelRegistry(database).register(
         ModelDoc(
             kind=kind,
@@ -196,7 +202,9 @@ def cgcnn_finetune(context: HookContext) -> HookResult:
     metrics.update(losses)
     version = f"{context.campaign}-cgcnn-r{context.round}"
     path = context.work_dir / f"{version}.pt"
-    save_model(ensemble, path, **{**extra, "finetuned_from": str(context.models["cgcnn"]), "round": context.round})
+    save_model(
+        ensemble, path, **{**extra, "finetuned_from": str(context.models["cgcnn"]), "round": context.round}
+    )
     target = properties[0] if properties else "formation_energy_per_atom"
     flat = {
         f"mae_before_{target}": metrics["mae_before"].get(target),
@@ -207,7 +215,11 @@ def cgcnn_finetune(context: HookContext) -> HookResult:
         "cgcnn-ensemble",
         version,
         path,
-        {"finetuned_from": str(context.models["cgcnn"]), "epochs": settings.epochs, "dft_weight": settings.dft_weight},
+        {
+            "finetuned_from": str(context.models["cgcnn"]),
+            "epochs": settings.epochs,
+            "dft_weight": settings.dft_weight,
+        },
         flat,
         data_hash=f"{context.campaign}:r{context.round}:{len(context.results)}",
     )
@@ -226,7 +238,9 @@ def _replay_records(database, n: int, *, seed: int) -> list[tuple[Structure, dic
     if n <= 0:
         return []
     query = {"source": "prior", "converged": True, "reject_reason": None}
-    ids = [d["structure_id"] for d in database["training_structures"].find(query, {"structure_id": 1, "_id": 0})]
+    ids = [
+        d["structure_id"] for d in database["training_structures"].find(query, {"structure_id": 1, "_id": 0})
+    ]
     if not ids:
         return []
     rng = np.random.default_rng(seed)
@@ -243,8 +257,8 @@ def conditioning_update(context: HookContext) -> HookResult:
     """Add DFT results to the training data and recompute the condition's decile boundaries."""
     from crystaloop.db.documents import StructureFields, TrainingStructureDoc
     from crystaloop.db.training import upsert_documents
-    from crystaloop.generative.models.condition import DecileCondition
     from crystaloop.generative.models.checkpoint import load_model
+    from crystaloop.generative.models.condition import DecileCondition
 
     vae, _ = load_model(context.models["vae"])
     condition = vae.condition

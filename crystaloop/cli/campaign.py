@@ -84,7 +84,9 @@ def run(
             if done >= total:
                 bar.remove_task(tasks.pop(step))
 
-        campaign = Campaign(config, log=lambda line: bar.console.print(line, highlight=False), progress=progress)
+        campaign = Campaign(
+            config, log=lambda line: bar.console.print(line, highlight=False), progress=progress
+        )
         result = campaign.run(max_rounds=max_rounds)
     _print_status(config.name, fmt, header=f"{result.status}: {result.reason}")
 
@@ -147,7 +149,9 @@ def campaign_summary(database, name: str) -> dict:
     doc = store.get(name)
     if doc is None:
         known = ", ".join(c.name for c in store.list()) or "none yet"
-        raise UserError(f"no campaign named {name!r} (campaigns: {known}); start one with `crystaloop campaign run FILE`")
+        raise UserError(
+            f"no campaign named {name!r} (campaigns: {known}); start one with `crystaloop campaign run FILE`"
+        )
     rounds = []
     for r in store.all_rounds(name):
         rounds.append(
@@ -160,7 +164,8 @@ def campaign_summary(database, name: str) -> dict:
         )
     running = list(
         database["candidates"].find(
-            {"campaign": name, "state": "submitted"}, {"_id": 0, "candidate_id": 1, "reduced_formula": 1, "dft_job": 1}
+            {"campaign": name, "state": "submitted"},
+            {"_id": 0, "candidate_id": 1, "reduced_formula": 1, "dft_job": 1},
         )
     )
     return {
@@ -172,7 +177,11 @@ def campaign_summary(database, name: str) -> dict:
         "states": CandidateStore(database).count_by_state(name),
         "rounds": rounds,
         "running_jobs": [
-            {"candidate_id": j["candidate_id"], "formula": j["reduced_formula"], "backend": j.get("dft_job", {}).get("backend")}
+            {
+                "candidate_id": j["candidate_id"],
+                "formula": j["reduced_formula"],
+                "backend": j.get("dft_job", {}).get("backend"),
+            }
             for j in running
         ],
     }
@@ -190,8 +199,26 @@ def _print_status(name: str, fmt: str, header: str | None = None) -> None:
     if header:
         console.print(f"[bold]{name}[/] {header}", highlight=False)
     else:
-        console.print(f"[bold]{name}[/]: {summary['status']}" + (f" ({summary['reason']})" if summary["reason"] else ""), highlight=False)
-    table = Table("round", "steps", "generated", "shortlisted", "DFT", "relaxed", "failed", "hits", "hit rate", "cum. hits", "MAE before", "MAE after", "cache")
+        console.print(
+            f"[bold]{name}[/]: {summary['status']}"
+            + (f" ({summary['reason']})" if summary["reason"] else ""),
+            highlight=False,
+        )
+    table = Table(
+        "round",
+        "steps",
+        "generated",
+        "shortlisted",
+        "DFT",
+        "relaxed",
+        "failed",
+        "hits",
+        "hit rate",
+        "cum. hits",
+        "MAE before",
+        "MAE after",
+        "cache",
+    )
     for r in summary["rounds"]:
         table.add_row(
             str(r["round"]),

@@ -18,7 +18,9 @@ from crystaloop.generative.models.ensemble import CGCNNEnsemble
 from crystaloop.generative.train.loop import pick_device, seed_everything
 
 
-def label_matrix(labels: Sequence[dict[str, float | None]], properties: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+def label_matrix(
+    labels: Sequence[dict[str, float | None]], properties: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray]:
     """(N, P) values (NaN where missing) and 0/1 presence for ``properties``."""
     values = np.array(
         [[np.nan if row.get(p) is None else float(row[p]) for p in properties] for row in labels],

@@ -12,7 +12,6 @@ from datetime import timedelta
 
 import numpy as np
 import pytest
-from pymatgen.core import Lattice, Structure
 
 from crystaloop.db.campaigns import CampaignStore
 from crystaloop.db.documents import CandidateState, Lease, utcnow
@@ -22,72 +21,13 @@ from crystaloop.loop.campaign import Campaign
 from crystaloop.loop.config import parse_campaign_config
 
 
-def campaign_config(name: str, **changes) -> dict:
-    """A small surrogate campaign."""
-    config = {
-        "name": name,
-        "targets": [{"property": "formation_energy_per_atom", "min": -1.5, "max": -0.05}],
-        "material_classes": ["binary"],
-        "elements": {"allow": ["Cu", "Pd", "Ni", "Al", "Fe", "Ti", "Ga", "Ag"]},
-        "budget": {"candidates_per_round": 16, "dft_per_round": 2},
-        "max_rounds": 1,
-        "dft": {"engine": "surrogate"},
-        "retrain": {"epochs": 1, "replay": 16},
-        "execution": {"poll_interval_s": 0.2},
-        "acquisition": {"max_per_chemsys": 1},
-    }
-    config.update(changes)
-    return config
-
-
-def b2(a: str, b: str, lattice: float) -> Structure:
-    return Structure(Lattice.cubic(lattice), [a, b], [[0, 0, 0], [0.5, 0.5, 0.5]])
-
-
-SHORTLIST = [
-    (b2("Ni", "Al", 2.88), -0.65, 0.05),
-    (b2("Cu", "Pd", 3.00), -0.12, 0.05),
-    (b2("Fe", "Al", 2.91), -0.30, 0.08),
-    (b2("Ti", "Ga", 3.10), 0.40, 0.05),
-]
-
-
-def shortlist(database, name: str, round: int = 0, items=SHORTLIST) -> list[str]:
-    """Store candidates as ``shortlisted`` with an ensemble prediction of E_f (eV/atom)."""
-    store = CandidateStore(database)
-    ids = []
-    for structure, mean, std in items:
-        cid, inserted = store.add(
-            structure,
-            campaign=name,
-            round=round,
-            predicted={"formation_energy_per_atom": {"mean": mean, "std": std}},
-            provenance={"generation_id": f"{name}-r{round}"},
-        )
-        assert inserted
-        store.transition(cid, CandidateState.SHORTLISTED)
-        ids.append(cid)
-    return ids
-
-
-@pytest.fixture
-def prior_subset(database):
-    """A few hundred prior structures (replay data for the fine-tune, conditioning labels)."""
-    from crystaloop.db.training import upsert_documents
-    from crystaloop.generative.data import prior
-
-    docs = prior.to_documents(prior.read_prior(prior.SHIPPED_PATH))
-    upsert_documents(database, [d for d in docs if not d["reject_reason"]][:200])
-    return database
-
-
-def test_round_after_generation(settings, prior_subset):
+def test_round_after_generation(settings, prior_subset, loop_config, make_shortlist, shortlist_items):
     """One round from a stored shortlist: acquisition, surrogate DFT, harvest, retrain, report."""
     database = prior_subset
     name = "loop-steps"
-    ids = shortlist(database, name)
+    ids = make_shortlist(database, name)
     lines: list[str] = []
-    campaign = Campaign(parse_campaign_config(campaign_config(name)), database=database, log=lines.append)
+    campaign = Campaign(parse_campaign_config(loop_config(name)), database=database, log=lines.append)
     result = campaign.run()
     assert result.status == "finished"
     assert "max_rounds" in result.reason
@@ -115,7 +55,9 @@ def test_round_after_generation(settings, prior_subset):
     for doc in relaxed:
         assert doc.dft_engine == "surrogate"
         assert np.isfinite(doc.dft["formation_energy_per_atom"])
-        assert database["dft_tasks"].find_one({"task_id": doc.dft_task_id})["candidate_id"] == doc.candidate_id
+        assert (
+            database["dft_tasks"].find_one({"task_id": doc.dft_task_id})["candidate_id"] == doc.candidate_id
+        )
     # NiAl B2 is strongly bound in CHGNet as in DFT: a hit in [-1.5, -0.05] eV/atom.
     assert record.metrics["hits"] >= 1
     assert record.metrics["relaxed"] == len(relaxed)
@@ -138,15 +80,27 @@ def test_round_after_generation(settings, prior_subset):
     assert any(f.endswith("report.md") for f in report["files"])
 
 
-def test_dft_cache_answers_an_equivalent_structure(settings, prior_subset):
+def test_dft_cache_answers_an_equivalent_structure(
+    settings, prior_subset, loop_config, make_shortlist, shortlist_items
+):
     """A second campaign asking for a relaxed crystal (rotated, translated) gets the cached result."""
     database = prior_subset
-    shortlist(database, "cache-a", items=[SHORTLIST[0]])
-    Campaign(parse_campaign_config(campaign_config("cache-a", retrain={"cgcnn": False, "generator_conditioning": False})), database=database).run()
-    moved = SHORTLIST[0][0].copy()
+    make_shortlist(database, "cache-a", items=[shortlist_items[0]])
+    Campaign(
+        parse_campaign_config(
+            loop_config("cache-a", retrain={"cgcnn": False, "generator_conditioning": False})
+        ),
+        database=database,
+    ).run()
+    moved = shortlist_items[0][0].copy()
     moved.translate_sites(range(len(moved)), [0.13, 0.2, 0.05])
-    shortlist(database, "cache-b", items=[(moved, -0.6, 0.05)])
-    Campaign(parse_campaign_config(campaign_config("cache-b", retrain={"cgcnn": False, "generator_conditioning": False})), database=database).run()
+    make_shortlist(database, "cache-b", items=[(moved, -0.6, 0.05)])
+    Campaign(
+        parse_campaign_config(
+            loop_config("cache-b", retrain={"cgcnn": False, "generator_conditioning": False})
+        ),
+        database=database,
+    ).run()
     first = CandidateStore(database).query(campaign="cache-a")[0][1]
     second = CandidateStore(database).query(campaign="cache-b")[0][1]
     record = CampaignStore(database).round("cache-b", 0)
@@ -156,9 +110,11 @@ def test_dft_cache_answers_an_equivalent_structure(settings, prior_subset):
     assert database["dft_tasks"].count_documents({"candidate_id": second.candidate_id}) == 0
 
 
-def test_live_lease_blocks_and_stale_lease_is_taken_over(settings, database):
+def test_live_lease_blocks_and_stale_lease_is_taken_over(
+    settings, database, loop_config, make_shortlist, shortlist_items
+):
     store = CampaignStore(database)
-    config = parse_campaign_config(campaign_config("leased"))
+    config = parse_campaign_config(loop_config("leased"))
     store.ensure("leased", config.model_dump(mode="json"))
     assert store.acquire_lease("leased", owner="other-host:1") is not None
     with pytest.raises(UserError, match="other-host:1"):
@@ -171,11 +127,15 @@ def test_live_lease_blocks_and_stale_lease_is_taken_over(settings, database):
     assert not store.renew_lease("leased", "t")
 
 
-def test_stop_request_ends_after_the_current_step_and_run_resumes(settings, prior_subset):
+def test_stop_request_ends_after_the_current_step_and_run_resumes(
+    settings, prior_subset, loop_config, make_shortlist, shortlist_items
+):
     database = prior_subset
     name = "stoppable"
-    shortlist(database, name, items=SHORTLIST[:2])
-    config = parse_campaign_config(campaign_config(name, retrain={"cgcnn": False, "generator_conditioning": False}))
+    make_shortlist(database, name, items=shortlist_items[:2])
+    config = parse_campaign_config(
+        loop_config(name, retrain={"cgcnn": False, "generator_conditioning": False})
+    )
     store = CampaignStore(database)
 
     def log(line: str) -> None:
@@ -200,7 +160,9 @@ KILL_POINTS = ["acquire:mid", "submit:end", "harvest:start", "retrain:start", "r
     "kill_at",
     ["submit:mid", "harvest:mid", KILL_POINTS[np.random.default_rng(20261127).integers(len(KILL_POINTS))]],
 )
-def test_sigkill_and_resume(settings, prior_subset, tmp_path, kill_at):
+def test_sigkill_and_resume(
+    settings, prior_subset, tmp_path, kill_at, loop_config, make_shortlist, shortlist_items
+):
     """SIGKILL `campaign run` inside a step; the rerun submits nothing twice and harvests every job."""
     import os
     import subprocess
@@ -210,13 +172,21 @@ def test_sigkill_and_resume(settings, prior_subset, tmp_path, kill_at):
 
     database = prior_subset
     name = f"kill-{kill_at.replace(':', '-')}"
-    ids = shortlist(database, name, items=SHORTLIST[:3])
+    ids = make_shortlist(database, name, items=shortlist_items[:3])
     path = tmp_path / "campaign.yaml"
-    path.write_text(yaml.safe_dump(campaign_config(name, retrain={"epochs": 1, "replay": 8, "generator_conditioning": False})))
+    path.write_text(
+        yaml.safe_dump(loop_config(name, retrain={"epochs": 1, "replay": 8, "generator_conditioning": False}))
+    )
     from pathlib import Path
 
     command = [str(Path(sys.executable).parent / "crystaloop"), "campaign", "run", str(path)]
-    killed = subprocess.run(command, env={**os.environ, "CRYSTALOOP_KILL_AT": kill_at}, capture_output=True, text=True, timeout=600)
+    killed = subprocess.run(
+        command,
+        env={**os.environ, "CRYSTALOOP_KILL_AT": kill_at},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert killed.returncode == -9, killed.stderr[-2000:]
     store = CampaignStore(database)
     step = kill_at.split(":")[0]
@@ -239,3 +209,61 @@ def test_sigkill_and_resume(settings, prior_subset, tmp_path, kill_at):
         # A flow runs again only when the kill interrupted it (harvest:mid kills after a finished one).
         assert relaxations == 1
     assert store.get(name).lease is None
+
+
+def test_campaign_rides_out_a_killed_embedded_server(
+    tmp_path, monkeypatch, loop_config, make_shortlist, shortlist_items
+):
+    """SIGKILL the campaign's own embedded server mid-round: it restarts it and carries on."""
+    import os
+    import signal
+
+    from crystaloop.db import get_database
+    from crystaloop.db.connection import _client
+    from crystaloop.db.server import EmbeddedServer
+    from crystaloop.settings import get_settings
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    monkeypatch.delenv("CRYSTALOOP_MONGODB_URI", raising=False)
+    monkeypatch.setenv("CRYSTALOOP_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("CRYSTALOOP_DATABASE", "outage")
+    get_settings.cache_clear()
+    _client.cache_clear()
+    server = EmbeddedServer(data_dir)
+    try:
+        database = get_database()
+        name = "outage"
+        make_shortlist(database, name, items=shortlist_items[:2])
+        config = parse_campaign_config(
+            loop_config(
+                name,
+                retrain={"cgcnn": False, "generator_conditioning": False},
+                execution={"poll_interval_s": 0.2, "db_retry_s": 60},
+            )
+        )
+        killed = []
+
+        def log(line: str) -> None:
+            if line.endswith(": submit") and not killed:
+                killed.append(server.read_record().pid)
+                os.kill(killed[0], signal.SIGKILL)
+
+        lines: list[str] = []
+        result = Campaign(config, database=database, log=lambda line: (lines.append(line), log(line))).run()
+        assert killed, "the server was killed"
+        assert any("database unreachable" in line for line in lines)
+        assert result.status == "finished"
+        assert server.read_record().pid != killed[0]
+        fresh = get_database()
+        record = CampaignStore(fresh).round(name, 0)
+        assert all(s.status == "done" for s in record.steps.values()), (
+            lines,
+            {k: v.status for k, v in record.steps.items()},
+        )
+        states = [d["state"] for d in fresh["candidates"].find({"campaign": name, "selected_round": 0})]
+        assert len(states) == 2 and set(states) <= {"relaxed", "failed"}
+    finally:
+        server.stop()
+        _client.cache_clear()
+        get_settings.cache_clear()
