@@ -530,10 +530,10 @@ class CandidateStore:
         Clause order is the plan: the embedded server answers the first clause
         that an index can serve and checks the rest on each document it fetched
         (equalities alone ride a compound index instead). The formula comes
-        first, then an element key (one element or a pair: exact for ``$all`` of
-        one or two, and a superset for more elements or a chemical system), then
-        the windows (the window on property ``lead`` first), then campaign,
-        state and round.
+        first, then an element key (a pair: exact for ``$all`` of two, and a
+        superset for more elements or a chemical system; one element is
+        checked, not keyed), then the windows (the window on property ``lead``
+        first), then campaign, state and round.
         """
         full = CandidateStore.build_filter(
             campaign=campaign,
@@ -548,11 +548,13 @@ class CandidateStore:
         query: dict[str, Any] = {}
         if "reduced_formula" in full:
             query["reduced_formula"] = full["reduced_formula"]
-        symbols = sorted(set(elements or ())) or full.get("chemsys", "").split("-")
-        if symbols != [""]:
+        symbols = sorted(set(elements or ()))
+        if len(symbols) >= 2:
             query["element_keys"] = element_key(symbols)
-        if len(set(elements or ())) > 2:
-            query["elements"] = full["elements"]
+        elif "chemsys" in full:
+            query["element_keys"] = element_key(full["chemsys"].split("-"))
+        if len(symbols) != 2 and symbols:
+            query["elements"] = symbols[0] if len(symbols) == 1 else full["elements"]
         if "chemsys" in full:
             query["chemsys"] = full["chemsys"]
         if dft and windows:
@@ -630,8 +632,9 @@ class CandidateStore:
 
         - a sort on a property that also has a window: the window is sliced;
         - a sort on ``created_at`` (the default) when nothing more selective
-          leads (only campaign, state and round, matching more than
-          :data:`TIME_SLICE_MIN_MATCHES` candidates by the counters), or when the
+          leads (no formula, element key, window or DFT key, and more than
+          :data:`TIME_SLICE_MIN_MATCHES` candidates of the campaign, state and
+          round by the counters), or when the
           filter is exactly an element key and a campaign (the compound index
           ``element_keys, campaign, created_at`` serves each slice exactly): the
           campaign's time span, from its counters, is sliced.
@@ -658,10 +661,11 @@ class CandidateStore:
         if len(slices) < 2:
             cursor = self.summaries.find(query, {"_id": 1}, sort=sort_spec, limit=limit or 0)
             return [d["_id"] for d in cursor]
-        stats["filter"] = query
         ids: list[str] = []
         for stats["slices"], bounds in enumerate(slices, start=1):
             sliced = {**query, field: bounds}
+            if stats["slices"] == 1:
+                stats["filter"] = sliced
             cursor = self.summaries.find(sliced, {"_id": 1}, sort=sort_spec, limit=limit - len(ids))
             ids += [d["_id"] for d in cursor]
             if len(ids) >= limit:
@@ -670,9 +674,9 @@ class CandidateStore:
 
     def _time_slices_pay(self, query: dict[str, Any]) -> bool:
         keys = set(query)
-        if keys == {"element_keys", "campaign"}:
-            return True
-        if not keys <= {"campaign", "state", "round"}:
+        if "element_keys" in keys:
+            return keys == {"element_keys", "campaign"}
+        if keys & {"reduced_formula", "dft_properties"} or any(k.startswith("predicted.") for k in keys):
             return False
         states = query.get("state")
         states = states["$in"] if isinstance(states, dict) else [states] if states else None

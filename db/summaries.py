@@ -65,13 +65,21 @@ LEGACY_CANDIDATE_INDEXES = (
 
 
 def element_keys(elements: list[str]) -> list[str]:
-    """Each element and each pair ``"A-B"`` (sorted): the index keys of ``$all`` of one or two."""
+    """Each pair ``"A-B"`` of the (sorted) elements; the element itself for a unary compound.
+
+    A pair is the exact index key of ``$all`` of two elements. Single elements
+    are not keyed: one element matches too many candidates for an index to
+    help, and every key costs each insert an index entry.
+    """
     symbols = sorted(set(elements))
-    return symbols + [f"{a}-{b}" for a, b in combinations(symbols, 2)]
+    if len(symbols) == 1:
+        return symbols
+    return [f"{a}-{b}" for a, b in combinations(symbols, 2)]
 
 
 def element_key(elements: list[str]) -> str:
-    """The :func:`element_keys` entry that every candidate containing ``elements`` has."""
+    """The :func:`element_keys` entry of every candidate with all of ``elements`` (two or more),
+    or of the unary compound of one element."""
     symbols = sorted(set(elements))
     return "-".join(symbols[:2])
 

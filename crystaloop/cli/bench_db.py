@@ -71,7 +71,7 @@ def register(app: typer.Typer) -> None:
         if legacy:
             table.add_column("full documents alone", justify="right")
         table.add_column("plan")
-        extra = [""] if legacy else []
+        extra = [f"{result.legacy_inserts_per_second:,.0f}"] if legacy else []
         table.add_row(
             "inserts/s", f"{result.inserts_per_second:,.0f}", *extra, f"{result.insert_seconds:.1f} s total"
         )
