@@ -433,6 +433,21 @@ def _input_element(path: Path) -> str:
     return re.split(r"[.-]", path.name, maxsplit=1)[0].lower()
 
 
+def _fails_structural_check(known: dict[str, Any]) -> bool:
+    """True when a file's polymorph energy is off by more than twice the tolerance.
+
+    Such a file penalises every environment unlike its reference prototype (the stock Pd put
+    bcc 0.53 eV/atom too high, and CuPd above its elements), so it cannot judge any
+    compound: build-local leaves it out. A file that fails only on the EOS stays in, marked
+    ``failed``, and campaigns refuse it unless allowed.
+    """
+    from crystaloop.dft.verification import STRUCTURAL_GOOD_EV
+
+    numbers = known.get("verification") or {}
+    ours, ae = numbers.get("structural_energy_ev"), numbers.get("structural_energy_ae_ev")
+    return ours is not None and ae is not None and abs(ours - ae) > 2 * STRUCTURAL_GOOD_EV
+
+
 def local_verdicts() -> dict[str, dict[str, Any]]:
     """Shipped verdicts by element: ``{filename, verdict, verification}``."""
     if not LOCAL_VERDICTS.is_file():
@@ -481,7 +496,7 @@ def build_local_family(
     jobs
         ld1.x runs in parallel.
     include_failed
-        Keep elements whose shipped verdict is ``failed`` (dropped by default).
+        Keep elements whose file failed the structural-energy check (left out by default).
 
     Each entry carries the shipped verdict of its file (``local_pbe_verdicts.yaml``), or
     ``unverified`` for a file that was never verified.
@@ -512,7 +527,7 @@ def build_local_family(
         for element, cand in best.items():
             known = verdicts.get(element, {})
             verdict = known.get("verdict", "unverified") if known.get("filename") == cand.path.name else "unverified"
-            if verdict == "failed" and not include_failed:
+            if verdict == "failed" and _fails_structural_check(known) and not include_failed:
                 dropped[element] = cand.path.name
                 continue
             target = dest / cand.path.name

@@ -91,9 +91,21 @@ def test_local_family_is_real_pbe_and_readable(local_family):
         assert read_upf_header(path.read_text()).is_pbe, element
         assert max(len(line) for line in path.read_text().splitlines()) <= MAX_UPF_LINE
         assert entry.ecutrho >= 4 * entry.ecutwfc
-    # Pd comes from crystaloop's own ld1.x input (pslibrary 0.3.0), not QE's stock Pd.in.
-    pd = family.pseudopotentials["Pd"]
+    # Pd and Cu come from crystaloop's own ld1.x inputs (pslibrary), not QE's stock ones, and
+    # carry the shipped verdicts.
+    pd, cu = family.pseudopotentials["Pd"], family.pseudopotentials["Cu"]
     assert (pd.source, pd.filename) == ("ld1.x (crystaloop input)", "Pd.pbe-n-kjpaw_psl.0.3.0.UPF")
+    assert cu.filename == "Cu.pbe-dn-kjpaw_psl.0.2.UPF"
+    assert pd.verdict == "verified" and pd.verification["structural_energy_ev"] == pytest.approx(0.057, abs=0.01)
+    assert (cu.verdict, family.pseudopotentials["Si"].verdict) == ("failed", "verified")
+
+
+def test_a_file_failing_the_structural_check_is_left_out():
+    from crystaloop.dft.pseudos import _fails_structural_check
+
+    stock_pd = {"verification": {"structural_energy_ev": 0.578, "structural_energy_ae_ev": 0.051}}
+    cu = {"verification": {"structural_energy_ev": 0.044, "structural_energy_ae_ev": 0.0366}}
+    assert _fails_structural_check(stock_pd) and not _fails_structural_check(cu)
 
 
 def test_unreadable_cutoff_raises_naming_file_and_field():
