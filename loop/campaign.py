@@ -161,6 +161,29 @@ class Campaign:
 
     # -- running ---------------------------------------------------------------------------
 
+    def prepare(self) -> None:
+        """First run on a fresh install: load the shipped prior data, build the local PBE family.
+
+        Both are what ``crystaloop data load-prior`` and ``crystaloop dft pseudos build-local`` do;
+        they run only when missing, so a campaign needs no other set-up command.
+        """
+        if self.database["training_structures"].count_documents({"source": "prior"}, limit=1) == 0:
+            from crystaloop.db.training import replace_dataset
+            from crystaloop.generative.data import prior
+
+            self.log("loading the shipped prior training data (first run)")
+            doc = prior.read_prior(prior.SHIPPED_PATH)
+            replace_dataset(self.database, doc["dataset"], prior.to_documents(doc))
+        if self.config.dft.engine == "espresso":
+            from crystaloop.settings import get_settings
+
+            settings = get_settings()
+            if not settings.pseudo_family and not settings.resolved_pseudo_family().is_file():
+                from crystaloop.dft.pseudos import build_local_family
+
+                self.log(f"building the local PBE family in {settings.resolved_pseudo_dir()} (first run)")
+                build_local_family(settings.resolved_pseudo_dir())
+
     @staticmethod
     def check_dft(config: CampaignConfig) -> list[str]:
         """Check what must hold before any work: element references and DFT trust.
@@ -203,8 +226,6 @@ class Campaign:
         UserError
             Another live process holds the campaign, or the database stayed unreachable.
         """
-        for line in self.check_dft(self.config):
-            self.log(f"warning: {line}")
         config_doc = self.config.model_dump(mode="json")
         existing = self.campaigns.get(self.name)
         self.campaigns.ensure(self.name, config_doc)
@@ -222,6 +243,9 @@ class Campaign:
         self._heartbeat = _Heartbeat(self, self.token, interval=self.heartbeat_s, ttl=self.lease_ttl_s)
         self._heartbeat.start()
         try:
+            self.prepare()
+            for line in self.check_dft(self.config):
+                self.log(f"warning: {line}")
             if existing is not None:
                 self.log(
                     f"resuming campaign {self.name} ({len(self.campaigns.all_rounds(self.name))} round(s) on record)"

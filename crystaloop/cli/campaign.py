@@ -49,7 +49,18 @@ def validate(path: Path = typer.Argument(..., help="Campaign YAML file.")) -> No
 def _dft_checks(config) -> list[str]:
     """Warnings (cutoffs below the family's suggestion); raises on refused elements."""
     from crystaloop.loop.campaign import Campaign
+    from crystaloop.settings import get_settings
 
+    settings = get_settings()
+    if (
+        config.dft.engine == "espresso"
+        and not settings.pseudo_family
+        and not settings.resolved_pseudo_family().is_file()
+    ):
+        return [
+            f"no pseudopotential family at {settings.resolved_pseudo_family()} yet; `campaign run` builds the "
+            "local PBE family on first use, then checks the elements against its verdicts"
+        ]
     return Campaign.check_dft(config)
 
 

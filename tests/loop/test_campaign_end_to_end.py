@@ -1,0 +1,97 @@
+"""A shortened surrogate campaign end to end: the real generator, filters, CHGNet, embedded DB.
+
+Two rounds through `crystaloop campaign run`, asserting the round documents and their
+steps, the candidates' state transitions, the model versions each round used and
+registered, and the report files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from crystaloop.db.campaigns import CampaignStore
+from crystaloop.db.documents import ROUND_STEPS
+
+
+def test_two_round_surrogate_campaign(settings, prior_subset, loop_config, tmp_path):
+    database = prior_subset
+    name = "e2e"
+    config = loop_config(
+        name,
+        targets=[{"property": "formation_energy_per_atom", "min": -1.0, "max": 0.0}],
+        elements={"allow": ["Cu", "Pd", "Ni", "Fe", "Cr", "Rh", "Ag", "Ga", "Ge", "Si", "Al", "Ti"]},
+        budget={"candidates_per_round": 64, "dft_per_round": 2},
+        max_rounds=2,
+        retrain={"epochs": 1, "replay": 16},
+        acquisition={"max_per_chemsys": 1, "max_per_formula": 1},
+    )
+    path = tmp_path / "e2e.yaml"
+    path.write_text(yaml.safe_dump(config))
+    exe = str(Path(sys.executable).parent / "crystaloop")
+    run = subprocess.run(
+        [exe, "campaign", "run", str(path)], capture_output=True, text=True, timeout=900, env=dict(os.environ)
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    store = CampaignStore(database)
+    rounds = store.all_rounds(name)
+    assert [r.round for r in rounds] == [0, 1]
+    for r in rounds:
+        assert list(r.steps) == list(ROUND_STEPS)
+        assert all(step.status == "done" and step.finished_at is not None for step in r.steps.values())
+        generate = r.steps["generate"].outputs
+        stages = generate["stages"]
+        assert stages[0]["n_in"] == 64
+        for before, after in zip(stages, stages[1:], strict=False):
+            assert after["n_in"] == before["n_out"]
+        assert generate["n_shortlisted"] == stages[-1]["n_out"]
+        assert r.metrics["generated"] == 64
+    assert sum(r.metrics["submitted"] for r in rounds) >= 1, "the generator shortlisted nothing in two rounds"
+
+    submitted = list(
+        database["candidates"].find({"campaign": name, "selected_round": {"$ne": None}}, {"_id": 0})
+    )
+    for doc in submitted:
+        states = [h["state"] for h in doc["state_history"]]
+        assert states[:2] == ["generated", "shortlisted"]
+        assert states[2:4] == ["selected", "submitted"]
+        assert states[-1] in ("relaxed", "failed") and len(states) == 5
+        assert doc["uip"].get("structure"), "the UIP screen's relaxed structure is the DFT start"
+    shortlisted = database["candidates"].count_documents({"campaign": name, "state": "shortlisted"})
+    assert shortlisted + len(submitted) == sum(r.metrics["shortlisted"] for r in rounds)
+
+    shipped = {k: v for k, v in rounds[0].steps["generate"].model_versions.items()}
+    assert set(shipped) == {"vae", "unet", "cgcnn"}
+    retrain0 = {h["name"]: h for h in rounds[0].steps["retrain"].outputs.get("hooks", [])}
+    if rounds[0].metrics.get("relaxed"):
+        assert retrain0["cgcnn_finetune"]["status"] == "done"
+        new_version = retrain0["cgcnn_finetune"]["new_models"]["cgcnn"]
+        assert rounds[1].steps["generate"].model_versions["cgcnn"] == new_version
+        assert rounds[1].steps["generate"].model_versions["vae"] == shipped["vae"]
+        assert database["models"].find_one({"version": new_version}) is not None
+    else:
+        assert rounds[1].steps["generate"].model_versions == shipped
+
+    status = subprocess.run(
+        [exe, "campaign", "status", name, "--format", "json"], capture_output=True, text=True, timeout=120
+    )
+    summary = json.loads(status.stdout)
+    assert summary["status"] == "finished" and len(summary["rounds"]) == 2
+    report_dir = tmp_path / "report"
+    report = subprocess.run(
+        [exe, "campaign", "report", name, "--out", str(report_dir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert report.returncode == 0, report.stderr[-2000:]
+    for file in ("report.md", "hit_rate.png", "parity.png", "target_histogram.png", "cascade.png"):
+        assert (report_dir / file).stat().st_size > 0
+    text = (report_dir / "report.md").read_text()
+    assert "| 0 | 64 |" in text and "| 1 | 64 |" in text
