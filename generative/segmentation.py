@@ -787,7 +787,8 @@ def pursuit_sites(
 
 def _best_element(shapes: np.ndarray, residual: np.ndarray, local: np.ndarray) -> int | None:
     """Index of the element whose Gaussian, over a constant local background, best fits the
-    residual inside ``local``; ``None`` if none fits better than the background alone.
+    residual inside ``local``; ``None`` unless it leaves under a quarter of the squared deviation
+    that a flat background alone leaves.
 
     The free constant stands for the tails of neighbours not yet placed, which eq. 1's wide
     anion Gaussians make large: without it, the widest element always absorbs them.
@@ -798,7 +799,7 @@ def _best_element(shapes: np.ndarray, residual: np.ndarray, local: np.ndarray) -
     sse = ((y[None, :] - g - offsets) ** 2).sum(axis=1)
     flat = float(((y - y.mean()) ** 2).sum())
     best = int(np.argmin(sse))
-    return best if sse[best] < flat else None
+    return best if sse[best] < 0.25 * flat else None
 
 
 def _parabolic_shift(values: np.ndarray, index: np.ndarray) -> np.ndarray:
