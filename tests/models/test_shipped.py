@@ -9,6 +9,7 @@ import pytest
 import torch
 from pymatgen.core import Lattice, Structure
 
+from crystaloop.generative.decode import vae_channels
 from crystaloop.generative.models import CGCNNEnsemble, CondDFCVAE, UNet3D, collate_graphs, load_model
 from crystaloop.generative.models.shipped import CHECKPOINT_DIR, shipped_models
 from crystaloop.generative.models.unet import voxel_spacing
@@ -53,11 +54,12 @@ def test_shipped_unet_and_vae_run_on_a_voxelised_crystal(shipped):
     unet, vae = shipped["unet"], shipped["vae"]
     assert isinstance(unet, UNet3D) and isinstance(vae, CondDFCVAE)
     assert unet.spacing and {11, 17} <= set(unet.vocabulary.atomic_numbers)
-    voxels = voxelize(_rocksalt(), grid=vae.grid)
+    voxels = voxelize(_rocksalt(), grid=32)
     density = torch.from_numpy(np.asarray(voxels.density))[None]
     coords = torch.from_numpy(np.asarray(voxels.coords))[None]
     species = unet.predict_species(density[:, None], voxel_spacing(coords))
     assert species.shape == density.shape and set(species.unique().tolist()) <= set(unet.vocabulary.atomic_numbers)
+    channels, vae_coords = vae_channels(vae, [_rocksalt()])  # eq. 1 density or site channels
     with torch.no_grad():
-        out = vae(vae.to_input(density, coords), vae.condition.for_window(-2.5, -1.5)[None])
-    assert out.recon.shape == (1, 4, vae.grid, vae.grid, vae.grid) and torch.isfinite(out.recon).all()
+        out = vae(vae.to_input(channels, vae_coords), vae.condition.for_window(-2.5, -1.5)[None])
+    assert out.recon.shape == (1, vae.in_channels, vae.grid, vae.grid, vae.grid) and torch.isfinite(out.recon).all()
