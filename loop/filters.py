@@ -31,6 +31,9 @@ from crystaloop.db.documents import FilterStep
 from crystaloop.loop.config import ElementRules, TargetWindow
 
 MIN_EDGE_ANGSTROM = 1.0
+# Solids hold at least ~5 Å^3 per atom (diamond 5.7); denser decoded cells are not DFT starting
+# points, and their neighbour graphs make a universal-potential relaxation slow and memory-hungry.
+MIN_VOLUME_PER_ATOM = 3.0
 
 
 @dataclass
@@ -351,7 +354,8 @@ class UIPStage:
 
     ``references`` are elemental energies (eV/atom) on the same scale as the prior data's
     labels. The relaxed structure, energies (eV/atom), formation energy, mean and max site
-    displacement (Å) and volume change go into the candidate's ``uip`` record.
+    displacement (Å), volume change and wall time (s) go into the candidate's ``uip`` record.
+    Cells denser than ``min_volume_per_atom`` (Å^3) are rejected without a relaxation.
     """
 
     relaxer: Relaxer
@@ -359,11 +363,17 @@ class UIPStage:
     targets: Sequence[TargetWindow]
     tolerance: float = 0.2
     max_volume_change: float = 0.3
+    min_volume_per_atom: float = MIN_VOLUME_PER_ATOM
     name: str = "uip_screen"
 
     def judge(self, candidates: Sequence[Candidate]) -> list[Verdict]:
         out = []
         for c in candidates:
+            per_atom = c.structure.volume / len(c.structure)
+            if per_atom < self.min_volume_per_atom:
+                out.append((False, f"{per_atom:.1f} Å^3/atom is too dense to relax"))
+                continue
+            start = time.perf_counter()
             try:
                 result = self.relaxer.relax(c.structure)
             except Exception as exc:  # a potential that fails on a wild cell rejects the cell
@@ -386,6 +396,7 @@ class UIPStage:
                 "volume_change": volume_change,
                 "steps": result["steps"],
                 "converged": result["converged"],
+                "seconds": time.perf_counter() - start,
             }
             failures = []
             if abs(volume_change) > self.max_volume_change:

@@ -240,4 +240,12 @@ def test_uip_screen_relaxes_with_chgnet_and_rechecks_the_window():
     assert relaxed.volume > squeezed.volume
     assert uip["energy_per_atom"] < uip["initial_energy_per_atom"]
     assert uip["max_displacement_angstrom"] >= uip["mean_displacement_angstrom"] >= 0
-    assert uip["model"].startswith("chgnet-")
+    assert uip["model"].startswith("chgnet-") and uip["seconds"] > 0
+
+
+def test_uip_screen_rejects_cells_too_dense_to_relax_without_relaxing():
+    fcc = [[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]]
+    dense = Structure(Lattice.cubic(2.0), ["Cu"] * 4, fcc)  # 2 Å^3/atom, nearest pair 1.41 Å
+    assert verdicts(ValidityStage(0.5), [cand(dense)]) == [True]
+    stage = UIPStage(relaxer=None, references=None, targets=[])  # neither is reached
+    assert stage.judge([cand(dense)]) == [(False, "2.0 Å^3/atom is too dense to relax")]
