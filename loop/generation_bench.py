@@ -163,7 +163,10 @@ def table2(
     decoder_method: str | None = None,
     progress=None,
 ) -> dict[str, Any]:
-    """Mean count per stage over the bases, scaled to 1000 samples, next to the paper's."""
+    """Mean count per stage over the bases, scaled to 1000 samples, next to the paper's.
+
+    ``progress`` is called with one line per finished base.
+    """
     bases = choose_bases(database, per_class=per_class, seed=seed)
     per_stage: dict[str, list[int]] = defaultdict(list)
     rows = []
@@ -182,7 +185,7 @@ def table2(
             per_stage[stage].append(value)
         rows.append({"base": base, "counts": counts, "seconds": report.seconds})
         if progress is not None:
-            progress(k + 1, len(bases))
+            progress(f"{base}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     scale = 1000 / per_base
     mean = {stage: float(np.mean(v)) * scale for stage, v in per_stage.items()}
     return {
