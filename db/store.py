@@ -40,6 +40,7 @@ from crystaloop.db.summaries import (
     CandidateSummaryDoc,
     counter_id,
     element_key,
+    property_key_range,
 )
 from crystaloop.properties import PROPERTY_NAMES, property_spec
 
@@ -557,11 +558,19 @@ class CandidateStore:
             query["elements"] = symbols[0] if len(symbols) == 1 else full["elements"]
         if "chemsys" in full:
             query["chemsys"] = full["chemsys"]
-        if dft and windows:
-            # DFT values are rare and their fields carry no index; this key narrows to them.
-            query["dft_properties"] = sorted(windows, key=lambda w: w.property != lead)[0].property
-        for window in sorted(windows, key=lambda w: w.property != lead):
+        effective: dict[str, Window] = {}
+        for window in windows:
             # As in build_filter, a later window on the same property replaces an earlier one.
+            effective[window.property] = window
+        ordered = sorted(effective.values(), key=lambda w: w.property != lead)
+        for window in ordered:
+            # The first bounded window leads through the one property index; every
+            # window is then checked exactly.
+            bounds = window.mongo_filter("value")["value"]
+            if "$exists" not in bounds:
+                query["property_keys"] = property_key_range(window.property, bounds, dft=dft)
+                break
+        for window in ordered:
             query.update(window.mongo_filter(summary_field(window.property, dft=dft)))
         for key in ("campaign", "state", "round"):
             if key in full:
@@ -664,6 +673,8 @@ class CandidateStore:
         ids: list[str] = []
         for stats["slices"], bounds in enumerate(slices, start=1):
             sliced = {**query, field: bounds}
+            if name in PROPERTY_NAMES:
+                sliced["property_keys"] = property_key_range(name, bounds, dft=dft)
             if stats["slices"] == 1:
                 stats["filter"] = sliced
             cursor = self.summaries.find(sliced, {"_id": 1}, sort=sort_spec, limit=limit - len(ids))
@@ -676,7 +687,7 @@ class CandidateStore:
         keys = set(query)
         if "element_keys" in keys:
             return keys == {"element_keys", "campaign"}
-        if keys & {"reduced_formula", "dft_properties"} or any(k.startswith("predicted.") for k in keys):
+        if keys & {"reduced_formula", "property_keys"}:
             return False
         states = query.get("state")
         states = states["$in"] if isinstance(states, dict) else [states] if states else None

@@ -47,9 +47,9 @@ SUMMARY_INDEXES: tuple[tuple[list[tuple[str, int]], dict[str, Any]], ...] = (
     ([("element_keys", 1), ("campaign", 1), ("created_at", 1)], {}),
     # Leads created_at slices when only campaign, state and round filter.
     ([("created_at", 1)], {}),
-    *(([(f"predicted.{name}", 1)], {}) for name in PROPERTY_NAMES),
-    # Absent until a candidate has DFT values, so it costs nothing on insert.
-    ([("dft_properties", 1)], {"sparse": True}),
+    # Every predicted and DFT value in one multikey index (see property_key): the
+    # embedded server pays a fixed cost per index on each insert, on top of each entry.
+    ([("property_keys", 1)], {}),
 )
 
 #: Index names that the layout before summaries created on ``candidates``; the migration drops them.
@@ -62,6 +62,34 @@ LEGACY_CANDIDATE_INDEXES = (
     *(f"predicted.{name}.mean_1" for name in PROPERTY_NAMES),
     *(f"dft.{name}_1" for name in PROPERTY_NAMES),
 )
+
+
+#: Property values are keyed on one number line: property ``i`` (its position in
+#: PROPERTY_NAMES; DFT values after all predicted ones) owns
+#: ``[i * PROPERTY_KEY_SPAN - PROPERTY_KEY_CLAMP, i * PROPERTY_KEY_SPAN + PROPERTY_KEY_CLAMP]``.
+PROPERTY_KEY_SPAN = 1.0e6
+PROPERTY_KEY_CLAMP = 0.49e6
+
+
+def property_key(name: str, value: float, *, dft: bool = False) -> float:
+    """The index key of one property value (units per property).
+
+    The mapping is monotone (values beyond the clamp share the end key), so a
+    window ``[lo, hi]`` on the values is contained in ``[key(lo), key(hi)]``;
+    the exact window is checked on each fetched summary.
+    """
+    position = PROPERTY_NAMES.index(name) + (len(PROPERTY_NAMES) if dft else 0)
+    return position * PROPERTY_KEY_SPAN + min(max(value, -PROPERTY_KEY_CLAMP), PROPERTY_KEY_CLAMP)
+
+
+def property_key_range(name: str, bounds: dict[str, float], *, dft: bool = False) -> dict[str, float]:
+    """Key bounds that contain every value within ``bounds`` (``$gte``/``$gt``/``$lte``/``$lt``)."""
+    lo = bounds.get("$gte", bounds.get("$gt"))
+    hi = bounds.get("$lte", bounds.get("$lt"))
+    return {
+        "$gte": property_key(name, -PROPERTY_KEY_CLAMP if lo is None else lo, dft=dft),
+        "$lte": property_key(name, PROPERTY_KEY_CLAMP if hi is None else hi, dft=dft),
+    }
 
 
 def element_keys(elements: list[str]) -> list[str]:
@@ -109,8 +137,8 @@ class CandidateSummaryDoc(BaseModel):
     dft: dict[str, float | None] = Field(
         default_factory=dict, description="DFT value per property; absent keys stay absent."
     )
-    dft_properties: list[str] | None = Field(
-        None, description="Names in ``dft``; left out (not indexed) while there are none."
+    property_keys: list[float] = Field(
+        default_factory=list, description="property_key of each predicted and DFT value (multikey index)."
     )
     created_at: datetime
     revision: int = Field(
@@ -138,14 +166,16 @@ class CandidateSummaryDoc(BaseModel):
             acquisition_score=candidate.get("acquisition_score"),
             predicted=predicted,
             dft=dft,
-            dft_properties=sorted(dft) or None,
+            property_keys=[
+                property_key(name, value, dft=is_dft)
+                for is_dft, values in ((False, predicted), (True, dft))
+                for name, value in values.items()
+                if isinstance(value, int | float) and value == value and name in PROPERTY_NAMES
+            ],
             created_at=candidate["created_at"],
             revision=len(candidate.get("state_history") or ()),
         )
-        out = summary.model_dump(by_alias=True)
-        if out["dft_properties"] is None:
-            del out["dft_properties"]  # absent, so the sparse index holds no entry
-        return out
+        return summary.model_dump(by_alias=True)
 
 
 #: Fields of the full document that :meth:`CandidateSummaryDoc.document_from` reads.

@@ -216,7 +216,7 @@ def test_explain_uses_index(store):
     # so the window must lead and its clause alone must be an index scan.
     query = store.summary_filter(windows=[Window("formation_energy_per_atom", -1.0, -0.5)], campaign="x")
     lead, clause = next(iter(query.items()))
-    assert lead == "predicted.formation_energy_per_atom"
+    assert lead == "property_keys"
     plan = json.dumps(store.summaries.find({lead: clause}).explain(), default=str)
     assert "IXSCAN" in plan
     assert len(store.query(windows=[Window("formation_energy_per_atom", -1.0, -0.5)], campaign="x")) == 6

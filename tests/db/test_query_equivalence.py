@@ -86,6 +86,7 @@ CRITERIA = {
         [Window("band_gap", 1.0, 3.0), Window("bulk_modulus", 0.0, 4.0)],
         [Window("band_gap", 5.5, None)],
         [Window("poisson_ratio", -1.0, 0.5)],
+        [Window("band_gap", 1.0, 3.0), Window("band_gap", 5.0, None)],
     ],
     "dft": [False, True],
     "sort": [None]
