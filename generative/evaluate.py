@@ -98,10 +98,10 @@ def reconstruct_one(decoder, record) -> ReconstructionRow:
     """Encode a held-out crystal (z = mu), decode it with ``decoder`` and compare with the input.
 
     ``decoder`` is a :class:`crystaloop.generative.decode.Decoder`; its method decides the path
-    from the decoded maps to sites. The UNet recall counts are taken on the true eq. 1 density
-    (they are zero for a VAE over site channels, which decodes without the UNet).
+    from the decoded maps to sites. The UNet recall counts are taken on the true eq. 1 density at
+    the UNet's 32^3 grid, whichever path decodes (the ``sites`` path does not use the UNet).
     """
-    from crystaloop.generative.decode import vae_channels
+    from crystaloop.generative.decode import SEGMENT_GRID, vae_channels
     from crystaloop.generative.representation import voxelize
 
     vae, unet, device = decoder.vae, decoder.unet, decoder.device
@@ -112,14 +112,14 @@ def reconstruct_one(decoder, record) -> ReconstructionRow:
     out = vae(x, condition)
     vae_mse = float(((out.recon[:, 0] - x[:, 0]) ** 2).mean())
     recon_channels, recon_coords = vae.split_output(out.recon)
-    correct = masked = total = 0
-    if decoder.method != "sites":
-        voxels = voxelize(record.structure, grid=vae.grid)
-        density = torch.from_numpy(np.asarray(voxels.density, dtype=np.float32))[None].to(device)
-        true_species = torch.from_numpy(voxels.species.astype(np.int64))
-        correct, masked, total = recall_counts(
-            unet, density[:, None], voxel_spacing(coords), true_species[None]
-        )
+    # the paper's UNet recall, on the true eq. 1 density at the UNet's grid (whatever the VAE reads)
+    voxels = voxelize(record.structure, grid=SEGMENT_GRID)
+    density = torch.from_numpy(np.asarray(voxels.density, dtype=np.float32))[None].to(device)
+    true_coords = torch.from_numpy(np.asarray(voxels.coords, dtype=np.float32))[None].to(device)
+    true_species = torch.from_numpy(voxels.species.astype(np.int64))
+    correct, masked, total = recall_counts(
+        unet, density[:, None], voxel_spacing(true_coords), true_species[None]
+    )
     [(structure, _)] = decoder.structures_from_maps(recon_channels, recon_coords)
     from crystaloop.generative.representation import lattice_from_coordinates
 
