@@ -189,7 +189,9 @@ def ship(doc, command: str) -> dict:
 
     CHECKPOINT_DIR.mkdir(parents=True, exist_ok=True)
     name = f"{doc.kind}-{doc.version}.pt"
-    shutil.copyfile(doc.checkpoint, CHECKPOINT_DIR / name)
+    target = CHECKPOINT_DIR / name
+    if not (target.exists() and target.samefile(doc.checkpoint)):  # re-shipping a shipped one
+        shutil.copyfile(doc.checkpoint, target)
     validation, calibration, held_out = split_metrics(doc.metrics)
     previous = next(
         (e for e in shipped_models() if e["kind"] == doc.kind and e["version"] == doc.version), None

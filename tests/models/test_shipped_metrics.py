@@ -77,3 +77,11 @@ def test_evaluate_output_survives_reshipping_and_calibration_is_labelled(monkeyp
     entry = shipped.ship(ensemble, "crystaloop train cgcnn --config configs/train/cpu/cgcnn.yaml")
     assert entry["metrics"] == {"mae_band_gap": 0.3}
     assert entry["calibration"] == {"within_1sigma_band_gap": 0.68, "within_2sigma_band_gap": 0.95}
+
+
+def test_reshipping_a_registered_shipped_checkpoint_in_place(monkeypatch, tmp_path, database):
+    docs = _ship_real(monkeypatch, tmp_path, database)
+    entry = next(e for e in shipped.shipped_models() if e["kind"] == "unet")
+    in_place = docs["unet"].model_copy(update={"checkpoint": str(shipped.CHECKPOINT_DIR / entry["file"])})
+    again = shipped.ship(in_place, entry["command"])
+    assert again["file"] == entry["file"] and (shipped.CHECKPOINT_DIR / entry["file"]).is_file()
