@@ -396,6 +396,7 @@ class UIPStage:
                 "volume_change": volume_change,
                 "steps": result["steps"],
                 "converged": result["converged"],
+                "stopped_early": result.get("stopped_early", False),
                 "seconds": time.perf_counter() - start,
             }
             failures = []

@@ -151,33 +151,51 @@ class EnsemblePredictor:
 
 
 class CHGNetRelaxer:
-    """Cell and position relaxation with the bundled CHGNet (eV/atom energies)."""
+    """Cell and position relaxation with the bundled CHGNet (eV/atom energies).
 
-    def __init__(self, *, fmax: float = 0.1, steps: int = 200) -> None:
+    The relaxation runs in chunks of ``chunk`` steps and stops early once the volume has changed
+    by more than ``max_volume_change`` (a fraction): a collapsing cell grows its neighbour graph
+    with every step, and the screen rejects it anyway.
+    """
+
+    def __init__(
+        self, *, fmax: float = 0.1, steps: int = 100, max_volume_change: float | None = None, chunk: int = 25
+    ) -> None:
         from chgnet.model import StructOptimizer
 
         from crystaloop.dft.surrogate import load_chgnet
 
         self.model = load_chgnet()
         self.optimizer = StructOptimizer(model=self.model, use_device="cpu")
-        self.fmax, self.steps = fmax, steps
+        self.fmax, self.steps, self.chunk = fmax, steps, chunk
+        self.max_volume_change = max_volume_change
         self.version = f"chgnet-{self.model.version}"
 
     def relax(self, structure: Structure) -> dict[str, Any]:
-        """Relaxed structure, initial and final energies (eV/atom), steps and convergence."""
+        """Relaxed structure, initial and final energies (eV/atom), steps, convergence, early stop."""
         import warnings
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            result = self.optimizer.relax(structure.copy(), fmax=self.fmax, steps=self.steps, verbose=False)
-        final = result["final_structure"]
-        energies = result["trajectory"].energies
+        current, done, converged, stopped, initial = structure.copy(), 0, False, False, None
+        while done < self.steps and not converged and not stopped:
+            todo = min(self.chunk, self.steps - done)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                result = self.optimizer.relax(current, fmax=self.fmax, steps=todo, verbose=False)
+            energies = result["trajectory"].energies
+            if initial is None:
+                initial = float(energies[0]) / len(structure)
+            current = result["final_structure"]
+            done += len(energies)
+            converged = len(energies) < todo
+            change = current.volume / structure.volume - 1.0
+            stopped = self.max_volume_change is not None and abs(change) > self.max_volume_change
         return {
-            "structure": final,
-            "initial_energy_per_atom": float(energies[0]) / len(structure),
-            "energy_per_atom": float(self.model.predict_structure(final, task="e")["e"]),
-            "steps": len(energies),
-            "converged": len(energies) < self.steps,
+            "structure": current,
+            "initial_energy_per_atom": initial,
+            "energy_per_atom": float(self.model.predict_structure(current, task="e")["e"]),
+            "steps": done,
+            "converged": converged,
+            "stopped_early": stopped and not converged,
         }
 
 
@@ -457,7 +475,7 @@ def build_cascade(
         stages.append(NoveltyStage(known_structures(database, config.name)))
     stages.append(WindowStage(predictor, config.targets, f.window_tolerance, f.min_probability))
     if uip:
-        relaxer = CHGNetRelaxer(fmax=f.uip_fmax, steps=f.uip_steps)
+        relaxer = CHGNetRelaxer(fmax=f.uip_fmax, steps=f.uip_steps, max_volume_change=f.max_uip_volume_change)
         stages.append(
             UIPStage(
                 relaxer,
