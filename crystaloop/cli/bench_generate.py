@@ -106,13 +106,16 @@ def print_throughput(result: dict, console) -> None:
     from rich.table import Table
 
     runs = result["throughput"]
-    table = Table(
-        title=(
+    console.print(
+        (
             f"Generation throughput, {result['config']}, batch {result['batch_size']}, "
             f"{result['threads']} torch thread(s) on {result['device']}; paper {result['paper_per_s']:.2f}/s, "
             f"target {result['target_per_s_to_valid']:g}/s to validity"
-        )
+        ),
+        highlight=False,
+        soft_wrap=True,
     )
+    table = Table()
     table.add_column("measure")
     for name in runs:
         table.add_column(name, justify="right")
@@ -151,12 +154,15 @@ def print_table2(result: dict, console) -> None:
     from rich.table import Table
 
     for name, t2 in result.get("table2", {}).items():
-        table = Table(
-            title=(
+        console.print(
+            (
                 f"Table 2 ({name}): {len(t2['bases'])} bases ({', '.join(t2['bases'])}), "
                 f"{t2['per_base']} samples each, mean count scaled to 1000"
-            )
+            ),
+            highlight=False,
+            soft_wrap=True,
         )
+        table = Table()
         table.add_column("stage")
         table.add_column("paper", justify="right")
         table.add_column("crystaloop", justify="right")

@@ -92,7 +92,8 @@ def print_report(report, console: Console) -> None:
         f"{report.campaign} round {report.round}: {report.n_requested} {report.strategy} samples, "
         f"seed {report.seed}, species {'restricted' if report.restrict_elements else 'unrestricted'}"
     )
-    table = Table(title=title)
+    console.print(title, highlight=False, soft_wrap=True)
+    table = Table()
     for name, justify in (("stage", "left"), ("in", "right"), ("out", "right"), ("kept", "right")):
         table.add_column(name, justify=justify)
     table.add_column("seconds", justify="right")
