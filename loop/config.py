@@ -186,7 +186,7 @@ class Filters(_Strict):
         description="Formation-energy window per candidate: base E_f widened by this fraction (paper: 0.2).",
     )
     uip_fmax: float = Field(0.1, gt=0, description="CHGNet relaxation force convergence (eV/Å).")
-    uip_steps: int = Field(200, ge=1, description="CHGNet relaxation step limit.")
+    uip_steps: int = Field(100, ge=1, description="CHGNet relaxation step limit.")
     store_rejects: bool = Field(
         False, description="Store rejected candidates compactly (state rejected); default: count only."
     )
