@@ -46,8 +46,8 @@ from crystaloop.properties import PROPERTY_NAMES, property_spec
 
 SORTABLE_FIELDS = ("created_at", "round", "nsites", "reduced_formula", "acquisition_score")
 
-#: A window on the sort property is read in slices: the first covers 1/64 of the
-#: window's span, each next one twice the last, until ``limit`` hits are found.
+#: Sliced reads (a window on the sort property, or the created_at span) start with
+#: 1/64 of the span; each next slice is twice the last, until ``limit`` hits are found.
 FIRST_SLICE_FRACTION = 1 / 64
 
 #: Below this many matches (by the counters), equalities on campaign, state and
@@ -418,6 +418,10 @@ class CandidateStore:
                 )
                 if found is None:
                     taken_elsewhere.add(candidate_id)
+                    # Taken by another process, or a summary left stale by a killed one: resync it.
+                    current = self.collection.find_one({"candidate_id": candidate_id}, {"_id": 0})
+                    if current is not None:
+                        self._sync_summary(current)
                     continue
                 self._sync_summary(found)
                 claimed.append(CandidateDoc.model_validate(found))

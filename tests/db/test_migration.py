@@ -131,3 +131,22 @@ def test_db_migrate_command(database):
     assert "layout is current" in again.output
     rebuilt = CliRunner().invoke(app, ["db", "migrate", "--rebuild"])
     assert "candidates: 20; summaries written: 20; orphan summaries removed: 0" in rebuilt.output
+
+
+def test_claim_skips_and_repairs_a_stale_summary(database):
+    store = CandidateStore(database)
+    cell = Lattice.cubic(4.2)
+    ids = []
+    for i in range(3):
+        structure = Structure.from_spacegroup(
+            "Fm-3m", cell.scale(cell.volume * (1 + i / 10)), ["Mg", "O"], [[0, 0, 0], [0.5] * 3]
+        )
+        cid, _ = store.add(structure, campaign="s", round=0, dedup=False)
+        store.transition(cid, "shortlisted", update={"acquisition_score": float(i)})
+        ids.append(cid)
+    # A process killed between its move and the summary: the full document moved on alone.
+    database["candidates"].update_one({"candidate_id": ids[2]}, {"$set": {"state": "selected"}})
+    claimed = store.claim("s", from_state="shortlisted", to="selected", limit=1)
+    assert [d.candidate_id for d in claimed] == [ids[1]]
+    assert database[SUMMARY_COLLECTION].find_one({"_id": ids[2]})["state"] == "selected"
+    assert store.count_by_state("s") == {"selected": 2, "shortlisted": 1}
