@@ -559,6 +559,7 @@ def generate_candidates(
     seconds: dict[str, float] = {}
 
     clock = time.perf_counter()
+    family = pseudo_family(config)
     paths = models or resolve_models(database, **config.models.model_dump())
     paths = {k: str(v) for k, v in paths.items()}
     versions = model_versions(database, paths)
@@ -568,7 +569,6 @@ def generate_candidates(
     except ValueError as exc:
         raise UserError(f"{exc}; pick another decoder method") from None
     predictor = EnsemblePredictor(paths["cgcnn"], versions["cgcnn"], device=device)
-    family = pseudo_family(config)
     allowed = allowed_elements(config, family, decoder.elements)
     cascade = build_cascade(
         config, strategy=strategy, database=database, family=family, predictor=predictor, uip=uip
