@@ -1,17 +1,20 @@
-"""From latent vectors to crystal structures: VAE decoder, UNet, periodic watershed.
+"""From latent vectors to crystal structures.
 
 :class:`Decoder` is the one entry point that generation uses. It holds a trained
 :class:`~crystaloop.generative.models.vae.CondDFCVAE` and
 :class:`~crystaloop.generative.models.unet.UNet3D` and turns a batch of latent vectors and
 decile conditions into pymatgen Structures, one :class:`DecodedCandidate` per input row, in the
-input order. The path is the paper's (Court et al. 2020):
+input order:
 
-1. the VAE decodes z and the condition into a density map and coordinate channels (batched on
+1. the VAE decodes z and the condition into voxel channels and coordinate channels (batched on
    the device);
 2. the lattice is the least-squares fit of the coordinate channels;
-3. the UNet reads the density into a species map and a site mask (batched on the device);
-4. the periodic watershed (Algorithm S1) cuts the mask into sites (worker processes);
-5. the sites and the lattice become a Structure.
+3. the sites come from one of :data:`METHODS` (worker processes): ``paper`` (Court et al. 2020:
+   the UNet's species and mask, then the periodic watershed of Algorithm S1; a density decoded on
+   a coarser grid is upsampled to the UNet's 32^3 first), ``pursuit`` (eq. 1 Gaussians matched to
+   the density, no UNet) or ``sites`` (for a VAE over site channels: heatmap peaks and the nearest
+   element in descriptor space, no UNet);
+4. the sites and the lattice become a Structure.
 
 A row fails, with a short reason, when the lattice is not physical or no site is found.
 """
