@@ -417,11 +417,10 @@ class CandidateStore:
                     return_document=ReturnDocument.AFTER,
                 )
                 if found is None:
+                    # Taken by another process (whose summary sync follows), or a summary
+                    # left stale by a killed one. Only the process that made a move syncs
+                    # its summary: two concurrent syncs of one summary could each count it.
                     taken_elsewhere.add(candidate_id)
-                    # Taken by another process, or a summary left stale by a killed one: resync it.
-                    current = self.collection.find_one({"candidate_id": candidate_id}, {"_id": 0})
-                    if current is not None:
-                        self._sync_summary(current)
                     continue
                 self._sync_summary(found)
                 claimed.append(CandidateDoc.model_validate(found))

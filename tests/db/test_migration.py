@@ -133,7 +133,7 @@ def test_db_migrate_command(database):
     assert "candidates: 20; summaries written: 20; orphan summaries removed: 0" in rebuilt.output
 
 
-def test_claim_skips_and_repairs_a_stale_summary(database):
+def test_claim_skips_a_stale_summary_and_rebuild_repairs_it(database):
     store = CandidateStore(database)
     cell = Lattice.cubic(4.2)
     ids = []
@@ -148,5 +148,6 @@ def test_claim_skips_and_repairs_a_stale_summary(database):
     database["candidates"].update_one({"candidate_id": ids[2]}, {"$set": {"state": "selected"}})
     claimed = store.claim("s", from_state="shortlisted", to="selected", limit=1)
     assert [d.candidate_id for d in claimed] == [ids[1]]
+    migrate_candidates(database)  # crystaloop db migrate --rebuild
     assert database[SUMMARY_COLLECTION].find_one({"_id": ids[2]})["state"] == "selected"
     assert store.count_by_state("s") == {"selected": 2, "shortlisted": 1}
