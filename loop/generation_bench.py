@@ -122,7 +122,9 @@ def choose_bases(database, *, per_class: int = 4, seed: int = 0) -> list[str]:
     return chosen
 
 
-def table2_config(base: str, *, restrict_to_base: bool = False, uip: bool = False) -> CampaignConfig:
+def table2_config(
+    base: str, *, restrict_to_base: bool = False, uip: bool = False, vae: str | None = None
+) -> CampaignConfig:
     """The Table 2 preset for one base compound (std sqrt(0.5), base decile, E_f within 20 %)."""
     from pymatgen.core import Composition
 
@@ -147,6 +149,7 @@ def table2_config(base: str, *, restrict_to_base: bool = False, uip: bool = Fals
                 "uip_screen": uip,
             },
             "dft": {"engine": "surrogate"},
+            "models": {"vae": vae},
         }
     )
 
@@ -161,6 +164,7 @@ def table2(
     uip: bool = False,
     batch_size: int = 64,
     decoder_method: str | None = None,
+    vae: str | None = None,
     progress=None,
 ) -> dict[str, Any]:
     """Mean count per stage over the bases, scaled to 1000 samples, next to the paper's.
@@ -172,7 +176,7 @@ def table2(
     rows = []
     for k, base in enumerate(bases):
         report = generate_candidates(
-            table2_config(base, restrict_to_base=restrict_to_base, uip=uip),
+            table2_config(base, restrict_to_base=restrict_to_base, uip=uip, vae=vae),
             database=database,
             n=per_base,
             seed=seed + k,

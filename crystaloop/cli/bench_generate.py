@@ -27,6 +27,7 @@ def bench_generate(
     method: str = typer.Option(
         None, "--method", help="Decoder path: paper, pursuit or sites (default: the VAE's)."
     ),
+    vae: str = typer.Option(None, "--vae", help="VAE version or checkpoint path (default: the campaign's)."),
     table2: bool = typer.Option(False, "--table2", help="Also reproduce the paper's Table 2."),
     per_base: int = typer.Option(1000, "--per-base", min=1, help="Table 2: samples per base compound."),
     output: Path = typer.Option(None, "--output", help="Write the numbers as JSON here."),
@@ -47,10 +48,13 @@ def bench_generate(
         raise UserError(f"--format must be 'table' or 'json'; got {output_format!r}")
     torch.set_num_threads(threads)
     campaign = load_campaign_config(config)
+    if vae is not None:
+        campaign = campaign.model_copy(update={"models": campaign.models.model_copy(update={"vae": vae})})
     database = get_database(get_settings())
     result: dict = {
         "config": str(config),
         "batch_size": batch_size,
+        "vae": vae,
         "threads": threads,
         "device": get_settings().resolve_device(),
         "paper_per_s": bench.PAPER_RATE_PER_S,
@@ -82,6 +86,7 @@ def bench_generate(
                     restrict_to_base=restrict,
                     batch_size=batch_size,
                     decoder_method=method,
+                    vae=vae,
                     progress=lambda line: console.log(line, highlight=False),
                 )
     if output is not None:
