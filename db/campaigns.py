@@ -38,6 +38,9 @@ class CampaignStore:
         self.rounds = database["campaign_rounds"]
         self.campaigns.create_index("name", unique=True)
         self.rounds.create_index([("campaign", 1), ("round", 1)], unique=True)
+        # The loop's per-round reads (what a round selected, submitted, harvested) on the
+        # full candidate documents; the store's own queries go through its summaries.
+        database["candidates"].create_index([("campaign", 1), ("selected_round", 1), ("state", 1)])
 
     # -- campaigns -------------------------------------------------------------------------
 

@@ -332,9 +332,8 @@ class Campaign:
         from crystaloop.loop.generation import generate_candidates
 
         generation_id = f"{self.name}-r{number}"
-        stored = self.candidates.collection.count_documents(
-            {"campaign": self.name, "provenance.generation_id": generation_id}
-        )
+        # Only this step stores candidates of the round, all in one insert: any count means done.
+        stored = sum(self.candidates.count_by_state(self.name, round=number).values())
         if stored:
             self.log(f"  {stored} candidates of {generation_id} already stored; not generating again")
             return {"generation_id": generation_id, "n_shortlisted": stored, "resumed": True}, {}
@@ -361,12 +360,7 @@ class Campaign:
         if self.config.stop.max_dft is not None:
             budget = min(budget, self.config.stop.max_dft - self._dft_total() + already)
         need = max(budget - already, 0)
-        pool = [
-            CandidateDoc.model_validate(d)
-            for d in self.candidates.collection.find(
-                {"campaign": self.name, "state": CandidateState.SHORTLISTED.value}, {"_id": 0}
-            ).sort("candidate_id", 1)
-        ]
+        pool = sorted(self._in_state(CandidateState.SHORTLISTED), key=lambda c: c.candidate_id)
         rng = np.random.default_rng(self.config.seed * 7919 + number)
         context = AcquisitionContext(
             windows=tuple((t.property, t.min, t.max) for t in self.config.targets),
@@ -648,14 +642,12 @@ class Campaign:
                         )
                     )
                 }
-            self.candidates.collection.update_one(
-                {"candidate_id": candidate.candidate_id},
+            self.candidates.set_fields(
+                candidate.candidate_id,
                 {
-                    "$set": {
-                        "dft_job.queued": True,
-                        "dft_job.flow_uuid": flow.uuid,
-                        **{f"dft_job.{k}": v for k, v in ref.items()},
-                    }
+                    "dft_job.queued": True,
+                    "dft_job.flow_uuid": flow.uuid,
+                    **{f"dft_job.{k}": v for k, v in ref.items()},
                 },
             )
             queued += 1
@@ -706,9 +698,7 @@ class Campaign:
                 )
             else:
                 job["attempts"] = job.get("attempts", 0) + 1
-                self.candidates.collection.update_one(
-                    {"candidate_id": candidate.candidate_id}, {"$set": {"dft_job.attempts": job["attempts"]}}
-                )
+                self.candidates.set_fields(candidate.candidate_id, {"dft_job.attempts": job["attempts"]})
                 flow = self._flow(candidate, candidate.selected_round or 0)
                 run_flow_locally(flow, root_dir=self._work_dir() / "jobs")
                 task = self._task_for(candidate.candidate_id)
@@ -775,10 +765,7 @@ class Campaign:
     def _dft_results(self) -> list[DFTResult]:
         """Every relaxed candidate of the campaign with its relaxed structure and values."""
         results = []
-        for raw in self.candidates.collection.find(
-            {"campaign": self.name, "state": CandidateState.RELAXED.value}, {"_id": 0}
-        ).sort("candidate_id", 1):
-            c = CandidateDoc.model_validate(raw)
+        for c in sorted(self._in_state(CandidateState.RELAXED), key=lambda c: c.candidate_id):
             structure = None
             if c.dft_task_id:
                 task = self.database["dft_tasks"].find_one(
@@ -807,19 +794,22 @@ class Campaign:
 
     def _hits(self, selected_round: int | None = None) -> list[str]:
         """Ids of relaxed candidates whose DFT values lie in every window."""
-        query: dict[str, Any] = {"campaign": self.name, "state": CandidateState.RELAXED.value}
-        if selected_round is not None:
-            query["selected_round"] = selected_round
         return [
-            d["candidate_id"]
-            for d in self.candidates.collection.find(query, {"candidate_id": 1, "dft": 1, "_id": 0})
-            if self.config.in_all_windows(d.get("dft") or {})
+            c.candidate_id
+            for c in self._in_state(CandidateState.RELAXED)
+            if (selected_round is None or c.selected_round == selected_round)
+            and self.config.in_all_windows(c.dft or {})
         ]
 
-    def _dft_total(self) -> int:
-        return self.candidates.collection.count_documents(
-            {"campaign": self.name, "state": {"$in": ["submitted", "relaxed", "failed"]}}
+    def _in_state(self, state: CandidateState) -> list[CandidateDoc]:
+        """The campaign's candidates in ``state``, found through the store's query summaries."""
+        return self.candidates.get_many(
+            self.candidates.matching_ids(campaign=self.name, state=state.value, limit=0)
         )
+
+    def _dft_total(self) -> int:
+        counts = self.candidates.count_by_state(self.name)
+        return sum(counts.get(s, 0) for s in ("submitted", "relaxed", "failed"))
 
     # -- bookkeeping -------------------------------------------------------------------------
 

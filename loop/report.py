@@ -56,11 +56,11 @@ def round_rows(database, name: str) -> list[dict[str, Any]]:
         rows.append(
             {
                 "round": r.round,
-                "generated": r.metrics.get("generated"),
-                "shortlisted": r.metrics.get("shortlisted"),
+                "generated": _count(r.metrics.get("generated")),
+                "shortlisted": _count(r.metrics.get("shortlisted")),
                 "cascade": [(s["stage"], s["n_in"], s["n_out"]) for s in stages],
-                "submitted": r.metrics.get("submitted"),
-                "cache_hits": r.metrics.get("cache_hits"),
+                "submitted": _count(r.metrics.get("submitted")),
+                "cache_hits": _count(r.metrics.get("cache_hits")),
                 "relaxed": len(relaxed),
                 "failed": len(done) - len(relaxed),
                 "hits": hits,
@@ -73,6 +73,11 @@ def round_rows(database, name: str) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def _count(value: float | None) -> int | None:
+    """Round metrics are stored as floats; counts print as integers."""
+    return None if value is None else int(round(value))
 
 
 def _fmt(value, spec: str = ".3f") -> str:

@@ -257,7 +257,7 @@ def _print_status(name: str, fmt: str, header: str | None = None) -> None:
 
 
 def _n(value) -> str:
-    return "-" if value is None else str(value)
+    return "-" if value is None else str(int(round(value)))
 
 
 def _f(value, spec: str) -> str:

@@ -26,7 +26,9 @@ def test_two_round_surrogate_campaign(settings, prior_subset, loop_config, tmp_p
         name,
         targets=[{"property": "formation_energy_per_atom", "min": -1.0, "max": 0.0}],
         elements={"allow": ["Cu", "Pd", "Ni", "Fe", "Cr", "Rh", "Ag", "Ga", "Ge", "Si", "Al", "Ti"]},
-        budget={"candidates_per_round": 64, "dft_per_round": 2},
+        budget={"candidates_per_round": 32, "dft_per_round": 2},
+        # The CHGNet screen costs seconds per survivor; the DFT oracle here is CHGNet itself.
+        filters={"uip_screen": False},
         max_rounds=2,
         retrain={"epochs": 1, "replay": 16},
         acquisition={"max_per_chemsys": 1, "max_per_formula": 1},
@@ -47,11 +49,11 @@ def test_two_round_surrogate_campaign(settings, prior_subset, loop_config, tmp_p
         assert all(step.status == "done" and step.finished_at is not None for step in r.steps.values())
         generate = r.steps["generate"].outputs
         stages = generate["stages"]
-        assert stages[0]["n_in"] == 64
+        assert stages[0]["n_in"] == 32
         for before, after in zip(stages, stages[1:], strict=False):
             assert after["n_in"] == before["n_out"]
         assert generate["n_shortlisted"] == stages[-1]["n_out"]
-        assert r.metrics["generated"] == 64
+        assert r.metrics["generated"] == 32
     assert sum(r.metrics["submitted"] for r in rounds) >= 1, "the generator shortlisted nothing in two rounds"
 
     submitted = list(
@@ -62,7 +64,7 @@ def test_two_round_surrogate_campaign(settings, prior_subset, loop_config, tmp_p
         assert states[:2] == ["generated", "shortlisted"]
         assert states[2:4] == ["selected", "submitted"]
         assert states[-1] in ("relaxed", "failed") and len(states) == 5
-        assert doc["uip"].get("structure"), "the UIP screen's relaxed structure is the DFT start"
+        assert doc["predicted"]["formation_energy_per_atom"]["std"] is not None
     shortlisted = database["candidates"].count_documents({"campaign": name, "state": "shortlisted"})
     assert shortlisted + len(submitted) == sum(r.metrics["shortlisted"] for r in rounds)
 
@@ -94,4 +96,4 @@ def test_two_round_surrogate_campaign(settings, prior_subset, loop_config, tmp_p
     for file in ("report.md", "hit_rate.png", "parity.png", "target_histogram.png", "cascade.png"):
         assert (report_dir / file).stat().st_size > 0
     text = (report_dir / "report.md").read_text()
-    assert "| 0 | 64 |" in text and "| 1 | 64 |" in text
+    assert "| 0 | 32 |" in text and "| 1 | 32 |" in text
