@@ -183,6 +183,17 @@ def min_distance(structure: Structure, cutoff: float) -> float | None:
     return float(distances.min()) if len(distances) else None
 
 
+#: A formula of each material class (its anonymous formula is what the class allows).
+CLASS_FORMULAS: dict[str, str] = {"binary": "NaCl", "perovskite": "SrTiO3", "heusler": "Cu2MnAl"}
+
+
+def material_class_formulas(classes: Sequence[str]) -> list[str]:
+    """Formulas standing for ``classes`` (AB, ABC3, ABC2); empty when every class is allowed."""
+    if set(CLASS_FORMULAS) <= set(classes):
+        return []
+    return [CLASS_FORMULAS[c] for c in classes]
+
+
 def anonymous_formula(formula: str) -> str:
     """pymatgen's anonymised reduced formula ('SrTiO3' -> 'ABC3')."""
     return Composition(formula).anonymized_formula

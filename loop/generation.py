@@ -38,6 +38,7 @@ from crystaloop.loop.filters import (
     UniqueStage,
     ValidityStage,
     WindowStage,
+    material_class_formulas,
     relative_window,
 )
 
@@ -463,8 +464,10 @@ def build_cascade(
     f = config.filters
     stages: list[Any] = [DecodedStage(), ValidityStage(f.min_distance)]
     by_base = f.same_stoichiometry_as_base and strategy in ("around_base", "interpolate")
-    if by_base or f.allowed_formulas:
-        stages.append(StoichiometryStage(use_base=by_base, allowed_formulas=f.allowed_formulas))
+    # Without base compounds, the campaign's material classes fix the stoichiometry (AB, ABC3, ABC2).
+    allowed = list(f.allowed_formulas) + ([] if by_base else material_class_formulas(config.material_classes))
+    if by_base or allowed:
+        stages.append(StoichiometryStage(use_base=by_base, allowed_formulas=allowed))
     covered = frozenset(family.pseudopotentials) if family is not None else None
     stages.append(ElementStage(config.elements, covered, family.name if family is not None else None))
     if f.novelty:
