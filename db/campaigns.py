@@ -60,6 +60,24 @@ class CampaignStore:
         found = self.campaigns.find_one({"name": name}, {"_id": 0})
         return CampaignDoc.model_validate(found) if found else None
 
+    def require(self, name: str) -> CampaignDoc:
+        """The campaign document.
+
+        Raises
+        ------
+        UserError
+            No campaign of that name (the line lists the known ones).
+        """
+        from crystaloop.errors import UserError
+
+        doc = self.get(name)
+        if doc is None:
+            known = ", ".join(c.name for c in self.list()) or "none yet"
+            raise UserError(
+                f"no campaign named {name!r} (campaigns: {known}); start one with `crystaloop campaign run FILE`"
+            )
+        return doc
+
     def list(self) -> list[CampaignDoc]:
         """Every campaign, newest first."""
         cursor = self.campaigns.find({}, {"_id": 0}).sort("created_at", pymongo.DESCENDING)

@@ -397,7 +397,7 @@ class Campaign:
         }, {"selected": selected}
 
     def _step_submit(self, number: int) -> tuple[dict, dict]:
-        from crystaloop.dft.cache import DFTCache, relaxation_settings
+        from crystaloop.dft.cache import DFTCache
 
         cache = DFTCache(self.database)
         backend = self.config.execution.backend
@@ -411,12 +411,7 @@ class Campaign:
         for i, raw in enumerate(docs):
             candidate = CandidateDoc.model_validate(raw)
             structure = self._dft_start(candidate)
-            settings = relaxation_settings(
-                structure,
-                engine=self.config.dft.engine,
-                preset=self.config.dft.preset,
-                overrides=self.config.dft.overrides,
-            )
+            settings = self._relaxation_settings(structure)
             hit = cache.lookup(structure, settings)
             if hit is not None:
                 job = {
@@ -596,6 +591,13 @@ class Campaign:
         relaxed = (candidate.uip or {}).get("structure")
         return Structure.from_dict(relaxed) if relaxed else Structure.from_dict(candidate.structure)
 
+    def _relaxation_settings(self, structure: Structure) -> dict[str, Any]:
+        """The DFT cache's settings (and key) for relaxing ``structure`` in this campaign."""
+        from crystaloop.dft.cache import relaxation_settings
+
+        dft = self.config.dft
+        return relaxation_settings(structure, engine=dft.engine, preset=dft.preset, overrides=dft.overrides)
+
     def _flow(self, candidate: CandidateDoc, number: int):
         from crystaloop.dft.flows import FormationEnergyFlow
 
@@ -668,7 +670,7 @@ class Campaign:
     def _harvest_one(self, candidate: CandidateDoc, *, run_local: bool) -> str | None:
         """Collect one candidate's result (running its flow for the local backend); its new state."""
         from crystaloop.dft.backends import run_local as run_flow_locally
-        from crystaloop.dft.cache import DFTCache, relaxation_settings
+        from crystaloop.dft.cache import DFTCache
 
         cache = DFTCache(self.database)
         job = dict(candidate.dft_job)
@@ -716,12 +718,7 @@ class Campaign:
             values["band_gap"] = output["band_gap"]
         job.update(_relaxation_change(output))
         structure = self._dft_start(candidate)
-        settings = relaxation_settings(
-            structure,
-            engine=self.config.dft.engine,
-            preset=self.config.dft.preset,
-            overrides=self.config.dft.overrides,
-        )
+        settings = self._relaxation_settings(structure)
         cache.put(
             structure,
             settings,

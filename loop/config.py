@@ -203,10 +203,16 @@ class Acquisition(_Strict):
     strategy: str = Field("probability_in_window", description="A registered acquisition function.")
     kappa: float = Field(1.0, ge=0, description="Weight of the uncertainty bonus (uncertainty, ucb).")
     epsilon: float = Field(0.0, ge=0, le=1, description="Chance of a uniformly random pick (ε-greedy).")
-    max_per_formula: int | None = Field(1, ge=1, description="At most this many per reduced formula per batch.")
-    max_per_chemsys: int | None = Field(2, ge=1, description="At most this many per chemical system per batch.")
+    max_per_formula: int | None = Field(
+        1, ge=1, description="At most this many per reduced formula per batch."
+    )
+    max_per_chemsys: int | None = Field(
+        2, ge=1, description="At most this many per chemical system per batch."
+    )
     uip_sigma: float | None = Field(
-        0.1, gt=0, description="Error (eV/atom) given to the UIP formation energy when fused; null: ignore it."
+        0.1,
+        gt=0,
+        description="Error (eV/atom) given to the UIP formation energy when fused; null: ignore it.",
     )
 
     @field_validator("strategy")

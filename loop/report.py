@@ -27,13 +27,10 @@ def round_rows(database, name: str) -> list[dict[str, Any]]:
         No campaign of that name.
     """
     from crystaloop.db.campaigns import CampaignStore
-    from crystaloop.errors import UserError
     from crystaloop.loop.config import parse_campaign_config
 
     store = CampaignStore(database)
-    doc = store.get(name)
-    if doc is None:
-        raise UserError(f"no campaign named {name!r}; start one with `crystaloop campaign run FILE`")
+    doc = store.require(name)
     config = parse_campaign_config(doc.config, source=f"campaign {name}")
     rows, cumulative = [], 0
     for r in store.all_rounds(name):

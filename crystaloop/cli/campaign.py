@@ -154,15 +154,9 @@ def campaign_summary(database, name: str) -> dict:
     """
     from crystaloop.db.campaigns import CampaignStore
     from crystaloop.db.store import CandidateStore
-    from crystaloop.errors import UserError
 
     store = CampaignStore(database)
-    doc = store.get(name)
-    if doc is None:
-        known = ", ".join(c.name for c in store.list()) or "none yet"
-        raise UserError(
-            f"no campaign named {name!r} (campaigns: {known}); start one with `crystaloop campaign run FILE`"
-        )
+    doc = store.require(name)
     rounds = []
     for r in store.all_rounds(name):
         rounds.append(
