@@ -110,7 +110,7 @@ def run_benchmark(
             rows.append(
                 {
                     "round": r.round,
-                    "relaxed": r.metrics.get("relaxed"),
+                    "relaxed": int(r.metrics.get("relaxed") or 0),
                     "hits": hits,
                     "hit_rate": r.metrics.get("hit_rate"),
                     "cumulative_hits": cumulative,
