@@ -47,12 +47,15 @@ def build_pw_command(pw_command: str, input_file: str = INPUT_FILE) -> list[str]
 
 
 def pw_environment(omp_num_threads: int, base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for pw.x: ``OMP_NUM_THREADS`` and Open MPI's run-as-root switches."""
+    """The environment for pw.x: ``OMP_NUM_THREADS``, Open MPI's run-as-root switches, unbuffered output."""
     env = dict(os.environ if base is None else base)
     env["OMP_NUM_THREADS"] = str(omp_num_threads)
     # Open MPI refuses to start as root (CI, containers) without both of these.
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    # gfortran buffers pw.x's output and an MPI abort throws the buffer away, taking the error
+    # message the crash handlers read with it; unbuffered units keep it in pw.out.
+    env.setdefault("GFORTRAN_UNBUFFERED_PRECONNECTED", "y")
     return env
 
 

@@ -21,6 +21,7 @@ def test_environment_sets_threads_and_root_switches():
     assert env["OMP_NUM_THREADS"] == "3"
     assert env["OMPI_ALLOW_RUN_AS_ROOT"] == "1"
     assert env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] == "1"
+    assert env["GFORTRAN_UNBUFFERED_PRECONNECTED"] == "y"
     assert env["PATH"] == "/usr/bin"
 
 
