@@ -312,9 +312,28 @@ class Campaign:
         started = StepRecord(name=step, model_versions=self._versions())
         self._guard(lambda: self.campaigns.record_step(self.name, number, started))
         fault_point(step, "start")
-        outputs, metrics = self._guard(
-            lambda: getattr(self, f"_step_{step}")(number), what=f"round {number} {step}"
-        )
+        try:
+            outputs, metrics = self._guard(
+                lambda: getattr(self, f"_step_{step}")(number), what=f"round {number} {step}"
+            )
+        except (LeaseLost, DatabaseUnavailable):
+            raise
+        except Exception as exc:
+            # The step's record and the campaign say what stopped them; a rerun retries the step.
+            error = exc.message if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+            failed = started.model_copy(
+                update={"status": "failed", "error": error[:2000], "finished_at": utcnow()}
+            )
+            self._guard(lambda: self.campaigns.record_step(self.name, number, failed))
+            self._guard(
+                lambda: self.campaigns.update(
+                    self.name,
+                    self.token,
+                    status="failed",
+                    status_reason=f"round {number} {step}: {error[:300]}",
+                )
+            )
+            raise
         fault_point(step, "end")
         finished = started.model_copy(
             update={

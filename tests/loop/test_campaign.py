@@ -267,3 +267,31 @@ def test_campaign_rides_out_a_killed_embedded_server(
         server.stop()
         _client.cache_clear()
         get_settings.cache_clear()
+
+
+def test_a_failing_step_is_recorded_and_rerun(
+    settings, prior_subset, loop_config, make_shortlist, shortlist_items, monkeypatch
+):
+    """A step that raises leaves a `failed` record and a `failed` campaign; the next run redoes it."""
+    database = prior_subset
+    name = "failing"
+    make_shortlist(database, name, items=shortlist_items[:2])
+    config = parse_campaign_config(
+        loop_config(name, retrain={"cgcnn": False, "generator_conditioning": False})
+    )
+
+    def broken(self, number):
+        raise RuntimeError("acquisition exploded")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Campaign, "_step_acquire", broken)
+        with pytest.raises(RuntimeError, match="exploded"):
+            Campaign(config, database=database).run()
+    store = CampaignStore(database)
+    step = store.round(name, 0).steps["acquire"]
+    assert step.status == "failed" and "acquisition exploded" in step.error
+    doc = store.get(name)
+    assert doc.status == "failed" and "round 0 acquire" in doc.status_reason
+    assert doc.lease is None
+    assert Campaign(config, database=database).run().status == "finished"
+    assert store.round(name, 0).steps["acquire"].status == "done"
