@@ -153,6 +153,7 @@ def campaign_summary(database, name: str) -> dict:
         No campaign of that name.
     """
     from crystaloop.db.campaigns import CampaignStore
+    from crystaloop.db.documents import utcnow
     from crystaloop.db.store import CandidateStore
 
     store = CampaignStore(database)
@@ -178,6 +179,8 @@ def campaign_summary(database, name: str) -> dict:
         "status": doc.status,
         "reason": doc.status_reason,
         "lease": doc.lease.owner if doc.lease else None,
+        "lease_stale": bool(doc.lease)
+        and (store.dead_local_holder(name) is not None or doc.lease.expires_at < utcnow()),
         "model_versions": doc.model_versions,
         "states": CandidateStore(database).count_by_state(name),
         "rounds": rounds,
@@ -246,7 +249,12 @@ def _print_status(name: str, fmt: str, header: str | None = None) -> None:
     if summary["running_jobs"]:
         jobs = ", ".join(f"{j['formula']} ({j['backend']})" for j in summary["running_jobs"])
         console.print(f"running DFT jobs: {jobs}", highlight=False)
-    if summary["lease"]:
+    if summary["lease"] and summary["lease_stale"]:
+        console.print(
+            f"held by: {summary['lease']}, which has stopped; the next `campaign run` takes over and resumes",
+            highlight=False,
+        )
+    elif summary["lease"]:
         console.print(f"held by: {summary['lease']}", highlight=False)
 
 

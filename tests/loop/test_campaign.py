@@ -191,6 +191,9 @@ def test_sigkill_and_resume(
     store = CampaignStore(database)
     step = kill_at.split(":")[0]
     assert store.round(name, 0).steps[step].status == "running"
+    from crystaloop.cli.campaign import campaign_summary
+
+    assert campaign_summary(database, name)["lease_stale"] is True  # status says the holder has stopped
 
     resumed = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
