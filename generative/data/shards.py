@@ -13,8 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,31 +26,32 @@ from crystaloop.generative.train.data import LabelledStructure, dataset_hash
 MANIFEST = "manifest.json"
 
 
-def write_shards(
+def write_shard_set(
     records: Sequence[LabelledStructure],
     out_dir: Path,
     properties: Sequence[str],
+    arrays: Callable[[Sequence[LabelledStructure]], dict[str, np.ndarray]],
     *,
-    grid: int = 32,
-    shard_size: int = 256,
+    shard_size: int,
     progress=None,
+    **manifest_fields: Any,
 ) -> Path:
-    """Voxelise ``records`` into ``out_dir/shard-XXXXX.npz`` and write the manifest; returns its path."""
-    from crystaloop.generative.representation import voxelize
+    """Write ``out_dir/shard-XXXXX.npz`` files and their manifest; returns the manifest path.
 
+    ``arrays(chunk)`` gives the representation's arrays of one chunk; labels, label masks,
+    ids and checksums are added here, and ``manifest_fields`` (grid, representation ...) go
+    into the manifest.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     shards = []
     for start in range(0, len(records), shard_size):
         chunk = records[start : start + shard_size]
-        voxels = [voxelize(r.structure, grid=grid) for r in chunk]
         labels = [r.label_array(properties) for r in chunk]
         name = f"shard-{start // shard_size:05d}.npz"
         path = out_dir / name
         np.savez_compressed(
             path,
-            density=np.stack([v.density for v in voxels]).astype(np.float16),
-            species=np.stack([v.species for v in voxels]).astype(np.uint8),
-            lattice=np.stack([v.lattice.matrix for v in voxels]).astype(np.float64),
+            **arrays(chunk),
             labels=np.stack([values for values, _ in labels]),
             label_mask=np.stack([mask for _, mask in labels]),
         )
@@ -65,7 +67,7 @@ def write_shards(
             progress(start + len(chunk), len(records))
     manifest = {
         "dataset_hash": dataset_hash(records),
-        "grid": grid,
+        **manifest_fields,
         "properties": list(properties),
         "count": len(records),
         "shards": shards,
@@ -73,6 +75,31 @@ def write_shards(
     path = out_dir / MANIFEST
     path.write_text(json.dumps(manifest, indent=1) + "\n")
     return path
+
+
+def write_shards(
+    records: Sequence[LabelledStructure],
+    out_dir: Path,
+    properties: Sequence[str],
+    *,
+    grid: int = 32,
+    shard_size: int = 256,
+    progress=None,
+) -> Path:
+    """Voxelise ``records`` into ``out_dir/shard-XXXXX.npz`` and write the manifest; returns its path."""
+    from crystaloop.generative.representation import voxelize
+
+    def arrays(chunk: Sequence[LabelledStructure]) -> dict[str, np.ndarray]:
+        voxels = [voxelize(r.structure, grid=grid) for r in chunk]
+        return {
+            "density": np.stack([v.density for v in voxels]).astype(np.float16),
+            "species": np.stack([v.species for v in voxels]).astype(np.uint8),
+            "lattice": np.stack([v.lattice.matrix for v in voxels]).astype(np.float64),
+        }
+
+    return write_shard_set(
+        records, out_dir, properties, arrays, shard_size=shard_size, progress=progress, grid=grid
+    )
 
 
 class ShardDataset(Dataset):
