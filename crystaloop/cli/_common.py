@@ -19,6 +19,20 @@ console = _console()
 err_console = _console(stderr=True)
 
 
+def progress_bar():
+    """The project's rich progress bar (description, bar, n/total, elapsed), cleared when done."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+
+
 def report_user_error(exc: UserError) -> None:
     """Print a user error as one line (plus one line per listed problem)."""
     err_console.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)

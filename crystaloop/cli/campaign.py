@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from crystaloop.cli._common import console, group
+from crystaloop.cli._common import console, group, progress_bar
 
 app = group("Validate, run and report campaigns.")
 
@@ -71,21 +71,12 @@ def run(
     fmt: str = typer.Option("table", "--format", help="table or json (the final summary)."),
 ) -> None:
     """Run a campaign (or resume it): generate, acquire, DFT, harvest, retrain, report."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from crystaloop.loop.campaign import Campaign
     from crystaloop.loop.config import load_campaign_config
 
     _check_format(fmt)
     config = load_campaign_config(path)
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
+    with progress_bar() as bar:
         tasks: dict[str, int] = {}
 
         def progress(step: str, done: int, total: int) -> None:

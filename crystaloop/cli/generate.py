@@ -28,7 +28,7 @@ def generate(
     output_format: str = typer.Option("table", "--format", help="table or json."),
 ) -> None:
     """Sample candidates, run the filter cascade and store the survivors as shortlisted."""
-    from crystaloop.cli._common import console
+    from crystaloop.cli._common import console, progress_bar
     from crystaloop.db import get_database
     from crystaloop.errors import UserError
     from crystaloop.loop.config import load_campaign_config
@@ -55,16 +55,7 @@ def generate(
         report = generate_candidates(campaign, **kwargs)
         typer.echo(json.dumps(report.model_dump(mode="json"), indent=1))
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
+    with progress_bar() as bar:
         decode_task = bar.add_task("decode", total=n)
         cascade_task = bar.add_task("filter", total=None)
 
