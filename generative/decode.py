@@ -98,13 +98,16 @@ def _segment_row(args) -> tuple[list[tuple[int, np.ndarray]], str | None]:
     [(Z, frac)] sites, or a failure reason."""
     from crystaloop.generative.segmentation import pursuit_sites, segment
 
-    method, first, second, elements = args
+    method, first, second, elements, *head = args
     if method == "sites":
         from pymatgen.core import Lattice as _Lattice
 
         from crystaloop.generative.representation import sites_from_channels
 
-        found = sites_from_channels(first, _Lattice(second), elements)
+        logits, vocabulary = head if head else (None, ())
+        found = sites_from_channels(
+            first, _Lattice(second), elements, species_logits=logits, vocabulary=vocabulary
+        )
         return (found, None) if found else ([], "no sites")
     if method == "pursuit":
         sites = pursuit_sites(first, second, elements)
@@ -293,8 +296,11 @@ class Decoder:
             for start in range(0, total, batch_size):
                 zb = z[start : start + batch_size].to(self.device)
                 cb = condition[start : start + batch_size].to(self.device)
-                density, coords = self.vae.split_output(self.vae.decode(zb, cb))
-                rows = self.structures_from_maps(density, coords, keep=keep, pool=pool)
+                decoded = self.vae.decode(zb, cb)
+                density, coords = self.vae.split_output(decoded)
+                rows = self.structures_from_maps(
+                    density, coords, keep=keep, pool=pool, species_logits=self.vae.species_logits(decoded)
+                )
                 for i, (structure, reason) in enumerate(rows):
                     index = start + i
                     results.append(DecodedCandidate(index, structure, reason, z[index].numpy().copy()))
@@ -313,10 +319,14 @@ class Decoder:
         *,
         keep: torch.Tensor | None = None,
         pool: ProcessPoolExecutor | None = None,
+        species_logits: torch.Tensor | None = None,
     ) -> list[tuple[Structure | None, str | None]]:
         """Structures (or failure reasons) from decoded density (B, g, g, g) and coordinates (B, 3, g, g, g).
 
         ``keep`` is :meth:`_class_filter`'s output: the classes species may be chosen from.
+        ``species_logits`` (B, K, g, g, g) are a species head's outputs (``sites`` path): sites
+        then take the head's most likely allowed element (see
+        :func:`~crystaloop.generative.representation.sites_from_channels`).
         """
         from crystaloop.generative.representation import coordinate_channels, lattice_from_coordinates
         from crystaloop.generative.segmentation import to_structure
@@ -339,8 +349,11 @@ class Decoder:
             if keep is not None:
                 zs = [z for z, k in zip(self.unet.vocabulary.atomic_numbers, keep.tolist(), strict=True) if k]
             density_np = density.cpu().numpy()
+            logits_np = species_logits.float().cpu().numpy() if species_logits is not None else None
+            vocabulary = list(getattr(self.vae, "species", []))
             jobs = [
                 (self.method, density_np[i], lattices[i].matrix, zs)
+                + ((logits_np[i], vocabulary) if logits_np is not None else ())
                 for i in range(len(density_np))
                 if problems[i] is None
             ]

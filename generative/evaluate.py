@@ -110,6 +110,7 @@ def reconstruct_one(decoder, record) -> ReconstructionRow:
     x = vae.to_input(channels, coords)
     condition = vae.condition.one_hot([record.labels.get(vae.condition.property_name, 0.0)]).to(device)
     out = vae(x, condition)
+    species_logits = getattr(out, "species_logits", None)
     vae_mse = float(((out.recon[:, 0] - x[:, 0]) ** 2).mean())
     recon_channels, recon_coords = vae.split_output(out.recon)
     # the paper's UNet recall, on the true eq. 1 density at the UNet's grid (whatever the VAE reads)
@@ -120,7 +121,9 @@ def reconstruct_one(decoder, record) -> ReconstructionRow:
     correct, masked, total = recall_counts(
         unet, density[:, None], voxel_spacing(true_coords), true_species[None]
     )
-    [(structure, _)] = decoder.structures_from_maps(recon_channels, recon_coords)
+    [(structure, _)] = decoder.structures_from_maps(
+        recon_channels, recon_coords, species_logits=species_logits
+    )
     from crystaloop.generative.representation import lattice_from_coordinates
 
     lattice = lattice_from_coordinates(recon_coords[0].float().cpu().numpy())
@@ -484,18 +487,31 @@ def unique_flags(structures: Sequence) -> list[bool]:
 
 
 def sampling_latents(
-    decoder, n: int, strategy: str, *, bases: Sequence = (), seed: int = 0, sigma: float = AROUND_BASE_SIGMA
+    decoder,
+    n: int,
+    strategy: str,
+    *,
+    bases: Sequence = (),
+    seed: int = 0,
+    sigma: float = AROUND_BASE_SIGMA,
+    prior: str = "auto",
 ):
     """Latent vectors (n, latent_dim) and one-hot conditions (n, 10) for a sampling strategy.
 
-    ``random``: z ~ N(0, I) under a uniformly drawn decile. ``around_base``: each row picks a base
-    structure, encodes it under its own decile and draws z ~ N(mu, sigma^2 I).
+    ``random``: z from the VAE's fitted latent prior when it stores one (``prior="auto"`` or
+    ``"fitted"``), else z ~ N(0, I) (``"normal"`` forces it), under a uniformly drawn decile.
+    ``around_base``: each row picks a base structure, encodes it under its own decile and draws
+    z ~ N(mu, sigma^2 I).
     """
     from crystaloop.generative.models.condition import N_DECILES
 
     generator = torch.Generator().manual_seed(seed)
     if strategy == "random":
-        z = torch.randn(n, decoder.vae.latent_dim, generator=generator)
+        sample_latent = getattr(decoder.vae, "sample_latent", None)
+        if sample_latent is not None:
+            z = sample_latent(n, prior=prior, generator=generator)
+        else:
+            z = torch.randn(n, decoder.vae.latent_dim, generator=generator)
         deciles = torch.randint(0, N_DECILES, (n,), generator=generator)
         return z, torch.nn.functional.one_hot(deciles, N_DECILES).float(), None
     if strategy != "around_base":
@@ -562,11 +578,13 @@ def evaluate_sampling(
     method: str | None = None,
     allowed_elements: Sequence[str] | None = None,
     workers: int | None = None,
+    prior: str = "auto",
 ) -> dict:
     """Decode ``n`` samples of the registered (or given) VAE and UNet and measure them.
 
     Novelty is judged against the whole shipped prior set (training and held-out structures);
-    around-base samples start from the VAE's held-out split of it.
+    around-base samples start from the VAE's held-out split of it. ``prior`` picks the latent
+    distribution of random samples (see :func:`sampling_latents`).
     """
     import time
 
@@ -599,7 +617,8 @@ def evaluate_sampling(
     bases = None
     if strategy == "around_base":
         _, bases = composition_split(references, data.test_fraction, data.split_seed)
-    z, condition, picks = sampling_latents(decoder, n, strategy, bases=bases or (), seed=seed)
+    z, condition, picks = sampling_latents(decoder, n, strategy, bases=bases or (), seed=seed, prior=prior)
+    fitted = getattr(decoder.vae, "has_latent_prior", False) and prior != "normal"
     start = time.perf_counter()
     candidates = decoder.decode(z, condition, allowed_elements=allowed_elements)
     seconds = time.perf_counter() - start
@@ -612,6 +631,7 @@ def evaluate_sampling(
     )
     return {
         "strategy": strategy,
+        "latent_prior": ("fitted mixture" if fitted else "N(0, I)") if strategy == "random" else None,
         "method": decoder.method,
         "vae": str(paths["vae"]),
         "unet": str(paths["unet"]),

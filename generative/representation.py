@@ -342,6 +342,12 @@ def element_descriptors(z: int) -> tuple[float, float, float]:
     return (z / 50.0, (float(chi) - 1.8) / 0.8, (ionic_radius(int(z)) - 1.2) / 0.4)
 
 
+SPECIES_RADIUS_ANGSTROM = 0.75
+"""Radius of the voxels that carry a site's species label (:func:`site_species`): under half the
+prior's shortest site distance, so each labelled voxel belongs to one site, and wide enough to
+label the few voxels around each heatmap peak on a 16^3 grid."""
+
+
 def site_channels(structure: Structure, grid: int = 16, width: float = SITE_WIDTH_ANGSTROM) -> np.ndarray:
     """Site-centre heatmap and descriptor channels, shape ``(1 + len(DESCRIPTORS), g, g, g)``.
 
@@ -355,6 +361,25 @@ def site_channels(structure: Structure, grid: int = 16, width: float = SITE_WIDT
     ValueError
         If the structure is disordered or empty, or ``grid < 2``.
     """
+    return site_maps(structure, grid, width)[0]
+
+
+def site_species(structure: Structure, grid: int = 16, radius: float = SPECIES_RADIUS_ANGSTROM) -> np.ndarray:
+    """Atomic number of the nearest site within ``radius`` Angstrom of each voxel, else 0; ``(g, g, g)`` int16.
+
+    The target of the VAE's species head (cross-entropy at these voxels only).
+    """
+    return site_maps(structure, grid, species_radius=radius)[1]
+
+
+def site_maps(
+    structure: Structure,
+    grid: int = 16,
+    width: float = SITE_WIDTH_ANGSTROM,
+    *,
+    species_radius: float = SPECIES_RADIUS_ANGSTROM,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`site_channels` and :func:`site_species` of ``structure`` in one pass over its sites."""
     if not structure.is_ordered or len(structure) == 0:
         raise ValueError("site_channels needs an ordered, non-empty structure")
     if int(grid) != grid or grid < 2:
@@ -367,6 +392,8 @@ def site_channels(structure: Structure, grid: int = 16, width: float = SITE_WIDT
     matrix = np.asarray(structure.lattice.matrix, dtype=np.float64)
     images = np.array(list(itertools.product((-1, 0, 1), repeat=3)), dtype=np.float64) @ lll
     out = np.zeros((1 + len(DESCRIPTORS), len(centres)))
+    species = np.zeros(len(centres), dtype=np.int16)
+    nearest = np.full(len(centres), species_radius**2)
     for site in structure:
         cart = (centres - site.frac_coords) @ matrix
         reduced = cart @ lll_inverse
@@ -375,7 +402,12 @@ def site_channels(structure: Structure, grid: int = 16, width: float = SITE_WIDT
         peak = np.exp(-d2 / (2.0 * width**2))
         out[0] += peak
         out[1:] += np.asarray(element_descriptors(site.specie.Z))[:, None] * peak[None]
-    return out.reshape(-1, grid, grid, grid).astype(np.float32)
+        closer = d2 <= nearest
+        species[closer], nearest[closer] = site.specie.Z, d2[closer]
+    return (
+        out.reshape(-1, grid, grid, grid).astype(np.float32),
+        species.reshape(grid, grid, grid),
+    )
 
 
 def sites_from_channels(
@@ -386,6 +418,8 @@ def sites_from_channels(
     relative_threshold: float = 0.4,
     floor: float = 0.1,
     min_separation: float = 0.9,
+    species_logits: np.ndarray | None = None,
+    vocabulary: Sequence[int] = (),
 ) -> list[tuple[int, np.ndarray]]:
     """Sites ``(Z, frac)`` read from (decoded) site channels.
 
@@ -395,6 +429,11 @@ def sites_from_channels(
     has the same true peak and a blurry decoding lowers them all alike. Each site's descriptors
     are the channel ratios at its voxel, and its species is the element of ``elements`` nearest
     in descriptor space.
+
+    With ``species_logits`` (K, g, g, g), the per-voxel element logits of a VAE's species head over
+    ``vocabulary`` (K atomic numbers), a site's species is instead the class of highest
+    log-probability summed over the peak voxel and its 26 neighbours, weighted by the heatmap,
+    among the classes that are also in ``elements``; descriptors decide only when none is.
     """
     from scipy import ndimage as ndi
 
@@ -406,6 +445,7 @@ def sites_from_channels(
     peaks = peaks[np.argsort(-heat[tuple(peaks.T)], kind="stable")]
     table = np.array([element_descriptors(int(z)) for z in elements])
     matrix = np.asarray(lattice.matrix, dtype=np.float64)
+    classify = _site_classifier(heat, species_logits, vocabulary, elements)
     kept: list[tuple[int, np.ndarray]] = []
     for index in peaks:
         shift = np.zeros(3)
@@ -419,12 +459,40 @@ def sites_from_channels(
         frac = ((index + 0.5 + shift) / shape) % 1.0
         if any(_min_image(frac - other, matrix) < min_separation for _, other in kept):
             continue
-        descriptors = (
-            np.asarray(channels[1:, index[0], index[1], index[2]], dtype=np.float64) / heat[tuple(index)]
-        )
-        z = int(elements[int(np.argmin(((table - descriptors) ** 2).sum(axis=1)))])
+        if classify is not None:
+            z = classify(index)
+        else:
+            descriptors = (
+                np.asarray(channels[1:, index[0], index[1], index[2]], dtype=np.float64) / heat[tuple(index)]
+            )
+            z = int(elements[int(np.argmin(((table - descriptors) ** 2).sum(axis=1)))])
         kept.append((z, frac))
     return kept
+
+
+def _site_classifier(heat: np.ndarray, logits: np.ndarray | None, vocabulary: Sequence[int], elements):
+    """``index -> Z`` from the species head's logits around a peak, or ``None`` when it cannot decide."""
+    if logits is None or not len(vocabulary):
+        return None
+    allowed = {int(z) for z in elements}
+    columns = [k for k, z in enumerate(vocabulary) if int(z) in allowed]
+    if not columns:
+        return None
+    logits = np.asarray(logits, dtype=np.float64)
+    # log-softmax over the whole vocabulary, then the best allowed class
+    shifted = logits - logits.max(axis=0, keepdims=True)
+    log_p = shifted - np.log(np.exp(shifted).sum(axis=0, keepdims=True))
+    log_p = log_p[columns]
+    shape = np.array(heat.shape)
+    offsets = np.array(list(itertools.product((-1, 0, 1), repeat=3)))
+
+    def classify(index: np.ndarray) -> int:
+        cells = (index[None] + offsets) % shape
+        weights = heat[tuple(cells.T)].clip(min=0.0)
+        score = log_p[:, cells[:, 0], cells[:, 1], cells[:, 2]] @ weights
+        return int(vocabulary[columns[int(np.argmax(score))]])
+
+    return classify
 
 
 def _min_image(delta: np.ndarray, matrix: np.ndarray) -> float:

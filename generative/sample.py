@@ -4,7 +4,8 @@ Each strategy returns a :class:`LatentSamples`: the latent vectors, their one-ho
 conditions and, per row, what it came from. Decoding them is
 :meth:`crystaloop.generative.decode.Decoder.decode`.
 
-- ``random``: z ~ N(0, I), with the condition deciles spread over those the target window spans.
+- ``random``: z ~ N(0, I) (or the VAE's fitted latent prior, when passed the VAE), with the
+  condition deciles spread over those the target window spans.
 - ``around_base``: z ~ N(mu_base, std^2 I) around the encoder means of base compounds. ``std`` is a
   standard deviation: the paper's "variance 0.5" is ``std = sqrt(0.5)`` (the reference code
   confused the two).
@@ -87,9 +88,18 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))
 
 
-def sample_random(latent_dim: int, n: int, deciles: Sequence[int], *, seed: int) -> LatentSamples:
-    """z ~ N(0, I) with conditions cycling over ``deciles``."""
-    z = torch.randn(n, latent_dim, generator=_generator(seed))
+def sample_random(
+    latent_dim: int, n: int, deciles: Sequence[int], *, seed: int, vae=None, prior: str = "auto"
+) -> LatentSamples:
+    """z ~ N(0, I) with conditions cycling over ``deciles``.
+
+    Given the ``vae``, z comes from its fitted latent prior when it stores one (``prior`` as in
+    :meth:`~crystaloop.generative.models.vae.CondDFCVAE.sample_latent`).
+    """
+    if vae is not None and hasattr(vae, "sample_latent"):
+        z = vae.sample_latent(n, prior=prior, generator=_generator(seed))
+    else:
+        z = torch.randn(n, latent_dim, generator=_generator(seed))
     rows_deciles = spread_deciles(n, deciles)
     rows = [{"decile": int(d)} for d in rows_deciles]
     return LatentSamples(z, one_hot(rows_deciles), rows, "random", {"deciles": list(map(int, deciles))})

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,13 +22,15 @@ from crystaloop.generative.models.unet import UNet3D, unet_loss
 
 
 class VAEOutput(NamedTuple):
-    """Reconstruction (B, C, g, g, g), posterior mean and log-variance, sample z, property head."""
+    """Reconstruction (B, C, g, g, g), posterior mean and log-variance, sample z, property head,
+    and the species head's per-voxel element logits (B, K, g, g, g) when the model has one."""
 
     recon: torch.Tensor
     mu: torch.Tensor
     logvar: torch.Tensor
     z: torch.Tensor
     properties: torch.Tensor | None
+    species_logits: torch.Tensor | None = None
 
 
 class CondDFCVAE(nn.Module):
@@ -51,6 +54,14 @@ class CondDFCVAE(nn.Module):
         Decile boundaries of the conditioning property (stored with the model).
     density_scale, coord_scale
         Divisors that bring density (1/Angstrom^3) and coordinates (Angstrom) to model units.
+    species
+        Atomic numbers of a species head (``representation="sites"`` only): the decoder's last
+        convolution also gives one logit per element and voxel, trained with cross-entropy at the
+        voxels within :data:`~crystaloop.generative.representation.SPECIES_RADIUS_ANGSTROM` of a
+        site. Empty: no head (species from the descriptor channels).
+    prior_components
+        Size of the fitted latent prior (a Gaussian mixture over the training posterior means,
+        :meth:`fit_latent_prior`); 0 for none, where random samples draw z ~ N(0, I).
     """
 
     kind = "vae"
@@ -69,12 +80,17 @@ class CondDFCVAE(nn.Module):
         density_scale: float = 1.0,
         coord_scale: float = 10.0,
         representation: str = "density",
+        species: Sequence[int] = (),
+        prior_components: int = 0,
     ) -> None:
         super().__init__()
         if representation not in REPRESENTATIONS:
             raise ValueError(f"representation must be one of {REPRESENTATIONS}; got {representation!r}")
         if representation == "sites":
             in_channels = SITE_CHANNELS + 3
+        species = [int(z) for z in species]
+        if species and representation != "sites":
+            raise ValueError("a species head needs representation='sites'")
         widths = list(widths)
         if grid % 2 ** len(widths):
             raise ValueError(f"grid {grid} must divide by 2**{len(widths)} (one pool per width)")
@@ -94,8 +110,12 @@ class CondDFCVAE(nn.Module):
             "density_scale": density_scale,
             "coord_scale": coord_scale,
             "representation": representation,
+            "species": species,
+            "prior_components": int(prior_components),
         }
         self.representation = representation
+        self.species = species
+        self._register_prior(int(prior_components), latent_dim)
         self.density_scale, self.coord_scale = density_scale, coord_scale
         self.register_buffer("property_mean", torch.zeros(len(self.properties)))
         self.register_buffer("property_std", torch.ones(len(self.properties)))
@@ -121,7 +141,7 @@ class CondDFCVAE(nn.Module):
                 ConvBlock(previous, width, circular=circular),
             ]
             previous = width
-        decoder.append(conv3d(widths[0], in_channels, circular=circular))
+        decoder.append(conv3d(widths[0], in_channels + len(species), circular=circular))
         self.decoder = nn.Sequential(*decoder)
         self._widths = widths
 
@@ -161,17 +181,98 @@ class CondDFCVAE(nn.Module):
         return self.to_mu(h), self.to_logvar(h).clamp(-30.0, 20.0)
 
     def decode(self, z: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        """Voxel maps (B, in_channels, g, g, g) from z and the (B, 10) condition."""
+        """Voxel maps (B, in_channels + len(species), g, g, g) from z and the (B, 10) condition.
+
+        The first ``in_channels`` are the reconstruction (:meth:`split_output`), the rest the
+        species head's logits (:meth:`species_logits`).
+        """
         h = self.from_latent(torch.cat([z, condition.to(z.dtype)], dim=1))
         h = h.view(-1, self._widths[-1], self.bottom, self.bottom, self.bottom)
         return self.decoder(h)
+
+    def species_logits(self, decoded: torch.Tensor) -> torch.Tensor | None:
+        """The species head's logits (B, K, g, g, g) of a :meth:`decode` output; None without a head."""
+        return decoded[:, self.in_channels :] if self.species else None
+
+    def species_classes(self, species: torch.Tensor) -> torch.Tensor:
+        """Class indices of a per-voxel atomic-number map (B, g, g, g); -100 (ignored) off sites."""
+        lookup = torch.full((max(self.species) + 1,), -100, dtype=torch.long, device=species.device)
+        lookup[torch.as_tensor(self.species, device=species.device)] = torch.arange(
+            len(self.species), device=species.device
+        )
+        z = species.long().clamp(min=0)
+        inside = z < len(lookup)
+        return torch.where(inside, lookup[z.clamp(max=len(lookup) - 1)], torch.full_like(z, -100))
 
     def forward(self, x: torch.Tensor, condition: torch.Tensor) -> VAEOutput:
         """Encode, sample z with the reparameterisation trick (mean in eval mode), decode."""
         mu, logvar = self.encode(x, condition)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu
         properties = self.property_head(z) if self.property_head is not None else None
-        return VAEOutput(self.decode(z, condition), mu, logvar, z, properties)
+        decoded = self.decode(z, condition)
+        return VAEOutput(
+            decoded[:, : self.in_channels], mu, logvar, z, properties, self.species_logits(decoded)
+        )
+
+    # --- latent prior ---------------------------------------------------------------------------
+
+    def _register_prior(self, k: int, d: int) -> None:
+        self.register_buffer("prior_weights", torch.full((k,), 1.0 / max(k, 1)))
+        self.register_buffer("prior_means", torch.zeros(k, d))
+        self.register_buffer("prior_scale_tril", torch.eye(d).expand(k, d, d).clone())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before the latent prior existed hold no prior buffers
+        for name in ("prior_weights", "prior_means", "prior_scale_tril"):
+            state_dict.setdefault(prefix + name, getattr(self, name))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def has_latent_prior(self) -> bool:
+        """Whether a fitted latent prior is stored (see :meth:`fit_latent_prior`)."""
+        return self.hparams["prior_components"] > 0
+
+    def set_latent_prior(self, weights: torch.Tensor, means: torch.Tensor, scale_tril: torch.Tensor) -> None:
+        """Store a Gaussian mixture prior: weights (k,), means (k, d), Cholesky factors (k, d, d)."""
+        k = int(weights.shape[0])
+        if means.shape != (k, self.latent_dim) or scale_tril.shape != (k, self.latent_dim, self.latent_dim):
+            raise ValueError(
+                f"a {k}-component prior over {self.latent_dim} latent dimensions has the wrong shapes"
+            )
+        device = self.prior_weights.device
+        self.prior_weights = (weights / weights.sum()).float().to(device)
+        self.prior_means = means.float().to(device)
+        self.prior_scale_tril = scale_tril.float().to(device)
+        self.hparams["prior_components"] = k
+
+    def fit_latent_prior(self, mu: torch.Tensor, components: int = 16, *, seed: int = 0) -> None:
+        """Fit and store a Gaussian mixture over training posterior means ``mu`` (n, d).
+
+        Ex-post density estimation: random samples then come from where the encoder put the
+        training crystals, not from N(0, I), which a VAE with a light KL term leaves partly empty.
+        """
+        weights, means, scale_tril = fit_gaussian_mixture(mu, components, seed=seed)
+        self.set_latent_prior(weights, means, scale_tril)
+
+    def sample_latent(
+        self, n: int, *, prior: str = "auto", generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """``n`` latent vectors (n, latent_dim) on the CPU from the fitted prior or N(0, I).
+
+        ``prior``: ``"fitted"`` (the stored mixture; ValueError without one), ``"normal"``
+        (N(0, I)) or ``"auto"`` (the mixture when stored, else N(0, I)).
+        """
+        if prior not in ("auto", "fitted", "normal"):
+            raise ValueError(f"prior must be 'auto', 'fitted' or 'normal'; got {prior!r}")
+        if prior == "fitted" and not self.has_latent_prior:
+            raise ValueError("this VAE stores no fitted latent prior; use prior='normal'")
+        noise = torch.randn(n, self.latent_dim, generator=generator)
+        if prior == "normal" or not self.has_latent_prior:
+            return noise
+        weights = self.prior_weights.cpu()
+        which = torch.multinomial(weights, n, replacement=True, generator=generator)
+        tril = self.prior_scale_tril.cpu()[which]
+        return self.prior_means.cpu()[which] + (tril @ noise[:, :, None])[:, :, 0]
 
     @torch.no_grad()
     def sample(
@@ -191,6 +292,46 @@ class CondDFCVAE(nn.Module):
         return self.decode(z, condition.to(device).expand(n, -1))
 
 
+def fit_gaussian_mixture(
+    x: torch.Tensor, components: int, *, seed: int = 0, iterations: int = 100, ridge: float = 1e-3
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Full-covariance Gaussian mixture by EM: weights (k,), means (k, d), Cholesky factors (k, d, d).
+
+    Written here with torch because the GPU trainer and the decoder need no scikit-learn;
+    ``ridge`` (times the mean variance) is added to each covariance's diagonal.
+    """
+    x = torch.as_tensor(x, dtype=torch.float64)
+    n, d = x.shape
+    k = max(1, min(int(components), n))
+    generator = torch.Generator().manual_seed(seed)
+    means = x[torch.randperm(n, generator=generator)[:k]].clone()
+    floor = ridge * float(x.var(dim=0).mean()) + 1e-9
+    cov = torch.cov(x.T).reshape(d, d) + floor * torch.eye(d, dtype=x.dtype)
+    covs = cov.expand(k, d, d).clone()
+    weights = torch.full((k,), 1.0 / k, dtype=x.dtype)
+    previous = -float("inf")
+    for _ in range(iterations):
+        tril = torch.linalg.cholesky(covs)
+        diff = x[None] - means[:, None]  # (k, n, d)
+        solved = torch.linalg.solve_triangular(tril, diff.transpose(1, 2), upper=False)  # (k, d, n)
+        log_det = 2 * torch.log(torch.diagonal(tril, dim1=1, dim2=2)).sum(dim=1)
+        log_p = -0.5 * (solved.pow(2).sum(dim=1) + log_det[:, None] + d * np.log(2 * np.pi))
+        log_p = log_p + torch.log(weights)[:, None]
+        total = torch.logsumexp(log_p, dim=0)
+        resp = torch.exp(log_p - total[None])  # (k, n)
+        counts = resp.sum(dim=1) + 1e-10
+        weights = counts / n
+        means = (resp @ x) / counts[:, None]
+        diff = x[None] - means[:, None]
+        covs = torch.einsum("kn,kni,knj->kij", resp, diff, diff) / counts[:, None, None]
+        covs = covs + floor * torch.eye(d, dtype=x.dtype)
+        likelihood = float(total.mean())
+        if abs(likelihood - previous) < 1e-6 * max(1.0, abs(likelihood)):
+            break
+        previous = likelihood
+    return weights.float(), means.float(), torch.linalg.cholesky(covs).float()
+
+
 REPRESENTATIONS = ("density", "sites")
 """Voxel inputs: eq. 1's density (the paper) or site-centre heatmap plus element descriptors."""
 
@@ -207,6 +348,7 @@ class VAELossWeights:
     beta: float = 0.0005
     gamma: float = 0.1
     property_weight: float = 1.0
+    species_weight: float = 1.0
 
 
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -248,6 +390,7 @@ def vae_loss(
     class_weights: torch.Tensor | None = None,
     density_scale: float = 1.0,
     spacing: torch.Tensor | None = None,
+    site_classes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The Cond-DFC-VAE loss and its parts.
 
@@ -267,6 +410,10 @@ def vae_loss(
         Factor from the VAE's density channel to the UNet's density units.
     spacing
         True voxel edge lengths (B, 3; Angstrom) for UNets that take them.
+    site_classes
+        (B, g, g, g) class indices of the species head (-100 off sites,
+        :meth:`CondDFCVAE.species_classes`): adds ``species_weight`` times the cross-entropy at
+        the site voxels.
     """
     mse = F.mse_loss(output.recon.float(), target.float())
     kld = kl_divergence(output.mu.float(), output.logvar.float())
@@ -287,6 +434,11 @@ def vae_loss(
         seg, _ = unet_loss(segmenter(seg_input, spacing), species_classes, mask, class_weights)
         loss = loss + weights.gamma * seg
         parts["segmentation"] = float(seg.detach())
+    if output.species_logits is not None and site_classes is not None:
+        term = F.cross_entropy(output.species_logits.float(), site_classes, ignore_index=-100)
+        if torch.isfinite(term):  # a batch without labelled voxels adds nothing
+            loss = loss + weights.species_weight * term
+            parts["species_ce"] = float(term.detach())
     parts["loss"] = float(loss.detach())
     return loss, parts
 

@@ -105,6 +105,11 @@ class VAEModelConfig(_Config):
         "loss for the decoder to learn them (the lattice is read from them); at 10 a CPU run decoded "
         "flat coordinates.",
     )
+    species_head: bool = Field(
+        False,
+        description="sites only: per-voxel element logits from the decoder, trained with cross-entropy at "
+        "the site voxels; species are then read back by classification, not nearest descriptor.",
+    )
 
     @field_validator("properties")
     @classmethod
@@ -124,6 +129,13 @@ class VAETrainConfig(_Config):
     beta: float = Field(0.0005, ge=0, description="KLD weight.")
     gamma: float = Field(0.1, ge=0, description="Segmentation loss weight in joint mode.")
     property_weight: float = Field(1.0, ge=0)
+    species_weight: float = Field(1.0, ge=0, description="Weight of the species head's cross-entropy.")
+    latent_prior_components: int = Field(
+        0,
+        ge=0,
+        description="After training, fit a Gaussian mixture of this many components to the training "
+        "posterior means and store it for random sampling (0: random samples draw z ~ N(0, I)).",
+    )
     unet: str | None = Field(
         None,
         description="Perceptual UNet: checkpoint path or registry version; None: registry default.",

@@ -119,7 +119,9 @@ class VoxelDataset(Dataset):
     Items are dicts of tensors: ``density`` (g, g, g; 1/Angstrom^3), ``coords`` (3, g, g, g;
     Angstrom), ``species`` (g, g, g; Z), ``mask`` (g, g, g), ``labels`` and ``label_mask`` (P,).
     With ``representation="sites"``, ``density`` holds the site channels (4, g, g, g) of
-    :func:`crystaloop.generative.representation.site_channels` and there is no species or mask.
+    :func:`crystaloop.generative.representation.site_channels`, ``site_species`` (g, g, g) the
+    species head's target (:func:`~crystaloop.generative.representation.site_species`), and there
+    is no species or mask.
     """
 
     def __init__(
@@ -136,6 +138,7 @@ class VoxelDataset(Dataset):
         self.properties = list(properties)
         self.grid, self.augment, self.seed = grid, augment, seed
         self.representation = representation
+        self._site_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def __len__(self) -> int:
         return len(self.records)
@@ -160,15 +163,31 @@ class VoxelDataset(Dataset):
         }
 
     def _sites_item(self, record) -> dict[str, torch.Tensor]:
-        from crystaloop.generative.representation import coordinate_channels, rotate_structure, site_channels
+        from crystaloop.generative.representation import (
+            _rotate_array,
+            _rotated_lattice,
+            coordinate_channels,
+            cube_rotations,
+            site_maps,
+        )
 
-        structure = record.structure
+        key = record.structure_id
+        if key not in self._site_cache:  # site maps cost ~40 ms a crystal; rotating them, microseconds
+            channels, species = site_maps(record.structure, grid=self.grid)
+            self._site_cache[key] = (channels.astype(np.float16), species)
+        channels, species = self._site_cache[key]
+        lattice = record.structure.lattice
         if self.augment:
-            structure = rotate_structure(structure, int(torch.randint(24, (1,)).item()))
+            # rotating the maps equals the maps of the rotated crystal (rotate90's identity)
+            perm, signs = cube_rotations()[int(torch.randint(24, (1,)).item())]
+            channels = _rotate_array(channels, perm, signs, leading=1)
+            species = _rotate_array(species, perm, signs)
+            lattice = _rotated_lattice(lattice, perm, signs)
         values, present = record.label_array(self.properties)
         return {
-            "density": torch.from_numpy(site_channels(structure, grid=self.grid)),
-            "coords": torch.from_numpy(coordinate_channels(structure.lattice, self.grid)),
+            "density": torch.from_numpy(channels.astype(np.float32)),
+            "site_species": torch.from_numpy(species.astype(np.int64)),
+            "coords": torch.from_numpy(coordinate_channels(lattice, self.grid)),
             "labels": torch.from_numpy(values),
             "label_mask": torch.from_numpy(present),
         }

@@ -8,7 +8,10 @@ has neither pymatgen nor the project's other dependencies)::
 ``SHARDS`` is a directory of ``shard-*.npz`` files and ``manifest.json``: the output of
 ``crystaloop data shards`` (eq. 1 density, the paper's representation) or of
 ``crystaloop train site-shards`` (site channels). The representation and grid are read from the
-manifest. Training uses automatic mixed precision (bfloat16 autocast on CUDA), random cube
+manifest. Site shards that carry ``species`` train the species head too (cross-entropy at the
+site voxels, ``--species-weight``; ``--species-weight 0`` trains without the head), and after
+training a Gaussian mixture is fitted to the posterior means of the shard structures and stored
+as the latent prior of random samples (``--prior-components``). Training uses automatic mixed precision (bfloat16 autocast on CUDA), random cube
 rotations, a cosine learning-rate schedule, and writes ``RUN/last.pt`` (resumable with
 ``--resume``) and ``RUN/vae.pt`` in the checkpoint format of
 :mod:`crystaloop.generative.models.checkpoint`; register it on the CPU side with
@@ -58,17 +61,20 @@ def _import_models():
     return CondDFCVAE, vae_loss, VAELossWeights, DecileCondition
 
 
-def load_shards(directory: Path) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
-    """Manifest, voxel channels (N, C, g, g, g; float16), lattices (N, 3, 3) and labels (N, P)."""
+def load_shards(directory: Path) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Manifest, voxel channels (N, C, g, g, g; float16), lattices (N, 3, 3), labels (N, P) and the
+    per-voxel species targets (N, g, g, g; int16), or None where the shards carry none."""
     manifest = json.loads((directory / "manifest.json").read_text())
-    channels, lattices, labels = [], [], []
+    channels, lattices, labels, species = [], [], [], []
     for shard in manifest["shards"]:
         with np.load(directory / shard["file"]) as data:
             values = data["sites"] if "sites" in data.files else data["density"][:, None]
             channels.append(values.astype(np.float16))
             lattices.append(data["lattice"].astype(np.float32))
             labels.append(data["labels"].astype(np.float32))
-    return manifest, np.concatenate(channels), np.concatenate(lattices), np.concatenate(labels)
+            species.append(data["species"].astype(np.int16) if "species" in data.files else None)
+    targets = None if any(s is None for s in species) else np.concatenate(species)
+    return manifest, np.concatenate(channels), np.concatenate(lattices), np.concatenate(labels), targets
 
 
 def coordinate_channels(lattices: torch.Tensor, grid: int) -> torch.Tensor:
@@ -101,6 +107,20 @@ def rotate(channels: torch.Tensor, lattices: torch.Tensor, generator: torch.Gene
     return out.contiguous(), lat
 
 
+@torch.no_grad()
+def posterior_means(vae, channels, lattices, deciles, grid: int, representation: str, batch_size: int = 256):
+    """Encoder means (N, latent_dim) of every shard structure, unrotated: what the prior is fitted to."""
+    device = next(vae.parameters()).device
+    means = []
+    for start in range(0, len(channels), batch_size):
+        x_vox = channels[start : start + batch_size].to(device).float()
+        coords = coordinate_channels(lattices[start : start + batch_size].to(device), grid)
+        cond = torch.nn.functional.one_hot(deciles[start : start + batch_size], 10).float().to(device)
+        x = vae.to_input(x_vox if representation == "sites" else x_vox[:, 0], coords)
+        means.append(vae.encode(x, cond)[0].float().cpu())
+    return torch.cat(means)
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shards", type=Path, required=True, help="Directory with manifest.json.")
@@ -110,7 +130,13 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--latent-dim", type=int, default=64)
     parser.add_argument("--widths", type=str, default="16,32,64", help="Encoder widths, comma separated.")
-    parser.add_argument("--beta", type=float, default=0.01, help="KLD weight.")
+    parser.add_argument("--beta", type=float, default=0.002, help="KLD weight.")
+    parser.add_argument(
+        "--species-weight", type=float, default=0.1, help="Species head cross-entropy weight (0: no head)."
+    )
+    parser.add_argument(
+        "--prior-components", type=int, default=16, help="Latent prior mixture size (0: z ~ N(0, I))."
+    )
     parser.add_argument("--condition-property", default="formation_energy_per_atom")
     parser.add_argument("--save-every", type=int, default=500, help="Steps between last.pt saves.")
     parser.add_argument("--seed", type=int, default=0)
@@ -124,12 +150,18 @@ def main(argv: list[str] | None = None) -> Path:
     )
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
-    manifest, channels, lattices, labels = load_shards(args.shards)
+    manifest, channels, lattices, labels, species = load_shards(args.shards)
     grid = int(manifest["grid"])
     representation = manifest.get("representation", "density")
     key = manifest["properties"].index(args.condition_property)
     present = np.isfinite(labels[:, key])
     channels, lattices, labels = channels[present], lattices[present], labels[present, key]
+    head = representation == "sites" and species is not None and args.species_weight > 0
+    if head:
+        species = species[present]
+        vocabulary = manifest.get("elements") or sorted(int(z) for z in np.unique(species) if z > 0)
+    else:
+        species, vocabulary = None, []
     condition = DecileCondition.fit(labels, args.condition_property)
     widths = [int(w) for w in args.widths.split(",")]
     hparams = dict(
@@ -139,14 +171,16 @@ def main(argv: list[str] | None = None) -> Path:
         circular=True,
         condition=condition.to_dict(),
         coord_scale=1.0,
+        density_scale=0.25 if representation == "sites" else 1.0,
         representation=representation,
+        species=vocabulary,
     )
     vae = CondDFCVAE(**hparams).to(device)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, args.steps) / args.steps))
     )
-    weights = VAELossWeights(alpha=0.0, beta=args.beta)
+    weights = VAELossWeights(alpha=0.0, beta=args.beta, species_weight=args.species_weight)
     args.out.mkdir(parents=True, exist_ok=True)
     last = args.out / "last.pt"
     step = 0
@@ -159,20 +193,27 @@ def main(argv: list[str] | None = None) -> Path:
     deciles = torch.as_tensor(condition.index(labels), dtype=torch.long)
     channels_t = torch.from_numpy(channels)
     lattices_t = torch.from_numpy(lattices)
+    species_t = torch.from_numpy(species) if species is not None else None
     use_amp = device.type == "cuda"
     start = time.perf_counter()
     vae.train()
     while step < args.steps:
         index = torch.randint(len(channels_t), (args.batch_size,), generator=generator)
         x_vox = channels_t[index].to(device, non_blocking=True).float()
+        if species_t is not None:  # rotated with the channels, as one more channel
+            x_vox = torch.cat([x_vox, species_t[index].to(device)[:, None].float()], dim=1)
         lat = lattices_t[index].to(device)
         x_vox, lat = rotate(x_vox, lat, generator)
+        site_classes = None
+        if species_t is not None:
+            site_classes = vae.species_classes(x_vox[:, -1].round().long())
+            x_vox = x_vox[:, :-1]
         coords = coordinate_channels(lat, grid)
         cond = torch.nn.functional.one_hot(deciles[index], 10).float().to(device)
         x = vae.to_input(x_vox if representation == "sites" else x_vox[:, 0], coords)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
             output = vae(x, cond)
-        loss, parts = vae_loss(output, x, weights)
+        loss, parts = vae_loss(output, x, weights, site_classes=site_classes)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 10.0)
@@ -191,10 +232,14 @@ def main(argv: list[str] | None = None) -> Path:
             )
             rate = step / (time.perf_counter() - start)
             print(
-                f"step {step}/{args.steps} loss {parts['loss']:.4f} mse {parts['mse']:.4f} kld {parts['kld']:.2f} ({rate:.1f} steps/s)",
+                f"step {step}/{args.steps} loss {parts['loss']:.4f} mse {parts['mse']:.4f} kld {parts['kld']:.2f} species_ce {parts.get('species_ce', float('nan')):.3f} ({rate:.1f} steps/s)",
                 flush=True,
             )
     vae.eval()
+    if args.prior_components:
+        vae.fit_latent_prior(
+            posterior_means(vae, channels_t, lattices_t, deciles, grid, representation), args.prior_components
+        )
     config = {
         "kind": "vae",
         "data": {
@@ -211,8 +256,15 @@ def main(argv: list[str] | None = None) -> Path:
             "amp": use_amp,
             "schedule": "cosine",
         },
-        "model": {"latent_dim": args.latent_dim, "widths": widths, "representation": representation},
+        "model": {
+            "latent_dim": args.latent_dim,
+            "widths": widths,
+            "representation": representation,
+            "species_head": bool(vocabulary),
+        },
         "beta": args.beta,
+        "species_weight": args.species_weight,
+        "latent_prior_components": args.prior_components,
         "condition_property": args.condition_property,
         "trainer": "generative/train/gpu.py",
     }

@@ -183,6 +183,7 @@ def train_vae(config: VAETrainConfig, database, run_dir: Path, *, resume=False, 
         density_scale=m.density_scale,
         coord_scale=m.coord_scale,
         representation=m.representation,
+        species=elements if m.species_head else (),
     )
     if m.properties:
         mean, std = _label_statistics(np.array([r.label_array(m.properties)[0] for r in train]))
@@ -206,7 +207,9 @@ def train_vae(config: VAETrainConfig, database, run_dir: Path, *, resume=False, 
             raise UserError(
                 f"the UNet does not know elements Z={sorted(missing)}; retrain the UNet on this data"
             )
-    weights = VAELossWeights(config.alpha, config.beta, config.gamma, config.property_weight)
+    weights = VAELossWeights(
+        config.alpha, config.beta, config.gamma, config.property_weight, config.species_weight
+    )
     extra = _extra(config, data_hash, train, val, unet=unet_ref)
     train_set = VoxelDataset(
         train, properties, grid=config.data.grid, augment=config.data.augment, representation=m.representation
@@ -230,7 +233,35 @@ def train_vae(config: VAETrainConfig, database, run_dir: Path, *, resume=False, 
     )
     if config.joint_unet and unet is not None:
         save_model(unet, run_dir / "joint-unet.pt", **extra)
+    if config.latent_prior_components and (run_dir / "best.pt").is_file():
+        fit_prior_of_checkpoint(
+            run_dir / "best.pt", train_set_plain(train, properties, config), config.latent_prior_components
+        )
     return run_dir / "best.pt", extra, state.best_metrics
+
+
+def train_set_plain(train, properties, config: VAETrainConfig) -> VoxelDataset:
+    """The training split without augmentation: what the latent prior is fitted to."""
+    return VoxelDataset(train, properties, grid=config.data.grid, representation=config.model.representation)
+
+
+@torch.no_grad()
+def fit_prior_of_checkpoint(path: Path, dataset: Dataset, components: int, *, batch_size: int = 64) -> Path:
+    """Fit the latent prior of the VAE at ``path`` to ``dataset``'s posterior means; rewrite ``path``.
+
+    The mixture (``components`` full-covariance Gaussians) is stored in the checkpoint and drawn
+    from by random sampling (:meth:`CondDFCVAE.sample_latent`).
+    """
+    vae, extra = load_model(path)
+    means = []
+    for batch in _loader(dataset, batch_size, shuffle=False, workers=0):
+        x = vae.to_input(batch["density"], batch["coords"])
+        condition = vae.condition.one_hot(batch["labels"][:, 0].numpy())
+        means.append(vae.encode(x, condition)[0])
+    mu = torch.cat(means)
+    vae.fit_latent_prior(mu, components)
+    extra["latent_prior"] = {"components": int(components), "n_fitted": len(mu)}
+    return save_model(vae, path, **extra)
 
 
 class _GraphSet(Dataset):

@@ -141,6 +141,8 @@ class VAETask:
         if self.vae.properties:
             targets = (labels[:, 1:] - self.vae.property_mean) / self.vae.property_std
             kwargs.update(property_targets=targets, property_mask=batch["label_mask"][:, 1:].to(self.device))
+        if self.vae.species and "site_species" in batch:
+            kwargs["site_classes"] = self.vae.species_classes(batch["site_species"].to(self.device))
         if self.unet is not None:
             kwargs["spacing"] = voxel_spacing(coords)
         if self.unet is not None and not self.joint:
@@ -155,19 +157,24 @@ class VAETask:
                 perceptual=None,
             )
         loss, parts = vae_loss(output, x, self.weights, density_scale=self.vae.density_scale, **kwargs)
-        return loss, parts, output, x
+        return loss, parts, output, x, kwargs.get("site_classes")
 
     def train_step(self, batch):
-        loss, parts, _, _ = self._loss(batch)
+        loss, parts, *_ = self._loss(batch)
         return loss, parts
 
     def evaluate(self, batches) -> dict[str, float]:
         rows = []
         for batch in batches:
-            loss, parts, output, x = self._loss(batch)
+            loss, parts, output, x, classes = self._loss(batch)
             density_mse = float(((output.recon[:, 0] - x[:, 0]) ** 2).mean())
             coords_mse = float(((output.recon[:, 1:] - x[:, 1:]) ** 2).mean())
-            rows.append((len(x), {**parts, "vae_mse": density_mse, "coords_mse": coords_mse}))
+            row = {**parts, "vae_mse": density_mse, "coords_mse": coords_mse}
+            if classes is not None and output.species_logits is not None:
+                labelled = classes >= 0
+                hits = (output.species_logits.argmax(dim=1) == classes)[labelled]
+                row["species_voxel_accuracy"] = float(hits.float().mean()) if hits.numel() else 0.0
+            rows.append((len(x), row))
         return _mean_parts(rows)
 
     def final_model(self) -> nn.Module:

@@ -37,6 +37,7 @@ def test_gpu_trainer_two_steps_on_cpu_from_tiny_shards(tmp_path, settings):
     run = tmp_path / "run"
     argv = ["--shards", str(shards), "--out", str(run), "--steps", "2", "--batch-size", "3"]
     argv += ["--latent-dim", "8", "--widths", "4,8", "--save-every", "1", "--device", "cpu"]
+    argv += ["--prior-components", "2"]
     result = subprocess.run(
         [sys.executable, "-c", BLOCKER, str(SCRIPT), *argv], capture_output=True, text=True, timeout=300
     )
@@ -44,6 +45,12 @@ def test_gpu_trainer_two_steps_on_cpu_from_tiny_shards(tmp_path, settings):
     assert "step 2/2" in result.stdout
     model, extra = load_model(run / "vae.pt")
     assert isinstance(model, CondDFCVAE) and model.representation == "sites" and model.grid == 8
+    # the shards carry species targets: the head is trained over their elements, and the latent
+    # prior is fitted to the shard structures' posterior means
+    elements = sorted({el.Z for r in records for el in r.structure.composition.elements})
+    assert model.species == elements
+    assert model.has_latent_prior and model.sample_latent(5).shape == (5, 8)
+    assert extra["config"]["model"]["species_head"] and "species_ce" in result.stdout
     assert extra["config"]["optim"]["steps"] == 2 and extra["dataset_hash"]
     assert torch.load(run / "last.pt", weights_only=False)["step"] == 2
 
