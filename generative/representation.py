@@ -415,7 +415,7 @@ def sites_from_channels(
     lattice: Lattice,
     elements: Sequence[int],
     *,
-    relative_threshold: float = 0.4,
+    relative_threshold: float = 0.5,
     floor: float = 0.1,
     min_separation: float = 0.9,
     species_logits: np.ndarray | None = None,
