@@ -62,7 +62,9 @@ def pick_device(requested: str = "auto") -> torch.device:
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     threads = os.environ.get("OMP_NUM_THREADS", "")
-    torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0 else max(1, os.cpu_count() or 1))
+    torch.set_num_threads(
+        int(threads) if threads.isdigit() and int(threads) > 0 else max(1, os.cpu_count() or 1)
+    )
     return torch.device("cpu")
 
 
@@ -73,6 +75,24 @@ def _scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, steps_per_e
             optimizer, T_max=max(1, optim.epochs * steps_per_epoch), eta_min=optim.lr / 100
         )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def _stretch_cosine(scheduler, optim: OptimConfig, steps_per_epoch: int) -> None:
+    """Give a resumed cosine schedule the length of ``optim.epochs`` (a run resumed with more epochs).
+
+    The rate jumps to the cosine's value at the current step of the longer schedule (a warm
+    restart below the peak) and decays to lr/100 at the new last step.
+    """
+    total = max(1, optim.epochs * steps_per_epoch)
+    if optim.schedule != "cosine" or getattr(scheduler, "T_max", total) == total:
+        return
+    scheduler.T_max = total
+    step = min(scheduler.last_epoch, total)
+    for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True):
+        group["lr"] = (
+            scheduler.eta_min + (base - scheduler.eta_min) * (1 + math.cos(math.pi * step / total)) / 2
+        )
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
 def _limited(loader: Iterable, limit: int | None) -> Iterator:
@@ -129,6 +149,7 @@ def fit(
         scaler.load_state_dict(saved["scaler"])
         if "scheduler" in saved:
             scheduler.load_state_dict(saved["scheduler"])
+            _stretch_cosine(scheduler, optim, steps)
         state = TrainState(**saved["state"])
         torch.set_rng_state(saved["rng"]["torch"])
         np.random.set_state(saved["rng"]["numpy"])  # noqa: NPY002

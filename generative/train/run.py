@@ -234,9 +234,9 @@ def train_vae(config: VAETrainConfig, database, run_dir: Path, *, resume=False, 
     if config.joint_unet and unet is not None:
         save_model(unet, run_dir / "joint-unet.pt", **extra)
     if config.latent_prior_components and (run_dir / "best.pt").is_file():
-        fit_prior_of_checkpoint(
-            run_dir / "best.pt", train_set_plain(train, properties, config), config.latent_prior_components
-        )
+        plain = train_set_plain(train, properties, config)
+        plain._site_cache = train_set._site_cache  # the maps the run computed, unrotated
+        fit_prior_of_checkpoint(run_dir / "best.pt", plain, config.latent_prior_components)
     return run_dir / "best.pt", extra, state.best_metrics
 
 
