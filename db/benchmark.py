@@ -83,6 +83,8 @@ class DBBenchmarkResult:
     plans: dict[str, str] = field(default_factory=dict)
     legacy_query_ms: dict[str, float] = field(default_factory=dict)
     legacy_inserts_per_second: float | None = None
+    #: Seconds per phase of :meth:`CandidateStore.insert_many`, summed over the batches.
+    insert_phase_seconds: dict[str, float] = field(default_factory=dict)
 
 
 def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
@@ -183,9 +185,10 @@ def run_db_benchmark(
     store = CandidateStore(database)
     _drop_campaign(store, campaign)
     docs = synthetic_candidates(n, campaign)
+    phases: dict[str, float] = {}
     start = time.perf_counter()
     for i in range(0, n, batch):
-        store.insert_many(docs[i : i + batch])
+        store.insert_many(docs[i : i + batch], timings=phases)
         if progress:
             progress(min(batch, n - i))
     elapsed = time.perf_counter() - start
@@ -203,7 +206,9 @@ def run_db_benchmark(
         "by_elements_limit50": lambda: store.query(**elements_query),
         "status_counts": lambda: store.count_by_state(campaign),
     }
-    result = DBBenchmarkResult(n=n, insert_seconds=elapsed, inserts_per_second=n / elapsed)
+    result = DBBenchmarkResult(
+        n=n, insert_seconds=elapsed, inserts_per_second=n / elapsed, insert_phase_seconds=phases
+    )
     for name, fn in queries.items():
         result.query_ms[name] = _median_ms(fn, repeats)
     result.plans["two_property_window_sort_limit50"] = describe_plan(store, **window_query)

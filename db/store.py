@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -20,9 +21,9 @@ from typing import Any
 import pymongo
 from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Structure
-from pymongo import ReturnDocument
+from pymongo import ReturnDocument, UpdateOne
 from pymongo.database import Database
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from crystaloop.db.documents import (
     ALLOWED_TRANSITIONS,
@@ -104,6 +105,20 @@ def _stored(doc: CandidateDoc) -> dict[str, Any]:
     out = doc.model_dump(exclude={"structure"})
     out["structure"] = doc.structure
     return out
+
+
+class _PhaseClock:
+    """Adds the seconds since the last lap to ``timings[phase]`` (does nothing without ``timings``)."""
+
+    def __init__(self, timings: dict[str, float] | None) -> None:
+        self.timings = timings
+        self.last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        if self.timings is not None:
+            now = time.perf_counter()
+            self.timings[phase] = self.timings.get(phase, 0.0) + now - self.last
+            self.last = now
 
 
 def _datetime(seconds: float) -> datetime:
@@ -263,28 +278,84 @@ class CandidateStore:
             **StructureFields.fields_from(structure),
         )
 
-    def insert_many(self, docs: Iterable[CandidateDoc]) -> int:
-        """Bulk-insert prepared documents without deduplication. Returns the count.
+    def insert_many(self, docs: Iterable[CandidateDoc], *, timings: dict[str, float] | None = None) -> int:
+        """Bulk-insert prepared documents without structure deduplication. Returns the count.
 
-        Full documents go in first; their summaries and counts follow, so a
-        summary never names a candidate that is not stored.
+        One write per collection: the full documents, then their summaries, then
+        the counters of every campaign round in one bulk write, so a summary never
+        names a candidate that is not stored. A ``candidate_id`` that is already
+        stored, or repeated in ``docs``, is refused by the unique index; the other
+        documents are still inserted with their summaries and counts, and the
+        refusal is raised afterwards.
+
+        ``timings``, when given, accumulates seconds per phase: ``dump``,
+        ``candidates``, ``build_summaries``, ``summaries`` and ``counters``.
+
+        Raises
+        ------
+        pymongo.errors.BulkWriteError
+            Some documents were refused (duplicate ``candidate_id``).
         """
+        clock = _PhaseClock(timings)
         payload = [_stored(d) for d in docs]
+        clock.lap("dump")
         if not payload:
             return 0
-        inserted = len(self.collection.insert_many(payload, ordered=False).inserted_ids)
+        refused: BulkWriteError | None = None
+        try:
+            self.collection.insert_many(payload, ordered=False)
+        except BulkWriteError as exc:
+            refused = exc
+            failed = {e["index"] for e in exc.details.get("writeErrors", ())}
+            payload = [d for i, d in enumerate(payload) if i not in failed]
+        clock.lap("candidates")
         summaries = [CandidateSummaryDoc.document_from(d) for d in payload]
-        self.summaries.insert_many(summaries, ordered=False)
+        clock.lap("build_summaries")
+        if summaries:
+            self.summaries.insert_many(summaries, ordered=False)
+        clock.lap("summaries")
         counts: dict[tuple[str, int], dict[str, int]] = {}
         spans: dict[tuple[str, int], list[datetime]] = {}
         for s in summaries:
             key = (s["campaign"], s["round"])
             per_state = counts.setdefault(key, {})
             per_state[s["state"]] = per_state.get(s["state"], 0) + 1
-            spans.setdefault(key, []).append(s["created_at"])
-        for key, per_state in counts.items():
-            self._count(*key, per_state, created=(min(spans[key]), max(spans[key])))
-        return inserted
+            span = spans.setdefault(key, [s["created_at"], s["created_at"]])
+            span[0], span[1] = min(span[0], s["created_at"]), max(span[1], s["created_at"])
+        if counts:
+            self.counters.bulk_write(
+                [
+                    UpdateOne(
+                        *self._count_update(*key, per_state, created=(spans[key][0], spans[key][1])),
+                        upsert=True,
+                    )
+                    for key, per_state in counts.items()
+                ],
+                ordered=False,
+            )
+        clock.lap("counters")
+        if refused is not None:
+            raise refused
+        return len(payload)
+
+    @staticmethod
+    def _count_update(
+        campaign: str,
+        round: int,
+        deltas: dict[str, int],
+        *,
+        created: tuple[datetime, datetime] | None = None,
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The counter filter and update that add ``deltas`` (state -> n) to one campaign round."""
+        update: dict[str, Any] = {
+            "$inc": {f"counts.{state}": n for state, n in deltas.items()},
+            "$setOnInsert": {"campaign": campaign, "round": round},
+        }
+        if created:
+            # The time span that default-sorted queries slice (see matching_ids).
+            update["$min"] = {"first_created_at": created[0]}
+            update["$max"] = {"last_created_at": created[1]}
+        return {"_id": counter_id(campaign, round)}, update
 
     def _count(
         self,
@@ -294,15 +365,7 @@ class CandidateStore:
         *,
         created: tuple[datetime, datetime] | None = None,
     ) -> None:
-        update: dict[str, Any] = {
-            "$inc": {f"counts.{state}": n for state, n in deltas.items()},
-            "$setOnInsert": {"campaign": campaign, "round": round},
-        }
-        if created:
-            # The time span that default-sorted queries slice (see matching_ids).
-            update["$min"] = {"first_created_at": created[0]}
-            update["$max"] = {"last_created_at": created[1]}
-        self.counters.update_one({"_id": counter_id(campaign, round)}, update, upsert=True)
+        self.counters.update_one(*self._count_update(campaign, round, deltas, created=created), upsert=True)
 
     def _sync_summary(self, candidate: dict[str, Any]) -> None:
         """Replace the summary of ``candidate`` (a full stored document) and move its count.

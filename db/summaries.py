@@ -14,6 +14,7 @@ so counting never aggregates.
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from itertools import combinations
 from typing import Any
@@ -27,7 +28,8 @@ COUNTER_COLLECTION = "candidate_counts"
 META_COLLECTION = "crystaloop_meta"
 
 #: Bumped whenever summaries or indexes change shape; the migration runs when it differs.
-LAYOUT_VERSION = 2
+#: 3: property keys are fixed-width strings (they were floats).
+LAYOUT_VERSION = 3
 
 #: Indexes of the full ``candidates`` collection: the id, which transitions and reads use.
 #: Each index entry costs an insert about as much as the document itself on the
@@ -64,25 +66,32 @@ LEGACY_CANDIDATE_INDEXES = (
 )
 
 
-#: Property values are keyed on one number line: property ``i`` (its position in
-#: PROPERTY_NAMES; DFT values after all predicted ones) owns
-#: ``[i * PROPERTY_KEY_SPAN - PROPERTY_KEY_CLAMP, i * PROPERTY_KEY_SPAN + PROPERTY_KEY_CLAMP]``.
-PROPERTY_KEY_SPAN = 1.0e6
+#: Property values are keyed on one ordered line: property ``i`` (its position in
+#: PROPERTY_NAMES; DFT values after all predicted ones) owns the keys ``"ii:..."``.
+#: The key of a value is its clamped value, shifted to be non-negative, in units of
+#: PROPERTY_KEY_RESOLUTION, written with a fixed number of digits, so that keys sort
+#: as the values do.
 PROPERTY_KEY_CLAMP = 0.49e6
+PROPERTY_KEY_RESOLUTION = 1.0e-4
+_PROPERTY_KEY_DIGITS = 10
 
 
-def property_key(name: str, value: float, *, dft: bool = False) -> float:
-    """The index key of one property value (units per property).
+def property_key(name: str, value: float, *, dft: bool = False) -> str:
+    """The index key of one property value (units per property), e.g. ``"02:0049001234"``.
 
-    The mapping is monotone (values beyond the clamp share the end key), so a
-    window ``[lo, hi]`` on the values is contained in ``[key(lo), key(hi)]``;
-    the exact window is checked on each fetched summary.
+    The mapping is monotone (values closer than the resolution, or beyond the
+    clamp, share a key), so a window ``[lo, hi]`` on the values is contained in
+    ``[key(lo), key(hi)]``; the exact window is checked on each fetched summary.
+    A string rather than a number: the embedded server encodes a string index
+    key about three times faster than a number, and a summary writes 8 to 16 of them.
     """
     position = PROPERTY_NAMES.index(name) + (len(PROPERTY_NAMES) if dft else 0)
-    return position * PROPERTY_KEY_SPAN + min(max(value, -PROPERTY_KEY_CLAMP), PROPERTY_KEY_CLAMP)
+    clamped = min(max(value, -PROPERTY_KEY_CLAMP), PROPERTY_KEY_CLAMP)
+    steps = math.floor((clamped + PROPERTY_KEY_CLAMP) / PROPERTY_KEY_RESOLUTION)
+    return f"{position:02d}:{steps:0{_PROPERTY_KEY_DIGITS}d}"
 
 
-def property_key_range(name: str, bounds: dict[str, float], *, dft: bool = False) -> dict[str, float]:
+def property_key_range(name: str, bounds: dict[str, float], *, dft: bool = False) -> dict[str, str]:
     """Key bounds that contain every value within ``bounds`` (``$gte``/``$gt``/``$lte``/``$lt``)."""
     lo = bounds.get("$gte", bounds.get("$gt"))
     hi = bounds.get("$lte", bounds.get("$lt"))
@@ -137,7 +146,7 @@ class CandidateSummaryDoc(BaseModel):
     dft: dict[str, float | None] = Field(
         default_factory=dict, description="DFT value per property; absent keys stay absent."
     )
-    property_keys: list[float] = Field(
+    property_keys: list[str] = Field(
         default_factory=list, description="property_key of each predicted and DFT value (multikey index)."
     )
     created_at: datetime
@@ -147,35 +156,71 @@ class CandidateSummaryDoc(BaseModel):
 
     @classmethod
     def document_from(cls, candidate: dict[str, Any]) -> dict[str, Any]:
-        """The summary of a full candidate document (as stored), ready to write."""
+        """The summary of a full candidate document (as stored), ready to write.
+
+        Built as a plain dict: the source is a validated ``CandidateDoc`` (or its
+        stored form), and validating the summary again was a third of the
+        client's time per insert. A value that is not a plain number goes
+        through the model, which coerces or rejects it as before.
+        """
         predicted = {
             name: value.get("mean") if isinstance(value, dict) else value
             for name, value in (candidate.get("predicted") or {}).items()
         }
         dft = dict(candidate.get("dft") or {})
-        summary = cls(
-            candidate_id=candidate["candidate_id"],
-            campaign=candidate["campaign"],
-            round=candidate["round"],
-            state=candidate.get("state", "generated"),
-            reduced_formula=candidate["reduced_formula"],
-            chemsys=candidate["chemsys"],
-            elements=candidate["elements"],
-            element_keys=element_keys(candidate["elements"]),
-            nsites=candidate["nsites"],
-            acquisition_score=candidate.get("acquisition_score"),
-            predicted=predicted,
-            dft=dft,
-            property_keys=[
+        score = candidate.get("acquisition_score")
+        summary = {
+            "_id": candidate["candidate_id"],
+            "campaign": candidate["campaign"],
+            "round": candidate["round"],
+            "state": str(candidate.get("state", "generated")),
+            "reduced_formula": candidate["reduced_formula"],
+            "chemsys": candidate["chemsys"],
+            "elements": list(candidate["elements"]),
+            "element_keys": element_keys(candidate["elements"]),
+            "nsites": candidate["nsites"],
+            "acquisition_score": _plain_float(score),
+            "predicted": {name: _plain_float(v) for name, v in predicted.items()},
+            "dft": {name: _plain_float(v) for name, v in dft.items()},
+            "property_keys": [
                 property_key(name, value, dft=is_dft)
                 for is_dft, values in ((False, predicted), (True, dft))
                 for name, value in values.items()
                 if isinstance(value, int | float) and value == value and name in PROPERTY_NAMES
             ],
-            created_at=candidate["created_at"],
-            revision=len(candidate.get("state_history") or ()),
+            "created_at": candidate["created_at"],
+            "revision": len(candidate.get("state_history") or ()),
+        }
+        plain = (
+            type(summary["round"]) is int
+            and type(summary["nsites"]) is int
+            and isinstance(summary["created_at"], datetime)
+            and all(isinstance(e, str) for e in summary["elements"])
+            and _NOT_PLAIN
+            not in (summary["acquisition_score"], *summary["predicted"].values(), *summary["dft"].values())
         )
-        return summary.model_dump(by_alias=True)
+        if plain:
+            return summary
+        summary.update(
+            acquisition_score=score,
+            predicted=predicted,
+            dft=dft,
+            round=candidate["round"],
+            nsites=candidate["nsites"],
+        )
+        return cls.model_validate(summary).model_dump(by_alias=True)
+
+
+_NOT_PLAIN = object()
+
+
+def _plain_float(value: Any) -> Any:
+    """``value`` as a float when it is a plain number (None stays None), else a marker."""
+    if value is None:
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    return _NOT_PLAIN
 
 
 #: Fields of the full document that :meth:`CandidateSummaryDoc.document_from` reads.

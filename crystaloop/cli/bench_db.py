@@ -72,8 +72,12 @@ def register(app: typer.Typer) -> None:
             table.add_column("full documents alone", justify="right")
         table.add_column("plan")
         extra = [f"{result.legacy_inserts_per_second:,.0f}"] if legacy else []
+        phases = ", ".join(f"{name} {sec:.1f}" for name, sec in result.insert_phase_seconds.items())
         table.add_row(
-            "inserts/s", f"{result.inserts_per_second:,.0f}", *extra, f"{result.insert_seconds:.1f} s total"
+            "inserts/s",
+            f"{result.inserts_per_second:,.0f}",
+            *extra,
+            f"{result.insert_seconds:.1f} s total ({phases} s)",
         )
         for name, ms in result.query_ms.items():
             old = [f"{result.legacy_query_ms[name]:.1f}"] if legacy else []
