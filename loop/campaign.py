@@ -606,9 +606,10 @@ class Campaign:
     # -- DFT helpers -------------------------------------------------------------------------
 
     def _dft_start(self, candidate: CandidateDoc) -> Structure:
-        """The structure DFT starts from: the UIP-relaxed one when the screen ran."""
+        """The structure DFT starts from: the UIP-relaxed one when the screen ran (see :func:`starting_structure`)."""
         relaxed = (candidate.uip or {}).get("structure")
-        return Structure.from_dict(relaxed) if relaxed else Structure.from_dict(candidate.structure)
+        raw = Structure.from_dict(relaxed) if relaxed else Structure.from_dict(candidate.structure)
+        return starting_structure(raw, self.config.dft.symmetrize_start)
 
     def _relaxation_settings(self, structure: Structure) -> dict[str, Any]:
         """The DFT cache's settings (and key) for relaxing ``structure`` in this campaign."""
@@ -912,6 +913,28 @@ class Campaign:
                 time.sleep(delay)
                 delay = min(delay * 2, 30.0)
                 self._reconnect()
+
+
+def starting_structure(structure: Structure, symprec: float | None = None) -> Structure:
+    """A DFT starting structure: ``structure`` without site properties, optionally symmetrised.
+
+    Site properties (CHGNet leaves ``magmom``) are dropped. With ``symprec`` (Å) the structure is
+    refined to the symmetry spglib finds at that tolerance and reduced to its primitive standard
+    cell, so that the relaxation keeps that symmetry and needs fewer k-points; a structure whose
+    refinement fails or changes its formula is returned unrefined.
+    """
+    bare = Structure(structure.lattice, structure.species, structure.frac_coords)
+    if symprec is None:
+        return bare
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    try:
+        refined = SpacegroupAnalyzer(bare, symprec=symprec).get_primitive_standard_structure()
+    except (TypeError, ValueError):  # spglib found no cell
+        return bare
+    if refined.composition.reduced_formula != bare.composition.reduced_formula:
+        return bare
+    return Structure(refined.lattice, refined.species, refined.frac_coords)
 
 
 def _submit_fireworks(flow, candidate_id: str, lpad) -> list[int]:

@@ -171,6 +171,11 @@ class Filters(_Strict):
     max_uip_volume_change: float = Field(
         0.3, gt=0, description="Reject if CHGNet relaxation changes the volume by more than this fraction."
     )
+    max_nsites: int | None = Field(
+        None,
+        ge=1,
+        description="Reject cells with more sites than this (null: no limit); DFT cost grows steeply with it.",
+    )
     allowed_formulas: list[str] = Field(
         default_factory=list, description="Anonymous formulas (e.g. 'ABC3') the stoichiometry stage keeps."
     )
@@ -236,6 +241,14 @@ class DFTSettings(_Strict):
     overrides: dict[str, Any] = Field(default_factory=dict, description="Merged into a preset copy.")
     allow_unverified: bool = Field(
         False, description="Let elements whose pseudopotential the family has not verified judge hits."
+    )
+    symmetrize_start: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Symmetry tolerance (Å, spglib symprec) to which the DFT starting structure is refined and "
+            "reduced to its primitive standard cell; null: start from it as it is."
+        ),
     )
 
 

@@ -6,6 +6,7 @@ Stages run in order (paper 002, Table 2, plus a universal-potential screen):
 2. ``valid``: every minimum-image interatomic distance at least ``min_distance`` (Å).
 3. ``stoichiometry`` (optional): the base compound's reduced formula, or an allowed anonymous one.
 4. ``elements``: the campaign's allow/deny lists and the pseudopotential family's coverage.
+   ``size`` (optional): at most ``max_nsites`` sites in the cell.
 5. ``novel``: not equivalent (``StructureMatcher``) to training data or earlier campaign candidates.
 6. ``window``: the CGCNN ensemble puts the candidate in the target window.
 7. ``uip_screen``: CHGNet relaxation; its formation energy must lie in the widened window too.
@@ -259,6 +260,24 @@ class ElementStage:
 
 
 @dataclass
+class SizeStage:
+    """At most ``max_nsites`` sites in the cell, so that only small cells reach DFT."""
+
+    max_nsites: int
+    name: str = "size"
+
+    def judge(self, candidates: Sequence[Candidate]) -> list[Verdict]:
+        out = []
+        for c in candidates:
+            n = len(c.structure)
+            if n > self.max_nsites:
+                out.append((False, f"{n} sites in the cell, above max_nsites {self.max_nsites}"))
+            else:
+                out.append((True, None))
+        return out
+
+
+@dataclass
 class NoveltyStage:
     """Not equivalent to a known structure of the same reduced formula.
 
@@ -366,7 +385,9 @@ class UIPStage:
     ``references`` are elemental energies (eV/atom) on the same scale as the prior data's
     labels. The relaxed structure, energies (eV/atom), formation energy, mean and max site
     displacement (Å), volume change and wall time (s) go into the candidate's ``uip`` record.
-    Cells denser than ``min_volume_per_atom`` (Å^3) are rejected without a relaxation.
+    Cells denser than ``min_volume_per_atom`` (Å^3) are rejected without a relaxation. A candidate
+    equivalent (``StructureMatcher``, same number of sites) to one relaxed earlier in the same call
+    takes that relaxation's results (``shared`` in its record) instead of running another.
     """
 
     relaxer: Relaxer
@@ -375,27 +396,40 @@ class UIPStage:
     tolerance: float = 0.2
     max_volume_change: float = 0.3
     min_volume_per_atom: float = MIN_VOLUME_PER_ATOM
+    matcher: StructureMatcher = field(default_factory=StructureMatcher)
     name: str = "uip_screen"
 
     def judge(self, candidates: Sequence[Candidate]) -> list[Verdict]:
         out = []
+        # Candidates equivalent to one relaxed before in this call share its relaxation: decoders
+        # often repeat a crystal many times, and each relaxation costs seconds.
+        done: dict[str, list[tuple[Structure, dict[str, Any] | Exception]]] = defaultdict(list)
         for c in candidates:
             per_atom = c.structure.volume / len(c.structure)
             if per_atom < self.min_volume_per_atom:
                 out.append((False, f"{per_atom:.1f} Å^3/atom is too dense to relax"))
                 continue
             start = time.perf_counter()
-            try:
-                result = self.relaxer.relax(c.structure)
-            except Exception as exc:  # a potential that fails on a wild cell rejects the cell
-                out.append((False, f"relaxation failed: {type(exc).__name__}"))
+            group = done[c.structure.composition.reduced_formula]
+            initial, result = next(
+                ((s, r) for s, r in group if len(s) == len(c.structure) and self.matcher.fit(c.structure, s)),
+                (c.structure, None),
+            )
+            if result is None:
+                try:
+                    result = self.relaxer.relax(c.structure)
+                except Exception as exc:  # a potential that fails on a wild cell rejects the cell
+                    result = exc
+                group.append((c.structure, result))
+            if isinstance(result, Exception):
+                out.append((False, f"relaxation failed: {type(result).__name__}"))
                 continue
             final: Structure = result["structure"]
             comp = final.composition.fractional_composition
             refs = self.references(el.symbol for el in comp.elements)
             formation = result["energy_per_atom"] - sum(x * refs[el.symbol] for el, x in comp.items())
-            shift = displacement(c.structure, final)
-            volume_change = final.volume / c.structure.volume - 1.0
+            shift = displacement(initial, final)
+            volume_change = final.volume / initial.volume - 1.0
             c.uip = {
                 "model": self.relaxer.version,
                 "structure": final.as_dict(),
@@ -408,6 +442,7 @@ class UIPStage:
                 "steps": result["steps"],
                 "converged": result["converged"],
                 "stopped_early": result.get("stopped_early", False),
+                "shared": initial is not c.structure,
                 "seconds": time.perf_counter() - start,
             }
             failures = []

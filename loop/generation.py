@@ -33,6 +33,7 @@ from crystaloop.loop.filters import (
     ElementStage,
     FilterCascade,
     NoveltyStage,
+    SizeStage,
     StoichiometryStage,
     UIPStage,
     UniqueStage,
@@ -470,6 +471,8 @@ def build_cascade(
         stages.append(StoichiometryStage(use_base=by_base, allowed_formulas=allowed))
     covered = frozenset(family.pseudopotentials) if family is not None else None
     stages.append(ElementStage(config.elements, covered, family.name if family is not None else None))
+    if f.max_nsites is not None:
+        stages.append(SizeStage(f.max_nsites))
     if f.novelty:
         from crystaloop.db.training import COLLECTION
 

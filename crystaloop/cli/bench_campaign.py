@@ -13,9 +13,17 @@ def register(app: typer.Typer) -> None:
     app.command("campaign")(bench_campaign)
 
 
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.0f} %"
+
+
+def _num(value, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def bench_campaign(
     config_path: Path = typer.Option(
-        Path("configs/demo-surrogate.yaml"), "--config", help="Base campaign file."
+        Path("configs/bench-campaign.yaml"), "--config", help="Base campaign file."
     ),
     rounds: int = typer.Option(5, "--rounds", min=1, help="Rounds per arm."),
     fmt: str = typer.Option("table", "--format", help="table or json."),
@@ -41,18 +49,46 @@ def bench_campaign(
     if fmt == "json":
         console.print_json(json.dumps(result, default=str))
         return
-    table = Table("arm", "round", "relaxed", "hits", "hit rate", "cumulative hits", "screening MAE (eV/atom)")
+    table = Table(
+        "arm",
+        "round",
+        "shortlisted",
+        "relaxed",
+        "hits",
+        "hit rate",
+        "cumulative hits",
+        "cumulative hit rate",
+        "screening MAE (eV/atom)",
+        "MAE before fine-tune (eV/atom)",
+    )
     for arm, data in result["arms"].items():
         for row in data["rows"]:
-            rate = "-" if row["hit_rate"] is None else f"{100 * row['hit_rate']:.0f} %"
-            mae = "-" if row["mae_screening"] is None else f"{row['mae_screening']:.3f}"
             table.add_row(
                 arm,
                 str(row["round"]),
+                "-" if row["shortlisted"] is None else str(row["shortlisted"]),
                 str(row["relaxed"]),
                 str(row["hits"]),
-                rate,
+                _pct(row["hit_rate"]),
                 str(row["cumulative_hits"]),
-                mae,
+                _pct(row["cumulative_hit_rate"]),
+                _num(row["mae_screening"]),
+                _num(row["mae_before_finetune"]),
             )
     console.print(table)
+    s = result["summary"]
+    for scope in ("round", "cumulative"):
+        rates = ", ".join(f"{arm} {_pct(v)}" for arm, v in s[f"{scope}_hit_rates"].items())
+        console.print(
+            f"{'round' if scope == 'round' else 'through round'} {s['round']}: {rates}; loop/random "
+            f"{_num(s[f'{scope}_ratio_vs_random'], '.1f')}x (target 3x), loop/no model "
+            f"{_num(s[f'{scope}_ratio_vs_no_model'], '.1f')}x (target 10x)",
+            highlight=False,
+        )
+    console.print(
+        f"loop screening MAE: first round {_num(s['mae_first_round'])}, last round "
+        f"{_num(s['mae_last_round'])} eV/atom ({'falls' if s['mae_falls'] else 'does not fall'})",
+        highlight=False,
+    )
+    for line in s["anchors"].values():
+        console.print(f"anchor: {line}", highlight=False)

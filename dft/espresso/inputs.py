@@ -169,8 +169,9 @@ class PwInput:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         atoms = AseAtomsAdaptor.get_atoms(self.structure)
-        if self.magmoms is not None:
-            atoms.set_initial_magnetic_moments(self.magmoms)
+        # The preset alone decides spin: a structure's own ``magmom`` site property (a CHGNet
+        # relaxation leaves one) would otherwise make ASE write nspin = 2 and split the species.
+        atoms.set_initial_magnetic_moments(self.magmoms)
         path = directory / filename
         with path.open("w") as fh:
             write_espresso_in(

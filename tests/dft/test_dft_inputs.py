@@ -89,6 +89,18 @@ def test_magnetic_elements_switch_spin_on(tmp_path):
     assert "nspin" not in build_pw_input(si, load_preset("fast"), load_family(FAKE_FAMILY)).input_data["system"]
 
 
+def test_magmom_site_property_does_not_switch_spin_on(family, tmp_path):
+    """A CHGNet-relaxed structure carries ``magmom``; the preset, not that property, sets nspin."""
+    sic = bulk_structure("Si", "diamond", 4.36)
+    sic.replace(1, "C")
+    sic.add_site_property("magmom", [0.03, 0.09])
+    with build_pw_input(sic, load_preset("demo"), family).write(tmp_path).open() as fh:
+        namelist, cards = read_fortran_namelist(fh)
+    assert "nspin" not in namelist["system"]
+    assert namelist["system"]["ntyp"] == 2
+    assert not any(line.split()[0] in {"Si1", "C1"} for line in cards if line.split())
+
+
 def test_static_input_drops_relaxation_namelists(family):
     si = bulk_structure("Si", "diamond", 5.43)
     preset = load_preset("fast", {"input_data": {"control": {"calculation": "scf"}}})

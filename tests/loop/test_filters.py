@@ -14,6 +14,7 @@ from crystaloop.loop.filters import (
     ElementStage,
     FilterCascade,
     NoveltyStage,
+    SizeStage,
     StoichiometryStage,
     UIPStage,
     UniqueStage,
@@ -249,3 +250,76 @@ def test_uip_screen_rejects_cells_too_dense_to_relax_without_relaxing():
     assert verdicts(ValidityStage(0.5), [cand(dense)]) == [True]
     stage = UIPStage(relaxer=None, references=None, targets=[])  # neither is reached
     assert stage.judge([cand(dense)]) == [(False, "2.0 Å^3/atom is too dense to relax")]
+
+
+def test_size_stage_rejects_a_five_atom_cell_with_its_count():
+    stage = SizeStage(max_nsites=2)
+    out = stage.judge([cand(silicon()), cand(perovskite())])
+    assert out[0] == (True, None)
+    assert out[1] == (False, "5 sites in the cell, above max_nsites 2")
+
+
+def test_cascade_has_the_size_stage_only_when_max_nsites_is_set():
+    from crystaloop.loop.config import parse_campaign_config
+    from crystaloop.loop.generation import build_cascade
+
+    def names(**filters):
+        config = parse_campaign_config(
+            {
+                "name": "size-test",
+                "targets": [{"property": EF, "min": -1.0, "max": 0.0}],
+                "material_classes": ["binary"],
+                "filters": {"uip_screen": False, "novelty": False, **filters},
+                "dft": {"engine": "surrogate"},
+            }
+        )
+        cascade = build_cascade(
+            config, strategy="random", database=None, family=None, predictor=None, uip=False
+        )
+        return [stage.name for stage in cascade.stages]
+
+    assert names(max_nsites=2) == [
+        "decoded",
+        "valid",
+        "stoichiometry",
+        "elements",
+        "size",
+        "window",
+        "unique",
+    ]
+    assert "size" not in names()
+
+
+class CountingRelaxer:
+    """Returns the structure unchanged at a fixed energy, counting its calls."""
+
+    version = "counting"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def relax(self, structure):
+        self.calls += 1
+        return {
+            "structure": structure.copy(),
+            "initial_energy_per_atom": -1.0,
+            "energy_per_atom": -1.0,
+            "steps": 1,
+            "converged": True,
+        }
+
+
+def test_uip_screen_relaxes_equivalent_candidates_once():
+    relaxer = CountingRelaxer()
+    shifted = silicon()
+    shifted.translate_sites(range(len(shifted)), [0.1, 0.2, 0.3])
+    batch = [cand(silicon(), index=0), cand(shifted, index=1), cand(rocksalt(), index=2)]
+    stage = UIPStage(
+        relaxer, lambda symbols: {s: -0.5 for s in symbols}, [TargetWindow(property=EF, max=0.0)]
+    )
+    out = stage.judge(batch)
+    assert relaxer.calls == 2
+    assert [p for p, _ in out] == [True, True, True]
+    assert [c.uip["shared"] for c in batch] == [False, True, False]
+    assert batch[1].uip["formation_energy_per_atom"] == pytest.approx(-0.5)
+    assert batch[1].uip["volume_change"] == pytest.approx(0.0)
