@@ -617,6 +617,13 @@ def evaluate_sampling(
     bases = None
     if strategy == "around_base":
         _, bases = composition_split(references, data.test_fraction, data.split_seed)
+    if prior == "fitted" and not getattr(decoder.vae, "has_latent_prior", False):
+        from crystaloop.errors import UserError
+
+        raise UserError(
+            f"VAE {paths['vae'].name} stores no fitted latent prior; use --prior normal or a VAE trained "
+            "with a latent prior"
+        )
     z, condition, picks = sampling_latents(decoder, n, strategy, bases=bases or (), seed=seed, prior=prior)
     fitted = getattr(decoder.vae, "has_latent_prior", False) and prior != "normal"
     start = time.perf_counter()

@@ -151,7 +151,12 @@ def properties(
 def sampling(
     n: int = typer.Option(100, "--n", min=1, help="Samples to decode."),
     strategy: str = typer.Option(
-        "random", "--strategy", help="random (z ~ N(0, I)) or around_base (sigma = sqrt(0.5))."
+        "random",
+        "--strategy",
+        help="random (z from the VAE's fitted latent prior, else N(0, I)) or around_base (sigma = sqrt(0.5)).",
+    ),
+    prior: str = typer.Option(
+        "auto", "--prior", help="Latent prior of random samples: auto (fitted when stored), fitted or normal."
     ),
     method: str = typer.Option(
         None, "--method", help="Decoding path: paper, pursuit or sites (default: the VAE's)."
@@ -172,14 +177,33 @@ def sampling(
     fmt = _check_format(fmt)
     if strategy not in ("random", "around_base"):
         raise UserError(f"--strategy must be 'random' or 'around_base', not {strategy!r}")
+    if prior not in ("auto", "fitted", "normal"):
+        raise UserError(f"--prior must be 'auto', 'fitted' or 'normal', not {prior!r}")
     database = get_database()
     metrics = evaluate_sampling(
-        database, n=n, strategy=strategy, vae=vae, unet=unet, seed=seed, method=method, workers=workers
+        database,
+        n=n,
+        strategy=strategy,
+        vae=vae,
+        unet=unet,
+        seed=seed,
+        method=method,
+        workers=workers,
+        prior=prior,
     )
+    normal = strategy == "random" and prior == "normal"
     command = _command(
-        "sampling", n=n, strategy=strategy, method=method, vae=vae, unet=unet, seed=seed or None
+        "sampling",
+        n=n,
+        strategy=strategy,
+        prior=prior if prior != "auto" else None,
+        method=method,
+        vae=vae,
+        unet=unet,
+        seed=seed or None,
     )
-    _record(database, {"vae": vae}, command, _numbers(metrics), key=f"sampling_{strategy}")
+    key = "sampling_normal" if normal else f"sampling_{strategy}"
+    _record(database, {"vae": vae}, command, _numbers(metrics), key=key)
     if fmt == "json":
         print(json.dumps(metrics))
         return

@@ -97,7 +97,7 @@ def resolve_models(database, *, vae: str | None = None, unet: str | None = None,
 HELD_OUT_PREFIX = "held_out_"
 """Registry metrics written by ``crystaloop evaluate`` on the held-out split carry this prefix."""
 
-EVALUATIONS = ("held_out", "sampling_random", "sampling_around_base")
+EVALUATIONS = ("held_out", "sampling_random", "sampling_around_base", "sampling_normal")
 """Blocks that ``crystaloop evaluate`` writes: reconstruction or property metrics on the held-out
 split, and the sampling shares of each strategy. Registry metrics carry ``<block>_`` prefixes."""
 

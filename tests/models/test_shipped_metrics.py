@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from crystaloop.cli import app
 from crystaloop.db.documents import ModelDoc
 from crystaloop.db.registry import ModelRegistry
+from crystaloop.errors import UserError
 from crystaloop.generative.models import shipped
 
 SAMPLING_KEYS = {
@@ -54,6 +55,25 @@ def test_ship_then_evaluate_sampling_writes_that_versions_numbers(monkeypatch, t
     registered = ModelRegistry(database).get("vae", version="vae-t1")
     assert registered.metrics["sampling_random_valid_share"] == report["valid_share"]
 
+
+
+def test_sampling_from_normal_prior_is_recorded_apart_from_the_fitted_one(monkeypatch, tmp_path, database):
+    _ship_real(monkeypatch, tmp_path, database)
+    runner = CliRunner()
+    fitted = runner.invoke(app, ["evaluate", "sampling", "--n", "3", "--workers", "1", "--format", "json"])
+    assert fitted.exit_code == 0, fitted.output
+    args = ["evaluate", "sampling", "--n", "3", "--workers", "1", "--prior", "normal", "--format", "json"]
+    normal = runner.invoke(app, args)
+    assert normal.exit_code == 0, normal.output
+    assert json.loads(normal.output)["latent_prior"] == "N(0, I)"
+    assert json.loads(fitted.output)["latent_prior"] == "fitted mixture"  # the shipped VAE stores one
+    entry = next(e for e in shipped.shipped_models() if e["kind"] == "vae")
+    assert entry["sampling_normal"]["command"].endswith("--strategy random --prior normal")
+    assert entry["sampling_random"]["n_samples"] == 3  # the fitted prior's block is kept
+
+    bad = runner.invoke(app, ["evaluate", "sampling", "--n", "3", "--prior", "uniform"])
+    assert isinstance(bad.exception, UserError) and bad.exception.exit_code == 2
+    assert "--prior must be" in str(bad.exception)
 
 def test_evaluate_output_survives_reshipping_and_calibration_is_labelled(monkeypatch, tmp_path, database):
     docs = _ship_real(monkeypatch, tmp_path, database)
