@@ -190,6 +190,11 @@ class Filters(_Strict):
         gt=0,
         description="Formation-energy window per candidate: base E_f widened by this fraction (paper: 0.2).",
     )
+    uip_max_relaxations: int | None = Field(
+        None,
+        ge=1,
+        description="CHGNet relaxations per generation at most, best-scored first (null: every survivor).",
+    )
     uip_fmax: float = Field(0.1, gt=0, description="CHGNet relaxation force convergence (eV/Å).")
     uip_steps: int = Field(100, ge=1, description="CHGNet relaxation step limit.")
     store_rejects: bool = Field(

@@ -387,7 +387,9 @@ class UIPStage:
     displacement (Å), volume change and wall time (s) go into the candidate's ``uip`` record.
     Cells denser than ``min_volume_per_atom`` (Å^3) are rejected without a relaxation. A candidate
     equivalent (``StructureMatcher``, same number of sites) to one relaxed earlier in the same call
-    takes that relaxation's results (``shared`` in its record) instead of running another.
+    takes that relaxation's results (``shared`` in its record) instead of running another. With
+    ``max_relaxations`` the best-scored candidates (highest P in window) are relaxed first and the
+    ones left when that many relaxations have run are rejected unscreened.
     """
 
     relaxer: Relaxer
@@ -397,65 +399,70 @@ class UIPStage:
     max_volume_change: float = 0.3
     min_volume_per_atom: float = MIN_VOLUME_PER_ATOM
     matcher: StructureMatcher = field(default_factory=StructureMatcher)
+    max_relaxations: int | None = None
     name: str = "uip_screen"
 
     def judge(self, candidates: Sequence[Candidate]) -> list[Verdict]:
-        out = []
         # Candidates equivalent to one relaxed before in this call share its relaxation: decoders
         # often repeat a crystal many times, and each relaxation costs seconds.
         done: dict[str, list[tuple[Structure, dict[str, Any] | Exception]]] = defaultdict(list)
-        for c in candidates:
-            per_atom = c.structure.volume / len(c.structure)
-            if per_atom < self.min_volume_per_atom:
-                out.append((False, f"{per_atom:.1f} Å^3/atom is too dense to relax"))
+        verdicts: dict[int, Verdict] = {}
+        for i in sorted(range(len(candidates)), key=lambda i: (-(candidates[i].score or 0.0), i)):
+            verdicts[i] = self._screen(candidates[i], done)
+        return [verdicts[i] for i in range(len(candidates))]
+
+    def _screen(self, c: Candidate, done: dict[str, list]) -> Verdict:
+        per_atom = c.structure.volume / len(c.structure)
+        if per_atom < self.min_volume_per_atom:
+            return False, f"{per_atom:.1f} Å^3/atom is too dense to relax"
+        start = time.perf_counter()
+        group = done[c.structure.composition.reduced_formula]
+        initial, result = next(
+            ((s, r) for s, r in group if len(s) == len(c.structure) and self.matcher.fit(c.structure, s)),
+            (c.structure, None),
+        )
+        if result is None:
+            relaxed = sum(len(g) for g in done.values())
+            if self.max_relaxations is not None and relaxed >= self.max_relaxations:
+                return False, f"not screened: {self.max_relaxations} relaxations went to better-scored ones"
+            try:
+                result = self.relaxer.relax(c.structure)
+            except Exception as exc:  # a potential that fails on a wild cell rejects the cell
+                result = exc
+            group.append((c.structure, result))
+        if isinstance(result, Exception):
+            return False, f"relaxation failed: {type(result).__name__}"
+        final: Structure = result["structure"]
+        comp = final.composition.fractional_composition
+        refs = self.references(el.symbol for el in comp.elements)
+        formation = result["energy_per_atom"] - sum(x * refs[el.symbol] for el, x in comp.items())
+        shift = displacement(initial, final)
+        volume_change = final.volume / initial.volume - 1.0
+        c.uip = {
+            "model": self.relaxer.version,
+            "structure": final.as_dict(),
+            "initial_energy_per_atom": result["initial_energy_per_atom"],
+            "energy_per_atom": result["energy_per_atom"],
+            "formation_energy_per_atom": formation,
+            "mean_displacement_angstrom": float(shift.mean()),
+            "max_displacement_angstrom": float(shift.max()),
+            "volume_change": volume_change,
+            "steps": result["steps"],
+            "converged": result["converged"],
+            "stopped_early": result.get("stopped_early", False),
+            "shared": initial is not c.structure,
+            "seconds": time.perf_counter() - start,
+        }
+        failures = []
+        if abs(volume_change) > self.max_volume_change:
+            failures.append(f"volume changed by {100 * volume_change:+.0f} %")
+        for target in self.targets:
+            if target.property != "formation_energy_per_atom":
                 continue
-            start = time.perf_counter()
-            group = done[c.structure.composition.reduced_formula]
-            initial, result = next(
-                ((s, r) for s, r in group if len(s) == len(c.structure) and self.matcher.fit(c.structure, s)),
-                (c.structure, None),
-            )
-            if result is None:
-                try:
-                    result = self.relaxer.relax(c.structure)
-                except Exception as exc:  # a potential that fails on a wild cell rejects the cell
-                    result = exc
-                group.append((c.structure, result))
-            if isinstance(result, Exception):
-                out.append((False, f"relaxation failed: {type(result).__name__}"))
-                continue
-            final: Structure = result["structure"]
-            comp = final.composition.fractional_composition
-            refs = self.references(el.symbol for el in comp.elements)
-            formation = result["energy_per_atom"] - sum(x * refs[el.symbol] for el, x in comp.items())
-            shift = displacement(initial, final)
-            volume_change = final.volume / initial.volume - 1.0
-            c.uip = {
-                "model": self.relaxer.version,
-                "structure": final.as_dict(),
-                "initial_energy_per_atom": result["initial_energy_per_atom"],
-                "energy_per_atom": result["energy_per_atom"],
-                "formation_energy_per_atom": formation,
-                "mean_displacement_angstrom": float(shift.mean()),
-                "max_displacement_angstrom": float(shift.max()),
-                "volume_change": volume_change,
-                "steps": result["steps"],
-                "converged": result["converged"],
-                "stopped_early": result.get("stopped_early", False),
-                "shared": initial is not c.structure,
-                "seconds": time.perf_counter() - start,
-            }
-            failures = []
-            if abs(volume_change) > self.max_volume_change:
-                failures.append(f"volume changed by {100 * volume_change:+.0f} %")
-            for target in self.targets:
-                if target.property != "formation_energy_per_atom":
-                    continue
-                lo, hi = widen(c.window_for(target), self.tolerance)
-                if not lo <= formation <= hi:
-                    failures.append(f"CHGNet E_f {formation:.3f} eV/atom outside [{lo:.3g}, {hi:.3g}]")
-            out.append((not failures, "; ".join(failures) or None))
-        return out
+            lo, hi = widen(c.window_for(target), self.tolerance)
+            if not lo <= formation <= hi:
+                failures.append(f"CHGNet E_f {formation:.3f} eV/atom outside [{lo:.3g}, {hi:.3g}]")
+        return not failures, "; ".join(failures) or None
 
 
 def displacement(initial: Structure, final: Structure) -> np.ndarray:

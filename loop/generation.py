@@ -489,6 +489,7 @@ def build_cascade(
                 config.targets,
                 f.window_tolerance,
                 f.max_uip_volume_change,
+                max_relaxations=f.uip_max_relaxations,
             )
         )
     stages.append(UniqueStage())

@@ -323,3 +323,23 @@ def test_uip_screen_relaxes_equivalent_candidates_once():
     assert [c.uip["shared"] for c in batch] == [False, True, False]
     assert batch[1].uip["formation_energy_per_atom"] == pytest.approx(-0.5)
     assert batch[1].uip["volume_change"] == pytest.approx(0.0)
+
+
+def test_uip_screen_spends_a_relaxation_budget_on_the_best_scored_first():
+    relaxer = CountingRelaxer()
+    batch = [
+        cand(silicon(), index=0, score=0.2),
+        cand(rocksalt(), index=1, score=0.9),
+        cand(perovskite(), index=2, score=0.5),
+    ]
+    stage = UIPStage(
+        relaxer,
+        lambda symbols: {s: -0.5 for s in symbols},
+        [TargetWindow(property=EF, max=0.0)],
+        max_relaxations=2,
+    )
+    out = stage.judge(batch)
+    assert relaxer.calls == 2
+    assert [p for p, _ in out] == [False, True, True]
+    assert out[0][1] == "not screened: 2 relaxations went to better-scored ones"
+    assert batch[0].uip == {} and batch[1].uip and batch[2].uip
