@@ -14,7 +14,6 @@ so counting never aggregates.
 
 from __future__ import annotations
 
-import math
 from datetime import datetime
 from itertools import combinations
 from typing import Any
@@ -73,11 +72,12 @@ LEGACY_CANDIDATE_INDEXES = (
 #: as the values do.
 PROPERTY_KEY_CLAMP = 0.49e6
 PROPERTY_KEY_RESOLUTION = 1.0e-4
-_PROPERTY_KEY_DIGITS = 10
+_PROPERTY_KEY_FORMAT = "%02d:%010d"
+_PROPERTY_POSITION = {name: i for i, name in enumerate(PROPERTY_NAMES)}
 
 
 def property_key(name: str, value: float, *, dft: bool = False) -> str:
-    """The index key of one property value (units per property), e.g. ``"02:0049001234"``.
+    """The index key of one property value (units per property), e.g. ``"02:4900012344"``.
 
     The mapping is monotone (values closer than the resolution, or beyond the
     clamp, share a key), so a window ``[lo, hi]`` on the values is contained in
@@ -85,10 +85,10 @@ def property_key(name: str, value: float, *, dft: bool = False) -> str:
     A string rather than a number: the embedded server encodes a string index
     key about three times faster than a number, and a summary writes 8 to 16 of them.
     """
-    position = PROPERTY_NAMES.index(name) + (len(PROPERTY_NAMES) if dft else 0)
+    position = _PROPERTY_POSITION[name] + (len(PROPERTY_NAMES) if dft else 0)
     clamped = min(max(value, -PROPERTY_KEY_CLAMP), PROPERTY_KEY_CLAMP)
-    steps = math.floor((clamped + PROPERTY_KEY_CLAMP) / PROPERTY_KEY_RESOLUTION)
-    return f"{position:02d}:{steps:0{_PROPERTY_KEY_DIGITS}d}"
+    # Floor division of the shifted (non-negative) value: monotone, and an integral float.
+    return _PROPERTY_KEY_FORMAT % (position, (clamped + PROPERTY_KEY_CLAMP) // PROPERTY_KEY_RESOLUTION)
 
 
 def property_key_range(name: str, bounds: dict[str, float], *, dft: bool = False) -> dict[str, str]:
@@ -158,17 +158,16 @@ class CandidateSummaryDoc(BaseModel):
     def document_from(cls, candidate: dict[str, Any]) -> dict[str, Any]:
         """The summary of a full candidate document (as stored), ready to write.
 
-        Built as a plain dict: the source is a validated ``CandidateDoc`` (or its
-        stored form), and validating the summary again was a third of the
-        client's time per insert. A value that is not a plain number goes
-        through the model, which coerces or rejects it as before.
+        Built as a plain dict when every value already has its type (the source
+        is a validated ``CandidateDoc`` or its stored form); anything else, such
+        as an integer or a string where a float belongs, goes through the model,
+        which coerces or rejects it.
         """
         predicted = {
             name: value.get("mean") if isinstance(value, dict) else value
             for name, value in (candidate.get("predicted") or {}).items()
         }
         dft = dict(candidate.get("dft") or {})
-        score = candidate.get("acquisition_score")
         summary = {
             "_id": candidate["candidate_id"],
             "campaign": candidate["campaign"],
@@ -179,48 +178,30 @@ class CandidateSummaryDoc(BaseModel):
             "elements": list(candidate["elements"]),
             "element_keys": element_keys(candidate["elements"]),
             "nsites": candidate["nsites"],
-            "acquisition_score": _plain_float(score),
-            "predicted": {name: _plain_float(v) for name, v in predicted.items()},
-            "dft": {name: _plain_float(v) for name, v in dft.items()},
+            "acquisition_score": candidate.get("acquisition_score"),
+            "predicted": predicted,
+            "dft": dft,
             "property_keys": [
                 property_key(name, value, dft=is_dft)
                 for is_dft, values in ((False, predicted), (True, dft))
                 for name, value in values.items()
-                if isinstance(value, int | float) and value == value and name in PROPERTY_NAMES
+                if isinstance(value, int | float) and value == value and name in _PROPERTY_POSITION
             ],
             "created_at": candidate["created_at"],
             "revision": len(candidate.get("state_history") or ()),
         }
-        plain = (
+        typed = (
             type(summary["round"]) is int
             and type(summary["nsites"]) is int
             and isinstance(summary["created_at"], datetime)
-            and all(isinstance(e, str) for e in summary["elements"])
-            and _NOT_PLAIN
-            not in (summary["acquisition_score"], *summary["predicted"].values(), *summary["dft"].values())
+            and all(
+                type(v) is float or v is None for v in (summary["acquisition_score"], *predicted.values())
+            )
+            and all(type(v) is float or v is None for v in dft.values())
         )
-        if plain:
+        if typed:
             return summary
-        summary.update(
-            acquisition_score=score,
-            predicted=predicted,
-            dft=dft,
-            round=candidate["round"],
-            nsites=candidate["nsites"],
-        )
         return cls.model_validate(summary).model_dump(by_alias=True)
-
-
-_NOT_PLAIN = object()
-
-
-def _plain_float(value: Any) -> Any:
-    """``value`` as a float when it is a plain number (None stays None), else a marker."""
-    if value is None:
-        return None
-    if isinstance(value, int | float):
-        return float(value)
-    return _NOT_PLAIN
 
 
 #: Fields of the full document that :meth:`CandidateSummaryDoc.document_from` reads.
