@@ -8,7 +8,8 @@ input order:
 
 1. the VAE decodes z and the condition into voxel channels and coordinate channels (batched on
    the device);
-2. the lattice is the least-squares fit of the coordinate channels;
+2. the lattice comes from the VAE's lattice head when it has one (:data:`LATTICE_SOURCES`), else
+   from the least-squares fit of the coordinate channels;
 3. the sites come from one of :data:`METHODS` (worker processes): ``paper`` (Court et al. 2020:
    the UNet's species and mask, then the periodic watershed of Algorithm S1; a density decoded on
    a coarser grid is upsampled to the UNet's 32^3 first), ``pursuit`` (eq. 1 Gaussians matched to
@@ -51,6 +52,12 @@ Algorithm S1; ``pursuit`` reads sites and species from the density alone by matc
 Gaussians (:func:`crystaloop.generative.segmentation.pursuit_sites`). For a VAE over site
 channels: ``sites`` takes the heatmap's peaks and the nearest element in descriptor space
 (:func:`crystaloop.generative.representation.sites_from_channels`)."""
+
+LATTICE_SOURCES = ("auto", "head", "fit")
+"""Where the lattice comes from: ``head`` (the VAE's lattice head, from z and the condition),
+``fit`` (least squares on the decoded coordinate channels) or ``auto`` (the head when the VAE has
+one, else the fit). Sites are read in fractional coordinates of the voxel grid, so either lattice
+gives a consistent crystal."""
 
 SEGMENT_GRID = 32
 """Grid the UNet was trained on: a coarser decoded density is upsampled to it (periodic, linear)."""
@@ -163,6 +170,10 @@ class Decoder:
         Where the networks run (``"auto"``: CUDA when available).
     workers
         Processes for the watershed (``None``: all cores; ``1``: in this process).
+    method
+        Decoding path (:data:`METHODS`; default: the VAE's own).
+    lattice
+        Lattice source (:data:`LATTICE_SOURCES`).
     """
 
     def __init__(
@@ -173,7 +184,17 @@ class Decoder:
         device: str | torch.device = "auto",
         workers: int | None = None,
         method: str | None = None,
+        lattice: str = "auto",
     ) -> None:
+        if lattice not in LATTICE_SOURCES:
+            raise ValueError(f"lattice must be one of {LATTICE_SOURCES}; got {lattice!r}")
+        if lattice == "head" and not getattr(vae, "has_lattice_head", False):
+            raise ValueError("this VAE has no lattice head; use lattice 'fit' or 'auto'")
+        self.lattice_source = (
+            "head"
+            if lattice == "head" or (lattice == "auto" and getattr(vae, "has_lattice_head", False))
+            else "fit"
+        )
         sites = getattr(vae, "representation", "density") == "sites"
         method = method or ("sites" if sites else "paper")
         if method not in METHODS or (method == "sites") != sites:
@@ -198,6 +219,7 @@ class Decoder:
         device: str = "auto",
         workers: int | None = None,
         method: str | None = None,
+        lattice: str = "auto",
     ) -> Decoder:
         """Load both networks from checkpoint files (see ``crystaloop models list``)."""
         from crystaloop.generative.models.checkpoint import load_model
@@ -208,7 +230,7 @@ class Decoder:
             from crystaloop.errors import UserError
 
             raise UserError(f"{vae} must be a VAE checkpoint and {unet} a UNet checkpoint")
-        return cls(vae_model, unet_model, device=device, workers=workers, method=method)
+        return cls(vae_model, unet_model, device=device, workers=workers, method=method, lattice=lattice)
 
     @property
     def elements(self) -> list[str]:
@@ -299,7 +321,12 @@ class Decoder:
                 decoded = self.vae.decode(zb, cb)
                 density, coords = self.vae.split_output(decoded)
                 rows = self.structures_from_maps(
-                    density, coords, keep=keep, pool=pool, species_logits=self.vae.species_logits(decoded)
+                    density,
+                    coords,
+                    keep=keep,
+                    pool=pool,
+                    species_logits=self.vae.species_logits(decoded),
+                    lattices=self.head_lattices(zb, cb),
                 )
                 for i, (structure, reason) in enumerate(rows):
                     index = start + i
@@ -312,6 +339,17 @@ class Decoder:
         return results
 
     @torch.no_grad()
+    def head_lattices(self, z: torch.Tensor, condition: torch.Tensor) -> list[Lattice] | None:
+        """The lattice head's lattices of ``z`` (n, latent_dim) under ``condition`` (n, 10).
+
+        ``None`` when this decoder fits the lattice to the coordinate channels instead.
+        """
+        if self.lattice_source != "head":
+            return None
+        parameters = self.vae.lattice_parameters(z.to(self.device), condition.to(self.device))
+        return [Lattice.from_parameters(*row) for row in parameters.double().cpu().numpy()]
+
+    @torch.no_grad()
     def structures_from_maps(
         self,
         density: torch.Tensor,
@@ -320,9 +358,12 @@ class Decoder:
         keep: torch.Tensor | None = None,
         pool: ProcessPoolExecutor | None = None,
         species_logits: torch.Tensor | None = None,
+        lattices: Sequence[Lattice] | None = None,
     ) -> list[tuple[Structure | None, str | None]]:
         """Structures (or failure reasons) from decoded density (B, g, g, g) and coordinates (B, 3, g, g, g).
 
+        ``lattices`` (one per row, e.g. :meth:`head_lattices`) replace the least-squares fit of
+        the coordinate channels.
         ``keep`` is :meth:`_class_filter`'s output: the classes species may be chosen from.
         ``species_logits`` (B, K, g, g, g) are a species head's outputs (``sites`` path): sites
         then take the head's most likely allowed element (see
@@ -335,10 +376,10 @@ class Decoder:
         if density.ndim == 4:  # eq. 1 density; site channels carry signed descriptors
             density = density.clamp_min(0.0)
         coords_np = coords.float().cpu().numpy()
-        lattices, problems = [], []
+        given, lattices, problems = lattices, [], []
         for i in range(len(coords_np)):
             try:
-                lattice = lattice_from_coordinates(coords_np[i])
+                lattice = given[i] if given is not None else lattice_from_coordinates(coords_np[i])
                 problems.append(lattice_problem(lattice))
             except (ValueError, np.linalg.LinAlgError):
                 lattice = None

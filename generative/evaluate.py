@@ -121,12 +121,13 @@ def reconstruct_one(decoder, record) -> ReconstructionRow:
     correct, masked, total = recall_counts(
         unet, density[:, None], voxel_spacing(true_coords), true_species[None]
     )
-    [(structure, _)] = decoder.structures_from_maps(
-        recon_channels, recon_coords, species_logits=species_logits
-    )
     from crystaloop.generative.representation import lattice_from_coordinates
 
-    lattice = lattice_from_coordinates(recon_coords[0].float().cpu().numpy())
+    head = decoder.head_lattices(out.z, condition)  # eval mode: z is mu
+    [(structure, _)] = decoder.structures_from_maps(
+        recon_channels, recon_coords, species_logits=species_logits, lattices=head
+    )
+    lattice = head[0] if head is not None else lattice_from_coordinates(recon_coords[0].float().cpu().numpy())
     true = record.structure
     lattice_error = np.abs(np.array(lattice.abc) - np.array(true.lattice.abc))
     if structure is None:
@@ -285,11 +286,12 @@ def evaluate_reconstruction(
     limit: int | None = None,
     seed: int = 0,
     method: str | None = None,
+    lattice: str = "auto",
 ) -> dict:
     """Table 5 metrics of the registered (or given) VAE and UNet on the VAE's held-out split.
 
     ``method`` is the decoding path (:data:`crystaloop.generative.decode.METHODS`; default: the
-    VAE's own).
+    VAE's own); ``lattice`` the lattice source (:data:`~crystaloop.generative.decode.LATTICE_SOURCES`).
     """
     from crystaloop.generative.decode import Decoder
     from crystaloop.generative.models.checkpoint import load_model
@@ -299,12 +301,12 @@ def evaluate_reconstruction(
     _, vae_extra = load_model(vae_path)
     try:
         decoder = Decoder.from_checkpoints(
-            vae_path, resolve_checkpoint(unet, "unet", database), workers=1, method=method
+            vae_path, resolve_checkpoint(unet, "unet", database), workers=1, method=method, lattice=lattice
         )
     except ValueError as error:
         from crystaloop.errors import UserError
 
-        raise UserError(f"{error}; pass a matching --method") from error
+        raise UserError(f"{error}; pass a matching --method or --lattice") from error
     vae_model, unet_model = decoder.vae, decoder.unet
     key = vae_model.condition.property_name
     known = set(unet_model.vocabulary.atomic_numbers)
@@ -319,7 +321,7 @@ def evaluate_reconstruction(
         from crystaloop.errors import UserError
 
         raise UserError("no held-out structures to evaluate; check the data and the UNet's elements")
-    return {"method": decoder.method, **reconstruction_metrics(rows)}
+    return {"method": decoder.method, "lattice": decoder.lattice_source, **reconstruction_metrics(rows)}
 
 
 def evaluate_properties(
@@ -579,12 +581,14 @@ def evaluate_sampling(
     allowed_elements: Sequence[str] | None = None,
     workers: int | None = None,
     prior: str = "auto",
+    lattice: str = "auto",
 ) -> dict:
     """Decode ``n`` samples of the registered (or given) VAE and UNet and measure them.
 
     Novelty is judged against the whole shipped prior set (training and held-out structures);
     around-base samples start from the VAE's held-out split of it. ``prior`` picks the latent
-    distribution of random samples (see :func:`sampling_latents`).
+    distribution of random samples (see :func:`sampling_latents`); ``lattice`` the lattice source
+    (:data:`~crystaloop.generative.decode.LATTICE_SOURCES`).
     """
     import time
 
@@ -606,11 +610,13 @@ def evaluate_sampling(
             register_shipped(database, kinds=[kind])  # a fresh install runs on the shipped models
             paths[kind] = resolve_checkpoint(None, kind, database)
     try:
-        decoder = Decoder.from_checkpoints(paths["vae"], paths["unet"], workers=workers, method=method)
+        decoder = Decoder.from_checkpoints(
+            paths["vae"], paths["unet"], workers=workers, method=method, lattice=lattice
+        )
     except ValueError as error:
         from crystaloop.errors import UserError
 
-        raise UserError(f"{error}; pass a matching --method") from error
+        raise UserError(f"{error}; pass a matching --method or --lattice") from error
     _, extra = load_model(paths["vae"])
     data = DataConfig.model_validate(extra.get("config", {}).get("data", {}))
     references = prior_records(data.max_sites)
@@ -640,6 +646,7 @@ def evaluate_sampling(
         "strategy": strategy,
         "latent_prior": ("fitted mixture" if fitted else "N(0, I)") if strategy == "random" else None,
         "method": decoder.method,
+        "lattice": decoder.lattice_source,
         "vae": str(paths["vae"]),
         "unet": str(paths["unet"]),
         "paper_valid_share": PAPER_SAMPLING_VALID.get(strategy),

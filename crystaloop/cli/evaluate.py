@@ -62,6 +62,9 @@ def reconstruction(
     method: str = typer.Option(
         None, "--method", help="Decoding path: paper, pursuit or sites (default: the VAE's)."
     ),
+    lattice: str = typer.Option(
+        "auto", "--lattice", help="Lattice source: auto (the VAE's lattice head when stored), head or fit."
+    ),
     limit: int = _LIMIT,
     seed: int = _SEED,
     fmt: str = _FORMAT,
@@ -74,8 +77,18 @@ def reconstruction(
 
     fmt = _check_format(fmt)
     database = get_database()
-    metrics = evaluate_reconstruction(database, vae=vae, unet=unet, limit=limit, seed=seed, method=method)
-    command = _command("reconstruction", vae=vae, unet=unet, method=method, limit=limit, seed=seed or None)
+    metrics = evaluate_reconstruction(
+        database, vae=vae, unet=unet, limit=limit, seed=seed, method=method, lattice=lattice
+    )
+    command = _command(
+        "reconstruction",
+        vae=vae,
+        unet=unet,
+        method=method,
+        lattice=lattice if lattice != "auto" else None,
+        limit=limit,
+        seed=seed or None,
+    )
     _record(database, {"vae": vae}, command, metrics)
     # the UNet's own numbers (its recall on true densities) do not depend on the VAE
     unet_only = {k: v for k, v in metrics.items() if k == "n_structures" or k.startswith("unet_")}
@@ -89,7 +102,7 @@ def reconstruction(
     for column in ("metric", "this model", "paper", "target"):
         table.add_column(column)
     for key, value in metrics.items():
-        if key == "method":
+        if key in ("method", "lattice"):
             continue
         target = TARGETS_TABLE5.get(key)
         table.add_row(
@@ -161,6 +174,9 @@ def sampling(
     method: str = typer.Option(
         None, "--method", help="Decoding path: paper, pursuit or sites (default: the VAE's)."
     ),
+    lattice: str = typer.Option(
+        "auto", "--lattice", help="Lattice source: auto (the VAE's lattice head when stored), head or fit."
+    ),
     vae: str = typer.Option(None, "--vae", help="VAE version or checkpoint (default: registry default)."),
     unet: str = typer.Option(None, "--unet", help="UNet version or checkpoint (default: registry default)."),
     workers: int = typer.Option(None, "--workers", min=1, help="Watershed processes (default: all cores)."),
@@ -190,6 +206,7 @@ def sampling(
         method=method,
         workers=workers,
         prior=prior,
+        lattice=lattice,
     )
     normal = strategy == "random" and prior == "normal"
     command = _command(
@@ -198,6 +215,7 @@ def sampling(
         strategy=strategy,
         prior=prior if prior != "auto" else None,
         method=method,
+        lattice=lattice if lattice != "auto" else None,
         vae=vae,
         unet=unet,
         seed=seed or None,

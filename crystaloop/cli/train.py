@@ -83,3 +83,52 @@ def site_shards(
         records, _ = composition_split(records, data.test_fraction, data.split_seed)
     manifest = write_site_shards(records, out_dir, PROPERTY_NAMES, grid=grid)
     console.print(f"wrote {len(records)} samples to {manifest.parent}", highlight=False)
+
+
+@app.command("lattice-head")
+def lattice_head(
+    vae: str = typer.Option(
+        None, "--vae", help="VAE version or checkpoint (default: the registered default)."
+    ),
+    version: str = typer.Option(..., "--version", help="Version name of the VAE with the head."),
+    hidden: int = typer.Option(128, "--hidden", min=8, help="Hidden width of the head's MLP."),
+    epochs: int = typer.Option(300, "--epochs", min=1, help="Passes over the training posteriors."),
+    noise: float = typer.Option(1.0, "--noise", min=0.0, help="z = mu + noise * sigma * eps in training."),
+    out: Path = _OUT,
+) -> None:
+    """Train a lattice head on a frozen VAE's latent space and register the VAE with it.
+
+    The encoder's posteriors are cached in the run folder, so a rerun starts from the head.
+    """
+    from rich.progress import Progress
+
+    from crystaloop.db import get_database
+    from crystaloop.db.registry import ModelRegistry
+    from crystaloop.generative.models.shipped import split_metrics
+    from crystaloop.generative.train.lattice_head import lattice_head_run
+    from crystaloop.generative.train.run import register
+    from crystaloop.settings import get_settings
+
+    settings = get_settings()
+    database = get_database(settings)
+    run_dir = (out or settings.data_dir / "models") / "vae" / version
+    with Progress(console=console, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done)
+
+        path, extra, metrics = lattice_head_run(
+            database, vae, run_dir, hidden=hidden, epochs=epochs, noise=noise, progress=progress
+        )
+    # the source VAE's validation metrics hold for the new version too (same weights)
+    source = (
+        ModelRegistry(database).get("vae", version=vae) if vae is None or not Path(vae).is_file() else None
+    )
+    inherited = split_metrics(source.metrics)[0] if source is not None else {}
+    doc = register(database, "vae", version, path, extra, {**inherited, **metrics})
+    shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+    console.print(f"registered {doc.kind} {doc.version}: {shown}", highlight=False)
+    console.print(f"checkpoint {doc.checkpoint}", highlight=False)

@@ -62,6 +62,10 @@ class CondDFCVAE(nn.Module):
     prior_components
         Size of the fitted latent prior (a Gaussian mixture over the training posterior means,
         :meth:`fit_latent_prior`); 0 for none, where random samples draw z ~ N(0, I).
+    lattice_head_hidden
+        Hidden width of a lattice head (:class:`LatticeHead`: (z, condition) to the six lattice
+        parameters, trained after the VAE by ``crystaloop train lattice-head``); 0 for none, where
+        the lattice is fitted to the decoded coordinate channels.
     """
 
     kind = "vae"
@@ -82,6 +86,7 @@ class CondDFCVAE(nn.Module):
         representation: str = "density",
         species: Sequence[int] = (),
         prior_components: int = 0,
+        lattice_head_hidden: int = 0,
     ) -> None:
         super().__init__()
         if representation not in REPRESENTATIONS:
@@ -112,6 +117,7 @@ class CondDFCVAE(nn.Module):
             "representation": representation,
             "species": species,
             "prior_components": int(prior_components),
+            "lattice_head_hidden": int(lattice_head_hidden),
         }
         self.representation = representation
         self.species = species
@@ -154,6 +160,35 @@ class CondDFCVAE(nn.Module):
             if self.properties
             else None
         )
+        self.lattice_head = LatticeHead(latent_dim, lattice_head_hidden) if lattice_head_hidden else None
+
+    # --- lattice head -----------------------------------------------------------------------------
+
+    @property
+    def has_lattice_head(self) -> bool:
+        """Whether a lattice head is stored (see :class:`LatticeHead`)."""
+        return self.lattice_head is not None
+
+    def attach_lattice_head(self, head: LatticeHead) -> None:
+        """Store ``head`` (trained on this VAE's latent space) in the model and its hparams."""
+        if head.latent_dim != self.latent_dim:
+            raise ValueError(
+                f"the head reads {head.latent_dim} latent dimensions, this VAE {self.latent_dim}"
+            )
+        self.lattice_head = head.to(next(self.parameters()).device)
+        self.hparams["lattice_head_hidden"] = head.hidden
+
+    def lattice_parameters(self, z: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """The lattice head's (B, 6) a, b, c (Angstrom) and alpha, beta, gamma (degrees).
+
+        Raises
+        ------
+        ValueError
+            If the model has no lattice head.
+        """
+        if self.lattice_head is None:
+            raise ValueError("this VAE has no lattice head; train one with `crystaloop train lattice-head`")
+        return self.lattice_head.parameters_of(z, condition)
 
     def to_input(self, density: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         """Model input (B, in_channels, g, g, g) from the voxel channels and coordinates (B, 3, g, g, g).
@@ -290,6 +325,44 @@ class CondDFCVAE(nn.Module):
         if mean is not None:
             z = z + mean.to(device)
         return self.decode(z, condition.to(device).expand(n, -1))
+
+
+class LatticeHead(nn.Module):
+    """MLP from (z, decile condition) to the lattice: log a, b, c and cos alpha, beta, gamma.
+
+    The coordinate channels give the lattice only through a least-squares fit of noisy decoded
+    maps (a few hundredths of an Angstrom off, biased small); this head regresses it from the
+    latent vector directly. Targets are standardised with ``target_mean`` and ``target_std``.
+    """
+
+    def __init__(self, latent_dim: int, hidden: int = 128) -> None:
+        super().__init__()
+        self.latent_dim, self.hidden = int(latent_dim), int(hidden)
+        self.net = nn.Sequential(
+            nn.Linear(latent_dim + N_DECILES, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, 6),
+        )
+        self.register_buffer("target_mean", torch.zeros(6))
+        self.register_buffer("target_std", torch.ones(6))
+
+    @staticmethod
+    def targets(parameters: torch.Tensor) -> torch.Tensor:
+        """(B, 6) log lengths and angle cosines of (B, 6) a, b, c (Angstrom), angles (degrees)."""
+        parameters = torch.as_tensor(parameters, dtype=torch.float32)
+        return torch.cat([parameters[:, :3].log(), torch.cos(torch.deg2rad(parameters[:, 3:]))], dim=1)
+
+    def forward(self, z: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """Standardised targets (B, 6)."""
+        return self.net(torch.cat([z, condition.to(z.dtype)], dim=1))
+
+    def parameters_of(self, z: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """(B, 6) a, b, c (Angstrom) and alpha, beta, gamma (degrees)."""
+        raw = self(z, condition) * self.target_std + self.target_mean
+        angles = torch.rad2deg(torch.arccos(raw[:, 3:].clamp(-0.999, 0.999)))
+        return torch.cat([raw[:, :3].exp(), angles], dim=1)
 
 
 def fit_gaussian_mixture(
