@@ -368,7 +368,7 @@ def draw_latents(
             base_deciles = [target_deciles] * len(bases)
         formulas = [b.formula for b in bases]
     if strategy == "random" or (strategy == "optimize" and not bases):
-        samples = sample.sample_random(vae.latent_dim, n, target_deciles, seed=seed)
+        samples = sample.sample_random(vae.latent_dim, n, target_deciles, seed=seed, vae=vae)
     elif strategy in ("around_base", "optimize"):
         samples = sample.sample_around_bases(means, formulas, base_deciles, n, std=sampling.std, seed=seed)
     elif strategy == "interpolate":
