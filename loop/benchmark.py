@@ -108,12 +108,8 @@ def campaign_rows(database, config: CampaignConfig) -> list[dict[str, Any]]:
 
     target = config.targets[0].property
     candidates = CandidateStore(database).collection
-    rows, cumulative, relaxed_total = [], 0, 0
+    rows = []
     for r in CampaignStore(database).all_rounds(config.name):
-        hits = int(r.metrics.get("hits") or 0)
-        relaxed = int(r.metrics.get("relaxed") or 0)
-        cumulative += hits
-        relaxed_total += relaxed
         retrain = r.steps.get("retrain")
         hooks = (retrain.outputs.get("hooks") if retrain else None) or []
         finetune = next((h for h in hooks if h["name"] == "cgcnn_finetune" and h["status"] == "done"), None)
@@ -128,16 +124,26 @@ def campaign_rows(database, config: CampaignConfig) -> list[dict[str, Any]]:
             {
                 "round": r.round + 1,
                 "shortlisted": int(r.metrics.get("shortlisted") or 0),
-                "relaxed": relaxed,
-                "hits": hits,
-                "hit_rate": hits / relaxed if relaxed else None,
-                "cumulative_hits": cumulative,
-                "cumulative_relaxed": relaxed_total,
-                "cumulative_hit_rate": cumulative / relaxed_total if relaxed_total else None,
+                "relaxed": int(r.metrics.get("relaxed") or 0),
+                "hits": int(r.metrics.get("hits") or 0),
                 "mae_screening": _mae(pairs),
                 "mae_before_finetune": finetune["metrics"]["mae_before"].get(target) if finetune else None,
             }
         )
+    return with_rates(rows)
+
+
+def with_rates(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Add each round's hit rate and the cumulative hits, relaxations and hit rate to ``rows``."""
+    cumulative, relaxed_total = 0, 0
+    for row in rows:
+        hits, relaxed = row["hits"], row["relaxed"]
+        cumulative += hits
+        relaxed_total += relaxed
+        row["hit_rate"] = hits / relaxed if relaxed else None
+        row["cumulative_hits"] = cumulative
+        row["cumulative_relaxed"] = relaxed_total
+        row["cumulative_hit_rate"] = cumulative / relaxed_total if relaxed_total else None
     return rows
 
 
@@ -174,29 +180,22 @@ def run_benchmark(
             "seconds": time.perf_counter() - start,
         }
     start = time.perf_counter()
-    rows, cumulative, relaxed_total = [], 0, 0
+    rows = []
     for r in range(rounds):
         log(f"arm no_model: round {r}")
         picked = no_model_round(base, n=base.budget.dft_per_round, seed=base.seed * 1000 + r)
-        hits = sum(p["hit"] for p in picked)
-        relaxed = sum(p["formation_energy_per_atom"] is not None for p in picked)
-        cumulative += hits
-        relaxed_total += relaxed
         rows.append(
             {
                 "round": r + 1,
                 "shortlisted": None,
-                "relaxed": relaxed,
-                "hits": hits,
-                "hit_rate": hits / relaxed if relaxed else None,
-                "cumulative_hits": cumulative,
-                "cumulative_relaxed": relaxed_total,
-                "cumulative_hit_rate": cumulative / relaxed_total if relaxed_total else None,
+                "relaxed": sum(p["formation_energy_per_atom"] is not None for p in picked),
+                "hits": sum(p["hit"] for p in picked),
                 "mae_screening": None,
                 "mae_before_finetune": None,
                 "structures": picked,
             }
         )
+    rows = with_rates(rows)
     result["arms"]["no_model"] = {"campaign": None, "rows": rows, "seconds": time.perf_counter() - start}
     result["summary"] = summarise(result)
     return result
