@@ -173,7 +173,7 @@ class FormationEnergyFlow(Flow):
                     return None
                 maker = self.reference_maker
                 cutoffs = reference_cutoffs(maker, element, compound_elements, family)
-                key = reference_key(maker.preset, maker.overrides, cutoffs)
+                key = reference_key(maker.preset, maker.overrides, cutoffs, element)
                 hit = store.get_reference(element, "espresso", key, entry.md5)
         except UserError:
             return None

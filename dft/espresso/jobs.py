@@ -24,7 +24,7 @@ from crystaloop.dft import store
 from crystaloop.dft.espresso.handlers import HandledRun, default_handlers, run_with_handlers
 from crystaloop.dft.espresso.inputs import build_pw_input, deep_merge, load_preset, resolve_cutoffs
 from crystaloop.dft.pseudos import PseudoFamily, family_from_settings
-from crystaloop.dft.references import reference_structure
+from crystaloop.dft.references import SPIN_POLARIZED_REFERENCES, reference_structure
 from crystaloop.dft.schemas import (
     Correction,
     ElementReference,
@@ -55,14 +55,18 @@ def job_directory(task_id: str) -> Path:
     return path
 
 
-def reference_key(preset: str, overrides: dict[str, Any], cutoffs: tuple[float, float]) -> str:
+def reference_key(
+    preset: str, overrides: dict[str, Any], cutoffs: tuple[float, float], element: str | None = None
+) -> str:
     """The element-reference cache key: preset label, overrides hash and the cutoffs (Ry).
 
     The cutoffs are part of the key because a reference is only comparable with a compound
     computed at the same cutoffs; a Pd reference at Pd's own 35 Ry is a different number
-    from the one CuPd needs at Cu's 50 Ry.
+    from the one CuPd needs at Cu's 50 Ry. References run spin-polarised whatever the preset
+    says (O2) carry ``+spin``, so that closed-shell results cached before are never reused.
     """
-    return f"{preset_key(preset, overrides)}@{cutoffs[0]:g}/{cutoffs[1]:g}Ry"
+    spin = "+spin" if element in SPIN_POLARIZED_REFERENCES else ""
+    return f"{preset_key(preset, overrides)}@{cutoffs[0]:g}/{cutoffs[1]:g}Ry{spin}"
 
 
 def preset_key(preset: str, overrides: dict[str, Any]) -> str:
@@ -351,7 +355,7 @@ def run_element_reference(
         )
     md5 = family.pseudopotentials[element].md5
     cutoffs = reference_cutoffs(maker, element, compound_elements, family)
-    key = reference_key(maker.preset, maker.overrides, cutoffs)
+    key = reference_key(maker.preset, maker.overrides, cutoffs, element)
     cached = store.get_reference(element, "espresso", key, md5)
     if cached is not None:
         return ElementReference(
@@ -368,6 +372,8 @@ def run_element_reference(
     overrides = maker.overrides
     if calculation == "relax":
         overrides = deep_merge({"kpoint_density": 1}, maker.overrides)
+    if element in SPIN_POLARIZED_REFERENCES:
+        overrides = deep_merge(overrides, {"spin_polarization": "on"})
     runner = BaseQEMaker(
         name=f"{maker.name} {element}",
         preset=maker.preset,

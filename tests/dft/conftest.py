@@ -51,7 +51,7 @@ def dft_settings(settings, monkeypatch, local_family):
 
 @pytest.fixture
 def fake_settings(settings, monkeypatch, tmp_path):
-    """Settings (fresh DB, temp data_dir) using a copy of three local-family entries."""
+    """Settings (fresh DB, temp data_dir) using a copy of four local-family entries."""
     pseudo_dir = tmp_path / "pseudo"
     pseudo_dir.mkdir()
     shutil.copyfile(FAKE_FAMILY, pseudo_dir / "family.yaml")

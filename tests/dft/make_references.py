@@ -29,7 +29,7 @@ REFERENCE = HERE / "reference"
 
 def cases():
     from crystaloop.dft.espresso.jobs import QERelaxMaker, QEStaticMaker
-    from crystaloop.dft.references import bulk_structure
+    from crystaloop.dft.references import DIMERS, bulk_structure, dimer_structure
 
     si = bulk_structure("Si", "diamond", 5.431)
     c = bulk_structure("C", "diamond", 3.567)
@@ -57,6 +57,15 @@ def cases():
         ),
         "si_ref_demo_in_sic": (
             QERelaxMaker(preset="demo", record=False), si, {"cutoff_elements": ["C", "Si"]}
+        ),
+        # The O2 reference as ElementReferenceMaker runs it: fixed cell, Gamma only, and
+        # spin-polarised (the triplet) although the demo preset's spin setting is 'auto'.
+        "o2_ref_demo": (
+            QERelaxMaker(
+                preset="demo", record=False, overrides={"kpoint_density": 1, "spin_polarization": "on"}
+            ),
+            dimer_structure("O", DIMERS["O"]),
+            {"calculation": "relax"},
         ),
     }
 

@@ -93,3 +93,23 @@ def test_demo_preset_takes_the_family_cutoffs():
     demo = load_preset("demo")
     assert demo.ecutwfc is None and demo.ecutrho is None
     assert demo.kpoint_density < load_preset("standard").kpoint_density
+
+
+def test_oxygen_reference_is_the_spin_triplet(fake_pw, fake_settings, database):
+    """O2 runs spin-polarised although the demo preset says 'auto' (no magnetic element)."""
+    from jobflow import Flow
+
+    from crystaloop.dft.espresso.jobs import ElementReferenceMaker
+
+    fake = fake_pw({"qe element reference O": "o2_ref_demo"})
+    job = ElementReferenceMaker(preset="demo").make("O")
+    job.name = "qe element reference O"
+    responses = run_local(Flow([job]))
+    reference = responses[job.uuid][1].output
+    assert len(fake.calls) == 1  # the fake checked the input against the recorded nspin = 2 run
+    pw_in = (fake.calls[0][2] / "pw.in").read_text()
+    assert "nspin" in pw_in and "starting_magnetization" in pw_in
+    # The recorded triplet: -82.98257 Ry per O2 (the closed-shell singlet is 0.84 eV higher).
+    assert reference.energy_per_atom == pytest.approx(-82.98257044 * 13.605693 / 2, abs=2e-3)
+    cached = database["element_references"].find_one({"element": "O"})
+    assert cached["preset"] == "demo@1@40/320Ry+spin"

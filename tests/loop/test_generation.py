@@ -104,7 +104,7 @@ def test_pseudopotential_coverage_restricts_the_decoded_elements(settings, monke
     config = parse_campaign_config(campaign(dft={"engine": "espresso", "pseudo_family": str(FAKE_FAMILY)}))
     family = pseudo_family(config)
     assert family.name == "fake-pbe"
-    assert allowed_elements(config, family, ["Na", "Cl", "Si", "C", "Cu", "O"]) == ["Si", "C", "Cu"]
+    assert allowed_elements(config, family, ["Na", "Cl", "Si", "C", "Cu", "Fe"]) == ["Si", "C", "Cu"]
     denied = parse_campaign_config(campaign(elements={"deny": ["Cu"]}))
     assert pseudo_family(denied) is None  # the surrogate needs no pseudopotentials
     assert allowed_elements(denied, None, ["Na", "Cu"]) == ["Na"]
