@@ -99,6 +99,8 @@ class FormationEnergyFlow(Flow):
         pw.x preset and overrides (ignored by the surrogate).
     relax_maker, reference_maker
         Replace the default Makers.
+    pw_command
+        The pw.x command of both Makers (pw.x engine only); None keeps the settings'.
     reference_structures
         Element -> structure to use instead of the built-in reference.
     metadata
@@ -118,6 +120,7 @@ class FormationEnergyFlow(Flow):
         metadata: dict[str, Any] | None = None,
         name: str = "formation energy",
         use_cache: bool = True,
+        pw_command: str | None = None,
     ) -> None:
         self.structure = structure
         self.engine = engine
@@ -127,6 +130,9 @@ class FormationEnergyFlow(Flow):
         self.reference_maker = reference_maker or _default_reference_maker(
             engine, preset, self.overrides
         )
+        if pw_command and engine == "espresso":
+            self.relax_maker = replace(self.relax_maker, pw_command=pw_command)
+            self.reference_maker = replace(self.reference_maker, pw_command=pw_command)
         self.reference_structures = dict(reference_structures or {})
         self.metadata = dict(metadata or {})
         self.use_cache = use_cache

@@ -206,6 +206,15 @@ class Campaign:
         check_references(elements)
         if config.dft.engine != "espresso":
             return []
+        if config.dft.pw_command:
+            from crystaloop.dft.espresso.run import missing_executables
+
+            missing = missing_executables(config.dft.pw_command)
+            if missing:
+                raise UserError(
+                    f"dft.pw_command '{config.dft.pw_command}': {', '.join(missing)} not found on PATH; "
+                    "install it (mpirun: apt-get install -y openmpi-bin) or set dft.pw_command: pw.x"
+                )
         from crystaloop.dft.verification import campaign_dft_problems
 
         warnings, refusals = campaign_dft_problems(
@@ -626,6 +635,7 @@ class Campaign:
             engine=self.config.dft.engine,
             preset=self.config.dft.preset,
             overrides=dict(self.config.dft.overrides),
+            pw_command=self.config.dft.pw_command,
             metadata={"candidate_id": candidate.candidate_id, "campaign": self.name, "round": number},
             name=f"formation energy {candidate.reduced_formula}",
         )

@@ -255,6 +255,10 @@ class DFTSettings(_Strict):
             "reduced to its primitive standard cell; null: start from it as it is."
         ),
     )
+    pw_command: str | None = Field(
+        None,
+        description="Command that runs pw.x for this campaign, e.g. 'mpirun -np 2 pw.x' (null: the settings').",
+    )
 
 
 class Execution(_Strict):

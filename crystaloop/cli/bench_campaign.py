@@ -26,6 +26,9 @@ def bench_campaign(
         Path("configs/bench-campaign.yaml"), "--config", help="Base campaign file."
     ),
     rounds: int = typer.Option(5, "--rounds", min=1, help="Rounds per arm."),
+    no_model: int = typer.Option(
+        None, "--no-model-per-round", min=1, help="Random prototypes per round in the no-model arm (default 32)."
+    ),
     fmt: str = typer.Option("table", "--format", help="table or json."),
     output: Path = typer.Option(None, "--output", help="Also write the numbers as JSON here."),
 ) -> None:
@@ -42,7 +45,11 @@ def bench_campaign(
         raise UserError(f"unknown format {fmt!r}; use --format table or --format json")
     base = load_campaign_config(config_path)
     result = run_benchmark(
-        base, database=get_database(), rounds=rounds, log=lambda line: console.print(line, highlight=False)
+        base,
+        database=get_database(),
+        rounds=rounds,
+        no_model_per_round=no_model,
+        log=lambda line: console.print(line, highlight=False)
     )
     if output:
         output.write_text(json.dumps(result, indent=1, default=str))

@@ -68,6 +68,14 @@ def pw_available(pw_command: str | None = None) -> bool:
     return shutil.which(exe) is not None
 
 
+def missing_executables(pw_command: str) -> list[str]:
+    """The launcher (``mpirun``, ``srun``...) and pw.x of ``pw_command`` that are not on PATH."""
+    argv = shlex.split(pw_command)
+    wanted = [argv[0]] if argv else []
+    wanted += [a for a in argv[1:] if a.endswith("pw.x")]
+    return [exe for exe in dict.fromkeys(wanted) if shutil.which(exe) is None]
+
+
 def run_pw(
     directory: Path | str,
     *,

@@ -133,3 +133,13 @@ def test_unexpected_error_still_ends_as_failed(monkeypatch, fake_settings, datab
     doc = run_espresso_task(QERelaxMaker(), bulk_structure("Si", "diamond", 5.431))
     assert doc.state == "failed" and "cannot start" in doc.reasons[0]
     assert database["dft_tasks"].find_one({"task_id": doc.task_id})["state"] == "failed"
+
+
+def test_flow_pw_command_reaches_both_makers(fake_settings):
+    si = bulk_structure("Si", "diamond", 5.431)
+    flow = FormationEnergyFlow(si, preset="demo", pw_command="mpirun -np 2 pw.x")
+    assert flow.relax_maker.pw_command == "mpirun -np 2 pw.x"
+    assert flow.reference_maker.pw_command == "mpirun -np 2 pw.x"
+    assert FormationEnergyFlow(si, preset="demo").relax_maker.pw_command is None  # the settings'
+    surrogate = FormationEnergyFlow(si, engine="surrogate", pw_command="mpirun -np 2 pw.x")
+    assert not hasattr(surrogate.relax_maker, "pw_command")

@@ -61,3 +61,24 @@ def test_timeout_kills_and_says_so(tmp_path, settings):
 def test_missing_executable_is_a_user_error(tmp_path, settings):
     with pytest.raises(UserError, match="cannot start"):
         run_pw(tmp_path, pw_command="/nonexistent/pw.x")
+
+
+def test_missing_launcher_is_named_before_a_campaign_starts(monkeypatch):
+    from crystaloop.dft.espresso.run import missing_executables
+    from crystaloop.errors import UserError
+    from crystaloop.loop.campaign import Campaign
+    from crystaloop.loop.config import parse_campaign_config
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert missing_executables("mpirun -np 2 pw.x") == ["mpirun", "pw.x"]
+    assert missing_executables("pw.x -nk 2") == ["pw.x"]
+    config = parse_campaign_config(
+        {
+            "name": "launcher",
+            "targets": [{"property": "formation_energy_per_atom", "min": -1.0, "max": 0.0}],
+            "elements": {"allow": ["Si", "C"]},
+            "dft": {"engine": "espresso", "pw_command": "mpirun -np 2 pw.x"},
+        }
+    )
+    with pytest.raises(UserError, match="mpirun, pw.x not found on PATH"):
+        Campaign.check_dft(config)
