@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import math
 import sys
@@ -85,26 +86,89 @@ def coordinate_channels(lattices: torch.Tensor, grid: int) -> torch.Tensor:
     return torch.einsum("xyzi,bij->bjxyz", frac, lattices)
 
 
-def rotate(channels: torch.Tensor, lattices: torch.Tensor, generator: torch.Generator):
-    """One random proper cube rotation (axis permutation and flips) per batch of channels and lattices.
+def cube_rotations() -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """The 24 proper cube rotations as ``(axis permutation, axis signs)``, identity first.
 
-    Permuting grid axes permutes the lattice vectors; flipping grid axis ``a`` reverses the
-    fractional coordinate along it, which is the lattice vector ``a`` negated. Cubic cells (the
-    prior's) map onto themselves; the coordinate channels are rebuilt from the new lattice.
+    The same list, in the same order, as ``crystaloop.generative.representation.cube_rotations``
+    (not imported here: that module needs pymatgen).
     """
-    perm = torch.randperm(3, generator=generator).tolist()
-    flips = [a for a in range(3) if torch.rand(1, generator=generator).item() < 0.5]
-    inversions = sum(perm[i] > perm[j] for i in range(3) for j in range(i + 1, 3))
-    if (inversions + len(flips)) % 2:  # keep the cell right-handed: a proper rotation only
-        flips = [a for a in flips if a != 0] if 0 in flips else [0, *flips]
-    out = channels.permute(0, 1, *(2 + p for p in perm))
-    lat = lattices[:, perm]
-    if flips:
-        out = torch.flip(out, dims=[2 + a for a in flips])
-        sign = torch.ones(3, device=lattices.device)
-        sign[flips] = -1.0
-        lat = lat * sign[None, :, None]
-    return out.contiguous(), lat
+    rotations = []
+    for perm in itertools.permutations(range(3)):
+        inversions = sum(perm[i] > perm[j] for i in range(3) for j in range(i + 1, 3))
+        for signs in itertools.product((1, -1), repeat=3):
+            if (-1) ** inversions * math.prod(signs) == 1:
+                rotations.append((perm, signs))
+    return rotations
+
+
+def standard_lattice(lattices: torch.Tensor) -> torch.Tensor:
+    """(B, 3, 3) lattices re-expressed in pymatgen's ``Lattice.from_parameters`` orientation.
+
+    c along z, a in the xz plane: the orientation of the stored (shard) lattices and of every
+    lattice the CPU trainer's augmentation yields (``_rotated_lattice``), so the coordinate
+    channels stay in one frame whatever the rotation; only the lengths and angles change.
+    """
+    m = lattices.double()
+    va, vb, vc = m.unbind(1)
+    a, b, c = m.norm(dim=-1).unbind(-1)
+    cos_alpha = ((vb * vc).sum(-1) / (b * c)).clamp(-1, 1)
+    cos_beta = ((va * vc).sum(-1) / (a * c)).clamp(-1, 1)
+    cos_gamma = ((va * vb).sum(-1) / (a * b)).clamp(-1, 1)
+    sin_alpha, sin_beta = (1 - cos_alpha**2).sqrt(), (1 - cos_beta**2).sqrt()
+    val = ((cos_alpha * cos_beta - cos_gamma) / (sin_alpha * sin_beta)).clamp(-1, 1)  # cos(gamma*)
+    zero = torch.zeros_like(a)
+    out = torch.stack(
+        [
+            torch.stack([a * sin_beta, zero, a * cos_beta], -1),
+            torch.stack([-b * sin_alpha * val, b * sin_alpha * (1 - val**2).sqrt(), b * cos_alpha], -1),
+            torch.stack([zero, zero, c], -1),
+        ],
+        dim=1,
+    )
+    return out.to(lattices.dtype)
+
+
+_ROTATION_TABLES: dict = {}
+
+
+def _rotation_tables(grid: int, device: torch.device):
+    """Voxel gather indices (24, g^3), lattice row permutations (24, 3) and signs (24, 3) of
+    :func:`cube_rotations`, built once per grid and device."""
+    key = (grid, str(device))
+    if key not in _ROTATION_TABLES:
+        base = torch.arange(grid**3).reshape(grid, grid, grid)
+        voxels, perms, signs = [], [], []
+        for perm, sign in cube_rotations():
+            flips = [r for r in range(3) if sign[r] < 0]
+            moved = base.permute(*perm)
+            voxels.append((torch.flip(moved, dims=flips) if flips else moved).reshape(-1))
+            perms.append(perm)
+            signs.append(sign)
+        _ROTATION_TABLES[key] = (
+            torch.stack(voxels).to(device),
+            torch.tensor(perms, dtype=torch.long, device=device),
+            torch.tensor(signs, dtype=torch.float32, device=device),
+        )
+    return _ROTATION_TABLES[key]
+
+
+def rotate(channels: torch.Tensor, lattices: torch.Tensor, generator: torch.Generator):
+    """One random proper cube rotation per sample of the channels (B, C, g, g, g) and lattices (B, 3, 3).
+
+    As the CPU trainer's augmentation (``_rotate_array`` and ``_rotated_lattice``): grid axis
+    ``r`` of the result is axis ``perm[r]`` of the input, reversed where ``signs[r]`` is -1, and
+    lattice vector ``r`` is ``signs[r]`` times vector ``perm[r]``, re-expressed in the standard
+    orientation (:func:`standard_lattice`). Cubic cells (the prior's) map onto themselves; the
+    coordinate channels are rebuilt from the new lattice by the caller. One gather for the batch.
+    """
+    batch, n_channels, grid = channels.shape[0], channels.shape[1], channels.shape[-1]
+    voxels, perms, signs = _rotation_tables(grid, channels.device)
+    which = torch.randint(len(perms), (batch,), generator=generator).to(channels.device)
+    index = voxels[which][:, None, :].expand(batch, n_channels, -1)
+    out = torch.gather(channels.reshape(batch, n_channels, -1), 2, index).reshape(channels.shape)
+    rows = torch.arange(batch, device=lattices.device)[:, None]
+    lat = lattices[rows, perms[which]] * signs[which][:, :, None].to(lattices.dtype)
+    return out, standard_lattice(lat)
 
 
 @torch.no_grad()
@@ -195,10 +259,15 @@ def main(argv: list[str] | None = None) -> Path:
     lattices_t = torch.from_numpy(lattices)
     species_t = torch.from_numpy(species) if species is not None else None
     use_amp = device.type == "cuda"
+    # the shards are small next to GPU memory (8,571 site maps at 16^3: 0.35 GB with the species
+    # targets): held there, a batch is gathered on the device instead of copied over each step
+    data_device = device if device.type == "cuda" else torch.device("cpu")
+    channels_t, lattices_t = channels_t.to(data_device), lattices_t.to(data_device)
+    species_t = species_t.to(data_device) if species_t is not None else None
     start = time.perf_counter()
     vae.train()
     while step < args.steps:
-        index = torch.randint(len(channels_t), (args.batch_size,), generator=generator)
+        index = torch.randint(len(channels_t), (args.batch_size,), generator=generator).to(data_device)
         x_vox = channels_t[index].to(device, non_blocking=True).float()
         if species_t is not None:  # rotated with the channels, as one more channel
             x_vox = torch.cat([x_vox, species_t[index].to(device)[:, None].float()], dim=1)
@@ -209,7 +278,7 @@ def main(argv: list[str] | None = None) -> Path:
             site_classes = vae.species_classes(x_vox[:, -1].round().long())
             x_vox = x_vox[:, :-1]
         coords = coordinate_channels(lat, grid)
-        cond = torch.nn.functional.one_hot(deciles[index], 10).float().to(device)
+        cond = torch.nn.functional.one_hot(deciles[index.cpu()], 10).float().to(device)
         x = vae.to_input(x_vox if representation == "sites" else x_vox[:, 0], coords)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
             output = vae(x, cond)
@@ -242,9 +311,11 @@ def main(argv: list[str] | None = None) -> Path:
         )
     config = {
         "kind": "vae",
+        # "data" is read back as crystaloop's DataConfig (held-out split of evaluate, lattice-head),
+        # which takes no other keys: the shard folder is recorded beside it
+        "shards": str(args.shards),
         "data": {
             "grid": grid,
-            "shards": str(args.shards),
             "max_sites": 40,
             "test_fraction": 0.2,
             "split_seed": 0,

@@ -13,6 +13,7 @@ from crystaloop.cli import app
 from crystaloop.generative.evaluate import prior_records
 from crystaloop.generative.models.checkpoint import load_model
 from crystaloop.generative.models.vae import CondDFCVAE
+from crystaloop.generative.train.config import DataConfig
 from crystaloop.generative.train.shards import write_site_shards
 
 SCRIPT = Path(__file__).resolve().parents[2] / "generative" / "train" / "gpu.py"
@@ -52,6 +53,9 @@ def test_gpu_trainer_two_steps_on_cpu_from_tiny_shards(tmp_path, settings):
     assert model.has_latent_prior and model.sample_latent(5).shape == (5, 8)
     assert extra["config"]["model"]["species_head"] and "species_ce" in result.stdout
     assert extra["config"]["optim"]["steps"] == 2 and extra["dataset_hash"]
+    # evaluate and lattice-head read the held-out split back from config.data
+    data = DataConfig.model_validate(extra["config"]["data"])
+    assert data.grid == 8 and extra["config"]["shards"] == str(shards)
     assert torch.load(run / "last.pt", weights_only=False)["step"] == 2
 
     out = CliRunner().invoke(app, ["models", "register", str(run / "vae.pt"), "--version", "gpu-test"])
@@ -66,3 +70,34 @@ def test_register_rejects_a_missing_checkpoint(settings, tmp_path):
     out = CliRunner().invoke(app, ["models", "register", str(tmp_path / "nope.pt"), "--version", "x"])
     assert isinstance(out.exception, UserError) and out.exception.exit_code == 2
     assert "does not exist" in str(out.exception)
+
+
+def test_gpu_rotation_matches_the_cpu_augmentation():
+    """Each sample gets one of the 24 rotations, and the lattice comes back in the standard
+    orientation, as the CPU trainer's ``_rotate_array`` and ``_rotated_lattice`` give them."""
+    import importlib.util
+
+    import numpy as np
+    from pymatgen.core import Lattice
+
+    from crystaloop.generative.representation import _rotate_array, _rotated_lattice, cube_rotations
+
+    spec = importlib.util.spec_from_file_location("gpu_trainer", SCRIPT)
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    assert gpu.cube_rotations() == [tuple(map(tuple, r)) for r in cube_rotations()]
+
+    lattice = Lattice.from_parameters(4.1, 5.3, 6.7, 80, 95, 110)
+    batch = 120
+    channels = torch.randn(batch, 2, 5, 5, 5, generator=torch.Generator().manual_seed(0))
+    matrices = torch.tensor(lattice.matrix, dtype=torch.float32).expand(batch, 3, 3).contiguous()
+    out, rotated = gpu.rotate(channels, matrices, torch.Generator().manual_seed(1))
+    which = torch.randint(24, (batch,), generator=torch.Generator().manual_seed(1))
+    assert len(set(which.tolist())) > 12
+    for i, k in enumerate(which.tolist()):
+        perm, signs = cube_rotations()[k]
+        assert np.array_equal(out[i].numpy(), _rotate_array(channels[i].numpy(), perm, signs, leading=1))
+        expected = _rotated_lattice(lattice, perm, signs).matrix
+        assert np.allclose(rotated[i].numpy(), expected, atol=1e-5)
+    # stored lattices are already in that orientation: unchanged
+    assert torch.allclose(gpu.standard_lattice(matrices), matrices, atol=1e-5)
