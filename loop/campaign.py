@@ -815,6 +815,7 @@ class Campaign:
                     values=dict(c.dft),
                     engine=c.dft_engine or self.config.dft.engine,
                     predicted={k: v.mean for k, v in c.predicted.items()},
+                    screened=Structure.from_dict(c.structure),
                 )
             )
         return results

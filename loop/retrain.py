@@ -28,9 +28,21 @@ from pymatgen.core import Structure
 from crystaloop.errors import ConfigError
 
 
+#: DFT values on an absolute scale of their own: pw.x's total energy per atom depends on the
+#: pseudopotentials (-2322 eV/atom for B2 SiPd with the local family, where the CHGNet labels the
+#: models learnt are near -6), so it never trains a model. Formation energies are differences and
+#: carry over; so do the surrogate engine's energies, which are on the CHGNet scale of the labels.
+ABSOLUTE_LABELS = frozenset({"energy_per_atom"})
+
+
 @dataclass
 class DFTResult:
-    """One harvested relaxation: candidate, relaxed structure, DFT values (property units)."""
+    """One harvested relaxation: candidate, relaxed structure, DFT values (property units).
+
+    ``screened`` is the structure the selecting prediction was made on (the decoded one): the
+    CGCNN scores unrelaxed candidates, so it also learns from them (initial structure to relaxed
+    value, as in OC20's IS2RE task), not only from relaxed structures it never screens.
+    """
 
     candidate_id: str
     round: int
@@ -38,6 +50,14 @@ class DFTResult:
     values: dict[str, float | None]
     engine: str
     predicted: dict[str, float | None] = field(default_factory=dict)
+    screened: Structure | None = None
+
+    @property
+    def labels(self) -> dict[str, float | None]:
+        """The values a model may learn from (without pw.x's absolute energies)."""
+        if self.engine == "surrogate":
+            return dict(self.values)
+        return {k: v for k, v in self.values.items() if k not in ABSOLUTE_LABELS}
 
 
 @dataclass
@@ -171,7 +191,7 @@ def cgcnn_finetune(context: HookContext) -> HookResult:
     ensemble, extra = load_model(context.models["cgcnn"])
     properties = list(ensemble.properties)
     new = context.new_results
-    new_values = _matrix([r.values for r in new], properties)
+    new_values = _matrix([r.labels for r in new], properties)
     before, _ = predict_structures(ensemble, [r.structure for r in new])
     screened = _matrix([r.predicted for r in new], properties)
     metrics: dict[str, Any] = {
@@ -180,10 +200,16 @@ def cgcnn_finetune(context: HookContext) -> HookResult:
         "n_dft": len(context.results),
         "n_new_dft": len(new),
     }
+    screened_new = [r for r in new if r.screened is not None]
+    screened_values = _matrix([r.labels for r in screened_new], properties)
+    before_screened, _ = predict_structures(ensemble, [r.screened for r in screened_new])
+    metrics["mae_screened_before"] = mean_absolute_errors(before_screened, screened_values, properties)
     replay = _replay_records(context.database, settings.replay, seed=context.config.seed + context.round)
-    structures = [s for s, _ in replay] + [r.structure for r in context.results]
-    labels = [lab for _, lab in replay] + [r.values for r in context.results]
-    weights = [1.0] * len(replay) + [settings.dft_weight] * len(context.results)
+    pairs = [(r.structure, r.labels) for r in context.results]
+    pairs += [(r.screened, r.labels) for r in context.results if r.screened is not None]
+    structures = [s for s, _ in replay] + [s for s, _ in pairs]
+    labels = [lab for _, lab in replay] + [v for _, v in pairs]
+    weights = [1.0] * len(replay) + [settings.dft_weight] * len(pairs)
     previous_threads = torch.get_num_threads()
     try:
         losses = finetune_ensemble(
@@ -199,6 +225,8 @@ def cgcnn_finetune(context: HookContext) -> HookResult:
         torch.set_num_threads(previous_threads)
     after, _ = predict_structures(ensemble, [r.structure for r in new])
     metrics["mae_after"] = mean_absolute_errors(after, new_values, properties)
+    after_screened, _ = predict_structures(ensemble, [r.screened for r in screened_new])
+    metrics["mae_screened_after"] = mean_absolute_errors(after_screened, screened_values, properties)
     metrics.update(losses)
     version = f"{context.campaign}-cgcnn-r{context.round}"
     path = context.work_dir / f"{version}.pt"
@@ -269,7 +297,7 @@ def conditioning_update(context: HookContext) -> HookResult:
                 structure_id=f"{r.engine}:{context.campaign}:{r.candidate_id}",
                 source="dft" if r.engine == "espresso" else "surrogate",
                 dataset=f"campaign:{context.campaign}",
-                labels={k: v for k, v in r.values.items() if v is not None},
+                labels={k: v for k, v in r.labels.items() if v is not None},
                 labeller=r.engine,
                 **StructureFields.fields_from(r.structure),
             ).model_dump()

@@ -67,6 +67,10 @@ def test_round_after_generation(settings, prior_subset, loop_config, make_shortl
     version = hooks["cgcnn_finetune"]["new_models"]["cgcnn"]
     assert version == f"{name}-cgcnn-r0"
     assert record.metrics["mae_before"] is not None and record.metrics["mae_after"] is not None
+    # The fine-tune also learns from the decoded structures it screened (initial -> relaxed value).
+    finetune_metrics = hooks["cgcnn_finetune"]["metrics"]
+    screened = finetune_metrics["mae_screened_before"]["formation_energy_per_atom"]
+    assert screened is not None and finetune_metrics["mae_screened_after"]["formation_energy_per_atom"] is not None
     assert CampaignStore(database).get(name).model_versions["cgcnn"] == version
     registered = database["models"].find_one({"version": version})
     assert registered is not None and not registered["default"]
