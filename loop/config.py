@@ -176,6 +176,14 @@ class Filters(_Strict):
         ge=1,
         description="Reject cells with more sites than this (null: no limit); DFT cost grows steeply with it.",
     )
+    size_symprec: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Tolerance (Å) at which max_nsites counts the primitive cell of a larger decoded cell "
+            "(null: the cell as decoded); use with dft.symmetrize_start so that DFT runs that cell."
+        ),
+    )
     allowed_formulas: list[str] = Field(
         default_factory=list, description="Anonymous formulas (e.g. 'ABC3') the stoichiometry stage keeps."
     )

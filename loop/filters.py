@@ -261,20 +261,41 @@ class ElementStage:
 
 @dataclass
 class SizeStage:
-    """At most ``max_nsites`` sites in the cell, so that only small cells reach DFT."""
+    """At most ``max_nsites`` sites in the cell, so that only small cells reach DFT.
+
+    With ``symprec`` (Å) a larger cell passes when its primitive cell at that tolerance is small
+    enough: the decoder draws rock salt as its 8-site cubic cell, which DFT started from the
+    symmetrised primitive cell (``dft.symmetrize_start``) runs as 2 sites.
+    """
 
     max_nsites: int
+    symprec: float | None = None
     name: str = "size"
 
     def judge(self, candidates: Sequence[Candidate]) -> list[Verdict]:
         out = []
         for c in candidates:
             n = len(c.structure)
+            if n > self.max_nsites and self.symprec is not None:
+                n = primitive_size(c.structure, self.symprec)
             if n > self.max_nsites:
                 out.append((False, f"{n} sites in the cell, above max_nsites {self.max_nsites}"))
             else:
                 out.append((True, None))
         return out
+
+
+def primitive_size(structure: Structure, symprec: float) -> int:
+    """Sites in the primitive cell spglib finds at ``symprec`` (Å); the cell's own count if none."""
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    try:
+        primitive = SpacegroupAnalyzer(structure, symprec=symprec).find_primitive()
+    except (TypeError, ValueError):  # spglib found no cell
+        primitive = None
+    if primitive is None or primitive.composition.reduced_formula != structure.composition.reduced_formula:
+        return len(structure)
+    return len(primitive)
 
 
 @dataclass

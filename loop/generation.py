@@ -472,7 +472,7 @@ def build_cascade(
     covered = frozenset(family.pseudopotentials) if family is not None else None
     stages.append(ElementStage(config.elements, covered, family.name if family is not None else None))
     if f.max_nsites is not None:
-        stages.append(SizeStage(f.max_nsites))
+        stages.append(SizeStage(f.max_nsites, f.size_symprec))
     if f.novelty:
         from crystaloop.db.training import COLLECTION
 

@@ -259,6 +259,23 @@ def test_size_stage_rejects_a_five_atom_cell_with_its_count():
     assert out[1] == (False, "5 sites in the cell, above max_nsites 2")
 
 
+def test_size_stage_counts_the_primitive_cell_of_a_noisy_rock_salt():
+    """The decoder draws rock salt as its 8-site cubic cell, a few hundredths of an Å off."""
+    import numpy as np
+    from pymatgen.core import Lattice, Structure
+
+    rock_salt = Structure.from_spacegroup("Fm-3m", Lattice.cubic(4.6), ["Ag", "F"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    noisy = rock_salt.copy()
+    for i, shift in enumerate(np.random.default_rng(0).normal(0, 0.03, (len(noisy), 3))):
+        noisy.translate_sites([i], shift, frac_coords=False)
+    assert len(noisy) == 8
+    assert SizeStage(max_nsites=2).judge([cand(noisy)]) == [(False, "8 sites in the cell, above max_nsites 2")]
+    assert SizeStage(max_nsites=2, symprec=0.2).judge([cand(noisy), cand(perovskite())]) == [
+        (True, None),
+        (False, "5 sites in the cell, above max_nsites 2"),
+    ]
+
+
 def test_cascade_has_the_size_stage_only_when_max_nsites_is_set():
     from crystaloop.loop.config import parse_campaign_config
     from crystaloop.loop.generation import build_cascade
