@@ -264,8 +264,8 @@ class SizeStage:
     """At most ``max_nsites`` sites in the cell, so that only small cells reach DFT.
 
     With ``symprec`` (Å) a larger cell passes when its primitive cell at that tolerance is small
-    enough: the decoder draws rock salt as its 8-site cubic cell, which DFT started from the
-    symmetrised primitive cell (``dft.symmetrize_start``) runs as 2 sites.
+    enough, and the candidate goes on as that primitive cell, refined to its symmetry: the decoder
+    draws rock salt as its 8-site cubic cell, which the CHGNet screen and DFT then run as 2 sites.
     """
 
     max_nsites: int
@@ -277,7 +277,9 @@ class SizeStage:
         for c in candidates:
             n = len(c.structure)
             if n > self.max_nsites and self.symprec is not None:
-                n = primitive_size(c.structure, self.symprec)
+                primitive = primitive_cell(c.structure, self.symprec)
+                if len(primitive) <= self.max_nsites:
+                    c.structure, n = primitive, len(primitive)
             if n > self.max_nsites:
                 out.append((False, f"{n} sites in the cell, above max_nsites {self.max_nsites}"))
             else:
@@ -285,17 +287,17 @@ class SizeStage:
         return out
 
 
-def primitive_size(structure: Structure, symprec: float) -> int:
-    """Sites in the primitive cell spglib finds at ``symprec`` (Å); the cell's own count if none."""
+def primitive_cell(structure: Structure, symprec: float) -> Structure:
+    """The primitive standard cell spglib finds at ``symprec`` (Å); ``structure`` itself if none."""
     from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
     try:
-        primitive = SpacegroupAnalyzer(structure, symprec=symprec).find_primitive()
+        primitive = SpacegroupAnalyzer(structure, symprec=symprec).get_primitive_standard_structure()
     except (TypeError, ValueError):  # spglib found no cell
-        primitive = None
-    if primitive is None or primitive.composition.reduced_formula != structure.composition.reduced_formula:
-        return len(structure)
-    return len(primitive)
+        return structure
+    if primitive.composition.reduced_formula != structure.composition.reduced_formula:
+        return structure
+    return Structure(primitive.lattice, primitive.species, primitive.frac_coords)
 
 
 @dataclass

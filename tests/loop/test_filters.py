@@ -270,10 +270,14 @@ def test_size_stage_counts_the_primitive_cell_of_a_noisy_rock_salt():
         noisy.translate_sites([i], shift, frac_coords=False)
     assert len(noisy) == 8
     assert SizeStage(max_nsites=2).judge([cand(noisy)]) == [(False, "8 sites in the cell, above max_nsites 2")]
-    assert SizeStage(max_nsites=2, symprec=0.2).judge([cand(noisy), cand(perovskite())]) == [
+    kept = cand(noisy)
+    assert SizeStage(max_nsites=2, symprec=0.2).judge([kept, cand(perovskite())]) == [
         (True, None),
         (False, "5 sites in the cell, above max_nsites 2"),
     ]
+    # It goes on as the 2-site primitive cell, so the CHGNet screen and DFT run 2 sites.
+    assert len(kept.structure) == 2 and kept.structure.composition.reduced_formula == "AgF"
+    assert kept.structure.lattice.a == pytest.approx(4.6 / 2**0.5, abs=0.05)
 
 
 def test_cascade_has_the_size_stage_only_when_max_nsites_is_set():
