@@ -931,21 +931,14 @@ def starting_structure(structure: Structure, symprec: float | None = None) -> St
 
     Site properties (CHGNet leaves ``magmom``) are dropped. With ``symprec`` (Å) the structure is
     refined to the symmetry spglib finds at that tolerance and reduced to its primitive standard
-    cell, so that the relaxation keeps that symmetry and needs fewer k-points; a structure whose
-    refinement fails or changes its formula is returned unrefined.
+    cell (:func:`~crystaloop.loop.filters.primitive_cell`), so that the relaxation keeps that
+    symmetry and needs fewer k-points; a structure whose refinement fails or changes its formula
+    is returned unrefined.
     """
-    bare = Structure(structure.lattice, structure.species, structure.frac_coords)
-    if symprec is None:
-        return bare
-    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+    from crystaloop.loop.filters import primitive_cell
 
-    try:
-        refined = SpacegroupAnalyzer(bare, symprec=symprec).get_primitive_standard_structure()
-    except (TypeError, ValueError):  # spglib found no cell
-        return bare
-    if refined.composition.reduced_formula != bare.composition.reduced_formula:
-        return bare
-    return Structure(refined.lattice, refined.species, refined.frac_coords)
+    bare = Structure(structure.lattice, structure.species, structure.frac_coords)
+    return bare if symprec is None else primitive_cell(bare, symprec)
 
 
 def _submit_fireworks(flow, candidate_id: str, lpad) -> list[int]:

@@ -27,7 +27,6 @@ from pymatgen.core import Structure
 
 from crystaloop.errors import ConfigError
 
-
 #: DFT values on an absolute scale of their own: pw.x's total energy per atom depends on the
 #: pseudopotentials (-2322 eV/atom for B2 SiPd with the local family, where the CHGNet labels the
 #: models learnt are near -6), so it never trains a model. Formation energies are differences and

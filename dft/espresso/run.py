@@ -60,19 +60,16 @@ def pw_environment(omp_num_threads: int, base: dict[str, str] | None = None) -> 
 
 
 def pw_available(pw_command: str | None = None) -> bool:
-    """True when the pw.x executable of ``pw_command`` is on PATH."""
+    """True when every executable of ``pw_command`` (launcher and pw.x) is on PATH."""
     from crystaloop.settings import get_settings
 
-    argv = shlex.split(pw_command or get_settings().pw_command)
-    exe = next((a for a in argv if a.endswith("pw.x")), argv[0] if argv else "pw.x")
-    return shutil.which(exe) is not None
+    return not missing_executables(pw_command or get_settings().pw_command)
 
 
 def missing_executables(pw_command: str) -> list[str]:
     """The launcher (``mpirun``, ``srun``...) and pw.x of ``pw_command`` that are not on PATH."""
-    argv = shlex.split(pw_command)
-    wanted = [argv[0]] if argv else []
-    wanted += [a for a in argv[1:] if a.endswith("pw.x")]
+    argv = shlex.split(pw_command) or ["pw.x"]
+    wanted = [argv[0]] + [a for a in argv[1:] if a.endswith("pw.x")]
     return [exe for exe in dict.fromkeys(wanted) if shutil.which(exe) is None]
 
 
