@@ -4,7 +4,8 @@ Three arms with the same seeds, palette, window and DFT budget per round, all
 judged by the same oracle (the surrogate engine, so that five or more rounds fit):
 
 - ``loop``: the campaign as configured, with ``uncertainty`` acquisition and retraining;
-- ``random``: the same generator and filters, ``random`` acquisition, no retraining;
+- ``random``: the same generator and filters, ``random`` acquisition, no retraining and no
+  sampling around hits (``sampling.around_hits``), so nothing the oracle says feeds back;
 - ``no_model``: structures drawn from the prior data's distribution (random cubic
   prototypes of the palette's elements), no model and no filter.
 
@@ -58,6 +59,8 @@ def arm_configs(base: CampaignConfig, rounds: int) -> dict[str, CampaignConfig]:
     rand.update(common, name=f"{base.name}-bench-random")
     rand["acquisition"] = {**rand["acquisition"], "strategy": "random"}
     rand["retrain"] = {**rand["retrain"], "cgcnn": False, "generator_conditioning": False}
+    # No feedback of DFT outcomes into generation either: no sampling around hits.
+    rand["sampling"] = {**rand["sampling"], "around_hits": 0.0}
     return {"loop": CampaignConfig.model_validate(loop), "random": CampaignConfig.model_validate(rand)}
 
 

@@ -365,6 +365,7 @@ class Campaign:
         if stored:
             self.log(f"  {stored} candidates of {generation_id} already stored; not generating again")
             return {"generation_id": generation_id, "n_shortlisted": stored, "resumed": True}, {}
+        hits = self._hit_compounds() if self.config.sampling.around_hits else []
         report = generate_candidates(
             self.config,
             database=self.database,
@@ -374,8 +375,12 @@ class Campaign:
             seed=self.config.seed * 1000 + number,
             models=self.models,
             progress=self.progress,
+            hits=hits,
         )
         out = report.model_dump(mode="json")
+        around = out["parameters"].get("around_hits")
+        if around:
+            self.log(f"  {around} of the samples drawn around {len(hits)} hit(s)")
         self.log(f"  generated {out['n_requested']}, shortlisted {out['n_shortlisted']}")
         return out, {"generated": out["n_requested"], "shortlisted": out["n_shortlisted"]}
 
@@ -822,11 +827,26 @@ class Campaign:
 
     def _hits(self, selected_round: int | None = None) -> list[str]:
         """Ids of relaxed candidates whose DFT values lie in every window."""
+        return [c.candidate_id for c in self._hit_docs(selected_round)]
+
+    def _hit_docs(self, selected_round: int | None = None) -> list[CandidateDoc]:
+        return sorted(
+            (
+                c
+                for c in self._in_state(CandidateState.RELAXED)
+                if (selected_round is None or c.selected_round == selected_round)
+                and self.config.in_all_windows(c.dft or {})
+            ),
+            key=lambda c: c.candidate_id,
+        )
+
+    def _hit_compounds(self) -> list[Any]:
+        """The hits as base compounds to sample around: the screened structure and its DFT E_f."""
+        from crystaloop.loop.generation import EF, BaseCompound
+
         return [
-            c.candidate_id
-            for c in self._in_state(CandidateState.RELAXED)
-            if (selected_round is None or c.selected_round == selected_round)
-            and self.config.in_all_windows(c.dft or {})
+            BaseCompound(c.reduced_formula, Structure.from_dict(c.structure), (c.dft or {}).get(EF))
+            for c in self._hit_docs()
         ]
 
     def _in_state(self, state: CandidateState) -> list[CandidateDoc]:

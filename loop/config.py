@@ -119,7 +119,10 @@ class Sampling(_Strict):
     """How latent vectors are drawn."""
 
     mode: Literal["random", "around_base", "interpolate", "optimize"] = "random"
-    base_formulas: list[str] = Field(default_factory=list, description="Compounds to sample around.")
+    base_formulas: list[str] = Field(
+        default_factory=list,
+        description="Compounds to sample around: formulas in the training data or CIF paths.",
+    )
     std: float = Field(
         0.5, gt=0, description="Standard deviation of the latent perturbation (not a variance)."
     )
@@ -131,6 +134,18 @@ class Sampling(_Strict):
     restrict_elements: bool = Field(
         True, description="Restrict the decoder's species choice to the campaign's allowed elements."
     )
+    around_hits: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description=(
+            "Campaigns: once there are DFT-verified hits, the share of each round's samples drawn around "
+            "them in latent space (std hits_std, conditioned on the target window); 0: off."
+        ),
+    )
+    hits_std: float = Field(
+        0.7, gt=0, description="Standard deviation of the latent perturbation around hits."
+    )
     store_latent: bool = Field(False, description="Keep each candidate's latent vector in its provenance.")
     seed: int = 0
 
@@ -138,6 +153,8 @@ class Sampling(_Strict):
     @classmethod
     def _formulas(cls, value: list[str]) -> list[str]:
         for formula in value:
+            if formula.lower().endswith(".cif"):
+                continue  # read when sampling (resolve_base), with its own error
             try:
                 comp = Composition(formula)
             except Exception:

@@ -340,8 +340,14 @@ def draw_latents(
     n: int,
     strategy: str,
     seed: int,
+    hits: Sequence[BaseCompound] = (),
 ):
-    """The :class:`~crystaloop.generative.sample.LatentSamples` and the bases they came from."""
+    """The :class:`~crystaloop.generative.sample.LatentSamples` and the bases they came from.
+
+    With ``hits`` (a campaign's DFT-verified hits) and ``sampling.around_hits`` > 0, that share
+    of the ``n`` samples is drawn around the hits' encodings instead (rows marked ``around_hit``),
+    conditioned on the target window.
+    """
     from crystaloop.generative import sample
 
     vae = decoder.vae
@@ -353,13 +359,14 @@ def draw_latents(
     )
     bases: list[BaseCompound] = []
     sampling = config.sampling
+    n_hits = int(round(n * sampling.around_hits)) if hits else 0
+    n -= n_hits
     if strategy in ("around_base", "interpolate") or (strategy == "optimize" and sampling.base_formulas):
         if not sampling.base_formulas:
             raise UserError(f"strategy {strategy!r} needs sampling.base_formulas in the campaign file")
         bases = [resolve_base(database, f) for f in sampling.base_formulas]
         values = [b.formation_energy for b in bases]
-        labelled = vae.condition.property_name == EF and all(v is not None for v in values)
-        means, _ = decoder.encode([b.structure for b in bases], values if labelled else None)
+        means = encode_bases(decoder, bases)
         if sampling.condition_on == "base" and vae.condition.property_name == EF:
             base_deciles = [
                 [int(vae.condition.index([v])[0])] if v is not None else target_deciles for v in values
@@ -392,7 +399,28 @@ def draw_latents(
         samples = sample.optimize_samples(
             vae, samples, target.property, (lo, hi), steps=sampling.optimize_steps
         )
+    if n_hits:
+        formulas = [h.formula for h in hits]
+        around = sample.sample_around_bases(
+            encode_bases(decoder, hits), formulas, [target_deciles] * len(hits), n_hits,
+            std=sampling.hits_std, seed=seed + 1,
+        )  # fmt: skip
+        samples = sample.LatentSamples(
+            torch.cat([samples.z, around.z]),
+            torch.cat([samples.condition, around.condition]),
+            samples.rows + [{**row, "around_hit": True} for row in around.rows],
+            samples.strategy,
+            {**samples.parameters, "around_hits": n_hits, "hits_std": sampling.hits_std, "hits": formulas},
+        )
     return samples, bases
+
+
+def encode_bases(decoder, bases: Sequence[BaseCompound]) -> torch.Tensor:
+    """Encoder means of base compounds, each conditioned on its formation energy when all are known."""
+    values = [b.formation_energy for b in bases]
+    labelled = decoder.vae.condition.property_name == EF and all(v is not None for v in values)
+    means, _ = decoder.encode([b.structure for b in bases], values if labelled else None)
+    return means
 
 
 # -- elements ----------------------------------------------------------------------------------
@@ -514,6 +542,7 @@ def generate_candidates(
     device: str | None = None,
     workers: int | None = None,
     decoder_method: str | None = None,
+    hits: Sequence[BaseCompound] = (),
 ) -> GenerationReport:
     """Sample ``n`` candidates, filter them and store the survivors as ``shortlisted``.
 
@@ -544,6 +573,8 @@ def generate_candidates(
     batch_size, device, workers, decoder_method
         Decoder batch size, device (default from settings), watershed processes and decoding path
         (``paper``, ``pursuit``, ``sites``; default: the VAE's).
+    hits
+        A campaign's DFT-verified hits, sampled around when ``sampling.around_hits`` > 0.
 
     Raises
     ------
@@ -583,7 +614,7 @@ def generate_candidates(
     seconds["load"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    samples, bases = draw_latents(config, decoder, database, n=n, strategy=strategy, seed=seed)
+    samples, bases = draw_latents(config, decoder, database, n=n, strategy=strategy, seed=seed, hits=hits)
     seconds["sample"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
