@@ -58,6 +58,7 @@ def _minimal(**extra):
         (_minimal(elements={"allow": ["O"], "deny": ["O"]}), "elements", "both allowed and denied"),
         (_minimal(sampling={"mode": "around_base"}), "sampling", "needs at least 1 base_formulas"),
         (_minimal(sampling={"variance": 0.5}), "sampling.variance", "allowed keys: mode"),
+        (_minimal(sampling={"around_hits": 1.0}), "sampling.around_hits", "less than 1"),
         (_minimal(dft={"engine": "vasp"}), "dft.engine", "'espresso' or 'surrogate'"),
         (_minimal(execution={"backend": "slurm"}), "execution.backend", "jobflow-remote"),
         (_minimal(material_classes=["zeolite"]), "material_classes[0]", "perovskite"),

@@ -121,7 +121,7 @@ def finetune_ensemble(
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-                total += float(loss) * len(idx)
+                total += loss.item() * len(idx)
                 norm += len(idx)
             if epoch == 0:
                 first.append(total / norm)

@@ -32,6 +32,7 @@ def test_two_round_surrogate_campaign(settings, prior_subset, loop_config, tmp_p
         max_rounds=2,
         retrain={"epochs": 1, "replay": 16},
         acquisition={"max_per_chemsys": 1, "max_per_formula": 1},
+        sampling={"around_hits": 0.5},
     )
     path = tmp_path / "e2e.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -55,6 +56,18 @@ def test_two_round_surrogate_campaign(settings, prior_subset, loop_config, tmp_p
         assert generate["n_shortlisted"] == stages[-1]["n_out"]
         assert r.metrics["generated"] == 32
     assert sum(r.metrics["submitted"] for r in rounds) >= 1, "the generator shortlisted nothing in two rounds"
+    # Round 1 draws half of its samples around round 0's hits, when there were any.
+    hits0 = [
+        d["reduced_formula"]
+        for d in database["candidates"].find({"campaign": name, "selected_round": 0, "state": "relaxed"})
+        if -1.0 <= d["dft"]["formation_energy_per_atom"] <= 0.0
+    ]
+    parameters = rounds[1].steps["generate"].outputs["parameters"]
+    assert "around_hits" not in rounds[0].steps["generate"].outputs["parameters"]
+    if hits0:
+        assert parameters["around_hits"] == 16 and sorted(parameters["hits"]) == sorted(hits0)
+    else:
+        assert "around_hits" not in parameters
 
     submitted = list(
         database["candidates"].find({"campaign": name, "selected_round": {"$ne": None}}, {"_id": 0})

@@ -14,10 +14,16 @@ import yaml
 from crystaloop.db.documents import CandidateDoc
 from crystaloop.errors import UserError
 from crystaloop.loop.config import parse_campaign_config
+from crystaloop.generative import sample
+from crystaloop.generative.models.shipped import resolve_models
 from crystaloop.loop.generation import (
+    BaseCompound,
     GenerationReport,
     allowed_elements,
+    draw_latents,
+    encode_bases,
     generate_candidates,
+    load_decoder,
     pseudo_family,
     resolve_base,
 )
@@ -127,6 +133,35 @@ def test_base_compounds_come_from_the_training_data_or_a_cif(database, tmp_path)
     assert resolve_base(database, str(cif)).formula == "NaCl"
     with pytest.raises(UserError, match="not in the training data"):
         resolve_base(database, "Xe3Kr")
+
+
+def test_a_cif_base_passes_the_config_and_hits_take_their_share_of_the_samples(database, tmp_path):
+    nacl = resolve_base(database, "NaCl")
+    cif = tmp_path / "hit.cif"
+    nacl.structure.to(filename=str(cif))
+    config = parse_campaign_config(
+        campaign(
+            sampling={"mode": "around_base", "base_formulas": [str(cif)], "around_hits": 0.25, "hits_std": 0.3}
+        )
+    )
+    hit = BaseCompound("NaCl", nacl.structure, -1.9)
+    paths = resolve_models(database)
+    decoder = load_decoder(str(paths["vae"]), str(paths["unet"]), "cpu")
+    samples, bases = draw_latents(config, decoder, database, n=40, strategy="around_base", seed=5, hits=[hit])
+    assert [b.formula for b in bases] == ["NaCl"] and len(samples) == 40
+    around = [r for r in samples.rows if r.get("around_hit")]
+    assert len(around) == 10 and all(r["base_formula"] == "NaCl" for r in around)
+    assert samples.rows[:30] == [r for r in samples.rows if not r.get("around_hit")]
+    assert samples.parameters["around_hits"] == 10 and samples.parameters["hits"] == ["NaCl"]
+    # conditioned on the target window's deciles, scattered around the hit's encoding with hits_std
+    window = set(sample.window_deciles(decoder.vae.condition, -10.0, 5.0))
+    assert {r["decile"] for r in around} <= window
+    mu = encode_bases(decoder, [hit])[0]
+    spread = (samples.z[30:] - mu).std().item()
+    assert 0.2 < spread < 0.4
+    # without hits (round 1) every sample follows the strategy
+    plain, _ = draw_latents(config, decoder, database, n=40, strategy="around_base", seed=5)
+    assert len(plain) == 40 and not any(r.get("around_hit") for r in plain.rows)
 
 
 def test_generate_cli_dry_run_json_and_bad_input(settings, tmp_path):
