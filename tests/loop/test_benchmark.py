@@ -18,9 +18,12 @@ def test_arms_share_the_oracle_and_differ_in_acquisition_and_retraining(repo_roo
     assert not loop.filters.uip_screen and not rand.filters.uip_screen  # CHGNet is the oracle
     assert (loop.acquisition.strategy, rand.acquisition.strategy) == ("uncertainty", "random")
     assert loop.retrain.cgcnn and not rand.retrain.cgcnn and not rand.retrain.generator_conditioning
-    assert loop.sampling.around_hits == base.sampling.around_hits > 0  # the loop samples around its hits
-    assert rand.sampling.around_hits == 0  # nothing the oracle says feeds the random arm's generator
     assert loop.max_rounds == rand.max_rounds == 5
+    around = arm_configs(
+        base.model_copy(update={"sampling": base.sampling.model_copy(update={"around_hits": 0.5})}), 5
+    )
+    assert around["loop"].sampling.around_hits == 0.5  # the loop may sample around its hits
+    assert around["random"].sampling.around_hits == 0  # nothing the oracle says feeds the random arm
     assert loop.budget == rand.budget and loop.seed == rand.seed and loop.name != rand.name
 
 

@@ -13,9 +13,9 @@ import yaml
 
 from crystaloop.db.documents import CandidateDoc
 from crystaloop.errors import UserError
-from crystaloop.loop.config import parse_campaign_config
 from crystaloop.generative import sample
 from crystaloop.generative.models.shipped import resolve_models
+from crystaloop.loop.config import parse_campaign_config
 from crystaloop.loop.generation import (
     BaseCompound,
     GenerationReport,
@@ -141,7 +141,12 @@ def test_a_cif_base_passes_the_config_and_hits_take_their_share_of_the_samples(d
     nacl.structure.to(filename=str(cif))
     config = parse_campaign_config(
         campaign(
-            sampling={"mode": "around_base", "base_formulas": [str(cif)], "around_hits": 0.25, "hits_std": 0.3}
+            sampling={
+                "mode": "around_base",
+                "base_formulas": [str(cif)],
+                "around_hits": 0.25,
+                "hits_std": 0.3,
+            }
         )
     )
     hit = BaseCompound("NaCl", nacl.structure, -1.9)
