@@ -157,6 +157,29 @@ class TransferConfig(_Config):
     finetune_lr_factor: float = Field(0.01, gt=0)
 
 
+class GeometryNoise(_Config):
+    """Perturbed copies of the training structures that keep their relaxed labels.
+
+    The ensemble screens decoded cells, which are neither relaxed nor symmetric; each copy maps
+    such a cell to the relaxed structure's labels (initial structure to relaxed energy, as in
+    OC20's IS2RE task). Validation stays unperturbed.
+    """
+
+    copies: int = Field(0, ge=0, description="Perturbed copies per training structure; 0: off.")
+    volume: tuple[float, float] = Field(
+        (0.55, 1.8), description="Range of the volume factor, drawn log-uniformly."
+    )
+    strain: float = Field(0.05, ge=0, description="Std of the symmetric random strain's components.")
+    displacement: float = Field(0.1, ge=0, description="Std of the Cartesian site displacements (Å).")
+
+    @field_validator("volume")
+    @classmethod
+    def _ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1]:
+            raise ValueError("give 0 < low <= high")
+        return value
+
+
 class CGCNNModelConfig(_Config):
     """CGCNN options."""
 
@@ -178,6 +201,14 @@ class CGCNNTrainConfig(_Config):
     ensemble_size: int = Field(5, ge=1)
     bootstrap: bool = True
     transfer: TransferConfig | None = None
+    init: str | None = Field(
+        None,
+        description=(
+            "Continue training this CGCNN ensemble (registry version or checkpoint): each member keeps "
+            "its weights, architecture and label normalisation; `model` is then not used."
+        ),
+    )
+    geometry_noise: GeometryNoise = Field(default_factory=GeometryNoise)
 
     @field_validator("properties")
     @classmethod

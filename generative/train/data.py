@@ -13,7 +13,7 @@ from pymatgen.core import Structure
 from torch.utils.data import Dataset
 
 from crystaloop.errors import UserError
-from crystaloop.generative.train.config import DataConfig
+from crystaloop.generative.train.config import DataConfig, GeometryNoise
 
 
 @dataclass
@@ -37,6 +37,38 @@ class LabelledStructure:
             dtype=np.float32,
         )
         return values, np.isfinite(values).astype(np.float32)
+
+
+def perturbed_copies(
+    records: Sequence[LabelledStructure], noise: GeometryNoise, seed: int
+) -> list[LabelledStructure]:
+    """``noise.copies`` perturbed copies of every record, with the record's labels.
+
+    Each copy is strained by ``I + e`` (``e`` symmetric, components N(0, ``strain``)), scaled
+    to a volume factor drawn log-uniformly from ``volume`` and has its sites displaced by
+    N(0, ``displacement``) Å.
+    """
+    from pymatgen.core import Lattice
+
+    rng = np.random.default_rng(seed)
+    low, high = np.log(noise.volume[0]), np.log(noise.volume[1])
+    out = []
+    for record in records:
+        for copy in range(noise.copies):
+            s = record.structure
+            e = rng.normal(0.0, noise.strain, (3, 3))
+            lattice = Lattice(s.lattice.matrix @ (np.eye(3) + 0.5 * (e + e.T)))
+            cart = lattice.get_cartesian_coords(s.frac_coords) + rng.normal(
+                0.0, noise.displacement, (len(s), 3)
+            )
+            moved = Structure(lattice, s.species, cart, coords_are_cartesian=True, to_unit_cell=True)
+            moved.scale_lattice(s.volume * float(np.exp(rng.uniform(low, high))))
+            out.append(
+                LabelledStructure(
+                    f"{record.structure_id}~{copy}", moved, record.labels, record.material_class
+                )
+            )
+    return out
 
 
 def load_records(database, config: DataConfig) -> list[LabelledStructure]:

@@ -30,6 +30,7 @@ from crystaloop.generative.train.data import (
     dataset_hash,
     elements_of,
     load_records,
+    perturbed_copies,
 )
 from crystaloop.generative.train.loop import TrainState, fit, pick_device, seed_everything
 from crystaloop.generative.train.tasks import (
@@ -302,13 +303,23 @@ def train_cgcnn(
         max_neighbors=m.max_neighbors,
     )
     template_kwargs = {k: v for k, v in template.hparams.items() if k != "properties"}
-    train_graphs = graph_set(template, train, props)
+    start = None
+    if config.init:
+        start, _ = load_model(resolve_checkpoint(config.init, "cgcnn", database))
+        template = start.members[0] if isinstance(start, CGCNNEnsemble) else start
+        if list(template.properties) != list(props):
+            raise UserError(
+                f"init model {config.init} predicts {', '.join(template.properties)}; "
+                f"set properties to the same list or use transfer: instead"
+            )
+    perturbed = perturbed_copies(train, config.geometry_noise, config.optim.seed)
+    train_graphs = graph_set(template, train + perturbed, props)
     val_graphs = _val_subset(graph_set(template, val, props), config.data.val_limit)
     mean, std = _label_statistics(np.array(train_graphs.values))
     base = None
     if config.transfer:
         base, _ = load_model(resolve_checkpoint(config.transfer.base, "cgcnn", database))
-    extra = _extra(config, data_hash, train, val)
+    extra = _extra(config, data_hash, train, val, n_perturbed=len(perturbed))
     members = []
     for k in range(config.ensemble_size):
         seed = config.optim.seed + k
@@ -327,8 +338,12 @@ def train_cgcnn(
         member_optim = config.optim.model_copy(update={"seed": seed})
         if base is None:
             torch.manual_seed(seed)
-            model = CGCNN(props, **template_kwargs)
-            model.set_normalization(mean, std)
+            if start is not None:  # its own normalisation: the weights were trained with it
+                members_of = start.members if isinstance(start, CGCNNEnsemble) else [start]
+                model = load_model_copy(members_of[k % len(members_of)])
+            else:
+                model = CGCNN(props, **template_kwargs)
+                model.set_normalization(mean, std)
             fit(
                 CGCNNTask(model, device),
                 *loaders,

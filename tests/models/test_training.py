@@ -15,10 +15,10 @@ from typer.testing import CliRunner
 from crystaloop.cli import app
 from crystaloop.db.documents import StructureFields, TrainingStructureDoc
 from crystaloop.db.registry import ModelRegistry
-from crystaloop.errors import ConfigError
+from crystaloop.errors import ConfigError, UserError
 from crystaloop.generative.models import CGCNNEnsemble, CondDFCVAE, UNet3D, load_model
-from crystaloop.generative.train.config import DataConfig, load_train_config
-from crystaloop.generative.train.data import composition_split, load_records
+from crystaloop.generative.train.config import DataConfig, GeometryNoise, load_train_config
+from crystaloop.generative.train.data import composition_split, load_records, perturbed_copies
 from crystaloop.generative.train.run import default_version, train_and_register
 
 GRID = 16
@@ -88,7 +88,11 @@ def test_validation_formulas_come_from_the_training_side(labelled):
     train, val, data_hash, elements = _prepare(config, labelled)
     _, test = composition_split(load_records(labelled, config.data), 0.3, 0)
     formulas = [{r.formula for r in side} for side in (train, val, test)]
-    assert all(formulas) and formulas[0].isdisjoint(formulas[1]) and formulas[2].isdisjoint(formulas[0] | formulas[1])
+    assert (
+        all(formulas)
+        and formulas[0].isdisjoint(formulas[1])
+        and formulas[2].isdisjoint(formulas[0] | formulas[1])
+    )
     assert len(train) + len(val) + len(test) == 10 and len(data_hash) == 16
     assert {8, 9, 11, 17, 22, 40, 56} <= set(elements)
 
@@ -227,6 +231,57 @@ def test_cgcnn_transfer_learning_from_a_registered_model(labelled, tmp_path, set
     assert not torch.equal(tuned.embedding.weight, pretrained.embedding.weight)
 
 
+def test_perturbed_copies_keep_labels_within_the_configured_noise(labelled):
+    records = load_records(labelled, DataConfig(max_sites=40))
+    noise = GeometryNoise(copies=2, volume=(0.6, 1.5), strain=0.03, displacement=0.05)
+    copies = perturbed_copies(records, noise, seed=4)
+    assert len(copies) == 2 * len(records)
+    assert [c.structure_id for c in copies[:2]] == [
+        f"{records[0].structure_id}~0",
+        f"{records[0].structure_id}~1",
+    ]
+    for i, copy in enumerate(copies):
+        source = records[i // 2]
+        assert copy.labels == source.labels and copy.material_class == source.material_class
+        assert copy.structure.composition == source.structure.composition
+        assert 0.6 - 1e-6 <= copy.structure.volume / source.structure.volume <= 1.5 + 1e-6
+        assert copy.structure.lattice != source.structure.lattice
+    again = perturbed_copies(records, noise, seed=4)
+    assert all(a.structure == b.structure for a, b in zip(copies, again, strict=True))  # seeded
+    assert perturbed_copies(records, GeometryNoise(), seed=4) == []  # copies: 0 is off
+
+
+def test_cgcnn_init_continues_a_registered_ensemble_on_perturbed_copies(labelled, tmp_path, settings):
+    base = {
+        "data": {"max_sites": 40},
+        "optim": TINY_OPTIM,
+        "model": {"hidden": 8, "fc_hidden": 8},
+        "ensemble_size": 2,
+    }
+    cfg = load_train_config(_config(tmp_path, "base", base), "cgcnn")
+    doc, _ = train_and_register("cgcnn", cfg, labelled, tmp_path / "runs", version="e0")
+    start, _ = load_model(doc.checkpoint)
+    # the architecture comes from the init model, not from `model`
+    more = {**base, "model": {"hidden": 32}, "init": "e0", "geometry_noise": {"copies": 1}}
+    cfg = load_train_config(_config(tmp_path, "more", more), "cgcnn")
+    doc, _ = train_and_register("cgcnn", cfg, labelled, tmp_path / "runs", version="e1")
+    tuned, extra = load_model(doc.checkpoint)
+    assert extra["n_perturbed"] == extra["n_train"] > 0
+    for before, after in zip(start.members, tuned.members, strict=True):
+        assert after.hparams == before.hparams  # hidden 8, as trained
+        assert torch.equal(after.target_mean, before.target_mean)  # its own normalisation
+        assert not torch.equal(after.embedding.weight, before.embedding.weight)  # trained on
+    wrong = {**more, "properties": ["bulk_modulus"]}
+    with pytest.raises(UserError, match="init model e0 predicts formation_energy_per_atom"):
+        train_and_register(
+            "cgcnn",
+            load_train_config(_config(tmp_path, "w", wrong), "cgcnn"),
+            labelled,
+            tmp_path / "r",
+            version="x",
+        )
+
+
 def test_bad_configs_are_user_errors(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_train_config(tmp_path / "missing.yaml", "unet")
@@ -237,6 +292,9 @@ def test_bad_configs_are_user_errors(tmp_path):
     with pytest.raises(ConfigError, match="crystaloop train unet"):
         load_train_config(_config(tmp_path, "u", {"kind": "unet"}), "vae")
     assert default_version("x", load_train_config(_config(tmp_path, "ok", {}), "cgcnn")).startswith("x-")
+    with pytest.raises(ConfigError) as info:
+        load_train_config(_config(tmp_path, "g", {"geometry_noise": {"volume": [1.5, 0.5]}}), "cgcnn")
+    assert any(line.startswith("geometry_noise.volume") and "low <= high" in line for line in info.value.lines)
 
 
 def test_cli_train_without_data_is_a_one_line_error(settings, tmp_path):
@@ -297,8 +355,12 @@ def test_campaign_models_default_to_the_shipped_checkpoints(settings, tmp_path, 
     }
     for kind, model in models.items():
         path = save_model(model, tmp_path / f"{kind}.pt")
-        shipped.ship(ModelDoc(kind=kind, version=f"{kind}-shipped", dataset_hash="h", checkpoint=str(path)), "cmd")
-    config = CampaignConfig.model_validate({"name": "c", "targets": [{"property": "band_gap", "min": 1, "max": 2}]})
+        shipped.ship(
+            ModelDoc(kind=kind, version=f"{kind}-shipped", dataset_hash="h", checkpoint=str(path)), "cmd"
+        )
+    config = CampaignConfig.model_validate(
+        {"name": "c", "targets": [{"property": "band_gap", "min": 1, "max": 2}]}
+    )
     assert config.models.vae is None
     mine = save_model(models["unet"], tmp_path / "my-unet.pt")
     ModelRegistry(database).register(
@@ -306,8 +368,12 @@ def test_campaign_models_default_to_the_shipped_checkpoints(settings, tmp_path, 
     )
     paths = shipped.resolve_models(database, **config.models.model_dump())
     assert paths["unet"] == mine  # a registered model of a kind is kept; only missing kinds fall back
-    assert {k: paths[k].name for k in ("vae", "cgcnn")} == {k: f"{k}-{k}-shipped.pt" for k in ("vae", "cgcnn")}
-    assert ModelRegistry(database).get("vae").default and ModelRegistry(database).get("unet").version == "mine"
+    assert {k: paths[k].name for k in ("vae", "cgcnn")} == {
+        k: f"{k}-{k}-shipped.pt" for k in ("vae", "cgcnn")
+    }
+    assert (
+        ModelRegistry(database).get("vae").default and ModelRegistry(database).get("unet").version == "mine"
+    )
     own = save_model(models["vae"], tmp_path / "mine.pt")
     assert shipped.resolve_models(database, vae=str(own))["vae"] == own
     with pytest.raises(UserError, match="no unet checkpoint"):
