@@ -18,7 +18,10 @@ def _pct(value) -> str:
 
 
 def _num(value, spec: str = ".3f") -> str:
-    return "-" if value is None else format(value, spec)
+    """``-`` for None, ``∞`` for a ratio against an arm without hits."""
+    if value is None:
+        return "-"
+    return "∞" if value == float("inf") else format(value, spec)
 
 
 def bench_campaign(
