@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pymatgen.core import Structure
@@ -43,6 +43,9 @@ from crystaloop.errors import DatabaseUnavailable, UserError
 from crystaloop.loop.acquire import AcquisitionContext, get_acquisition, select_batch
 from crystaloop.loop.config import CampaignConfig
 from crystaloop.loop.retrain import DFTResult, HookContext, enabled_hooks, run_hooks
+
+if TYPE_CHECKING:  # generation imports torch; the campaign loads it only when generating
+    from crystaloop.loop.generation import BaseCompound
 
 KILL_ENV = "CRYSTALOOP_KILL_AT"
 """Fault injection for the resume tests: ``step:point[,step:point]`` makes the process SIGKILL itself."""
@@ -840,7 +843,7 @@ class Campaign:
             key=lambda c: c.candidate_id,
         )
 
-    def _hit_compounds(self) -> list[Any]:
+    def _hit_compounds(self) -> list[BaseCompound]:
         """The hits as base compounds to sample around: the screened structure and its DFT E_f."""
         from crystaloop.loop.generation import EF, BaseCompound
 

@@ -360,7 +360,7 @@ def draw_latents(
     bases: list[BaseCompound] = []
     sampling = config.sampling
     n_hits = int(round(n * sampling.around_hits)) if hits else 0
-    n -= n_hits
+    n_own = n - n_hits  # drawn as `strategy` says
     if strategy in ("around_base", "interpolate") or (strategy == "optimize" and sampling.base_formulas):
         if not sampling.base_formulas:
             raise UserError(f"strategy {strategy!r} needs sampling.base_formulas in the campaign file")
@@ -375,14 +375,22 @@ def draw_latents(
             base_deciles = [target_deciles] * len(bases)
         formulas = [b.formula for b in bases]
     if strategy == "random" or (strategy == "optimize" and not bases):
-        samples = sample.sample_random(vae.latent_dim, n, target_deciles, seed=seed, vae=vae)
+        samples = sample.sample_random(vae.latent_dim, n_own, target_deciles, seed=seed, vae=vae)
     elif strategy in ("around_base", "optimize"):
-        samples = sample.sample_around_bases(means, formulas, base_deciles, n, std=sampling.std, seed=seed)
+        samples = sample.sample_around_bases(
+            means, formulas, base_deciles, n_own, std=sampling.std, seed=seed
+        )
     elif strategy == "interpolate":
         if len(bases) < 2:
             raise UserError("strategy 'interpolate' needs at least two sampling.base_formulas")
         samples = sample.sample_interpolation(
-            means, formulas, base_deciles, n, steps=sampling.interpolation_steps, std=sampling.std, seed=seed
+            means,
+            formulas,
+            base_deciles,
+            n_own,
+            steps=sampling.interpolation_steps,
+            std=sampling.std,
+            seed=seed,
         )
     else:
         raise UserError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
