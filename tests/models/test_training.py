@@ -205,15 +205,21 @@ def test_joint_vae_unet_training_saves_both(labelled, tmp_path, settings):
     assert (tmp_path / "runs" / "vae" / "j1" / "joint-unet.pt").is_file()
 
 
-def test_cgcnn_transfer_learning_from_a_registered_model(labelled, tmp_path, settings):
+def _registered_tiny_cgcnn(database, tmp_path, version: str, ensemble_size: int):
+    """A tiny CGCNN (ensemble) trained and registered as ``version``, and the config body it used."""
     base = {
         "data": {"max_sites": 40},
         "optim": TINY_OPTIM,
         "model": {"hidden": 8, "fc_hidden": 8},
-        "ensemble_size": 1,
+        "ensemble_size": ensemble_size,
     }
-    cfg = load_train_config(_config(tmp_path, "base", base), "cgcnn")
-    doc, _ = train_and_register("cgcnn", cfg, labelled, tmp_path / "runs", version="ef")
+    cfg = load_train_config(_config(tmp_path, f"base-{version}", base), "cgcnn")
+    doc, _ = train_and_register("cgcnn", cfg, database, tmp_path / "runs", version=version)
+    return base, doc
+
+
+def test_cgcnn_transfer_learning_from_a_registered_model(labelled, tmp_path, settings):
+    base, doc = _registered_tiny_cgcnn(labelled, tmp_path, "ef", ensemble_size=1)
     assert doc.kind == "cgcnn"
     pretrained, _ = load_model(doc.checkpoint)
     transfer = {
@@ -252,14 +258,8 @@ def test_perturbed_copies_keep_labels_within_the_configured_noise(labelled):
 
 
 def test_cgcnn_init_continues_a_registered_ensemble_on_perturbed_copies(labelled, tmp_path, settings):
-    base = {
-        "data": {"max_sites": 40},
-        "optim": TINY_OPTIM,
-        "model": {"hidden": 8, "fc_hidden": 8},
-        "ensemble_size": 2,
-    }
-    cfg = load_train_config(_config(tmp_path, "base", base), "cgcnn")
-    doc, _ = train_and_register("cgcnn", cfg, labelled, tmp_path / "runs", version="e0")
+    base, doc = _registered_tiny_cgcnn(labelled, tmp_path, "e0", ensemble_size=2)
+    assert doc.kind == "cgcnn-ensemble"
     start, _ = load_model(doc.checkpoint)
     # the architecture comes from the init model, not from `model`
     more = {**base, "model": {"hidden": 32}, "init": "e0", "geometry_noise": {"copies": 1}}
@@ -294,7 +294,9 @@ def test_bad_configs_are_user_errors(tmp_path):
     assert default_version("x", load_train_config(_config(tmp_path, "ok", {}), "cgcnn")).startswith("x-")
     with pytest.raises(ConfigError) as info:
         load_train_config(_config(tmp_path, "g", {"geometry_noise": {"volume": [1.5, 0.5]}}), "cgcnn")
-    assert any(line.startswith("geometry_noise.volume") and "low <= high" in line for line in info.value.lines)
+    assert any(
+        line.startswith("geometry_noise.volume") and "low <= high" in line for line in info.value.lines
+    )
 
 
 def test_cli_train_without_data_is_a_one_line_error(settings, tmp_path):
