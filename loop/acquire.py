@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 
 import numpy as np
@@ -36,12 +36,15 @@ class AcquisitionContext:
         Assumed error of the universal potential's formation energy, eV/atom; None ignores it.
     rng
         Random numbers (random acquisition, ε-greedy).
+    sigma_scale
+        Factor per property on the ensemble's std (see :func:`fit_sigma_scale`); 1 when absent.
     """
 
     windows: tuple[tuple[str, float | None, float | None], ...]
     kappa: float = 1.0
     uip_sigma: float | None = None
     rng: np.random.Generator | None = None
+    sigma_scale: dict[str, float] = field(default_factory=dict)
 
 
 AcquisitionFunction = Callable[[Sequence[CandidateDoc], AcquisitionContext], np.ndarray]
@@ -102,6 +105,7 @@ def combined_estimate(candidate: CandidateDoc, prop: str, context: AcquisitionCo
     predicted = candidate.predicted.get(prop)
     mean = predicted.mean if predicted and predicted.mean is not None else float("nan")
     std = predicted.std if predicted and predicted.std is not None else 0.0
+    std *= context.sigma_scale.get(prop, 1.0)
     uip = candidate.uip.get(prop) if candidate.uip else None
     if context.uip_sigma and uip is not None and math.isfinite(uip):
         if not math.isfinite(mean):
@@ -112,6 +116,46 @@ def combined_estimate(candidate: CandidateDoc, prop: str, context: AcquisitionCo
         fused = (w_model * mean + w_uip * uip) / (w_model + w_uip)
         return fused, math.sqrt(1.0 / (w_model + w_uip))
     return mean, std
+
+
+#: Bounds of a fitted std factor: an ensemble is rarely over-dispersed by more than 3, and a
+#: factor past 10 means the predictions carry no information worth a probability.
+SIGMA_SCALE_BOUNDS = (1.0 / 3.0, 10.0)
+
+
+def fit_sigma_scale(
+    pairs: Sequence[tuple[float | None, float | None, float | None]], *, min_count: int = 4
+) -> tuple[float | None, int]:
+    """Factor on the ensemble's std that makes its errors on DFT results unit-normal.
+
+    ``pairs`` are ``(predicted mean, predicted std, DFT value)`` of relaxed candidates, the
+    prediction being the one that selected them (made before any retrain saw them). The
+    scale is the robust spread of the z-scores, ``median(|z|) / 0.6745``, clipped to
+    :data:`SIGMA_SCALE_BOUNDS`; an ensemble overconfident by 2.5× gets 2.5. Deep ensembles
+    are overconfident away from their training data, which is where a campaign's candidates
+    lie; this is a one-parameter variance recalibration, refitted on the campaign's own
+    residuals every round.
+
+    Returns
+    -------
+    (scale, n)
+        The factor (None when fewer than ``min_count`` usable pairs) and the pairs used.
+    """
+    z = [
+        abs(value - mean) / std
+        for mean, std, value in pairs
+        if mean is not None
+        and std is not None
+        and value is not None
+        and math.isfinite(mean)
+        and math.isfinite(value)
+        and math.isfinite(std)
+        and std > 0
+    ]
+    if len(z) < max(min_count, 1):
+        return None, len(z)
+    lo, hi = SIGMA_SCALE_BOUNDS
+    return float(min(max(np.median(z) / 0.6745, lo), hi)), len(z)
 
 
 def window_probability(candidate: CandidateDoc, context: AcquisitionContext) -> float:

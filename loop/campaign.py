@@ -398,11 +398,13 @@ class Campaign:
         need = max(budget - already, 0)
         pool = sorted(self._in_state(CandidateState.SHORTLISTED), key=lambda c: c.candidate_id)
         rng = np.random.default_rng(self.config.seed * 7919 + number)
+        calibration = self._sigma_calibration() if acq.calibrate else {}
         context = AcquisitionContext(
             windows=tuple((t.property, t.min, t.max) for t in self.config.targets),
             kappa=acq.kappa,
             uip_sigma=acq.uip_sigma,
             rng=rng,
+            sigma_scale={p: c["scale"] for p, c in calibration.items() if c["scale"] is not None},
         )
         scores = get_acquisition(acq.strategy)(pool, context) if pool else np.zeros(0)
         batch = select_batch(
@@ -424,8 +426,12 @@ class Campaign:
                 fault_point("acquire", "mid")
         selected = already + len(batch)
         self.log(f"  selected {selected} of {len(pool) + already} shortlisted ({acq.strategy})")
+        for prop, c in calibration.items():
+            if c["scale"] is not None:
+                self.log(f"  {prop}: ensemble std x{c['scale']:.2f}, fitted on {c['n']} DFT results")
         return {
             "strategy": acq.strategy,
+            "sigma_scale": calibration,
             "pool": len(pool),
             "selected": selected,
             "candidate_ids": [c.candidate_id for c, _ in batch],
@@ -831,6 +837,22 @@ class Campaign:
     def _hits(self, selected_round: int | None = None) -> list[str]:
         """Ids of relaxed candidates whose DFT values lie in every window."""
         return [c.candidate_id for c in self._hit_docs(selected_round)]
+
+    def _sigma_calibration(self) -> dict[str, dict[str, float | int | None]]:
+        """Per target: the std factor fitted on the campaign's relaxed candidates, and their count."""
+        from crystaloop.loop.acquire import fit_sigma_scale
+
+        relaxed = self._in_state(CandidateState.RELAXED)
+        out: dict[str, dict[str, float | int | None]] = {}
+        for target in self.config.targets:
+            pairs = []
+            for c in relaxed:
+                predicted = c.predicted.get(target.property)
+                if predicted is not None:
+                    pairs.append((predicted.mean, predicted.std, (c.dft or {}).get(target.property)))
+            scale, n = fit_sigma_scale(pairs, min_count=self.config.acquisition.calibrate_min)
+            out[target.property] = {"scale": scale, "n": n}
+        return out
 
     def _hit_docs(self, selected_round: int | None = None) -> list[CandidateDoc]:
         return sorted(

@@ -249,6 +249,14 @@ class Acquisition(_Strict):
         gt=0,
         description="Error (eV/atom) given to the UIP formation energy when fused; null: ignore it.",
     )
+    calibrate: bool = Field(
+        True,
+        description="Rescale the ensemble's std per target so that the campaign's own DFT results "
+        "have unit-normal errors (refitted every round).",
+    )
+    calibrate_min: int = Field(
+        4, ge=1, description="DFT results needed before the std is rescaled; until then it is used as is."
+    )
 
     @field_validator("strategy")
     @classmethod

@@ -17,8 +17,11 @@ from crystaloop.db.campaigns import CampaignStore
 from crystaloop.db.documents import CandidateState, Lease, utcnow
 from crystaloop.db.store import CandidateStore
 from crystaloop.errors import UserError
+from crystaloop.loop.acquire import fit_sigma_scale
 from crystaloop.loop.campaign import Campaign
 from crystaloop.loop.config import parse_campaign_config
+
+PROP = "formation_energy_per_atom"
 
 
 def test_round_after_generation(settings, prior_subset, loop_config, make_shortlist, shortlist_items):
@@ -61,6 +64,18 @@ def test_round_after_generation(settings, prior_subset, loop_config, make_shortl
     # NiAl B2 is strongly bound in CHGNet as in DFT: a hit in [-1.5, -0.05] eV/atom.
     assert record.metrics["hits"] >= 1
     assert record.metrics["relaxed"] == len(relaxed)
+    # No DFT results before this round's acquisition: the ensemble's std was used as is.
+    assert record.steps["acquire"].outputs["sigma_scale"] == {
+        "formation_energy_per_atom": {"scale": None, "n": 0}
+    }
+    # The next round would rescale it from these results, once there are enough of them.
+    assert campaign._sigma_calibration()["formation_energy_per_atom"] == {"scale": None, "n": len(relaxed)}
+    campaign.config = campaign.config.model_copy(
+        update={"acquisition": campaign.config.acquisition.model_copy(update={"calibrate_min": 1})}
+    )
+    pairs = [(d.predicted[PROP].mean, d.predicted[PROP].std, d.dft[PROP]) for d in relaxed]
+    expected, _ = fit_sigma_scale(pairs, min_count=1)
+    assert campaign._sigma_calibration()[PROP] == {"scale": pytest.approx(expected), "n": len(relaxed)}
 
     hooks = {h["name"]: h for h in record.steps["retrain"].outputs["hooks"]}
     assert hooks["cgcnn_finetune"]["status"] == "done", hooks["cgcnn_finetune"]["error"]
@@ -70,7 +85,10 @@ def test_round_after_generation(settings, prior_subset, loop_config, make_shortl
     # The fine-tune also learns from the decoded structures it screened (initial -> relaxed value).
     finetune_metrics = hooks["cgcnn_finetune"]["metrics"]
     screened = finetune_metrics["mae_screened_before"]["formation_energy_per_atom"]
-    assert screened is not None and finetune_metrics["mae_screened_after"]["formation_energy_per_atom"] is not None
+    assert (
+        screened is not None
+        and finetune_metrics["mae_screened_after"]["formation_energy_per_atom"] is not None
+    )
     assert CampaignStore(database).get(name).model_versions["cgcnn"] == version
     registered = database["models"].find_one({"version": version})
     assert registered is not None and not registered["default"]

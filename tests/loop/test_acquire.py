@@ -1,0 +1,67 @@
+"""Acquisition scores and the online recalibration of the ensemble's std."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from crystaloop.db.documents import PredictedValue
+from crystaloop.loop.acquire import (
+    SIGMA_SCALE_BOUNDS,
+    AcquisitionContext,
+    acquire_probability,
+    fit_sigma_scale,
+    probability_in_window,
+)
+from crystaloop.loop.config import Acquisition
+
+PROP = "formation_energy_per_atom"
+WINDOW = ((PROP, -1.6, -1.1),)
+
+
+def _candidate(mean: float, std: float) -> SimpleNamespace:
+    return SimpleNamespace(predicted={PROP: PredictedValue(mean=mean, std=std)}, uip={})
+
+
+def test_fit_recovers_the_factor_of_an_overconfident_ensemble():
+    rng = np.random.default_rng(0)
+    std = rng.uniform(0.05, 0.3, 4000)
+    mean = rng.normal(-1.0, 0.5, 4000)
+    truth = mean + rng.normal(0.0, 1.0, 4000) * std * 2.5  # errors 2.5x the claimed std
+    scale, n = fit_sigma_scale(list(zip(mean, std, truth, strict=True)))
+    assert n == 4000
+    assert scale == pytest.approx(2.5, rel=0.05)
+
+
+def test_fit_needs_enough_usable_results_and_is_clipped():
+    pairs = [
+        (-1.0, 0.1, -1.2),
+        (-1.0, None, -1.1),
+        (None, 0.1, -1.0),
+        (-1.0, 0.0, -1.1),
+        (-1.0, 0.1, math.nan),
+    ]
+    assert fit_sigma_scale(pairs, min_count=2) == (None, 1)  # only the first pair is usable
+    assert fit_sigma_scale(pairs, min_count=1) == (pytest.approx(2.0 / 0.6745), 1)
+    lo, hi = SIGMA_SCALE_BOUNDS
+    assert fit_sigma_scale([(0.0, 1e-3, 5.0)] * 4)[0] == hi
+    assert fit_sigma_scale([(0.0, 1.0, 1e-4)] * 4)[0] == lo
+
+
+def test_scaled_std_weighs_the_ensembles_confidence_against_centring():
+    confident, centred = _candidate(-1.14, 0.02), _candidate(-1.35, 0.1)
+    plain = acquire_probability([confident, centred], AcquisitionContext(windows=WINDOW))
+    scaled = acquire_probability(
+        [confident, centred], AcquisitionContext(windows=WINDOW, sigma_scale={PROP: 3.0})
+    )
+    assert plain[1] > plain[0]  # taken at its word, the centred prediction is the safer bet
+    assert scaled[0] > scaled[1]  # with both stds tripled, the one 5x narrower wins despite the edge
+    assert scaled[1] == pytest.approx(probability_in_window(-1.35, 0.3, -1.6, -1.1))
+
+
+def test_calibration_is_on_by_default_and_needs_four_results():
+    acq = Acquisition()
+    assert acq.calibrate is True and acq.calibrate_min == 4
