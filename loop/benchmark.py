@@ -214,6 +214,22 @@ def run_benchmark(
     return result
 
 
+def to_json(result: dict[str, Any], **kwargs: Any) -> str:
+    """``result`` as strict JSON: an unbounded ratio (the other arm had no hits) is the string ``"inf"``."""
+    import json
+
+    def strict(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return "inf" if value > 0 else None
+        if isinstance(value, dict):
+            return {k: strict(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [strict(v) for v in value]
+        return value
+
+    return json.dumps(strict(result), allow_nan=False, default=str, **kwargs)
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None:
         return None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -30,10 +29,15 @@ def bench_campaign(
     ),
     rounds: int = typer.Option(5, "--rounds", min=1, help="Rounds per arm."),
     no_model: int = typer.Option(
-        None, "--no-model-per-round", min=1, help="Random prototypes per round in the no-model arm (default 32)."
+        None,
+        "--no-model-per-round",
+        min=1,
+        help="Random prototypes per round in the no-model arm (default 32).",
     ),
     fmt: str = typer.Option("table", "--format", help="table or json."),
-    output: Path = typer.Option(None, "--output", help="Also write the numbers as JSON here."),
+    output: Path = typer.Option(
+        None, "--output", help='Also write the numbers as JSON here (an unbounded ratio is "inf").'
+    ),
 ) -> None:
     """Hit rate per round and cumulative hits: loop (uncertainty + retraining), random acquisition, no model."""
     from rich.table import Table
@@ -41,7 +45,7 @@ def bench_campaign(
     from crystaloop.cli._common import console
     from crystaloop.db import get_database
     from crystaloop.errors import UserError
-    from crystaloop.loop.benchmark import run_benchmark
+    from crystaloop.loop.benchmark import run_benchmark, to_json
     from crystaloop.loop.config import load_campaign_config
 
     if fmt not in ("table", "json"):
@@ -52,12 +56,12 @@ def bench_campaign(
         database=get_database(),
         rounds=rounds,
         no_model_per_round=no_model,
-        log=lambda line: console.print(line, highlight=False)
+        log=lambda line: console.print(line, highlight=False),
     )
     if output:
-        output.write_text(json.dumps(result, indent=1, default=str))
+        output.write_text(to_json(result, indent=1))
     if fmt == "json":
-        console.print_json(json.dumps(result, default=str))
+        console.print_json(to_json(result))
         return
     table = Table(
         "arm",

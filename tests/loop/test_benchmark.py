@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 
-from crystaloop.loop.benchmark import ANCHORS, arm_configs, summarise
+from crystaloop.loop.benchmark import ANCHORS, arm_configs, summarise, to_json
 from crystaloop.loop.config import load_campaign_config
 
 
@@ -58,6 +59,14 @@ def test_summary_ratios_at_round_three_and_mae_trend():
     assert s["cumulative_ratio_vs_no_model"] == pytest.approx(12.0) and s["cumulative_target_vs_no_model_met"]
     assert s["mae_first_round"] == 0.30 and s["mae_last_round"] == 0.12 and s["mae_falls"]
     assert s["anchors"] == ANCHORS and "37.5 %" in ANCHORS["ftcp"]
+    # Written out, the unbounded ratio stays readable by strict JSON parsers.
+    written = json.loads(to_json({**result, "summary": s}), parse_constant=_reject)
+    assert written["summary"]["round_ratio_vs_no_model"] == "inf"
+    assert written["summary"]["cumulative_ratio_vs_no_model"] == pytest.approx(12.0)
+
+
+def _reject(token: str):
+    raise AssertionError(f"non-standard JSON constant {token}")
 
 
 def test_summary_reports_a_missed_target_and_no_ratio_without_hits():
