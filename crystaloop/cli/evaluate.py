@@ -244,3 +244,45 @@ def sampling(
             f"{target[0]} {target[1]}" if target else "",
         )
     console.print(table)
+
+
+@app.command("candidates")
+def candidates(
+    campaign: str = typer.Argument(..., help="Campaign name."),
+    model: str = typer.Option(
+        None, "--model", help="CGCNN version or checkpoint (default: registry default)."
+    ),
+    from_round: int = typer.Option(
+        0, "--from-round", min=0, help="Only candidates selected in this round (from 0) or later."
+    ),
+    fmt: str = _FORMAT,
+    plot: str = typer.Option(None, "--plot", help="Write a parity plot (PNG) with the windows shaded here."),
+) -> None:
+    """A CGCNN's errors on a campaign's DFT-relaxed candidates, from their decoded structures."""
+    from rich.table import Table
+
+    from crystaloop.db import get_database
+    from crystaloop.loop.accuracy import campaign_accuracy
+
+    fmt = _check_format(fmt)
+    metrics = campaign_accuracy(get_database(), campaign, model=model, from_round=from_round, plot=plot)
+    if fmt == "json":
+        print(json.dumps(metrics))
+        return
+    table = Table(
+        title=f"{metrics['n_candidates']} relaxed candidates of {campaign} (rounds >= {from_round})"
+    )
+    columns = ("n", "mae", "bias", "rmse", "within_1sigma", "within_2sigma", "sigma_scale", "mae_screening")
+    table.add_column("property")
+    for column in columns:
+        table.add_column(column.replace("_", " "))
+    for name, row in metrics["properties"].items():
+        table.add_row(name, *(_fmt(row[c]) for c in columns))
+    console.print(table)
+    console.print(
+        f"model {metrics['model']}; predicted in every window: {metrics['predicted_in_window']}, of which "
+        f"DFT hits: {_fmt(metrics['in_window_precision'])} (all hits: {metrics['hits']})",
+        highlight=False,
+    )
+    if plot:
+        console.print(f"parity plot: {plot}", highlight=False)

@@ -12,11 +12,16 @@ from datetime import timedelta
 
 import numpy as np
 import pytest
+from pymatgen.core import Structure
 
 from crystaloop.db.campaigns import CampaignStore
 from crystaloop.db.documents import CandidateState, Lease, utcnow
 from crystaloop.db.store import CandidateStore
 from crystaloop.errors import UserError
+from crystaloop.generative.models.checkpoint import load_model
+from crystaloop.generative.train.finetune import predict_structures
+from crystaloop.generative.train.run import resolve_checkpoint
+from crystaloop.loop.accuracy import campaign_accuracy
 from crystaloop.loop.acquire import fit_sigma_scale
 from crystaloop.loop.campaign import Campaign
 from crystaloop.loop.config import parse_campaign_config
@@ -100,6 +105,23 @@ def test_round_after_generation(settings, prior_subset, loop_config, make_shortl
     report = record.steps["report"].outputs
     assert report["cumulative_hits"] == record.metrics["hits"]
     assert any(f.endswith("report.md") for f in report["files"])
+
+    # The fine-tuned version scored on the decoded structures of the candidates it was trained on.
+    accuracy = campaign_accuracy(database, name, model=version)
+    row = accuracy["properties"][PROP]
+    tuned, _ = load_model(resolve_checkpoint(version, "cgcnn", database))
+    mean, _ = predict_structures(tuned, [Structure.from_dict(d.structure) for d in relaxed])
+    k = tuned.properties.index(PROP)
+    assert accuracy["n_candidates"] == row["n"] == len(relaxed)
+    assert row["mae"] == pytest.approx(
+        np.mean([abs(m - d.dft[PROP]) for m, d in zip(mean[:, k], relaxed, strict=True)])
+    )
+    assert row["mae_screening"] == pytest.approx(
+        np.mean([abs(d.predicted[PROP].mean - d.dft[PROP]) for d in relaxed])
+    )
+    assert accuracy["hits"] == record.metrics["hits"]
+    with pytest.raises(UserError, match="from-round"):
+        campaign_accuracy(database, name, from_round=1)
 
 
 def test_dft_cache_answers_an_equivalent_structure(
@@ -320,3 +342,15 @@ def test_a_failing_step_is_recorded_and_rerun(
     assert doc.lease is None
     assert Campaign(config, database=database).run().status == "finished"
     assert store.round(name, 0).steps["acquire"].status == "done"
+
+
+def test_evaluate_candidates_of_an_unknown_campaign_exits_2(settings):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "crystaloop"
+    result = subprocess.run([str(exe), "evaluate", "candidates", "nosuch"], capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    assert "nosuch" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

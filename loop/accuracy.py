@@ -1,0 +1,155 @@
+"""How well a property model predicts a campaign's own DFT results.
+
+A model's held-out error on the prior data (``crystaloop evaluate properties``) says little
+about the candidates a campaign sends to DFT: decoded cells, new compositions. This module
+scores a model (any registry version or checkpoint) on the campaign's relaxed candidates,
+from their decoded structures, as the model saw them at screening time, against their DFT
+values: MAE, bias, the share within 1σ and 2σ, the std factor that would make the errors
+unit-normal, and the precision of "predicted in window". ``from_round`` leaves out the rounds
+a fine-tuned version was trained on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def campaign_accuracy(
+    database,
+    campaign: str,
+    *,
+    model: str | None = None,
+    from_round: int = 0,
+    plot: str | None = None,
+) -> dict[str, Any]:
+    """Errors of ``model`` (default: the registry's default CGCNN) on ``campaign``'s relaxed candidates.
+
+    Rounds are numbered from 0, as stored. Per target property of the campaign: ``n``, ``mae``,
+    ``bias`` (mean of predicted minus DFT), ``rmse``, ``within_1sigma``, ``within_2sigma``,
+    ``sigma_scale`` (see :func:`crystaloop.loop.acquire.fit_sigma_scale`), and the same MAE of
+    the predictions the campaign screened with (``mae_screening``, whatever model each round used).
+    ``in_window_precision`` is the share of DFT hits among candidates whose predicted means lie in
+    every window.
+
+    Raises
+    ------
+    UserError
+        No such campaign, or no relaxed candidates in the rounds asked for.
+    """
+    from pymatgen.core import Structure
+
+    from crystaloop.db.campaigns import CampaignStore
+    from crystaloop.errors import UserError
+    from crystaloop.generative.models.checkpoint import load_model
+    from crystaloop.generative.train.finetune import predict_structures
+    from crystaloop.generative.train.run import resolve_checkpoint
+    from crystaloop.loop.acquire import fit_sigma_scale
+    from crystaloop.loop.config import parse_campaign_config
+
+    doc = CampaignStore(database).require(campaign)
+    config = parse_campaign_config(doc.config, source=f"campaign {campaign}")
+    docs = list(
+        database["candidates"]
+        .find(
+            {"campaign": campaign, "state": "relaxed", "selected_round": {"$gte": from_round}},
+            {"_id": 0, "candidate_id": 1, "structure": 1, "predicted": 1, "dft": 1, "selected_round": 1},
+        )
+        .sort("candidate_id", 1)
+    )
+    if not docs:
+        raise UserError(
+            f"campaign {campaign!r} has no relaxed candidates selected in round {from_round} or later; "
+            "run more rounds or lower --from-round"
+        )
+    path = resolve_checkpoint(model, "cgcnn", database)
+    ensemble, _ = load_model(path)
+    mean, std = predict_structures(ensemble, [Structure.from_dict(d["structure"]) for d in docs])
+    properties = list(ensemble.properties)
+    targets = [t for t in config.targets if t.property in properties]
+    if not targets:
+        raise UserError(
+            f"the model at {path} predicts none of the campaign's targets "
+            f"({', '.join(t.property for t in config.targets)}); pass a CGCNN that does with --model"
+        )
+    out: dict[str, Any] = {
+        "campaign": campaign,
+        "model": str(path),
+        "from_round": from_round,
+        "n_candidates": len(docs),
+        "properties": {},
+    }
+    in_window = np.ones(len(docs), dtype=bool)
+    for target in targets:
+        k = properties.index(target.property)
+        dft = np.array([_value((d.get("dft") or {}).get(target.property)) for d in docs])
+        screened = np.array(
+            [_value(((d.get("predicted") or {}).get(target.property) or {}).get("mean")) for d in docs]
+        )
+        ok = np.isfinite(dft) & np.isfinite(mean[:, k])
+        error = mean[ok, k] - dft[ok]
+        sigma = std[ok, k]
+        seen = ok & np.isfinite(screened)
+        scale, _ = fit_sigma_scale(list(zip(mean[ok, k], sigma, dft[ok], strict=True)), min_count=1)
+        out["properties"][target.property] = {
+            "n": int(ok.sum()),
+            "mae": _stat(np.abs(error)),
+            "bias": _stat(error),
+            "rmse": float(np.sqrt(np.mean(error**2))) if error.size else None,
+            "within_1sigma": _stat(np.abs(error) <= sigma),
+            "within_2sigma": _stat(np.abs(error) <= 2 * sigma),
+            "sigma_scale": scale,
+            "mae_screening": _stat(np.abs(screened[seen] - dft[seen])),
+        }
+        lower = -np.inf if target.min is None else target.min
+        upper = np.inf if target.max is None else target.max
+        in_window &= (mean[:, k] >= lower) & (mean[:, k] <= upper)
+    hits = np.array([config.in_all_windows(d.get("dft") or {}) for d in docs])
+    out["hits"] = int(hits.sum())
+    out["predicted_in_window"] = int(in_window.sum())
+    out["in_window_precision"] = float(hits[in_window].mean()) if in_window.any() else None
+    if plot:
+        _parity(mean, std, docs, targets, properties, plot)
+        out["plot"] = plot
+    return out
+
+
+def _value(value) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def _stat(values: np.ndarray) -> float | None:
+    return float(np.mean(values)) if values.size else None
+
+
+def _parity(mean, std, docs, targets, properties, path: str) -> None:
+    """Predicted (with the ensemble's std) against DFT, the target window shaded, one panel per target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from crystaloop.properties import property_spec
+
+    fig, axes = plt.subplots(1, len(targets), figsize=(4.5 * len(targets), 4.5), squeeze=False)
+    for ax, target in zip(axes[0], targets, strict=True):
+        k = properties.index(target.property)
+        dft = np.array([_value((d.get("dft") or {}).get(target.property)) for d in docs])
+        ok = np.isfinite(dft)
+        ax.errorbar(dft[ok], mean[ok, k], yerr=std[ok, k], fmt="o", ms=3, alpha=0.6, lw=0.8)
+        lo, hi = (
+            float(np.nanmin([dft[ok].min(), mean[ok, k].min()])),
+            float(np.nanmax([dft[ok].max(), mean[ok, k].max()])),
+        )
+        ax.plot([lo, hi], [lo, hi], "k--", lw=1)
+        window_lo = lo if target.min is None else target.min
+        window_hi = hi if target.max is None else target.max
+        ax.axvspan(window_lo, window_hi, color="tab:green", alpha=0.1)
+        ax.axhspan(window_lo, window_hi, color="tab:green", alpha=0.1)
+        label = property_spec(target.property).label
+        ax.set_xlabel(f"DFT {label}")
+        ax.set_ylabel(f"predicted {label}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
