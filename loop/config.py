@@ -250,9 +250,9 @@ class Acquisition(_Strict):
         description="Error (eV/atom) given to the UIP formation energy when fused; null: ignore it.",
     )
     calibrate: bool = Field(
-        True,
+        False,
         description="Rescale the ensemble's std per target so that the campaign's own DFT results "
-        "have unit-normal errors (refitted every round).",
+        "have unit-normal errors (refitted every round; docs/campaigns.md has its ablation).",
     )
     calibrate_min: int = Field(
         4, ge=1, description="DFT results needed before the std is rescaled; until then it is used as is."

@@ -35,7 +35,8 @@ def test_round_after_generation(settings, prior_subset, loop_config, make_shortl
     name = "loop-steps"
     ids = make_shortlist(database, name)
     lines: list[str] = []
-    campaign = Campaign(parse_campaign_config(loop_config(name)), database=database, log=lines.append)
+    config = loop_config(name, acquisition={"max_per_chemsys": 1, "calibrate": True})
+    campaign = Campaign(parse_campaign_config(config), database=database, log=lines.append)
     result = campaign.run()
     assert result.status == "finished"
     assert "max_rounds" in result.reason
