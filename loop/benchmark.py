@@ -49,7 +49,9 @@ def arm_configs(base: CampaignConfig, rounds: int) -> dict[str, CampaignConfig]:
         "dft": {**base.dft.model_dump(), "engine": "surrogate"},
         "execution": {**base.execution.model_dump(), "backend": "local"},
         # CHGNet is the oracle: a CHGNet screen before it would answer the question it asks.
-        "filters": {**base.filters.model_dump(), "uip_screen": False},
+        # The arms share a database; each takes only its own results as known, so that the
+        # arm run second is not barred from what the first one relaxed.
+        "filters": {**base.filters.model_dump(), "uip_screen": False, "novelty_scope": "own"},
     }
     loop = base.model_copy(deep=True).model_dump()
     loop.update(common, name=f"{base.name}-bench-loop")

@@ -181,6 +181,11 @@ class Filters(_Strict):
         True, description="With around_base sampling, keep only the base compounds' stoichiometries."
     )
     novelty: bool = Field(True, description="Drop structures present in the training set.")
+    novelty_scope: Literal["all", "own"] = Field(
+        "all",
+        description="What counts as known: all training data (all), or the training data less other "
+        "campaigns' DFT results (own), so that campaigns run side by side stay independent.",
+    )
     window_tolerance: float = Field(
         0.2, ge=0, description="Keep predictions within this relative margin of a window bound."
     )

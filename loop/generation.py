@@ -248,29 +248,46 @@ def _shipped_prior() -> dict[str, list[tuple[Structure, dict]]]:
     return by_formula
 
 
-def training_structures(database, reduced_formula: str) -> list[tuple[Structure, dict]]:
+#: Sources of the training documents that campaigns add (``conditioning_update``).
+CAMPAIGN_SOURCES = ("dft", "surrogate")
+
+
+def training_structures(
+    database, reduced_formula: str, *, only_campaign: str | None = None
+) -> list[tuple[Structure, dict]]:
     """Training structures of one reduced formula with their labels.
 
     From the ``training_structures`` collection; when it is empty, from the shipped prior set the
-    shipped models were trained on.
+    shipped models were trained on. With ``only_campaign`` the DFT results other campaigns added
+    are left out (that campaign's own are kept).
     """
     from crystaloop.db.training import COLLECTION
 
     coll = database[COLLECTION]
     if coll.estimated_document_count() == 0:
         return list(_shipped_prior().get(reduced_formula, []))
-    docs = coll.find({"reduced_formula": reduced_formula}, {"structure": 1, "labels": 1})
+    query: dict[str, Any] = {"reduced_formula": reduced_formula}
+    if only_campaign is not None:
+        query["$or"] = [
+            {"source": {"$nin": list(CAMPAIGN_SOURCES)}},
+            {"dataset": f"campaign:{only_campaign}"},
+        ]
+    docs = coll.find(query, {"structure": 1, "labels": 1})
     return [(Structure.from_dict(d["structure"]), d.get("labels") or {}) for d in docs]
 
 
-def known_structures(database, campaign: str) -> Callable[[str], list[Structure]]:
-    """Lookup of known structures by reduced formula: training data plus live campaign candidates."""
+def known_structures(database, campaign: str, *, scope: str = "all") -> Callable[[str], list[Structure]]:
+    """Lookup of known structures by reduced formula: training data plus live campaign candidates.
+
+    ``scope="own"`` leaves out the DFT results of other campaigns (``filters.novelty_scope``).
+    """
     from crystaloop.db.store import CandidateStore
 
     store = CandidateStore(database)
+    only = campaign if scope == "own" else None
 
     def lookup(formula: str) -> list[Structure]:
-        known = [s for s, _ in training_structures(database, formula)]
+        known = [s for s, _ in training_structures(database, formula, only_campaign=only)]
         query = {
             "campaign": campaign,
             "reduced_formula": formula,
@@ -514,7 +531,7 @@ def build_cascade(
 
         if database[COLLECTION].estimated_document_count() == 0:
             _shipped_prior()  # read once here, so the novel stage's time is its own
-        stages.append(NoveltyStage(known_structures(database, config.name)))
+        stages.append(NoveltyStage(known_structures(database, config.name, scope=f.novelty_scope)))
     stages.append(WindowStage(predictor, config.targets, f.window_tolerance, f.min_probability))
     if uip:
         relaxer = CHGNetRelaxer(fmax=f.uip_fmax, steps=f.uip_steps, max_volume_change=f.max_uip_volume_change)

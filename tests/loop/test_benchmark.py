@@ -17,6 +17,7 @@ def test_arms_share_the_oracle_and_differ_in_acquisition_and_retraining(repo_roo
     loop, rand = arms["loop"], arms["random"]
     assert loop.dft.engine == rand.dft.engine == "surrogate"
     assert not loop.filters.uip_screen and not rand.filters.uip_screen  # CHGNet is the oracle
+    assert loop.filters.novelty_scope == rand.filters.novelty_scope == "own"  # independent arms
     assert (loop.acquisition.strategy, rand.acquisition.strategy) == ("uncertainty", "random")
     assert loop.retrain.cgcnn and not rand.retrain.cgcnn and not rand.retrain.generator_conditioning
     assert loop.max_rounds == rand.max_rounds == 5

@@ -202,3 +202,41 @@ def test_generate_cli_dry_run_json_and_bad_input(settings, tmp_path):
     )
     assert bad.returncode == 2
     assert "unknown strategy 'sideways'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_novelty_scope_own_leaves_out_other_campaigns_results(database):
+    from pymatgen.core import Lattice, Structure
+
+    from crystaloop.db.documents import StructureFields, TrainingStructureDoc
+    from crystaloop.db.training import upsert_documents
+    from crystaloop.loop.generation import known_structures
+
+    rock_salt = Structure.from_spacegroup(
+        "Fm-3m", Lattice.cubic(5.6), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]
+    )
+    b2 = Structure(Lattice.cubic(3.4), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    zinc_blende = Structure.from_spacegroup(
+        "F-43m", Lattice.cubic(6.0), ["Na", "Cl"], [[0, 0, 0], [0.25, 0.25, 0.25]]
+    )
+    docs = [
+        ("prior:B1:Na-Cl", "prior", "prior-v1", rock_salt),
+        ("surrogate:other:c1", "surrogate", "campaign:other", b2),
+        ("surrogate:mine:c1", "surrogate", "campaign:mine", zinc_blende),
+    ]
+    upsert_documents(
+        database,
+        [
+            TrainingStructureDoc(
+                structure_id=sid, source=source, dataset=dataset, **StructureFields.fields_from(s)
+            ).model_dump()
+            for sid, source, dataset, s in docs
+        ],
+    )
+
+    def groups(scope: str) -> list[int]:
+        return sorted(
+            s.get_space_group_info()[1] for s in known_structures(database, "mine", scope=scope)("NaCl")
+        )
+
+    assert groups("all") == [216, 221, 225]
+    assert groups("own") == [216, 225]  # the other campaign's B2 result is not known to this one
