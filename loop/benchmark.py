@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,14 +35,19 @@ TARGETS = {
 }
 #: Prototypes per round of the no-model arm, by default.
 NO_MODEL_PER_ROUND = 32
+#: The arms, in the order they run.
+ARMS = ("loop", "random", "no_model")
 ANCHORS = {
     "ftcp": "FTCP (paper 004): 37.5 % DFT-verified success (6 of 16) against under 1 % by random sampling",
     "gnome": "GNoME: hit rate (precision of stable predictions) from under 6 % to over 80 % through active learning",
 }
 
 
-def arm_configs(base: CampaignConfig, rounds: int) -> dict[str, CampaignConfig]:
-    """The ``loop`` and ``random`` arm configs derived from ``base`` (surrogate oracle, no UIP screen)."""
+def arm_configs(base: CampaignConfig, rounds: int, *, suffix: str = "") -> dict[str, CampaignConfig]:
+    """The ``loop`` and ``random`` arm configs derived from ``base`` (surrogate oracle, no UIP screen).
+
+    Campaigns are named ``<base>-bench-<arm><suffix>``.
+    """
     common = {
         "max_rounds": rounds,
         "stop": {},
@@ -54,11 +59,11 @@ def arm_configs(base: CampaignConfig, rounds: int) -> dict[str, CampaignConfig]:
         "filters": {**base.filters.model_dump(), "uip_screen": False, "novelty_scope": "own"},
     }
     loop = base.model_copy(deep=True).model_dump()
-    loop.update(common, name=f"{base.name}-bench-loop")
+    loop.update(common, name=f"{base.name}-bench-loop{suffix}")
     loop["acquisition"] = {**loop["acquisition"], "strategy": "uncertainty"}
     loop["retrain"] = {**loop["retrain"], "cgcnn": True}
     rand = base.model_copy(deep=True).model_dump()
-    rand.update(common, name=f"{base.name}-bench-random")
+    rand.update(common, name=f"{base.name}-bench-random{suffix}")
     rand["acquisition"] = {**rand["acquisition"], "strategy": "random"}
     rand["retrain"] = {**rand["retrain"], "cgcnn": False, "generator_conditioning": False}
     # No feedback of DFT outcomes into generation either: no sampling around hits.
@@ -161,12 +166,15 @@ def run_benchmark(
     rounds: int = 5,
     no_model_per_round: int | None = None,
     log: Callable[[str], None] | None = None,
+    arms: Sequence[str] = ARMS,
+    suffix: str = "",
 ) -> dict[str, Any]:
-    """Run the three arms and return per-round hit rates, cumulative hits, MAEs and a summary.
+    """Run the arms (all three by default) and return per-round hit rates, cumulative hits, MAEs and a summary.
 
     ``no_model_per_round`` prototypes are drawn per round for the no-model arm (default
     :data:`NO_MODEL_PER_ROUND`, or the DFT budget if larger): its hit rate is a base rate, and
     a budget of a few structures per round would measure it to no better than one in eight.
+    ``suffix`` is appended to the arms' campaign names (several seeds in one database).
     """
     from crystaloop.loop.campaign import Campaign
 
@@ -183,7 +191,14 @@ def run_benchmark(
         "material_classes": list(base.material_classes),
         "arms": {},
     }
-    for arm, config in arm_configs(base, rounds).items():
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown:
+        from crystaloop.errors import UserError
+
+        raise UserError(f"unknown benchmark arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
+    for arm, config in arm_configs(base, rounds, suffix=suffix).items():
+        if arm not in arms:
+            continue
         start = time.perf_counter()
         log(f"arm {arm}: campaign {config.name}")
         Campaign(config, database=database, log=lambda line, a=arm: log(f"  [{a}] {line}")).run()
@@ -194,6 +209,9 @@ def run_benchmark(
             "rows": campaign_rows(database, config),
             "seconds": time.perf_counter() - start,
         }
+    if "no_model" not in arms:
+        result["summary"] = summarise(result)
+        return result
     start = time.perf_counter()
     rows = []
     for r in range(rounds):
@@ -264,4 +282,40 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
     first, last = (maes[0], maes[-1]) if len(maes) >= 2 else (None, None)
     out["mae_first_round"], out["mae_last_round"] = first, last
     out["mae_falls"] = first is not None and last is not None and last < first
+    return out
+
+
+def pool_seeds(results: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Hits and relaxations through the target round summed over seeds, per arm, and the ratios.
+
+    ``results`` maps a seed to its :func:`run_benchmark` result. Rates pooled this way weigh
+    every relaxation alike; ``per_seed`` keeps each seed's cumulative hit rates for the spread.
+    """
+    ran = max((len(d["rows"]) for r in results.values() for d in r["arms"].values()), default=0)
+    k = min(TARGETS["round"], ran)  # a shorter run is pooled through its last round
+    hits: dict[str, int] = {}
+    relaxed: dict[str, int] = {}
+    per_seed: dict[str, dict[str, float | None]] = {}
+    for seed, result in sorted(results.items()):
+        per_seed[str(seed)] = {}
+        for arm, data in result["arms"].items():
+            rows = data["rows"][:k]
+            hits[arm] = hits.get(arm, 0) + sum(r["hits"] for r in rows)
+            relaxed[arm] = relaxed.get(arm, 0) + sum(r["relaxed"] for r in rows)
+            n = sum(r["relaxed"] for r in rows)
+            per_seed[str(seed)][arm] = sum(r["hits"] for r in rows) / n if n else None
+    rates = {arm: hits[arm] / relaxed[arm] if relaxed[arm] else None for arm in hits}
+    out: dict[str, Any] = {
+        "round": k,
+        "seeds": sorted(results),
+        "hits": hits,
+        "relaxed": relaxed,
+        "hit_rates": rates,
+        "per_seed_hit_rates": per_seed,
+    }
+    for other, goal in (("random", TARGETS["vs_random"]), ("no_model", TARGETS["vs_no_model"])):
+        if "loop" in rates and other in rates:
+            ratio = _ratio(rates["loop"], rates[other])
+            out[f"ratio_vs_{other}"] = ratio
+            out[f"target_vs_{other}_met"] = ratio is not None and ratio >= goal
     return out

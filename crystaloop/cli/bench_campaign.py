@@ -23,6 +23,20 @@ def _num(value, spec: str = ".3f") -> str:
     return "∞" if value == float("inf") else format(value, spec)
 
 
+def _parse_seeds(text: str | None) -> list[int] | None:
+    from crystaloop.errors import UserError
+
+    if text is None:
+        return None
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"--seeds takes comma-separated integers such as 0,1,2, not {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds needs distinct integers such as 0,1,2, not {text!r}")
+    return seeds
+
+
 def bench_campaign(
     config_path: Path = typer.Option(
         Path("configs/bench-campaign.yaml"), "--config", help="Base campaign file."
@@ -34,35 +48,83 @@ def bench_campaign(
         min=1,
         help="Random prototypes per round in the no-model arm (default 32).",
     ),
+    arms: str = typer.Option(
+        "loop,random,no_model", "--arms", help="Comma-separated subset of loop, random, no_model."
+    ),
+    seeds: str = typer.Option(
+        None,
+        "--seeds",
+        help="Comma-separated seeds, run one after another and pooled (default: the config's seed).",
+    ),
     fmt: str = typer.Option("table", "--format", help="table or json."),
     output: Path = typer.Option(
         None, "--output", help='Also write the numbers as JSON here (an unbounded ratio is "inf").'
     ),
 ) -> None:
     """Hit rate per round and cumulative hits: loop (uncertainty + retraining), random acquisition, no model."""
-    from rich.table import Table
-
     from crystaloop.cli._common import console
     from crystaloop.db import get_database
     from crystaloop.errors import UserError
-    from crystaloop.loop.benchmark import run_benchmark, to_json
+    from crystaloop.loop.benchmark import ARMS, pool_seeds, run_benchmark, to_json
     from crystaloop.loop.config import load_campaign_config
 
     if fmt not in ("table", "json"):
         raise UserError(f"unknown format {fmt!r}; use --format table or --format json")
+    chosen = tuple(a.strip() for a in arms.split(",") if a.strip())
+    if not chosen or set(chosen) - set(ARMS):
+        raise UserError(f"--arms takes a comma-separated subset of {','.join(ARMS)}, not {arms!r}")
+    seed_list = _parse_seeds(seeds)
     base = load_campaign_config(config_path)
-    result = run_benchmark(
-        base,
-        database=get_database(),
-        rounds=rounds,
-        no_model_per_round=no_model,
-        log=lambda line: console.print(line, highlight=False),
-    )
+    database = get_database()
+    results = {}
+    for seed in seed_list or [base.seed]:
+        config = base if seed_list is None else base.model_copy(update={"seed": seed})
+        if seed_list is not None:
+            console.print(f"seed {seed}", highlight=False)
+        results[seed] = run_benchmark(
+            config,
+            database=database,
+            rounds=rounds,
+            no_model_per_round=no_model,
+            log=lambda line: console.print(line, highlight=False),
+            arms=chosen,
+            suffix="" if seed_list is None or len(seed_list) == 1 else f"-s{seed}",
+        )
+    if seed_list is None or len(seed_list) == 1:
+        out = next(iter(results.values()))
+    else:
+        out = {"seeds": {str(k): v for k, v in results.items()}, "pooled": pool_seeds(results)}
     if output:
-        output.write_text(to_json(result, indent=1))
+        output.write_text(to_json(out, indent=1))
     if fmt == "json":
-        console.print_json(to_json(result))
+        console.print_json(to_json(out))
         return
+    for seed, result in results.items():
+        if len(results) > 1:
+            console.print(f"seed {seed}", highlight=False)
+        _print_result(console, result)
+    if len(results) > 1:
+        pooled = out["pooled"]
+        rates = ", ".join(
+            f"{arm} {pooled['hits'][arm]}/{pooled['relaxed'][arm]} ({_pct(rate)})"
+            for arm, rate in pooled["hit_rates"].items()
+        )
+        ratios = "; ".join(
+            f"loop/{other} {_num(pooled.get(f'ratio_vs_{other}'), '.1f')}x"
+            for other in ("random", "no_model")
+            if f"ratio_vs_{other}" in pooled
+        )
+        console.print(
+            f"pooled over seeds {', '.join(map(str, pooled['seeds']))}, through round {pooled['round']}: "
+            f"{rates}; {ratios}",
+            highlight=False,
+        )
+
+
+def _print_result(console, result: dict) -> None:
+    """The per-round table and the summary lines of one seed."""
+    from rich.table import Table
+
     table = Table(
         "arm",
         "round",

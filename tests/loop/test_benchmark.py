@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from crystaloop.loop.benchmark import ANCHORS, arm_configs, summarise, to_json
+from crystaloop.loop.benchmark import ANCHORS, arm_configs, pool_seeds, summarise, to_json
 from crystaloop.loop.config import load_campaign_config
 
 
@@ -37,6 +37,8 @@ def _rows(rates, maes=None):
         rows.append(
             {
                 "round": i + 1,
+                "hits": hits,
+                "relaxed": relaxed,
                 "hit_rate": hits / relaxed if relaxed else None,
                 "cumulative_hit_rate": hits_total / relaxed_total if relaxed_total else None,
                 "mae_screening": maes[i] if maes else None,
@@ -83,3 +85,80 @@ def test_summary_reports_a_missed_target_and_no_ratio_without_hits():
     assert s["round_ratio_vs_no_model"] is None and not s["round_target_vs_no_model_met"]
     assert s["cumulative_ratio_vs_random"] == pytest.approx(1.0) and not s["cumulative_target_vs_random_met"]
     assert not s["mae_falls"]
+
+
+def test_seeds_pool_by_relaxation_through_round_three():
+    def result(loop, rand, none):
+        return {"arms": {"loop": _rows(loop), "random": _rows(rand), "no_model": _rows(none)}}
+
+    results = {
+        0: result(
+            [(2, 8), (3, 8), (4, 8), (8, 8)],
+            [(1, 8), (0, 8), (0, 8), (8, 8)],
+            [(1, 32), (2, 32), (1, 31), (9, 9)],
+        ),
+        1: result([(1, 8), (1, 8), (1, 6)], [(0, 8), (0, 8), (0, 8)], [(0, 30), (0, 32), (0, 32)]),
+    }
+    pooled = pool_seeds(results)
+    assert pooled["seeds"] == [0, 1] and pooled["round"] == 3  # round 4 is left out
+    assert pooled["hits"] == {"loop": 12, "random": 1, "no_model": 4}
+    assert pooled["relaxed"] == {"loop": 46, "random": 48, "no_model": 189}
+    assert pooled["ratio_vs_random"] == pytest.approx((12 / 46) / (1 / 48)) and pooled["target_vs_random_met"]
+    assert pooled["ratio_vs_no_model"] == pytest.approx((12 / 46) / (4 / 189))
+    assert pooled["target_vs_no_model_met"]
+    assert pooled["per_seed_hit_rates"]["1"] == {
+        "loop": pytest.approx(3 / 22),
+        "random": 0.0,
+        "no_model": 0.0,
+    }
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [(["--arms", "loop,bogus"], "--arms"), (["--seeds", "0,x"], "--seeds"), (["--seeds", "1,1"], "distinct")],
+)
+def test_bench_campaign_rejects_bad_arms_and_seeds(settings, args, needle):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "crystaloop"
+    result = subprocess.run([str(exe), "bench", "campaign", *args], capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    assert needle in result.stderr and "Traceback" not in result.stderr
+
+
+def test_no_model_arm_alone_over_two_seeds(settings, repo_root, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    raw = yaml.safe_load((repo_root / "configs" / "bench-campaign.yaml").read_text())
+    raw["budget"]["dft_per_round"] = 2
+    config = tmp_path / "bench.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "bench.json"
+    exe = Path(sys.executable).parent / "crystaloop"
+    args = ["bench", "campaign", "--config", str(config), "--arms", "no_model", "--rounds", "1"]
+    args += ["--no-model-per-round", "2", "--seeds", "0,1", "--output", str(out)]
+    result = subprocess.run([str(exe), *args], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    written = json.loads(out.read_text())
+    assert sorted(written["seeds"]) == ["0", "1"]
+    for seed in ("0", "1"):
+        arms = written["seeds"][seed]["arms"]
+        assert list(arms) == ["no_model"]  # no campaign arm ran
+        (row,) = arms["no_model"]["rows"]
+        assert len(row["structures"]) == 2
+    draws = [
+        [s["formula"] for s in written["seeds"][k]["arms"]["no_model"]["rows"][0]["structures"]] for k in "01"
+    ]
+    assert draws[0] != draws[1]  # each seed draws its own prototypes
+    pooled = written["pooled"]
+    assert pooled["relaxed"]["no_model"] == sum(
+        written["seeds"][k]["arms"]["no_model"]["rows"][0]["relaxed"] for k in "01"
+    )
+    assert "ratio_vs_no_model" not in pooled  # no loop arm to compare
+    assert "pooled over seeds 0, 1, through round 1: no_model" in result.stdout
