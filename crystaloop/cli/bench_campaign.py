@@ -116,7 +116,7 @@ def bench_campaign(
         )
         console.print(
             f"pooled over seeds {', '.join(map(str, pooled['seeds']))}, through round {pooled['round']}: "
-            f"{rates}; {ratios}",
+            + "; ".join(part for part in (rates, ratios) if part),
             highlight=False,
         )
 
