@@ -289,7 +289,7 @@ def pool_seeds(results: dict[int, dict[str, Any]]) -> dict[str, Any]:
     """Hits and relaxations through the target round summed over seeds, per arm, and the ratios.
 
     ``results`` maps a seed to its :func:`run_benchmark` result. Rates pooled this way weigh
-    every relaxation alike; ``per_seed`` keeps each seed's cumulative hit rates for the spread.
+    every relaxation alike; ``per_seed_hit_rates`` keeps each seed's cumulative rates for the spread.
     """
     ran = max((len(d["rows"]) for r in results.values() for d in r["arms"].values()), default=0)
     k = min(TARGETS["round"], ran)  # a shorter run is pooled through its last round
