@@ -15,6 +15,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import tempfile
 from functools import lru_cache
 from typing import Any
 
@@ -44,9 +45,11 @@ def engine_version(engine: str, pw_command: str | None = None) -> str:
     if shutil.which(exe) is None:
         return "unknown"
     try:
-        banner = subprocess.run(
-            [exe], input="", capture_output=True, text=True, timeout=30, check=False
-        ).stdout
+        # pw.x leaves CRASH and input_tmp.in behind on empty input: let it, in a scratch folder.
+        with tempfile.TemporaryDirectory(prefix="crystaloop-pwx-") as scratch:
+            banner = subprocess.run(
+                [exe], input="", capture_output=True, text=True, timeout=30, check=False, cwd=scratch
+            ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     found = re.search(r"Program PWSCF v\.(\S+)", banner)

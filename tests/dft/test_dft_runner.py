@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 
 import pytest
@@ -82,3 +83,13 @@ def test_missing_launcher_is_named_before_a_campaign_starts(monkeypatch):
     )
     with pytest.raises(UserError, match="mpirun, pw.x not found on PATH"):
         Campaign.check_dft(config)
+
+
+@pytest.mark.skipif(shutil.which("pw.x") is None, reason="pw.x is not installed")
+def test_engine_version_reads_the_banner_without_littering_the_working_directory(tmp_path, monkeypatch):
+    from crystaloop.dft.cache import engine_version
+
+    monkeypatch.chdir(tmp_path)
+    version = engine_version("espresso", "pw.x")
+    assert version.startswith("pw.x 6.")  # Debian's Quantum ESPRESSO 6.x
+    assert list(tmp_path.iterdir()) == []  # no CRASH, no input_tmp.in
