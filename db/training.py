@@ -9,6 +9,13 @@ from pymongo import ReplaceOne
 from pymongo.database import Database
 
 COLLECTION = "training_structures"
+#: Datasets of DFT results that campaigns feed back are named ``campaign:<name>``.
+CAMPAIGN_DATASET_PREFIX = "campaign:"
+
+
+def campaign_dataset(campaign: str) -> str:
+    """The dataset name under which ``campaign``'s DFT results join the training data."""
+    return f"{CAMPAIGN_DATASET_PREFIX}{campaign}"
 
 
 def ensure_indexes(db: Database) -> None:

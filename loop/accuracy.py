@@ -110,7 +110,13 @@ def campaign_accuracy(
     out["predicted_in_window"] = int(in_window.sum())
     out["in_window_precision"] = float(hits[in_window].mean()) if in_window.any() else None
     if plot:
-        _parity(mean, std, docs, targets, properties, plot)
+        from crystaloop.generative.evaluate import parity_plot
+
+        columns = [properties.index(t.property) for t in targets]
+        dft = np.array(
+            [[_value((d.get("dft") or {}).get(t.property)) for t in targets] for d in docs]
+        ).reshape(len(docs), len(targets))
+        parity_plot(mean[:, columns], dft, np.isfinite(dft), [t.property for t in targets], plot)
         out["plot"] = plot
     return out
 
@@ -121,35 +127,3 @@ def _value(value) -> float:
 
 def _stat(values: np.ndarray) -> float | None:
     return float(np.mean(values)) if values.size else None
-
-
-def _parity(mean, std, docs, targets, properties, path: str) -> None:
-    """Predicted (with the ensemble's std) against DFT, the target window shaded, one panel per target."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from crystaloop.properties import property_spec
-
-    fig, axes = plt.subplots(1, len(targets), figsize=(4.5 * len(targets), 4.5), squeeze=False)
-    for ax, target in zip(axes[0], targets, strict=True):
-        k = properties.index(target.property)
-        dft = np.array([_value((d.get("dft") or {}).get(target.property)) for d in docs])
-        ok = np.isfinite(dft)
-        ax.errorbar(dft[ok], mean[ok, k], yerr=std[ok, k], fmt="o", ms=3, alpha=0.6, lw=0.8)
-        lo, hi = (
-            float(np.nanmin([dft[ok].min(), mean[ok, k].min()])),
-            float(np.nanmax([dft[ok].max(), mean[ok, k].max()])),
-        )
-        ax.plot([lo, hi], [lo, hi], "k--", lw=1)
-        window_lo = lo if target.min is None else target.min
-        window_hi = hi if target.max is None else target.max
-        ax.axvspan(window_lo, window_hi, color="tab:green", alpha=0.1)
-        ax.axhspan(window_lo, window_hi, color="tab:green", alpha=0.1)
-        label = property_spec(target.property).label
-        ax.set_xlabel(f"DFT {label}")
-        ax.set_ylabel(f"predicted {label}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

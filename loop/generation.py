@@ -248,10 +248,6 @@ def _shipped_prior() -> dict[str, list[tuple[Structure, dict]]]:
     return by_formula
 
 
-#: Sources of the training documents that campaigns add (``conditioning_update``).
-CAMPAIGN_SOURCES = ("dft", "surrogate")
-
-
 def training_structures(
     database, reduced_formula: str, *, only_campaign: str | None = None
 ) -> list[tuple[Structure, dict]]:
@@ -261,21 +257,21 @@ def training_structures(
     shipped models were trained on. With ``only_campaign`` the DFT results other campaigns added
     are left out (that campaign's own are kept).
     """
-    from crystaloop.db.training import COLLECTION
+    from crystaloop.db.training import CAMPAIGN_DATASET_PREFIX, COLLECTION, campaign_dataset
 
     coll = database[COLLECTION]
     if coll.estimated_document_count() == 0:
         return list(_shipped_prior().get(reduced_formula, []))
     # One indexed equality query; the campaign filter is applied here, as an $or beside it
     # would make the embedded server scan the whole collection for every formula.
-    docs = coll.find(
-        {"reduced_formula": reduced_formula}, {"structure": 1, "labels": 1, "source": 1, "dataset": 1}
-    )
-    own = f"campaign:{only_campaign}"
+    docs = coll.find({"reduced_formula": reduced_formula}, {"structure": 1, "labels": 1, "dataset": 1})
+    own = campaign_dataset(only_campaign) if only_campaign is not None else None
     return [
         (Structure.from_dict(d["structure"]), d.get("labels") or {})
         for d in docs
-        if only_campaign is None or d.get("source") not in CAMPAIGN_SOURCES or d.get("dataset") == own
+        if own is None
+        or not str(d.get("dataset", "")).startswith(CAMPAIGN_DATASET_PREFIX)
+        or d["dataset"] == own
     ]
 
 

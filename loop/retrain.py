@@ -283,7 +283,7 @@ def _replay_records(database, n: int, *, seed: int) -> list[tuple[Structure, dic
 def conditioning_update(context: HookContext) -> HookResult:
     """Add DFT results to the training data and recompute the condition's decile boundaries."""
     from crystaloop.db.documents import StructureFields, TrainingStructureDoc
-    from crystaloop.db.training import upsert_documents
+    from crystaloop.db.training import campaign_dataset, upsert_documents
     from crystaloop.generative.models.checkpoint import load_model
     from crystaloop.generative.models.condition import DecileCondition
 
@@ -295,7 +295,7 @@ def conditioning_update(context: HookContext) -> HookResult:
             TrainingStructureDoc(
                 structure_id=f"{r.engine}:{context.campaign}:{r.candidate_id}",
                 source="dft" if r.engine == "espresso" else "surrogate",
-                dataset=f"campaign:{context.campaign}",
+                dataset=campaign_dataset(context.campaign),
                 labels={k: v for k, v in r.labels.items() if v is not None},
                 labeller=r.engine,
                 **StructureFields.fields_from(r.structure),

@@ -256,7 +256,9 @@ def candidates(
         0, "--from-round", min=0, help="Only candidates selected in this round (from 0) or later."
     ),
     fmt: str = _FORMAT,
-    plot: str = typer.Option(None, "--plot", help="Write a parity plot (PNG) with the windows shaded here."),
+    plot: str = typer.Option(
+        None, "--plot", help="Write a parity plot (PNG) of predicted against DFT values here."
+    ),
 ) -> None:
     """A CGCNN's errors on a campaign's DFT-relaxed candidates, from their decoded structures."""
     from rich.table import Table

@@ -29,7 +29,9 @@ from crystaloop.loop.config import parse_campaign_config
 PROP = "formation_energy_per_atom"
 
 
-def test_round_after_generation(settings, prior_subset, loop_config, make_shortlist, shortlist_items):
+def test_round_after_generation(
+    settings, prior_subset, loop_config, make_shortlist, shortlist_items, tmp_path
+):
     """One round from a stored shortlist: acquisition, surrogate DFT, harvest, retrain, report."""
     database = prior_subset
     name = "loop-steps"
@@ -108,7 +110,8 @@ def test_round_after_generation(settings, prior_subset, loop_config, make_shortl
     assert any(f.endswith("report.md") for f in report["files"])
 
     # The fine-tuned version scored on the decoded structures of the candidates it was trained on.
-    accuracy = campaign_accuracy(database, name, model=version)
+    accuracy = campaign_accuracy(database, name, model=version, plot=str(tmp_path / "parity.png"))
+    assert accuracy["plot"] == str(tmp_path / "parity.png") and (tmp_path / "parity.png").stat().st_size > 0
     row = accuracy["properties"][PROP]
     tuned, _ = load_model(resolve_checkpoint(version, "cgcnn", database))
     mean, _ = predict_structures(tuned, [Structure.from_dict(d.structure) for d in relaxed])
