@@ -262,7 +262,8 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
     """Hit-rate ratios at the target round (that round's and cumulative), MAE trend, targets met.
 
     Rounds are counted from 1 here (round 3 is the third round, index 2). A ratio against an
-    arm with no hits is infinite and counts as met only when the loop has hits.
+    arm with no hits is infinite and counts as met only when the loop has hits. A target
+    against an arm that did not run (``--arms``) is not measured: its ``_met`` is None.
     """
     k = TARGETS["round"] - 1
 
@@ -276,7 +277,8 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
         for other, goal in (("random", TARGETS["vs_random"]), ("no_model", TARGETS["vs_no_model"])):
             ratio = _ratio(loop, at(other, key, k))
             out[f"{scope}_ratio_vs_{other}"] = ratio
-            out[f"{scope}_target_vs_{other}_met"] = ratio is not None and ratio >= goal
+            ran = "loop" in result["arms"] and other in result["arms"]
+            out[f"{scope}_target_vs_{other}_met"] = (ratio is not None and ratio >= goal) if ran else None
         out[f"{scope}_hit_rates"] = {arm: at(arm, key, k) for arm in ("loop", "random", "no_model")}
     maes = [row["mae_screening"] for row in result["arms"].get("loop", {}).get("rows", [])]
     first, last = (maes[0], maes[-1]) if len(maes) >= 2 else (None, None)

@@ -87,6 +87,14 @@ def test_summary_reports_a_missed_target_and_no_ratio_without_hits():
     assert not s["mae_falls"]
 
 
+def test_summary_leaves_a_target_against_an_arm_not_run_unmeasured():
+    result = {"arms": {"loop": _rows([(1, 8), (2, 8), (3, 8)]), "no_model": _rows([(0, 30), (1, 30), (0, 30)])}}
+    s = summarise(result)
+    assert s["cumulative_ratio_vs_random"] is None and s["cumulative_target_vs_random_met"] is None
+    assert s["cumulative_ratio_vs_no_model"] == pytest.approx((6 / 24) / (1 / 90))
+    assert s["cumulative_target_vs_no_model_met"] is True
+
+
 def test_seeds_pool_by_relaxation_through_round_three():
     def result(loop, rand, none):
         return {"arms": {"loop": _rows(loop), "random": _rows(rand), "no_model": _rows(none)}}
