@@ -88,7 +88,8 @@ def test_summary_reports_a_missed_target_and_no_ratio_without_hits():
 
 
 def test_summary_leaves_a_target_against_an_arm_not_run_unmeasured():
-    result = {"arms": {"loop": _rows([(1, 8), (2, 8), (3, 8)]), "no_model": _rows([(0, 30), (1, 30), (0, 30)])}}
+    loop, no_model = _rows([(1, 8), (2, 8), (3, 8)]), _rows([(0, 30), (1, 30), (0, 30)])
+    result = {"arms": {"loop": loop, "no_model": no_model}}
     s = summarise(result)
     assert s["cumulative_ratio_vs_random"] is None and s["cumulative_target_vs_random_met"] is None
     assert s["cumulative_ratio_vs_no_model"] == pytest.approx((6 / 24) / (1 / 90))
