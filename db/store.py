@@ -338,6 +338,39 @@ class CandidateStore:
             raise refused
         return len(payload)
 
+    def repair_round(self, campaign: str, round: int) -> int:
+        """Rebuild one campaign round's summaries and counter from its candidates; the round's size.
+
+        :meth:`insert_many` writes candidates, then summaries, then counters: a process killed
+        in between leaves candidates that queries, which read summaries and counters, do not
+        see. This scans ``candidates`` (indexed by id only), so it is for resuming after a kill.
+        """
+        docs = list(self.collection.find({"campaign": campaign, "round": round}, {"_id": 0}))
+        have = {s["_id"] for s in self.summaries.find({"campaign": campaign, "round": round}, {"_id": 1})}
+        missing = [CandidateSummaryDoc.document_from(d) for d in docs if d["candidate_id"] not in have]
+        if missing:
+            self.summaries.insert_many(missing, ordered=False)
+        rows = list(self.summaries.find({"campaign": campaign, "round": round}, {"state": 1, "created_at": 1}))
+        if rows:
+            counts: dict[str, int] = {}
+            for row in rows:
+                counts[row["state"]] = counts.get(row["state"], 0) + 1
+            created = [row["created_at"] for row in rows]
+            key = counter_id(campaign, round)
+            self.counters.replace_one(
+                {"_id": key},
+                {
+                    "_id": key,
+                    "campaign": campaign,
+                    "round": round,
+                    "counts": counts,
+                    "first_created_at": min(created),
+                    "last_created_at": max(created),
+                },
+                upsert=True,
+            )
+        return len(docs)
+
     @staticmethod
     def _count_update(
         campaign: str,

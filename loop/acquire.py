@@ -238,17 +238,23 @@ def select_batch(
     max_per_chemsys: int | None = None,
     epsilon: float = 0.0,
     rng: np.random.Generator | None = None,
+    preselected: Sequence[CandidateDoc] = (),
 ) -> list[tuple[CandidateDoc, float]]:
     """Best-first batch of at most ``budget`` under the diversity caps.
 
     With probability ``epsilon`` each pick is a uniformly random remaining
     candidate instead of the best one (ε-greedy exploration). Ties keep the
-    candidates' order, so a fixed seed gives a fixed batch.
+    candidates' order, so a fixed seed gives a fixed batch. ``preselected``
+    (the round's picks so far, when a killed acquisition tops up) count
+    against the caps.
     """
     rng = rng or np.random.default_rng(0)
     order = list(np.argsort(-np.asarray(scores, dtype=float), kind="stable"))
     per_formula: dict[str, int] = {}
     per_chemsys: dict[str, int] = {}
+    for c in preselected:
+        per_formula[c.reduced_formula] = per_formula.get(c.reduced_formula, 0) + 1
+        per_chemsys[c.chemsys] = per_chemsys.get(c.chemsys, 0) + 1
     chosen: list[tuple[CandidateDoc, float]] = []
 
     def allowed(c: CandidateDoc) -> bool:

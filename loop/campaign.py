@@ -6,7 +6,8 @@ candidate move is one conditional update in ``candidates``. A campaign killed at
 any moment therefore resumes from its last completed step:
 
 - ``generate`` stores its survivors in one insert tagged with the round's
-  generation id; a re-run finds them and does not generate again;
+  generation id; a re-run finds them (rebuilding their summaries and counts
+  when the kill fell inside the insert) and does not generate again;
 - ``acquire`` counts what this round already selected and tops up only;
 - ``submit`` moves each candidate to ``submitted`` *before* its flow goes to the
   backend, and finds flows a killed run already queued, so nothing is submitted
@@ -14,8 +15,11 @@ any moment therefore resumes from its last completed step:
 - ``harvest`` collects every ``submitted`` candidate of the round, running the
   flows of the ``local`` backend itself (a flow killed with the process runs
   again as a retry of the same submission);
-- ``retrain`` fine-tunes from the models the round started with, so a re-run
-  gives the same versions.
+- ``retrain`` fine-tunes from the models the round started with: the campaign
+  takes the new versions only once the step is recorded done, so a re-run
+  gives the same versions;
+- ``harvest`` also collects jobs of earlier rounds that were still running
+  when their round's harvest timed out.
 
 One process acts on a campaign at a time: it holds a lease renewed by a
 heartbeat thread; a stale lease is taken over.
@@ -137,6 +141,7 @@ class Campaign:
         self.token: str | None = None
         self._heartbeat: _Heartbeat | None = None
         self.models: dict[str, str] = {}
+        self._retrying = False  # the running step had an interrupted earlier attempt
 
     def _connect(self, database) -> None:
         self.database = database
@@ -285,7 +290,7 @@ class Campaign:
 
     def _rounds(self, max_rounds: int) -> CampaignResult:
         outcomes: list[RoundOutcome] = []
-        self.models = self._resolve_models()
+        self._adopt_retrained_models()
         number = self._first_open_round()
         while True:
             done, reason = self._should_stop(number, max_rounds)
@@ -319,6 +324,8 @@ class Campaign:
         )
         if step in record.steps and record.steps[step].status == "done":
             return
+        # An earlier attempt of this step was interrupted (killed or failed).
+        self._retrying = step in record.steps
         self._check_lease()
         self.log(f"round {number}: {step}")
         started = StepRecord(name=step, model_versions=self._versions())
@@ -356,6 +363,8 @@ class Campaign:
             }
         )
         self._guard(lambda: self.campaigns.record_step(self.name, number, finished, metrics=metrics))
+        if step == "retrain":
+            self._guard(self._adopt_retrained_models)
 
     # -- steps -------------------------------------------------------------------------------
 
@@ -365,6 +374,9 @@ class Campaign:
         generation_id = f"{self.name}-r{number}"
         # Only this step stores candidates of the round, all in one insert: any count means done.
         stored = sum(self.candidates.count_by_state(self.name, round=number).values())
+        if not stored and self._retrying:
+            # Killed inside that insert: candidates stored, their summaries or counter not yet.
+            stored = self.candidates.repair_round(self.name, number)
         if stored:
             self.log(f"  {stored} candidates of {generation_id} already stored; not generating again")
             return {"generation_id": generation_id, "n_shortlisted": stored, "resumed": True}, {}
@@ -389,9 +401,13 @@ class Campaign:
 
     def _step_acquire(self, number: int) -> tuple[dict, dict]:
         acq = self.config.acquisition
-        already = self.candidates.collection.count_documents(
-            {"campaign": self.name, "selected_round": number}
-        )
+        picked = [
+            CandidateDoc.model_validate(d)
+            for d in self.candidates.collection.find(
+                {"campaign": self.name, "selected_round": number}, {"_id": 0}
+            )
+        ]
+        already = len(picked)
         budget = self.config.budget.dft_per_round
         if self.config.stop.max_dft is not None:
             budget = min(budget, self.config.stop.max_dft - self._dft_total() + already)
@@ -415,6 +431,7 @@ class Campaign:
             max_per_chemsys=acq.max_per_chemsys,
             epsilon=acq.epsilon,
             rng=rng,
+            preselected=picked,
         )
         for i, (candidate, score) in enumerate(batch):
             self.candidates.transition(
@@ -493,12 +510,13 @@ class Campaign:
         relaxed = failed = 0
         total = self.candidates.collection.count_documents({"campaign": self.name, "selected_round": number})
         while True:
+            # Earlier rounds' jobs still running when their harvest timed out are collected here.
             pending = [
                 CandidateDoc.model_validate(d)
                 for d in self.candidates.collection.find(
                     {
                         "campaign": self.name,
-                        "selected_round": number,
+                        "selected_round": {"$lte": number},
                         "state": CandidateState.SUBMITTED.value,
                     },
                     {"_id": 0},
@@ -523,7 +541,11 @@ class Campaign:
                 if outcome is not None:
                     fault_point("harvest", "mid")
             still = self.candidates.collection.count_documents(
-                {"campaign": self.name, "selected_round": number, "state": CandidateState.SUBMITTED.value}
+                {
+                    "campaign": self.name,
+                    "selected_round": {"$lte": number},
+                    "state": CandidateState.SUBMITTED.value,
+                }
             )
             if still == 0:
                 break
@@ -552,7 +574,9 @@ class Campaign:
     def _step_retrain(self, number: int) -> tuple[dict, dict]:
         settings = self.config.retrain
         results = self._dft_results()
-        new = [r for r in results if r.round == number]
+        # New: relaxed since the last retrain that ran (skipped rounds' results wait for the next one).
+        last = self._last_retrained_round(number)
+        new = [r for r in results if r.round > last]
         if (number + 1) % settings.every != 0 or len(new) < settings.min_new_results:
             reason = (
                 f"{len(new)} new DFT result(s); retraining needs {settings.min_new_results}"
@@ -592,9 +616,10 @@ class Campaign:
                 "mae_after": cg.metrics["mae_after"].get(target),
                 "mae_screening": cg.metrics["mae_screening"].get(target),
             }
-        self.campaigns.update(self.name, self.token, model_versions=versions)
-        self.models = self._resolve_models()
+        # The campaign adopts ``versions`` once this step is recorded done (_adopt_retrained_models):
+        # a kill before that reruns the hooks from the models the round started with.
         return {
+            "model_versions": versions,
             "hooks": [
                 {
                     "name": o.name,
@@ -885,6 +910,30 @@ class Campaign:
         return sum(counts.get(s, 0) for s in ("submitted", "relaxed", "failed"))
 
     # -- bookkeeping -------------------------------------------------------------------------
+
+    def _last_retrained_round(self, number: int) -> int:
+        """The last round before ``number`` whose retrain step ran its hooks, or -1."""
+        last = -1
+        for r in self.campaigns.all_rounds(self.name):
+            step = r.steps.get("retrain")
+            if r.round < number and step is not None and step.status == "done" and "hooks" in step.outputs:
+                last = r.round
+        return last
+
+    def _adopt_retrained_models(self) -> None:
+        """Point the campaign at the models of its last finished retrain step, then resolve them.
+
+        The retrain step is recorded done before the campaign's versions change, so a kill in
+        between never makes a rerun fine-tune an already fine-tuned model; this catches up.
+        """
+        latest: dict[str, str] | None = None
+        for r in self.campaigns.all_rounds(self.name):
+            step = r.steps.get("retrain")
+            if step is not None and step.status == "done" and step.outputs.get("model_versions"):
+                latest = dict(step.outputs["model_versions"])
+        if latest and latest != dict(self.campaigns.get(self.name).model_versions):
+            self.campaigns.update(self.name, self.token, model_versions=latest)
+        self.models = self._resolve_models()
 
     def _resolve_models(self) -> dict[str, str]:
         from crystaloop.generative.models.shipped import resolve_models

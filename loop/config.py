@@ -147,7 +147,7 @@ class Sampling(_Strict):
         0.7, gt=0, description="Standard deviation of the latent perturbation around hits."
     )
     store_latent: bool = Field(False, description="Keep each candidate's latent vector in its provenance.")
-    seed: int = 0
+    seed: int = Field(0, ge=0)
 
     @field_validator("base_formulas")
     @classmethod
@@ -358,7 +358,7 @@ class CampaignConfig(_Strict):
     execution: Execution = Field(default_factory=Execution)
     retrain: Retraining = Field(default_factory=Retraining)
     models: Models = Field(default_factory=Models)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _unique_targets(self) -> CampaignConfig:
@@ -452,7 +452,9 @@ def load_campaign_config(path: str | Path) -> CampaignConfig:
     if not path.is_file():
         raise ConfigError(f"campaign file {path} does not exist; pass a YAML file such as configs/demo.yaml")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, OSError) as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc}); save it as a UTF-8 text file") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

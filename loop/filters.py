@@ -127,9 +127,13 @@ def probability_in_window(mean: float, std: float, window: TargetWindow) -> floa
 
 
 def relative_window(prop: str, center: float, fraction: float) -> TargetWindow:
-    """The window ``center ± fraction·|center|`` on ``prop`` (paper: E_f within 20 % of the base)."""
+    """The window ``center ± fraction·|center|`` on ``prop`` (paper: E_f within 20 % of the base).
+
+    Built without a user window's checks: a base at 0 gives an empty window, and a wide one
+    may reach past the property's plausible range; neither is the user's input to reject.
+    """
     half = abs(center) * fraction
-    return TargetWindow(property=prop, min=center - half, max=center + half)
+    return TargetWindow.model_construct(property=prop, min=center - half, max=center + half)
 
 
 # -- stages ------------------------------------------------------------------------------------

@@ -281,7 +281,11 @@ def _replay_records(database, n: int, *, seed: int) -> list[tuple[Structure, dic
 
 @register_hook("conditioning_update")
 def conditioning_update(context: HookContext) -> HookResult:
-    """Add DFT results to the training data and recompute the condition's decile boundaries."""
+    """Add the campaign's DFT results to the training data and recompute the condition's decile boundaries.
+
+    All results, not only the new ones: a round whose retrain was skipped is added by the next
+    one (documents are replaced by id, so adding one twice changes nothing).
+    """
     from crystaloop.db.documents import StructureFields, TrainingStructureDoc
     from crystaloop.db.training import campaign_dataset, upsert_documents
     from crystaloop.generative.models.checkpoint import load_model
@@ -290,7 +294,7 @@ def conditioning_update(context: HookContext) -> HookResult:
     vae, _ = load_model(context.models["vae"])
     condition = vae.condition
     docs = []
-    for r in context.new_results:
+    for r in context.results:
         docs.append(
             TrainingStructureDoc(
                 structure_id=f"{r.engine}:{context.campaign}:{r.candidate_id}",

@@ -63,6 +63,8 @@ def _minimal(**extra):
         (_minimal(execution={"backend": "slurm"}), "execution.backend", "jobflow-remote"),
         (_minimal(material_classes=["zeolite"]), "material_classes[0]", "perovskite"),
         (_minimal(name="has space"), "name", "no spaces"),
+        (_minimal(seed=-1), "seed", "greater than or equal to 0"),
+        (_minimal(sampling={"seed": -3}), "sampling.seed", "greater than or equal to 0"),
     ],
 )
 def test_invalid_config_lines(data, field, needle):
@@ -110,6 +112,13 @@ def test_unreadable_yaml(tmp_path, content, needle):
     path = tmp_path / "c.yaml"
     path.write_text(content)
     with pytest.raises(ConfigError, match=needle):
+        load_campaign_config(path)
+
+
+def test_a_file_that_is_not_utf8_is_one_clear_error(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="save it as a UTF-8 text file"):
         load_campaign_config(path)
 
 

@@ -76,6 +76,23 @@ def test_bulk_insert_keeps_summaries_and_counts_equal_to_full_documents(database
     assert new and new == [d.candidate_id for _, d in store.query_full_documents(**query)]
 
 
+def test_a_round_killed_inside_its_insert_is_repaired_from_the_candidates(database):
+    """Candidates written, then the process killed before their summaries and counter."""
+    from crystaloop.db.store import _stored
+
+    store = CandidateStore(database)
+    docs = [d for d in synthetic_candidates(60, "k", seed=3) if d.round == 0]
+    assert len(docs) > 10
+    store.insert_many(docs[:5])  # an earlier, complete insert of the same round
+    database["candidates"].insert_many([_stored(d) for d in docs[5:]])
+    assert sum(store.count_by_state("k", round=0).values()) == 5
+    assert store.repair_round("k", 0) == len(docs)
+    assert sum(store.count_by_state("k", round=0).values()) == len(docs)
+    assert_derived_data_matches(database, store)
+    assert store.repair_round("k", 0) == len(docs)  # idempotent
+    assert_derived_data_matches(database, store)
+
+
 def test_duplicate_ids_are_refused_in_one_batch_and_across_batches(database):
     store = CandidateStore(database)
     docs = synthetic_candidates(30, "dup")

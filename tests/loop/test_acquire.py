@@ -65,3 +65,21 @@ def test_scaled_std_weighs_the_ensembles_confidence_against_centring():
 def test_calibration_is_off_by_default_and_needs_four_results():
     acq = Acquisition()
     assert acq.calibrate is False and acq.calibrate_min == 4  # it lost its benchmark ablation
+
+
+def test_batch_caps_count_the_picks_a_killed_acquisition_already_made():
+    from crystaloop.loop.acquire import select_batch
+
+    pool = [
+        SimpleNamespace(candidate_id=i, reduced_formula=f, chemsys=s)
+        for i, (f, s) in enumerate([("NaCl", "Cl-Na"), ("NaCl", "Cl-Na"), ("KBr", "Br-K"), ("NaCl2", "Cl-Na")])
+    ]
+    scores = np.array([0.9, 0.8, 0.7, 0.6])
+    caps = {"max_per_formula": 1, "max_per_chemsys": 2}
+    fresh = select_batch(pool, scores, budget=2, **caps)
+    assert [c.candidate_id for c, _ in fresh] == [0, 2]
+    # The rerun tops up with the first pick already made: the second NaCl stays out.
+    topped = select_batch(pool[1:], scores[1:], budget=1, preselected=[pool[0]], **caps)
+    assert [c.candidate_id for c, _ in topped] == [2]
+    chemsys_full = select_batch(pool[3:], scores[3:], budget=1, preselected=pool[:2], **caps)
+    assert chemsys_full == []

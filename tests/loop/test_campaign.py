@@ -128,6 +128,80 @@ def test_round_after_generation(
         campaign_accuracy(database, name, from_round=1)
 
 
+def test_harvest_collects_jobs_an_earlier_round_left_running(
+    settings, prior_subset, loop_config, make_shortlist, shortlist_items
+):
+    """A job still running when its round's harvest timed out is collected by the next harvest."""
+    database = prior_subset
+    name = "straggler"
+    config = parse_campaign_config(
+        loop_config(name, retrain={"cgcnn": False, "generator_conditioning": False})
+    )
+    make_shortlist(database, name, items=shortlist_items[:2])
+    campaign = Campaign(config, database=database)
+    assert campaign.run().status == "finished"
+    (cid,) = make_shortlist(database, name, items=[shortlist_items[3]])
+    store = CandidateStore(database)
+    store.transition(cid, CandidateState.SELECTED, update={"selected_round": 0})
+    store.transition(cid, CandidateState.SUBMITTED, update={"dft_job": {"backend": "local", "attempts": 0}})
+    outputs, metrics = campaign._step_harvest(1)
+    assert outputs["harvested_now"] == 1 and metrics["relaxed"] == 0  # counted in its own round
+    assert store.get(cid).state in (CandidateState.RELAXED.value, CandidateState.FAILED.value)
+
+
+def test_a_skipped_retrain_leaves_its_results_to_the_next_one(
+    settings, prior_subset, loop_config, make_shortlist, shortlist_items
+):
+    """With ``retrain.every: 2`` round 0 is not trained on alone; round 1 trains on both rounds."""
+    from pymatgen.core import Lattice
+
+    from crystaloop.db.training import campaign_dataset
+
+    database = prior_subset
+    name = "every-two"
+    nga = Structure(Lattice.cubic(2.85), ["Ni", "Ga"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    make_shortlist(database, name, items=shortlist_items)
+    make_shortlist(database, name, round=1, items=[(nga, -0.4, 0.05)])
+    config = loop_config(name, max_rounds=2, retrain={"every": 2, "epochs": 1, "replay": 8})
+    assert Campaign(parse_campaign_config(config), database=database).run().status == "finished"
+    store = CampaignStore(database)
+    assert "skipped" in store.round(name, 0).steps["retrain"].outputs
+    hooks = {h["name"]: h for h in store.round(name, 1).steps["retrain"].outputs["hooks"]}
+    relaxed = database["candidates"].count_documents({"campaign": name, "state": "relaxed"})
+    by_round = {
+        r: database["candidates"].count_documents({"campaign": name, "state": "relaxed", "selected_round": r})
+        for r in (0, 1)
+    }
+    assert by_round[0] > 0 and by_round[1] > 0
+    assert hooks["cgcnn_finetune"]["metrics"]["n_new_dft"] == relaxed
+    assert hooks["conditioning_update"]["metrics"]["added"] == relaxed
+    assert database["training_structures"].count_documents({"dataset": campaign_dataset(name)}) == relaxed
+
+
+def test_generate_killed_inside_its_insert_resumes_with_the_stored_candidates(
+    settings, prior_subset, loop_config, make_shortlist, shortlist_items
+):
+    """Candidates stored but not their summaries or counter: the rerun repairs them, generates nothing."""
+    from crystaloop.db.documents import StepRecord
+    from crystaloop.db.summaries import COUNTER_COLLECTION, SUMMARY_COLLECTION
+
+    database = prior_subset
+    name = "killed-insert"
+    ids = make_shortlist(database, name, items=shortlist_items[:3])
+    database[SUMMARY_COLLECTION].delete_many({"campaign": name})
+    database[COUNTER_COLLECTION].delete_many({"campaign": name})
+    store = CampaignStore(database)
+    store.start_round(name, 0)
+    store.record_step(name, 0, StepRecord(name="generate"))  # the attempt that was killed
+    config = loop_config(name, retrain={"cgcnn": False, "generator_conditioning": False})
+    assert Campaign(parse_campaign_config(config), database=database).run().status == "finished"
+    record = store.round(name, 0)
+    assert record.steps["generate"].outputs["resumed"] is True
+    assert record.steps["generate"].outputs["n_shortlisted"] == 3
+    assert set(record.steps["acquire"].outputs["candidate_ids"]) <= set(ids)
+    assert record.steps["acquire"].outputs["selected"] == 2
+
+
 def test_dft_cache_answers_an_equivalent_structure(
     settings, prior_subset, loop_config, make_shortlist, shortlist_items
 ):
@@ -206,7 +280,12 @@ KILL_POINTS = ["acquire:mid", "submit:end", "harvest:start", "retrain:start", "r
 
 @pytest.mark.parametrize(
     "kill_at",
-    ["submit:mid", "harvest:mid", KILL_POINTS[np.random.default_rng(20261127).integers(len(KILL_POINTS))]],
+    [
+        "submit:mid",
+        "harvest:mid",
+        "retrain:end",
+        KILL_POINTS[np.random.default_rng(20261127).integers(len(KILL_POINTS))],
+    ],
 )
 def test_sigkill_and_resume(
     settings, prior_subset, tmp_path, kill_at, loop_config, make_shortlist, shortlist_items
@@ -260,6 +339,12 @@ def test_sigkill_and_resume(
         # A flow runs again only when the kill interrupted it (harvest:mid kills after a finished one).
         assert relaxations == 1
     assert store.get(name).lease is None
+    # Killed after the fine-tune but before its step was recorded done, the rerun fine-tunes again
+    # from the model the round started with, not from its own output.
+    version = f"{name}-cgcnn-r0"
+    finetuned = database["models"].find_one({"kind": "cgcnn-ensemble", "version": version})
+    assert finetuned is not None and version not in finetuned["config"]["finetuned_from"]
+    assert store.get(name).model_versions["cgcnn"] == version
 
 
 def test_campaign_rides_out_a_killed_embedded_server(

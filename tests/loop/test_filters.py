@@ -173,6 +173,11 @@ def test_window_per_candidate_relative_to_base():
     stage = WindowStage(FixedPredictor([[-2.2, 0], [-2.2, 0]], [[0, 0], [0, 0]]), [target], tolerance=0.0)
     assert verdicts(stage, [near, far]) == [True, False]
     assert widen(relative_window(EF, -2.0, 0.2), 0.0) == pytest.approx((-2.4, -1.6))
+    # A base at 0 eV/atom, or a wide fraction, gives a window no user could enter; it is still built.
+    assert widen(relative_window(EF, 0.0, 0.2), 0.0) == (0.0, 0.0)
+    assert widen(relative_window(EF, -3.0, 3.0), 0.0) == pytest.approx((-12.0, 6.0))
+    empty = cand(rocksalt(), windows={EF: relative_window(EF, 0.0, 0.2)})
+    assert verdicts(stage, [empty]) == [False]
 
 
 def test_unique_keeps_the_best_scored_of_equivalent_structures():
