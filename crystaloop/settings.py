@@ -42,7 +42,8 @@ class _YamlSource(PydanticBaseSettingsSource):
     def __init__(self, settings_cls: type[BaseSettings]) -> None:
         super().__init__(settings_cls)
         path = os.environ.get("CRYSTALOOP_SETTINGS_FILE")
-        candidate = Path(path) if path else default_data_dir() / "settings.yaml"
+        data_dir = Path(os.environ.get("CRYSTALOOP_DATA_DIR") or default_data_dir()).expanduser()
+        candidate = Path(path) if path else data_dir / "settings.yaml"
         self._data: dict[str, Any] = {}
         if candidate.is_file():
             try:
@@ -143,5 +144,21 @@ class CrystaloopSettings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def get_settings() -> CrystaloopSettings:
-    """The process-wide settings (cached; call ``get_settings.cache_clear()`` after env changes)."""
-    return CrystaloopSettings()
+    """The process-wide settings (cached; call ``get_settings.cache_clear()`` after env changes).
+
+    Raises
+    ------
+    ConfigError
+        A setting (from the environment or the settings file) has a value it cannot take.
+    """
+    from pydantic import ValidationError
+
+    try:
+        return CrystaloopSettings()
+    except ValidationError as exc:
+        lines = [
+            f"setting {'.'.join(str(p) for p in err['loc'])}: {err['msg']} (got {err.get('input')!r}); "
+            f"fix CRYSTALOOP_{str(err['loc'][0]).upper()} or the settings file"
+            for err in exc.errors()
+        ]
+        raise ConfigError(lines[0] if len(lines) == 1 else "; ".join(lines)) from None

@@ -59,6 +59,22 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
+def _serves(record: ServerRecord) -> bool:
+    """True when ``record.pid`` is alive and is the server the record describes.
+
+    A server that died (OOM, reboot) leaves its record behind, and the system may give its
+    pid to another process: that one must never be signalled or waited for. Where the
+    command line cannot be read (no ``/proc``), whatever answers at the port is taken as it.
+    """
+    if not _pid_alive(record.pid):
+        return False
+    try:
+        words = Path(f"/proc/{record.pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return ping(record.uri)
+    return record.storage_path in words and str(record.port) in words
+
+
 def ping(uri: str, timeout_ms: int = 500) -> bool:
     """True if a MongoDB-wire server answers ``ping`` at ``uri``."""
     client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=timeout_ms, connectTimeoutMS=timeout_ms)
@@ -111,21 +127,39 @@ class EmbeddedServer:
             return None
 
     def running(self) -> ServerRecord | None:
-        """The recorded server if it is alive and answers ``ping``; cleans a stale record."""
+        """The recorded server if it is alive and answers ``ping``; cleans a stale record.
+
+        Raises
+        ------
+        UserError
+            The recorded server is alive but does not answer, even with a longer wait.
+        """
         record = self.read_record()
         if record is None:
             return None
-        if _pid_alive(record.pid) and ping(record.uri):
+        if not _serves(record):
+            self.record_path.unlink(missing_ok=True)
+            return None
+        if ping(record.uri) or ping(record.uri, timeout_ms=5000):
             return record
-        self.record_path.unlink(missing_ok=True)
-        return None
+        # Alive but silent (stopped, swapped out): its record stays, so `db stop` can still find it.
+        raise UserError(
+            f"the embedded database (pid {record.pid}) is running but does not answer at {record.uri}; "
+            "stop it with `crystaloop db stop` and retry"
+        )
 
     def start(self, timeout: float = 60.0) -> ServerRecord:
         """Reuse a live server or start a new one and wait for ``ping``."""
         live = self.running()
         if live is not None:
             return live
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(
+                f"cannot create the database folder {self.root} ({exc.strerror}); "
+                "point CRYSTALOOP_DATA_DIR at a writable folder"
+            ) from None
         port = find_free_port(self.host)
         cmd = [
             _executable(),
@@ -173,7 +207,7 @@ class EmbeddedServer:
         """Stop the recorded server. Returns True if one was running."""
         record = self.read_record()
         self.record_path.unlink(missing_ok=True)
-        if record is None or not _pid_alive(record.pid):
+        if record is None or not _serves(record):
             return False
         os.kill(record.pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout

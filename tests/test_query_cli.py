@@ -55,11 +55,26 @@ def test_table(filled):
     assert "SrTiO3" in result.stdout and "MgO" not in result.stdout
 
 
+def test_a_wide_table_is_not_cut_in_a_pipe(database):
+    from pymatgen.core import Lattice, Structure
+
+    campaign = "a_campaign_name_long_enough_to_widen_the_identifier_column_well_past_the_usual_width"
+    structure = Structure(Lattice.cubic(3.0), ["Cu", "Pd"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    values = {p: {"mean": 1.0, "std": 0.1} for p in ("band_gap", "bulk_modulus", "shear_modulus")}
+    cid, _ = CandidateStore(database).add(structure, campaign=campaign, round=0, predicted=values)
+    windows = [a for p in values for a in ("--window", f"{p}:0:")]
+    result = run("--campaign", campaign, *windows)
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.stdout and cid in result.stdout
+
+
 def test_cif_export_round_trip(filled, tmp_path):
     _, originals = filled
     out = tmp_path / "cifs"
     result = run("--campaign", "demo", "--export-cif", str(out), "--format", "json")
     assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)) == 2  # the "wrote ... CIF" note goes to stderr
+    assert "wrote 2 CIF file(s)" in result.stderr
     files = sorted(out.glob("*.cif"))
     assert len(files) == 2
     matcher = StructureMatcher()
@@ -82,6 +97,8 @@ def test_cif_export_round_trip(filled, tmp_path):
         (["--status", "done"], "not a state"),
         (["--sort", "colour"], "cannot sort"),
         (["--formula", "123"], "not a chemical formula"),
+        (["--window", "band_gap:nan:"], "finite numbers"),
+        (["--window", "band_gap:[/]:1"], "'band_gap:[/]:1': bounds must be numbers"),
     ],
 )
 def test_malformed_filters_exit_2(settings, args, needle):

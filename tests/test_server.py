@@ -42,6 +42,49 @@ def test_stale_record_is_removed(server):
     assert record.pid != 2**22 + 12345 and ping(record.uri)
 
 
+def test_a_recycled_pid_is_never_signalled(server):
+    """A dead server's record whose pid now belongs to another process: stop leaves that one alone."""
+    import subprocess
+
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        server.root.mkdir(parents=True)
+        server.record_path.write_text(
+            json.dumps(
+                {"host": "127.0.0.1", "port": 9, "pid": other.pid, "storage_path": str(server.storage_path)}
+            )
+        )
+        assert server.running() is None and not server.record_path.exists()
+        server.record_path.write_text(
+            json.dumps(
+                {"host": "127.0.0.1", "port": 9, "pid": other.pid, "storage_path": str(server.storage_path)}
+            )
+        )
+        assert server.stop() is False
+        assert other.poll() is None  # still running
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_live_server_that_does_not_answer_keeps_its_record(server):
+    import os
+    import signal
+
+    from crystaloop.errors import UserError
+
+    record = server.start()
+    os.kill(record.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(UserError, match="running but does not answer"):
+            server.running()
+        assert server.record_path.exists()
+    finally:
+        os.kill(record.pid, signal.SIGCONT)
+    assert server.running() == record
+    assert server.stop()
+
+
 def test_data_survives_restart(server):
     import pymongo
 

@@ -32,6 +32,27 @@ def test_yaml_file_is_read_and_env_wins(monkeypatch, tmp_path):
     assert s.pw_command == "pw.x -nk 2"
 
 
+def test_the_data_dirs_settings_file_is_read(monkeypatch, tmp_path):
+    (tmp_path / "settings.yaml").write_text("database: from_data_dir\n")
+    monkeypatch.delenv("CRYSTALOOP_SETTINGS_FILE", raising=False)
+    monkeypatch.delenv("CRYSTALOOP_DATABASE", raising=False)
+    monkeypatch.setenv("CRYSTALOOP_DATA_DIR", str(tmp_path))
+    assert CrystaloopSettings().database == "from_data_dir"
+
+
+def test_a_bad_setting_is_one_config_error_naming_it(monkeypatch, tmp_path):
+    from crystaloop.settings import get_settings
+
+    monkeypatch.setenv("CRYSTALOOP_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("CRYSTALOOP_DEVICE", "gpu")
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match="setting device: .*'gpu'.*CRYSTALOOP_DEVICE"):
+            get_settings()
+    finally:
+        get_settings.cache_clear()
+
+
 def test_missing_settings_file_is_a_config_error(monkeypatch, tmp_path):
     monkeypatch.setenv("CRYSTALOOP_SETTINGS_FILE", str(tmp_path / "nope.yaml"))
     with pytest.raises(ConfigError, match="does not exist"):

@@ -2,17 +2,40 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from rich.console import Console
 
 from crystaloop.errors import UserError
 
 PIPE_WIDTH = 240
-"""Console width when the output is not a terminal, so tables in logs and pipes are never cut."""
+"""Console width when the output is not a terminal; a wider table widens it for its own print."""
+
+
+class _PipeConsole(Console):
+    """The console of logs and pipes: tables print at their natural width, so no cell is ever cut."""
+
+    def print(self, *objects, **kwargs) -> None:
+        from rich.measure import Measurement
+        from rich.table import Table
+
+        tables = [o for o in objects if isinstance(o, Table)]
+        if not tables:
+            return super().print(*objects, **kwargs)
+        options = self.options.update_width(1_000_000)
+        need = max(Measurement.get(self, options, t).maximum for t in tables)
+        saved = self.width
+        self.width = max(saved, need)
+        try:
+            return super().print(*objects, **kwargs)
+        finally:
+            self.width = saved
 
 
 def _console(**kwargs) -> Console:
     probe = Console(**kwargs)
-    return probe if probe.is_terminal else Console(width=PIPE_WIDTH, **kwargs)
+    return probe if probe.is_terminal else _PipeConsole(width=PIPE_WIDTH, **kwargs)
 
 
 console = _console()
@@ -34,10 +57,17 @@ def progress_bar():
 
 
 def report_user_error(exc: UserError) -> None:
-    """Print a user error as one line (plus one line per listed problem)."""
-    err_console.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
+    """Print a user error as one line (plus one line per listed problem).
+
+    The message echoes user input (paths, windows), so it is printed as is: no markup, no emoji codes.
+    """
+    from rich.markup import escape
+
+    err_console.print(
+        f"[bold red]error:[/] {escape(exc.message)}", highlight=False, soft_wrap=True, emoji=False
+    )
     for line in exc.lines:
-        err_console.print(f"  {line}", highlight=False, soft_wrap=True)
+        err_console.print(f"  {line}", highlight=False, soft_wrap=True, markup=False, emoji=False)
 
 
 def group(help_text: str):
@@ -45,3 +75,22 @@ def group(help_text: str):
     import typer
 
     return typer.Typer(help=help_text, no_args_is_help=True, pretty_exceptions_enable=False)
+
+
+def check_output(path: Path | None, option: str = "--output") -> None:
+    """Refuse an output file that could not be written, before any long work starts.
+
+    Raises
+    ------
+    UserError
+        ``path`` is a folder, or its folder is missing or not writable.
+    """
+    if path is None:
+        return
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a folder; pass a file name")
+    parent = path.parent
+    if not parent.is_dir():
+        raise UserError(f"{option} {path}: the folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{option} {path}: the folder {parent} is not writable; pick another path")

@@ -62,6 +62,9 @@ def bench_campaign(
     ),
 ) -> None:
     """Hit rate per round and cumulative hits: loop (uncertainty + retraining), random acquisition, no model."""
+    from crystaloop.cli._common import check_output
+
+    check_output(output)
     from crystaloop.cli._common import console
     from crystaloop.db import get_database
     from crystaloop.errors import UserError

@@ -21,6 +21,9 @@ def bench_dft(
     output: Path = typer.Option(None, "--output", help="Write the numbers as JSON here."),
 ) -> None:
     """Framework overhead per relaxation (s, % of pw.x) and time per relaxation by preset."""
+    from crystaloop.cli._common import check_output
+
+    check_output(output)
     from rich.table import Table
 
     from crystaloop.cli._common import console

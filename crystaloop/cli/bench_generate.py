@@ -34,6 +34,9 @@ def bench_generate(
     output_format: str = typer.Option("table", "--format", help="table or json."),
 ) -> None:
     """Candidates per second to validity and through the cascade, time per step; Table 2."""
+    from crystaloop.cli._common import check_output
+
+    check_output(output)
     import torch
 
     from crystaloop.cli._common import console

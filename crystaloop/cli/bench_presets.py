@@ -25,6 +25,9 @@ def bench_presets(
     fmt: str = typer.Option("table", "--format", help="table or json."),
 ) -> None:
     """Relax the binary test set per preset: E_f, lattice and pw.x time against experiment and standard."""
+    from crystaloop.cli._common import check_output
+
+    check_output(output)
     from rich.table import Table
 
     from crystaloop.cli._common import console

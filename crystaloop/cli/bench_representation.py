@@ -23,6 +23,9 @@ def bench_representation(
     output: Path = typer.Option(None, "--output", help="Write the numbers as JSON here."),
 ) -> None:
     """Round trip voxelize -> segment -> to_structure: accuracy table and median ms per step."""
+    from crystaloop.cli._common import check_output
+
+    check_output(output)
     from dataclasses import asdict
 
     from rich.progress import Progress

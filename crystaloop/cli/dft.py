@@ -89,6 +89,9 @@ def verify_family(
     fmt: str = typer.Option("table", "--format", help="table or json."),
 ) -> None:
     """Check the family against all-electron PBE (ACWF): bcc-fcc-type energy, EOS, ν, ε, V0, B0."""
+    from crystaloop.cli._common import check_output
+
+    check_output(output)
     import json
 
     from crystaloop.dft.pseudos import family_from_settings
@@ -345,12 +348,22 @@ def remote_config(
     work_dir: str = typer.Option("/scratch/crystaloop/jobs", "--work-dir"),
     pre_run: str = typer.Option("module load quantum-espresso", "--pre-run"),
     out: Path = typer.Option(Path("~/.jfremote"), "--out", help="Where jf looks for projects."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing project file."),
 ) -> None:
     """Write a jobflow-remote project YAML whose queue and JobStore are crystaloop's MongoDB."""
+    import re
+
     from crystaloop.dft.backends import remote_project_config, write_remote_project
 
     if scheduler not in ("slurm", "pbs", "shell"):
         raise UserError(f"unknown scheduler '{scheduler}'; choose slurm, pbs or shell")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name.startswith("."):
+        raise UserError(f"--name {name!r}: use letters, digits, '_', '-' or '.', e.g. crystaloop")
+    target = out.expanduser() / f"{name}.yaml"
+    if target.exists() and not force:
+        raise UserError(f"{target} exists; pass --force to replace it, or another --name")
+    if out.expanduser().exists() and not out.expanduser().is_dir():
+        raise UserError(f"--out {out} is a file; pass the folder jf reads projects from")
     config = remote_project_config(
         name, scheduler=scheduler, host=host, work_dir=work_dir, pre_run=pre_run
     )

@@ -68,6 +68,8 @@ def register(
     from crystaloop.errors import UserError
     from crystaloop.generative.models.checkpoint import load_model
 
+    if not version.strip() or version != version.strip():
+        raise UserError(f"--version {version!r}: give a name without surrounding spaces, e.g. gpu-vae-v1")
     try:
         model, extra = load_model(checkpoint)
     except FileNotFoundError as error:

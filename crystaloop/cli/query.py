@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import sys
 from enum import StrEnum
 from pathlib import Path
 
 import typer
 
-from crystaloop.cli._common import console
+from crystaloop.cli._common import console, err_console
 from crystaloop.errors import UserError
 
 
@@ -41,6 +42,10 @@ def parse_window(text: str):
         bounds = [float(b) if b.strip() else None for b in (lo, hi)]
     except ValueError:
         raise UserError(f"--window {text!r}: bounds must be numbers (or empty for an open bound)") from None
+    if any(b is not None and not math.isfinite(b) for b in bounds):
+        raise UserError(
+            f"--window {text!r}: bounds must be finite numbers; leave one empty for an open bound"
+        )
     if bounds == [None, None]:
         raise UserError(f"--window {text!r}: give at least one bound")
     try:
@@ -103,6 +108,8 @@ def query(
     for state in status or []:
         if state not in allowed_states:
             raise UserError(f"--status {state!r} is not a state; allowed: {', '.join(allowed_states)}")
+    if export_cif is not None and export_cif.exists() and not export_cif.is_dir():
+        raise UserError(f"--export-cif {export_cif} is a file; pass a folder (it is created if missing)")
     store = CandidateStore(get_database())
     try:
         store.sort_key(sort, dft=dft)
@@ -126,7 +133,12 @@ def query(
     rows = [_row(doc, dft, shown) for _, doc in hits]
 
     if export_cif:
-        export_cif.mkdir(parents=True, exist_ok=True)
+        try:
+            export_cif.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(
+                f"--export-cif {export_cif}: cannot create it ({exc.strerror}); pick another folder"
+            ) from None
         for structure, doc in hits:
             CifWriter(structure).write_file(export_cif / f"{doc.candidate_id}_{doc.reduced_formula}.cif")
 
@@ -139,7 +151,9 @@ def query(
     else:
         _print_table(rows, shown)
     if export_cif:
-        console.print(f"wrote {len(hits)} CIF file(s) to {export_cif}", highlight=False)
+        # JSON and CSV on stdout stay machine-readable: the note goes to stderr.
+        note = console if fmt is OutputFormat.table else err_console
+        note.print(f"wrote {len(hits)} CIF file(s) to {export_cif}", highlight=False)
 
 
 def _print_table(rows: list[dict], properties: list[str]) -> None:

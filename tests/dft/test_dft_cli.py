@@ -65,3 +65,11 @@ def test_remote_config_writes_a_project(fake_settings, tmp_path):
     assert result.exit_code == 0, result.output
     config = yaml.safe_load((tmp_path / "cl.yaml").read_text())
     assert config["workers"]["pbs_worker"]["scheduler_type"] == "pbs"
+    # A second run keeps the user's file unless told to replace it; a name must be a file name.
+    (tmp_path / "cl.yaml").write_text("# hand edits\n")
+    again = runner.invoke(app, ["dft", "remote-config", "--out", str(tmp_path), "--name", "cl"])
+    assert "--force" in str(again.exception) and (tmp_path / "cl.yaml").read_text() == "# hand edits\n"
+    forced = runner.invoke(app, ["dft", "remote-config", "--out", str(tmp_path), "--name", "cl", "--force"])
+    assert forced.exit_code == 0 and "workers" in yaml.safe_load((tmp_path / "cl.yaml").read_text())
+    nameless = runner.invoke(app, ["dft", "remote-config", "--out", str(tmp_path), "--name", "a/b"])
+    assert "--name" in str(nameless.exception)

@@ -70,6 +70,8 @@ def test_register_rejects_a_missing_checkpoint(settings, tmp_path):
     out = CliRunner().invoke(app, ["models", "register", str(tmp_path / "nope.pt"), "--version", "x"])
     assert isinstance(out.exception, UserError) and out.exception.exit_code == 2
     assert "does not exist" in str(out.exception)
+    nameless = CliRunner().invoke(app, ["models", "register", str(tmp_path / "nope.pt"), "--version", ""])
+    assert isinstance(nameless.exception, UserError) and "--version ''" in str(nameless.exception)
 
 
 def test_gpu_rotation_matches_the_cpu_augmentation():
