@@ -32,3 +32,25 @@ class ConfigError(UserError):
 
 class DatabaseUnavailable(UserError):
     """The MongoDB server cannot be reached."""
+
+
+def read_yaml(path, *, what: str):
+    """The YAML document in the file ``path``, a ``what`` (such as "campaign file").
+
+    Raises
+    ------
+    ConfigError
+        One line when the file cannot be read, is not UTF-8 text, or is not valid YAML (with its line).
+    """
+    from pathlib import Path
+
+    import yaml
+
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, OSError) as exc:
+        raise ConfigError(f"{what} {path} cannot be read ({exc}); save it as a UTF-8 text file") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{what} {path}: invalid YAML{where}; fix the syntax") from None

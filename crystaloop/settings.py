@@ -14,11 +14,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from crystaloop.errors import ConfigError
+from crystaloop.errors import ConfigError, read_yaml
 
 _CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^@/]*@)")
 
@@ -46,13 +45,7 @@ class _YamlSource(PydanticBaseSettingsSource):
         candidate = Path(path) if path else data_dir / "settings.yaml"
         self._data: dict[str, Any] = {}
         if candidate.is_file():
-            try:
-                loaded = yaml.safe_load(candidate.read_text()) or {}
-            except yaml.YAMLError as exc:
-                raise ConfigError(
-                    f"settings file {candidate} is not valid YAML ({exc.__class__.__name__}); "
-                    "fix the syntax or unset CRYSTALOOP_SETTINGS_FILE"
-                ) from None
+            loaded = read_yaml(candidate, what="settings file") or {}
             if not isinstance(loaded, dict):
                 raise ConfigError(f"settings file {candidate} must hold a mapping of key: value")
             self._data = loaded

@@ -65,6 +65,10 @@ def fault_point(step: str, point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+#: The round metrics that count things (the rest are rates and errors).
+ROUND_COUNTS = ("generated", "shortlisted", "selected", "submitted", "cache_hits", "relaxed", "failed", "hits")
+
+
 @dataclass
 class RoundOutcome:
     """Summary of one finished round (counts and rates are also on the round document)."""
@@ -636,9 +640,8 @@ class Campaign:
         rounds = self.campaigns.all_rounds(self.name)
         cumulative = len(self._hits())
         current = next(r for r in rounds if r.round == number)
-        counts = {
-            k: int(v) for k, v in current.metrics.items() if isinstance(v, int) and not isinstance(v, bool)
-        }
+        # Metrics are stored as floats; the counts among them go on the round as integers.
+        counts = {k: int(current.metrics[k]) for k in ROUND_COUNTS if current.metrics.get(k) is not None}
         self.campaigns.finish_round(self.name, number, counts)
         outputs: dict[str, Any] = {"cumulative_hits": cumulative}
         try:

@@ -11,11 +11,10 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pymatgen.core import Composition, Element
 
-from crystaloop.errors import ConfigError
+from crystaloop.errors import ConfigError, read_yaml
 from crystaloop.properties import PROPERTIES, PROPERTY_NAMES
 
 MaterialClass = Literal["binary", "perovskite", "heusler"]
@@ -451,12 +450,5 @@ def load_campaign_config(path: str | Path) -> CampaignConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"campaign file {path} does not exist; pass a YAML file such as configs/demo.yaml")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, OSError) as exc:
-        raise ConfigError(f"{path}: cannot be read ({exc}); save it as a UTF-8 text file") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}: invalid YAML{where}; fix the syntax") from None
+    data = read_yaml(path, what="campaign file")
     return parse_campaign_config(data, source=str(path))

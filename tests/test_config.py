@@ -122,6 +122,19 @@ def test_a_file_that_is_not_utf8_is_one_clear_error(tmp_path):
         load_campaign_config(path)
 
 
+def test_training_and_settings_files_that_are_not_utf8_are_one_clear_error(tmp_path, monkeypatch):
+    from crystaloop.generative.train.config import load_train_config
+    from crystaloop.settings import CrystaloopSettings
+
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("kind: unet\nname: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="training config .* save it as a UTF-8 text file"):
+        load_train_config(path, "unet")
+    monkeypatch.setenv("CRYSTALOOP_SETTINGS_FILE", str(path))
+    with pytest.raises(ConfigError, match="settings file .* save it as a UTF-8 text file"):
+        CrystaloopSettings()
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_campaign_config(tmp_path / "none.yaml")

@@ -98,6 +98,7 @@ def test_cif_export_round_trip(filled, tmp_path):
         (["--sort", "colour"], "cannot sort"),
         (["--formula", "123"], "not a chemical formula"),
         (["--window", "band_gap:nan:"], "finite numbers"),
+        (["--campaign", "no-such-campaign"], "no campaign named 'no-such-campaign'"),
         (["--window", "band_gap:[/]:1"], "'band_gap:[/]:1': bounds must be numbers"),
     ],
 )

@@ -42,8 +42,11 @@ console = _console()
 err_console = _console(stderr=True)
 
 
-def progress_bar():
-    """The project's rich progress bar (description, bar, n/total, elapsed), cleared when done."""
+def progress_bar(*, to_stderr: bool = False):
+    """The project's rich progress bar (description, bar, n/total, elapsed), cleared when done.
+
+    ``to_stderr`` keeps it, and what is logged through its console, off stdout (JSON output).
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(
@@ -51,7 +54,7 @@ def progress_bar():
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        console=console,
+        console=err_console if to_stderr else console,
         transient=True,
     )
 

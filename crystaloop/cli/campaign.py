@@ -75,8 +75,13 @@ def run(
     from crystaloop.loop.config import load_campaign_config
 
     _check_format(fmt)
+    import contextlib
+    import sys
+
     config = load_campaign_config(path)
-    with progress_bar() as bar:
+    # With JSON, stdout carries the summary alone: the log, the bar and what libraries print go to stderr.
+    quiet = contextlib.redirect_stdout(sys.stderr) if fmt == "json" else contextlib.nullcontext()
+    with quiet, progress_bar(to_stderr=fmt == "json") as bar:
         tasks: dict[str, int] = {}
 
         def progress(step: str, done: int, total: int) -> None:

@@ -14,11 +14,18 @@ app = group("The registry of trained models.")
 @app.command("list")
 def list_models(kind: str = typer.Option(None, "--kind", help="unet, vae, cgcnn or cgcnn-ensemble.")) -> None:
     """Show registered models, newest first."""
+    from typing import get_args
+
     from rich.table import Table
 
     from crystaloop.db import get_database
+    from crystaloop.db.documents import ModelDoc
     from crystaloop.db.registry import ModelRegistry
+    from crystaloop.errors import UserError
 
+    kinds = get_args(ModelDoc.model_fields["kind"].annotation)
+    if kind is not None and kind not in kinds:
+        raise UserError(f"--kind {kind!r} is not a model kind; use one of {', '.join(kinds)}")
     docs = ModelRegistry(get_database()).list(kind)
     if not docs:
         console.print("no models registered; train one or run `crystaloop models load-default`")

@@ -127,6 +127,12 @@ def query(
         sort=sort,
         limit=limit,
     )
+    if not hits and campaign and not _campaign_exists(store, campaign):
+        known = sorted(store.collection.database["campaigns"].distinct("name"))[:10]
+        raise UserError(
+            f"no campaign named {campaign!r} has candidates (campaigns: {', '.join(known) or 'none yet'}); "
+            "check the name"
+        )
     shown = [w.property for w in windows] or ["formation_energy_per_atom"]
     if sort and sort.lstrip("-+") in PROPERTY_NAMES and sort.lstrip("-+") not in shown:
         shown.append(sort.lstrip("-+"))
@@ -154,6 +160,15 @@ def query(
         # JSON and CSV on stdout stay machine-readable: the note goes to stderr.
         note = console if fmt is OutputFormat.table else err_console
         note.print(f"wrote {len(hits)} CIF file(s) to {export_cif}", highlight=False)
+
+
+def _campaign_exists(store, campaign: str) -> bool:
+    """A campaign document or any candidate (through the indexed summaries) carries the name."""
+    database = store.collection.database
+    return (
+        database["campaigns"].find_one({"name": campaign}, {"_id": 1}) is not None
+        or store.summaries.find_one({"campaign": campaign}, {"_id": 1}) is not None
+    )
 
 
 def _print_table(rows: list[dict], properties: list[str]) -> None:

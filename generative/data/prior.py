@@ -301,8 +301,18 @@ def read_prior(path: Path = SHIPPED_PATH) -> dict:
 
     if not path.exists():
         raise UserError(f"prior set {path} not found; build it with `crystaloop data build-prior`")
-    with gzip.open(path, "rb") as fh:
-        doc = json.loads(fh.read())
+    try:
+        with gzip.open(path, "rb") as fh:
+            doc = json.loads(fh.read())
+    except (OSError, EOFError, ValueError) as exc:  # not gzip, truncated, not JSON
+        raise UserError(
+            f"{path} is not a prior set (a gzipped JSON document) ({type(exc).__name__}); "
+            "pass a file written by `crystaloop data build-prior`"
+        ) from None
+    if not isinstance(doc, dict) or not {"records", "content_hash"} <= doc.keys():
+        raise UserError(
+            f"{path} is not a prior set (no records or content hash); pass a file written by `crystaloop data build-prior`"
+        )
     if content_hash(doc["records"]) != doc["content_hash"]:
         raise UserError(f"prior set {path} is corrupt (content hash mismatch); rebuild or re-checkout it")
     return doc

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from crystaloop.errors import ConfigError
+from crystaloop.errors import ConfigError, read_yaml
 from crystaloop.properties import PROPERTY_NAMES
 
 
@@ -233,10 +232,7 @@ def load_train_config(path: str | Path, kind: str) -> UNetTrainConfig | VAETrain
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"training config {path} not found; pass an existing YAML file")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML ({exc.__class__.__name__}); fix the syntax") from None
+    data = read_yaml(path, what="training config") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of key: value")
     found = data.setdefault("kind", kind)

@@ -72,6 +72,8 @@ def test_register_rejects_a_missing_checkpoint(settings, tmp_path):
     assert "does not exist" in str(out.exception)
     nameless = CliRunner().invoke(app, ["models", "register", str(tmp_path / "nope.pt"), "--version", ""])
     assert isinstance(nameless.exception, UserError) and "--version ''" in str(nameless.exception)
+    unknown = CliRunner().invoke(app, ["models", "list", "--kind", "vea"])
+    assert isinstance(unknown.exception, UserError) and "unet, vae, cgcnn" in str(unknown.exception)
 
 
 def test_gpu_rotation_matches_the_cpu_augmentation():

@@ -45,6 +45,7 @@ def test_round_after_generation(
 
     record = CampaignStore(database).round(name, 0)
     assert [s for s in record.steps] == ["generate", "acquire", "submit", "harvest", "retrain", "report"]
+    assert record.counts["selected"] == 2 and record.counts["relaxed"] == int(record.metrics["relaxed"])
     assert all(step.status == "done" for step in record.steps.values())
     assert record.steps["generate"].outputs["resumed"] is True  # the shortlist was found, not regenerated
     # Acquisition took the two most probable in-window candidates (Ni-Al, Fe-Al share no chemsys).

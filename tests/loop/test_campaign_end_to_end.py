@@ -38,9 +38,15 @@ def test_two_round_surrogate_campaign(settings, prior_subset, loop_config, tmp_p
     path.write_text(yaml.safe_dump(config))
     exe = str(Path(sys.executable).parent / "crystaloop")
     run = subprocess.run(
-        [exe, "campaign", "run", str(path)], capture_output=True, text=True, timeout=900, env=dict(os.environ)
+        [exe, "campaign", "run", str(path), "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=dict(os.environ),
     )
     assert run.returncode == 0, run.stderr[-3000:]
+    # The log goes to stderr, so stdout is the summary alone.
+    assert json.loads(run.stdout)["status"] == "finished" and "round 1: generate" in run.stderr
 
     store = CampaignStore(database)
     rounds = store.all_rounds(name)
