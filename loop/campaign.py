@@ -14,12 +14,11 @@ any moment therefore resumes from its last completed step:
   twice and nothing is orphaned;
 - ``harvest`` collects every ``submitted`` candidate of the round, running the
   flows of the ``local`` backend itself (a flow killed with the process runs
-  again as a retry of the same submission);
+  again as a retry of the same submission), and any of earlier rounds still
+  running when their round's harvest timed out;
 - ``retrain`` fine-tunes from the models the round started with: the campaign
   takes the new versions only once the step is recorded done, so a re-run
-  gives the same versions;
-- ``harvest`` also collects jobs of earlier rounds that were still running
-  when their round's harvest timed out.
+  gives the same versions.
 
 One process acts on a campaign at a time: it holds a lease renewed by a
 heartbeat thread; a stale lease is taken over.
@@ -544,12 +543,9 @@ class Campaign:
                     self.progress("harvest", done, total)
                 if outcome is not None:
                     fault_point("harvest", "mid")
+            # Waits for this round's jobs only: an earlier straggler is taken when it ends.
             still = self.candidates.collection.count_documents(
-                {
-                    "campaign": self.name,
-                    "selected_round": {"$lte": number},
-                    "state": CandidateState.SUBMITTED.value,
-                }
+                {"campaign": self.name, "selected_round": number, "state": CandidateState.SUBMITTED.value}
             )
             if still == 0:
                 break
