@@ -150,8 +150,10 @@ def get_settings() -> CrystaloopSettings:
         return CrystaloopSettings()
     except ValidationError as exc:
         lines = [
-            f"setting {'.'.join(str(p) for p in err['loc'])}: {err['msg']} (got {err.get('input')!r}); "
-            f"fix CRYSTALOOP_{str(err['loc'][0]).upper()} or the settings file"
+            f"setting {'.'.join(str(p) for p in err['loc']) or 'value'}: {err['msg']} "
+            f"(got {err.get('input')!r}); fix "
+            + (f"CRYSTALOOP_{str(err['loc'][0]).upper()}" if err["loc"] else "the environment")
+            + " or the settings file"
             for err in exc.errors()
         ]
         raise ConfigError(lines[0] if len(lines) == 1 else "; ".join(lines)) from None
