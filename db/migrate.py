@@ -28,7 +28,7 @@ from crystaloop.db.summaries import (
     SUMMARY_INDEXES,
     SUMMARY_SOURCE_FIELDS,
     CandidateSummaryDoc,
-    counter_id,
+    counter_document,
 )
 
 _LAYOUT_ID = "candidate_layout"
@@ -138,19 +138,8 @@ def _write_counters(
     counters = database[COUNTER_COLLECTION]
     ids: list[Any] = []
     for (campaign, round_), states in per_round.items():
-        key = counter_id(campaign, round_)
-        ids.append(key)
-        counters.replace_one(
-            {"_id": key},
-            {
-                "_id": key,
-                "campaign": campaign,
-                "round": round_,
-                "counts": states,
-                "first_created_at": spans[campaign, round_][0],
-                "last_created_at": spans[campaign, round_][1],
-            },
-            upsert=True,
-        )
+        doc = counter_document(campaign, round_, states, *spans[campaign, round_])
+        ids.append(doc["_id"])
+        counters.replace_one({"_id": doc["_id"]}, doc, upsert=True)
     counters.delete_many({"_id": {"$nin": ids}})
     return len(ids)

@@ -39,6 +39,7 @@ from crystaloop.db.summaries import (
     COUNTER_COLLECTION,
     SUMMARY_COLLECTION,
     CandidateSummaryDoc,
+    counter_document,
     counter_id,
     element_key,
     property_key_range,
@@ -356,19 +357,8 @@ class CandidateStore:
             for row in rows:
                 counts[row["state"]] = counts.get(row["state"], 0) + 1
             created = [row["created_at"] for row in rows]
-            key = counter_id(campaign, round)
-            self.counters.replace_one(
-                {"_id": key},
-                {
-                    "_id": key,
-                    "campaign": campaign,
-                    "round": round,
-                    "counts": counts,
-                    "first_created_at": min(created),
-                    "last_created_at": max(created),
-                },
-                upsert=True,
-            )
+            doc = counter_document(campaign, round, counts, min(created), max(created))
+            self.counters.replace_one({"_id": doc["_id"]}, doc, upsert=True)
         return len(docs)
 
     @staticmethod

@@ -226,3 +226,17 @@ SUMMARY_SOURCE_FIELDS = {
 def counter_id(campaign: str, round: int) -> str:
     """The ``_id`` of the counter document of one campaign round (the round has no ':')."""
     return f"{round}:{campaign}"
+
+
+def counter_document(
+    campaign: str, round: int, counts: dict[str, int], first_created_at: Any, last_created_at: Any
+) -> dict[str, Any]:
+    """A campaign round's counter with absolute counts per state and its created_at span."""
+    return {
+        "_id": counter_id(campaign, round),
+        "campaign": campaign,
+        "round": round,
+        "counts": counts,
+        "first_created_at": first_created_at,
+        "last_created_at": last_created_at,
+    }

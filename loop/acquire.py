@@ -252,9 +252,13 @@ def select_batch(
     order = list(np.argsort(-np.asarray(scores, dtype=float), kind="stable"))
     per_formula: dict[str, int] = {}
     per_chemsys: dict[str, int] = {}
-    for c in preselected:
+
+    def count(c: CandidateDoc) -> None:
         per_formula[c.reduced_formula] = per_formula.get(c.reduced_formula, 0) + 1
         per_chemsys[c.chemsys] = per_chemsys.get(c.chemsys, 0) + 1
+
+    for c in preselected:
+        count(c)
     chosen: list[tuple[CandidateDoc, float]] = []
 
     def allowed(c: CandidateDoc) -> bool:
@@ -271,7 +275,6 @@ def select_batch(
         )
         order.remove(pick)
         c = candidates[pick]
-        per_formula[c.reduced_formula] = per_formula.get(c.reduced_formula, 0) + 1
-        per_chemsys[c.chemsys] = per_chemsys.get(c.chemsys, 0) + 1
+        count(c)
         chosen.append((c, float(scores[pick])))
     return chosen

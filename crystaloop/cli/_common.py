@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import typer
 from rich.console import Console
 
 from crystaloop.errors import UserError
@@ -42,11 +43,8 @@ console = _console()
 err_console = _console(stderr=True)
 
 
-def progress_bar(*, to_stderr: bool = False):
-    """The project's rich progress bar (description, bar, n/total, elapsed), cleared when done.
-
-    ``to_stderr`` keeps it, and what is logged through its console, off stdout (JSON output).
-    """
+def progress_bar():
+    """The project's rich progress bar (description, bar, n/total, elapsed), cleared when done."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(
@@ -54,7 +52,7 @@ def progress_bar(*, to_stderr: bool = False):
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        console=err_console if to_stderr else console,
+        console=console,
         transient=True,
     )
 
@@ -75,12 +73,19 @@ def report_user_error(exc: UserError) -> None:
 
 def group(help_text: str):
     """A typer sub-app with the project's defaults."""
-    import typer
-
     return typer.Typer(help=help_text, no_args_is_help=True, pretty_exceptions_enable=False)
 
 
-def check_output(path: Path | None, option: str = "--output") -> None:
+def output_option(help_text: str = "Write the numbers as JSON here."):
+    """The ``--output`` option of long commands: the path is checked when parsed, before any work."""
+
+    def checked(value: Path | None) -> Path | None:
+        return check_output(value)
+
+    return typer.Option(None, "--output", help=help_text, callback=checked)
+
+
+def check_output(path: Path | None, option: str = "--output") -> Path | None:
     """Refuse an output file that could not be written, before any long work starts.
 
     Raises
@@ -89,7 +94,7 @@ def check_output(path: Path | None, option: str = "--output") -> None:
         ``path`` is a folder, or its folder is missing or not writable.
     """
     if path is None:
-        return
+        return None
     if path.is_dir():
         raise UserError(f"{option} {path} is a folder; pass a file name")
     parent = path.parent
@@ -97,3 +102,4 @@ def check_output(path: Path | None, option: str = "--output") -> None:
         raise UserError(f"{option} {path}: the folder {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK):
         raise UserError(f"{option} {path}: the folder {parent} is not writable; pick another path")
+    return path

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from crystaloop.cli._common import output_option
+
 
 def register(app: typer.Typer) -> None:
     """Add the campaign benchmark command to ``app``."""
@@ -57,14 +59,9 @@ def bench_campaign(
         help="Comma-separated seeds, run one after another and pooled (default: the config's seed).",
     ),
     fmt: str = typer.Option("table", "--format", help="table or json."),
-    output: Path = typer.Option(
-        None, "--output", help='Also write the numbers as JSON here (an unbounded ratio is "inf").'
-    ),
+    output: Path = output_option('Also write the numbers as JSON here (an unbounded ratio is "inf").'),
 ) -> None:
     """Hit rate per round and cumulative hits: loop (uncertainty + retraining), random acquisition, no model."""
-    from crystaloop.cli._common import check_output
-
-    check_output(output)
     from crystaloop.cli._common import console
     from crystaloop.db import get_database
     from crystaloop.errors import UserError

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from crystaloop.cli._common import output_option
+
 
 def register(app: typer.Typer) -> None:
     """Add the dft benchmark command to ``app``."""
@@ -18,12 +20,9 @@ def bench_dft(
     cells: str = typer.Option("si,demo", "--cells", help="si (2 atoms), demo (4-atom 2H-SiC)."),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Timed runs per fast-preset cell."),
     standard_repeats: int = typer.Option(1, "--standard-repeats", min=1),
-    output: Path = typer.Option(None, "--output", help="Write the numbers as JSON here."),
+    output: Path = output_option(),
 ) -> None:
     """Framework overhead per relaxation (s, % of pw.x) and time per relaxation by preset."""
-    from crystaloop.cli._common import check_output
-
-    check_output(output)
     from rich.table import Table
 
     from crystaloop.cli._common import console

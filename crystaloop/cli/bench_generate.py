@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from crystaloop.cli._common import output_option
+
 
 def register(app: typer.Typer) -> None:
     """Add the generation benchmark command to ``app``."""
@@ -30,13 +32,10 @@ def bench_generate(
     vae: str = typer.Option(None, "--vae", help="VAE version or checkpoint path (default: the campaign's)."),
     table2: bool = typer.Option(False, "--table2", help="Also reproduce the paper's Table 2."),
     per_base: int = typer.Option(1000, "--per-base", min=1, help="Table 2: samples per base compound."),
-    output: Path = typer.Option(None, "--output", help="Write the numbers as JSON here."),
+    output: Path = output_option(),
     output_format: str = typer.Option("table", "--format", help="table or json."),
 ) -> None:
     """Candidates per second to validity and through the cascade, time per step; Table 2."""
-    from crystaloop.cli._common import check_output
-
-    check_output(output)
     import torch
 
     from crystaloop.cli._common import console

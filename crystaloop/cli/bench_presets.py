@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from crystaloop.cli._common import output_option
+
 
 def register(app: typer.Typer) -> None:
     """Add the presets benchmark command to ``app``."""
@@ -21,13 +23,10 @@ def bench_presets(
     out_dir: Path = typer.Option(
         None, "--out-dir", help="Per-run JSON results; reruns skip what is there (default: data_dir)."
     ),
-    output: Path = typer.Option(None, "--output", help="Write the summary as JSON here."),
+    output: Path = output_option("Write the summary as JSON here."),
     fmt: str = typer.Option("table", "--format", help="table or json."),
 ) -> None:
     """Relax the binary test set per preset: E_f, lattice and pw.x time against experiment and standard."""
-    from crystaloop.cli._common import check_output
-
-    check_output(output)
     from rich.table import Table
 
     from crystaloop.cli._common import console

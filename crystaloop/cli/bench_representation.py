@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from crystaloop.cli._common import output_option
+
 
 def register(app: typer.Typer) -> None:
     """Add the representation benchmark command to ``app``."""
@@ -20,12 +22,9 @@ def bench_representation(
     compare: bool = typer.Option(
         True, "--compare/--no-compare", help="Also run the paper's non-periodic variant."
     ),
-    output: Path = typer.Option(None, "--output", help="Write the numbers as JSON here."),
+    output: Path = output_option(),
 ) -> None:
     """Round trip voxelize -> segment -> to_structure: accuracy table and median ms per step."""
-    from crystaloop.cli._common import check_output
-
-    check_output(output)
     from dataclasses import asdict
 
     from rich.progress import Progress

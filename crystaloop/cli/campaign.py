@@ -79,9 +79,10 @@ def run(
     import sys
 
     config = load_campaign_config(path)
-    # With JSON, stdout carries the summary alone: the log, the bar and what libraries print go to stderr.
+    # With JSON, stdout carries the summary alone: the log, the bar (the console writes to whatever
+    # sys.stdout is) and what libraries print go to stderr.
     quiet = contextlib.redirect_stdout(sys.stderr) if fmt == "json" else contextlib.nullcontext()
-    with quiet, progress_bar(to_stderr=fmt == "json") as bar:
+    with quiet, progress_bar() as bar:
         tasks: dict[str, int] = {}
 
         def progress(step: str, done: int, total: int) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from crystaloop.cli._common import console, group
+from crystaloop.cli._common import console, group, output_option
 from crystaloop.errors import UserError
 
 app = group("dft commands.")
@@ -85,13 +85,10 @@ def verify_family(
     write: bool = typer.Option(
         True, "--write/--no-write", help="Store verdicts and numbers in the family YAML."
     ),
-    output: Path = typer.Option(None, "--output", help="Also write the numbers as JSON here."),
+    output: Path = output_option("Also write the numbers as JSON here."),
     fmt: str = typer.Option("table", "--format", help="table or json."),
 ) -> None:
     """Check the family against all-electron PBE (ACWF): bcc-fcc-type energy, EOS, ν, ε, V0, B0."""
-    from crystaloop.cli._common import check_output
-
-    check_output(output)
     import json
 
     from crystaloop.dft.pseudos import family_from_settings
