@@ -62,6 +62,7 @@ def recall_counts(unet: UNet3D, density, spacing, true_z) -> tuple[int, int, int
     third also asks the mask head to find the voxel.
     """
     species, inside = unet.predict(density, spacing)
+    true_z = torch.as_tensor(true_z).to(species.device)
     site = true_z > 0
     right = (species == true_z) & site
     return int(right.sum()), int((right & inside).sum()), int(site.sum())
@@ -117,7 +118,7 @@ def reconstruct_one(decoder, record) -> ReconstructionRow:
     voxels = voxelize(record.structure, grid=SEGMENT_GRID)
     density = torch.from_numpy(np.asarray(voxels.density, dtype=np.float32))[None].to(device)
     true_coords = torch.from_numpy(np.asarray(voxels.coords, dtype=np.float32))[None].to(device)
-    true_species = torch.from_numpy(voxels.species.astype(np.int64))
+    true_species = torch.from_numpy(voxels.species.astype(np.int64)).to(device)
     correct, masked, total = recall_counts(
         unet, density[:, None], voxel_spacing(true_coords), true_species[None]
     )

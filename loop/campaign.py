@@ -144,6 +144,7 @@ class Campaign:
         self.token: str | None = None
         self._heartbeat: _Heartbeat | None = None
         self.models: dict[str, str] = {}
+        self.model_names: dict[str, str] = {}
         self._retrying = False  # the running step had an interrupted earlier attempt
 
     def _connect(self, database) -> None:
@@ -294,6 +295,7 @@ class Campaign:
     def _rounds(self, max_rounds: int) -> CampaignResult:
         outcomes: list[RoundOutcome] = []
         self._adopt_retrained_models()
+        self.log("models: " + ", ".join(f"{kind} {version}" for kind, version in self._versions().items()))
         number = self._first_open_round()
         while True:
             done, reason = self._should_stop(number, max_rounds)
@@ -933,6 +935,10 @@ class Campaign:
         if latest and latest != dict(self.campaigns.get(self.name).model_versions):
             self.campaigns.update(self.name, self.token, model_versions=latest)
         self.models = self._resolve_models()
+        from crystaloop.loop.generation import model_versions
+
+        # Looked up once here, not per step: a step must start without the database answering.
+        self.model_names = model_versions(self.database, self.models)
 
     def _resolve_models(self) -> dict[str, str]:
         from crystaloop.generative.models.shipped import resolve_models
@@ -942,7 +948,8 @@ class Campaign:
         return {k: str(v) for k, v in resolve_models(self.database, **chosen).items()}
 
     def _versions(self) -> dict[str, str]:
-        return {k: Path(v).stem for k, v in self.models.items()}
+        """Registry versions of the models in use (a checkpoint's file stem when unregistered)."""
+        return dict(self.model_names)
 
     def _work_dir(self) -> Path:
         from crystaloop.settings import get_settings

@@ -156,8 +156,10 @@ def write_report(database, name: str, folder: Path | str) -> list[Path]:
             ax.axvline(bound, color="k", lw=0.8)
     ax.set_xlabel(f"DFT {spec.label}")
     ax.set_ylabel("candidates")
-    if rows:
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no DFT results yet", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     paths.append(_save(fig, folder / "target_histogram.png"))
 

@@ -14,9 +14,14 @@ _CONFIG = typer.Option(..., "--config", "-c", help="Training YAML, e.g. configs/
 _RESUME = typer.Option(False, "--resume", help="Continue the run of this config from its last epoch.")
 _VERSION = typer.Option(None, "--version", help="Version name (default: config name + config hash).")
 _OUT = typer.Option(None, "--out", help="Run directory root (default: <data_dir>/models).")
+_DEFAULT = typer.Option(
+    True, "--default/--no-default", help="Make the trained model the default of its kind (campaigns use it)."
+)
 
 
-def _train(kind: str, config_path: Path, resume: bool, version: str | None, out: Path | None) -> None:
+def _train(
+    kind: str, config_path: Path, resume: bool, version: str | None, out: Path | None, default: bool
+) -> None:
     from crystaloop.db import get_database
     from crystaloop.generative.train.config import load_train_config
     from crystaloop.generative.train.run import default_version, train_and_register
@@ -36,28 +41,48 @@ def _train(kind: str, config_path: Path, resume: bool, version: str | None, out:
         resume=resume,
         device=settings.device,
         console=console,
+        default=default,
     )
     shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, int | float))
-    console.print(f"registered {doc.kind} {doc.version}: {shown}", highlight=False)
+    role = "the default" if default else "not the default"
+    console.print(f"registered {doc.kind} {doc.version} ({role}): {shown}", highlight=False)
     console.print(f"checkpoint {doc.checkpoint}", highlight=False)
 
 
 @app.command("unet")
-def unet(config: Path = _CONFIG, resume: bool = _RESUME, version: str = _VERSION, out: Path = _OUT) -> None:
+def unet(
+    config: Path = _CONFIG,
+    resume: bool = _RESUME,
+    version: str = _VERSION,
+    out: Path = _OUT,
+    default: bool = _DEFAULT,
+) -> None:
     """Train the 3-D segmentation UNet (species + mask)."""
-    _train("unet", config, resume, version, out)
+    _train("unet", config, resume, version, out, default)
 
 
 @app.command("vae")
-def vae(config: Path = _CONFIG, resume: bool = _RESUME, version: str = _VERSION, out: Path = _OUT) -> None:
+def vae(
+    config: Path = _CONFIG,
+    resume: bool = _RESUME,
+    version: str = _VERSION,
+    out: Path = _OUT,
+    default: bool = _DEFAULT,
+) -> None:
     """Train the Cond-DFC-VAE (needs a registered UNet for the perceptual loss)."""
-    _train("vae", config, resume, version, out)
+    _train("vae", config, resume, version, out, default)
 
 
 @app.command("cgcnn")
-def cgcnn(config: Path = _CONFIG, resume: bool = _RESUME, version: str = _VERSION, out: Path = _OUT) -> None:
+def cgcnn(
+    config: Path = _CONFIG,
+    resume: bool = _RESUME,
+    version: str = _VERSION,
+    out: Path = _OUT,
+    default: bool = _DEFAULT,
+) -> None:
     """Train the CGCNN property ensemble."""
-    _train("cgcnn", config, resume, version, out)
+    _train("cgcnn", config, resume, version, out, default)
 
 
 @app.command("site-shards")

@@ -75,8 +75,10 @@ def resolve_checkpoint(reference: str | None, kind: str, database) -> Path:
     return Path(doc.checkpoint)
 
 
-def register(database, kind: str, version: str, checkpoint: Path, extra: dict[str, Any], metrics):
-    """Insert the trained model in the registry (and make it the default of its kind)."""
+def register(
+    database, kind: str, version: str, checkpoint: Path, extra: dict[str, Any], metrics, *, default: bool = True
+):
+    """Insert the trained model in the registry (and, with ``default``, make it the default of its kind)."""
     from crystaloop.db.documents import ModelDoc
     from crystaloop.db.registry import ModelRegistry
 
@@ -89,7 +91,7 @@ def register(database, kind: str, version: str, checkpoint: Path, extra: dict[st
         checkpoint=str(checkpoint.resolve()),
         torch_version=torch.__version__,
     )
-    return ModelRegistry(database).register(doc, make_default=True)
+    return ModelRegistry(database).register(doc, make_default=default)
 
 
 def _loader(dataset: Dataset, batch_size: int, *, shuffle: bool, workers: int, collate=None, seed=0):
@@ -446,8 +448,10 @@ def train_and_register(
     resume: bool = False,
     device: str = "auto",
     console=None,
+    default: bool = True,
 ):
-    """Train ``kind`` with ``config`` into ``run_root/kind/version`` and register it.
+    """Train ``kind`` with ``config`` into ``run_root/kind/version`` and register it
+    (as the default of its kind unless ``default`` is false).
 
     Raises
     ------
@@ -464,7 +468,7 @@ def train_and_register(
     registered_kind = kind
     if kind == "cgcnn" and getattr(config, "ensemble_size", 1) > 1:
         registered_kind = "cgcnn-ensemble"
-    return register(database, registered_kind, version, path, extra, metrics), metrics
+    return register(database, registered_kind, version, path, extra, metrics, default=default), metrics
 
 
 __all__ = ["TrainState", "train_and_register", "resolve_checkpoint", "default_version"]

@@ -89,6 +89,9 @@ def test_two_round_surrogate_campaign(settings, prior_subset, loop_config, tmp_p
 
     shipped = {k: v for k, v in rounds[0].steps["generate"].model_versions.items()}
     assert set(shipped) == {"vae", "unet", "cgcnn"}
+    # Steps record registry versions, and the log names them when the run starts.
+    assert all(database["models"].find_one({"version": v}) for v in shipped.values())
+    assert "models: " + ", ".join(f"{k} {v}" for k, v in shipped.items()) in run.stderr
     retrain0 = {h["name"]: h for h in rounds[0].steps["retrain"].outputs.get("hooks", [])}
     if rounds[0].metrics.get("relaxed"):
         assert retrain0["cgcnn_finetune"]["status"] == "done"

@@ -380,3 +380,27 @@ def test_campaign_models_default_to_the_shipped_checkpoints(settings, tmp_path, 
     assert shipped.resolve_models(database, vae=str(own))["vae"] == own
     with pytest.raises(UserError, match="no unet checkpoint"):
         shipped.resolve_models(database, unet="no-such-version")
+
+
+def test_cli_train_no_default_leaves_the_registry_default(labelled, settings, tmp_path):
+    from crystaloop.db.registry import ModelRegistry
+
+    body = {
+        "data": {"max_sites": 40},
+        "optim": {**TINY_OPTIM, "epochs": 1},
+        "model": {"hidden": 8, "fc_hidden": 8},
+        "properties": ["formation_energy_per_atom"],
+        "ensemble_size": 1,
+    }
+    path = _config(tmp_path, "cg", body)
+    first = CliRunner().invoke(app, ["train", "cgcnn", "--config", str(path), "--version", "a"])
+    assert first.exit_code == 0, first.output
+    assert "registered cgcnn a (the default)" in first.output
+    second = CliRunner().invoke(
+        app, ["train", "cgcnn", "--config", str(path), "--version", "b", "--no-default"]
+    )
+    assert second.exit_code == 0, second.output
+    assert "registered cgcnn b (not the default)" in second.output
+    registry = ModelRegistry(labelled)
+    assert registry.get("cgcnn").version == "a"
+    assert registry.get("cgcnn", version="b").default is False
