@@ -7,7 +7,7 @@ al. Properties (paper 002, Table 1): MAE and SMAPE per property, and the ensembl
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -288,11 +288,13 @@ def evaluate_reconstruction(
     seed: int = 0,
     method: str | None = None,
     lattice: str = "auto",
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Table 5 metrics of the registered (or given) VAE and UNet on the VAE's held-out split.
 
     ``method`` is the decoding path (:data:`crystaloop.generative.decode.METHODS`; default: the
-    VAE's own); ``lattice`` the lattice source (:data:`~crystaloop.generative.decode.LATTICE_SOURCES`).
+    VAE's own); ``lattice`` the lattice source (:data:`~crystaloop.generative.decode.LATTICE_SOURCES`);
+    ``progress(done, total)`` is called after each structure.
     """
     from crystaloop.generative.decode import Decoder
     from crystaloop.generative.models.checkpoint import load_model
@@ -317,12 +319,36 @@ def evaluate_reconstruction(
         return record.labels.get(key) is not None and elements <= known
 
     test, data = _held_out(database, vae_extra, limit, seed, keep=usable)
-    rows = [reconstruct_one(decoder, r) for r in test]
+    rows = []
+    for record in test:
+        rows.append(reconstruct_one(decoder, record))
+        if progress is not None:
+            progress(len(rows), len(test))
     if not rows:
         from crystaloop.errors import UserError
 
         raise UserError("no held-out structures to evaluate; check the data and the UNet's elements")
     return {"method": decoder.method, "lattice": decoder.lattice_source, **reconstruction_metrics(rows)}
+
+
+def load_cgcnn(model: str | None, database):
+    """The CGCNN (ensemble) at a registry version or checkpoint (None: the default), its extra
+    metadata and its path.
+
+    Raises
+    ------
+    UserError
+        If the reference is unknown or is not a CGCNN (ensemble) checkpoint.
+    """
+    from crystaloop.errors import UserError
+    from crystaloop.generative.models.checkpoint import load_model
+    from crystaloop.generative.train.run import resolve_checkpoint
+
+    path = resolve_checkpoint(model, "cgcnn", database)
+    network, extra = load_model(path)
+    if not isinstance(network, CGCNN | CGCNNEnsemble):
+        raise UserError(f"{path} is not a CGCNN checkpoint; pass --model with a CGCNN version")
+    return network, extra, path
 
 
 def evaluate_properties(
@@ -333,11 +359,16 @@ def evaluate_properties(
     seed: int = 0,
     plot: str | None = None,
 ) -> dict:
-    """MAE, SMAPE and calibration of the registered (or given) CGCNN (ensemble) on held-out data."""
-    from crystaloop.generative.models.checkpoint import load_model
-    from crystaloop.generative.train.run import graph_set, resolve_checkpoint
+    """MAE, SMAPE and calibration of the registered (or given) CGCNN (ensemble) on held-out data.
 
-    network, extra = load_model(resolve_checkpoint(model, "cgcnn", database))
+    Raises
+    ------
+    UserError
+        If ``model`` is not a CGCNN (ensemble) checkpoint.
+    """
+    from crystaloop.generative.train.run import graph_set
+
+    network, extra, _ = load_cgcnn(model, database)
 
     def labelled(record) -> bool:
         return any(record.labels.get(p) is not None for p in network.properties)
@@ -583,13 +614,15 @@ def evaluate_sampling(
     workers: int | None = None,
     prior: str = "auto",
     lattice: str = "auto",
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Decode ``n`` samples of the registered (or given) VAE and UNet and measure them.
 
     Novelty is judged against the whole shipped prior set (training and held-out structures);
     around-base samples start from the VAE's held-out split of it. ``prior`` picks the latent
     distribution of random samples (see :func:`sampling_latents`); ``lattice`` the lattice source
-    (:data:`~crystaloop.generative.decode.LATTICE_SOURCES`).
+    (:data:`~crystaloop.generative.decode.LATTICE_SOURCES`); ``progress(done, total)`` is called
+    after each decoded batch.
     """
     import time
 
@@ -634,7 +667,7 @@ def evaluate_sampling(
     z, condition, picks = sampling_latents(decoder, n, strategy, bases=bases or (), seed=seed, prior=prior)
     fitted = getattr(decoder.vae, "has_latent_prior", False) and prior != "normal"
     start = time.perf_counter()
-    candidates = decoder.decode(z, condition, allowed_elements=allowed_elements)
+    candidates = decoder.decode(z, condition, allowed_elements=allowed_elements, progress=progress)
     seconds = time.perf_counter() - start
     metrics = sampling_metrics(
         candidates,

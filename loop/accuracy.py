@@ -42,9 +42,8 @@ def campaign_accuracy(
 
     from crystaloop.db.campaigns import CampaignStore
     from crystaloop.errors import UserError
-    from crystaloop.generative.models.checkpoint import load_model
+    from crystaloop.generative.evaluate import load_cgcnn
     from crystaloop.generative.train.finetune import predict_structures
-    from crystaloop.generative.train.run import resolve_checkpoint
     from crystaloop.loop.acquire import fit_sigma_scale
     from crystaloop.loop.config import parse_campaign_config
 
@@ -63,8 +62,7 @@ def campaign_accuracy(
             f"campaign {campaign!r} has no relaxed candidates selected in round {from_round} or later; "
             "run more rounds or lower --from-round"
         )
-    path = resolve_checkpoint(model, "cgcnn", database)
-    ensemble, _ = load_model(path)
+    ensemble, _, path = load_cgcnn(model, database)
     mean, std = predict_structures(ensemble, [Structure.from_dict(d["structure"]) for d in docs])
     properties = list(ensemble.properties)
     targets = [t for t in config.targets if t.property in properties]

@@ -103,3 +103,63 @@ def check_output(path: Path | None, option: str = "--output") -> Path | None:
     if not os.access(parent, os.W_OK):
         raise UserError(f"{option} {path}: the folder {parent} is not writable; pick another path")
     return path
+
+
+def check_out_dir(path: Path, what: str = "the output") -> Path:
+    """Refuse an output folder that is an existing file, before any long work starts.
+
+    Raises
+    ------
+    UserError
+        If ``path`` exists and is not a folder.
+    """
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path} is a file; pass a folder (new or existing) for {what}")
+    return path
+
+
+def eta_progress(description: str, *, on: Console | None = None):
+    """A rich bar with ETA and its ``(done, total)`` callback; on a pipe, a log line every 30 s.
+
+    It prints to stderr unless ``on`` names another console, so ``--format json`` output on
+    stdout stays clean. Returns ``(progress, update)``; use ``with progress:`` around the work.
+    """
+    import time
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    out = on or err_console
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=out,
+    )
+    state: dict = {"task": None, "t0": time.perf_counter(), "first": None, "last_log": 0.0}
+
+    def update(done: int, total: int) -> None:
+        now = time.perf_counter()
+        if state["task"] is None:
+            state["task"] = progress.add_task(description, total=total, completed=done)
+            state["first"] = done
+        progress.update(state["task"], completed=done)
+        if not out.is_terminal and (now - state["last_log"] > 30 or done == total):
+            state["last_log"] = now
+            rate = (done - state["first"]) / max(now - state["t0"], 1e-9)
+            eta = (total - done) / rate if rate > 0 else float("nan")
+            out.print(
+                f"{description}: {done}/{total}  {rate:.2f}/s  elapsed {now - state['t0']:.0f} s  eta {eta:.0f} s",
+                highlight=False,
+            )
+
+    return progress, update

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from crystaloop.cli._common import console, group
+from crystaloop.cli._common import check_out_dir, console, eta_progress, group
 from crystaloop.errors import UserError
 
 app = group("data commands.")
@@ -15,43 +15,7 @@ app = group("data commands.")
 
 def _progress_callback(description: str):
     """A (done, total) callback driving a rich bar with ETA, or log lines when not on a terminal."""
-    import time
-
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        console=console,
-    )
-    state: dict = {"task": None, "t0": time.perf_counter(), "first": None, "last_log": 0.0}
-
-    def update(done: int, total: int) -> None:
-        now = time.perf_counter()
-        if state["task"] is None:
-            state["task"] = progress.add_task(description, total=total, completed=done)
-            state["first"] = done
-        progress.update(state["task"], completed=done)
-        if not console.is_terminal and (now - state["last_log"] > 30 or done == total):
-            state["last_log"] = now
-            rate = (done - state["first"]) / max(now - state["t0"], 1e-9)
-            eta = (total - done) / rate if rate > 0 else float("nan")
-            console.print(
-                f"{description}: {done}/{total}  {rate:.2f}/s  elapsed {now - state['t0']:.0f} s  eta {eta:.0f} s"
-            )
-
-    return progress, update
+    return eta_progress(description, on=console)
 
 
 @app.command("build-prior")
@@ -160,31 +124,35 @@ def shards(
     path: Annotated[Path | None, typer.Option(help="Prior file; default the packaged one.")] = None,
     grid: Annotated[int, typer.Option(help="Voxels per cell edge.")] = 32,
     shard_size: Annotated[int, typer.Option(help="Structures per shard.")] = 256,
-    limit: Annotated[int | None, typer.Option(help="Only the first N structures.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N structures.")] = None,
 ) -> None:
-    """Precompute compressed voxel shards of the prior set (optional; on-the-fly voxelisation is the default)."""
+    """Precompute compressed voxel shards of the prior set (optional; on-the-fly voxelisation is the default).
+
+    Shard files of an earlier set in OUT_DIR that the new manifest does not list are removed.
+    """
     from crystaloop.generative.data import prior
     from crystaloop.generative.data.dataset import prior_records
-    from crystaloop.generative.data.shards import write_shards
+    from crystaloop.generative.data.shards import shard_set_bytes, write_shards
     from crystaloop.properties import PROPERTY_NAMES
 
     if grid < 8 or shard_size < 1:
         raise UserError("--grid must be >= 8 and --shard-size >= 1")
+    check_out_dir(out_dir, "the shards")
     records = prior_records(path or prior.SHIPPED_PATH, limit=limit)
     progress, update = _progress_callback("voxelising")
     with progress:
         manifest = write_shards(
             records, out_dir, PROPERTY_NAMES, grid=grid, shard_size=shard_size, progress=update
         )
-    size = sum(f.stat().st_size for f in out_dir.glob("shard-*.npz"))
+    size = shard_set_bytes(manifest)
     console.print(f"wrote {len(records)} samples to {manifest.parent} ({size / 1e6:.1f} MB)")
 
 
 @app.command("bench-loader")
 def bench_loader(
-    samples: Annotated[int, typer.Option(help="Structures used for the measurement.")] = 512,
-    batch_size: Annotated[int, typer.Option(help="Batch size (the UNet default is 10).")] = 10,
-    batches: Annotated[int, typer.Option(help="Batches timed per configuration.")] = 20,
+    samples: Annotated[int, typer.Option(min=1, help="Structures used for the measurement.")] = 512,
+    batch_size: Annotated[int, typer.Option(min=1, help="Batch size (the UNet default is 10).")] = 10,
+    batches: Annotated[int, typer.Option(min=1, help="Batches timed per configuration.")] = 20,
     path: Annotated[Path | None, typer.Option(help="Prior file; default the packaged one.")] = None,
 ) -> None:
     """Samples/s of on-the-fly voxelisation and of shards, against a UNet training step's consumption."""

@@ -3,17 +3,38 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Literal
 
 import typer
 
-from crystaloop.cli._common import console, group
+from crystaloop.cli._common import check_output, console, eta_progress, group
 
 app = group("Evaluate trained models against the papers' tables.")
 
 _LIMIT = typer.Option(None, "--limit", min=1, help="Random held-out subset of N (fixed seed).")
 _SEED = typer.Option(0, "--seed", help="Seed of the --limit subset.")
 _FORMAT = typer.Option("table", "--format", help="table or json.")
+
+
+def _check_plot(path: Path | None) -> Path | None:
+    """Refuse a --plot path that could not be written (or is no image format), before any work.
+
+    Raises
+    ------
+    UserError
+        The folder is missing or not writable, or matplotlib cannot write the file's suffix.
+    """
+    from crystaloop.errors import UserError
+
+    if check_output(path, "--plot") is None:
+        return None
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix.lower().lstrip(".") not in formats:
+        raise UserError(f"--plot {path}: matplotlib cannot write {path.suffix!r} files; end the name in .png")
+    return path
 
 
 def _check_format(fmt: str) -> Literal["table", "json"]:
@@ -33,15 +54,36 @@ def _command(name: str, **options) -> str:
     return " ".join(parts)
 
 
+_MANIFEST = typer.Option(
+    False,
+    "--update-manifest",
+    help="Also write the numbers into the shipped checkpoints' manifest (for maintainers shipping models).",
+)
+
+
 def _record(
-    database, kinds: dict[str, str | None], command: str, metrics: dict, key: str = "held_out"
+    database,
+    kinds: dict[str, str | None],
+    command: str,
+    metrics: dict,
+    key: str = "held_out",
+    *,
+    manifest: bool = False,
 ) -> None:
-    """Write evaluate output into the registry entries (and shipped manifest entries) evaluated."""
+    """Write evaluate output into the registry entries evaluated (and, with ``manifest``, into the
+    shipped manifest entries of those that are shipped)."""
     from crystaloop.generative.models.shipped import record_held_out
     from crystaloop.generative.train.run import resolve_checkpoint
 
     for kind, reference in kinds.items():
-        record_held_out(database, resolve_checkpoint(reference, kind, database), command, metrics, key=key)
+        record_held_out(
+            database,
+            resolve_checkpoint(reference, kind, database),
+            command,
+            metrics,
+            key=key,
+            manifest=manifest,
+        )
 
 
 def _numbers(metrics: dict) -> dict:
@@ -68,6 +110,7 @@ def reconstruction(
     limit: int = _LIMIT,
     seed: int = _SEED,
     fmt: str = _FORMAT,
+    update_manifest: bool = _MANIFEST,
 ) -> None:
     """VAE + UNet + watershed reconstruction of held-out crystals, against the paper's Table 5."""
     from rich.table import Table
@@ -77,9 +120,18 @@ def reconstruction(
 
     fmt = _check_format(fmt)
     database = get_database()
-    metrics = evaluate_reconstruction(
-        database, vae=vae, unet=unet, limit=limit, seed=seed, method=method, lattice=lattice
-    )
+    progress, update = eta_progress("reconstructing")
+    with progress:
+        metrics = evaluate_reconstruction(
+            database,
+            vae=vae,
+            unet=unet,
+            limit=limit,
+            seed=seed,
+            method=method,
+            lattice=lattice,
+            progress=update,
+        )
     command = _command(
         "reconstruction",
         vae=vae,
@@ -89,10 +141,10 @@ def reconstruction(
         limit=limit,
         seed=seed or None,
     )
-    _record(database, {"vae": vae}, command, metrics)
+    _record(database, {"vae": vae}, command, metrics, manifest=update_manifest)
     # the UNet's own numbers (its recall on true densities) do not depend on the VAE
     unet_only = {k: v for k, v in metrics.items() if k == "n_structures" or k.startswith("unet_")}
-    _record(database, {"unet": unet}, command, unet_only)
+    _record(database, {"unet": unet}, command, unet_only, manifest=update_manifest)
     if fmt == "json":
         print(json.dumps(metrics))
         return
@@ -119,7 +171,8 @@ def properties(
     limit: int = _LIMIT,
     seed: int = _SEED,
     fmt: str = _FORMAT,
-    plot: str = typer.Option(None, "--plot", help="Write a parity-plot PNG here."),
+    update_manifest: bool = _MANIFEST,
+    plot: Path = typer.Option(None, "--plot", help="Write a parity-plot PNG here.", callback=_check_plot),
 ) -> None:
     """CGCNN MAE, SMAPE and ensemble calibration on held-out crystals, against Table 1."""
     from rich.table import Table
@@ -130,12 +183,15 @@ def properties(
 
     fmt = _check_format(fmt)
     database = get_database()
-    metrics = evaluate_properties(database, model=model, limit=limit, seed=seed, plot=plot)
+    metrics = evaluate_properties(
+        database, model=model, limit=limit, seed=seed, plot=str(plot) if plot else None
+    )
     _record(
         database,
         {"cgcnn": model},
         _command("properties", model=model, limit=limit, seed=seed or None),
         metrics,
+        manifest=update_manifest,
     )
     if fmt == "json":
         print(json.dumps(metrics))
@@ -182,6 +238,7 @@ def sampling(
     workers: int = typer.Option(None, "--workers", min=1, help="Watershed processes (default: all cores)."),
     seed: int = _SEED,
     fmt: str = _FORMAT,
+    update_manifest: bool = _MANIFEST,
 ) -> None:
     """Decode N samples and report the shares that are decoded, valid, charge-balanced, novel, unique."""
     from rich.table import Table
@@ -196,18 +253,21 @@ def sampling(
     if prior not in ("auto", "fitted", "normal"):
         raise UserError(f"--prior must be 'auto', 'fitted' or 'normal', not {prior!r}")
     database = get_database()
-    metrics = evaluate_sampling(
-        database,
-        n=n,
-        strategy=strategy,
-        vae=vae,
-        unet=unet,
-        seed=seed,
-        method=method,
-        workers=workers,
-        prior=prior,
-        lattice=lattice,
-    )
+    progress, update = eta_progress("decoding samples")
+    with progress:
+        metrics = evaluate_sampling(
+            database,
+            n=n,
+            strategy=strategy,
+            vae=vae,
+            unet=unet,
+            seed=seed,
+            method=method,
+            workers=workers,
+            prior=prior,
+            lattice=lattice,
+            progress=update,
+        )
     normal = strategy == "random" and prior == "normal"
     command = _command(
         "sampling",
@@ -221,7 +281,7 @@ def sampling(
         seed=seed or None,
     )
     key = "sampling_normal" if normal else f"sampling_{strategy}"
-    _record(database, {"vae": vae}, command, _numbers(metrics), key=key)
+    _record(database, {"vae": vae}, command, _numbers(metrics), key=key, manifest=update_manifest)
     if fmt == "json":
         print(json.dumps(metrics))
         return
@@ -256,8 +316,11 @@ def candidates(
         0, "--from-round", min=0, help="Only candidates selected in this round (from 0) or later."
     ),
     fmt: str = _FORMAT,
-    plot: str = typer.Option(
-        None, "--plot", help="Write a parity plot (PNG) of predicted against DFT values here."
+    plot: Path = typer.Option(
+        None,
+        "--plot",
+        help="Write a parity plot (PNG) of predicted against DFT values here.",
+        callback=_check_plot,
     ),
 ) -> None:
     """A CGCNN's errors on a campaign's DFT-relaxed candidates, from their decoded structures."""
@@ -267,7 +330,9 @@ def candidates(
     from crystaloop.loop.accuracy import campaign_accuracy
 
     fmt = _check_format(fmt)
-    metrics = campaign_accuracy(get_database(), campaign, model=model, from_round=from_round, plot=plot)
+    metrics = campaign_accuracy(
+        get_database(), campaign, model=model, from_round=from_round, plot=str(plot) if plot else None
+    )
     if fmt == "json":
         print(json.dumps(metrics))
         return

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from crystaloop.cli._common import console, group
+from crystaloop.cli._common import check_out_dir, console, eta_progress, group
 
 app = group("Train the UNet, VAE and CGCNN models.")
 
@@ -102,11 +102,14 @@ def site_shards(
 
     if split not in ("train", "all"):
         raise UserError(f"--split must be 'train' or 'all', not {split!r}")
+    check_out_dir(out_dir, "the shards")
     data = DataConfig(grid=grid, limit=limit)
     records = load_records(get_database(), data)
     if split == "train":
         records, _ = composition_split(records, data.test_fraction, data.split_seed)
-    manifest = write_site_shards(records, out_dir, PROPERTY_NAMES, grid=grid)
+    progress, update = eta_progress("site channels")
+    with progress:
+        manifest = write_site_shards(records, out_dir, PROPERTY_NAMES, grid=grid, progress=update)
     console.print(f"wrote {len(records)} samples to {manifest.parent}", highlight=False)
 
 
@@ -123,7 +126,8 @@ def lattice_head(
 ) -> None:
     """Train a lattice head on a frozen VAE's latent space and register the VAE with it.
 
-    The encoder's posteriors are cached in the run folder, so a rerun starts from the head.
+    The encoder's posteriors are cached in the run folder, so a rerun on the same VAE starts from
+    the head (a rerun on another VAE encodes again).
     """
     from rich.progress import Progress
 
@@ -146,7 +150,14 @@ def lattice_head(
             bar.update(tasks[stage], completed=done)
 
         path, extra, metrics = lattice_head_run(
-            database, vae, run_dir, hidden=hidden, epochs=epochs, noise=noise, progress=progress
+            database,
+            vae,
+            run_dir,
+            hidden=hidden,
+            epochs=epochs,
+            noise=noise,
+            progress=progress,
+            note=lambda line: bar.console.print(line, highlight=False),
         )
     # the source VAE's validation metrics hold for the new version too (same weights)
     source = (

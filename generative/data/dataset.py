@@ -30,7 +30,15 @@ __all__ = ["SplitRecord", "VoxelDataset", "prior_records", "split_records"]
 
 
 def prior_records(path: Path = SHIPPED_PATH, *, limit: int | None = None) -> list[LabelledStructure]:
-    """Converged, non-rejected structures of a shipped prior file, sorted by id."""
+    """Converged, non-rejected structures of a shipped prior file, sorted by id (the first ``limit``).
+
+    Raises
+    ------
+    ValueError
+        If ``limit`` is below 1.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
     doc = read_prior(path)
     out = []
     for rec in doc["records"]:
@@ -41,7 +49,7 @@ def prior_records(path: Path = SHIPPED_PATH, *, limit: int | None = None) -> lis
         out.append(
             LabelledStructure(rec["structure_id"], structure, dict(rec["labels"]), proto.material_class)
         )
-        if limit and len(out) >= limit:
+        if limit is not None and len(out) >= limit:
             break
     return out
 

@@ -40,8 +40,16 @@ def write_shard_set(
 
     ``arrays(chunk)`` gives the representation's arrays of one chunk; labels, label masks,
     ids and checksums are added here, and ``manifest_fields`` (grid, representation ...) go
-    into the manifest.
+    into the manifest. Shard files of an earlier set in ``out_dir`` that the new manifest does
+    not list are removed (the manifest that listed them is replaced).
+
+    Raises
+    ------
+    NotADirectoryError
+        If ``out_dir`` is an existing file.
     """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"{out_dir} is a file, not a folder for shards")
     out_dir.mkdir(parents=True, exist_ok=True)
     shards = []
     for start in range(0, len(records), shard_size):
@@ -74,7 +82,17 @@ def write_shard_set(
     }
     path = out_dir / MANIFEST
     path.write_text(json.dumps(manifest, indent=1) + "\n")
+    listed = {s["file"] for s in shards}
+    for stale in out_dir.glob("shard-*.npz"):
+        if stale.name not in listed:
+            stale.unlink()
     return path
+
+
+def shard_set_bytes(manifest: Path) -> int:
+    """Bytes on disk of the shard files ``manifest`` lists."""
+    listed = json.loads(manifest.read_text())["shards"]
+    return sum((manifest.parent / s["file"]).stat().st_size for s in listed)
 
 
 def write_shards(

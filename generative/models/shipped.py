@@ -139,15 +139,28 @@ def _write_manifest(entries: list[dict]) -> None:
 
 
 def record_held_out(
-    database, checkpoint: str | Path, command: str, metrics: dict, *, key: str = "held_out"
+    database,
+    checkpoint: str | Path,
+    command: str,
+    metrics: dict,
+    *,
+    key: str = "held_out",
+    manifest: bool = False,
 ) -> dict | None:
     """Store ``crystaloop evaluate`` output for the model at ``checkpoint``.
 
     The registry entry of that checkpoint gets the numbers as ``<key>_*`` metrics (they replace
-    earlier ones of that block); when the checkpoint is a shipped one (its kind and version are in
-    the manifest), the manifest entry's ``key`` block becomes ``{"command": command, **metrics}``.
-    ``key`` is one of :data:`EVALUATIONS`. Returns the registry document updated, or ``None``
-    when the checkpoint is not registered.
+    earlier ones of that block). With ``manifest``, when the checkpoint is a shipped one (its kind
+    and version are in the manifest), the manifest entry's ``key`` block becomes
+    ``{"command": command, **metrics}``; without it the package's files are left alone, so a
+    user's quick ``--limit`` run never replaces the shipped numbers. ``key`` is one of
+    :data:`EVALUATIONS`. Returns the registry document updated, or ``None`` when the checkpoint
+    is not registered.
+
+    Raises
+    ------
+    UserError
+        If ``manifest`` is set and the manifest cannot be written (a read-only install).
     """
     if key not in EVALUATIONS:
         raise ValueError(f"key must be one of {EVALUATIONS}; got {key!r}")
@@ -162,11 +175,19 @@ def record_held_out(
     kept.update(flatten_metrics(metrics, key + "_"))
     doc = doc.model_copy(update={"metrics": kept})
     registry.register(doc, make_default=doc.default)
+    if not manifest:
+        return doc
     entries = shipped_models()
     for entry in entries:
         if entry["kind"] == doc.kind and entry["version"] == doc.version:
             entry[key] = {"command": command, **metrics}
-            _write_manifest(entries)
+            try:
+                _write_manifest(entries)
+            except OSError as exc:
+                raise UserError(
+                    f"cannot write {MANIFEST} ({exc.strerror}); --update-manifest needs a writable "
+                    "checkout (pip install -e .)"
+                ) from None
     return doc
 
 

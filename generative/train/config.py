@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from crystaloop.errors import ConfigError, read_yaml
 from crystaloop.properties import PROPERTY_NAMES
@@ -20,6 +20,17 @@ def _check_properties(names: list[str]) -> list[str]:
     if unknown:
         raise ValueError(f"unknown properties {unknown}; allowed: {', '.join(PROPERTY_NAMES)}")
     return names
+
+
+def _check_pooled(name: str, size: int, poolings: int, widths: str) -> None:
+    """``size`` voxels halve ``poolings`` times without a remainder, else a ValueError naming the fix."""
+    step = 2**poolings
+    if size % step:
+        nearest = sorted({max(step, size // step * step), (size // step + 1) * step})
+        raise ValueError(
+            f"{name} {size} must be a multiple of {step} ({poolings} poolings, one per {widths}); "
+            f"set {name} to {' or '.join(map(str, nearest))}, or use fewer model.widths"
+        )
 
 
 class DataConfig(_Config):
@@ -84,6 +95,14 @@ class UNetTrainConfig(_Config):
     model: UNetModelConfig = Field(default_factory=UNetModelConfig)
     class_count_samples: int = Field(200, ge=1, description="Structures voxelised to count classes.")
 
+    @model_validator(mode="after")
+    def _poolable(self) -> UNetTrainConfig:
+        poolings = len(self.model.widths) - 1
+        _check_pooled("data.grid", self.data.grid, poolings, "model.widths entry after the first")
+        if self.data.crop is not None and self.data.crop < self.data.grid:  # a larger crop is the grid
+            _check_pooled("data.crop", self.data.crop, poolings, "model.widths entry after the first")
+        return self
+
 
 class VAEModelConfig(_Config):
     """Cond-DFC-VAE options."""
@@ -145,6 +164,11 @@ class VAETrainConfig(_Config):
     @classmethod
     def _known(cls, value: str) -> str:
         return _check_properties([value])[0]
+
+    @model_validator(mode="after")
+    def _poolable(self) -> VAETrainConfig:
+        _check_pooled("data.grid", self.data.grid, len(self.model.widths), "model.widths entry")
+        return self
 
 
 class TransferConfig(_Config):
@@ -241,5 +265,7 @@ def load_train_config(path: str | Path, kind: str) -> UNetTrainConfig | VAETrain
     try:
         return _BY_KIND[kind].model_validate(data)
     except ValidationError as exc:
-        lines = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+        lines = [
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"] else e["msg"] for e in exc.errors()
+        ]
         raise ConfigError(f"{path} is not a valid {kind} training config", lines) from None

@@ -13,7 +13,9 @@ site voxels, ``--species-weight``; ``--species-weight 0`` trains without the hea
 training a Gaussian mixture is fitted to the posterior means of the shard structures and stored
 as the latent prior of random samples (``--prior-components``). Training uses automatic mixed precision (bfloat16 autocast on CUDA), random cube
 rotations, a cosine learning-rate schedule, and writes ``RUN/last.pt`` (resumable with
-``--resume``) and ``RUN/vae.pt`` in the checkpoint format of
+``--resume``: it holds the batch and rotation generator and the torch RNGs too, so a resumed
+run draws the batches a straight run would; resuming a finished run writes ``RUN/vae.pt``
+again) and ``RUN/vae.pt`` in the checkpoint format of
 :mod:`crystaloop.generative.models.checkpoint`; register it on the CPU side with
 ``crystaloop models register RUN/vae.pt --version NAME``.
 
@@ -247,13 +249,18 @@ def main(argv: list[str] | None = None) -> Path:
     weights = VAELossWeights(alpha=0.0, beta=args.beta, species_weight=args.species_weight)
     args.out.mkdir(parents=True, exist_ok=True)
     last = args.out / "last.pt"
-    step = 0
+    step, parts = 0, {}
     if args.resume and last.is_file():
         state = torch.load(last, map_location=device, weights_only=False)
         vae.load_state_dict(state["vae"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        step = state["step"]
+        step, parts = state["step"], state.get("parts", {})
+        if "rng" in state:  # older last.pt files hold none: their batches restart from the seed
+            generator.set_state(state["rng"]["generator"].cpu())  # map_location moved it
+            torch.set_rng_state(state["rng"]["torch"].cpu())
+            if device.type == "cuda" and state["rng"].get("cuda"):
+                torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
     deciles = torch.as_tensor(condition.index(labels), dtype=torch.long)
     channels_t = torch.from_numpy(channels)
     lattices_t = torch.from_numpy(lattices)
@@ -264,7 +271,7 @@ def main(argv: list[str] | None = None) -> Path:
     data_device = device if device.type == "cuda" else torch.device("cpu")
     channels_t, lattices_t = channels_t.to(data_device), lattices_t.to(data_device)
     species_t = species_t.to(data_device) if species_t is not None else None
-    start = time.perf_counter()
+    start, first_step = time.perf_counter(), step
     vae.train()
     while step < args.steps:
         index = torch.randint(len(channels_t), (args.batch_size,), generator=generator).to(data_device)
@@ -296,10 +303,17 @@ def main(argv: list[str] | None = None) -> Path:
                     "optimizer": optimizer.state_dict(),
                     "schedule": schedule.state_dict(),
                     "step": step,
+                    "parts": parts,
+                    "rng": {
+                        "generator": generator.get_state(),
+                        "torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+                    },
                 },
-                last,
+                last.with_suffix(".tmp"),
             )
-            rate = step / (time.perf_counter() - start)
+            last.with_suffix(".tmp").replace(last)
+            rate = (step - first_step) / (time.perf_counter() - start)
             print(
                 f"step {step}/{args.steps} loss {parts['loss']:.4f} mse {parts['mse']:.4f} kld {parts['kld']:.2f} species_ce {parts.get('species_ce', float('nan')):.3f} ({rate:.1f} steps/s)",
                 flush=True,
@@ -346,7 +360,7 @@ def main(argv: list[str] | None = None) -> Path:
         "extra": {
             "config": config,
             "dataset_hash": manifest.get("dataset_hash"),
-            "metrics": {"loss": parts["loss"], "mse": parts["mse"], "kld": parts["kld"]},
+            "metrics": {k: parts[k] for k in ("loss", "mse", "kld") if k in parts},
             "command": "python generative/train/gpu.py " + " ".join(sys.argv[1:] if argv is None else argv),
         },
         "torch_version": torch.__version__,

@@ -1,14 +1,16 @@
 """Post-hoc lattice head: regress the lattice from a trained VAE's latent space.
 
 The VAE stays frozen. Its encoder's posterior (mu, log-variance) of every training and validation
-crystal is computed once and cached in the run folder (``posterior.npz``, so a rerun resumes
-there); the head then learns (z, condition) -> lattice on z drawn from each posterior, so it also
-serves sampled z. The validation split picks the epoch and reports the lattice MAE of the head
-beside the least-squares fit of the decoded coordinate channels.
+crystal is computed once and cached in the run folder (``posterior.npz``, with the SHA-256 of the
+VAE checkpoint it came from, so a rerun on the same VAE resumes there); the head then learns
+(z, condition) -> lattice on z drawn from each posterior, so it also serves sampled z. The
+validation split picks the epoch and reports the lattice MAE of the head beside the
+least-squares fit of the decoded coordinate channels.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,6 +169,15 @@ def train_lattice_head(
     return head, best
 
 
+def checkpoint_sha256(path: Path) -> str:
+    """Hex SHA-256 of the checkpoint file at ``path`` (what identifies the VAE a cache came from)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def lattice_head_run(
     database,
     vae: str | None,
@@ -177,12 +188,15 @@ def lattice_head_run(
     noise: float = 1.0,
     seed: int = 0,
     progress: Callable[[str, int, int], None] | None = None,
+    note: Callable[[str], None] | None = None,
 ) -> tuple[Path, dict, dict[str, float]]:
     """Train a lattice head on the VAE ``vae`` (version, path or None: the default) into ``run_dir``.
 
     The VAE's own data config gives the training and validation splits (the held-out formulas
-    stay out). The posteriors are cached in ``run_dir/posterior.npz``; a rerun reads them back.
-    Returns the checkpoint (the VAE with the head), its extra metadata and the validation metrics.
+    stay out). The posteriors are cached in ``run_dir/posterior.npz`` with the SHA-256 of the VAE
+    checkpoint; a rerun on the same checkpoint reads them back, a rerun on another one encodes
+    again (and says so through ``note``). Returns the checkpoint (the VAE with the head), its
+    extra metadata and the validation metrics.
     """
     from crystaloop.errors import UserError
     from crystaloop.generative.models.checkpoint import load_model, save_model
@@ -196,8 +210,14 @@ def lattice_head_run(
         raise UserError(f"{source} is not a VAE checkpoint; pass --vae with a VAE version")
     run_dir.mkdir(parents=True, exist_ok=True)
     cache = run_dir / "posterior.npz"
+    source_sha256 = checkpoint_sha256(source)
+    cached_sha256 = None
     if cache.is_file():
         arrays = np.load(cache)
+        cached_sha256 = str(arrays["source_sha256"]) if "source_sha256" in arrays else None
+        if cached_sha256 != source_sha256 and note is not None:
+            note(f"{cache} holds the posteriors of another VAE checkpoint than {source}; encoding again")
+    if cached_sha256 == source_sha256:
         train, val = Posterior.from_arrays(arrays, "train"), Posterior.from_arrays(arrays, "val")
     else:
         data = DataConfig.model_validate(extra["config"]["data"])
@@ -213,7 +233,9 @@ def lattice_head_run(
             splits[name] = posterior_of(model, subset, progress=report)
         train, val = splits["train"], splits["val"]
         tmp = run_dir / "posterior.tmp.npz"
-        np.savez(tmp, **train.save(cache, "train"), **val.save(cache, "val"))
+        np.savez(
+            tmp, **train.save(cache, "train"), **val.save(cache, "val"), source_sha256=np.array(source_sha256)
+        )
         tmp.replace(cache)
     report = (lambda done, total: progress("train head", done, total)) if progress else None
     head, head_metrics = train_lattice_head(
@@ -234,6 +256,7 @@ def lattice_head_run(
         **extra,
         "lattice_head": {
             "source": str(source),
+            "source_sha256": source_sha256,
             "hidden": hidden,
             "epochs": epochs,
             "noise": noise,

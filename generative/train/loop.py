@@ -117,8 +117,10 @@ def fit(
 ) -> TrainState:
     """Train ``task`` until ``optim.epochs`` or early stopping; checkpoints go to ``run_dir``.
 
-    ``last.pt`` holds everything needed to resume after a kill; ``best.pt`` holds the best model
-    by held-out loss (with ``extra`` metadata and its metrics).
+    ``last.pt`` holds everything needed to resume after a kill (the RNGs included, and the
+    shuffle generator of ``train_loader`` when it has one, so a resumed run draws the batches
+    a straight run would); ``best.pt`` holds the best model by held-out loss (with ``extra``
+    metadata and its metrics).
     """
     from rich.progress import (
         BarColumn,
@@ -141,6 +143,7 @@ def fit(
     scheduler = _scheduler(optimizer, optim, steps)
     state = TrainState()
     seed_everything(optim.seed)
+    shuffle = getattr(train_loader, "generator", None)
     if resume and last.is_file():
         saved = torch.load(last, map_location=device, weights_only=False)
         for name, module in task.modules().items():
@@ -151,9 +154,11 @@ def fit(
             scheduler.load_state_dict(saved["scheduler"])
             _stretch_cosine(scheduler, optim, steps)
         state = TrainState(**saved["state"])
-        torch.set_rng_state(saved["rng"]["torch"])
+        torch.set_rng_state(saved["rng"]["torch"].cpu())  # map_location moved the RNG states too
         np.random.set_state(saved["rng"]["numpy"])  # noqa: NPY002
         random.setstate(saved["rng"]["python"])
+        if shuffle is not None and "loader" in saved["rng"]:
+            shuffle.set_state(saved["rng"]["loader"].cpu())
         # a resumed run may be given more epochs or more patience than it had
         state.finished = state.epoch >= optim.epochs or state.bad_epochs >= optim.patience
     if state.finished:
@@ -231,6 +236,7 @@ def fit(
                         "torch": torch.get_rng_state(),
                         "numpy": np.random.get_state(),  # noqa: NPY002
                         "python": random.getstate(),
+                        **({"loader": shuffle.get_state()} if shuffle is not None else {}),
                     },
                 },
                 last.with_suffix(".tmp"),

@@ -11,7 +11,7 @@ import torch
 
 from crystaloop.generative.data import prior
 from crystaloop.generative.data.dataset import SplitRecord, VoxelDataset, prior_records, split_records
-from crystaloop.generative.data.shards import ShardDataset, ShardOrderSampler, write_shards
+from crystaloop.generative.data.shards import ShardDataset, ShardOrderSampler, shard_set_bytes, write_shards
 from crystaloop.properties import PROPERTY_NAMES
 
 SPECS = [
@@ -123,3 +123,52 @@ def test_shard_order_sampler_visits_every_sample_once_per_epoch(prior_file, tmp_
     assert sorted(first) == sorted(second) == list(range(len(records)))
     assert first != second
     assert np.all(np.diff([i // 4 for i in first])[:3] == 0)
+
+
+def test_prior_records_limit_counts_structures_and_refuses_below_one(prior_file):
+    assert [r.structure_id for r in prior_records(prior_file, limit=3)] == [
+        r.structure_id for r in prior_records(prior_file)[:3]
+    ]
+    for limit in (0, -3):
+        with pytest.raises(ValueError, match="at least 1"):
+            prior_records(prior_file, limit=limit)
+
+
+def test_a_smaller_shard_set_replaces_the_shard_files_of_a_larger_one(prior_file, tmp_path):
+    out = tmp_path / "shards"
+    records = prior_records(prior_file)
+    write_shards(records, out, PROPERTY_NAMES, grid=8, shard_size=2)
+    assert len(list(out.glob("shard-*.npz"))) == 5
+    manifest = write_shards(records[:3], out, PROPERTY_NAMES, grid=8, shard_size=2)
+    assert sorted(f.name for f in out.glob("shard-*.npz")) == ["shard-00000.npz", "shard-00001.npz"]
+    assert shard_set_bytes(manifest) == sum(f.stat().st_size for f in out.glob("shard-*.npz"))
+    assert len(ShardDataset(manifest)) == 3
+    with pytest.raises(NotADirectoryError):
+        write_shards(records, manifest, PROPERTY_NAMES, grid=8)
+
+
+def test_data_shards_cli_checks_limit_and_folder_before_work(prior_file, tmp_path):
+    from typer.testing import CliRunner
+
+    from crystaloop.cli import app
+    from crystaloop.errors import UserError
+
+    runner = CliRunner()
+    out = tmp_path / "shards"
+    base = ["data", "shards", str(out), "--path", str(prior_file), "--grid", "8", "--shard-size", "2"]
+    for limit in ("0", "-3"):
+        result = runner.invoke(app, [*base, "--limit", limit])
+        assert result.exit_code == 2 and "--limit" in result.output and not out.exists()
+    result = runner.invoke(app, ["data", "bench-loader", "--samples", "0", "--path", str(prior_file)])
+    assert result.exit_code == 2 and "--samples" in result.output
+
+    assert runner.invoke(app, base).exit_code == 0
+    result = runner.invoke(app, [*base, "--limit", "3"])
+    assert result.exit_code == 0, result.output
+    manifest = out / "manifest.json"
+    assert json.loads(manifest.read_text())["count"] == 3 and len(list(out.glob("shard-*.npz"))) == 2
+    assert f"({shard_set_bytes(manifest) / 1e6:.1f} MB)" in result.output
+
+    result = runner.invoke(app, ["data", "shards", str(manifest), "--path", str(prior_file)])
+    assert isinstance(result.exception, UserError)
+    assert str(result.exception) == f"{manifest} is a file; pass a folder (new or existing) for the shards"

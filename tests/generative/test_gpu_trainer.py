@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -105,3 +106,52 @@ def test_gpu_rotation_matches_the_cpu_augmentation():
         assert np.allclose(rotated[i].numpy(), expected, atol=1e-5)
     # stored lattices are already in that orientation: unchanged
     assert torch.allclose(gpu.standard_lattice(matrices), matrices, atol=1e-5)
+
+
+def _gpu_trainer():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_trainer", SCRIPT)
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    return gpu
+
+
+class _Killed(Exception):
+    """Stands in for a kill of the trainer."""
+
+
+def test_a_resumed_gpu_run_ends_with_the_weights_of_a_straight_run(tmp_path, monkeypatch):
+    records = prior_records()[:6]
+    shards = tmp_path / "shards"
+    write_site_shards(records, shards, ["formation_energy_per_atom"], grid=8, shard_size=4)
+    argv = ["--shards", str(shards), "--steps", "4", "--batch-size", "3", "--latent-dim", "8"]
+    argv += ["--widths", "4,8", "--save-every", "2", "--device", "cpu", "--prior-components", "0"]
+    gpu = _gpu_trainer()
+    straight, _ = load_model(gpu.main([*argv, "--out", str(tmp_path / "straight")]))
+
+    calls = {"n": 0}
+    channels_of = gpu.coordinate_channels
+
+    def killed_in_step_3(lattices, grid):  # called once per step
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise _Killed
+        return channels_of(lattices, grid)
+
+    run = tmp_path / "resumed"
+    monkeypatch.setattr(gpu, "coordinate_channels", killed_in_step_3)
+    with pytest.raises(_Killed):
+        gpu.main([*argv, "--out", str(run)])
+    assert torch.load(run / "last.pt", weights_only=False)["step"] == 2 and not (run / "vae.pt").exists()
+    monkeypatch.setattr(gpu, "coordinate_channels", channels_of)
+    resumed, extra = load_model(gpu.main([*argv, "--out", str(run), "--resume"]))
+    for name, weight in straight.state_dict().items():
+        assert torch.equal(weight, resumed.state_dict()[name]), name
+
+    # resuming the finished run trains nothing and writes the same checkpoint again
+    (run / "vae.pt").unlink()
+    again, again_extra = load_model(gpu.main([*argv, "--out", str(run), "--resume"]))
+    assert again_extra["metrics"] == extra["metrics"] and set(extra["metrics"]) == {"loss", "mse", "kld"}
+    for name, weight in resumed.state_dict().items():
+        assert torch.equal(weight, again.state_dict()[name]), name

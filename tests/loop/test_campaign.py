@@ -127,6 +127,11 @@ def test_round_after_generation(
     assert accuracy["hits"] == record.metrics["hits"]
     with pytest.raises(UserError, match="from-round"):
         campaign_accuracy(database, name, from_round=1)
+    from crystaloop.generative.models.shipped import CHECKPOINT_DIR, shipped_models
+
+    unet = CHECKPOINT_DIR / next(e for e in shipped_models() if e["kind"] == "unet")["file"]
+    with pytest.raises(UserError, match="not a CGCNN checkpoint"):
+        campaign_accuracy(database, name, model=str(unet))
 
 
 def test_harvest_collects_jobs_an_earlier_round_left_running(

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from pymatgen.core import Lattice
+from typer.testing import CliRunner
 
+from crystaloop.cli import app
+from crystaloop.errors import UserError
 from crystaloop.generative.evaluate import (
+    evaluate_properties,
     matched_site_errors,
     nest_property_metrics,
     property_metrics,
     species_accuracy,
 )
-from crystaloop.generative.models import CGCNN, CGCNNEnsemble
+from crystaloop.generative.models import CGCNN, CGCNNEnsemble, CondDFCVAE, save_model
 from crystaloop.generative.models.cgcnn import structure_to_graph
 
 
@@ -76,3 +81,33 @@ def test_recall_counts_species_head_and_mask():
     true_z = torch.tensor([[8, 8, 38, 0, 38]])
     # site voxels 0, 1, 2, 4; species right at 0, 1, 4; of those, 0 and 4 are inside the mask
     assert recall_counts(_Fixed(), None, None, true_z) == (3, 2, 4)
+
+
+@pytest.mark.parametrize(
+    ("args", "plot", "problem"),
+    [
+        (["properties"], "missing/parity.png", "does not exist; create it first"),
+        (["candidates", "c1"], "missing/parity.png", "does not exist; create it first"),
+        (["properties"], "parity.txt", "cannot write '.txt' files"),
+    ],
+)
+def test_a_plot_path_that_cannot_be_written_is_refused_before_any_work(
+    tmp_path, monkeypatch, args, plot, problem
+):
+    import crystaloop.generative.evaluate as evaluate
+    import crystaloop.loop.accuracy as accuracy
+
+    def never(*_, **__):
+        raise AssertionError("the evaluation ran before --plot was checked")
+
+    monkeypatch.setattr(evaluate, "evaluate_properties", never)
+    monkeypatch.setattr(accuracy, "campaign_accuracy", never)
+    result = CliRunner().invoke(app, ["evaluate", *args, "--plot", str(tmp_path / plot)])
+    assert isinstance(result.exception, UserError), result.output
+    assert str(result.exception).startswith("--plot ") and problem in str(result.exception)
+
+
+def test_properties_of_a_vae_checkpoint_is_a_user_error(tmp_path):
+    path = save_model(CondDFCVAE(grid=16, latent_dim=8, widths=(4, 8)), tmp_path / "vae.pt")
+    with pytest.raises(UserError, match="is not a CGCNN checkpoint; pass --model with a CGCNN version"):
+        evaluate_properties(None, model=str(path))

@@ -18,6 +18,7 @@ from crystaloop.generative.models.checkpoint import save_model
 from crystaloop.generative.models.condition import DecileCondition
 from crystaloop.generative.models.shipped import CHECKPOINT_DIR, shipped_models
 from crystaloop.generative.train.config import DataConfig
+from crystaloop.generative.train.lattice_head import checkpoint_sha256
 from tests.models.test_training import _records
 
 
@@ -27,8 +28,8 @@ def labelled(database):
     return database
 
 
-def _headless_vae(tmp_path):
-    torch.manual_seed(0)
+def _headless_vae(tmp_path, seed: int = 0):
+    torch.manual_seed(seed)
     vae = CondDFCVAE(
         grid=16,
         latent_dim=8,
@@ -38,7 +39,7 @@ def _headless_vae(tmp_path):
         condition=DecileCondition.fit(list(np.linspace(-3, 0, 20)), "formation_energy_per_atom"),
     )
     data = DataConfig(grid=16, max_sites=40, val_fraction=0.2).model_dump(mode="json")
-    return save_model(vae, tmp_path / "vae.pt", config={"data": data}, dataset_hash="0" * 16)
+    return save_model(vae, tmp_path / f"vae-{seed}.pt", config={"data": data}, dataset_hash="0" * 16)
 
 
 def test_lattice_head_command_trains_registers_and_resumes(labelled, tmp_path, settings):
@@ -83,9 +84,27 @@ def test_lattice_head_command_trains_registers_and_resumes(labelled, tmp_path, s
             + ["--limit", "2", "--format", "json"],
         )
         assert result.exit_code == 0, result.output
-        sources[lattice] = json.loads(result.output)["lattice"]
+        sources[lattice] = json.loads(result.stdout)["lattice"]
     assert sources == {"auto": "head", "fit": "fit"}
     result = runner.invoke(
         app, ["evaluate", "reconstruction", "--vae", str(source), "--unet", str(unet), "--lattice", "head"]
     )
     assert isinstance(result.exception, UserError) and "no lattice head" in str(result.exception)
+
+
+def test_a_rerun_on_another_vae_encodes_its_posteriors_again(labelled, tmp_path, settings):
+    runner = CliRunner()
+    args = ["train", "lattice-head", "--version", "lh", "--epochs", "1", "--hidden", "8"]
+    args += ["--out", str(tmp_path / "runs")]
+    first, second = _headless_vae(tmp_path, seed=0), _headless_vae(tmp_path, seed=1)
+    assert runner.invoke(app, [*args, "--vae", str(first)]).exit_code == 0
+    cache = tmp_path / "runs" / "vae" / "lh" / "posterior.npz"
+    mu_first = np.load(cache)["train_mu"]
+    result = runner.invoke(app, [*args, "--vae", str(second)])
+    assert result.exit_code == 0, result.output
+    assert "another VAE checkpoint" in result.output
+    arrays = np.load(cache)
+    assert not np.allclose(arrays["train_mu"], mu_first)
+    assert str(arrays["source_sha256"]) == checkpoint_sha256(second)
+    _, extra = load_model(tmp_path / "runs" / "vae" / "lh" / "best.pt")
+    assert extra["lattice_head"]["source_sha256"] == checkpoint_sha256(second)

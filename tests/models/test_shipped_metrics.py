@@ -43,11 +43,12 @@ def _ship_real(monkeypatch, tmp_path, database) -> dict[str, ModelDoc]:
 
 def test_ship_then_evaluate_sampling_writes_that_versions_numbers(monkeypatch, tmp_path, database):
     _ship_real(monkeypatch, tmp_path, database)
-    args = ["evaluate", "sampling", "--n", "4", "--workers", "1", "--format", "json"]
+    args = ["evaluate", "sampling", "--n", "4", "--workers", "1", "--format", "json", "--update-manifest"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)  # the progress bar goes to stderr
     assert SAMPLING_KEYS <= set(report) and report["n_samples"] == 4
+    assert "decoding samples: 4/4" in result.stderr
     entry = next(e for e in shipped.shipped_models() if e["kind"] == "vae")
     block = entry["sampling_random"]
     assert block["command"] == "crystaloop evaluate sampling --n 4 --strategy random"
@@ -60,13 +61,20 @@ def test_ship_then_evaluate_sampling_writes_that_versions_numbers(monkeypatch, t
 def test_sampling_from_normal_prior_is_recorded_apart_from_the_fitted_one(monkeypatch, tmp_path, database):
     _ship_real(monkeypatch, tmp_path, database)
     runner = CliRunner()
-    fitted = runner.invoke(app, ["evaluate", "sampling", "--n", "3", "--workers", "1", "--format", "json"])
+    before = shipped.MANIFEST.read_text()
+    quick = runner.invoke(app, ["evaluate", "sampling", "--n", "2", "--workers", "1", "--format", "json"])
+    assert quick.exit_code == 0, quick.output
+    # Without --update-manifest the package's files stay as shipped; the registry gets the numbers.
+    assert shipped.MANIFEST.read_text() == before
+    assert ModelRegistry(database).get("vae").metrics["sampling_random_n_samples"] == 2
+    common = ["evaluate", "sampling", "--n", "3", "--workers", "1", "--update-manifest"]
+    fitted = runner.invoke(app, [*common, "--format", "json"])
     assert fitted.exit_code == 0, fitted.output
-    args = ["evaluate", "sampling", "--n", "3", "--workers", "1", "--prior", "normal", "--format", "json"]
+    args = [*common, "--prior", "normal", "--format", "json"]
     normal = runner.invoke(app, args)
     assert normal.exit_code == 0, normal.output
-    assert json.loads(normal.output)["latent_prior"] == "N(0, I)"
-    assert json.loads(fitted.output)["latent_prior"] == "fitted mixture"  # the shipped VAE stores one
+    assert json.loads(normal.stdout)["latent_prior"] == "N(0, I)"
+    assert json.loads(fitted.stdout)["latent_prior"] == "fitted mixture"  # the shipped VAE stores one
     entry = next(e for e in shipped.shipped_models() if e["kind"] == "vae")
     assert entry["sampling_normal"]["command"].endswith("--strategy random --prior normal")
     assert entry["sampling_random"]["n_samples"] == 3  # the fitted prior's block is kept
@@ -78,7 +86,9 @@ def test_sampling_from_normal_prior_is_recorded_apart_from_the_fitted_one(monkey
 def test_evaluate_output_survives_reshipping_and_calibration_is_labelled(monkeypatch, tmp_path, database):
     docs = _ship_real(monkeypatch, tmp_path, database)
     held_out = {"n_structures": 3, "lattice_mae_angstrom": 0.5, "mae": {"band_gap": 0.2}}
-    shipped.record_held_out(database, docs["vae"].checkpoint, "crystaloop evaluate reconstruction", held_out)
+    shipped.record_held_out(
+        database, docs["vae"].checkpoint, "crystaloop evaluate reconstruction", held_out, manifest=True
+    )
     entry = next(e for e in shipped.shipped_models() if e["kind"] == "vae")
     assert entry["held_out"] == {"command": "crystaloop evaluate reconstruction", **held_out}
     again = ModelRegistry(database).get("vae", version="vae-t1")

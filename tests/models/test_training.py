@@ -174,12 +174,13 @@ def test_train_unet_then_vae_then_cgcnn_register_and_resume(labelled, tmp_path, 
     assert listed.exit_code == 0 and "cgcnn-ensemble" in listed.output
     result = runner.invoke(app, ["evaluate", "properties", "--format", "json", "--limit", "3"])
     assert result.exit_code == 0, result.output
-    props = json.loads(result.output)
+    props = json.loads(result.stdout)
     assert props["n_structures"] <= 3 and "formation_energy_per_atom" in props["mae"]
     assert 0.0 <= props["within_2sigma"]["formation_energy_per_atom"] <= 1.0
     result = runner.invoke(app, ["evaluate", "reconstruction", "--format", "json", "--limit", "2"])
     assert result.exit_code == 0, result.output
-    recon = json.loads(result.output)
+    recon = json.loads(result.stdout)  # the progress bar goes to stderr
+    assert f"reconstructing: {recon['n_structures']}/{recon['n_structures']}" in result.stderr
     for key in (
         "lattice_mae_angstrom",
         "emd_mean_angstrom",
@@ -404,3 +405,76 @@ def test_cli_train_no_default_leaves_the_registry_default(labelled, settings, tm
     registry = ModelRegistry(labelled)
     assert registry.get("cgcnn").version == "a"
     assert registry.get("cgcnn", version="b").default is False
+
+
+def test_a_resumed_cgcnn_run_ends_with_the_weights_of_a_straight_run(labelled, tmp_path):
+    body = {
+        "data": {"max_sites": 40, "val_fraction": 0.0},
+        "optim": {**TINY_OPTIM, "epochs": 3, "batch_size": 2, "max_batches_per_epoch": None},
+        "model": {"hidden": 8, "fc_hidden": 8},
+        "properties": ["formation_energy_per_atom"],
+        "ensemble_size": 1,
+    }
+    three = load_train_config(_config(tmp_path, "three", body), "cgcnn")
+    one = three.model_copy(update={"optim": three.optim.model_copy(update={"epochs": 1})})
+    root = tmp_path / "runs"
+    train_and_register("cgcnn", three, labelled, root, version="straight")
+    train_and_register("cgcnn", one, labelled, root, version="resumed")
+    train_and_register("cgcnn", three, labelled, root, version="resumed", resume=True)
+    straight, resumed = (
+        torch.load(root / "cgcnn" / v / "member-0" / "last.pt", weights_only=False)
+        for v in ("straight", "resumed")
+    )
+    assert [row["loss"] for row in resumed["state"]["history"]] == [
+        row["loss"] for row in straight["state"]["history"]
+    ]
+    for name, weight in straight["modules"]["cgcnn"].items():
+        assert torch.equal(weight, resumed["modules"]["cgcnn"][name]), name
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "problem"),
+    [
+        (
+            "vae",
+            {"data": {"grid": 20}, "model": {"widths": [8, 16, 32]}},
+            "data.grid 20 must be a multiple of 8",
+        ),
+        ("vae", {"data": {"grid": 12}, "model": {"widths": [8, 16, 32]}}, "set data.grid to 8 or 16"),
+        (
+            "unet",
+            {"data": {"grid": 18}, "model": {"widths": [4, 8, 16]}},
+            "data.grid 18 must be a multiple of 4",
+        ),
+        (
+            "unet",
+            {"data": {"grid": 16, "crop": 6}, "model": {"widths": [16, 32, 64]}},
+            "data.crop 6 must be a multiple of 4",
+        ),
+    ],
+)
+def test_grids_and_crops_the_model_cannot_pool_are_config_errors(tmp_path, kind, body, problem):
+    with pytest.raises(ConfigError) as info:
+        load_train_config(_config(tmp_path, kind, body), kind)
+    assert len(info.value.lines) == 1 and problem in info.value.lines[0]
+
+
+def test_grids_and_crops_the_model_can_pool_validate(tmp_path):
+    unet = {"data": {"grid": 16, "crop": 12}, "model": {"widths": [4, 8, 16]}}
+    assert load_train_config(_config(tmp_path, "u", unet), "unet").data.crop == 12
+    larger_crop = {"data": {"grid": 16, "crop": 20}, "model": {"widths": [4, 8, 16]}}  # crops nothing
+    assert load_train_config(_config(tmp_path, "c", larger_crop), "unet").data.crop == 20
+    vae = {"data": {"grid": 24}, "model": {"widths": [8, 16, 32]}}
+    assert CondDFCVAE(grid=24, widths=[8, 16, 32], latent_dim=2).bottom == 3
+    assert load_train_config(_config(tmp_path, "v", vae), "vae").data.grid == 24
+
+
+def test_site_shards_command_shows_progress_and_refuses_a_file(labelled, tmp_path):
+    out = tmp_path / "sites"
+    result = CliRunner().invoke(app, ["train", "site-shards", str(out), "--grid", "8", "--split", "all"])
+    assert result.exit_code == 0, result.output
+    assert "site channels: 10/10" in result.stderr and "eta" in result.stderr
+    assert json.loads((out / "manifest.json").read_text())["count"] == 10
+    result = CliRunner().invoke(app, ["train", "site-shards", str(out / "manifest.json"), "--grid", "8"])
+    assert isinstance(result.exception, UserError)
+    assert "is a file; pass a folder (new or existing) for the shards" in str(result.exception)
