@@ -49,40 +49,25 @@ def _train(
     console.print(f"checkpoint {doc.checkpoint}", highlight=False)
 
 
-@app.command("unet")
-def unet(
-    config: Path = _CONFIG,
-    resume: bool = _RESUME,
-    version: str = _VERSION,
-    out: Path = _OUT,
-    default: bool = _DEFAULT,
-) -> None:
-    """Train the 3-D segmentation UNet (species + mask)."""
-    _train("unet", config, resume, version, out, default)
+def _trainer(kind: str, summary: str):
+    """Register ``crystaloop train KIND`` (the three trainers take the same options)."""
+
+    def command(
+        config: Path = _CONFIG,
+        resume: bool = _RESUME,
+        version: str = _VERSION,
+        out: Path = _OUT,
+        default: bool = _DEFAULT,
+    ) -> None:
+        _train(kind, config, resume, version, out, default)
+
+    command.__name__, command.__doc__ = kind, summary
+    return app.command(kind)(command)
 
 
-@app.command("vae")
-def vae(
-    config: Path = _CONFIG,
-    resume: bool = _RESUME,
-    version: str = _VERSION,
-    out: Path = _OUT,
-    default: bool = _DEFAULT,
-) -> None:
-    """Train the Cond-DFC-VAE (needs a registered UNet for the perceptual loss)."""
-    _train("vae", config, resume, version, out, default)
-
-
-@app.command("cgcnn")
-def cgcnn(
-    config: Path = _CONFIG,
-    resume: bool = _RESUME,
-    version: str = _VERSION,
-    out: Path = _OUT,
-    default: bool = _DEFAULT,
-) -> None:
-    """Train the CGCNN property ensemble."""
-    _train("cgcnn", config, resume, version, out, default)
+unet = _trainer("unet", "Train the 3-D segmentation UNet (species + mask).")
+vae = _trainer("vae", "Train the Cond-DFC-VAE (needs a registered UNet for the perceptual loss).")
+cgcnn = _trainer("cgcnn", "Train the CGCNN property ensemble.")
 
 
 @app.command("site-shards")
