@@ -135,11 +135,22 @@ def remote_project_config(
 
 
 def write_remote_project(config: dict[str, Any], directory: Path | str) -> Path:
-    """Write a project YAML where ``jf`` finds it (``~/.jfremote/<name>.yaml`` by default)."""
+    """Write a project YAML where ``jf`` finds it (``~/.jfremote/<name>.yaml`` by default).
+
+    Raises
+    ------
+    UserError
+        The folder cannot be created or the file written (a file in the path, no permission).
+    """
     directory = Path(directory).expanduser()
-    directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{config['name']}.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+    except OSError as exc:
+        raise UserError(
+            f"cannot write {path} ({exc.strerror or exc}); pass --out a folder you can write to"
+        ) from None
     return path
 
 

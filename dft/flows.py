@@ -166,9 +166,13 @@ class FormationEnergyFlow(Flow):
     def _cached(self, element: str, compound_elements: list[str]) -> ElementReference | None:
         from crystaloop.errors import UserError
 
+        structure = self.reference_structures.get(element)
         try:
             if self.engine == "surrogate":
-                hit = store.get_reference(element, "surrogate", self.reference_maker.preset, None)
+                from crystaloop.dft.surrogate import surrogate_reference_key
+
+                key = surrogate_reference_key(self.reference_maker.preset, structure)
+                hit = store.get_reference(element, "surrogate", key, None)
             else:
                 from crystaloop.dft.espresso.jobs import reference_cutoffs, reference_key
                 from crystaloop.dft.pseudos import family_from_settings
@@ -179,7 +183,7 @@ class FormationEnergyFlow(Flow):
                     return None
                 maker = self.reference_maker
                 cutoffs = reference_cutoffs(maker, element, compound_elements, family)
-                key = reference_key(maker.preset, maker.overrides, cutoffs, element)
+                key = reference_key(maker.preset, maker.overrides, cutoffs, element, structure)
                 hit = store.get_reference(element, "espresso", key, entry.md5)
         except UserError:
             return None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -165,6 +166,10 @@ class PseudoFamily(BaseModel):
 def load_family(path: Path | str, pseudo_dir: Path | str | None = None) -> PseudoFamily:
     """Read a family YAML; ``pseudo_dir`` (else the YAML's value, else its folder) holds the files.
 
+    The family's ``pseudo_dir`` is made absolute, since pw.x runs in each job's own folder: a
+    relative ``pseudo_dir`` argument against the current directory, a relative YAML value
+    against the YAML's folder.
+
     Raises
     ------
     UserError
@@ -182,8 +187,13 @@ def load_family(path: Path | str, pseudo_dir: Path | str | None = None) -> Pseud
     except (yaml.YAMLError, ValueError) as exc:
         first = str(exc).splitlines()[0]
         raise UserError(f"pseudopotential family {path} is invalid ({first}); fix the YAML") from None
-    resolved = Path(pseudo_dir) if pseudo_dir else (family.pseudo_dir or path.parent)
-    return family.model_copy(update={"pseudo_dir": resolved.expanduser()})
+    if pseudo_dir:
+        resolved = Path(pseudo_dir).expanduser()
+    elif family.pseudo_dir is not None:
+        resolved = path.parent / family.pseudo_dir.expanduser()
+    else:
+        resolved = path.parent
+    return family.model_copy(update={"pseudo_dir": resolved.resolve()})
 
 
 def family_from_settings(settings=None) -> PseudoFamily:
@@ -504,10 +514,19 @@ def build_local_family(
     Raises
     ------
     UserError
-        No PBE pseudopotential was found (Quantum ESPRESSO's data files are not installed).
+        No PBE pseudopotential was found (Quantum ESPRESSO's data files are not installed), or
+        ``dest`` cannot be created or written.
     """
     dest = Path(dest).expanduser()
-    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(
+            f"cannot create the family folder {dest} ({exc.strerror or exc}); pass --dest a "
+            "folder you can write to"
+        ) from None
+    if not os.access(dest, os.W_OK):
+        raise UserError(f"cannot write to the family folder {dest}; pass --dest a folder you can write to")
     with tempfile.TemporaryDirectory(prefix="crystaloop-pseudos-") as tmp:
         candidates, ld1_ok, ld1_failed = _gather_candidates(Path(tmp), use_ld1, ld1_elements, jobs)
         if not candidates:

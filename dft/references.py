@@ -15,6 +15,7 @@ campaign starts.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 
 import numpy as np
@@ -131,6 +132,21 @@ def default_reference(element: str) -> tuple[Structure, str] | None:
         return complex_structure(element), "vc-relax"
     found = ase_reference_structure(element)
     return (found, "vc-relax") if found is not None else None
+
+
+def structure_digest(structure: Structure) -> str:
+    """A short hash of ``structure``'s lattice, species and fractional coordinates (to 1e-4).
+
+    Part of an element-reference cache key when the user supplies the structure, so that
+    its energy is never stored under, or read from, the built-in reference's key.
+    """
+    # + 0.0 turns -0.0 into 0.0; the second % 1.0 turns a rounded 1.0 into 0.0.
+    lattice = [round(float(x), 4) + 0.0 for x in structure.lattice.matrix.flat]
+    sites = sorted(
+        (site.species_string, *(round(float(x) % 1.0, 4) % 1.0 + 0.0 for x in site.frac_coords))
+        for site in structure
+    )
+    return hashlib.sha256(repr((lattice, sites)).encode()).hexdigest()[:10]
 
 
 def reference_structure(element: str, structure: Structure | None = None) -> tuple[Structure, str]:

@@ -18,7 +18,7 @@ from pymatgen.core import Structure
 
 from crystaloop.dft import store
 from crystaloop.dft.espresso.jobs import DATA_FIELDS, current_task_id
-from crystaloop.dft.references import reference_structure
+from crystaloop.dft.references import reference_structure, structure_digest
 from crystaloop.dft.schemas import ElementReference, IonicStep, QEInputDoc, QETaskDocument
 
 SURROGATE_PRESET = "chgnet"
@@ -208,18 +208,24 @@ class SurrogateElementReferenceMaker(SurrogateRelaxMaker):
         return run_surrogate_reference(self, element, structure)
 
 
+def surrogate_reference_key(preset: str, structure: Structure | None = None) -> str:
+    """The surrogate reference cache key: ``preset``, plus ``+s<hash>`` for a user-supplied structure."""
+    return f"{preset}+s{structure_digest(structure)}" if structure is not None else preset
+
+
 def run_surrogate_reference(
     maker: SurrogateElementReferenceMaker, element: str, structure: Structure | None = None
 ) -> ElementReference:
     """Look up, or relax and cache, the CHGNet reference for ``element``."""
     from crystaloop.errors import UserError
 
-    cached = store.get_reference(element, "surrogate", maker.preset, None)
+    key = surrogate_reference_key(maker.preset, structure)
+    cached = store.get_reference(element, "surrogate", key, None)
     if cached is not None:
         return ElementReference(
             element=element,
             engine="surrogate",
-            preset=maker.preset,
+            preset=key,
             energy_per_atom=cached["energy_per_atom"],
             task_id=cached["task_id"],
             cached=True,
@@ -236,11 +242,11 @@ def run_surrogate_reference(
     doc = run_surrogate_task(runner, ref_structure, relax=calculation == "vc-relax")
     if doc.energy_per_atom is None:
         raise UserError(f"surrogate reference for {element} failed ({'; '.join(doc.reasons)})")
-    store.put_reference(element, "surrogate", maker.preset, None, doc.energy_per_atom, doc.task_id)
+    store.put_reference(element, "surrogate", key, None, doc.energy_per_atom, doc.task_id)
     return ElementReference(
         element=element,
         engine="surrogate",
-        preset=maker.preset,
+        preset=key,
         energy_per_atom=doc.energy_per_atom,
         task_id=doc.task_id,
         cached=False,

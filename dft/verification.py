@@ -25,8 +25,8 @@ from being penalised (the bug that put CuPd above its elements).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any, Literal
 
@@ -213,6 +213,7 @@ class ElementVerification:
     ecutwfc: float | None = None
     ecutrho: float | None = None
     reasons: list[str] = field(default_factory=list)
+    eos_checked: bool = False  # the EOS was attempted (False for --no-eos)
 
     @property
     def structural_error(self) -> float | None:
@@ -316,6 +317,7 @@ def verify_element(
         result.reasons.append(f"structural check: {exc}")
     if not eos:
         return result
+    result.eos_checked = True
     n = ref.verify.natoms
     for volume in eos_volumes(ref.verify.v0, points, span):
         try:
@@ -361,8 +363,49 @@ def pwx_energy_fn(
     return energy
 
 
+#: Verdicts from best to worst.
+VERDICT_RANK: tuple[Verdict, ...] = ("verified", "marginal", "failed")
+#: Keys of a stored ``verification`` block that the structural check alone sets.
+_STRUCTURAL_KEYS = ("structure", "structural_check", "structural_energy_ev", "structural_energy_ae_ev")
+
+
+def merged_verification(
+    result: ElementVerification, stored_verdict: str = "unverified", stored: Mapping[str, Any] | None = None
+) -> tuple[Verdict, dict[str, Any]]:
+    """``(verdict, numbers)`` to store for ``result`` over an entry's stored verdict and numbers.
+
+    A run with the EOS replaces what was stored. A structural check alone (``--no-eos``)
+    updates the structural numbers and keeps the stored EOS numbers and reasons; its verdict
+    combines the new structural error with the stored ν and ε and is never better than the
+    stored verdict, which may rest on an EOS this run did not repeat.
+    """
+    if result.eos_checked:
+        return result.verdict, result.summary()
+    block = dict(stored or {})
+    for key in (*_STRUCTURAL_KEYS, "reasons"):
+        block.pop(key, None)
+    kept_reasons = [r for r in (stored or {}).get("reasons", []) if not r.startswith("structural check")]
+    combined = replace(
+        result, nu=block.get("nu"), epsilon=block.get("epsilon"), reasons=[*result.reasons, *kept_reasons]
+    )
+    verdict = combined.verdict
+    if stored_verdict in VERDICT_RANK and (
+        verdict not in VERDICT_RANK or VERDICT_RANK.index(stored_verdict) > VERDICT_RANK.index(verdict)
+    ):
+        verdict = stored_verdict
+    new = result.summary()
+    block.update({k: v for k, v in new.items() if k != "reasons"})
+    if combined.reasons:
+        block["reasons"] = combined.reasons
+    block["verdict"] = verdict
+    return verdict, block
+
+
 def write_verdicts(family_path, results: Sequence[ElementVerification]) -> None:
-    """Store each result's verdict and numbers in the family YAML (other entries untouched)."""
+    """Store each result's verdict and numbers in the family YAML (other entries untouched).
+
+    A result without the EOS is merged into the stored numbers (see :func:`merged_verification`).
+    """
     from pathlib import Path
 
     path = Path(family_path)
@@ -371,13 +414,14 @@ def write_verdicts(family_path, results: Sequence[ElementVerification]) -> None:
         entry = data["pseudopotentials"].get(result.element)
         if entry is None:
             continue
-        entry["verdict"] = result.verdict
-        entry["verification"] = result.summary()
+        entry["verdict"], entry["verification"] = merged_verification(
+            result, entry.get("verdict", "unverified"), entry.get("verification")
+        )
     path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
-def result_row(result: ElementVerification) -> dict[str, Any]:
-    """One element's numbers as a flat dict (for tables and JSON)."""
+def result_row(result: ElementVerification, verdict: str | None = None) -> dict[str, Any]:
+    """One element's numbers as a flat dict (for tables and JSON); ``verdict`` replaces the result's."""
     error = result.structural_error
     return {
         "element": result.element,
@@ -394,7 +438,7 @@ def result_row(result: ElementVerification) -> dict[str, Any]:
         "epsilon": result.epsilon,
         "volumes_a3": result.volumes,
         "energies_ev": result.energies,
-        "verdict": result.verdict,
+        "verdict": verdict or result.verdict,
         "reasons": result.reasons,
     }
 

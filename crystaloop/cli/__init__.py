@@ -61,8 +61,11 @@ def main() -> None:
     """
     from pymongo.errors import AutoReconnect, ConnectionFailure, ServerSelectionTimeoutError
 
+    from crystaloop.cli._common import sigterm_raises
+
     try:
-        app()
+        with sigterm_raises():
+            app()
     except UserError as exc:
         report_user_error(exc)
         sys.exit(exc.exit_code)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -163,3 +164,25 @@ def eta_progress(description: str, *, on: Console | None = None):
             )
 
     return progress, update
+
+
+@contextmanager
+def sigterm_raises():
+    """While inside, SIGTERM raises SystemExit (exit code 143), so that cleanup code runs: a
+    pw.x being waited for is stopped (``run_pw``) and a campaign releases its lease, instead of
+    the process dying on the spot. A no-op outside the main thread (signals go there only)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _exit(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, _exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -16,9 +16,7 @@ app.add_typer(pseudos_app, name="pseudos", help="Build and inspect pseudopotenti
 
 @pseudos_app.command("build-local")
 def build_local(
-    dest: Path = typer.Option(
-        None, "--dest", help="Target directory (default: the settings' pseudo_dir)."
-    ),
+    dest: Path = typer.Option(None, "--dest", help="Target directory (default: the settings' pseudo_dir)."),
     ld1: bool = typer.Option(True, "--ld1/--no-ld1", help="Generate PAW potentials with ld1.x."),
     jobs: int = typer.Option(2, "--jobs", min=1, help="ld1.x runs in parallel."),
 ) -> None:
@@ -98,6 +96,7 @@ def verify_family(
         STRUCTURAL_GOOD_EV,
         acwf_references,
         acwf_source,
+        merged_verification,
         pwx_energy_fn,
         result_row,
         verify_element,
@@ -128,7 +127,11 @@ def verify_family(
             )
         entry = family.pseudopotentials[element]
         results[-1].ecutwfc, results[-1].ecutrho = entry.ecutwfc, entry.ecutrho
-    rows = [result_row(r) for r in results]
+    rows = []
+    for result in results:
+        entry = family.pseudopotentials[result.element]
+        verdict, _ = merged_verification(result, entry.verdict, entry.verification)
+        rows.append(result_row(result, verdict))
     if write:
         write_verdicts(get_settings().resolved_pseudo_family(), results)
     if output:
@@ -142,6 +145,10 @@ def verify_family(
         f"ε <= {EPSILON_GOOD}; marginal: within twice those; reference: {acwf_source()}",
         highlight=False,
     )
+    if not eos:
+        console.print(
+            "--no-eos: each verdict also weighs the stored EOS numbers and is never better than the stored verdict"
+        )
     if write:
         console.print(f"verdicts written to {get_settings().resolved_pseudo_family()}")
 
@@ -150,15 +157,37 @@ def _verify_table(rows, name: str):
     from rich.table import Table
 
     table = Table(title=f"{name} against all-electron PBE (ACWF)")
-    for column in ("element", "structure", "check", "ΔE (eV/atom)", "ΔE AE", "error (meV)",
-                   "V0 (Å³/atom)", "V0 AE", "B0 (GPa)", "B0 AE", "ν", "ε", "verdict"):
+    for column in (
+        "element",
+        "structure",
+        "check",
+        "ΔE (eV/atom)",
+        "ΔE AE",
+        "error (meV)",
+        "V0 (Å³/atom)",
+        "V0 AE",
+        "B0 (GPa)",
+        "B0 AE",
+        "ν",
+        "ε",
+        "verdict",
+    ):
         table.add_column(column)
     for r in rows:
         table.add_row(
-            r["element"], r["structure"], r["check"], _fmt(r["dE_ev"], ".3f"), _fmt(r["dE_ae_ev"], ".3f"),
-            _fmt(r["dE_error_mev"], ".0f"), _fmt(r["v0_a3"], ".3f"), _fmt(r["v0_ae_a3"], ".3f"),
-            _fmt(r["b0_gpa"], ".1f"), _fmt(r["b0_ae_gpa"], ".1f"), _fmt(r["nu"], ".2f"),
-            _fmt(r["epsilon"], ".2f"), r["verdict"],
+            r["element"],
+            r["structure"],
+            r["check"],
+            _fmt(r["dE_ev"], ".3f"),
+            _fmt(r["dE_ae_ev"], ".3f"),
+            _fmt(r["dE_error_mev"], ".0f"),
+            _fmt(r["v0_a3"], ".3f"),
+            _fmt(r["v0_ae_a3"], ".3f"),
+            _fmt(r["b0_gpa"], ".1f"),
+            _fmt(r["b0_ae_gpa"], ".1f"),
+            _fmt(r["nu"], ".2f"),
+            _fmt(r["epsilon"], ".2f"),
+            r["verdict"],
         )
     return table
 
@@ -166,14 +195,22 @@ def _verify_table(rows, name: str):
 def _read_structure(path: Path):
     from pymatgen.core import Structure
 
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; give one CIF or POSCAR file")
     if not path.is_file():
         raise UserError(f"{path} does not exist; give a CIF or POSCAR file")
     try:
-        return Structure.from_file(str(path))
+        structure = Structure.from_file(str(path))
     except Exception as exc:  # pymatgen raises many types for malformed files
         raise UserError(
             f"cannot read a crystal structure from {path} ({type(exc).__name__}); check the file"
         ) from None
+    if not structure.is_ordered:
+        raise UserError(
+            f"{path} has partially occupied sites ({structure.composition.reduced_formula}); "
+            "DFT needs an ordered structure: order it first (e.g. pymatgen's OrderDisorderedStructureTransformation)"
+        )
+    return structure
 
 
 @app.command("relax")
@@ -203,10 +240,19 @@ def relax(
         raise UserError(f"unknown engine '{engine}'; choose espresso or surrogate")
     structure = _read_structure(structure_file)
     if engine == "espresso":
+        from crystaloop.dft.espresso.run import missing_executables
         from crystaloop.dft.pseudos import family_from_settings
+        from crystaloop.settings import get_settings
 
         load_preset(preset)
         family_from_settings().require(structure)
+        pw_command = get_settings().pw_command
+        missing = missing_executables(pw_command)
+        if backend == "local" and missing:
+            raise UserError(
+                f"{', '.join(missing)} not found on PATH (pw_command '{pw_command}'); install "
+                "Quantum ESPRESSO (apt-get install quantum-espresso) or set CRYSTALOOP_PW_COMMAND"
+            )
     flow = _build_flow(structure, engine, preset, formation_energy)
     if backend == "fireworks":
         ids = run_flow(flow, "fireworks")
@@ -221,7 +267,7 @@ def relax(
         run_flow(flow, "jobflow-remote", project=project, worker=worker)
         console.print(f"submitted to jobflow-remote project {project}; follow with 'jf job list'")
         return
-    responses = run_flow(flow, "local", log=True)
+    responses = run_flow(flow, "local", log=True)  # a SIGTERM stops pw.x too (cli.main)
     _print_result(flow, responses)
 
 
@@ -319,8 +365,16 @@ def status(limit: int = typer.Option(10, "--limit", min=0, help="Rows per state.
     summary = ", ".join(f"{state}: {len(docs)}" for state, docs in sorted(grouped.items()))
     console.print(f"dft_tasks: {summary}")
     table = Table()
-    for column in ("state", "task id", "formula", "engine", "preset", "E (eV/atom)", "E_f (eV/atom)",
-                   "reasons"):
+    for column in (
+        "state",
+        "task id",
+        "formula",
+        "engine",
+        "preset",
+        "E (eV/atom)",
+        "E_f (eV/atom)",
+        "reasons",
+    ):
         table.add_column(column)
     for state, docs in sorted(grouped.items()):
         for doc in docs[:limit]:
@@ -361,8 +415,6 @@ def remote_config(
         raise UserError(f"{target} exists; pass --force to replace it, or another --name")
     if out.expanduser().exists() and not out.expanduser().is_dir():
         raise UserError(f"--out {out} is a file; pass the folder jf reads projects from")
-    config = remote_project_config(
-        name, scheduler=scheduler, host=host, work_dir=work_dir, pre_run=pre_run
-    )
+    config = remote_project_config(name, scheduler=scheduler, host=host, work_dir=work_dir, pre_run=pre_run)
     path = write_remote_project(config, out)
     console.print(f"wrote {path}; check it with 'jf project check -p {name}'")

@@ -67,6 +67,7 @@ class Preset(BaseModel):
         """
         if not overrides:
             return self.model_copy(deep=True)
+        _reject_namelist_cutoffs(overrides, f"override for preset '{self.name}'", "the override")
         merged = deep_merge(self.model_dump(), overrides)
         try:
             return Preset.model_validate(merged)
@@ -77,6 +78,23 @@ class Preset(BaseModel):
                 f"invalid override for preset '{self.name}': {where}: {problem['msg']}; "
                 "fix the override"
             ) from None
+
+
+def _reject_namelist_cutoffs(data: dict[str, Any], what: str, where: str) -> None:
+    """Refuse ``input_data.system.ecutwfc``/``ecutrho``: the top-level fields set the cutoffs.
+
+    Raises
+    ------
+    UserError
+        ``data`` sets a cutoff inside ``input_data.system``.
+    """
+    system = ((data.get("input_data") or {}).get("system")) or {}
+    for key in ("ecutwfc", "ecutrho"):
+        if isinstance(system, dict) and key in system:
+            raise UserError(
+                f"{what} sets input_data.system.{key}, which the family cutoffs would replace; "
+                f"set the top-level '{key}' (Ry) in {where} instead"
+            )
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -116,9 +134,11 @@ def load_preset(name: str | Path, overrides: dict[str, Any] | None = None) -> Pr
             )
         text = resource.read_text()
     try:
-        preset = Preset.model_validate(yaml.load(text, Loader=SAFE_LOADER))
+        data = yaml.load(text, Loader=SAFE_LOADER)
+        preset = Preset.model_validate(data)
     except (yaml.YAMLError, ValidationError) as exc:
         raise UserError(f"preset '{name}' is invalid ({str(exc).splitlines()[0]})") from None
+    _reject_namelist_cutoffs(data, f"preset '{name}'", "the preset YAML")
     return preset.with_overrides(overrides)
 
 
@@ -226,9 +246,9 @@ def build_pw_input(
     data = {section: dict(preset.input_data.get(section, {})) for section in NAMELISTS}
     for section, values in preset.input_data.items():
         data.setdefault(section, dict(values))
-    data["control"].update(
-        {"pseudo_dir": str(family.pseudo_dir), "outdir": "./out", "prefix": prefix}
-    )
+    # pw.x runs in the job's folder: a relative pseudo_dir would be read from there.
+    pseudo_dir = Path(family.pseudo_dir).absolute() if family.pseudo_dir is not None else None
+    data["control"].update({"pseudo_dir": str(pseudo_dir), "outdir": "./out", "prefix": prefix})
     data["system"]["ecutwfc"] = ecutwfc
     data["system"]["ecutrho"] = ecutrho
     magmoms = None

@@ -22,9 +22,15 @@ from pymatgen.core import Structure
 
 from crystaloop.dft import store
 from crystaloop.dft.espresso.handlers import HandledRun, default_handlers, run_with_handlers
-from crystaloop.dft.espresso.inputs import build_pw_input, deep_merge, load_preset, resolve_cutoffs
+from crystaloop.dft.espresso.inputs import (
+    available_presets,
+    build_pw_input,
+    deep_merge,
+    load_preset,
+    resolve_cutoffs,
+)
 from crystaloop.dft.pseudos import PseudoFamily, family_from_settings
-from crystaloop.dft.references import SPIN_POLARIZED_REFERENCES, reference_structure
+from crystaloop.dft.references import SPIN_POLARIZED_REFERENCES, reference_structure, structure_digest
 from crystaloop.dft.schemas import (
     Correction,
     ElementReference,
@@ -56,26 +62,47 @@ def job_directory(task_id: str) -> Path:
 
 
 def reference_key(
-    preset: str, overrides: dict[str, Any], cutoffs: tuple[float, float], element: str | None = None
+    preset: str,
+    overrides: dict[str, Any],
+    cutoffs: tuple[float, float],
+    element: str | None = None,
+    structure: Structure | None = None,
 ) -> str:
-    """The element-reference cache key: preset label, overrides hash and the cutoffs (Ry).
+    """The element-reference cache key: preset key, the cutoffs (Ry) and any given structure.
 
     The cutoffs are part of the key because a reference is only comparable with a compound
     computed at the same cutoffs; a Pd reference at Pd's own 35 Ry is a different number
     from the one CuPd needs at Cu's 50 Ry. References run spin-polarised whatever the preset
     says (O2) carry ``+spin``, so that closed-shell results cached before are never reused.
+    A user-supplied reference ``structure`` adds ``+s<hash>``: its energy is cached apart
+    from the built-in reference's.
     """
     spin = "+spin" if element in SPIN_POLARIZED_REFERENCES else ""
-    return f"{preset_key(preset, overrides)}@{cutoffs[0]:g}/{cutoffs[1]:g}Ry{spin}"
+    own = f"+s{structure_digest(structure)}" if structure is not None else ""
+    return f"{preset_key(preset, overrides)}@{cutoffs[0]:g}/{cutoffs[1]:g}Ry{spin}{own}"
 
 
 def preset_key(preset: str, overrides: dict[str, Any]) -> str:
-    """The preset label plus a short hash of the overrides (the reference cache key)."""
-    label = load_preset(preset).label
+    """The cache key of a preset and overrides: its label, plus short hashes where needed.
+
+    A shipped preset keeps its bare ``name@version`` label (so existing caches stay valid).
+    Any other preset, such as a YAML file reusing a shipped label with other settings, gets
+    ``~<hash>`` of its fully resolved settings; overrides add ``+<hash>`` of the overrides.
+    """
+    loaded = load_preset(preset)
+    label = loaded.label
+    settings = loaded.model_dump(exclude={"description"})
+    if loaded.name not in available_presets() or load_preset(loaded.name).model_dump(
+        exclude={"description"}
+    ) != settings:
+        label = f"{label}~{_digest(settings)}"
     if not overrides:
         return label
-    digest = hashlib.md5(json.dumps(overrides, sort_keys=True, default=str).encode()).hexdigest()
-    return f"{label}+{digest[:8]}"
+    return f"{label}+{_digest(overrides)}"
+
+
+def _digest(data: dict[str, Any]) -> str:
+    return hashlib.md5(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 @dataclass
@@ -355,7 +382,7 @@ def run_element_reference(
         )
     md5 = family.pseudopotentials[element].md5
     cutoffs = reference_cutoffs(maker, element, compound_elements, family)
-    key = reference_key(maker.preset, maker.overrides, cutoffs, element)
+    key = reference_key(maker.preset, maker.overrides, cutoffs, element, structure)
     cached = store.get_reference(element, "espresso", key, md5)
     if cached is not None:
         return ElementReference(

@@ -24,7 +24,14 @@ _TOTAL_MAG = re.compile(r"total magnetization\s*=\s*(-?[\d.]+)")
 _SCF_FAILED = "convergence NOT achieved"
 _MAX_STEPS = "The maximum number of steps has been reached"
 _RELAX_DONE = ("End of BFGS Geometry Optimization", "End final coordinates", "bfgs converged")
-_FINAL_SCF = "A final scf calculation at the relaxed structure"
+#: BFGS gave up. pw.x 6.7 prints the first on its own line, then "bfgs converged" anyway;
+#: later versions print "...: exiting" and "bfgs failed after". WARNING lines (such as
+#: "bfgs curvature condition failed") are not failures.
+_RELAX_FAILED = re.compile(
+    r"^\s*(?:bfgs )?(?:history already reset at previous step|bfgs failed after)", re.M
+)
+#: "A final scf ..." before pw.x 6.x, "Final scf ..." in 6.x.
+_FINAL_SCF = re.compile(r"final scf calculation at the relaxed structure", re.I)
 
 
 class PwOutputError(ValueError):
@@ -220,7 +227,7 @@ def parse_pw_output(path: Path | str, *, strict: bool = True) -> PwOutput:
     calc_match = re.search(r"calculation\s*=\s*'([^']+)'", text)
     calculation = calc_match.group(1) if calc_match else None
     max_steps = _MAX_STEPS in text
-    if max_steps or re.search(r"(bfgs|BFGS).*(failed|history already reset)", text):
+    if max_steps or _RELAX_FAILED.search(text):
         relax_converged: bool | None = False
     elif any(marker in text for marker in _RELAX_DONE):
         relax_converged = True
@@ -256,7 +263,7 @@ def parse_pw_output(path: Path | str, *, strict: bool = True) -> PwOutput:
         scf_converged=_SCF_FAILED not in text,
         relax_converged=relax_converged,
         max_steps_reached=max_steps,
-        n_ionic_steps=len(with_energy) - (1 if _FINAL_SCF in text and len(with_energy) > 1 else 0),
+        n_ionic_steps=len(with_energy) - (1 if _FINAL_SCF.search(text) and len(with_energy) > 1 else 0),
         initial_structure=adaptor.get_structure(images[0]) if images else None,
         final_structure=adaptor.get_structure(last if last is not None else images[-1]) if images else None,
         energy=float(last.calc.results["energy"]) if last is not None else None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from crystaloop.dft.espresso.inputs import INPUT_FILE, OUTPUT_FILE
 from crystaloop.errors import UserError
 
 STDERR_FILE = "pw.err"
+#: Seconds pw.x (and its MPI launcher) get to exit after SIGTERM before SIGKILL.
+TERMINATE_GRACE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,10 @@ def run_pw(
     timeout_s
         Kill pw.x after this many seconds (a wall-time limit); ``timed_out`` is then True.
 
+    pw.x runs in its own process group. If the wait is interrupted (Ctrl-C, SIGTERM made to
+    raise, any exception), the group is terminated, then killed, before the exception goes on:
+    no pw.x is left running.
+
     Raises
     ------
     UserError
@@ -106,7 +113,9 @@ def run_pw(
     timed_out = False
     with (directory / OUTPUT_FILE).open("w") as out, (directory / STDERR_FILE).open("w") as err:
         try:
-            proc = subprocess.Popen(command, cwd=directory, stdout=out, stderr=err, env=env)
+            proc = subprocess.Popen(
+                command, cwd=directory, stdout=out, stderr=err, env=env, start_new_session=True
+            )
         except OSError as exc:
             raise UserError(
                 f"cannot start '{command[0]}' ({exc.strerror}); install Quantum ESPRESSO "
@@ -115,9 +124,11 @@ def run_pw(
         try:
             returncode = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            stop_process_group(proc, grace_s=0.0)
             returncode, timed_out = None, True
+        except BaseException:
+            stop_process_group(proc)
+            raise
     return PwRun(
         command=command,
         returncode=returncode,
@@ -125,3 +136,24 @@ def run_pw(
         timed_out=timed_out,
         directory=directory,
     )
+
+
+def stop_process_group(proc: subprocess.Popen, grace_s: float = TERMINATE_GRACE_S) -> None:
+    """SIGTERM the process group of ``proc`` (started with its own session), SIGKILL it after
+    ``grace_s`` seconds if ``proc`` is still running, and reap ``proc``."""
+    if proc.poll() is None and grace_s > 0:
+        _signal_group(proc, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    # Also when pw.x itself has exited: the MPI ranks or helpers of its group may remain.
+    _signal_group(proc, signal.SIGKILL)
+    proc.wait()
+
+
+def _signal_group(proc: subprocess.Popen, signum: int) -> None:
+    try:
+        os.killpg(proc.pid, signum)
+    except ProcessLookupError:  # the whole group has already exited
+        pass

@@ -147,6 +147,8 @@ def fake_pw(monkeypatch):
     def install(mapping: dict[str, str]) -> FakePw:
         fake = FakePw(mapping)
         monkeypatch.setattr(pw_run, "run_pw", fake)
+        # The fake stands in for the executable, so the CLI's up-front check finds it.
+        monkeypatch.setattr(pw_run, "missing_executables", lambda pw_command: [])
         return fake
 
     return install

@@ -6,6 +6,10 @@ Run from the repository root (takes about a minute; name cases to redo only thos
 
 ``cu_overlap_crash`` was made by hand with the real pw.x: an scf of two Cu atoms 0.3 Å
 apart in a 5 Å cube (``fast`` preset), which aborts with MPI error code 57.
+``si_bfgs_curvature_warning`` was made by hand with the real pw.x: a fixed-cell ``relax`` of
+two Si atoms (Debian's Si.pbe-nl-rrkjus_psl.1.0.0.UPF, 20/160 Ry, 4x4x4 k-points), the second
+displaced by (0.10, 0.10, -0.08) in crystal units; BFGS prints "WARNING: bfgs curvature
+condition failed, Theta= 0.912" and then converges.
 
 Each case runs the real job code with the local PBE family and the ``fast``
 preset, then stores every attempt's ``pw.in`` and gzipped ``pw.out`` under

@@ -73,3 +73,57 @@ def test_remote_config_writes_a_project(fake_settings, tmp_path):
     assert forced.exit_code == 0 and "workers" in yaml.safe_load((tmp_path / "cl.yaml").read_text())
     nameless = runner.invoke(app, ["dft", "remote-config", "--out", str(tmp_path), "--name", "a/b"])
     assert "--name" in str(nameless.exception)
+
+
+def test_relax_refuses_a_folder_a_disordered_cif_and_a_missing_pwx(fake_settings, tmp_path, monkeypatch):
+    from pymatgen.core import Lattice, Structure
+
+    from crystaloop.dft.store import tasks_by_state
+    from crystaloop.errors import UserError
+    from crystaloop.settings import get_settings
+
+    folder = runner.invoke(app, ["dft", "relax", str(tmp_path)])
+    # crystaloop's main() turns a UserError into one line and exit code 2.
+    assert isinstance(folder.exception, UserError) and folder.exception.exit_code == 2
+    assert "is a folder" in str(folder.exception)
+    cif = tmp_path / "sic_disordered.cif"
+    Structure(Lattice.cubic(4.36), [{"Si": 0.5, "C": 0.5}], [[0, 0, 0]]).to(filename=str(cif))
+    disordered = runner.invoke(app, ["dft", "relax", str(cif)])
+    assert isinstance(disordered.exception, UserError) and "partially occupied" in str(disordered.exception)
+    poscar = tmp_path / "Si.vasp"
+    bulk_structure("Si", "diamond", 5.43).to(filename=str(poscar))
+    monkeypatch.setenv("CRYSTALOOP_PW_COMMAND", str(tmp_path / "no-such" / "pw.x"))
+    get_settings.cache_clear()
+    no_pwx = runner.invoke(app, ["dft", "relax", str(poscar), "--no-formation-energy"])
+    assert isinstance(no_pwx.exception, UserError) and "not found on PATH" in str(no_pwx.exception)
+    assert "CRYSTALOOP_PW_COMMAND" in str(no_pwx.exception)
+    assert tasks_by_state() == {}  # nothing was run or stored
+
+
+def test_sigterm_raises_inside_the_cli_guard():
+    import os
+    import signal
+    import time
+
+    from crystaloop.cli._common import sigterm_raises
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exc, sigterm_raises():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler interrupts this
+    assert exc.value.code == 143
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_output_folders_under_a_file_are_one_line_errors(fake_settings, tmp_path):
+    from crystaloop.errors import UserError
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep me\n")
+    remote = runner.invoke(app, ["dft", "remote-config", "--out", str(blocker / "projects")])
+    assert isinstance(remote.exception, UserError) and remote.exception.exit_code == 2
+    assert f"cannot write {blocker / 'projects' / 'crystaloop.yaml'}" in str(remote.exception)
+    local = runner.invoke(app, ["dft", "pseudos", "build-local", "--no-ld1", "--dest", str(blocker / "pseudo")])
+    assert isinstance(local.exception, UserError) and local.exception.exit_code == 2
+    assert f"cannot create the family folder {blocker / 'pseudo'}" in str(local.exception)
+    assert blocker.read_text() == "keep me\n"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 import pytest
+import yaml
 from ase.io.espresso import read_fortran_namelist
 from pymatgen.core import Lattice, Structure
 
@@ -14,6 +16,7 @@ from crystaloop.dft.references import bulk_structure
 from crystaloop.errors import UserError
 
 FAKE_FAMILY = Path(__file__).parent / "data" / "family.yaml"
+PRESETS = Path(str(resources.files("crystaloop.dft.espresso") / "presets"))
 
 
 @pytest.fixture
@@ -106,3 +109,36 @@ def test_static_input_drops_relaxation_namelists(family):
     preset = load_preset("fast", {"input_data": {"control": {"calculation": "scf"}}})
     data = build_pw_input(si, preset, family).input_data
     assert "ions" not in data and "cell" not in data
+
+
+def test_namelist_cutoff_overrides_are_refused_with_the_supported_one(family, tmp_path):
+    with pytest.raises(UserError, match=r"input_data.system.ecutwfc.*top-level 'ecutwfc'"):
+        load_preset("fast", {"input_data": {"system": {"ecutwfc": 60}}})
+    with pytest.raises(UserError, match=r"input_data.system.ecutrho.*top-level 'ecutrho'"):
+        load_preset("demo", {"input_data": {"system": {"ecutrho": 600}}})
+    custom = tmp_path / "mine.yaml"
+    data = yaml.safe_load((PRESETS / "fast.yaml").read_text())
+    data["input_data"].setdefault("system", {})["ecutwfc"] = 60
+    custom.write_text(yaml.safe_dump(data))
+    with pytest.raises(UserError, match="in the preset YAML"):
+        load_preset(custom)
+    # The supported override reaches pw.x.
+    preset = load_preset("fast", {"ecutwfc": 60, "ecutrho": 480})
+    pw_input = build_pw_input(bulk_structure("Si", "diamond", 5.431), preset, family)
+    assert pw_input.cutoffs == (60.0, 480.0)
+
+
+def test_a_custom_preset_reusing_a_shipped_label_gets_its_own_key(tmp_path):
+    from crystaloop.dft.espresso.jobs import preset_key
+
+    data = yaml.safe_load((PRESETS / "fast.yaml").read_text())
+    same = tmp_path / "same.yaml"
+    same.write_text(yaml.safe_dump({**data, "description": "my copy"}))
+    denser = tmp_path / "denser.yaml"
+    denser.write_text(yaml.safe_dump({**data, "kpoint_density": 2 * data["kpoint_density"]}))
+    assert load_preset(denser).label == "fast@1"
+    # Shipped presets keep their bare labels, so existing caches stay valid.
+    assert preset_key("fast", {}) == "fast@1" and preset_key(str(same), {}) == "fast@1"
+    key = preset_key(str(denser), {})
+    assert key.startswith("fast@1~") and key != preset_key("fast", {})
+    assert preset_key(str(denser), {"kpoint_density": 3}).startswith(f"{key}+")

@@ -143,3 +143,34 @@ def test_flow_pw_command_reaches_both_makers(fake_settings):
     assert FormationEnergyFlow(si, preset="demo").relax_maker.pw_command is None  # the settings'
     surrogate = FormationEnergyFlow(si, engine="surrogate", pw_command="mpirun -np 2 pw.x")
     assert not hasattr(surrogate.relax_maker, "pw_command")
+
+
+def test_a_user_reference_structure_is_cached_apart_from_the_built_in_one(fake_pw, fake_settings, database):
+    fake = fake_pw(SIC_REFS)
+    run_local(FormationEnergyFlow(_sic()))
+    assert len(fake.calls) == 3
+    # The user's Si (here the same diamond cell, given explicitly) must not be answered by the
+    # built-in reference's cache entry, nor overwrite it.
+    user_si = {"Si": bulk_structure("Si", "diamond", 5.431)}
+    flow = FormationEnergyFlow(_sic(), reference_structures=user_si)
+    assert [j.name for j in flow.jobs] == ["qe relax", "qe element reference Si", "formation energy"]
+    run_local(flow)
+    assert len(fake.calls) == 5
+    keys = sorted(d["preset"] for d in database["element_references"].find({"element": "Si"}))
+    assert keys[0] == "fast@1@25/200Ry" and keys[1].startswith("fast@1@25/200Ry+s") and len(keys) == 2
+    # The same user structure is then a cache hit.
+    again = FormationEnergyFlow(_sic(), reference_structures=user_si)
+    assert [j.name for j in again.jobs] == ["qe relax", "formation energy"]
+
+
+def test_structure_digest_ignores_representation_noise_and_names_the_structure():
+    from crystaloop.dft.references import structure_digest
+    from crystaloop.dft.surrogate import surrogate_reference_key
+
+    si = bulk_structure("Si", "diamond", 5.431)
+    shifted = si.copy()
+    shifted.translate_sites([0], [1.0, 0.0, -1.0], frac_coords=True, to_unit_cell=False)
+    assert structure_digest(si) == structure_digest(shifted)  # same crystal, other image
+    assert structure_digest(si) != structure_digest(bulk_structure("Si", "diamond", 5.40))
+    assert surrogate_reference_key("chgnet") == "chgnet"
+    assert surrogate_reference_key("chgnet", si) == f"chgnet+s{structure_digest(si)}"

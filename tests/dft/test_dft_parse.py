@@ -55,3 +55,51 @@ def test_every_example_output_is_parsed_or_cleanly_rejected():
         parsed += 1
     assert parsed + rejected == len(files) > 500
     assert parsed > 250
+
+
+def test_bfgs_curvature_warning_is_not_a_failure():
+    # Real pw.x 6.7 output: "WARNING: bfgs curvature condition failed, Theta= 0.912" on the
+    # second step, then "bfgs converged in 7 scf cycles and 6 bfgs steps" and JOB DONE.
+    path = REFERENCE / "si_bfgs_curvature_warning" / "attempt_0" / "pw.out.gz"
+    out = parse_pw_output(path)
+    assert out.version == "6.7MaX"
+    assert out.relax_converged is True and out.successful
+    assert out.n_ionic_steps == 7 and out.energy == pytest.approx(-20.41917044 * 13.605693, abs=1e-3)  # eV, from Ry
+
+
+def test_bfgs_history_reset_is_a_failure_even_after_bfgs_converged(tmp_path):
+    import gzip
+
+    from crystaloop.dft.espresso.handlers import IonicStepsHandler
+    from crystaloop.dft.espresso.run import PwRun
+
+    real = gzip.decompress((REFERENCE / "si_bfgs_curvature_warning" / "attempt_0" / "pw.out.gz").read_bytes())
+    # pw.x 6.7 stops a relaxation whose history was reset twice with this infomsg, then still
+    # prints "bfgs converged" (bfgs_module: conv_bfgs = conv_bfgs .OR. tr_min_hit > 1).
+    text = real.decode().replace(
+        "     bfgs converged in",
+        "     Message from routine bfgs:\n     history already reset at previous step: stopping\n\n"
+        "     bfgs converged in",
+    )
+    path = tmp_path / "pw.out"
+    path.write_text(text)
+    out = parse_pw_output(path)
+    assert out.relax_converged is False and not out.successful
+    run = PwRun(command=["pw.x"], returncode=0, wall_time_s=1.0, timed_out=False, directory=tmp_path)
+    assert IonicStepsHandler().check(out, run, "")
+    warned = parse_pw_output(REFERENCE / "si_bfgs_curvature_warning" / "attempt_0" / "pw.out.gz")
+    assert not IonicStepsHandler().check(warned, run, "")
+
+
+def test_ionic_steps_leave_out_the_final_scf_of_pw67():
+    # pw.x 6.7 prints "Final scf calculation at the relaxed structure." (older: "A final scf ...").
+    out = parse_pw_output(REFERENCE / "si_relax" / "attempt_0" / "pw.out.gz")
+    assert len(out.energies) == 4  # three BFGS scf cycles + the final scf
+    assert out.n_ionic_steps == 3  # "bfgs converged in 3 scf cycles"
+
+
+@pytest.mark.skipif(not EXAMPLES.is_dir(), reason="QE examples are not installed")
+def test_older_pw_outputs_with_curvature_warnings_converge():
+    for rel in ("PW/example02/reference/al001.rx.out.gz", "PW/VCSexample/reference/As.bfgs500.out.gz"):
+        out = parse_pw_output(EXAMPLES / rel)
+        assert out.relax_converged is True, rel

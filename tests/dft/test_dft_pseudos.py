@@ -120,3 +120,32 @@ def test_unreadable_cutoff_raises_naming_file_and_field():
 def test_absent_cutoff_means_no_suggestion():
     header = read_upf_header(V2_HEADER.replace('rho_cutoff="134.75643174886559"', ""))
     assert header.rho_cutoff == 0.0 and header.wfc_cutoff > 0
+
+
+def test_relative_pseudo_dirs_become_absolute(tmp_path, monkeypatch, settings):
+    import yaml
+
+    from crystaloop.dft.espresso.inputs import build_pw_input, load_preset
+    from crystaloop.dft.pseudos import family_from_settings
+    from crystaloop.dft.references import bulk_structure
+    from crystaloop.settings import get_settings
+
+    # A YAML's relative pseudo_dir is read against the YAML's folder, not the working directory.
+    folder = tmp_path / "families"
+    folder.mkdir()
+    data = yaml.safe_load(FAKE_FAMILY.read_text())
+    (folder / "family.yaml").write_text(yaml.safe_dump({**data, "pseudo_dir": "upf"}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert load_family(folder / "family.yaml").pseudo_dir == folder / "upf"
+    # A relative CRYSTALOOP_PSEUDO_DIR is read against the working directory, once, here.
+    (elsewhere / "pseudo").mkdir()
+    (elsewhere / "pseudo" / "family.yaml").write_text(FAKE_FAMILY.read_text())
+    monkeypatch.setenv("CRYSTALOOP_PSEUDO_DIR", "pseudo")
+    get_settings.cache_clear()
+    family = family_from_settings()
+    assert family.pseudo_dir == elsewhere / "pseudo" and family.pseudo_dir.is_absolute()
+    pw_input = build_pw_input(bulk_structure("Si", "diamond", 5.431), load_preset("fast"), family)
+    assert pw_input.input_data["control"]["pseudo_dir"] == str(elsewhere / "pseudo")
+    get_settings.cache_clear()

@@ -93,3 +93,47 @@ def test_engine_version_reads_the_banner_without_littering_the_working_directory
     version = engine_version("espresso", "pw.x")
     assert version.startswith("pw.x 6.")  # Debian's Quantum ESPRESSO 6.x
     assert list(tmp_path.iterdir()) == []  # no CRASH, no input_tmp.in
+
+
+def _running(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    from pathlib import Path
+
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_interrupted_wait_stops_pwx_and_its_children(tmp_path, settings):
+    import signal
+    import time
+
+    job = tmp_path / "job"
+    job.mkdir()
+    # A stand-in for mpirun + pw.x: a launcher that starts a worker and waits on it.
+    command = _script(
+        tmp_path,
+        "import os, subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        "open('pids', 'w').write(f'{os.getpid()} {child.pid}')\n"
+        "time.sleep(60)\n",
+    )
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 1.5)
+        with pytest.raises(KeyboardInterrupt):
+            run_pw(job, pw_command=command)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    pids = [int(p) for p in (job / "pids").read_text().split()]
+    deadline = time.monotonic() + 5
+    while any(_running(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_running(p) for p in pids)

@@ -130,3 +130,44 @@ def test_verify_refuses_a_short_eos(be_settings):
     result = CliRunner().invoke(app, ["dft", "pseudos", "verify", "--elements", "Be", "--points", "5"])
     # crystaloop's main() turns a UserError into one line and exit code 2.
     assert isinstance(result.exception, UserError) and "at least 7 volumes" in str(result.exception)
+
+
+@pytest.mark.skipif(not (HERE / "reference" / "be_verify").is_dir(), reason="no recorded Be runs")
+def test_no_eos_verify_keeps_a_failed_eos_verdict_and_its_numbers(fake_pw, be_settings):
+    family_path = be_settings / "family.yaml"
+    data = yaml.safe_load(family_path.read_text())
+    data["pseudopotentials"]["Be"]["verdict"] = "failed"
+    data["pseudopotentials"]["Be"]["verification"] = {
+        "verdict": "failed", "nu": 1.733, "epsilon": 0.9, "v0_a3": 8.1, "reasons": ["EOS fit: stale"],
+    }
+    family_path.write_text(yaml.safe_dump(data))
+    fake = fake_pw({"direct": "be_verify"})
+    result = CliRunner().invoke(
+        app, ["dft", "pseudos", "verify", "--elements", "Be", "--no-eos", "--format", "json"]
+    )
+    assert result.exit_code == 0, result.output
+    assert len(fake.calls) == 2  # bcc + fcc only
+    assert json.loads(result.output)["elements"][0]["verdict"] == "failed"
+    stored = load_family(family_path).pseudopotentials["Be"]
+    assert stored.verdict == "failed"
+    numbers = stored.verification
+    assert numbers["nu"] == 1.733 and numbers["epsilon"] == 0.9 and numbers["v0_a3"] == 8.1
+    assert numbers["structural_energy_ae_ev"] == pytest.approx(0.0192, abs=1e-4)
+    assert numbers["reasons"] == ["EOS fit: stale"] and numbers["verdict"] == "failed"
+
+
+def test_structural_check_alone_weighs_the_stored_eos_numbers():
+    from crystaloop.dft.verification import ElementVerification, merged_verification
+
+    good = ElementVerification("Cu", "FCC", "BCC", structural_energy=0.04, structural_energy_ae=0.0366)
+    assert good.verdict == "verified"
+    # Stored ν 1.5 (marginal): the merged verdict is marginal even though the stored one was verified.
+    verdict, block = merged_verification(good, "verified", {"nu": 1.5, "epsilon": 0.1})
+    assert verdict == "marginal" and block["nu"] == 1.5 and block["structural_energy_ev"] == 0.04
+    # Nothing stored: the structural verdict stands.
+    assert merged_verification(good)[0] == "verified"
+    # A full run replaces the stored numbers.
+    full = ElementVerification("Cu", "FCC", "BCC", structural_energy=0.04, structural_energy_ae=0.0366,
+                               nu=0.2, epsilon=0.1, eos_checked=True)
+    verdict, block = merged_verification(full, "failed", {"nu": 1.733, "v0_a3": 12.0})
+    assert verdict == "verified" and block["nu"] == 0.2 and "v0_a3" not in block
