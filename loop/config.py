@@ -278,7 +278,9 @@ class DFTSettings(_Strict):
     """The relaxation engine."""
 
     engine: Literal["espresso", "surrogate"] = "espresso"
-    preset: str = Field("fast", description="Preset name in dft/espresso/presets (fast, standard).")
+    preset: str = Field(
+        "fast", description="Preset name in dft/espresso/presets (fast, demo, standard) or a preset YAML path."
+    )
     pseudo_family: str = Field("local-pbe", description="Family name, or a path to a family YAML.")
     overrides: dict[str, Any] = Field(default_factory=dict, description="Merged into a preset copy.")
     allow_unverified: bool = Field(
