@@ -49,10 +49,15 @@ def run_local(
 
     Returns jobflow's responses: ``{job_uuid: {index: Response}}``.
     """
+    import warnings
+
     from jobflow import run_locally
 
     store = store or job_store()
-    return run_locally(flow, store=store, log=log, root_dir=root_dir, ensure_success=False)
+    with warnings.catch_warnings():
+        # jobflow enters each job's folder with monty's deprecated ``cd``: one warning per job
+        warnings.filterwarnings("ignore", message="cd is deprecated", category=FutureWarning)
+        return run_locally(flow, store=store, log=log, root_dir=root_dir, ensure_success=False)
 
 
 def launchpad(settings=None):

@@ -230,7 +230,6 @@ def relax(
 
     from crystaloop.dft.backends import BACKENDS, run_flow
 
-    warnings.filterwarnings("ignore", message="cd is deprecated")
     warnings.filterwarnings("ignore", message=".*_symmetry_equiv_pos_as_xyz.*")
     from crystaloop.dft.espresso.inputs import load_preset
 

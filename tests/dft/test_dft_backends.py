@@ -75,3 +75,24 @@ def test_remote_project_config_validates_with_jobflow_remote(fake_settings):
 def test_submit_remote_without_jobflow_remote_is_a_user_error(fake_settings):
     with pytest.raises(UserError, match="jobflow-remote is not installed"):
         submit_remote(Flow([]), project="cl", worker="slurm_worker")
+
+
+def _in_job_folder() -> str:
+    import os
+
+    return os.getcwd()
+
+
+def test_run_local_keeps_jobflow_folder_warnings_out_of_the_log(settings, tmp_path):
+    import warnings
+
+    from jobflow import job
+
+    from crystaloop.dft.backends import run_local
+
+    step = job(_in_job_folder)()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the deprecated folder change of each job used to warn
+        responses = run_local(Flow([step]), root_dir=tmp_path)
+    folder = responses[step.uuid][1].output
+    assert folder == str(tmp_path)
