@@ -91,6 +91,15 @@ class CrystaloopSettings(BaseSettings):
     def _expand(cls, value: Path) -> Path:
         return value.expanduser()
 
+    @field_validator("database")
+    @classmethod
+    def _database_name(cls, value: str) -> str:
+        bad = sorted({c for c in value if c in '/\\. "$' or ord(c) < 32})
+        if not value or bad:
+            shown = " ".join(repr(c) for c in bad) or "an empty name"
+            raise ValueError(f"a MongoDB database name cannot hold {shown}; use letters, digits, _ or -")
+        return value
+
     @classmethod
     def settings_customise_sources(
         cls,

@@ -131,6 +131,12 @@ class CampaignStore:
         )
         return lease if found else None
 
+    def running(self) -> list[str]:
+        """Names of the campaigns whose lease is live (held and not expired): a process runs them,
+        unless it died on this host (:meth:`dead_local_holder`)."""
+        docs = self.campaigns.find({"lease.expires_at": {"$gt": utcnow()}}, {"_id": 0, "name": 1})
+        return sorted(d["name"] for d in docs if self.dead_local_holder(d["name"]) is None)
+
     def dead_local_holder(self, name: str) -> str | None:
         """The token of the lease if its holder is a process of this host that has exited."""
         import os

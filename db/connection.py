@@ -39,7 +39,7 @@ def get_client(settings: CrystaloopSettings | None = None) -> pymongo.MongoClien
     try:
         client = _client(uri)
         client.admin.command("ping")
-    except (ConfigurationError, OperationFailure, PyMongoError) as exc:
+    except (ConfigurationError, OperationFailure, PyMongoError, ValueError) as exc:  # ValueError: a bad port
         _client.cache_clear()
         raise DatabaseUnavailable(
             f"cannot reach MongoDB at {redact_uri(uri)} ({type(exc).__name__}); start it, fix "

@@ -74,7 +74,8 @@ def ensure_layout(database: Database) -> MigrationReport | None:
 def migrate_candidates(database: Database, *, batch: int = 1_000) -> MigrationReport:
     """Rebuild summaries and counters from the full documents and swap the indexes.
 
-    Safe to run at any time (``crystaloop db migrate --rebuild``): summaries are
+    Safe to run whenever no campaign is writing (``crystaloop db migrate --rebuild`` checks
+    the campaign leases): writes made during the scan would be missing from the recount. Summaries are
     replaced by the ones derived from the stored candidates, summaries without a
     candidate are removed, counters are recounted, and legacy indexes are dropped.
     Candidate documents are only read.

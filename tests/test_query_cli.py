@@ -68,6 +68,14 @@ def test_a_wide_table_is_not_cut_in_a_pipe(database):
     assert "…" not in result.stdout and cid in result.stdout
 
 
+def test_cif_export_into_a_folder_that_cannot_be_written_is_one_line(filled):
+    from crystaloop.errors import UserError
+
+    result = run("--campaign", "demo", "--export-cif", "/proc", "--format", "json")
+    assert isinstance(result.exception, UserError) and result.exception.exit_code == 2
+    assert "--export-cif /proc: cannot write" in str(result.exception)
+
+
 def test_cif_export_round_trip(filled, tmp_path):
     _, originals = filled
     out = tmp_path / "cifs"
@@ -100,6 +108,8 @@ def test_cif_export_round_trip(filled, tmp_path):
         (["--window", "band_gap:nan:"], "finite numbers"),
         (["--campaign", "no-such-campaign"], "no campaign named 'no-such-campaign'"),
         (["--window", "band_gap:[/]:1"], "'band_gap:[/]:1': bounds must be numbers"),
+        (["--window", "band_gap:2:", "--window", "band_gap::3"], "--window given twice for band_gap"),
+        (["--formula", "SRTIO3"], "R is not an element"),
     ],
 )
 def test_malformed_filters_exit_2(settings, args, needle):

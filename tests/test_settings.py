@@ -99,3 +99,26 @@ def _short_timeout_client(uri):
 
 
 _short_timeout_client.cache_clear = lambda: None
+
+
+@pytest.mark.parametrize("name", ["a.b", "has space", "x$y", "a/b", ""])
+def test_a_database_name_mongodb_refuses_is_one_config_error(monkeypatch, tmp_path, name):
+    from crystaloop.settings import get_settings
+
+    monkeypatch.setenv("CRYSTALOOP_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("CRYSTALOOP_DATABASE", name)
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match="setting database: .*cannot hold.*CRYSTALOOP_DATABASE"):
+            get_settings()
+    finally:
+        get_settings.cache_clear()
+
+
+def test_a_uri_with_a_bad_port_is_database_unavailable(monkeypatch):
+    from crystaloop.db.connection import get_client
+    from crystaloop.errors import DatabaseUnavailable
+
+    monkeypatch.setenv("CRYSTALOOP_MONGODB_URI", "mongodb://h:99999")
+    with pytest.raises(DatabaseUnavailable, match="cannot reach MongoDB at mongodb://h:99999"):
+        get_client(CrystaloopSettings())

@@ -77,6 +77,17 @@ def migrate(
     from crystaloop.db.migrate import ensure_layout, migrate_candidates
 
     database = get_database()
+    if rebuild:
+        from crystaloop.db.campaigns import CampaignStore
+        from crystaloop.errors import UserError
+
+        running = CampaignStore(database).running()
+        if running:
+            # a rebuild recounts from one scan: writes made meanwhile would be lost from the counts
+            raise UserError(
+                f"campaign(s) {', '.join(running)} are running; stop them first "
+                "(`crystaloop campaign stop NAME`), then rebuild"
+            )
     report = migrate_candidates(database) if rebuild else ensure_layout(database)
     if report is None:
         console.print("candidate layout is current; nothing to migrate (use --rebuild to recount)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import sys
 from enum import StrEnum
 from pathlib import Path
@@ -95,15 +96,29 @@ def query(
     from crystaloop.properties import PROPERTY_NAMES
 
     windows = [parse_window(w) for w in window or []]
+    named = [w.property for w in windows]
+    repeated = sorted({name for name in named if named.count(name) > 1})
+    if repeated:
+        raise UserError(
+            f"--window given twice for {', '.join(repeated)}; give one window per property "
+            "with both bounds, e.g. band_gap:2:3"
+        )
     element_list = [e.strip() for e in elements.split(",") if e.strip()] if elements else None
     for symbol in (element_list or []) + (chemsys.split("-") if chemsys else []):
         if not Element.is_valid_symbol(symbol):
             raise UserError(f"unknown element {symbol!r} in --elements/--chemsys; use symbols like Sr,Ti,O")
     if formula:
         try:
-            Composition(formula)
+            species = Composition(formula).elements
         except Exception:
             raise UserError(f"--formula {formula!r} is not a chemical formula; e.g. SrTiO3") from None
+        # pymatgen reads "SRTIO3" as S, a dummy R, T (as H), I and O: accept real element symbols only
+        unknown = [sym for sym in re.findall(r"[A-Z][a-z]*", formula) if not Element.is_valid_symbol(sym)]
+        if unknown or not species:
+            raise UserError(
+                f"--formula {formula!r}: {', '.join(unknown) or 'no element'} is not an element; "
+                "use symbols like SrTiO3"
+            )
     allowed_states = [s.value for s in CandidateState]
     for state in status or []:
         if state not in allowed_states:
@@ -146,7 +161,14 @@ def query(
                 f"--export-cif {export_cif}: cannot create it ({exc.strerror}); pick another folder"
             ) from None
         for structure, doc in hits:
-            CifWriter(structure).write_file(export_cif / f"{doc.candidate_id}_{doc.reduced_formula}.cif")
+            target = export_cif / f"{doc.candidate_id}_{doc.reduced_formula}.cif"
+            try:
+                CifWriter(structure).write_file(target)
+            except OSError as exc:
+                raise UserError(
+                    f"--export-cif {export_cif}: cannot write {target.name} ({exc.strerror}); "
+                    "pick a folder you can write to"
+                ) from None
 
     if fmt is OutputFormat.json:
         sys.stdout.write(json.dumps(rows, indent=2, default=str) + "\n")

@@ -133,6 +133,27 @@ def test_db_migrate_command(database):
     assert "candidates: 20; summaries written: 20; orphan summaries removed: 0" in rebuilt.output
 
 
+def test_rebuild_refuses_while_a_campaign_holds_a_live_lease(database):
+    from typer.testing import CliRunner
+
+    from crystaloop.cli import app
+    from crystaloop.db.campaigns import CampaignStore
+    from crystaloop.errors import UserError
+
+    write_legacy_layout(database, n=5)
+    store = CampaignStore(database)
+    store.ensure("busy", {})
+    lease = store.acquire_lease("busy", owner="another-host:1")  # a live process elsewhere
+    assert store.running() == ["busy"]
+    refused = CliRunner().invoke(app, ["db", "migrate", "--rebuild"])
+    assert isinstance(refused.exception, UserError) and refused.exception.exit_code == 2
+    assert "busy are running; stop them first" in str(refused.exception)
+    store.release_lease("busy", lease.token)
+    assert store.running() == []
+    rebuilt = CliRunner().invoke(app, ["db", "migrate", "--rebuild"])
+    assert rebuilt.exit_code == 0 and "candidates: 5" in rebuilt.output
+
+
 def test_claim_skips_a_stale_summary_and_rebuild_repairs_it(database):
     store = CandidateStore(database)
     cell = Lattice.cubic(4.2)
