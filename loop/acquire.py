@@ -158,10 +158,23 @@ def fit_sigma_scale(
     return float(min(max(np.median(z) / 0.6745, lo), hi)), len(z)
 
 
+def estimated(candidate: CandidateDoc, prop: str, context: AcquisitionContext) -> bool:
+    """Whether anything estimates ``prop`` for the candidate (the ensemble or a fused UIP value).
+
+    A window on a property the ensemble does not predict (a band gap with an ensemble trained
+    without one) is left to DFT, as the window stage of the cascade leaves it.
+    """
+    uip = candidate.uip.get(prop) if candidate.uip else None
+    return prop in candidate.predicted or bool(context.uip_sigma and uip is not None)
+
+
 def window_probability(candidate: CandidateDoc, context: AcquisitionContext) -> float:
-    """Probability that the candidate lies in every window (properties taken as independent)."""
+    """Probability that the candidate lies in every window it has an estimate for (properties
+    taken as independent)."""
     p = 1.0
     for prop, lower, upper in context.windows:
+        if not estimated(candidate, prop, context):
+            continue
         mean, std = combined_estimate(candidate, prop, context)
         p *= probability_in_window(mean, std, lower, upper)
     return p
@@ -179,8 +192,9 @@ def acquire_uncertainty(candidates: Sequence[CandidateDoc], context: Acquisition
     scores = acquire_probability(candidates, context)
     bonus = np.zeros(len(candidates))
     for i, c in enumerate(candidates):
-        stds = [combined_estimate(c, prop, context)[1] for prop, _, _ in context.windows]
-        widths = [(hi - lo) if lo is not None and hi is not None else 1.0 for _, lo, hi in context.windows]
+        windows = [w for w in context.windows if estimated(c, w[0], context)]
+        stds = [combined_estimate(c, prop, context)[1] for prop, _, _ in windows]
+        widths = [(hi - lo) if lo is not None and hi is not None else 1.0 for _, lo, hi in windows]
         bonus[i] = np.mean([s / w for s, w in zip(stds, widths, strict=True) if math.isfinite(s)] or [0.0])
     return scores + context.kappa * bonus
 
@@ -206,7 +220,8 @@ def acquire_ucb(candidates: Sequence[CandidateDoc], context: AcquisitionContext)
 
 @register_acquisition("greedy")
 def acquire_greedy(candidates: Sequence[CandidateDoc], context: AcquisitionContext) -> np.ndarray:
-    """Minus the distance of the mean to the window centre (no uncertainty)."""
+    """Minus the distance of the mean to the window centre (no uncertainty); for a window open
+    on one side, minus the distance to its bound outside it and 0 inside."""
     scores = np.zeros(len(candidates))
     for i, c in enumerate(candidates):
         for prop, lower, upper in context.windows:
@@ -215,10 +230,9 @@ def acquire_greedy(candidates: Sequence[CandidateDoc], context: AcquisitionConte
                 scores[i] -= 1e6
                 continue
             if lower is not None and upper is not None:
-                centre = 0.5 * (lower + upper)
+                scores[i] -= abs(mean - 0.5 * (lower + upper))
             else:
-                centre = lower if lower is not None else upper
-            scores[i] -= abs(mean - centre)
+                scores[i] -= max(lower - mean, 0.0) if lower is not None else max(mean - upper, 0.0)
     return scores
 
 

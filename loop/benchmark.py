@@ -196,6 +196,14 @@ def run_benchmark(
         from crystaloop.errors import UserError
 
         raise UserError(f"unknown benchmark arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
+    if "no_model" in arms and not base.elements.allow:
+        from crystaloop.errors import UserError
+
+        # The no-model arm draws prototypes of the palette: without one it would relax nothing.
+        raise UserError(
+            "the no-model arm draws from elements.allow, which this config leaves open; list the "
+            "palette's elements (as configs/bench-campaign.yaml does) or leave no_model out of --arms"
+        )
     for arm, config in arm_configs(base, rounds, suffix=suffix).items():
         if arm not in arms:
             continue

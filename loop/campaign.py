@@ -210,6 +210,19 @@ class Campaign:
         UserError
             An allowed element without a reference structure, or refused by the verification.
         """
+        if config.dft.engine == "espresso":
+            from crystaloop.dft.espresso.inputs import load_preset
+
+            load_preset(config.dft.preset)  # an unknown or invalid preset is one line now, not at submit
+            if config.dft.pw_command:
+                from crystaloop.dft.espresso.run import missing_executables
+
+                missing = missing_executables(config.dft.pw_command)
+                if missing:
+                    raise UserError(
+                        f"dft.pw_command '{config.dft.pw_command}': {', '.join(missing)} not found on PATH; "
+                        "install it (mpirun: apt-get install -y openmpi-bin) or set dft.pw_command: pw.x"
+                    )
         elements = [e for e in (config.elements.allow or []) if e not in set(config.elements.deny)]
         if not elements:
             return []
@@ -218,15 +231,6 @@ class Campaign:
         check_references(elements)
         if config.dft.engine != "espresso":
             return []
-        if config.dft.pw_command:
-            from crystaloop.dft.espresso.run import missing_executables
-
-            missing = missing_executables(config.dft.pw_command)
-            if missing:
-                raise UserError(
-                    f"dft.pw_command '{config.dft.pw_command}': {', '.join(missing)} not found on PATH; "
-                    "install it (mpirun: apt-get install -y openmpi-bin) or set dft.pw_command: pw.x"
-                )
         from crystaloop.dft.verification import campaign_dft_problems
 
         warnings, refusals = campaign_dft_problems(
@@ -377,11 +381,16 @@ class Campaign:
         from crystaloop.loop.generation import generate_candidates
 
         generation_id = f"{self.name}-r{number}"
-        # Only this step stores candidates of the round, all in one insert: any count means done.
+        # This step stores its candidates of the round in one insert: any of them means done.
         stored = sum(self.candidates.count_by_state(self.name, round=number).values())
         if not stored and self._retrying:
             # Killed inside that insert: candidates stored, their summaries or counter not yet.
             stored = self.candidates.repair_round(self.name, number)
+        if stored:
+            # Candidates of the round may come from `crystaloop generate`; only the step's own count.
+            stored = self.database["candidates"].count_documents(
+                {"campaign": self.name, "round": number, "provenance.generation_id": generation_id}
+            )
         if stored:
             self.log(f"  {stored} candidates of {generation_id} already stored; not generating again")
             return {"generation_id": generation_id, "n_shortlisted": stored, "resumed": True}, {}

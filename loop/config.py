@@ -208,6 +208,18 @@ class Filters(_Strict):
     allowed_formulas: list[str] = Field(
         default_factory=list, description="Anonymous formulas (e.g. 'ABC3') the stoichiometry stage keeps."
     )
+
+    @field_validator("allowed_formulas")
+    @classmethod
+    def _formulas(cls, formulas: list[str]) -> list[str]:
+        from pymatgen.core import Composition
+
+        for formula in formulas:
+            try:
+                Composition(formula)
+            except Exception:
+                raise ValueError(f"{formula!r} is not a formula; use anonymous formulas like 'ABC3'") from None
+        return formulas
     min_probability: float | None = Field(
         None,
         gt=0,
@@ -326,6 +338,18 @@ class Retraining(_Strict):
     learning_rate: float = Field(3e-4, gt=0)
     min_new_results: int = Field(1, ge=1, description="Skip retraining with fewer new DFT results.")
 
+    @field_validator("hooks")
+    @classmethod
+    def _registered_hooks(cls, names: list[str]) -> list[str]:
+        from crystaloop.loop.retrain import HOOKS
+
+        unknown = [n for n in names if n not in HOOKS]
+        if unknown:
+            raise ValueError(
+                f"unknown retraining hook(s) {', '.join(map(repr, unknown))}; registered: {', '.join(sorted(HOOKS))}"
+            )
+        return names
+
 
 class Models(_Strict):
     """Which trained models a campaign uses: a registry version or a checkpoint path per kind.
@@ -337,6 +361,13 @@ class Models(_Strict):
     vae: str | None = Field(None, description="VAE version or checkpoint path; None: default.")
     unet: str | None = Field(None, description="UNet version or checkpoint path; None: default.")
     cgcnn: str | None = Field(None, description="CGCNN (ensemble) version or path; None: default.")
+
+
+#: What each DFT engine's relaxation yields, i.e. the properties a target window can be verified on.
+DFT_PROPERTIES: dict[str, tuple[str, ...]] = {
+    "espresso": ("formation_energy_per_atom", "energy_per_atom", "band_gap"),
+    "surrogate": ("formation_energy_per_atom", "energy_per_atom"),
+}
 
 
 class CampaignConfig(_Strict):
@@ -367,6 +398,17 @@ class CampaignConfig(_Strict):
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise ValueError(f"one window per property; repeated: {', '.join(repeated)}")
+        return self
+
+    @model_validator(mode="after")
+    def _verifiable_targets(self) -> CampaignConfig:
+        computed = DFT_PROPERTIES[self.dft.engine]
+        unverifiable = [t.property for t in self.targets if t.property not in computed]
+        if unverifiable:
+            raise ValueError(
+                f"the {self.dft.engine} engine does not compute {', '.join(unverifiable)}, so no candidate "
+                f"could ever be verified as a hit; target {', '.join(computed)}"
+            )
         return self
 
     def in_all_windows(self, values: dict[str, float | None]) -> bool:

@@ -65,6 +65,14 @@ def _minimal(**extra):
         (_minimal(name="has space"), "name", "no spaces"),
         (_minimal(seed=-1), "seed", "greater than or equal to 0"),
         (_minimal(sampling={"seed": -3}), "sampling.seed", "greater than or equal to 0"),
+        (_minimal(retrain={"hooks": ["cgcnn_fintune"]}), "retrain.hooks", "registered: cgcnn_finetune"),
+        (_minimal(filters={"allowed_formulas": ["foo"]}), "filters.allowed_formulas", "'foo' is not a formula"),
+        (
+            _minimal(targets=[{"property": "bulk_modulus", "min": 150}]),
+            "(top level)",
+            "does not compute bulk_modulus",
+        ),
+        (_minimal(dft={"engine": "surrogate"}), "(top level)", "surrogate engine does not compute band_gap"),
     ],
 )
 def test_invalid_config_lines(data, field, needle):

@@ -34,8 +34,8 @@ def _parse_seeds(text: str | None) -> list[int] | None:
         seeds = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise UserError(f"--seeds takes comma-separated integers such as 0,1,2, not {text!r}") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise UserError(f"--seeds needs distinct integers such as 0,1,2, not {text!r}")
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise UserError(f"--seeds needs distinct integers >= 0 such as 0,1,2, not {text!r}")
     return seeds
 
 

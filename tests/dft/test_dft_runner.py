@@ -83,6 +83,13 @@ def test_missing_launcher_is_named_before_a_campaign_starts(monkeypatch):
     )
     with pytest.raises(UserError, match="mpirun, pw.x not found on PATH"):
         Campaign.check_dft(config)
+    # Also with no element list, and an unknown preset is caught before any work too.
+    open_palette = config.model_copy(update={"elements": config.elements.model_copy(update={"allow": None})})
+    with pytest.raises(UserError, match="mpirun, pw.x not found on PATH"):
+        Campaign.check_dft(open_palette)
+    unknown = open_palette.model_copy(update={"dft": open_palette.dft.model_copy(update={"preset": "nope"})})
+    with pytest.raises(UserError, match="nope"):
+        Campaign.check_dft(unknown)
 
 
 @pytest.mark.skipif(shutil.which("pw.x") is None, reason="pw.x is not installed")

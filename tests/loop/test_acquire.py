@@ -83,3 +83,24 @@ def test_batch_caps_count_the_picks_a_killed_acquisition_already_made():
     assert [c.candidate_id for c, _ in topped] == [2]
     chemsys_full = select_batch(pool[3:], scores[3:], budget=1, preselected=pool[:2], **caps)
     assert chemsys_full == []
+
+
+def test_a_window_the_ensemble_does_not_predict_is_left_to_dft():
+    from crystaloop.loop.acquire import acquire_uncertainty
+
+    windows = (*WINDOW, ("band_gap", 1.0, 3.0))  # an ensemble without a band-gap head
+    inside, outside = _candidate(-1.35, 0.05), _candidate(-0.2, 0.05)
+    context = AcquisitionContext(windows=windows, kappa=0.2)
+    p = acquire_probability([inside, outside], context)
+    assert p[0] == pytest.approx(probability_in_window(-1.35, 0.05, -1.6, -1.1)) and p[1] < 1e-6
+    bonus = acquire_uncertainty([inside], context)[0] - p[0]
+    assert bonus == pytest.approx(0.2 * 0.05 / 0.5)  # the missing band gap adds nothing to the mean std
+
+
+def test_greedy_on_a_one_sided_window_prefers_any_candidate_inside_it():
+    from crystaloop.loop.acquire import acquire_greedy
+
+    window = ((PROP, None, -3.3),)
+    deep, edge, outside = _candidate(-5.0, 0.1), _candidate(-3.4, 0.1), _candidate(-3.0, 0.1)
+    scores = acquire_greedy([deep, edge, outside], AcquisitionContext(windows=window))
+    assert scores[0] == scores[1] == 0.0 and scores[2] == pytest.approx(-0.3)

@@ -124,7 +124,12 @@ def test_seeds_pool_by_relaxation_through_round_three():
 
 @pytest.mark.parametrize(
     "args, needle",
-    [(["--arms", "loop,bogus"], "--arms"), (["--seeds", "0,x"], "--seeds"), (["--seeds", "1,1"], "distinct")],
+    [
+        (["--arms", "loop,bogus"], "--arms"),
+        (["--seeds", "0,x"], "--seeds"),
+        (["--seeds", "1,1"], "distinct"),
+        (["--seeds=-1,2"], ">= 0"),
+    ],
 )
 def test_bench_campaign_rejects_bad_arms_and_seeds(settings, args, needle):
     import subprocess
@@ -135,6 +140,18 @@ def test_bench_campaign_rejects_bad_arms_and_seeds(settings, args, needle):
     result = subprocess.run([str(exe), "bench", "campaign", *args], capture_output=True, text=True)
     assert result.returncode == 2, result.stderr
     assert needle in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_no_model_arm_needs_a_palette(settings, repo_root):
+    from crystaloop.db import get_database
+    from crystaloop.errors import UserError
+    from crystaloop.loop.benchmark import run_benchmark
+    from crystaloop.loop.config import load_campaign_config
+
+    base = load_campaign_config(repo_root / "configs" / "bench-campaign.yaml")
+    open_palette = base.model_copy(update={"elements": base.elements.model_copy(update={"allow": None})})
+    with pytest.raises(UserError, match="no-model arm draws from elements.allow"):
+        run_benchmark(open_palette, database=get_database(), rounds=1, arms=("no_model",))
 
 
 def test_no_model_arm_alone_over_two_seeds(settings, repo_root, tmp_path):

@@ -208,6 +208,29 @@ def test_generate_killed_inside_its_insert_resumes_with_the_stored_candidates(
     assert record.steps["acquire"].outputs["selected"] == 2
 
 
+def test_candidates_of_another_generation_do_not_stand_for_the_rounds_own(
+    settings, prior_subset, loop_config, make_shortlist, shortlist_items, monkeypatch
+):
+    """`crystaloop generate` stored round-0 candidates first: the campaign still generates its own."""
+    from crystaloop.loop import generation
+
+    database = prior_subset
+    name = "pregenerated"
+    ids = make_shortlist(database, name, items=shortlist_items[:2])
+    database["candidates"].update_many({"campaign": name}, {"$set": {"provenance.generation_id": "preview"}})
+    calls = []
+
+    def generated(config, **kwargs):
+        calls.append(kwargs["generation_id"])
+        raise RuntimeError("stop after the call")  # the call is what this test is about
+
+    monkeypatch.setattr(generation, "generate_candidates", generated)
+    config = loop_config(name, retrain={"cgcnn": False, "generator_conditioning": False})
+    with pytest.raises(RuntimeError, match="stop after the call"):
+        Campaign(parse_campaign_config(config), database=database).run()
+    assert calls == [f"{name}-r0"] and len(ids) == 2
+
+
 def test_dft_cache_answers_an_equivalent_structure(
     settings, prior_subset, loop_config, make_shortlist, shortlist_items
 ):
