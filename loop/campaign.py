@@ -215,14 +215,9 @@ class Campaign:
 
             load_preset(config.dft.preset)  # an unknown or invalid preset is one line now, not at submit
             if config.dft.pw_command:
-                from crystaloop.dft.espresso.run import missing_executables
+                from crystaloop.dft.espresso.run import require_executables
 
-                missing = missing_executables(config.dft.pw_command)
-                if missing:
-                    raise UserError(
-                        f"dft.pw_command '{config.dft.pw_command}': {', '.join(missing)} not found on PATH; "
-                        "install it (mpirun: apt-get install -y openmpi-bin) or set dft.pw_command: pw.x"
-                    )
+                require_executables(config.dft.pw_command, "dft.pw_command")
         elements = [e for e in (config.elements.allow or []) if e not in set(config.elements.deny)]
         if not elements:
             return []

@@ -13,11 +13,6 @@ from crystaloop.errors import UserError
 app = group("data commands.")
 
 
-def _progress_callback(description: str):
-    """A (done, total) callback driving a rich bar with ETA, or log lines when not on a terminal."""
-    return eta_progress(description, on=console)
-
-
 @app.command("build-prior")
 def build_prior(
     limit: Annotated[
@@ -57,7 +52,7 @@ def build_prior(
     symbols = sorted({el for p in prior.build_order(limit) for el in p.species})
     if limit is None:
         symbols = list(palette())
-    progress, update = _progress_callback("labelling")
+    progress, update = eta_progress("labelling", on=console)
     with progress:
         report = prior.build(build_dir, limit=limit, workers=workers, progress=update)
     with console.status(f"elemental references for {len(symbols)} elements"):
@@ -139,7 +134,7 @@ def shards(
         raise UserError("--grid must be >= 8 and --shard-size >= 1")
     check_out_dir(out_dir, "the shards")
     records = prior_records(path or prior.SHIPPED_PATH, limit=limit)
-    progress, update = _progress_callback("voxelising")
+    progress, update = eta_progress("voxelising", on=console)
     with progress:
         manifest = write_shards(
             records, out_dir, PROPERTY_NAMES, grid=grid, shard_size=shard_size, progress=update

@@ -239,19 +239,14 @@ def relax(
         raise UserError(f"unknown engine '{engine}'; choose espresso or surrogate")
     structure = _read_structure(structure_file)
     if engine == "espresso":
-        from crystaloop.dft.espresso.run import missing_executables
+        from crystaloop.dft.espresso.run import require_executables
         from crystaloop.dft.pseudos import family_from_settings
         from crystaloop.settings import get_settings
 
         load_preset(preset)
         family_from_settings().require(structure)
-        pw_command = get_settings().pw_command
-        missing = missing_executables(pw_command)
-        if backend == "local" and missing:
-            raise UserError(
-                f"{', '.join(missing)} not found on PATH (pw_command '{pw_command}'); install "
-                "Quantum ESPRESSO (apt-get install quantum-espresso) or set CRYSTALOOP_PW_COMMAND"
-            )
+        if backend == "local":  # workers elsewhere run pw.x for the other backends
+            require_executables(get_settings().pw_command, "CRYSTALOOP_PW_COMMAND")
     flow = _build_flow(structure, engine, preset, formation_energy)
     if backend == "fireworks":
         ids = run_flow(flow, "fireworks")

@@ -76,6 +76,25 @@ def missing_executables(pw_command: str) -> list[str]:
     return [exe for exe in dict.fromkeys(wanted) if shutil.which(exe) is None]
 
 
+def require_executables(pw_command: str, setting: str) -> None:
+    """Refuse, in one line, a ``pw_command`` whose launcher or pw.x is not on PATH.
+
+    ``setting`` names where the command was set (``dft.pw_command`` or ``CRYSTALOOP_PW_COMMAND``).
+
+    Raises
+    ------
+    UserError
+        Something ``pw_command`` starts is not on PATH.
+    """
+    missing = missing_executables(pw_command)
+    if missing:
+        raise UserError(
+            f"{setting} '{pw_command}': {', '.join(missing)} not found on PATH; install it "
+            "(pw.x: apt-get install -y quantum-espresso; mpirun: apt-get install -y openmpi-bin) "
+            f"or set {setting} to pw.x"
+        )
+
+
 def run_pw(
     directory: Path | str,
     *,
