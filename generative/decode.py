@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -59,6 +60,10 @@ LATTICE_SOURCES = ("auto", "head", "fit")
 one, else the fit). Sites are read in fractional coordinates of the voxel grid, so either lattice
 gives a consistent crystal."""
 
+FLAT_MAXIMUM_ANGSTROM = 0.05
+"""Raw peaks closer than this are the tied voxels of one flat maximum (they refine to one point),
+not two sites: the only merge applied before validity is measured before repair."""
+
 SEGMENT_GRID = 32
 """Grid the UNet was trained on: a coarser decoded density is upsampled to it (periodic, linear)."""
 
@@ -77,12 +82,34 @@ class DecodedCandidate:
         One short phrase why decoding failed (``"no sites"``, ``"unphysical lattice"``).
     latent : numpy.ndarray or None
         The z the row came from, shape ``(latent_dim,)``.
+    raw_min_distance : float or None
+        Shortest site distance (Angstrom) before any merge or rejection (see :class:`DecodedRow`).
+    merged_sites : int
+        Peaks merged into a kept site by the decoder.
     """
 
     index: int
     structure: Structure | None
     reason: str | None
     latent: np.ndarray | None = None
+    raw_min_distance: float | None = None
+    merged_sites: int = 0
+
+
+class DecodedRow(NamedTuple):
+    """One row of :meth:`Decoder.structures_from_maps`.
+
+    ``raw_min_distance`` (Angstrom) is the shortest minimum-image distance, a site's own images
+    included, of the sites as first read from the maps, in the lattice as first decoded: before
+    close peaks are merged and before a lattice outside the physical bounds is rejected. It is
+    ``None`` when no site was found or the lattice is not finite. ``merged_sites`` counts the
+    peaks dropped for lying within the merge distance of a kept one.
+    """
+
+    structure: Structure | None
+    reason: str | None
+    raw_min_distance: float | None = None
+    merged_sites: int = 0
 
 
 def lattice_problem(lattice: Lattice) -> str | None:
@@ -100,9 +127,10 @@ def lattice_problem(lattice: Lattice) -> str | None:
     return None
 
 
-def _segment_row(args) -> tuple[list[tuple[int, np.ndarray]], str | None]:
-    """Worker: a species map and density (``paper``) or a density and lattice (``pursuit``) to
-    [(Z, frac)] sites, or a failure reason."""
+def _segment_row(args) -> tuple[list[tuple[int, np.ndarray]], str | None, list[tuple[int, np.ndarray]]]:
+    """Worker: a species map and density (``paper``), a density and lattice (``pursuit``) or site
+    channels and lattice (``sites``) to [(Z, frac)] sites or a failure reason, and the raw sites
+    before any merge (the same sites where the path merges nothing)."""
     from crystaloop.generative.segmentation import pursuit_sites, segment
 
     method, first, second, elements, *head = args
@@ -112,20 +140,41 @@ def _segment_row(args) -> tuple[list[tuple[int, np.ndarray]], str | None]:
         from crystaloop.generative.representation import sites_from_channels
 
         logits, vocabulary = head if head else (None, ())
-        found = sites_from_channels(
-            first, _Lattice(second), elements, species_logits=logits, vocabulary=vocabulary
+        lattice = _Lattice(second)
+        found = sites_from_channels(first, lattice, elements, species_logits=logits, vocabulary=vocabulary)
+        raw = sites_from_channels(
+            first,
+            lattice,
+            elements,
+            species_logits=logits,
+            vocabulary=vocabulary,
+            min_separation=FLAT_MAXIMUM_ANGSTROM,
         )
-        return (found, None) if found else ([], "no sites")
+        return (found, None, raw) if found else ([], "no sites", raw)
     if method == "pursuit":
         sites = pursuit_sites(first, second, elements)
     else:
         species, density = first, second
         if not (species > 0).any():
-            return [], "no sites"
+            return [], "no sites", []
         sites = segment(species, species > 0, density=density)
     if not sites:
-        return [], "no sites"
-    return [(s.species, s.frac_coords) for s in sites], None
+        return [], "no sites", []
+    found = [(s.species, s.frac_coords) for s in sites]
+    return found, None, found
+
+
+def _raw_min_distance(sites: Sequence[tuple[int, np.ndarray]], lattice: Lattice | None) -> float | None:
+    """Shortest minimum-image distance (Angstrom) of ``sites`` in ``lattice``, own images included."""
+    if not sites or lattice is None or not np.all(np.isfinite(lattice.matrix)):
+        return None
+    from crystaloop.generative.measures import minimum_distance
+
+    try:
+        structure = Structure(lattice, [int(z) for z, _ in sites], [f for _, f in sites])
+        return minimum_distance(structure)
+    except (ValueError, np.linalg.LinAlgError):  # a singular decoded cell has no distances
+        return None
 
 
 def vae_channels(vae: CondDFCVAE, structures: Sequence[Structure]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -328,9 +377,18 @@ class Decoder:
                     species_logits=self.vae.species_logits(decoded),
                     lattices=self.head_lattices(zb, cb),
                 )
-                for i, (structure, reason) in enumerate(rows):
+                for i, row in enumerate(rows):
                     index = start + i
-                    results.append(DecodedCandidate(index, structure, reason, z[index].numpy().copy()))
+                    results.append(
+                        DecodedCandidate(
+                            index,
+                            row.structure,
+                            row.reason,
+                            z[index].numpy().copy(),
+                            raw_min_distance=row.raw_min_distance,
+                            merged_sites=row.merged_sites,
+                        )
+                    )
                 if progress is not None:
                     progress(min(start + batch_size, total), total)
         finally:
@@ -359,7 +417,7 @@ class Decoder:
         pool: ProcessPoolExecutor | None = None,
         species_logits: torch.Tensor | None = None,
         lattices: Sequence[Lattice] | None = None,
-    ) -> list[tuple[Structure | None, str | None]]:
+    ) -> list[DecodedRow]:
         """Structures (or failure reasons) from decoded density (B, g, g, g) and coordinates (B, 3, g, g, g).
 
         ``lattices`` (one per row, e.g. :meth:`head_lattices`) replace the least-squares fit of
@@ -385,6 +443,9 @@ class Decoder:
                 lattice = None
                 problems.append("unphysical lattice")
             lattices.append(lattice)
+        # raw sites are read wherever the lattice is finite, so validity before the lattice bounds
+        # and the merge can be measured; only rows without a problem become structures
+        readable = [lat is not None and bool(np.all(np.isfinite(lat.matrix))) for lat in lattices]
         if self.method in ("pursuit", "sites"):
             zs = self.unet.vocabulary.atomic_numbers[1:]
             if keep is not None:
@@ -396,7 +457,7 @@ class Decoder:
                 (self.method, density_np[i], lattices[i].matrix, zs)
                 + ((logits_np[i], vocabulary) if logits_np is not None else ())
                 for i in range(len(density_np))
-                if problems[i] is None
+                if readable[i]
             ]
         else:
             fine = upsample(density, SEGMENT_GRID) if density.shape[-1] < SEGMENT_GRID else density
@@ -411,17 +472,22 @@ class Decoder:
             ).to(fine.device)
             species = self.species_maps(fine, spacing, keep).cpu().numpy()
             fine_np = fine.cpu().numpy()
-            jobs = [
-                ("paper", species[i], fine_np[i], None) for i in range(len(species)) if problems[i] is None
-            ]
+            jobs = [("paper", species[i], fine_np[i], None) for i in range(len(species)) if readable[i]]
         segmented = iter(list(pool.map(_segment_row, jobs)) if pool else [_segment_row(j) for j in jobs])
-        rows: list[tuple[Structure | None, str | None]] = []
-        for lattice, problem in zip(lattices, problems, strict=True):
-            if problem is not None:
-                rows.append((None, problem))
+        rows: list[DecodedRow] = []
+        for lattice, problem, ok in zip(lattices, problems, readable, strict=True):
+            if not ok:
+                rows.append(DecodedRow(None, problem or "unphysical lattice"))
                 continue
-            sites, reason = next(segmented)
-            rows.append((to_structure(sites, lattice), None) if reason is None else (None, reason))
+            sites, reason, raw = next(segmented)
+            raw_min = _raw_min_distance(raw, lattice)
+            merged = len(raw) - len(sites) if sites else 0
+            if problem is not None:
+                rows.append(DecodedRow(None, problem, raw_min, merged))
+            elif reason is not None:
+                rows.append(DecodedRow(None, reason, raw_min, merged))
+            else:
+                rows.append(DecodedRow(to_structure(sites, lattice), None, raw_min, merged))
         return rows
 
     @torch.no_grad()

@@ -58,3 +58,41 @@ def test_lattice_problem_flags_degenerate_cells():
     assert lattice_problem(Lattice.cubic(4.0)) is None
     assert lattice_problem(Lattice.cubic(0.5)) == "unphysical lattice"
     assert lattice_problem(Lattice.from_parameters(4, 4, 4, 90, 90, 10)) == "unphysical lattice"
+
+
+def _sites_decoder() -> Decoder:
+    from crystaloop.generative.models.checkpoint import load_model
+    from crystaloop.generative.models.vae import CondDFCVAE
+
+    vae = CondDFCVAE(grid=16, latent_dim=8, widths=[4, 8], circular=True, representation="sites")
+    return Decoder(vae, load_model(_shipped("unet"))[0], device="cpu", workers=1)
+
+
+def _maps(structure: Structure, lattice: Lattice | None = None):
+    from crystaloop.generative.representation import coordinate_channels, site_channels
+
+    channels = torch.from_numpy(site_channels(structure, grid=16))[None]
+    coords = torch.from_numpy(coordinate_channels(lattice or structure.lattice, 16))[None]
+    return channels, coords
+
+
+def test_validity_before_repair_sees_the_merge_and_the_lattice_bounds():
+    decoder = _sites_decoder()
+    # a one-site map plus a satellite peak two voxels (0.75 A) away: the decoder merges the two
+    # (merge distance 0.9 A); before the merge they are 0.75 A apart
+    one = Structure(Lattice.cubic(6.0), ["Na"], [[4.5 / 16, 4.5 / 16, 4.5 / 16]])
+    channels, coords = _maps(one)
+    channels[0, :, 6, 4, 4] = 0.9 * channels[0, :, 4, 4, 4]
+    [row] = decoder.structures_from_maps(channels, coords, lattices=[one.lattice])
+    assert row.reason is None and len(row.structure) == 1
+    assert row.merged_sites == 1
+    # the parabola refinement pulls the satellite toward the main peak: between the two rules
+    assert 0.5 < row.raw_min_distance < 0.75
+    # a cell with a 1.2 A edge is rejected; its one raw site sits 1.2 A from its own image
+    thin = Lattice.orthorhombic(1.2, 6.0, 6.0)
+    [row] = decoder.structures_from_maps(*_maps(one), lattices=[thin])
+    assert row.structure is None and row.reason == "unphysical lattice"
+    assert row.raw_min_distance == pytest.approx(1.2) and row.merged_sites == 0
+    # an unreadable cell has no raw distances at all
+    [row] = decoder.structures_from_maps(*_maps(one), lattices=[Lattice(np.full((3, 3), np.nan))])
+    assert row.structure is None and row.raw_min_distance is None

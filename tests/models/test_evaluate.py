@@ -5,16 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from pymatgen.core import Lattice
+from pymatgen.core import Lattice, Structure
 from typer.testing import CliRunner
 
 from crystaloop.cli import app
 from crystaloop.errors import UserError
+from crystaloop.generative.decode import DecodedCandidate
 from crystaloop.generative.evaluate import (
+    ReconstructionRow,
     evaluate_properties,
     matched_site_errors,
     nest_property_metrics,
     property_metrics,
+    reconstruction_metrics,
+    sampling_metrics,
     species_accuracy,
 )
 from crystaloop.generative.models import CGCNN, CGCNNEnsemble, CondDFCVAE, save_model
@@ -111,3 +115,88 @@ def test_properties_of_a_vae_checkpoint_is_a_user_error(tmp_path):
     path = save_model(CondDFCVAE(grid=16, latent_dim=8, widths=(4, 8)), tmp_path / "vae.pt")
     with pytest.raises(UserError, match="is not a CGCNN checkpoint; pass --model with a CGCNN version"):
         evaluate_properties(None, model=str(path))
+
+
+def test_site_matching_in_the_decoded_lattice_carries_the_lattice_error():
+    true = np.array([[0.0, 0.0, 0.0], [0.5, 0.5, 0.5]])
+    # exact fractional sites in a cell decoded 0.2 A too long: in the true cell nothing moved,
+    # in its own cell the body-centre site sits 0.2 * sqrt(3) / 2 A away from the truth
+    same, _ = matched_site_errors(true, np.array([8, 8]), true, np.array([8, 8]), Lattice.cubic(4.0))
+    own, _ = matched_site_errors(
+        true, np.array([8, 8]), true, np.array([8, 8]), Lattice.cubic(4.0), Lattice.cubic(4.2)
+    )
+    assert np.allclose(same, 0.0)
+    assert np.allclose(sorted(own), [0.0, 0.1 * np.sqrt(3)])
+
+
+def _row(n_true, n_decoded, z_errors, *, angles=(0.0, 0.0, 0.0), emd=0.1):
+    return ReconstructionRow(
+        "s",
+        0.01,
+        np.array([0.1, 0.1, 0.1]),
+        np.array(angles),
+        emd if n_decoded else None,
+        2 * emd if n_decoded else None,
+        n_true,
+        n_decoded,
+        np.array(z_errors, dtype=int),
+        1,
+        1,
+        1,
+    )
+
+
+def test_reconstruction_metrics_count_missing_and_extra_sites_against_species():
+    rows = [
+        _row(2, 2, [0, 0], angles=(0.0, 3.0, 0.0)),  # perfect sites, one angle 3 degrees off
+        _row(4, 2, [0, 1]),  # two sites missing
+        _row(2, 3, [0, 0]),  # one site extra
+        _row(2, 0, []),  # nothing decoded: both true sites missing
+    ]
+    metrics = reconstruction_metrics(rows)
+    assert metrics["species_exact"] == pytest.approx(5 / 6)  # over matched pairs only
+    assert metrics["species_exact_of_all_sites"] == pytest.approx(5 / (2 + 4 + 3 + 2))
+    assert metrics["angle_mae_degrees"] == pytest.approx(3.0 / 12)
+    assert metrics["emd_mean_angstrom"] == pytest.approx(0.1)
+    assert metrics["emd_decoded_lattice_mean_angstrom"] == pytest.approx(0.2)
+    assert metrics["delta_nsites_mean"] == pytest.approx((0 + 2 + 1 + 2) / 4)
+    assert metrics["no_sites_found"] == 1
+
+
+def _candidate(index, structure, *, raw, merged=0, reason=None):
+    return DecodedCandidate(index, structure, reason, None, raw_min_distance=raw, merged_sites=merged)
+
+
+def test_sampling_metrics_on_hand_built_samples():
+    from crystaloop.generative.evaluate import prototype_templates
+    from crystaloop.generative.train.data import LabelledStructure
+
+    def rock_salt(a, cation="Na", anion="Cl"):
+        return Structure.from_spacegroup("Fm-3m", Lattice.cubic(a), [cation, anion], [[0, 0, 0], [0.5] * 3])
+
+    kbr2 = Structure(Lattice.cubic(5.0), ["K", "Br", "Br"], [[0, 0, 0], [0.5, 0.5, 0.5], [0, 0.5, 0.5]])
+    references = [LabelledStructure("nacl", rock_salt(5.64), {})]
+    candidates = [
+        _candidate(0, rock_salt(5.64), raw=3.99),  # the reference itself: not novel
+        _candidate(1, rock_salt(4.2, "Mg", "O"), raw=2.1),  # new formula, known prototype
+        _candidate(2, rock_salt(4.21, "Mg", "O"), raw=0.4, merged=1),  # repaired; a duplicate of 1
+        _candidate(3, kbr2, raw=2.5),  # valid, not charge-balanced
+        _candidate(4, None, raw=1.2, reason="unphysical lattice"),
+        _candidate(5, None, raw=None, reason="no sites"),
+    ]
+    m = sampling_metrics(candidates, 6.0, references=references, templates=prototype_templates())
+    assert m["n_samples"] == 6 and m["decoded_share"] == pytest.approx(4 / 6)
+    assert m["valid_share"] == pytest.approx(4 / 6)
+    assert m["valid_before_repair_share"] == pytest.approx(4 / 6)  # 0, 1, 3 and the rejected cell
+    assert m["samples_with_merged_sites_share"] == pytest.approx(1 / 6)
+    assert m["merged_sites_mean"] == pytest.approx(1 / 5)
+    assert m["charge_balanced_share_of_valid"] == pytest.approx(3 / 4)
+    assert m["smact_valid_share_of_valid"] == pytest.approx(3 / 4)
+    assert m["composition_novel_share_of_valid"] == pytest.approx(3 / 4)
+    assert m["novel_share_of_valid"] == pytest.approx(3 / 4)
+    assert m["prototype_novel_share_of_valid"] == pytest.approx(1 / 4)  # only KBr2's type is new
+    assert m["unique_share_of_valid"] == pytest.approx(3 / 4)
+    assert m["novel_unique_share_of_valid"] == pytest.approx(2 / 4)  # MgO (first) and KBr2
+    assert m["valid_smact_novel_unique_share"] == pytest.approx(1 / 6)  # MgO only: KBr2 fails SMACT
+    assert m["seconds_per_sample"] == pytest.approx(1.0)
+    assert m["failures"] == {"unphysical lattice": 1, "no sites": 1}

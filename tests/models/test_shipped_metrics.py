@@ -17,8 +17,16 @@ SAMPLING_KEYS = {
     "n_samples",
     "decoded_share",
     "valid_share",
+    "valid_before_repair_share",
+    "merged_sites_mean",
     "charge_balanced_share",
+    "smact_valid_share",
+    "composition_novel_share_of_valid",
     "novel_share_of_valid",
+    "prototype_novel_share_of_valid",
+    "valid_smact_novel_unique_share",
+    "training_charge_balanced_share",
+    "training_smact_valid_share",
     "unique_share_of_valid",
     "novel_unique_share_of_valid",
     "seconds_per_sample",
@@ -48,6 +56,11 @@ def test_ship_then_evaluate_sampling_writes_that_versions_numbers(monkeypatch, t
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)  # the progress bar goes to stderr
     assert SAMPLING_KEYS <= set(report) and report["n_samples"] == 4
+    # the shares nest: after repair >= valid >= novel and SMACT-valid >= all four at once
+    assert report["valid_share"] >= report["valid_smact_novel_unique_share"]
+    assert 0.0 <= report["valid_before_repair_share"] <= 1.0
+    # the prior's chemistry, measured on the training split: most of it is not charge-balanced
+    assert 0.0 < report["training_charge_balanced_share"] < 1.0
     assert "decoding samples: 4/4" in result.stderr
     entry = next(e for e in shipped.shipped_models() if e["kind"] == "vae")
     block = entry["sampling_random"]
@@ -55,7 +68,6 @@ def test_ship_then_evaluate_sampling_writes_that_versions_numbers(monkeypatch, t
     assert block["valid_share"] == report["valid_share"] and block["n_samples"] == 4
     registered = ModelRegistry(database).get("vae", version="vae-t1")
     assert registered.metrics["sampling_random_valid_share"] == report["valid_share"]
-
 
 
 def test_sampling_from_normal_prior_is_recorded_apart_from_the_fitted_one(monkeypatch, tmp_path, database):
@@ -83,6 +95,7 @@ def test_sampling_from_normal_prior_is_recorded_apart_from_the_fitted_one(monkey
     assert isinstance(bad.exception, UserError) and bad.exception.exit_code == 2
     assert "--prior must be" in str(bad.exception)
 
+
 def test_evaluate_output_survives_reshipping_and_calibration_is_labelled(monkeypatch, tmp_path, database):
     docs = _ship_real(monkeypatch, tmp_path, database)
     held_out = {"n_structures": 3, "lattice_mae_angstrom": 0.5, "mae": {"band_gap": 0.2}}
@@ -95,7 +108,9 @@ def test_evaluate_output_survives_reshipping_and_calibration_is_labelled(monkeyp
     assert again.metrics["held_out_mae_band_gap"] == 0.2
     shipped.ship(again, "crystaloop train vae --config configs/train/cpu/vae.yaml")  # re-ship, same version
     entry = next(e for e in shipped.shipped_models() if e["kind"] == "vae")
-    assert entry["held_out"]["lattice_mae_angstrom"] == 0.5 and "held_out_mae_band_gap" not in entry["metrics"]
+    assert (
+        entry["held_out"]["lattice_mae_angstrom"] == 0.5 and "held_out_mae_band_gap" not in entry["metrics"]
+    )
 
     ensemble = ModelDoc(
         kind="cgcnn-ensemble",
@@ -115,3 +130,24 @@ def test_reshipping_a_registered_shipped_checkpoint_in_place(monkeypatch, tmp_pa
     in_place = docs["unet"].model_copy(update={"checkpoint": str(shipped.CHECKPOINT_DIR / entry["file"])})
     again = shipped.ship(in_place, entry["command"])
     assert again["file"] == entry["file"] and (shipped.CHECKPOINT_DIR / entry["file"]).is_file()
+
+
+def test_reconstruction_gives_the_vae_and_the_unet_each_their_own_numbers():
+    from crystaloop.cli.evaluate import split_reconstruction
+
+    metrics = {
+        "n_structures": 5,
+        "method": "sites",
+        "unet_nonzero_recall": 0.9,
+        "unet_nonzero_recall_masked": 0.8,
+        "lattice_mae_angstrom": 0.02,
+        "angle_mae_degrees": 0.1,
+    }
+    vae, unet = split_reconstruction(metrics)
+    assert vae == {
+        "n_structures": 5,
+        "method": "sites",
+        "lattice_mae_angstrom": 0.02,
+        "angle_mae_degrees": 0.1,
+    }
+    assert unet == {"n_structures": 5, "unet_nonzero_recall": 0.9, "unet_nonzero_recall_masked": 0.8}

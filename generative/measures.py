@@ -1,0 +1,148 @@
+"""Structure measures of generated crystals, as the field reports them.
+
+Structural validity (every minimum-image distance at least 0.5 Angstrom, CDVAE's rule),
+compositional validity (pymatgen's oxidation-state guess, and SMACT's charge-neutrality and
+electronegativity rules as CDVAE, DiffCSP and MatterGen report it), novelty by composition, by
+structure (same reduced formula, ``StructureMatcher``) and by prototype (species anonymised), and
+uniqueness within a batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+MIN_DISTANCE_ANGSTROM = 0.5
+
+
+def minimum_distance(structure) -> float:
+    """Shortest distance (Angstrom) between any two sites, periodic images of a site included."""
+    lattice = structure.lattice
+    # a site's nearest own image is a short lattice vector: the shortest of the 26 neighbours
+    shifts = np.array(
+        [[i, j, k] for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1) if (i, j, k) != (0, 0, 0)]
+    )
+    own = float(np.min(np.linalg.norm(shifts @ lattice.matrix, axis=1)))
+    if len(structure) < 2:
+        return own
+    matrix = structure.distance_matrix
+    pairs = matrix[np.triu_indices(len(structure), 1)]
+    return min(own, float(pairs.min()))
+
+
+def is_valid(structure, min_distance: float = MIN_DISTANCE_ANGSTROM) -> bool:
+    """Every minimum-image distance, including a site's own periodic images, is >= ``min_distance``."""
+    return structure is not None and minimum_distance(structure) >= min_distance
+
+
+def charge_balanced(structure) -> bool:
+    """pymatgen's oxidation-state guess finds a neutral assignment of the composition."""
+    composition = structure.composition.reduced_composition
+    if len(composition.elements) == 1:
+        return True  # an elemental crystal is neutral (a metal or a covalent solid)
+    try:
+        return len(composition.oxi_state_guesses(max_sites=-50)) > 0
+    except ValueError:
+        return False
+
+
+def smact_valid(structure) -> bool:
+    """SMACT's compositional validity: a charge-neutral combination of common oxidation states that
+    passes the Pauling electronegativity test, with all-metal compositions (alloys) valid, as
+    CDVAE, DiffCSP and MatterGen count it."""
+    from smact.screening import smact_validity
+
+    composition = structure.composition.reduced_composition
+    if len(composition.elements) == 1:
+        return True
+    return bool(smact_validity(composition, use_pauling_test=True, include_alloys=True))
+
+
+def composition_novel_flags(structures: Sequence, references: Sequence) -> list[bool]:
+    """True where no reference record has the structure's reduced formula (no structural check)."""
+    known = {record.structure.composition.reduced_formula for record in references}
+    return [s.composition.reduced_formula not in known for s in structures]
+
+
+def novelty_flags(structures: Sequence, references: Sequence) -> list[bool]:
+    """True where no reference structure of the same reduced formula is StructureMatcher-equivalent."""
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    by_formula: dict[str, list] = {}
+    for record in references:
+        by_formula.setdefault(record.structure.composition.reduced_formula, []).append(record.structure)
+    matcher = StructureMatcher()
+    flags = []
+    for structure in structures:
+        same = by_formula.get(structure.composition.reduced_formula, [])
+        flags.append(not any(matcher.fit(structure, other) for other in same))
+    return flags
+
+
+def unique_flags(structures: Sequence) -> list[bool]:
+    """True for the first structure of each StructureMatcher-equivalence group in the batch."""
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    matcher = StructureMatcher()
+    seen: dict[str, list] = {}
+    flags = []
+    for structure in structures:
+        group = seen.setdefault(structure.composition.reduced_formula, [])
+        first = not any(matcher.fit(structure, other) for other in group)
+        if first:
+            group.append(structure)
+        flags.append(first)
+    return flags
+
+
+def _anonymous_matcher():
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    return StructureMatcher(scale=True, attempt_supercell=True)
+
+
+def _fits_anonymous(matcher, structure, other) -> bool:
+    try:
+        return bool(matcher.fit_anonymous(structure, other))
+    except Exception:  # noqa: BLE001 -- pymatgen raises several types on degenerate cells
+        return False
+
+
+def reference_prototypes(references: Sequence, labels: Sequence[str | None] | None = None) -> dict[str, list]:
+    """The distinct structure types of ``references`` (records with a ``structure``), species
+    anonymised, grouped by anonymised formula.
+
+    ``labels`` (one per record, e.g. the prior set's prototype names) mark records known to share
+    a type: one of each label is kept without matching. Unlabelled records are kept when no kept
+    structure of their anonymised formula matches them (``fit_anonymous``, scaled volumes).
+    """
+    matcher = _anonymous_matcher()
+    labels = list(labels) if labels is not None else [None] * len(references)
+    seen_labels: set[tuple[str, str]] = set()
+    groups: dict[str, list] = {}
+    for record, label in zip(references, labels, strict=True):
+        structure = record.structure
+        key = structure.composition.reduced_composition.anonymized_formula
+        if label is not None:
+            if (key, label) in seen_labels:
+                continue
+            seen_labels.add((key, label))
+            groups.setdefault(key, []).append(structure)
+            continue
+        kept = groups.setdefault(key, [])
+        if not any(_fits_anonymous(matcher, structure, other) for other in kept):
+            kept.append(structure)
+    return groups
+
+
+def prototype_novel_flags(structures: Sequence, prototypes: dict[str, list]) -> list[bool]:
+    """True where no reference prototype (:func:`reference_prototypes`) matches the structure with
+    species anonymised: a structure type the references do not hold."""
+    matcher = _anonymous_matcher()
+    flags = []
+    for structure in structures:
+        key = structure.composition.reduced_composition.anonymized_formula
+        same = prototypes.get(key, [])
+        flags.append(not any(_fits_anonymous(matcher, structure, other) for other in same))
+    return flags
