@@ -15,7 +15,15 @@ from pymatgen.core import Structure
 
 from crystaloop.properties import PROPERTY_NAMES
 
-COLLECTIONS = ("candidates", "dft_tasks", "campaigns", "campaign_rounds", "dft_cache", "models", "training_structures")
+COLLECTIONS = (
+    "candidates",
+    "dft_tasks",
+    "campaigns",
+    "campaign_rounds",
+    "dft_cache",
+    "models",
+    "training_structures",
+)
 
 
 def utcnow() -> datetime:
@@ -182,6 +190,7 @@ class StepRecord(_Doc):
     error: str | None = None
     started_at: datetime = Field(default_factory=utcnow)
     finished_at: datetime | None = None
+    wall_s: float | None = Field(None, description="Wall time of the attempt that finished the step, s.")
 
 
 class RoundDoc(_Doc):
@@ -189,7 +198,9 @@ class RoundDoc(_Doc):
 
     campaign: str
     round: int = Field(ge=0)
-    steps: dict[str, StepRecord] = Field(default_factory=dict, description=f"Keyed by {', '.join(ROUND_STEPS)}.")
+    steps: dict[str, StepRecord] = Field(
+        default_factory=dict, description=f"Keyed by {', '.join(ROUND_STEPS)}."
+    )
     counts: dict[str, int] = Field(default_factory=dict)
     metrics: dict[str, float | None] = Field(default_factory=dict)
     started_at: datetime = Field(default_factory=utcnow)

@@ -65,7 +65,16 @@ def fault_point(step: str, point: str) -> None:
 
 
 #: The round metrics that count things (the rest are rates and errors).
-ROUND_COUNTS = ("generated", "shortlisted", "selected", "submitted", "cache_hits", "relaxed", "failed", "hits")
+ROUND_COUNTS = (
+    "generated",
+    "shortlisted",
+    "selected",
+    "submitted",
+    "cache_hits",
+    "relaxed",
+    "failed",
+    "hits",
+)
 
 
 @dataclass
@@ -358,11 +367,13 @@ class Campaign:
             )
             raise
         fault_point(step, "end")
+        now = utcnow()
         finished = started.model_copy(
             update={
                 "status": "done",
                 "outputs": outputs,
-                "finished_at": utcnow(),
+                "finished_at": now,
+                "wall_s": (now - started.started_at).total_seconds(),
                 "model_versions": self._versions(),
             }
         )
@@ -373,7 +384,7 @@ class Campaign:
     # -- steps -------------------------------------------------------------------------------
 
     def _step_generate(self, number: int) -> tuple[dict, dict]:
-        from crystaloop.loop.generation import generate_candidates
+        from crystaloop.loop.generation import generate_candidates, why_empty
 
         generation_id = f"{self.name}-r{number}"
         # This step stores its candidates of the round in one insert: any of them means done.
@@ -406,6 +417,9 @@ class Campaign:
         if around:
             self.log(f"  {around} of the samples drawn around {len(hits)} hit(s)")
         self.log(f"  generated {out['n_requested']}, shortlisted {out['n_shortlisted']}")
+        empty = why_empty(out["stages"], out["rejected_reasons"])
+        if empty:
+            self.log(f"  {empty}")
         return out, {"generated": out["n_requested"], "shortlisted": out["n_shortlisted"]}
 
     def _step_acquire(self, number: int) -> tuple[dict, dict]:
@@ -635,7 +649,7 @@ class Campaign:
                     "error": o.error,
                 }
                 for o in outcomes
-            ]
+            ],
         }, metrics
 
     def _step_report(self, number: int) -> tuple[dict, dict]:

@@ -726,6 +726,24 @@ def generate_candidates(
     return report
 
 
+def why_empty(stages: Sequence[dict], rejected_reasons: dict[str, dict[str, int]]) -> str | None:
+    """One line naming the cascade stage that emptied a shortlist and its most frequent rejection,
+    or ``None`` when something survived.
+
+    ``stages`` and ``rejected_reasons`` are a :class:`GenerationReport`'s, as stored (dicts).
+    """
+    if not stages or stages[-1]["n_out"] > 0:
+        return None
+    first_empty = next(s for s in stages if s["n_out"] == 0)
+    name = first_empty["stage"]
+    line = f"nothing shortlisted: the {name} stage took {first_empty['n_in']} and kept none"
+    reasons = rejected_reasons.get(name) or {}
+    if reasons:
+        reason, count = max(reasons.items(), key=lambda item: item[1])
+        line += f"; most frequent rejection: {reason!r} ({count})"
+    return line
+
+
 def reason_counts(candidates: Sequence[Candidate], top: int = 5) -> dict[str, dict[str, int]]:
     """Per stage, the ``top`` most frequent rejection reasons (numbers stripped) and their counts."""
     import re

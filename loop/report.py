@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from crystaloop.db.documents import ROUND_STEPS
 from crystaloop.properties import PROPERTIES
 
 
@@ -28,6 +29,7 @@ def round_rows(database, name: str) -> list[dict[str, Any]]:
     """
     from crystaloop.db.campaigns import CampaignStore
     from crystaloop.loop.config import parse_campaign_config
+    from crystaloop.loop.generation import why_empty
 
     store = CampaignStore(database)
     doc = store.require(name)
@@ -50,6 +52,7 @@ def round_rows(database, name: str) -> list[dict[str, Any]]:
         ]
         generate = r.steps.get("generate")
         stages = (generate.outputs.get("stages") if generate else None) or []
+        rejected = (generate.outputs.get("rejected_reasons") if generate else None) or {}
         rows.append(
             {
                 "round": r.round,
@@ -67,9 +70,42 @@ def round_rows(database, name: str) -> list[dict[str, Any]]:
                 "mae_after": r.metrics.get("mae_after"),
                 "mean_displacement_angstrom": float(np.mean(displacement)) if displacement else None,
                 "finished": r.finished_at is not None,
+                "step_seconds": {step: _step_seconds(record) for step, record in r.steps.items()},
+                "why_empty": why_empty(stages, rejected),
             }
         )
     return rows
+
+
+def _step_seconds(record) -> float | None:
+    """A finished step's wall time (s): recorded, else from its start and end (older records)."""
+    if record.wall_s is not None:
+        return record.wall_s
+    if record.status == "done" and record.finished_at is not None:
+        return (record.finished_at - record.started_at).total_seconds()
+    return None
+
+
+def dft_run_rows(database, name: str) -> list[dict[str, Any]]:
+    """Every DFT task of a campaign's candidates with its engine's own wall time (s), by round.
+
+    Element references are shared between campaigns and are not listed.
+    """
+    rows = []
+    for task in database["dft_tasks"].find(
+        {"campaign": name},
+        {"_id": 0, "candidate_id": 1, "round": 1, "reduced_formula": 1, "state": 1, "output.wall_time_s": 1},
+    ):
+        rows.append(
+            {
+                "round": task.get("round"),
+                "candidate_id": task.get("candidate_id"),
+                "formula": task.get("reduced_formula"),
+                "state": task.get("state"),
+                "engine_seconds": (task.get("output") or {}).get("wall_time_s"),
+            }
+        )
+    return sorted(rows, key=lambda row: (row["round"] is None, row["round"] or 0, row["candidate_id"] or ""))
 
 
 def _count(value: float | None) -> int | None:
@@ -202,10 +238,41 @@ def write_report(database, name: str, folder: Path | str) -> list[Path]:
         if r["cascade"]:
             funnel = " → ".join(f"{s} {n_out}" for s, _, n_out in r["cascade"])
             lines.append(f"- round {r['round']} cascade: {funnel}")
+        if r["why_empty"]:
+            lines.append(f"- round {r['round']}: {r['why_empty']}")
+    lines += ["", *_time_lines(rows, dft_run_rows(database, name))]
     lines += ["", *(f"![{p.stem}]({p.name})" for p in paths), ""]
     report = folder / "report.md"
     report.write_text("\n".join(lines))
     return [report, *paths]
+
+
+def _time_lines(rows: list[dict[str, Any]], runs: list[dict[str, Any]]) -> list[str]:
+    """The report's "where the time goes" section: wall time per step and round, and each DFT run."""
+    steps = list(ROUND_STEPS)
+    lines = [
+        "## Where the time goes",
+        "",
+        "Wall time of each step (s), and of each DFT run as the engine reports it (s).",
+        "",
+        "| round | " + " | ".join(steps) + " | total |",
+        "|---" * (len(steps) + 2) + "|",
+    ]
+    for r in rows:
+        seconds = [r["step_seconds"].get(step) for step in steps]
+        total = sum(v for v in seconds if v is not None)
+        lines.append(f"| {r['round']} | " + " | ".join(_fmt(v, ".1f") for v in seconds) + f" | {total:.1f} |")
+    if runs:
+        lines += ["", "| round | candidate | formula | state | engine s |", "|---|---|---|---|---|"]
+        for run in runs:
+            who = run["candidate_id"] or "-"
+            lines.append(
+                f"| {_fmt(run['round'])} | {who} | {run['formula']} | {run['state']} "
+                f"| {_fmt(run['engine_seconds'], '.1f')} |"
+            )
+        timed = [run["engine_seconds"] for run in runs if run["engine_seconds"] is not None]
+        lines += ["", f"{len(runs)} DFT runs, {sum(timed):.0f} s of engine time in all."]
+    return lines
 
 
 def _window(t) -> str:
