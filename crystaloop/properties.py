@@ -1,7 +1,9 @@
-"""The eight target properties, defined once: name, unit and valid physical range.
+"""The target properties, defined once: name, unit and valid physical range.
 
-Every module that names a property (campaign windows, DB indexes, model heads,
-labels) imports it from here.
+Eight are the paper's: the prior set labels them and the property models learn them
+(:data:`LABEL_NAMES`). ``energy_above_hull`` is derived: a formation energy placed against one
+engine's convex hull (:mod:`crystaloop.dft.hull`), never a label or a model head. Every module
+that names a property (campaign windows, DB indexes, model heads, labels) imports it from here.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ class PropertySpec:
         Physically valid range; window bounds outside it are rejected.
     label
         Human-readable name with unit, for tables and plots.
+    derived
+        Computed from other properties (against a hull), not learnt or labelled.
     """
 
     name: str
@@ -30,6 +34,7 @@ class PropertySpec:
     lower: float
     upper: float
     label: str
+    derived: bool = False
 
     def contains(self, value: float) -> bool:
         """True if ``value`` lies within the valid physical range."""
@@ -47,10 +52,14 @@ PROPERTIES: dict[str, PropertySpec] = {
         PropertySpec("poisson_ratio", "", -1.0, 0.5, "Poisson ratio"),
         PropertySpec("refractive_index", "", 1.0, 10.0, "refractive index"),
         PropertySpec("dielectric_constant", "", 1.0, 1000.0, "dielectric constant"),
+        # negative: below the hull of the known phases, i.e. a new ground state
+        PropertySpec("energy_above_hull", "eV/atom", -5.0, 5.0, "E_hull (eV/atom)", derived=True),
     )
 }
 
 PROPERTY_NAMES: tuple[str, ...] = tuple(PROPERTIES)
+LABEL_NAMES: tuple[str, ...] = tuple(name for name, spec in PROPERTIES.items() if not spec.derived)
+"""The properties a prior set labels and a property model learns (the paper's eight)."""
 
 
 def property_spec(name: str) -> PropertySpec:

@@ -146,6 +146,10 @@ class CandidateDoc(StructureFields):
         default_factory=dict,
         description="Universal-potential screen: relaxed structure, energies (eV/atom), displacement (Å).",
     )
+    stability: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Its DFT result against the engine's hull: E_hull (eV/atom), decomposition, hull phases.",
+    )
     acquisition_score: float | None = None
     selected_round: int | None = Field(None, description="The round whose acquisition picked it for DFT.")
     dft_job: dict[str, Any] = Field(

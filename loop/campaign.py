@@ -839,6 +839,10 @@ class Campaign:
     ) -> str:
         update: dict[str, Any] = {"dft_engine": self.config.dft.engine, "dft_job": job or candidate.dft_job}
         if values is not None:
+            stability = self._stability(candidate, values)
+            if stability is not None:
+                values = {**values, "energy_above_hull": stability.energy_above_hull}
+                update["stability"] = stability.model_dump()
             update["dft"] = values
         if task_id is not None:
             update["dft_task_id"] = task_id
@@ -846,6 +850,14 @@ class Campaign:
             candidate.candidate_id, state, reason=reason, stage="dft" if reason else None, update=update
         )
         return state
+
+    def _stability(self, candidate: CandidateDoc, values: dict[str, Any]):
+        """The candidate's DFT result against its engine's hull (everything relaxed before it)."""
+        from crystaloop.loop.stability import dft_hull, stability_of
+
+        dft = self.config.dft
+        hull = dft_hull(self.database, self.name, dft.engine, dft.preset, exclude=candidate.candidate_id)
+        return stability_of(hull, candidate.reduced_formula, values)
 
     def _dft_results(self) -> list[DFTResult]:
         """Every relaxed candidate of the campaign with its relaxed structure and values."""

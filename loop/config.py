@@ -176,6 +176,12 @@ class Filters(_Strict):
     """Thresholds of the filter cascade."""
 
     min_distance: float = Field(0.5, gt=0, description="Minimum interatomic distance (Å).")
+    min_hull_phases: int = Field(
+        0,
+        ge=0,
+        description="Reject candidates whose chemical system holds fewer phases than this on the CHGNet "
+        "hull, the elements not counted (0: no check; an E_hull against the elements alone equals E_f).",
+    )
     same_stoichiometry_as_base: bool = Field(
         True, description="With around_base sampling, keep only the base compounds' stoichiometries."
     )
@@ -218,8 +224,11 @@ class Filters(_Strict):
             try:
                 Composition(formula)
             except Exception:
-                raise ValueError(f"{formula!r} is not a formula; use anonymous formulas like 'ABC3'") from None
+                raise ValueError(
+                    f"{formula!r} is not a formula; use anonymous formulas like 'ABC3'"
+                ) from None
         return formulas
+
     min_probability: float | None = Field(
         None,
         gt=0,
@@ -291,7 +300,8 @@ class DFTSettings(_Strict):
 
     engine: Literal["espresso", "surrogate"] = "espresso"
     preset: str = Field(
-        "fast", description="Preset name in dft/espresso/presets (fast, demo, standard) or a preset YAML path."
+        "fast",
+        description="Preset name in dft/espresso/presets (fast, demo, standard) or a preset YAML path.",
     )
     pseudo_family: str = Field("local-pbe", description="Family name, or a path to a family YAML.")
     overrides: dict[str, Any] = Field(default_factory=dict, description="Merged into a preset copy.")
@@ -365,8 +375,8 @@ class Models(_Strict):
 
 #: What each DFT engine's relaxation yields, i.e. the properties a target window can be verified on.
 DFT_PROPERTIES: dict[str, tuple[str, ...]] = {
-    "espresso": ("formation_energy_per_atom", "energy_per_atom", "band_gap"),
-    "surrogate": ("formation_energy_per_atom", "energy_per_atom"),
+    "espresso": ("formation_energy_per_atom", "energy_per_atom", "band_gap", "energy_above_hull"),
+    "surrogate": ("formation_energy_per_atom", "energy_per_atom", "energy_above_hull"),
 }
 
 

@@ -29,6 +29,7 @@ from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Composition, Structure
 
 from crystaloop.db.documents import FilterStep
+from crystaloop.dft.hull import FormationHull
 from crystaloop.loop.config import ElementRules, TargetWindow
 
 MIN_EDGE_ANGSTROM = 1.0
@@ -427,6 +428,7 @@ class UIPStage:
     min_volume_per_atom: float = MIN_VOLUME_PER_ATOM
     matcher: StructureMatcher = field(default_factory=StructureMatcher)
     max_relaxations: int | None = None
+    hull: FormationHull | None = None
     name: str = "uip_screen"
 
     def judge(self, candidates: Sequence[Candidate]) -> list[Verdict]:
@@ -483,13 +485,39 @@ class UIPStage:
         failures = []
         if abs(volume_change) > self.max_volume_change:
             failures.append(f"volume changed by {100 * volume_change:+.0f} %")
+        screened = {"formation_energy_per_atom": formation}
+        if self.hull is not None:
+            screened["energy_above_hull"] = formation - self.hull.hull_energy_per_atom(final.composition)
+            c.uip["energy_above_hull"] = screened["energy_above_hull"]
         for target in self.targets:
-            if target.property != "formation_energy_per_atom":
+            value = screened.get(target.property)
+            if value is None:
                 continue
             lo, hi = widen(c.window_for(target), self.tolerance)
-            if not lo <= formation <= hi:
-                failures.append(f"CHGNet E_f {formation:.3f} eV/atom outside [{lo:.3g}, {hi:.3g}]")
+            if not lo <= value <= hi:
+                label = "E_f" if target.property == "formation_energy_per_atom" else "E_hull"
+                failures.append(f"CHGNet {label} {value:.3f} eV/atom outside [{lo:.3g}, {hi:.3g}]")
         return not failures, "; ".join(failures) or None
+
+
+@dataclass
+class HullPhasesStage:
+    """The CHGNet hull of the candidate's chemical system holds at least ``min_phases`` phases
+    besides the elements, so that its energy above the hull means more than its formation energy."""
+
+    hull: FormationHull
+    min_phases: int
+    name: str = "hull_phases"
+
+    def judge(self, candidates: Sequence[Candidate]) -> list[Verdict]:
+        out = []
+        for c in candidates:
+            elements = [el.symbol for el in c.structure.composition.elements]
+            n = len(self.hull.phases_in(elements))
+            ok = n >= self.min_phases
+            why = f"the {'-'.join(sorted(elements))} hull holds {n} phases besides the elements (< {self.min_phases})"
+            out.append((ok, None if ok else why))
+        return out
 
 
 def displacement(initial: Structure, final: Structure) -> np.ndarray:

@@ -32,6 +32,7 @@ from crystaloop.loop.filters import (
     DecodedStage,
     ElementStage,
     FilterCascade,
+    HullPhasesStage,
     NoveltyStage,
     SizeStage,
     StoichiometryStage,
@@ -42,6 +43,7 @@ from crystaloop.loop.filters import (
     material_class_formulas,
     relative_window,
 )
+from crystaloop.loop.stability import ENERGY_ABOVE_HULL, HullPredictor, chgnet_hull
 
 STRATEGIES = ("random", "around_base", "interpolate", "optimize")
 EF = "formation_energy_per_atom"
@@ -531,6 +533,12 @@ def build_cascade(
         if database[COLLECTION].estimated_document_count() == 0:
             _shipped_prior()  # read once here, so the novel stage's time is its own
         stages.append(NoveltyStage(known_structures(database, config.name, scope=f.novelty_scope)))
+    hull = None
+    if f.min_hull_phases or any(t.property == ENERGY_ABOVE_HULL for t in config.targets):
+        hull = chgnet_hull(database, config.name)
+        if f.min_hull_phases:
+            stages.append(HullPhasesStage(hull, f.min_hull_phases))
+        predictor = HullPredictor(predictor, hull)
     stages.append(WindowStage(predictor, config.targets, f.window_tolerance, f.min_probability))
     if uip:
         relaxer = CHGNetRelaxer(fmax=f.uip_fmax, steps=f.uip_steps, max_volume_change=f.max_uip_volume_change)
@@ -542,6 +550,7 @@ def build_cascade(
                 f.window_tolerance,
                 f.max_uip_volume_change,
                 max_relaxations=f.uip_max_relaxations,
+                hull=hull,
             )
         )
     stages.append(UniqueStage())

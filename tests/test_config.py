@@ -24,8 +24,11 @@ def test_every_campaign_yaml_validates(repo_root):
         assert config.targets
 
 
-def test_eight_properties_with_units():
-    assert len(PROPERTIES) == 8
+def test_eight_learnt_properties_and_the_derived_hull_distance_with_units():
+    from crystaloop.properties import LABEL_NAMES
+
+    assert len(LABEL_NAMES) == 8 and "energy_above_hull" not in LABEL_NAMES
+    assert PROPERTIES["energy_above_hull"].derived and PROPERTIES["energy_above_hull"].unit == "eV/atom"
     assert PROPERTIES["formation_energy_per_atom"].unit == "eV/atom"
     assert PROPERTIES["bulk_modulus"].unit == "GPa"
     assert PROPERTIES["poisson_ratio"].unit == ""
@@ -66,7 +69,11 @@ def _minimal(**extra):
         (_minimal(seed=-1), "seed", "greater than or equal to 0"),
         (_minimal(sampling={"seed": -3}), "sampling.seed", "greater than or equal to 0"),
         (_minimal(retrain={"hooks": ["cgcnn_fintune"]}), "retrain.hooks", "registered: cgcnn_finetune"),
-        (_minimal(filters={"allowed_formulas": ["foo"]}), "filters.allowed_formulas", "'foo' is not a formula"),
+        (
+            _minimal(filters={"allowed_formulas": ["foo"]}),
+            "filters.allowed_formulas",
+            "'foo' is not a formula",
+        ),
         (
             _minimal(targets=[{"property": "bulk_modulus", "min": 150}]),
             "(top level)",

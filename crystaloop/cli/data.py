@@ -128,7 +128,7 @@ def shards(
     from crystaloop.generative.data import prior
     from crystaloop.generative.data.dataset import prior_records
     from crystaloop.generative.data.shards import shard_set_bytes, write_shards
-    from crystaloop.properties import PROPERTY_NAMES
+    from crystaloop.properties import LABEL_NAMES
 
     if grid < 8 or shard_size < 1:
         raise UserError("--grid must be >= 8 and --shard-size >= 1")
@@ -137,7 +137,7 @@ def shards(
     progress, update = eta_progress("voxelising", on=console)
     with progress:
         manifest = write_shards(
-            records, out_dir, PROPERTY_NAMES, grid=grid, shard_size=shard_size, progress=update
+            records, out_dir, LABEL_NAMES, grid=grid, shard_size=shard_size, progress=update
         )
     size = shard_set_bytes(manifest)
     console.print(f"wrote {len(records)} samples to {manifest.parent} ({size / 1e6:.1f} MB)")
@@ -160,12 +160,12 @@ def bench_loader(
     from crystaloop.generative.data.dataset import VoxelDataset, prior_records
     from crystaloop.generative.data.loader_bench import loader_throughput, train_step_throughput
     from crystaloop.generative.data.shards import ShardDataset, ShardOrderSampler, write_shards
-    from crystaloop.properties import PROPERTY_NAMES
+    from crystaloop.properties import LABEL_NAMES
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     records = prior_records(path or prior.SHIPPED_PATH, limit=samples)
     results = []
-    fly = VoxelDataset(records, PROPERTY_NAMES, augment=True)
+    fly = VoxelDataset(records, LABEL_NAMES, augment=True)
     for workers in (0, 2):
         results.append(
             loader_throughput(
@@ -177,7 +177,7 @@ def bench_loader(
             )
         )
     with tempfile.TemporaryDirectory() as tmp:
-        manifest = write_shards(records, Path(tmp), PROPERTY_NAMES, shard_size=128)
+        manifest = write_shards(records, Path(tmp), LABEL_NAMES, shard_size=128)
         size = sum(f.stat().st_size for f in Path(tmp).glob("shard-*.npz"))
         shard_set = ShardDataset(manifest, augment=True)
         for workers in (0, 2):

@@ -83,7 +83,7 @@ def site_shards(
     from crystaloop.generative.train.config import DataConfig
     from crystaloop.generative.train.data import composition_split, load_records
     from crystaloop.generative.train.shards import write_site_shards
-    from crystaloop.properties import PROPERTY_NAMES
+    from crystaloop.properties import LABEL_NAMES
 
     if split not in ("train", "all"):
         raise UserError(f"--split must be 'train' or 'all', not {split!r}")
@@ -94,7 +94,7 @@ def site_shards(
         records, _ = composition_split(records, data.test_fraction, data.split_seed)
     progress, update = eta_progress("site channels")
     with progress:
-        manifest = write_site_shards(records, out_dir, PROPERTY_NAMES, grid=grid, progress=update)
+        manifest = write_site_shards(records, out_dir, LABEL_NAMES, grid=grid, progress=update)
     console.print(f"wrote {len(records)} samples to {manifest.parent}", highlight=False)
 
 

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from crystaloop.errors import ConfigError, read_yaml
-from crystaloop.properties import PROPERTY_NAMES
+from crystaloop.properties import LABEL_NAMES
 
 
 class _Config(BaseModel):
@@ -16,9 +16,9 @@ class _Config(BaseModel):
 
 
 def _check_properties(names: list[str]) -> list[str]:
-    unknown = [n for n in names if n not in PROPERTY_NAMES]
+    unknown = [n for n in names if n not in LABEL_NAMES]
     if unknown:
-        raise ValueError(f"unknown properties {unknown}; allowed: {', '.join(PROPERTY_NAMES)}")
+        raise ValueError(f"unknown properties {unknown}; allowed: {', '.join(LABEL_NAMES)}")
     return names
 
 

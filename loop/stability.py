@@ -1,0 +1,138 @@
+"""Energy above the hull in a campaign: which hull, built from whose energies, and the predictor
+that gives the property models' E_hull.
+
+Two hulls, never mixed:
+
+- the **CHGNet hull** holds the prior set's CHGNet formation energies and the campaign's
+  CHGNet-screened structures. The screen, the property model's predicted E_hull and the
+  surrogate engine are judged against it (the surrogate's relaxed results join it);
+- the **DFT hull** of an ``espresso`` campaign holds the campaign's own DFT results under its
+  preset. Its corners are the element references of the same preset (zero formation energy).
+  Competing phases of the prior set are not relaxed with pw.x yet, so a system with no relaxed
+  phase of its own is judged against the elements alone, and says so (``against_elements_only``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+from pymatgen.core import Structure
+
+from crystaloop.dft.hull import FormationHull, HullPhase, Stability
+
+ENERGY_ABOVE_HULL = "energy_above_hull"
+FORMATION_ENERGY = "formation_energy_per_atom"
+
+
+@lru_cache(maxsize=1)
+def prior_phases() -> tuple[str, tuple[HullPhase, ...]]:
+    """The shipped prior set's labeller and its converged, accepted records as hull phases."""
+    from crystaloop.generative.data.prior import read_prior
+
+    prior = read_prior()
+    phases, labeller = [], None
+    for record in prior["records"]:
+        value = (record.get("labels") or {}).get(FORMATION_ENERGY)
+        if not record.get("converged") or record.get("reject_reason") or value is None:
+            continue
+        labeller = labeller or record.get("labeller")
+        phases.append(HullPhase(record["formula"], float(value), record["structure_id"]))
+    return labeller or "chgnet", tuple(phases)
+
+
+def chgnet_hull(database, campaign: str, *, exclude: str | None = None) -> FormationHull:
+    """The CHGNet hull: the prior set plus the campaign's screened (and surrogate-relaxed) structures.
+
+    ``exclude`` leaves one candidate out, so that a candidate is never judged against itself.
+    """
+    labeller, phases = prior_phases()
+    hull = FormationHull(labeller, phases)
+    for doc in database["candidates"].find(
+        {"campaign": campaign, "uip.formation_energy_per_atom": {"$ne": None}},
+        {"_id": 0, "candidate_id": 1, "uip.formation_energy_per_atom": 1, "uip.structure": 1},
+    ):
+        if doc["candidate_id"] == exclude:
+            continue
+        structure = Structure.from_dict(doc["uip"]["structure"])
+        hull.add(
+            HullPhase(
+                structure.composition.reduced_formula,
+                float(doc["uip"]["formation_energy_per_atom"]),
+                doc["candidate_id"],
+            )
+        )
+    for phase in _relaxed_phases(database, campaign, "surrogate", exclude):
+        hull.add(phase)
+    return hull
+
+
+def dft_hull(
+    database, campaign: str, engine: str, preset: str, *, exclude: str | None = None
+) -> FormationHull:
+    """The hull a DFT result of ``engine`` is verified against (see the module docstring)."""
+    if engine == "surrogate":
+        return chgnet_hull(database, campaign, exclude=exclude)
+    return FormationHull(f"{engine}/{preset}", _relaxed_phases(database, campaign, engine, exclude))
+
+
+def _relaxed_phases(database, campaign: str, engine: str, exclude: str | None) -> list[HullPhase]:
+    phases = []
+    for doc in database["candidates"].find(
+        {
+            "campaign": campaign,
+            "state": "relaxed",
+            "dft_engine": engine,
+            f"dft.{FORMATION_ENERGY}": {"$ne": None},
+        },
+        {"_id": 0, "candidate_id": 1, "reduced_formula": 1, f"dft.{FORMATION_ENERGY}": 1},
+    ):
+        if doc["candidate_id"] != exclude:
+            phases.append(
+                HullPhase(doc["reduced_formula"], float(doc["dft"][FORMATION_ENERGY]), doc["candidate_id"])
+            )
+    return phases
+
+
+def stability_of(hull: FormationHull, formula: str, values: dict[str, float | None]) -> Stability | None:
+    """The candidate's place against ``hull`` from its formation energy (None without one)."""
+    value = values.get(FORMATION_ENERGY)
+    if value is None or not np.isfinite(value):
+        return None
+    return hull.stability(formula, float(value))
+
+
+@dataclass
+class HullPredictor:
+    """A property predictor that also gives E_hull: the predicted formation energy minus the
+    hull's formation energy at the candidate's composition, with the formation energy's std.
+
+    Parameters
+    ----------
+    predictor
+        Means and stds of properties that include the formation energy (eV/atom).
+    hull
+        The CHGNet hull the prediction is placed against.
+    """
+
+    predictor: object
+    hull: FormationHull
+
+    def __post_init__(self) -> None:
+        if FORMATION_ENERGY not in self.predictor.properties:
+            raise ValueError("the property model predicts no formation energy, so no energy above the hull")
+        self.properties = [*self.predictor.properties, ENERGY_ABOVE_HULL]
+        self.version = self.predictor.version
+
+    def predict(self, structures: Sequence[Structure]) -> tuple[np.ndarray, np.ndarray]:
+        """Means and stds (n, n_properties + 1); the last column is E_hull (eV/atom)."""
+        mean, std = self.predictor.predict(structures)
+        column = self.predictor.properties.index(FORMATION_ENERGY)
+        hull = np.array([self.hull.hull_energy_per_atom(s.composition) for s in structures], dtype=float)
+        e_hull = mean[:, column] - hull if len(structures) else np.zeros(0)
+        return (
+            np.concatenate([mean, e_hull[:, None]], axis=1),
+            np.concatenate([std, std[:, column : column + 1]], axis=1),
+        )

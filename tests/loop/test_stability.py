@@ -1,0 +1,94 @@
+"""Energy above the hull in a campaign: the predicted E_hull, the cascade's hull stages, and a
+surrogate round whose target is a stability window."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pymatgen.core import Lattice, Structure
+
+from crystaloop.db.campaigns import CampaignStore
+from crystaloop.db.store import CandidateStore
+from crystaloop.dft.hull import FormationHull, HullPhase
+from crystaloop.loop.campaign import Campaign
+from crystaloop.loop.config import parse_campaign_config
+from crystaloop.loop.filters import Candidate, HullPhasesStage
+from crystaloop.loop.stability import HullPredictor, chgnet_hull, prior_phases
+
+
+class FixedPredictor:
+    """Formation energies (eV/atom) by reduced formula, std 0.1."""
+
+    properties = ["formation_energy_per_atom", "band_gap"]
+    version = "fixed"
+
+    def __init__(self, values: dict[str, float]) -> None:
+        self.values = values
+
+    def predict(self, structures):
+        mean = np.array([[self.values[s.composition.reduced_formula], 0.0] for s in structures])
+        return mean, np.full_like(mean, 0.1)
+
+
+def _b2(a: str, b: str) -> Structure:
+    return Structure(Lattice.cubic(3.0), [a, b], [[0, 0, 0], [0.5, 0.5, 0.5]])
+
+
+def test_the_predicted_energy_above_hull_is_the_predicted_formation_energy_minus_the_hull():
+    hull = FormationHull("test", [HullPhase("NiAl3", -0.4, "p1"), HullPhase("Ni3Al", -0.5, "p2")])
+    predictor = HullPredictor(FixedPredictor({"AlNi": -0.6, "CuPd": -0.1}), hull)
+    mean, std = predictor.predict([_b2("Ni", "Al"), _b2("Cu", "Pd")])
+    assert predictor.properties == ["formation_energy_per_atom", "band_gap", "energy_above_hull"]
+    # at x_Al = 0.5 the hull runs between Ni3Al (0.25, -0.5) and NiAl3 (0.75, -0.4): -0.45
+    assert mean[0, 2] == pytest.approx(-0.6 + 0.45)
+    assert mean[1, 2] == pytest.approx(-0.1)  # Cu-Pd holds no phase: against the elements, E_f itself
+    assert std[:, 2] == pytest.approx(std[:, 0])
+
+
+def test_a_predictor_without_a_formation_energy_cannot_give_an_energy_above_hull():
+    predictor = FixedPredictor({})
+    predictor.properties = ["band_gap"]
+    with pytest.raises(ValueError, match="no formation energy"):
+        HullPredictor(predictor, FormationHull("test"))
+
+
+def test_the_hull_phases_stage_rejects_systems_too_thin_to_judge():
+    hull = FormationHull("test", [HullPhase("NiAl3", -0.4, "p1")])
+    stage = HullPhasesStage(hull, min_phases=1)
+    verdicts = stage.judge([Candidate(0, _b2("Ni", "Al")), Candidate(1, _b2("Cu", "Pd"))])
+    assert verdicts[0] == (True, None)
+    assert verdicts[1] == (False, "the Cu-Pd hull holds 0 phases besides the elements (< 1)")
+
+
+def test_the_chgnet_hull_holds_the_prior_set():
+    labeller, phases = prior_phases()
+    assert labeller.startswith("chgnet") and len(phases) > 1000
+    ni_al = [p for p in phases if p.formula in ("NiAl", "AlNi")]
+    assert ni_al, "the prior set has B1/B2/B3 NiAl"
+
+
+def test_a_surrogate_round_with_a_stability_window(settings, prior_subset, loop_config, make_shortlist):
+    database = prior_subset
+    name = "stability"
+    ids = make_shortlist(database, name)
+    config = loop_config(
+        name,
+        targets=[{"property": "energy_above_hull", "max": 0.1}],
+        retrain={"cgcnn": False, "generator_conditioning": False},
+    )
+    campaign = Campaign(parse_campaign_config(config), database=database, log=lambda line: None)
+    assert campaign.run().status == "finished"
+    store = CandidateStore(database)
+    relaxed = [store.get(c) for c in ids if store.get(c).state == "relaxed"]
+    assert relaxed
+    for doc in relaxed:
+        stability = doc.stability
+        assert stability["engine"].startswith("chgnet")
+        hull = chgnet_hull(database, name, exclude=doc.candidate_id)
+        expected = doc.dft["formation_energy_per_atom"] - hull.hull_energy_per_atom(doc.reduced_formula)
+        assert doc.dft["energy_above_hull"] == pytest.approx(expected)
+        assert stability["energy_above_hull"] == doc.dft["energy_above_hull"]
+        assert stability["n_phases"] == len(hull.phases_in(doc.elements)) > 0
+        assert stability["decomposition"]
+    record = CampaignStore(database).round(name, 0)
+    assert record.metrics["hits"] == sum(d.dft["energy_above_hull"] <= 0.1 for d in relaxed)
