@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Lattice, Structure
 from pymatgen.core.operations import SymmOp
 
@@ -112,7 +113,7 @@ def test_elements_allow_deny_and_pseudopotential_coverage():
     assert out[0][1] == "no pseudopotential for Cl, Na in tiny-family"
 
 
-def test_novel_rejects_a_rotated_translated_copy():
+def test_novel_rejects_a_rotated_translated_copy_and_a_slightly_strained_one():
     known = rocksalt()
     copy = known.copy()
     copy.apply_operation(SymmOp.from_axis_angle_and_translation([1, 1, 0], 37.0))
@@ -123,11 +124,21 @@ def test_novel_rejects_a_rotated_translated_copy():
         asked.append(formula)
         return [known] if formula == "NaCl" else []
 
-    strained = rocksalt(a=4.5, species=("K", "Br"))
+    # Same formula, c stretched: 5 % lies inside StructureMatcher's length tolerance (ltol 0.2),
+    # 50 % far outside it. A uniform scaling is matched whatever its size (scale=True).
+    near, far, swollen = known.copy(), known.copy(), known.copy()
+    near.apply_strain([0.0, 0.0, 0.05])
+    far.apply_strain([0.0, 0.0, 0.50])
+    swollen.scale_lattice(1.5 * known.volume)
+    other = rocksalt(species=("K", "Br"))  # same prototype, another formula: never compared
     stage = NoveltyStage(lookup)
-    out = stage.judge([cand(copy), cand(strained), cand(copy.copy())])
-    assert [p for p, _ in out] == [False, True, False]
+    out = stage.judge([cand(copy), cand(near), cand(far), cand(swollen), cand(other), cand(copy.copy())])
+    assert [p for p, _ in out] == [False, False, True, False, True, False]
+    assert out[1][1] == "NaCl is already known (training data or campaign)"
     assert sorted(asked) == ["KBr", "NaCl"]  # one lookup per formula
+    # and the tolerance is the matcher's: a strict one tells the 5 % strain apart
+    strict = NoveltyStage(lookup, matcher=StructureMatcher(ltol=0.01, stol=0.01, angle_tol=0.1))
+    assert verdicts(strict, [cand(copy), cand(near)]) == [False, True]
 
 
 class FixedPredictor:

@@ -16,10 +16,14 @@ from crystaloop.cli import app
 from crystaloop.db.documents import StructureFields, TrainingStructureDoc
 from crystaloop.db.registry import ModelRegistry
 from crystaloop.errors import ConfigError, UserError
-from crystaloop.generative.models import CGCNNEnsemble, CondDFCVAE, UNet3D, load_model
+from crystaloop.generative.decode import SEGMENT_GRID
+from crystaloop.generative.evaluate import predict_properties
+from crystaloop.generative.models import CGCNNEnsemble, CondDFCVAE, UNet3D, load_model, save_model
+from crystaloop.generative.models.unet import voxel_spacing
+from crystaloop.generative.representation import voxelize
 from crystaloop.generative.train.config import DataConfig, GeometryNoise, load_train_config
 from crystaloop.generative.train.data import composition_split, load_records, perturbed_copies
-from crystaloop.generative.train.run import default_version, train_and_register
+from crystaloop.generative.train.run import _prepare, default_version, graph_set, train_and_register
 
 GRID = 16
 TINY_DATA = {"grid": GRID, "max_sites": 40}
@@ -82,7 +86,6 @@ def test_split_is_by_composition_and_stable(labelled):
 
 def test_validation_formulas_come_from_the_training_side(labelled):
     from crystaloop.generative.train.config import CGCNNTrainConfig
-    from crystaloop.generative.train.run import _prepare
 
     config = CGCNNTrainConfig(data={"max_sites": 40, "test_fraction": 0.3, "val_fraction": 0.3})
     train, val, data_hash, elements = _prepare(config, labelled)
@@ -106,10 +109,25 @@ def test_train_unet_then_vae_then_cgcnn_register_and_resume(labelled, tmp_path, 
     )
     unet_cfg = load_train_config(unet_path, "unet")
     doc, metrics = train_and_register("unet", unet_cfg, labelled, root, version="u1")
-    assert doc.kind == "unet" and doc.default and 0.0 <= metrics["unet_nonzero_recall"] <= 1.0
+    assert doc.kind == "unet" and doc.default
+    unet_doc = doc
     unet, extra = load_model(doc.checkpoint)
     assert isinstance(unet, UNet3D) and extra["class_weights"][0] == 0.0
     assert extra["dataset_hash"] == doc.dataset_hash and len(doc.dataset_hash) == 16
+    # The recall is the share of the validation crystals' site voxels whose species the
+    # registered UNet names right, counted here voxel by voxel.
+    _, val, _, _ = _prepare(unet_cfg, labelled)
+    right = sites = 0
+    for record in val:
+        voxels = voxelize(record.structure, grid=GRID)
+        density = torch.from_numpy(np.asarray(voxels.density, dtype=np.float32))[None, None]
+        coords = torch.from_numpy(np.asarray(voxels.coords, dtype=np.float32))[None]
+        species = torch.from_numpy(voxels.species.astype(np.int64))
+        predicted, _ = unet.predict(density, voxel_spacing(coords))
+        site = species > 0
+        right, sites = right + int((predicted[0] == species)[site].sum()), sites + int(site.sum())
+    assert [r.formula for r in val] == ["NaCl", "BaTiO3"] and sites > 0
+    assert metrics["unet_nonzero_recall"] == pytest.approx(right / sites, abs=1e-9)
 
     vae_body = {
         "data": TINY_DATA,
@@ -147,24 +165,33 @@ def test_train_unet_then_vae_then_cgcnn_register_and_resume(labelled, tmp_path, 
     # The validation split of ten records holds fewer than 10 labelled items per property, so
     # training stores the unfitted factor 1.0 for each.
     assert ensemble.sigma_scale.tolist() == [1.0, 1.0, 1.0]
-    # On all ten records the fit has data: the factor is the 68.27 % quantile of |error| / spread,
-    # so the calibrated sigma covers 7 of the 10 errors; band_gap has no labels and stays at 1.
-    from crystaloop.generative.evaluate import predict_properties
-    from crystaloop.generative.train.run import graph_set
-
+    # Calibration on points whose answer is known: the ensemble's own means and spreads on the
+    # ten records, with labels drawn so that every error is 3 x N(0, 1) times the spread (an
+    # under-dispersed ensemble). The factor is fitted on five crystals and judged on the other five.
     records = load_records(labelled, DataConfig(max_sites=40))
     graphs = graph_set(ensemble.members[0], records, ensemble.properties)
     items = [graphs[i] for i in range(len(graphs))]
-    mean, spread, values, present = predict_properties(ensemble, items)
-    scales = ensemble.calibrate(mean, spread, values, present)
+    mean, spread, _, _ = predict_properties(ensemble, items)
     ef, gap = ensemble.properties.index("formation_energy_per_atom"), ensemble.properties.index("band_gap")
-    error = np.abs(mean[:, ef] - values[:, ef])
-    assert len(items) == 10
-    assert scales[ef] == pytest.approx(np.quantile(error / spread[:, ef], 0.6827), rel=1e-6)
-    assert scales[ef] != 1.0 and scales[gap] == 1.0
-    _, sigma, _, _ = predict_properties(ensemble, items)
-    np.testing.assert_allclose(sigma[:, ef], spread[:, ef] * scales[ef], rtol=1e-5)
-    assert np.mean(error <= sigma[:, ef] * (1 + 1e-6)) == pytest.approx(0.7)
+    assert len(items) == 10 and (spread[:, ef] > 0).all()
+    rng, draws = np.random.default_rng(0), 400
+
+    def labels_around(rows):
+        """Each crystal's prediction repeated ``draws`` times, with labels drawn around it."""
+        m, s = np.repeat(mean[rows], draws, axis=0), np.repeat(spread[rows], draws, axis=0)
+        present = np.ones(m.shape, dtype=bool)
+        present[:, gap] = False  # no band-gap labels: that factor stays unfitted
+        return m, s, m + 3.0 * s * rng.standard_normal(m.shape), present
+
+    fitted, held_out = slice(0, 5), slice(5, 10)
+    scales = ensemble.calibrate(*labels_around(fitted))
+    assert scales[ef] == pytest.approx(3.0, abs=0.25) and scales[gap] == 1.0
+    _, sigma, _, _ = predict_properties(ensemble, items[held_out])  # now calibrated
+    np.testing.assert_allclose(sigma[:, ef], spread[held_out, ef] * scales[ef], rtol=1e-5)
+    m, _, values, _ = labels_around(held_out)
+    error, sigma = np.abs(values - m)[:, ef], np.repeat(sigma, draws, axis=0)[:, ef]
+    assert abs(float((error <= sigma).mean()) - 0.6827) < 0.035
+    assert abs(float((error <= 2 * sigma).mean()) - 0.9545) < 0.02
 
     kinds = {d.kind for d in ModelRegistry(labelled).list()}
     assert kinds == {"unet", "vae", "cgcnn-ensemble"}
@@ -172,24 +199,65 @@ def test_train_unet_then_vae_then_cgcnn_register_and_resume(labelled, tmp_path, 
     runner = CliRunner()
     listed = runner.invoke(app, ["models", "list"])
     assert listed.exit_code == 0 and "cgcnn-ensemble" in listed.output
-    result = runner.invoke(app, ["evaluate", "properties", "--format", "json", "--limit", "3"])
+
+    # A hand-set ensemble whose answers are known: member k predicts one constant for every
+    # crystal (zero head weights, target mean c_k), E_f -2 -+ d, so its mean is -2 and its spread d.
+    _, test = composition_split(records, 0.2, 0)
+    assert sorted(r.formula for r in test) == ["CaO", "SrTiO3"]  # the held-out split
+    ef_error = np.array([abs(r.labels["formation_energy_per_atom"] + 2.0) for r in test])
+    bulk_error = np.array([abs(r.labels["bulk_modulus"] - 100.0) for r in test])
+    d = (max(ef_error.min(), ef_error.max() / 2) + ef_error.max()) / 2  # covers one error; 2d both
+    known, known_extra = load_model(doc.checkpoint)
+    for k, member in enumerate(known.members):
+        constants = {
+            "formation_energy_per_atom": -2.0 + (d if k else -d),
+            "bulk_modulus": 100.0,
+            "band_gap": 1.0,
+        }
+        with torch.no_grad():
+            member.heads.weight.zero_()
+            member.heads.bias.zero_()
+            member.target_mean.copy_(torch.tensor([constants[p] for p in member.properties]))
+    known_path = save_model(known, tmp_path / "known-cgcnn.pt", **known_extra)
+    result = runner.invoke(app, ["evaluate", "properties", "--model", str(known_path), "--format", "json"])
     assert result.exit_code == 0, result.output
     props = json.loads(result.stdout)
-    assert props["n_structures"] <= 3 and "formation_energy_per_atom" in props["mae"]
-    assert 0.0 <= props["within_2sigma"]["formation_energy_per_atom"] <= 1.0
-    result = runner.invoke(app, ["evaluate", "reconstruction", "--format", "json", "--limit", "2"])
+    assert props["n_structures"] == 2
+    assert props["mae"]["formation_energy_per_atom"] == pytest.approx(ef_error.mean(), abs=1e-5)
+    assert props["mae"]["bulk_modulus"] == pytest.approx(bulk_error.mean(), abs=1e-4)
+    assert props["within_1sigma"]["formation_energy_per_atom"] == 0.5
+    assert props["within_2sigma"]["formation_energy_per_atom"] == 1.0
+    assert props["within_2sigma"]["bulk_modulus"] == 0.0  # no spread: no error is covered
+    assert "band_gap" not in props["mae"]  # no labels
+
+    # A hand-set UNet that names every voxel oxygen and puts none inside its mask. Its species
+    # recall on the held-out crystals is their share of oxygen site voxels on the 32^3 grid; its
+    # masked recall is 0; and with an empty mask no crystal decodes to any site.
+    oxygen_unet, unet_extra = load_model(unet_doc.checkpoint)
+    with torch.no_grad():
+        oxygen_unet.species_head.weight.zero_()
+        oxygen_unet.species_head.bias.zero_()
+        oxygen_unet.species_head.bias[oxygen_unet.vocabulary.atomic_numbers.index(8)] = 1.0
+        oxygen_unet.mask_head.weight.zero_()
+        oxygen_unet.mask_head.bias.fill_(-5.0)
+    unet_path = save_model(oxygen_unet, tmp_path / "oxygen-unet.pt", **unet_extra)
+    true_species = [voxelize(r.structure, grid=SEGMENT_GRID).species for r in test]
+    oxygen_voxels = sum(int((z == 8).sum()) for z in true_species)
+    oxygen_share = oxygen_voxels / sum(int((z > 0).sum()) for z in true_species)
+    assert 0.3 < oxygen_share < 0.9
+    result = runner.invoke(
+        app, ["evaluate", "reconstruction", "--unet", str(unet_path), "--format", "json", "--limit", "2"]
+    )
     assert result.exit_code == 0, result.output
     recon = json.loads(result.stdout)  # the progress bar goes to stderr
-    assert f"reconstructing: {recon['n_structures']}/{recon['n_structures']}" in result.stderr
-    for key in (
-        "lattice_mae_angstrom",
-        "emd_mean_angstrom",
-        "delta_nsites_mean",
-        "unet_nonzero_recall",
-        "vae_mse",
-    ):
-        assert key in recon
-    assert recon["n_structures"] >= 1 and recon["vae_mse"] >= 0
+    assert recon["method"] == "paper" and recon["n_structures"] == 2
+    assert "reconstructing: 2/2" in result.stderr
+    assert recon["unet_nonzero_recall"] == pytest.approx(oxygen_share, abs=1e-12)
+    assert recon["unet_nonzero_recall_masked"] == 0.0
+    assert recon["no_sites_found"] == 2 and recon["emd_mean_angstrom"] is None
+    assert recon["delta_nsites_mean"] == np.mean([len(r.structure) for r in test]) == 6.5  # CaO 8, SrTiO3 5
+    assert recon["species_exact"] == 0.0  # no site matched
+    assert np.isfinite(recon["lattice_mae_angstrom"]) and recon["vae_mse"] > 0
 
 
 def test_joint_vae_unet_training_saves_both(labelled, tmp_path, settings):
