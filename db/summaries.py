@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from crystaloop.properties import PROPERTY_NAMES
+from crystaloop.properties import LABEL_NAMES, PROPERTY_NAMES
 
 SUMMARY_COLLECTION = "candidate_summaries"
 COUNTER_COLLECTION = "candidate_counts"
@@ -65,15 +65,24 @@ LEGACY_CANDIDATE_INDEXES = (
 )
 
 
-#: Property values are keyed on one ordered line: property ``i`` (its position in
-#: PROPERTY_NAMES; DFT values after all predicted ones) owns the keys ``"ii:..."``.
+#: Property values are keyed on one ordered line: property ``i`` owns the keys ``"ii:..."``.
+#: The eight learnt properties take 0-7 (predicted) and 8-15 (DFT), as since the first layout;
+#: derived properties (the energy above the hull) follow, predicted then DFT, so adding one
+#: never moves a stored key.
 #: The key of a value is its clamped value, shifted to be non-negative, in units of
 #: PROPERTY_KEY_RESOLUTION, written with a fixed number of digits, so that keys sort
 #: as the values do.
 PROPERTY_KEY_CLAMP = 0.49e6
 PROPERTY_KEY_RESOLUTION = 1.0e-4
 _PROPERTY_KEY_FORMAT = "%02d:%010d"
-_PROPERTY_POSITION = {name: i for i, name in enumerate(PROPERTY_NAMES)}
+_LEARNT_POSITION = {name: i for i, name in enumerate(LABEL_NAMES)}
+_DERIVED = [name for name in PROPERTY_NAMES if name not in _LEARNT_POSITION]
+
+
+def _position(name: str, dft: bool) -> int:
+    if name in _LEARNT_POSITION:
+        return _LEARNT_POSITION[name] + (len(LABEL_NAMES) if dft else 0)
+    return 2 * len(LABEL_NAMES) + 2 * _DERIVED.index(name) + int(dft)
 
 
 def property_key(name: str, value: float, *, dft: bool = False) -> str:
@@ -85,7 +94,7 @@ def property_key(name: str, value: float, *, dft: bool = False) -> str:
     A string rather than a number: the embedded server encodes a string index
     key about three times faster than a number, and a summary writes 8 to 16 of them.
     """
-    position = _PROPERTY_POSITION[name] + (len(PROPERTY_NAMES) if dft else 0)
+    position = _position(name, dft)
     clamped = min(max(value, -PROPERTY_KEY_CLAMP), PROPERTY_KEY_CLAMP)
     # Floor division of the shifted (non-negative) value: monotone, and an integral float.
     return _PROPERTY_KEY_FORMAT % (position, (clamped + PROPERTY_KEY_CLAMP) // PROPERTY_KEY_RESOLUTION)
@@ -185,7 +194,7 @@ class CandidateSummaryDoc(BaseModel):
                 property_key(name, value, dft=is_dft)
                 for is_dft, values in ((False, predicted), (True, dft))
                 for name, value in values.items()
-                if isinstance(value, int | float) and value == value and name in _PROPERTY_POSITION
+                if isinstance(value, int | float) and value == value and name in PROPERTY_NAMES
             ],
             "created_at": candidate["created_at"],
             "revision": len(candidate.get("state_history") or ()),

@@ -163,12 +163,13 @@ def test_property_keys_sort_as_values_and_contain_windows():
                 bounds = property_key_range(name, {"$gte": lo, "$lt": hi}, dft=dft)
                 inside = [property_key(name, v, dft=dft) for v in values if lo <= v < hi]
                 assert all(bounds["$gte"] <= k <= bounds["$lte"] for k in inside)
-    # Each property, predicted or DFT, owns its own stretch of keys.
-    stretches = [
+    # Each property, predicted or DFT, owns its own stretch of keys: no two stretches overlap.
+    stretches = sorted(
         (property_key(n, -PROPERTY_KEY_CLAMP, dft=d), property_key(n, PROPERTY_KEY_CLAMP, dft=d))
         for d in (False, True)
         for n in PROPERTY_NAMES
-    ]
+    )
+    assert len(stretches) == 2 * len(PROPERTY_NAMES)
     assert all(a[1] < b[0] for a, b in zip(stretches, stretches[1:], strict=False))
 
 
@@ -209,3 +210,14 @@ def test_numeric_property_keys_of_layout_2_are_migrated(database):
     }
     new = [d.candidate_id for _, d in store.query(**query)]
     assert new and new == [d.candidate_id for _, d in store.query_full_documents(**query)]
+
+
+def test_the_derived_property_keys_never_move_the_learnt_ones():
+    from crystaloop.db.summaries import property_key
+
+    # the layout's first keys: E_f at 0 (predicted) and 8 (DFT); E_hull after all sixteen
+    assert property_key("formation_energy_per_atom", 0.0).startswith("00:")
+    assert property_key("formation_energy_per_atom", 0.0, dft=True).startswith("08:")
+    assert property_key("dielectric_constant", 1.0, dft=True).startswith("15:")
+    assert property_key("energy_above_hull", 0.0).startswith("16:")
+    assert property_key("energy_above_hull", 0.0, dft=True).startswith("17:")
