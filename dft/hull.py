@@ -106,20 +106,26 @@ class FormationHull:
                 out.extend(self._by_system.get(frozenset(subset), []))
         return out
 
+    def phase_diagram(self, elements: Iterable[str], extra: Iterable[HullPhase] = ()) -> PhaseDiagram:
+        """pymatgen's diagram of the system's phases (and ``extra`` ones, e.g. candidates to plot)."""
+        entries = [
+            PDEntry(Composition(el), 0.0, name=el, attribute="element") for el in sorted(set(elements))
+        ]
+        for phase in [*self.phases_in(elements), *extra]:
+            composition = Composition(phase.formula)
+            entries.append(
+                PDEntry(
+                    composition,
+                    phase.formation_energy_per_atom * composition.num_atoms,
+                    name=composition.reduced_formula,
+                    attribute=phase.source,
+                )
+            )
+        return PhaseDiagram(entries)
+
     def _diagram(self, elements: frozenset[str]) -> PhaseDiagram:
         if elements not in self._diagrams:
-            entries = [PDEntry(Composition(el), 0.0, name=el, attribute="element") for el in sorted(elements)]
-            for phase in self.phases_in(elements):
-                composition = Composition(phase.formula)
-                entries.append(
-                    PDEntry(
-                        composition,
-                        phase.formation_energy_per_atom * composition.num_atoms,
-                        name=composition.reduced_formula,
-                        attribute=phase.source,
-                    )
-                )
-            self._diagrams[elements] = PhaseDiagram(entries)
+            self._diagrams[elements] = self.phase_diagram(elements)
         return self._diagrams[elements]
 
     def stability(self, formula: str | Composition, formation_energy_per_atom: float) -> Stability:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -476,16 +477,13 @@ def nearest_prototype(structure, templates: Sequence[PrototypeTemplate]) -> str:
         return "other"
 
 
-def prior_records(max_sites: int = 40, *, with_prototypes: bool = False):
-    """Converged, accepted records of the shipped prior set, as training records (no database).
-
-    With ``with_prototypes`` the records come back with their prototype names, as a pair.
-    """
+def prior_records(max_sites: int = 40):
+    """Converged, accepted records of the shipped prior set, as training records (no database)."""
     from crystaloop.generative.data.prior import read_prior
     from crystaloop.generative.data.prototypes import Prototype
     from crystaloop.generative.train.data import LabelledStructure
 
-    out, names = [], []
+    out = []
     for rec in read_prior()["records"]:
         if not rec.get("converged") or rec.get("reject_reason"):
             continue
@@ -497,8 +495,30 @@ def prior_records(max_sites: int = 40, *, with_prototypes: bool = False):
                 rec["structure_id"], proto.conventional(rec["a0"]), dict(rec.get("labels") or {})
             )
         )
+    return out
+
+
+@lru_cache(maxsize=1)
+def prior_prototypes(max_sites: int = 40) -> dict[str, list]:
+    """One structure per prototype of the shipped prior set, grouped by anonymised formula (see
+    :func:`~crystaloop.generative.measures.reference_prototypes`): a structure type the prior
+    holds is one of these, whatever its species."""
+    from crystaloop.generative.data.prior import read_prior
+    from crystaloop.generative.data.prototypes import Prototype
+    from crystaloop.generative.train.data import LabelledStructure
+
+    seen, records, names = set(), [], []
+    for rec in read_prior()["records"]:
+        key = (rec["prototype"], len(set(rec["species"])))
+        if key in seen or not rec.get("converged") or rec.get("reject_reason"):
+            continue
+        proto = Prototype(rec["prototype"], tuple(rec["species"]))
+        if proto.atoms_per_conventional > max_sites:
+            continue
+        seen.add(key)
+        records.append(LabelledStructure(rec["structure_id"], proto.conventional(rec["a0"]), {}))
         names.append(rec["prototype"])
-    return (out, names) if with_prototypes else out
+    return reference_prototypes(records, names)
 
 
 def composition_shares(records, *, n: int = 1000, seed: int = 0) -> dict:
@@ -681,7 +701,7 @@ def evaluate_sampling(
         raise UserError(f"{error}; pass a matching --method or --lattice") from error
     _, extra = load_model(paths["vae"])
     data = DataConfig.model_validate(extra.get("config", {}).get("data", {}))
-    references, names = prior_records(data.max_sites, with_prototypes=True)
+    references = prior_records(data.max_sites)
     training, bases = composition_split(references, data.test_fraction, data.split_seed)
     if strategy != "around_base":
         bases = None
@@ -703,7 +723,7 @@ def evaluate_sampling(
         references=references,
         templates=prototype_templates(),
         bases=[p.structure for p in picks] if picks else None,
-        prototypes=reference_prototypes(references, names),
+        prototypes=prior_prototypes(data.max_sites),
     )
     training_shares = composition_shares(training, seed=seed)
     return {

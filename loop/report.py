@@ -240,11 +240,141 @@ def write_report(database, name: str, folder: Path | str) -> list[Path]:
             lines.append(f"- round {r['round']} cascade: {funnel}")
         if r["why_empty"]:
             lines.append(f"- round {r['round']}: {r['why_empty']}")
+    lines += ["", *_relaxed_lines(database, name, config, folder, paths)]
     lines += ["", *_time_lines(rows, dft_run_rows(database, name))]
     lines += ["", *(f"![{p.stem}]({p.name})" for p in paths), ""]
     report = folder / "report.md"
     report.write_text("\n".join(lines))
     return [report, *paths]
+
+
+def relaxed_candidates(database, name: str, config) -> list[dict[str, Any]]:
+    """Every DFT-relaxed candidate of a campaign with its final structure, values, E_hull and
+    S.U.N. flags, hits first, then by round."""
+    from pymatgen.core import Structure
+
+    from crystaloop.loop.stability import sun_flags
+
+    docs = sorted(
+        database["candidates"].find({"campaign": name, "state": "relaxed"}, {"_id": 0}),
+        key=lambda d: (d.get("selected_round") or 0, d["candidate_id"]),
+    )
+    rows = []
+    for doc in docs:
+        final = None
+        if doc.get("dft_task_id"):
+            task = database["dft_tasks"].find_one(
+                {"task_id": doc["dft_task_id"]}, {"output.final_structure": 1}
+            )
+            final = ((task or {}).get("output") or {}).get("final_structure")
+            if final is None:
+                hit = database["dft_cache"].find_one({"task_id": doc["dft_task_id"]}, {"final_structure": 1})
+                final = (hit or {}).get("final_structure")
+        structure = Structure.from_dict(final or doc["structure"])
+        rows.append({"doc": doc, "structure": structure, "hit": config.in_all_windows(doc.get("dft") or {})})
+    flags = sun_flags(
+        [r["structure"] for r in rows],
+        [(r["doc"].get("stability") or {}).get("energy_above_hull") for r in rows],
+    )
+    for row, flag in zip(rows, flags, strict=True):
+        row["sun"] = flag
+    return sorted(rows, key=lambda r: not r["hit"])
+
+
+def _space_group(structure) -> str:
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    try:
+        return SpacegroupAnalyzer(structure, symprec=0.1).get_space_group_symbol()
+    except Exception:  # noqa: BLE001 -- spglib gives up on some distorted cells
+        return "-"
+
+
+def _relaxed_lines(database, name: str, config, folder: Path, paths: list[Path]) -> list[str]:
+    """The report's list of relaxed candidates (CIFs beside the report), S.U.N. counts and hulls."""
+    rows = relaxed_candidates(database, name, config)
+    lines = ["## Relaxed candidates", ""]
+    if not rows:
+        return [*lines, "No candidate relaxed yet."]
+    hits = [r for r in rows if r["hit"]]
+
+    def counts(group) -> str:
+        n = len(group)
+        return (
+            f"{n} | {sum(r['sun'].stable for r in group)} | {sum(r['sun'].metastable for r in group)} "
+            f"| {sum(r['sun'].unique for r in group)} | {sum(r['sun'].novel for r in group)} "
+            f"| {sum(r['sun'].sun for r in group)}"
+        )
+
+    lines += [
+        "Stable: E_hull ≤ 0 against the engine's hull; metastable: ≤ 0.1 eV/atom; unique: no earlier "
+        "relaxed candidate matches it; novel: no structure type of the prior set or of an earlier result "
+        "matches it with species anonymised.",
+        "",
+        "| | relaxed | stable | metastable | unique | novel | S.U.N. |",
+        "|---|---|---|---|---|---|---|",
+        f"| all | {counts(rows)} |",
+        f"| hits | {counts(hits)} |",
+        "",
+    ]
+    cif_dir = folder / "cif"
+    cif_dir.mkdir(exist_ok=True)
+    names = [t.property for t in config.targets]
+    header = " | ".join(f"{PROPERTIES[p].label} predicted / DFT" for p in names)
+    lines += [
+        f"| candidate | round | formula | space group | hit | {header} | E_hull (eV/atom) | decomposition | CIF |",
+        "|---" * (9 + len(names) - 1) + "|",
+    ]
+    for row in rows:
+        doc, structure = row["doc"], row["structure"]
+        cif = cif_dir / f"{doc['candidate_id']}.cif"
+        structure.to(filename=str(cif))
+        values = []
+        for prop in names:
+            predicted = (doc.get("predicted") or {}).get(prop) or {}
+            values.append(f"{_fmt(predicted.get('mean'))} / {_fmt((doc.get('dft') or {}).get(prop))}")
+        stability = doc.get("stability") or {}
+        parts = " + ".join(
+            f"{p['fraction']:.2f} {p['formula']}" for p in stability.get("decomposition") or []
+        )
+        if stability.get("against_elements_only"):
+            parts += " (against the elements only)"
+        if stability.get("upper_bound"):
+            parts += " (upper bound)"
+        lines.append(
+            f"| {doc['candidate_id']} | {_fmt(doc.get('selected_round'))} | {structure.composition.reduced_formula} "
+            f"| {_space_group(structure)} | {'yes' if row['hit'] else 'no'} | {' | '.join(values)} "
+            f"| {_fmt(stability.get('energy_above_hull'))} | {parts or '-'} | [cif](cif/{cif.name}) |"
+        )
+    paths.extend(_hull_plots(database, name, config, hits, folder))
+    return lines
+
+
+def _hull_plots(database, name: str, config, hits, folder: Path, limit: int = 6) -> list[Path]:
+    """The hull of each binary or ternary chemical system with a hit, hits marked (PNG)."""
+    import matplotlib.pyplot as plt
+    from pymatgen.analysis.phase_diagram import PDPlotter
+
+    from crystaloop.loop.stability import dft_hull
+
+    systems: dict[str, list[str]] = {}
+    for row in hits:
+        doc = row["doc"]
+        if 2 <= len(doc["elements"]) <= 3:
+            systems.setdefault(doc["chemsys"], []).append(doc["candidate_id"])
+    if not systems:
+        return []
+    hull = dft_hull(database, name, config.dft.engine, config.dft.preset)
+    out = []
+    for chemsys, ids in list(systems.items())[:limit]:
+        diagram = hull.phase_diagram(chemsys.split("-"))
+        marked = [e for e in diagram.all_entries if e.attribute in ids]
+        fig, ax = plt.subplots(figsize=(8, 6.5))
+        PDPlotter(diagram, backend="matplotlib", show_unstable=0.5).get_plot(ax=ax, highlight_entries=marked)
+        ax.set_title(f"{chemsys} hull ({hull.engine}); hits marked")
+        fig.tight_layout()
+        out.append(_save(fig, folder / f"hull-{chemsys}.png"))
+    return out
 
 
 def _time_lines(rows: list[dict[str, Any]], runs: list[dict[str, Any]]) -> list[str]:

@@ -136,3 +136,48 @@ class HullPredictor:
             np.concatenate([mean, e_hull[:, None]], axis=1),
             np.concatenate([std, std[:, column : column + 1]], axis=1),
         )
+
+
+@dataclass(frozen=True)
+class SUNFlags:
+    """Stable, unique and novel, for one relaxed candidate (in the order the campaign relaxed them).
+
+    ``stable``: E_hull <= 0 by the oracle; ``metastable``: E_hull <= 0.1 eV/atom; ``unique``: no
+    earlier relaxed candidate of the campaign matches it (StructureMatcher); ``novel``: no
+    structure type of the prior set or of an earlier result matches it with species anonymised.
+    """
+
+    stable: bool
+    metastable: bool
+    unique: bool
+    novel: bool
+
+    @property
+    def sun(self) -> bool:
+        return self.stable and self.unique and self.novel
+
+
+METASTABLE_EV_PER_ATOM = 0.1
+
+
+def sun_flags(structures: Sequence[Structure], energies_above_hull: Sequence[float | None]) -> list[SUNFlags]:
+    """S.U.N. flags of relaxed structures in campaign order, with their E_hull (eV/atom)."""
+    from crystaloop.generative.evaluate import prior_prototypes
+    from crystaloop.generative.measures import prototype_novel_flags, unique_flags
+
+    known = {key: list(group) for key, group in prior_prototypes().items()}
+    unique = unique_flags(structures)
+    flags = []
+    for structure, first, e_hull in zip(structures, unique, energies_above_hull, strict=True):
+        [novel] = prototype_novel_flags([structure], known)
+        key = structure.composition.reduced_composition.anonymized_formula
+        known.setdefault(key, []).append(structure)
+        flags.append(
+            SUNFlags(
+                stable=e_hull is not None and e_hull <= 0.0,
+                metastable=e_hull is not None and e_hull <= METASTABLE_EV_PER_ATOM,
+                unique=first,
+                novel=novel,
+            )
+        )
+    return flags

@@ -92,3 +92,34 @@ def test_a_surrogate_round_with_a_stability_window(settings, prior_subset, loop_
         assert stability["decomposition"]
     record = CampaignStore(database).round(name, 0)
     assert record.metrics["hits"] == sum(d.dft["energy_above_hull"] <= 0.1 for d in relaxed)
+    # the report lists every relaxed candidate with its E_hull and a CIF, and counts S.U.N.
+    from pathlib import Path
+
+    files = [Path(f) for f in record.steps["report"].outputs["files"]]
+    report = next(f for f in files if f.name == "report.md")
+    text = report.read_text()
+    assert "## Relaxed candidates" in text and "| all | " in text
+    for doc in relaxed:
+        assert doc.candidate_id in text
+        cif = report.parent / "cif" / f"{doc.candidate_id}.cif"
+        assert Structure.from_file(cif).composition.reduced_formula == doc.reduced_formula
+    hits = [d for d in relaxed if d.dft["energy_above_hull"] <= 0.1]
+    assert len([f for f in files if f.name.startswith("hull-")]) == len({d.chemsys for d in hits})
+
+
+def test_sun_flags_on_known_structures():
+    from crystaloop.loop.stability import sun_flags
+
+    rock_salt = Structure.from_spacegroup("Fm-3m", Lattice.cubic(4.2), ["Mg", "O"], [[0, 0, 0], [0.5] * 3])
+    wurtzite = Structure(
+        Lattice.hexagonal(3.2, 5.2),
+        ["Zn", "Zn", "O", "O"],
+        [[1 / 3, 2 / 3, 0], [2 / 3, 1 / 3, 0.5], [1 / 3, 2 / 3, 0.38], [2 / 3, 1 / 3, 0.88]],
+    )
+    flags = sun_flags([rock_salt, wurtzite, wurtzite.copy()], [-0.05, 0.0, 0.05])
+    assert [f.stable for f in flags] == [True, True, False]
+    assert [f.metastable for f in flags] == [True, True, True]
+    assert [f.unique for f in flags] == [True, True, False]
+    # rock salt is a prior prototype; wurtzite is new, once: the second one matches the first
+    assert [f.novel for f in flags] == [False, True, False]
+    assert [f.sun for f in flags] == [False, True, False]
