@@ -92,6 +92,30 @@ def test_a_surrogate_round_with_a_stability_window(settings, prior_subset, loop_
         assert stability["decomposition"]
     record = CampaignStore(database).round(name, 0)
     assert record.metrics["hits"] == sum(d.dft["energy_above_hull"] <= 0.1 for d in relaxed)
+    # `crystaloop query` windows the DFT E_hull like any property
+    import json
+
+    from typer.testing import CliRunner
+
+    from crystaloop.cli import app
+
+    below = max(d.dft["energy_above_hull"] for d in relaxed) + 1e-6
+    args = [
+        "query",
+        "--campaign",
+        name,
+        "--dft",
+        "--window",
+        f"energy_above_hull::{below}",
+        "--format",
+        "json",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert {r["candidate_id"] for r in json.loads(result.stdout)} == {d.candidate_id for d in relaxed}
+    args[5] = f"energy_above_hull:{below}:"
+    above = CliRunner().invoke(app, args)
+    assert above.exit_code == 0 and json.loads(above.stdout) == [], above.output
     # the report lists every relaxed candidate with its E_hull and a CIF, and counts S.U.N.
     from pathlib import Path
 
