@@ -6,8 +6,9 @@ dimers in a cubic box, relaxed at fixed cell. Carbon uses diamond, which PBE
 places within a few meV/atom of graphite without van der Waals terms.
 
 Elements whose ground state is no simple prototype are built from their
-experimental crystal structures (``COMPLEX_STRUCTURES``: α-B, α-Ga, solid I2),
-and the rest from ASE's reference states where those are a structure ASE can
+experimental crystal structures (``COMPLEX_STRUCTURES``: α-B, α-Ga, solid I2; and
+``AFLOW_REFERENCES``, from pymatgen's AFLOW prototype library: α-Mn, α-S, black P,
+trigonal Se and Te, solid Br2), and the rest from ASE's reference states where those are a structure ASE can
 build (fcc, bcc, hcp metals, diamond, bct, A7 rhombohedral). Any other element
 needs a structure from the user; :func:`check_references` says so before a
 campaign starts.
@@ -61,12 +62,28 @@ SPIN_POLARIZED_REFERENCES = frozenset({"O"})
 #: experimental structures, reduced to the primitive cell.
 COMPLEX_STRUCTURES: dict[str, tuple[str, tuple[float, float, float], list[list[float]], str]] = {
     # α-B, 12-atom icosahedra (Decker & Kasper, Acta Cryst. 12, 503 (1959)).
-    "B": ("R-3m", (4.9179, 4.9179, 12.5805), [[0.11886, 0.88114, 0.89133], [0.19686, 0.80314, 0.02432]],
-          "alpha-B"),
+    "B": (
+        "R-3m",
+        (4.9179, 4.9179, 12.5805),
+        [[0.11886, 0.88114, 0.89133], [0.19686, 0.80314, 0.02432]],
+        "alpha-B",
+    ),
     # α-Ga, Ga2 dimers (Sharma & Donohue, Z. Kristallogr. 117, 293 (1962)).
     "Ga": ("Cmce", (4.5197, 7.6633, 4.5260), [[0.0, 0.1549, 0.0810]], "alpha-Ga"),
     # Solid I2 at 110 K (van Bolhuis et al., Acta Cryst. 23, 90 (1967)).
     "I": ("Cmce", (7.136, 4.686, 9.784), [[0.0, 0.15434, 0.11741]], "I2 molecular crystal"),
+}
+#: element -> (AFLOW prototype label, reduced formula of its entry in pymatgen's AFLOW prototype
+#: library, volume per atom in Å^3 to scale to or None to keep the entry's own): ground states whose
+#: experimental structure the library holds (α-Mn I-43m, α-S Fddd, black P Cmce, trigonal Se), and
+#: two that share a type with one (Te with Se, Br2 with I2) at their experimental densities.
+AFLOW_REFERENCES: dict[str, tuple[str, str, float | None]] = {
+    "Mn": ("A_cI58_217_ac2g", "Mn", None),
+    "S": ("A_oF128_70_4h", "S", None),
+    "P": ("A_oC8_64_f", "P", None),
+    "Se": ("A_hP3_152_a", "Se", None),
+    "Te": ("A_hP3_152_a", "Se", 33.98),  # a 4.457, c 5.929 Å, 3 atoms
+    "Br": ("A_oC8_64_f", "I", 32.6),  # Br2 at 5 K: a 6.67, b 4.48, c 8.72 Å, 8 atoms
 }
 #: ASE reference-state symmetries that ``ase.build.bulk`` builds faithfully.
 ASE_SYMMETRIES = {"fcc", "bcc", "hcp", "diamond", "bct", "rhombohedral"}
@@ -103,6 +120,25 @@ def complex_structure(element: str) -> Structure:
     return conventional.get_primitive_structure()
 
 
+def aflow_reference_structure(element: str) -> Structure | None:
+    """``element``'s entry in :data:`AFLOW_REFERENCES`, from pymatgen's AFLOW prototype library."""
+    if element not in AFLOW_REFERENCES:
+        return None
+    from pymatgen.analysis.prototypes import AFLOW_PROTOTYPE_LIBRARY
+
+    label, formula, volume_per_atom = AFLOW_REFERENCES[element]
+    entry = next(
+        e
+        for e in AFLOW_PROTOTYPE_LIBRARY
+        if e["tags"]["aflow"] == label and e["snl"].structure.composition.reduced_formula == formula
+    )
+    structure = entry["snl"].structure.copy()
+    structure.replace_species({sp: element for sp in structure.composition.elements})
+    if volume_per_atom is not None:
+        structure.scale_lattice(volume_per_atom * len(structure))
+    return structure
+
+
 def ase_reference_structure(element: str) -> Structure | None:
     """``element`` from ASE's reference states, when ASE can build that state faithfully."""
     from ase.build import bulk
@@ -130,6 +166,8 @@ def default_reference(element: str) -> tuple[Structure, str] | None:
         return dimer_structure(element, DIMERS[element]), "relax"
     if element in COMPLEX_STRUCTURES:
         return complex_structure(element), "vc-relax"
+    if element in AFLOW_REFERENCES:
+        return aflow_reference_structure(element), "vc-relax"
     found = ase_reference_structure(element)
     return (found, "vc-relax") if found is not None else None
 
@@ -162,8 +200,8 @@ def reference_structure(element: str, structure: Structure | None = None) -> tup
     found = default_reference(element)
     if found is None:
         raise UserError(
-            f"no built-in reference structure for {element}; pass one with "
-            "FormationEnergyFlow(reference_structures={...})"
+            f"no built-in reference structure for {element}; give its ground state in the campaign "
+            f"file, e.g. dft: {{reference_structures: {{{element}: {element}.cif}}}}"
         )
     return found
 
@@ -183,13 +221,10 @@ def check_references(elements: Iterable[str], supplied: Iterable[str] = ()) -> N
     UserError
         One line naming every element without a reference and how to supply one.
     """
-    missing = sorted(
-        e for e in {str(e) for e in elements} - set(supplied) if default_reference(e) is None
-    )
+    missing = sorted(e for e in {str(e) for e in elements} - set(supplied) if default_reference(e) is None)
     if missing:
         raise UserError(
             f"no built-in reference structure for {', '.join(missing)} (formation energies need "
-            "one per element); supply its ground-state structure, e.g. "
-            f"FormationEnergyFlow(reference_structures={{'{missing[0]}': Structure.from_file("
-            f"'{missing[0]}.cif')}}), or drop the element from the campaign"
+            "one per element); give its ground state in the campaign file, e.g. "
+            f"dft: {{reference_structures: {{{missing[0]}: {missing[0]}.cif}}}}, or drop the element"
         )

@@ -232,7 +232,7 @@ class Campaign:
             return []
         from crystaloop.dft.references import check_references
 
-        check_references(elements)
+        check_references(elements, supplied=config.dft.reference_structures)
         if config.dft.engine != "espresso":
             return []
         from crystaloop.dft.verification import campaign_dft_problems
@@ -696,6 +696,7 @@ class Campaign:
             pw_command=self.config.dft.pw_command,
             metadata={"candidate_id": candidate.candidate_id, "campaign": self.name, "round": number},
             name=f"formation energy {candidate.reduced_formula}",
+            reference_structures=self.config.dft.reference_structure_objects(),
         )
 
     def _queue_remote(self, number: int) -> int:

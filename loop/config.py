@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pymatgen.core import Composition, Element
+from pymatgen.core import Composition, Element, Structure
 
 from crystaloop.errors import ConfigError, read_yaml
 from crystaloop.properties import PROPERTIES, PROPERTY_NAMES
@@ -320,6 +320,37 @@ class DFTSettings(_Strict):
         None,
         description="Command that runs pw.x for this campaign, e.g. 'mpirun -np 2 pw.x' (null: the settings').",
     )
+    reference_structures: dict[str, str] = Field(
+        default_factory=dict,
+        description="Element -> structure file (CIF, POSCAR...) of its ground state, replacing the "
+        "built-in reference; a relative path is read from the current folder and stored absolute.",
+    )
+
+    @field_validator("reference_structures")
+    @classmethod
+    def _readable_references(cls, given: dict[str, str]) -> dict[str, str]:
+        checked = {}
+        for element, path in given.items():
+            if not isinstance(element, str) or not Element.is_valid_symbol(element):
+                raise ValueError(f"{element!r} is not an element symbol")
+            file = Path(path).expanduser().resolve()
+            if not file.is_file():
+                raise ValueError(f"{element}: no file {path}")
+            try:
+                structure = Structure.from_file(file)
+            except Exception as error:  # noqa: BLE001 -- pymatgen raises many types on a bad file
+                raise ValueError(
+                    f"{element}: {path} is not a structure pymatgen can read ({error})"
+                ) from None
+            found = sorted(el.symbol for el in structure.composition.elements)
+            if found != [element]:
+                raise ValueError(f"{element}: {path} holds {', '.join(found)}, not {element} alone")
+            checked[element] = str(file)
+        return checked
+
+    def reference_structure_objects(self) -> dict[str, Structure]:
+        """The given reference structures, read from their files."""
+        return {element: Structure.from_file(path) for element, path in self.reference_structures.items()}
 
 
 class Execution(_Strict):

@@ -153,3 +153,25 @@ def test_training_and_settings_files_that_are_not_utf8_are_one_clear_error(tmp_p
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_campaign_config(tmp_path / "none.yaml")
+
+
+def test_reference_structures_in_the_campaign_file_are_checked(tmp_path, monkeypatch):
+    from pymatgen.core import Lattice, Structure
+
+    monkeypatch.chdir(tmp_path)
+    Structure(Lattice.cubic(3.0), ["Mn"], [[0, 0, 0]]).to(filename="Mn.cif")
+    Structure(Lattice.cubic(3.0), ["Fe", "Mn"], [[0, 0, 0], [0.5] * 3]).to(filename="FeMn.cif")
+    base = {"name": "refs", "targets": [{"property": "formation_energy_per_atom", "max": 0.0}]}
+    config = parse_campaign_config({**base, "dft": {"reference_structures": {"Mn": "Mn.cif"}}})
+    assert config.dft.reference_structures == {"Mn": str(tmp_path / "Mn.cif")}
+    assert len(config.dft.reference_structure_objects()["Mn"]) == 1
+    for given, message in (
+        ({"Mn": "missing.cif"}, "Mn: no file missing.cif"),
+        ({"Mn": "FeMn.cif"}, "Mn: FeMn.cif holds Fe, Mn, not Mn alone"),
+        ({"Xx": "Mn.cif"}, "'Xx' is not an element symbol"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            parse_campaign_config({**base, "dft": {"reference_structures": given}})
+        assert any(
+            line.startswith("dft.reference_structures:") and message in line for line in info.value.lines
+        )

@@ -35,9 +35,7 @@ def _outputs(responses, flow):
     return [responses[job.uuid][1].output for job in flow.jobs]
 
 
-def test_references_use_the_compounds_cutoffs_and_are_cached_per_cutoffs(
-    fake_pw, fake_settings, database
-):
+def test_references_use_the_compounds_cutoffs_and_are_cached_per_cutoffs(fake_pw, fake_settings, database):
     fake = fake_pw(DEMO_SIC)
     flow = FormationEnergyFlow(_sic(), preset="demo")
     outputs = _outputs(run_local(flow), flow)
@@ -84,9 +82,30 @@ def test_every_local_family_element_has_a_reference():
 
 
 def test_missing_reference_is_refused_before_the_campaign():
-    with pytest.raises(UserError, match=r"no built-in reference structure for Mn, S .*reference_structures"):
-        check_references(["Fe", "S", "Mn"])
-    check_references(["Fe", "S", "Mn"], supplied=["S", "Mn"])
+    with pytest.raises(
+        UserError, match=r"no built-in reference structure for Np, U .*dft: \{reference_structures"
+    ):
+        check_references(["Fe", "U", "Np"])
+    check_references(["Fe", "U", "Np"], supplied=["U", "Np"])
+
+
+@pytest.mark.parametrize(
+    ("element", "space_group", "sites", "volume_per_atom"),
+    [
+        ("Mn", "I-43m", 29, 12.2),  # α-Mn, a 8.91 Å conventional (58 atoms)
+        ("S", "Fddd", 32, 25.8),  # α-S8 rings
+        ("P", "Cmce", 4, 19.0),  # black P
+        ("Se", "P3_121", 3, 27.3),  # trigonal Se chains
+        ("Te", "P3_121", 3, 34.0),
+        ("Br", "Cmce", 4, 32.6),  # Br2 molecular crystal
+    ],
+)
+def test_ground_states_from_the_aflow_library(element, space_group, sites, volume_per_atom):
+    structure, calculation = default_reference(element)
+    assert calculation == "vc-relax" and len(structure) == sites
+    assert {el.symbol for el in structure.composition.elements} == {element}
+    assert structure.get_space_group_info(symprec=0.1)[0] == space_group
+    assert structure.volume / sites == pytest.approx(volume_per_atom, abs=0.1)
 
 
 def test_demo_preset_takes_the_family_cutoffs():
