@@ -45,7 +45,7 @@ ALLOWED_TRANSITIONS: dict[CandidateState, tuple[CandidateState, ...]] = {
     CandidateState.SUBMITTED: (CandidateState.RELAXED, CandidateState.FAILED),
     CandidateState.REJECTED: (),
     CandidateState.RELAXED: (),
-    CandidateState.FAILED: (),
+    CandidateState.FAILED: (CandidateState.SUBMITTED,),  # `campaign retry` reruns its DFT job
 }
 
 
