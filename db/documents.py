@@ -210,7 +210,9 @@ class CampaignDoc(_Doc):
 
     name: str
     config: dict[str, Any]
-    status: Literal["created", "running", "stopped", "finished", "failed"] = "created"
+    status: Literal["created", "running", "waiting", "stopped", "finished", "failed"] = Field(
+        "created", description="waiting: a `run --until-blocked` returned with DFT jobs still out."
+    )
     status_reason: str | None = None
     lease: Lease | None = None
     stop_requested: bool = False

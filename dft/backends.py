@@ -524,8 +524,9 @@ class LocalBackend:
             child = self._children.pop(cid)
             if child.poll() is None:
                 _stop_group(child.pid, grace_s, child)
-                status = self._dir(cid) / "status.json"
-                status.unlink(missing_ok=True)
+                status = self._status(cid)
+                if status is not None and status.get("state") == "running":  # not one that just ended
+                    (self._dir(cid) / "status.json").unlink(missing_ok=True)
 
 
 def _stop_group(pid: int, grace_s: float, child: subprocess.Popen | None = None) -> None:

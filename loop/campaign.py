@@ -245,6 +245,25 @@ class Campaign:
             raise UserError(refusals[0], refusals[1:])
         return warnings
 
+    @staticmethod
+    def check_execution(config: CampaignConfig) -> None:
+        """Refuse an execution backend that cannot work as configured.
+
+        Raises
+        ------
+        UserError
+            A remote backend (FireWorks, jobflow-remote) with no MongoDB URI: the embedded
+            server serves this workstation only, and its workers could not deliver results.
+        """
+        from crystaloop.settings import get_settings
+
+        backend = config.execution.backend
+        if backend != "local" and not get_settings().mongodb_uri:
+            raise UserError(
+                f"execution.backend {backend} needs a MongoDB its workers and runner can reach; set "
+                "CRYSTALOOP_MONGODB_URI (the embedded server serves this workstation only) or use backend local"
+            )
+
     def run(self, *, max_rounds: int | None = None, until_blocked: bool = False) -> CampaignResult:
         """Run (or resume) the campaign until a stop rule fires or a stop is requested.
 
@@ -273,6 +292,7 @@ class Campaign:
         self._heartbeat = _Heartbeat(self, self.token, interval=self.heartbeat_s, ttl=self.lease_ttl_s)
         self._heartbeat.start()
         try:
+            self.check_execution(self.config)
             self.prepare()
             for line in self.check_dft(self.config):
                 self.log(f"warning: {line}")
@@ -310,6 +330,79 @@ class Campaign:
                 self.campaigns.release_lease(self.name, self.token)
             except DB_ERRORS:
                 pass
+
+    def retry(self, *, failed: bool = True, lost: bool = True, wait: bool = True) -> dict[str, list[str]]:
+        """Put the campaign's failed DFT jobs and its lost ones back in the queue.
+
+        ``failed``: candidates that ended ``failed`` at the DFT stage go back to ``submitted``
+        with a fresh ``execution.max_attempts``. ``lost``: submitted candidates whose job the
+        backend reports lost are requeued now. With ``wait`` this process then harvests them
+        (holding the campaign's lease) until each is relaxed or failed again.
+
+        Raises
+        ------
+        UserError
+            ``wait`` while another live process holds the campaign.
+        """
+        retried: dict[str, list[str]] = {"failed": [], "lost": []}
+        backend = self._backend()
+        if lost:
+            for candidate in self._in_state(CandidateState.SUBMITTED):
+                if candidate.dft_job.get("backend") in (None, "cache"):
+                    continue
+                if backend.state(candidate.candidate_id).state == "lost":
+                    backend.retry(candidate.candidate_id)
+                    retried["lost"].append(candidate.candidate_id)
+        if failed:
+            for candidate in self._in_state(CandidateState.FAILED):
+                job = dict(candidate.dft_job)
+                if job.get("backend") in (None, "cache"):
+                    continue  # rejected before DFT, or a cached failure: nothing to rerun
+                backend.retry(candidate.candidate_id)
+                ids = backend.submit(
+                    self._flow(candidate, candidate.selected_round or 0),
+                    candidate.candidate_id,
+                    resources=self._resources(self._dft_start(candidate)),
+                )
+                errors = [*job.get("errors", []), (candidate.state_history[-1].get("reason") or "failed")[:300]]
+                self.candidates.transition(
+                    candidate.candidate_id,
+                    CandidateState.SUBMITTED,
+                    update={"dft_job": {**job, **ids, "attempts": 1, "errors": errors, "state": "queued",
+                                        "state_since": utcnow()}},
+                )  # fmt: skip
+                retried["failed"].append(candidate.candidate_id)
+        todo = set(retried["failed"]) | set(retried["lost"])
+        if wait and todo:
+            self._harvest_retried(todo)
+        return retried
+
+    def _harvest_retried(self, todo: set[str]) -> None:
+        lease = self.campaigns.acquire_lease(
+            self.name, ttl_s=self.lease_ttl_s, replace_token=self.campaigns.dead_local_holder(self.name)
+        )
+        if lease is None:
+            raise UserError(
+                f"campaign {self.name!r} is being run by another process; its harvest collects the "
+                "retried jobs (or pass --no-wait)"
+            )
+        self.token = lease.token
+        try:
+            deadline = time.monotonic() + self.config.execution.harvest_timeout_s
+            while todo and time.monotonic() < deadline:
+                for cid in sorted(todo):
+                    candidate = self.candidates.get(cid)
+                    if candidate is None or candidate.state != CandidateState.SUBMITTED.value:
+                        todo.discard(cid)
+                    elif self._harvest_one(candidate) is not None:
+                        todo.discard(cid)
+                if todo:
+                    time.sleep(min(self.config.execution.poll_interval_s, 0.5)
+                               if self.config.execution.backend == "local"
+                               else self.config.execution.poll_interval_s)  # fmt: skip
+        finally:
+            self._close_backend()
+            self.campaigns.release_lease(self.name, self.token)
 
     def _rounds(self, max_rounds: int) -> CampaignResult:
         outcomes: list[RoundOutcome] = []
