@@ -148,39 +148,67 @@ def launch_rapidfire(*, lpad=None, launch_dir: Path | str | None = None, nlaunch
         jobflow.SETTINGS.JOB_STORE = previous
 
 
+def default_pre_run() -> str:
+    """The shell line that activates this Python environment on a worker (same path assumed)."""
+    activate = Path(sys.prefix) / "bin" / "activate"
+    if activate.is_file():
+        return f"source {activate}"
+    return f"export PATH={Path(sys.executable).parent}:$PATH"
+
+
 def remote_project_config(
     name: str,
     *,
     scheduler: Literal["slurm", "pbs", "shell"] = "slurm",
     host: str = "localhost",
+    worker: str | None = None,
     work_dir: str = "/scratch/crystaloop/jobs",
-    pre_run: str = "module load quantum-espresso",
-    queue: str | None = None,
+    pre_run: str | None = None,
+    partition: str | None = None,
+    account: str | None = None,
+    walltime: str | None = None,
     resources: dict[str, Any] | None = None,
+    runner_delay_s: int | None = None,
     settings=None,
 ) -> dict[str, Any]:
     """A jobflow-remote project configuration for SLURM, PBS (or local ``shell``) workers.
 
-    The queue and the job store are crystaloop's MongoDB, so the loop sees results as
-    soon as workers write them.
+    The runner's queue and job store are crystaloop's MongoDB, so the loop reads the
+    outputs the runner stores. Workers need no database: nothing in the worker's
+    settings names it. The worker is named after the scheduler unless ``worker`` is given.
+
+    Parameters
+    ----------
+    pre_run
+        Shell lines run before each job; default: activate this Python environment.
+    partition, account, walltime
+        Queue defaults of every job (SLURM partition / PBS queue, account, [D-]HH:MM:SS).
+    runner_delay_s
+        Seconds between the runner's checks (jobflow-remote's defaults when None).
     """
     uri, database = _uri_and_database(settings)
-    worker: dict[str, Any] = {
+    defaults: dict[str, Any] = dict(resources or {})
+    if partition and scheduler != "shell":
+        defaults.setdefault("partition" if scheduler == "slurm" else "queue", partition)
+    if account and scheduler != "shell":
+        defaults.setdefault("account", account)
+    if walltime and scheduler != "shell":
+        walltime_seconds(walltime)  # a bad wall time is one line now, not a refused job later
+        defaults.setdefault("time" if scheduler == "slurm" else "walltime", walltime)
+    entry: dict[str, Any] = {
         "type": "local" if host == "localhost" else "remote",
         "scheduler_type": scheduler,
         "work_dir": work_dir,
-        "pre_run": pre_run,
+        "pre_run": pre_run if pre_run is not None else default_pre_run(),
         "timeout_execute": 60,
-        "resources": dict(resources or {}),
+        "resources": defaults,
     }
     if host != "localhost":
-        worker["host"] = host
-    if queue and scheduler != "shell":
-        worker["resources"].setdefault("partition" if scheduler == "slurm" else "queue", queue)
+        entry["host"] = host
     store = {"type": "MongoStore", "database": database, "host": uri}
-    return {
+    config: dict[str, Any] = {
         "name": name,
-        "workers": {f"{scheduler}_worker": worker},
+        "workers": {worker or scheduler: entry},
         "queue": {
             "store": {**store, "collection_name": "jf_jobs"},
             "flows_collection": "jf_flows",
@@ -192,6 +220,12 @@ def remote_project_config(
             "additional_stores": {"data": {**store, "collection_name": DATA_COLLECTION}},
         },
     }
+    if runner_delay_s is not None:
+        config["runner"] = {
+            key: runner_delay_s
+            for key in ("delay_checkout", "delay_check_run_status", "delay_advance_status", "delay_refresh_limited")
+        }
+    return config
 
 
 def write_remote_project(config: dict[str, Any], directory: Path | str) -> Path:
@@ -774,6 +808,23 @@ REMOTE_STATES: dict[str, JobStateName] = {
 }
 
 
+def ensure_remote_queue(controller) -> None:
+    """Initialise an empty jobflow-remote queue database (as ``jf admin reset`` would).
+
+    Raises
+    ------
+    UserError
+        The queue holds jobs but has lost its id counter.
+    """
+    if controller.auxiliary.count_documents({"next_id": {"$exists": True}}, limit=1):
+        return
+    if controller.jobs.count_documents({}, limit=1) or controller.flows.count_documents({}, limit=1):
+        raise UserError(
+            "the jobflow-remote queue holds jobs but no id counter; back it up and run 'jf admin reset'"
+        )
+    controller.reset(max_limit=1)
+
+
 class JobflowRemoteBackend:
     """Flows submitted to a jobflow-remote project; its runner moves them and stores their outputs.
 
@@ -799,7 +850,14 @@ class JobflowRemoteBackend:
                 "execution.backend local or fireworks"
             ) from None
         self.project, self.worker, self.exec_config = project, worker, exec_config
-        self.controller = JobController.from_project_name(project)
+        try:
+            self.controller = JobController.from_project_name(project)
+        except Exception as exc:  # jobflow-remote's own ConfigError and friends
+            raise UserError(
+                f"jobflow-remote project {project or '(default)'}: {str(exc).splitlines()[0][:200]}; "
+                "write one with 'crystaloop dft remote-config' and check it with 'jf project check'"
+            ) from None
+        ensure_remote_queue(self.controller)
 
     def _jobs(self, candidate_id: str):
         return sorted(

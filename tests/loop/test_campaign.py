@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import time
-
 from datetime import timedelta
 
 import numpy as np

@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -27,20 +26,20 @@ from crystaloop.loop.campaign import Campaign
 from crystaloop.loop.config import parse_campaign_config
 
 
-def _worker(tmp_path: Path, name: str, lp_file: Path, env: dict[str, str]) -> subprocess.Popen:
+def _worker(tmp_path: Path, name: str, lp_file: Path, env: dict[str, str], bin_dir: Path) -> subprocess.Popen:
     fworker = tmp_path / f"{name}.yaml"
     # Both workers are the same fworker (one cluster) in the category the campaign sets.
     fworker.write_text(yaml.safe_dump({"name": "cluster-a", "category": "dft", "query": "{}"}))
     folder = tmp_path / name
     folder.mkdir()
-    rlaunch = str(Path(sys.executable).parent / "rlaunch")
+    rlaunch = str(bin_dir / "rlaunch")
     command = [rlaunch, "-l", str(lp_file), "-w", str(fworker), "rapidfire", "--nlaunches", "infinite",
                "--sleep", "1"]  # fmt: skip
     return subprocess.Popen(command, cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def test_fireworks_round_survives_a_killed_worker(
-    settings, database, tmp_path, loop_config, make_shortlist, shortlist_items
+    settings, database, tmp_path, loop_config, make_shortlist, shortlist_items, worker_bin
 ):
     from crystaloop.db.connection import resolve_uri
 
@@ -73,7 +72,7 @@ def test_fireworks_round_survives_a_killed_worker(
             retrain={"cgcnn": False, "generator_conditioning": False},
         )
     )
-    workers = [_worker(tmp_path, f"w{i}", lp_file, env) for i in range(2)]
+    workers = [_worker(tmp_path, f"w{i}", lp_file, env, worker_bin) for i in range(2)]
     lpad = launchpad()
     killed: list[int] = []
 
@@ -85,7 +84,7 @@ def test_fireworks_round_survives_a_killed_worker(
                     workers[0].send_signal(signal.SIGKILL)
                     workers[0].wait()
                     killed.append(launch["fw_id"])
-                    workers.append(_worker(tmp_path, "w2", lp_file, env))  # the queue starts another
+                    workers.append(_worker(tmp_path, "w2", lp_file, env, worker_bin))  # the queue starts another
                     return
             time.sleep(0.1)
 
