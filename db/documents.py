@@ -53,7 +53,7 @@ ALLOWED_TRANSITIONS: dict[CandidateState, tuple[CandidateState, ...]] = {
     CandidateState.SUBMITTED: (CandidateState.RELAXED, CandidateState.FAILED),
     CandidateState.REJECTED: (),
     CandidateState.RELAXED: (),
-    CandidateState.FAILED: (),
+    CandidateState.FAILED: (CandidateState.SUBMITTED,),  # `campaign retry` reruns its DFT job
 }
 
 
@@ -225,7 +225,9 @@ class CampaignDoc(_Doc):
 
     name: str
     config: dict[str, Any]
-    status: Literal["created", "running", "stopped", "finished", "failed"] = "created"
+    status: Literal["created", "running", "waiting", "stopped", "finished", "failed"] = Field(
+        "created", description="waiting: a `run --until-blocked` returned with DFT jobs still out."
+    )
     status_reason: str | None = None
     lease: Lease | None = None
     stop_requested: bool = False

@@ -1,23 +1,40 @@
 """Where flows run: locally, on a FireWorks LaunchPad, or through jobflow-remote.
 
-All three keep their state in the same MongoDB as crystaloop (the configured
-URI or the embedded server).
+A campaign talks to all three through one :class:`Backend` protocol (submit, state,
+output, retry, cancel), keyed by the candidate:
 
-- ``local``: ``jobflow.run_locally`` with a ``JobStore`` of maggma ``MongoStore``s.
-- ``fireworks``: ``flow_to_workflow`` onto a LaunchPad; workers run ``rlaunch``/``qlaunch``.
-- ``jobflow-remote``: ``remote_project_config`` writes a project for SLURM or PBS workers.
+- :class:`LocalBackend`: worker processes on this machine, ``parallel_jobs`` at a time,
+  each running ``jobflow.run_locally`` into crystaloop's ``JobStore``.
+- :class:`FireWorksBackend`: ``flow_to_workflow`` onto a LaunchPad in crystaloop's MongoDB;
+  ``rlaunch``/``qlaunch`` workers write to the job store of their own jobflow settings.
+- :class:`JobflowRemoteBackend`: ``submit_flow`` to a jobflow-remote project; its runner
+  stores the outputs, and workers never reach the database.
+
+Jobs only return results; the campaign writes ``dft_tasks``, the caches and the
+candidate's state from :meth:`Backend.output`.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import yaml
+from pydantic import BaseModel, Field
 
+from crystaloop.dft.schemas import ElementReference, FormationEnergyDocument, QETaskDocument
 from crystaloop.errors import UserError
 
-Backend = Literal["local", "fireworks", "jobflow-remote"]
+BackendName = Literal["local", "fireworks", "jobflow-remote"]
 BACKENDS: tuple[str, ...] = ("local", "fireworks", "jobflow-remote")
 OUTPUTS_COLLECTION = "jobflow_outputs"
 DATA_COLLECTION = "jobflow_data"
@@ -68,29 +85,75 @@ def launchpad(settings=None):
     return LaunchPad(host=uri, name=database, uri_mode=True, strm_lvl="WARNING")
 
 
-def submit_fireworks(flow, *, lpad=None, store=None) -> list[int]:
+def submit_fireworks(flow, *, lpad=None, spec: dict[str, Any] | None = None) -> list[int]:
     """Add ``flow`` to the LaunchPad as a workflow; returns the new Firework ids.
 
-    Workers pick the Fireworks up with ``rlaunch rapidfire`` (or ``qlaunch``) and write
-    outputs to the same ``JobStore`` as the local backend.
+    No job store goes into the Fireworks: workers use the ``JOB_STORE`` of their own
+    jobflow settings (``~/.jobflow.yaml`` or ``$JOBFLOW_CONFIG_FILE``, see
+    :func:`worker_jobflow_config`), so no database URI or password is written into a spec.
+    ``spec`` is added to every Firework's spec.
     """
     from jobflow.managers.fireworks import flow_to_workflow
 
     lpad = lpad or launchpad()
-    workflow = flow_to_workflow(flow, store=store or job_store())
+    ensure_launchpad(lpad)
+    workflow = flow_to_workflow(flow, store=None)
+    for fw in workflow.fws:
+        fw.spec.update(spec or {})
     mapping = lpad.add_wf(workflow)
     return sorted(mapping.values())
 
 
+def ensure_launchpad(lpad) -> None:
+    """Initialise an empty LaunchPad (as ``lpad reset`` would); refuse a half-initialised one.
+
+    Raises
+    ------
+    UserError
+        The LaunchPad holds Fireworks but has lost its id counter.
+    """
+    if lpad.fw_id_assigner.count_documents({}, limit=1):
+        return
+    if lpad.fireworks.count_documents({}, limit=1) or lpad.workflows.count_documents({}, limit=1):
+        raise UserError(
+            "the FireWorks LaunchPad holds Fireworks but has no id counter; back it up and run "
+            "'lpad reset', or point crystaloop at another database"
+        )
+    lpad.reset("", require_password=False, max_reset_wo_password=0)
+
+
+def worker_jobflow_config(settings=None) -> dict[str, Any]:
+    """The jobflow settings (``JOB_STORE``) a FireWorks worker needs, for ``~/.jobflow.yaml``."""
+    return {"JOB_STORE": job_store(settings).as_dict()}
+
+
 def launch_rapidfire(*, lpad=None, launch_dir: Path | str | None = None, nlaunches: int = 0) -> None:
-    """Run every ready Firework in this process (``rlaunch rapidfire``); for tests and one node."""
+    """Run every ready Firework in this process (``rlaunch rapidfire``); for tests and one node.
+
+    The jobs write to crystaloop's job store, as a worker configured by
+    :func:`worker_jobflow_config` does.
+    """
+    import jobflow
     from fireworks.core.fworker import FWorker
     from fireworks.core.rocket_launcher import rapidfire
 
     lpad = lpad or launchpad()
     launch_dir = Path(launch_dir or ".")
     launch_dir.mkdir(parents=True, exist_ok=True)
-    rapidfire(lpad, FWorker(), m_dir=str(launch_dir), nlaunches=nlaunches, strm_lvl="WARNING")
+    previous = jobflow.SETTINGS.JOB_STORE
+    jobflow.SETTINGS.JOB_STORE = job_store()
+    try:
+        rapidfire(lpad, FWorker(), m_dir=str(launch_dir), nlaunches=nlaunches, strm_lvl="WARNING")
+    finally:
+        jobflow.SETTINGS.JOB_STORE = previous
+
+
+def default_pre_run() -> str:
+    """The shell line that activates this Python environment on a worker (same path assumed)."""
+    activate = Path(sys.prefix) / "bin" / "activate"
+    if activate.is_file():
+        return f"source {activate}"
+    return f"export PATH={Path(sys.executable).parent}:$PATH"
 
 
 def remote_project_config(
@@ -98,34 +161,54 @@ def remote_project_config(
     *,
     scheduler: Literal["slurm", "pbs", "shell"] = "slurm",
     host: str = "localhost",
+    worker: str | None = None,
     work_dir: str = "/scratch/crystaloop/jobs",
-    pre_run: str = "module load quantum-espresso",
-    queue: str | None = None,
+    pre_run: str | None = None,
+    partition: str | None = None,
+    account: str | None = None,
+    walltime: str | None = None,
     resources: dict[str, Any] | None = None,
+    runner_delay_s: int | None = None,
     settings=None,
 ) -> dict[str, Any]:
     """A jobflow-remote project configuration for SLURM, PBS (or local ``shell``) workers.
 
-    The queue and the job store are crystaloop's MongoDB, so the loop sees results as
-    soon as workers write them.
+    The runner's queue and job store are crystaloop's MongoDB, so the loop reads the
+    outputs the runner stores. Workers need no database: nothing in the worker's
+    settings names it. The worker is named after the scheduler unless ``worker`` is given.
+
+    Parameters
+    ----------
+    pre_run
+        Shell lines run before each job; default: activate this Python environment.
+    partition, account, walltime
+        Queue defaults of every job (SLURM partition / PBS queue, account, [D-]HH:MM:SS).
+    runner_delay_s
+        Seconds between the runner's checks (jobflow-remote's defaults when None).
     """
     uri, database = _uri_and_database(settings)
-    worker: dict[str, Any] = {
+    defaults: dict[str, Any] = dict(resources or {})
+    if partition and scheduler != "shell":
+        defaults.setdefault("partition" if scheduler == "slurm" else "queue", partition)
+    if account and scheduler != "shell":
+        defaults.setdefault("account", account)
+    if walltime and scheduler != "shell":
+        walltime_seconds(walltime)  # a bad wall time is one line now, not a refused job later
+        defaults.setdefault("time" if scheduler == "slurm" else "walltime", walltime)
+    entry: dict[str, Any] = {
         "type": "local" if host == "localhost" else "remote",
         "scheduler_type": scheduler,
         "work_dir": work_dir,
-        "pre_run": pre_run,
+        "pre_run": pre_run if pre_run is not None else default_pre_run(),
         "timeout_execute": 60,
-        "resources": dict(resources or {}),
+        "resources": defaults,
     }
     if host != "localhost":
-        worker["host"] = host
-    if queue and scheduler != "shell":
-        worker["resources"].setdefault("partition" if scheduler == "slurm" else "queue", queue)
+        entry["host"] = host
     store = {"type": "MongoStore", "database": database, "host": uri}
-    return {
+    config: dict[str, Any] = {
         "name": name,
-        "workers": {f"{scheduler}_worker": worker},
+        "workers": {worker or scheduler: entry},
         "queue": {
             "store": {**store, "collection_name": "jf_jobs"},
             "flows_collection": "jf_flows",
@@ -137,6 +220,12 @@ def remote_project_config(
             "additional_stores": {"data": {**store, "collection_name": DATA_COLLECTION}},
         },
     }
+    if runner_delay_s is not None:
+        config["runner"] = {
+            key: runner_delay_s
+            for key in ("delay_checkout", "delay_check_run_status", "delay_advance_status", "delay_refresh_limited")
+        }
+    return config
 
 
 def write_remote_project(config: dict[str, Any], directory: Path | str) -> Path:
@@ -177,7 +266,7 @@ def submit_remote(flow, *, project: str, worker: str, resources: dict[str, Any] 
     return submit_flow(flow, worker=worker, project=project, resources=resources)
 
 
-def run_flow(flow, backend: Backend = "local", **kwargs) -> Any:
+def run_flow(flow, backend: BackendName = "local", **kwargs) -> Any:
     """Run or submit ``flow`` on ``backend``.
 
     Raises
@@ -192,3 +281,640 @@ def run_flow(flow, backend: Backend = "local", **kwargs) -> Any:
     if backend == "jobflow-remote":
         return submit_remote(flow, **kwargs)
     raise UserError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+
+
+# -- one interface for the campaign ---------------------------------------------------------------
+
+JobStateName = Literal["queued", "running", "completed", "failed", "lost"]
+CANDIDATE_KEY = "crystaloop_candidate"
+"""Job metadata (and Firework spec) key that ties every job of a flow to its candidate."""
+ROLE_KEY = "crystaloop_role"
+"""Job metadata key naming a job's part in a formation-energy flow: relax, reference, formation_energy."""
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """Where a candidate's flow stands with its job manager.
+
+    Parameters
+    ----------
+    state
+        ``queued``, ``running``, ``completed``, ``failed`` or ``lost``.
+    reason
+        Why it failed or was lost (the job manager's error text where it gives one).
+    ids
+        The job manager's ids (``fw_ids``; ``db_ids`` and ``uuids``; ``pid``).
+    since
+        When the state began, where the job manager records it (UTC).
+    detail
+        The job manager's own state names, e.g. ``{"12": "RUNNING"}``.
+    """
+
+    state: JobStateName
+    reason: str | None = None
+    ids: dict[str, Any] = field(default_factory=dict)
+    since: datetime | None = None
+    detail: dict[str, str] = field(default_factory=dict)
+
+
+class FlowOutput(BaseModel):
+    """What a formation-energy flow returned, read from its job manager's outputs."""
+
+    task: QETaskDocument | None = None
+    formation_energy: FormationEnergyDocument | None = None
+    references: list[ElementReference] = Field(default_factory=list)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A job manager that runs one flow per candidate.
+
+    ``submit`` is idempotent: a second call for the same candidate returns the ids of the
+    flow already there. The caller (the campaign) counts attempts and decides on retries.
+    """
+
+    name: str
+
+    def submit(self, flow, candidate_id: str, *, resources: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Queue ``flow`` for ``candidate_id`` (once); returns the job manager's ids."""
+
+    def state(self, candidate_id: str) -> JobStatus:
+        """The state of the candidate's flow."""
+
+    def output(self, candidate_id: str) -> FlowOutput:
+        """The outputs of the candidate's flow (empty fields for jobs that gave none)."""
+
+    def retry(self, candidate_id: str) -> None:
+        """Put the failed or lost jobs of the candidate's flow back in the queue."""
+
+    def cancel(self, candidate_id: str) -> None:
+        """Stop the candidate's flow; it will not run again unless retried."""
+
+
+def tag_flow(flow, candidate_id: str) -> None:
+    """Mark every job of ``flow`` with the candidate it belongs to (job metadata)."""
+    flow.update_metadata({CANDIDATE_KEY: candidate_id})
+
+
+def read_flow_output(store, candidate_id: str) -> FlowOutput:
+    """The latest output of each job of the candidate's flow in a jobflow ``JobStore``."""
+    store.connect()
+    docs = sorted(
+        store.query({f"metadata.{CANDIDATE_KEY}": candidate_id}, load=True),
+        key=lambda d: str(d.get("completed_at") or ""),
+    )
+    task, fe, references = None, None, {}
+    for doc in docs:
+        role, output = (doc.get("metadata") or {}).get(ROLE_KEY), doc.get("output")
+        if output is None:
+            continue
+        if role == "relax":
+            task = QETaskDocument.model_validate(_plain(output))
+        elif role == "formation_energy":
+            fe = FormationEnergyDocument.model_validate(_plain(output))
+        elif role == "reference":
+            ref = ElementReference.model_validate(_plain(output))
+            references[ref.element] = ref
+    return FlowOutput(task=task, formation_energy=fe, references=list(references.values()))
+
+
+def _plain(output: dict[str, Any]) -> dict[str, Any]:
+    """A stored pydantic output without monty's ``@module``/``@class`` keys."""
+    return {k: v for k, v in output.items() if not k.startswith("@")}
+
+
+def _first_line(text: str | None, limit: int = 300) -> str | None:
+    """The last non-empty line of an error text (the exception), shortened."""
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    return lines[-1][:limit] if lines else None
+
+
+# -- local ------------------------------------------------------------------------------------------
+
+
+class LocalBackend:
+    """Flows run by worker processes on this machine, ``parallel_jobs`` at a time.
+
+    Each candidate has a folder under ``root_dir`` with its ``flow.json`` and the
+    ``status.json`` its worker (``python -m crystaloop.dft.local_worker``) keeps. Workers
+    write their outputs to crystaloop's job store. A worker whose process is gone before it
+    recorded an end is reported ``lost``; one started by an earlier loop process that is
+    still alive is ``running``. :meth:`close` stops every worker this object started.
+
+    Parameters
+    ----------
+    root_dir
+        Where the job folders live (``<data_dir>/campaigns/<name>/jobs`` for a campaign).
+    parallel_jobs
+        How many flows run at once.
+    cores
+        Cores shared among them (default: all of this machine's).
+    """
+
+    name = "local"
+
+    def __init__(self, root_dir: Path | str, *, parallel_jobs: int = 1, cores: int | None = None) -> None:
+        self.root = Path(root_dir)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.parallel_jobs = max(1, parallel_jobs)
+        self.cores = cores or os.cpu_count() or 1
+        self._children: dict[str, subprocess.Popen] = {}
+
+    @property
+    def cores_per_job(self) -> int:
+        """Each flow's share of the cores (the ``{np}`` of ``pw_command``)."""
+        return max(1, self.cores // self.parallel_jobs)
+
+    def _dir(self, candidate_id: str) -> Path:
+        return self.root / candidate_id
+
+    def _status(self, candidate_id: str) -> dict[str, Any] | None:
+        path = self._dir(candidate_id) / "status.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def submit(self, flow, candidate_id: str, *, resources: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Write the flow's folder (once); a worker starts it when a slot is free."""
+        from monty.json import jsanitize
+
+        folder = self._dir(candidate_id)
+        path = folder / "flow.json"
+        if not path.exists():
+            tag_flow(flow, candidate_id)
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / "flow.json.tmp"
+            # A Flow subclass (FormationEnergyFlow) does not serialise itself; its jobs do.
+            doc = {"name": flow.name, "uuid": flow.uuid, "output": flow.output, "jobs": list(flow.jobs)}
+            tmp.write_text(json.dumps(jsanitize(doc, strict=True, enum_values=True)))
+            os.replace(tmp, path)
+        self._schedule()
+        return {"job_dir": str(folder)}
+
+    def _alive(self, status: dict[str, Any]) -> bool:
+        child = self._children.get(status.get("candidate_id", ""))
+        if child is not None:
+            return child.poll() is None
+        pid = status.get("pid")
+        if not pid or status.get("host") != socket.gethostname():
+            return False
+        try:
+            os.kill(int(pid), 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        cmdline = Path(f"/proc/{pid}/cmdline")
+        return not cmdline.exists() or b"local_worker" in cmdline.read_bytes()
+
+    def _schedule(self) -> None:
+        """Start queued flows while fewer than ``parallel_jobs`` run."""
+        for cid, child in list(self._children.items()):
+            if child.poll() is not None:
+                del self._children[cid]
+        running = len(self._children)
+        for folder in sorted(self.root.iterdir()):
+            if running >= self.parallel_jobs:
+                return
+            cid = folder.name
+            if cid in self._children or not (folder / "flow.json").exists():
+                continue
+            status = self._status(cid)
+            if status is not None:
+                if status["state"] == "running" and self._alive(status):
+                    running += 1  # an earlier loop process's worker, still at work
+                continue
+            self._start(cid)
+            running += 1
+
+    def _start(self, candidate_id: str) -> None:
+        folder = self._dir(candidate_id)
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.cores_per_job)}
+        log = open(folder / "worker.log", "ab")  # noqa: SIM115 - the child owns it
+        try:
+            self._children[candidate_id] = subprocess.Popen(
+                [sys.executable, "-m", "crystaloop.dft.local_worker", str(folder)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # its pw.x (or mpirun) is stopped with it, as a group
+            )
+        finally:
+            log.close()
+
+    def state(self, candidate_id: str) -> JobStatus:
+        """Start queued flows where slots are free, then report this one."""
+        self._schedule()
+        folder = self._dir(candidate_id)
+        if not (folder / "flow.json").exists():
+            return JobStatus("lost", reason="no local job folder")
+        status = self._status(candidate_id)
+        if status is None:
+            return JobStatus("queued", ids={"job_dir": str(folder)})
+        since = datetime.fromisoformat(status["since"]) if status.get("since") else None
+        ids = {"pid": status.get("pid"), "job_dir": str(folder)}
+        if status["state"] == "running":
+            if self._alive(status):
+                return JobStatus("running", ids=ids, since=since)
+            return JobStatus("lost", reason="its worker process ended without a result", ids=ids, since=since)
+        return JobStatus(status["state"], reason=status.get("reason"), ids=ids, since=since)
+
+    def output(self, candidate_id: str) -> FlowOutput:
+        """The flow's outputs in crystaloop's job store."""
+        return read_flow_output(job_store(), candidate_id)
+
+    def retry(self, candidate_id: str) -> None:
+        """Queue the flow again (the last status is kept as ``status.<n>.json``)."""
+        folder = self._dir(candidate_id)
+        self._stop(candidate_id)
+        path = folder / "status.json"
+        if path.exists():
+            n = len(list(folder.glob("status.*.json")))
+            os.replace(path, folder / f"status.{n}.json")
+        self._schedule()
+
+    def cancel(self, candidate_id: str) -> None:
+        """Stop the flow's worker and record it failed (cancelled)."""
+        self._stop(candidate_id)
+        _write_status(self._dir(candidate_id), state="failed", reason="cancelled")
+
+    def _stop(self, candidate_id: str, grace_s: float = 10.0) -> None:
+        child = self._children.pop(candidate_id, None)
+        if child is None:
+            status = self._status(candidate_id)
+            if not status or status.get("state") != "running" or not self._alive(status):
+                return
+            pid = int(status["pid"])
+        else:
+            pid = child.pid
+        _stop_group(pid, grace_s, child)
+
+    def close(self, grace_s: float = 10.0) -> None:
+        """Stop every worker this object started (SIGTERM, then SIGKILL after ``grace_s``).
+
+        Their flows go back to the queue, so a resumed campaign runs them without counting
+        an attempt.
+        """
+        for cid in list(self._children):
+            child = self._children.pop(cid)
+            if child.poll() is None:
+                _stop_group(child.pid, grace_s, child)
+                status = self._status(cid)
+                if status is not None and status.get("state") == "running":  # not one that just ended
+                    (self._dir(cid) / "status.json").unlink(missing_ok=True)
+
+
+def _stop_group(pid: int, grace_s: float, child: subprocess.Popen | None = None) -> None:
+    """SIGTERM a worker's process group, then SIGKILL it if still there after ``grace_s``."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if child is not None and child.poll() is not None:
+            break
+        if child is None:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+        time.sleep(0.1)
+    else:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    if child is not None:
+        child.wait()
+
+
+def _write_status(folder: Path, **fields: Any) -> None:
+    """Replace ``status.json`` atomically (``since`` is now)."""
+    doc = {"since": datetime.now(UTC).isoformat(), **fields}
+    tmp = folder / "status.json.tmp"
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, folder / "status.json")
+
+
+# -- FireWorks ------------------------------------------------------------------------------------
+
+
+class FireWorksBackend:
+    """Flows as FireWorks workflows on crystaloop's LaunchPad.
+
+    Every Firework carries the candidate id in ``spec.crystaloop_candidate``, the worker
+    (``_fworker``) and category (``_category``) it must run on, and the queue resources
+    (``_queueadapter``) of its cell. A RUNNING Firework whose launch has not pinged for
+    ``lost_after_s`` is lost, as ``lpad detect_lostruns`` finds it (workers ping every
+    ``PING_TIME_SECS`` of their FireWorks settings, which must be shorter).
+
+    Parameters
+    ----------
+    lpad
+        The LaunchPad (default: crystaloop's); an empty one is initialised.
+    worker, category
+        ``_fworker`` and ``_category`` of every Firework (None: any worker).
+    lost_after_s
+        Seconds without a ping after which a running job is lost.
+    """
+
+    name = "fireworks"
+
+    def __init__(
+        self, lpad=None, *, worker: str | None = None, category: str | None = None, lost_after_s: float = 14400.0
+    ) -> None:
+        self.lpad = lpad or launchpad()
+        ensure_launchpad(self.lpad)
+        self.worker, self.category, self.lost_after_s = worker, category, lost_after_s
+
+    def _fireworks(self, candidate_id: str) -> list[dict[str, Any]]:
+        return list(
+            self.lpad.fireworks.find(
+                {f"spec.{CANDIDATE_KEY}": candidate_id},
+                {"fw_id": 1, "state": 1, "updated_on": 1, "name": 1, "launches": 1, "_id": 0},
+            ).sort("fw_id", 1)
+        )
+
+    def submit(self, flow, candidate_id: str, *, resources: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Add the flow's workflow unless the candidate already has one; returns ``fw_ids``."""
+        known = self._fireworks(candidate_id)
+        if known:
+            return {"fw_ids": [fw["fw_id"] for fw in known]}
+        tag_flow(flow, candidate_id)
+        spec: dict[str, Any] = {}
+        if self.worker:
+            spec["_fworker"] = self.worker
+        if self.category:
+            spec["_category"] = self.category
+        from jobflow.managers.fireworks import flow_to_workflow
+
+        workflow = flow_to_workflow(flow, store=None)
+        for fw in workflow.fws:
+            fw.spec.update(spec)
+            if resources and fw.spec.get(ROLE_KEY) in ("relax", "reference"):
+                fw.spec["_queueadapter"] = fireworks_queueadapter(resources)
+        mapping = self.lpad.add_wf(workflow)
+        return {"fw_ids": sorted(mapping.values())}
+
+    def _lost(self, candidate_id: str) -> list[int]:
+        _, lost, _ = self.lpad.detect_lostruns(
+            expiration_secs=self.lost_after_s, query={f"spec.{CANDIDATE_KEY}": candidate_id}
+        )
+        return lost
+
+    def _error(self, fw: dict[str, Any]) -> str | None:
+        launch = self.lpad.launches.find_one(
+            {"fw_id": fw["fw_id"]}, {"action.stored_data": 1}, sort=[("launch_id", -1)]
+        )
+        data = ((launch or {}).get("action") or {}).get("stored_data") or {}
+        exc = data.get("_exception") or {}
+        return _first_line(exc.get("_stacktrace") if isinstance(exc, dict) else str(exc))
+
+    def state(self, candidate_id: str) -> JobStatus:
+        """COMPLETED everywhere: completed; FIZZLED, DEFUSED or PAUSED: failed; stale RUNNING: lost."""
+        fws = self._fireworks(candidate_id)
+        if not fws:
+            return JobStatus("lost", reason="no Firework of its flow is on the LaunchPad")
+        ids = {"fw_ids": [fw["fw_id"] for fw in fws]}
+        detail = {str(fw["fw_id"]): fw["state"] for fw in fws}
+        since = max((_parse_time(fw.get("updated_on")) for fw in fws), default=None, key=lambda t: t or _EPOCH)
+        states = {fw["state"] for fw in fws}
+        if states == {"COMPLETED"}:
+            return JobStatus("completed", ids=ids, since=since, detail=detail)
+        for fw in fws:
+            if fw["state"] == "FIZZLED":
+                reason = f"Firework {fw['fw_id']} ({fw['name']}) fizzled: {self._error(fw) or 'no error text'}"
+                return JobStatus("failed", reason=reason, ids=ids, since=since, detail=detail)
+        for name, how in (("DEFUSED", "lpad reignite_fws"), ("PAUSED", "lpad resume_fws")):
+            for fw in fws:
+                if fw["state"] == name:
+                    reason = f"Firework {fw['fw_id']} is {name} (retry, or '{how} -i {fw['fw_id']}')"
+                    return JobStatus("failed", reason=reason, ids=ids, since=since, detail=detail)
+        if "RUNNING" in states:
+            lost = self._lost(candidate_id)
+            if lost:
+                reason = f"Firework {lost[0]} RUNNING without a ping for over {self.lost_after_s:g} s"
+                return JobStatus("lost", reason=reason, ids=ids, since=since, detail=detail)
+            return JobStatus("running", ids=ids, since=since, detail=detail)
+        if "RESERVED" in states:
+            return JobStatus("running", ids=ids, since=since, detail=detail)
+        return JobStatus("queued", ids=ids, since=since, detail=detail)
+
+    def output(self, candidate_id: str) -> FlowOutput:
+        """The outputs the workers wrote to their job store (crystaloop's)."""
+        return read_flow_output(job_store(), candidate_id)
+
+    def retry(self, candidate_id: str) -> None:
+        """Rerun lost and fizzled Fireworks, reignite defused ones and resume paused ones."""
+        self.lpad.detect_lostruns(
+            expiration_secs=self.lost_after_s, rerun=True, query={f"spec.{CANDIDATE_KEY}": candidate_id}
+        )
+        for fw in self._fireworks(candidate_id):
+            if fw["state"] == "FIZZLED":
+                self.lpad.rerun_fw(fw["fw_id"])
+            elif fw["state"] == "DEFUSED":
+                self.lpad.reignite_fw(fw["fw_id"])
+            elif fw["state"] == "PAUSED":
+                self.lpad.resume_fw(fw["fw_id"])
+
+    def cancel(self, candidate_id: str) -> None:
+        """Defuse the candidate's Fireworks that have not completed."""
+        for fw in self._fireworks(candidate_id):
+            if fw["state"] not in ("COMPLETED", "DEFUSED"):
+                self.lpad.defuse_fw(fw["fw_id"])
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    return None
+
+
+def fireworks_queueadapter(resources: dict[str, Any]) -> dict[str, Any]:
+    """crystaloop resources as the keys of FireWorks' SLURM/PBS queue-adapter templates."""
+    keys = {"nodes": "nodes", "cores": "ntasks", "walltime": "walltime", "partition": "queue",
+            "account": "account", "qos": "qos"}  # fmt: skip
+    return {keys[k]: v for k, v in resources.items() if k in keys and v is not None}
+
+
+def remote_resources(resources: dict[str, Any]):
+    """crystaloop resources as a jobflow-remote (qtoolkit) ``QResources``."""
+    from qtoolkit.core.data_objects import QResources
+
+    values = {k: v for k, v in resources.items() if v is not None}
+    return QResources(
+        nodes=values.get("nodes"),
+        processes=values.get("cores"),
+        time_limit=walltime_seconds(values["walltime"]) if "walltime" in values else None,
+        queue_name=values.get("partition"),
+        account=values.get("account"),
+        qos=values.get("qos"),
+    )
+
+
+def walltime_seconds(walltime: str | int) -> int:
+    """``[D-]HH:MM:SS`` (or seconds) as seconds.
+
+    Raises
+    ------
+    UserError
+        Not a wall time.
+    """
+    if isinstance(walltime, int):
+        return walltime
+    days, _, clock = walltime.rpartition("-")
+    try:
+        numbers = [int(p) for p in clock.split(":")]
+        day_seconds = int(days or 0) * 86400
+    except ValueError:
+        numbers = []
+    if not 1 <= len(numbers) <= 3:
+        raise UserError(f"walltime {walltime!r} is not [D-]HH:MM:SS; write e.g. '02:00:00'")
+    seconds = 0
+    for n in numbers:
+        seconds = seconds * 60 + n
+    return day_seconds + seconds
+
+
+# -- jobflow-remote -------------------------------------------------------------------------------
+
+#: jobflow-remote states, as the campaign sees them.
+REMOTE_STATES: dict[str, JobStateName] = {
+    "WAITING": "queued",
+    "READY": "queued",
+    "PAUSED": "queued",
+    "CHECKED_OUT": "running",
+    "UPLOADED": "running",
+    "SUBMITTED": "running",
+    "RUNNING": "running",
+    "RUN_FINISHED": "running",
+    "DOWNLOADED": "running",
+    "BATCH_SUBMITTED": "running",
+    "BATCH_RUNNING": "running",
+    "COMPLETED": "completed",
+    "FAILED": "failed",
+    "REMOTE_ERROR": "failed",
+    "STOPPED": "failed",
+    "USER_STOPPED": "failed",
+}
+
+
+def ensure_remote_queue(controller) -> None:
+    """Initialise an empty jobflow-remote queue database (as ``jf admin reset`` would).
+
+    Raises
+    ------
+    UserError
+        The queue holds jobs but has lost its id counter.
+    """
+    if controller.auxiliary.count_documents({"next_id": {"$exists": True}}, limit=1):
+        return
+    if controller.jobs.count_documents({}, limit=1) or controller.flows.count_documents({}, limit=1):
+        raise UserError(
+            "the jobflow-remote queue holds jobs but no id counter; back it up and run 'jf admin reset'"
+        )
+    controller.reset(max_limit=1)
+
+
+class JobflowRemoteBackend:
+    """Flows submitted to a jobflow-remote project; its runner moves them and stores their outputs.
+
+    Workers need no database: the runner uploads inputs, and inserts the outputs into the
+    project's job store, where :meth:`output` reads them.
+
+    Parameters
+    ----------
+    project, worker
+        The jobflow-remote project and worker names.
+    exec_config
+        A named execution config of the project (modules, ``pre_run``), or None.
+    """
+
+    name = "jobflow-remote"
+
+    def __init__(self, project: str | None, worker: str | None, *, exec_config: str | None = None) -> None:
+        try:
+            from jobflow_remote.jobs.jobcontroller import JobController
+        except ImportError:
+            raise UserError(
+                "jobflow-remote is not installed; run 'pip install \"crystaloop[remote]\"' or use "
+                "execution.backend local or fireworks"
+            ) from None
+        self.project, self.worker, self.exec_config = project, worker, exec_config
+        try:
+            self.controller = JobController.from_project_name(project)
+        except Exception as exc:  # jobflow-remote's own ConfigError and friends
+            raise UserError(
+                f"jobflow-remote project {project or '(default)'}: {str(exc).splitlines()[0][:200]}; "
+                "write one with 'crystaloop dft remote-config' and check it with 'jf project check'"
+            ) from None
+        ensure_remote_queue(self.controller)
+
+    def _jobs(self, candidate_id: str):
+        return sorted(
+            self.controller.get_jobs_info(metadata={CANDIDATE_KEY: candidate_id}), key=lambda j: int(j.db_id)
+        )
+
+    def submit(self, flow, candidate_id: str, *, resources: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Submit the flow unless the candidate already has jobs; returns ``db_ids`` and ``uuids``."""
+        jobs = self._jobs(candidate_id)
+        if not jobs:
+            from jobflow_remote import submit_flow
+
+            tag_flow(flow, candidate_id)
+            submit_flow(
+                flow,
+                worker=self.worker,
+                project=self.project,
+                exec_config=self.exec_config,
+                resources=remote_resources(resources) if resources else None,
+            )
+            jobs = self._jobs(candidate_id)
+        return {"db_ids": [j.db_id for j in jobs], "uuids": [j.uuid for j in jobs]}
+
+    def state(self, candidate_id: str) -> JobStatus:
+        """FAILED, REMOTE_ERROR and STOPPED are failures, with jobflow-remote's error text."""
+        jobs = self._jobs(candidate_id)
+        if not jobs:
+            return JobStatus("lost", reason="no job of its flow in the jobflow-remote queue")
+        ids = {"db_ids": [j.db_id for j in jobs], "uuids": [j.uuid for j in jobs]}
+        detail = {j.db_id: j.state.value for j in jobs}
+        since = max(_parse_time(j.updated_on) or _EPOCH for j in jobs)
+        mapped = [REMOTE_STATES.get(j.state.value, "running") for j in jobs]
+        for job, state in zip(jobs, mapped, strict=True):
+            if state == "failed":
+                text = job.error or job.remote.error or job.state.value
+                reason = f"job {job.db_id} ({job.name}) {job.state.value}: {_first_line(text)}"
+                return JobStatus("failed", reason=reason, ids=ids, since=since, detail=detail)
+        if all(s == "completed" for s in mapped):
+            return JobStatus("completed", ids=ids, since=since, detail=detail)
+        if "running" in mapped:
+            return JobStatus("running", ids=ids, since=since, detail=detail)
+        return JobStatus("queued", ids=ids, since=since, detail=detail)
+
+    def output(self, candidate_id: str) -> FlowOutput:
+        """The outputs the runner inserted into the project's job store."""
+        return read_flow_output(self.controller.jobstore, candidate_id)
+
+    def retry(self, candidate_id: str) -> None:
+        """Retry REMOTE_ERROR jobs and rerun FAILED or STOPPED ones."""
+        for job in self._jobs(candidate_id):
+            if job.state.value == "REMOTE_ERROR":
+                self.controller.retry_job(db_id=job.db_id)
+            elif job.state.value in ("FAILED", "STOPPED", "USER_STOPPED"):
+                self.controller.rerun_job(db_id=job.db_id, force=True)
+
+    def cancel(self, candidate_id: str) -> None:
+        """Stop the candidate's jobs that have not completed."""
+        for job in self._jobs(candidate_id):
+            if REMOTE_STATES.get(job.state.value) in ("queued", "running"):
+                self.controller.stop_job(db_id=job.db_id)

@@ -9,6 +9,7 @@ from jobflow import Flow, Job, job
 from pymatgen.core import Structure
 
 from crystaloop.dft import store
+from crystaloop.dft.backends import ROLE_KEY
 from crystaloop.dft.schemas import ElementReference, FormationEnergyDocument, QETaskDocument
 
 Engine = Literal["espresso", "surrogate"]
@@ -105,6 +106,9 @@ class FormationEnergyFlow(Flow):
         Element -> structure to use instead of the built-in reference.
     metadata
         Stored on the relaxation's record (``candidate_id``, ``campaign``, ``round``...).
+    record
+        Jobs write ``dft_tasks`` and the reference cache themselves. False for jobs on
+        workers without a database: they only return their outputs, and the caller records them.
     """
 
     def __init__(
@@ -121,6 +125,7 @@ class FormationEnergyFlow(Flow):
         name: str = "formation energy",
         use_cache: bool = True,
         pw_command: str | None = None,
+        record: bool = True,
     ) -> None:
         self.structure = structure
         self.engine = engine
@@ -133,6 +138,9 @@ class FormationEnergyFlow(Flow):
         if pw_command and engine == "espresso":
             self.relax_maker = replace(self.relax_maker, pw_command=pw_command)
             self.reference_maker = replace(self.reference_maker, pw_command=pw_command)
+        if not record:
+            self.relax_maker = replace(self.relax_maker, record=False)
+            self.reference_maker = replace(self.reference_maker, record=False)
         self.reference_structures = dict(reference_structures or {})
         self.metadata = dict(metadata or {})
         self.use_cache = use_cache
@@ -140,6 +148,7 @@ class FormationEnergyFlow(Flow):
         if self.metadata:
             relax_maker = replace(relax_maker, metadata={**relax_maker.metadata, **self.metadata})
         relax = relax_maker.make(structure)
+        relax.update_metadata({ROLE_KEY: "relax"})
         jobs: list[Job] = [relax]
         references: dict[str, Any] = {}
         compound_elements = sorted(el.symbol for el in structure.composition.elements)
@@ -156,10 +165,12 @@ class FormationEnergyFlow(Flow):
                     element, self.reference_structures.get(element), compound_elements
                 )
             ref_job.name = f"{self.reference_maker.name} {element}"
+            ref_job.update_metadata({ROLE_KEY: "reference"})
             jobs.append(ref_job)
             references[element] = ref_job.output
         fe = formation_energy_job(relax.output, references, record=relax_maker.record)
         fe.name = "formation energy"
+        fe.update_metadata({ROLE_KEY: "formation_energy"})
         jobs.append(fe)
         super().__init__(jobs, output=fe.output, name=name)
 

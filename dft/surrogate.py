@@ -220,7 +220,7 @@ def run_surrogate_reference(
     from crystaloop.errors import UserError
 
     key = surrogate_reference_key(maker.preset, structure)
-    cached = store.get_reference(element, "surrogate", key, None)
+    cached = store.get_reference(element, "surrogate", key, None) if maker.record else None
     if cached is not None:
         return ElementReference(
             element=element,
@@ -242,7 +242,8 @@ def run_surrogate_reference(
     doc = run_surrogate_task(runner, ref_structure, relax=calculation == "vc-relax")
     if doc.energy_per_atom is None:
         raise UserError(f"surrogate reference for {element} failed ({'; '.join(doc.reasons)})")
-    store.put_reference(element, "surrogate", key, None, doc.energy_per_atom, doc.task_id)
+    if maker.record:
+        store.put_reference(element, "surrogate", key, None, doc.energy_per_atom, doc.task_id)
     return ElementReference(
         element=element,
         engine="surrogate",

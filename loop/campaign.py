@@ -9,13 +9,14 @@ any moment therefore resumes from its last completed step:
   generation id; a re-run finds them (rebuilding their summaries and counts
   when the kill fell inside the insert) and does not generate again;
 - ``acquire`` counts what this round already selected and tops up only;
-- ``submit`` moves each candidate to ``submitted`` *before* its flow goes to the
-  backend, and finds flows a killed run already queued, so nothing is submitted
-  twice and nothing is orphaned;
-- ``harvest`` collects every ``submitted`` candidate of the round, running the
-  flows of the ``local`` backend itself (a flow killed with the process runs
-  again as a retry of the same submission), and any of earlier rounds still
-  running when their round's harvest timed out;
+- ``submit`` hands each candidate's flow to the execution backend (keyed by the
+  candidate, so a second submit finds the first) and only then moves the candidate to
+  ``submitted``: nothing is submitted twice and no candidate waits on a job that does not exist;
+- ``harvest`` reads every ``submitted`` candidate's job state through the backend
+  (:class:`~crystaloop.dft.backends.Backend`), retries failed and lost jobs up to
+  ``execution.max_attempts``, and writes ``dft_tasks``, the caches and the candidate's state
+  from the jobs' outputs (jobs never write the database); it also takes any of earlier
+  rounds still running when their round's harvest timed out;
 - ``retrain`` fine-tunes from the models the round started with: the campaign
   takes the new versions only once the step is recorded done, so a re-run
   gives the same versions.
@@ -42,6 +43,7 @@ from pymongo.errors import AutoReconnect, ConnectionFailure, ServerSelectionTime
 from crystaloop.db.campaigns import CampaignStore, LeaseLost
 from crystaloop.db.documents import ROUND_STEPS, CandidateDoc, CandidateState, StepRecord, utcnow
 from crystaloop.db.store import CandidateStore
+from crystaloop.dft.backends import Backend, FlowOutput, JobStatus
 from crystaloop.errors import DatabaseUnavailable, UserError
 from crystaloop.loop.acquire import AcquisitionContext, get_acquisition, select_batch
 from crystaloop.loop.config import CampaignConfig
@@ -54,7 +56,10 @@ KILL_ENV = "CRYSTALOOP_KILL_AT"
 """Fault injection for the resume tests: ``step:point[,step:point]`` makes the process SIGKILL itself."""
 
 DB_ERRORS = (AutoReconnect, ConnectionFailure, ServerSelectionTimeoutError)
-MAX_LOCAL_ATTEMPTS = 2
+
+
+class Blocked(Exception):
+    """Raised by the harvest of a ``run(until_blocked=True)`` when only DFT jobs are left to wait on."""
 
 
 def fault_point(step: str, point: str) -> None:
@@ -155,6 +160,8 @@ class Campaign:
         self.models: dict[str, str] = {}
         self.model_names: dict[str, str] = {}
         self._retrying = False  # the running step had an interrupted earlier attempt
+        self._backend_instance: Backend | None = None
+        self.until_blocked = False
 
     def _connect(self, database) -> None:
         self.database = database
@@ -247,8 +254,30 @@ class Campaign:
             raise UserError(refusals[0], refusals[1:])
         return warnings
 
-    def run(self, *, max_rounds: int | None = None) -> CampaignResult:
+    @staticmethod
+    def check_execution(config: CampaignConfig) -> None:
+        """Refuse an execution backend that cannot work as configured.
+
+        Raises
+        ------
+        UserError
+            A remote backend (FireWorks, jobflow-remote) with no MongoDB URI: the embedded
+            server serves this workstation only, and its workers could not deliver results.
+        """
+        from crystaloop.settings import get_settings
+
+        backend = config.execution.backend
+        if backend != "local" and not get_settings().mongodb_uri:
+            raise UserError(
+                f"execution.backend {backend} needs a MongoDB its workers and runner can reach; set "
+                "CRYSTALOOP_MONGODB_URI (the embedded server serves this workstation only) or use backend local"
+            )
+
+    def run(self, *, max_rounds: int | None = None, until_blocked: bool = False) -> CampaignResult:
         """Run (or resume) the campaign until a stop rule fires or a stop is requested.
+
+        With ``until_blocked`` it returns (status ``blocked``) as soon as the harvest has only
+        DFT jobs left to wait on; a later call resumes there (for cron or scrontab).
 
         Raises
         ------
@@ -272,6 +301,7 @@ class Campaign:
         self._heartbeat = _Heartbeat(self, self.token, interval=self.heartbeat_s, ttl=self.lease_ttl_s)
         self._heartbeat.start()
         try:
+            self.check_execution(self.config)
             self.prepare()
             for line in self.check_dft(self.config):
                 self.log(f"warning: {line}")
@@ -287,18 +317,101 @@ class Campaign:
                 stop_requested=False,
                 status_reason=None,
             )
+            self.until_blocked = until_blocked
             return self._rounds(max_rounds or self.config.max_rounds)
+        except Blocked as exc:
+            reason = f"{exc}; run again to continue"
+            self._guard(
+                lambda: self.campaigns.update(self.name, self.token, status="waiting", status_reason=reason)
+            )
+            self.log(f"campaign {self.name} blocked: {reason}")
+            return CampaignResult(self.name, "blocked", reason)
         except LeaseLost:
             raise UserError(
                 f"campaign {self.name!r}: another process took the lease over; this one stopped "
                 "without acting further"
             ) from None
         finally:
+            if not self.until_blocked:  # workers of a blocked run go on and record their own end
+                self._close_backend()
             self._heartbeat.stop_event.set()
             try:
                 self.campaigns.release_lease(self.name, self.token)
             except DB_ERRORS:
                 pass
+
+    def retry(self, *, failed: bool = True, lost: bool = True, wait: bool = True) -> dict[str, list[str]]:
+        """Put the campaign's failed DFT jobs and its lost ones back in the queue.
+
+        ``failed``: candidates that ended ``failed`` at the DFT stage go back to ``submitted``
+        with a fresh ``execution.max_attempts``. ``lost``: submitted candidates whose job the
+        backend reports lost are requeued now. With ``wait`` this process then harvests them
+        (holding the campaign's lease) until each is relaxed or failed again.
+
+        Raises
+        ------
+        UserError
+            ``wait`` while another live process holds the campaign.
+        """
+        retried: dict[str, list[str]] = {"failed": [], "lost": []}
+        backend = self._backend()
+        if lost:
+            for candidate in self._in_state(CandidateState.SUBMITTED):
+                if candidate.dft_job.get("backend") in (None, "cache"):
+                    continue
+                if backend.state(candidate.candidate_id).state == "lost":
+                    backend.retry(candidate.candidate_id)
+                    retried["lost"].append(candidate.candidate_id)
+        if failed:
+            for candidate in self._in_state(CandidateState.FAILED):
+                job = dict(candidate.dft_job)
+                if job.get("backend") in (None, "cache"):
+                    continue  # rejected before DFT, or a cached failure: nothing to rerun
+                backend.retry(candidate.candidate_id)
+                ids = backend.submit(
+                    self._flow(candidate, candidate.selected_round or 0),
+                    candidate.candidate_id,
+                    resources=self._resources(self._dft_start(candidate)),
+                )
+                errors = [*job.get("errors", []), (candidate.state_history[-1].get("reason") or "failed")[:300]]
+                self.candidates.transition(
+                    candidate.candidate_id,
+                    CandidateState.SUBMITTED,
+                    update={"dft_job": {**job, **ids, "attempts": 1, "errors": errors, "state": "queued",
+                                        "state_since": utcnow()}},
+                )  # fmt: skip
+                retried["failed"].append(candidate.candidate_id)
+        todo = set(retried["failed"]) | set(retried["lost"])
+        if wait and todo:
+            self._harvest_retried(todo)
+        return retried
+
+    def _harvest_retried(self, todo: set[str]) -> None:
+        lease = self.campaigns.acquire_lease(
+            self.name, ttl_s=self.lease_ttl_s, replace_token=self.campaigns.dead_local_holder(self.name)
+        )
+        if lease is None:
+            raise UserError(
+                f"campaign {self.name!r} is being run by another process; its harvest collects the "
+                "retried jobs (or pass --no-wait)"
+            )
+        self.token = lease.token
+        try:
+            deadline = time.monotonic() + self.config.execution.harvest_timeout_s
+            while todo and time.monotonic() < deadline:
+                for cid in sorted(todo):
+                    candidate = self.candidates.get(cid)
+                    if candidate is None or candidate.state != CandidateState.SUBMITTED.value:
+                        todo.discard(cid)
+                    elif self._harvest_one(candidate) is not None:
+                        todo.discard(cid)
+                if todo:
+                    time.sleep(min(self.config.execution.poll_interval_s, 0.5)
+                               if self.config.execution.backend == "local"
+                               else self.config.execution.poll_interval_s)  # fmt: skip
+        finally:
+            self._close_backend()
+            self.campaigns.release_lease(self.name, self.token)
 
     def _rounds(self, max_rounds: int) -> CampaignResult:
         outcomes: list[RoundOutcome] = []
@@ -348,7 +461,7 @@ class Campaign:
             outputs, metrics = self._guard(
                 lambda: getattr(self, f"_step_{step}")(number), what=f"round {number} {step}"
             )
-        except (LeaseLost, DatabaseUnavailable):
+        except (LeaseLost, DatabaseUnavailable, Blocked):
             raise
         except Exception as exc:
             # The step's record and the campaign say what stopped them; a rerun retries the step.
@@ -482,8 +595,8 @@ class Campaign:
         from crystaloop.dft.cache import DFTCache
 
         cache = DFTCache(self.database)
-        backend = self.config.execution.backend
-        submitted, cached, requeued = 0, 0, 0
+        backend = self._backend()
+        submitted, cached = 0, 0
         docs = list(
             self.candidates.collection.find(
                 {"campaign": self.name, "selected_round": number, "state": CandidateState.SELECTED.value},
@@ -504,25 +617,30 @@ class Campaign:
                 }
                 cached += 1
             else:
+                # The job exists before the candidate says so; a kill in between leaves it
+                # selected, and the rerun's submit finds the same job (keyed by the candidate).
+                ids = backend.submit(
+                    self._flow(candidate, number), candidate.candidate_id, resources=self._resources(structure)
+                )
+                fault_point("submit", "queued")
+                now = utcnow()
                 job = {
-                    "backend": backend,
+                    "backend": backend.name,
                     "settings_key": settings["key"],
-                    "attempts": 0,
-                    "submitted_at": utcnow(),
+                    "attempts": 1,
+                    "submitted_at": now,
+                    "state": "queued",
+                    "state_since": now,
+                    **ids,
                 }
+                submitted += 1
             self.candidates.transition(
                 candidate.candidate_id, CandidateState.SUBMITTED, update={"dft_job": job}
             )
             if i == 0:
                 fault_point("submit", "mid")
-            if hit is None:
-                submitted += 1
-        # Flows for remote backends are queued after the state change, so a kill in between
-        # leaves a submitted candidate without a queued flow, which this finds and queues.
-        if backend != "local":
-            requeued = self._queue_remote(number)
-        self.log(f"  submitted {submitted} to {backend}, {cached} answered by the DFT cache")
-        return {"submitted": submitted, "cache_hits": cached, "queued": requeued, "backend": backend}, {
+        self.log(f"  submitted {submitted} to {backend.name}, {cached} answered by the DFT cache")
+        return {"submitted": submitted, "cache_hits": cached, "queued": submitted, "backend": backend.name}, {
             "submitted": submitted + cached,
             "cache_hits": cached,
         }
@@ -547,9 +665,7 @@ class Campaign:
             ]
             for candidate in pending:
                 self._check_lease()
-                outcome = self._harvest_one(
-                    candidate, run_local=backend == "local" or candidate.dft_job.get("backend") == "local"
-                )
+                outcome = self._harvest_one(candidate)
                 relaxed += outcome == "relaxed"
                 failed += outcome == "failed"
                 if self.progress:
@@ -574,7 +690,11 @@ class Campaign:
                     f"  harvest timed out with {still} job(s) still running; they are collected next round"
                 )
                 break
-            time.sleep(self.config.execution.poll_interval_s)
+            if self.until_blocked:
+                raise Blocked(f"round {number} waits on {still} DFT job(s)")
+            # Local workers are this machine's processes: their state is cheap to read.
+            interval = self.config.execution.poll_interval_s
+            time.sleep(min(interval, 0.5) if backend == "local" else interval)
         hits = self._hits(selected_round=number)
         n_done = self.candidates.collection.count_documents(
             {"campaign": self.name, "selected_round": number, "state": "relaxed"}
@@ -686,6 +806,7 @@ class Campaign:
         return relaxation_settings(structure, engine=dft.engine, preset=dft.preset, overrides=dft.overrides)
 
     def _flow(self, candidate: CandidateDoc, number: int):
+        """The candidate's formation-energy flow; its jobs return results and never write the database."""
         from crystaloop.dft.flows import FormationEnergyFlow
 
         return FormationEnergyFlow(
@@ -693,75 +814,42 @@ class Campaign:
             engine=self.config.dft.engine,
             preset=self.config.dft.preset,
             overrides=dict(self.config.dft.overrides),
-            pw_command=self.config.dft.pw_command,
+            pw_command=self._pw_command(),
             metadata={"candidate_id": candidate.candidate_id, "campaign": self.name, "round": number},
             name=f"formation energy {candidate.reduced_formula}",
             reference_structures=self.config.dft.reference_structure_objects(),
+            record=False,
         )
 
-    def _queue_remote(self, number: int) -> int:
-        from crystaloop.dft import backends
-
-        queued = 0
-        for raw in self.candidates.collection.find(
-            {
-                "campaign": self.name,
-                "selected_round": number,
-                "state": CandidateState.SUBMITTED.value,
-                "dft_job.backend": self.config.execution.backend,
-                "dft_job.queued": {"$ne": True},
-            },
-            {"_id": 0},
-        ):
-            candidate = CandidateDoc.model_validate(raw)
-            flow = self._flow(candidate, number)
-            if self.config.execution.backend == "fireworks":
-                lpad = backends.launchpad()
-                known = lpad.fireworks.find_one(
-                    {"spec._crystaloop_candidate": candidate.candidate_id}, {"fw_id": 1}
-                )
-                if known is None:
-                    ids = _submit_fireworks(flow, candidate.candidate_id, lpad)
-                else:
-                    ids = [known["fw_id"]]
-                ref = {"fw_ids": ids}
-            else:
-                ref = {
-                    "remote": str(
-                        backends.submit_remote(
-                            flow, project=self.config.execution.project, worker=self.config.execution.worker
-                        )
-                    )
-                }
-            self.candidates.set_fields(
-                candidate.candidate_id,
-                {
-                    "dft_job.queued": True,
-                    "dft_job.flow_uuid": flow.uuid,
-                    **{f"dft_job.{k}": v for k, v in ref.items()},
-                },
-            )
-            queued += 1
-        return queued
-
-    def _task_for(self, candidate_id: str) -> dict[str, Any] | None:
-        """The finished relaxation record of a candidate (not its element references)."""
-        return self.database["dft_tasks"].find_one(
-            {
-                "candidate_id": candidate_id,
-                "state": {"$in": ["successful", "failed"]},
-                "output.metadata.role": {"$ne": "element_reference"},
-            },
-            {"_id": 0},
-            sort=[("updated_at", -1)],
+    def _pw_command(self) -> str | None:
+        """``dft.pw_command`` with ``{np}`` set to each local job's share of the cores."""
+        command = self.config.dft.pw_command
+        if not command or "{np}" not in command:
+            return command
+        backend = self._backend()
+        cores = getattr(backend, "cores_per_job", None) or (
+            (self.config.execution.resources.cores if self.config.execution.resources else None) or 1
         )
+        return command.replace("{np}", str(cores))
 
-    def _harvest_one(self, candidate: CandidateDoc, *, run_local: bool) -> str | None:
-        """Collect one candidate's result (running its flow for the local backend); its new state."""
-        from crystaloop.dft.backends import run_local as run_flow_locally
-        from crystaloop.dft.cache import DFTCache
+    def _resources(self, structure: Structure) -> dict[str, Any] | None:
+        """The queue resources of a job relaxing ``structure`` (by its number of sites)."""
+        rules = self.config.execution.resources
+        return rules.for_sites(len(structure)) if rules is not None else None
 
-        cache = DFTCache(self.database)
+    def _backend(self) -> Backend:
+        """The execution backend of this campaign (made once per run)."""
+        if self._backend_instance is None:
+            self._backend_instance = make_backend(self.config.execution, self._work_dir() / "jobs")
+        return self._backend_instance
+
+    def _close_backend(self) -> None:
+        backend, self._backend_instance = self._backend_instance, None
+        if backend is not None and hasattr(backend, "close"):
+            backend.close()
+
+    def _harvest_one(self, candidate: CandidateDoc) -> str | None:
+        """Collect one candidate's result through the backend, or retry its job; its new state."""
         job = dict(candidate.dft_job)
         if job.get("backend") == "cache":
             hit = self.database["dft_cache"].find_one({"task_id": job["task_id"]}, {"_id": 0})
@@ -774,66 +862,95 @@ class Campaign:
                 task_id=hit["task_id"],
                 job={**job, "from_cache": True},
             )
-        task = self._task_for(candidate.candidate_id)
-        if not _complete(task):
-            if not run_local:
-                ended = self._remote_ended(candidate)
-                if ended is None:
-                    return None  # still queued or running on a worker
-                task = self._task_for(candidate.candidate_id)
-                if not _complete(task):
-                    return self._finish(candidate, "failed", reason=ended, job=job)
-            elif job.get("attempts", 0) >= MAX_LOCAL_ATTEMPTS:
-                return self._finish(
-                    candidate, "failed", reason=f"no result after {MAX_LOCAL_ATTEMPTS} attempts", job=job
-                )
-            else:
-                job["attempts"] = job.get("attempts", 0) + 1
-                self.candidates.set_fields(candidate.candidate_id, {"dft_job.attempts": job["attempts"]})
-                flow = self._flow(candidate, candidate.selected_round or 0)
-                run_flow_locally(flow, root_dir=self._work_dir() / "jobs")
-                task = self._task_for(candidate.candidate_id)
-                if task is None:
-                    return self._finish(candidate, "failed", reason="the flow wrote no result", job=job)
-        output = task.get("output") or {}
-        if task["state"] != "successful" or task.get("formation_energy_per_atom") is None:
-            reasons = "; ".join(task.get("reasons") or []) or "no formation energy"
-            return self._finish(candidate, "failed", reason=reasons[:300], task_id=task["task_id"], job=job)
-        values = {
-            "formation_energy_per_atom": task["formation_energy_per_atom"],
-            "energy_per_atom": task.get("energy_per_atom"),
-        }
-        if output.get("band_gap") is not None:
-            values["band_gap"] = output["band_gap"]
-        job.update(_relaxation_change(output))
+        backend = self._backend()
+        status = backend.state(candidate.candidate_id)
+        job = self._note_state(candidate, job, status)
+        if status.state in ("queued", "running"):
+            return None
+        if status.state == "completed":
+            return self._record_output(candidate, backend.output(candidate.candidate_id), job)
+        attempts = int(job.get("attempts", 1))
+        if attempts < self.config.execution.max_attempts:
+            self.log(f"  {candidate.candidate_id}: {status.state} ({status.reason}); attempt {attempts + 1}")
+            backend.retry(candidate.candidate_id)
+            # A job that never reached the job manager is submitted (again); a known one is kept.
+            ids = backend.submit(
+                self._flow(candidate, candidate.selected_round or 0),
+                candidate.candidate_id,
+                resources=self._resources(self._dft_start(candidate)),
+            )
+            history = [*job.get("errors", []), f"{status.state}: {status.reason}"[:300]]
+            self.candidates.set_fields(
+                candidate.candidate_id,
+                {
+                    "dft_job.attempts": attempts + 1,
+                    "dft_job.errors": history,
+                    "dft_job.state": "queued",
+                    "dft_job.state_since": utcnow(),
+                    **{f"dft_job.{k}": v for k, v in ids.items()},
+                },
+            )
+            return None
+        reason = f"{status.state} after {attempts} attempt(s): {status.reason}"
+        return self._finish(candidate, "failed", reason=reason[:300], job=job)
+
+    def _note_state(self, candidate: CandidateDoc, job: dict[str, Any], status: JobStatus) -> dict[str, Any]:
+        """Record the job manager's state on the candidate when it changed; the updated job."""
+        if job.get("state") == status.state and job.get("state_reason") == status.reason:
+            return job
+        fields = {"state": status.state, "state_reason": status.reason, "state_since": status.since or utcnow()}
+        fields.update({k: v for k, v in status.ids.items() if v is not None})
+        self.candidates.set_fields(candidate.candidate_id, {f"dft_job.{k}": v for k, v in fields.items()})
+        return {**job, **fields}
+
+    def _record_output(self, candidate: CandidateDoc, output: FlowOutput, job: dict[str, Any]) -> str:
+        """Write a finished flow's outputs: ``dft_tasks``, the reference and DFT caches, the candidate."""
+        from crystaloop.dft import store
+        from crystaloop.dft.cache import DFTCache
+
+        task, fe = output.task, output.formation_energy
+        if task is None:
+            return self._finish(candidate, "failed", reason="its flow completed without a relaxation output", job=job)
+        value = fe.formation_energy_per_atom if fe is not None and fe.state == "successful" else None
+        task = task.model_copy(update={"formation_energy_per_atom": value})
+        store.save_task(task, database=self.database)
+        self._cache_references(output)
+        if not task.successful or value is None:
+            reasons = (fe.reasons if fe is not None else []) or task.reasons or ["no formation energy"]
+            return self._finish(candidate, "failed", reason="; ".join(reasons)[:300], task_id=task.task_id, job=job)
+        values = {"formation_energy_per_atom": value, "energy_per_atom": task.energy_per_atom}
+        if task.band_gap is not None:
+            values["band_gap"] = task.band_gap
+        dumped = task.model_dump(mode="json")
+        job.update(_relaxation_change(dumped))
         structure = self._dft_start(candidate)
-        settings = self._relaxation_settings(structure)
-        cache.put(
+        DFTCache(self.database).put(
             structure,
-            settings,
-            output,
+            self._relaxation_settings(structure),
+            task,
             values,
             source={"campaign": self.name, "candidate_id": candidate.candidate_id},
         )
-        return self._finish(candidate, "relaxed", values=values, task_id=task["task_id"], job=job)
+        return self._finish(candidate, "relaxed", values=values, task_id=task.task_id, job=job)
 
-    def _remote_ended(self, candidate: CandidateDoc) -> str | None:
-        """Why a queued flow ended without a result (None while it may still deliver one)."""
-        if candidate.dft_job.get("backend") != "fireworks":
-            return None
-        from crystaloop.dft.backends import launchpad
+    def _cache_references(self, output: FlowOutput) -> None:
+        """Cache the element references a flow computed, as the jobs do when they reach the database."""
+        from crystaloop.dft import store
 
-        states = [
-            fw["state"]
-            for fw in launchpad().fireworks.find(
-                {"spec._crystaloop_candidate": candidate.candidate_id}, {"state": 1}
-            )
-        ]
-        if "FIZZLED" in states:
-            return "a Firework of its flow fizzled"
-        if states and all(state == "COMPLETED" for state in states):
-            return "its flow completed without a formation energy"
-        return None
+        for ref in output.references:
+            if ref.cached:
+                continue
+            md5 = None
+            if ref.engine == "espresso":
+                from crystaloop.dft.pseudos import family_from_settings
+
+                entry = family_from_settings().pseudopotentials.get(ref.element)
+                md5 = entry.md5 if entry is not None else None
+            cutoffs = (ref.ecutwfc, ref.ecutrho) if ref.ecutwfc is not None else None
+            store.put_reference(
+                ref.element, ref.engine, ref.preset, md5, ref.energy_per_atom, ref.task_id,
+                database=self.database, cutoffs=cutoffs,
+            )  # fmt: skip
 
     def _finish(
         self, candidate: CandidateDoc, state: str, *, values=None, task_id=None, reason=None, job=None
@@ -1057,6 +1174,21 @@ class Campaign:
                 self._reconnect()
 
 
+def make_backend(execution, root_dir: Path) -> Backend:
+    """The :class:`~crystaloop.dft.backends.Backend` that ``execution`` (the campaign's) names."""
+    from crystaloop.dft import backends
+
+    if execution.backend == "fireworks":
+        return backends.FireWorksBackend(
+            worker=execution.worker, category=execution.category, lost_after_s=execution.lost_after_s
+        )
+    if execution.backend == "jobflow-remote":
+        return backends.JobflowRemoteBackend(
+            execution.project, execution.worker, exec_config=execution.exec_config
+        )
+    return backends.LocalBackend(root_dir, parallel_jobs=execution.parallel_jobs, cores=execution.cores)
+
+
 def starting_structure(structure: Structure, symprec: float | None = None) -> Structure:
     """A DFT starting structure: ``structure`` without site properties, optionally symmetrised.
 
@@ -1070,26 +1202,6 @@ def starting_structure(structure: Structure, symprec: float | None = None) -> St
 
     bare = Structure(structure.lattice, structure.species, structure.frac_coords)
     return bare if symprec is None else primitive_cell(bare, symprec)
-
-
-def _submit_fireworks(flow, candidate_id: str, lpad) -> list[int]:
-    """Queue ``flow`` on the LaunchPad, tagging every Firework with the candidate id."""
-    from jobflow.managers.fireworks import flow_to_workflow
-
-    from crystaloop.dft.backends import job_store
-
-    workflow = flow_to_workflow(flow, store=job_store())
-    for fw in workflow.fws:
-        fw.spec["_crystaloop_candidate"] = candidate_id
-    mapping = lpad.add_wf(workflow)
-    return sorted(mapping.values())
-
-
-def _complete(task: dict[str, Any] | None) -> bool:
-    """A relaxation record that is final: failed, or successful with its formation energy."""
-    return task is not None and (
-        task["state"] == "failed" or task.get("formation_energy_per_atom") is not None
-    )
 
 
 def _relaxation_change(output: dict[str, Any]) -> dict[str, float]:

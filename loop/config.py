@@ -353,12 +353,72 @@ class DFTSettings(_Strict):
         return {element: Structure.from_file(path) for element, path in self.reference_structures.items()}
 
 
+class Resources(_Strict):
+    """What one DFT job asks its queue for; unset fields are left to the worker's defaults."""
+
+    nodes: int | None = Field(None, ge=1, description="Nodes.")
+    cores: int | None = Field(None, ge=1, description="MPI processes in all (SLURM ntasks).")
+    walltime: str | None = Field(None, description="Wall time, [D-]HH:MM:SS.")
+    partition: str | None = Field(None, description="SLURM partition or PBS queue.")
+    account: str | None = Field(None, description="Account charged.")
+    qos: str | None = Field(None, description="Quality of service.")
+
+    @field_validator("walltime")
+    @classmethod
+    def _walltime(cls, value: str | None) -> str | None:
+        if value is not None:
+            from crystaloop.dft.backends import walltime_seconds
+            from crystaloop.errors import UserError
+
+            try:
+                walltime_seconds(value)
+            except UserError as exc:
+                raise ValueError(exc.message) from None
+        return value
+
+
+class SiteRule(Resources):
+    """Resources for cells of up to ``max_sites`` sites."""
+
+    max_sites: int = Field(ge=1, description="The rule applies to cells with at most this many sites.")
+
+
+class ResourceRules(Resources):
+    """Default resources, and rules by the cell's number of sites (the first that fits wins)."""
+
+    by_sites: list[SiteRule] = Field(default_factory=list, description="Rules, checked by max_sites.")
+
+    def for_sites(self, n_sites: int) -> dict[str, object]:
+        """The resources of a cell of ``n_sites`` sites: the defaults, overlaid by its rule."""
+        base = self.model_dump(exclude={"by_sites"}, exclude_none=True)
+        for rule in sorted(self.by_sites, key=lambda r: r.max_sites):
+            if n_sites <= rule.max_sites:
+                base.update(rule.model_dump(exclude={"max_sites"}, exclude_none=True))
+                break
+        return base
+
+
 class Execution(_Strict):
     """Where DFT jobs run, and how the loop waits for them."""
 
     backend: Literal["local", "fireworks", "jobflow-remote"] = "local"
-    worker: str | None = Field(None, description="FireWorks fworker or jobflow-remote worker name.")
+    worker: str | None = Field(
+        None, description="FireWorks fworker name (the Fireworks' _fworker) or jobflow-remote worker name."
+    )
+    category: str | None = Field(None, description="FireWorks category (_category) of the DFT Fireworks.")
     project: str | None = Field(None, description="jobflow-remote project name.")
+    exec_config: str | None = Field(None, description="A named jobflow-remote execution config (pre_run, modules).")
+    parallel_jobs: int = Field(1, ge=1, description="Local backend: relaxations run at once.")
+    cores: int | None = Field(
+        None, ge=1, description="Local backend: cores shared by the parallel jobs (default: all); {np} in pw_command."
+    )
+    max_attempts: int = Field(3, ge=1, description="Runs of a failed or lost job before its candidate fails.")
+    lost_after_s: float = Field(
+        14400.0, gt=0, description="FireWorks: a RUNNING job without a ping for this long is lost (s)."
+    )
+    resources: ResourceRules | None = Field(
+        None, description="Queue resources per job (FireWorks _queueadapter, jobflow-remote resources)."
+    )
     harvest_timeout_s: float = Field(
         86400.0, gt=0, description="Give up waiting for a round's DFT results after this long (s)."
     )

@@ -1,4 +1,4 @@
-"""``crystaloop campaign`` commands: validate, run, status, stop, report."""
+"""``crystaloop campaign`` commands: validate, run, status, stop, retry, report."""
 
 from __future__ import annotations
 
@@ -61,6 +61,7 @@ def _dft_checks(config) -> list[str]:
             f"no pseudopotential family at {settings.resolved_pseudo_family()} yet; `campaign run` builds the "
             "local PBE family on first use, then checks the elements against its verdicts"
         ]
+    Campaign.check_execution(config)
     return Campaign.check_dft(config)
 
 
@@ -69,6 +70,9 @@ def run(
     path: Path = typer.Argument(..., help="Campaign YAML file; a campaign of the same name resumes."),
     max_rounds: int = typer.Option(None, "--max-rounds", min=1, help="Override max_rounds."),
     fmt: str = typer.Option("table", "--format", help="table or json (the final summary)."),
+    until_blocked: bool = typer.Option(
+        False, "--until-blocked", help="Advance as far as possible, then exit 0 while only DFT jobs are left to wait on."
+    ),
 ) -> None:
     """Run a campaign (or resume it): generate, acquire, DFT, harvest, retrain, report."""
     from crystaloop.loop.campaign import Campaign
@@ -95,7 +99,7 @@ def run(
         campaign = Campaign(
             config, log=lambda line: bar.console.print(line, highlight=False), progress=progress
         )
-        result = campaign.run(max_rounds=max_rounds)
+        result = campaign.run(max_rounds=max_rounds, until_blocked=until_blocked)
     _print_status(config.name, fmt, header=f"{result.status}: {result.reason}")
 
 
@@ -103,10 +107,44 @@ def run(
 def status(
     name: str = typer.Argument(..., help="Campaign name."),
     fmt: str = typer.Option("table", "--format", help="table or json."),
+    jobs: bool = typer.Option(False, "--jobs", help="List the DFT jobs: backend, ids, state, attempts, time in state."),
 ) -> None:
     """Rounds, steps, counts, hit rates and running jobs of a campaign."""
     _check_format(fmt)
+    if jobs:
+        _print_jobs(name, fmt)
+        return
     _print_status(name, fmt)
+
+
+@app.command("retry")
+def retry(
+    name: str = typer.Argument(..., help="Campaign name."),
+    failed: bool = typer.Option(False, "--failed", help="Rerun the DFT jobs of failed candidates."),
+    lost: bool = typer.Option(False, "--lost", help="Requeue jobs the backend reports lost."),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="Harvest the retried jobs until they end."),
+) -> None:
+    """Put failed and lost DFT jobs back in the queue (both when neither flag is given)."""
+    from crystaloop.db import get_database
+    from crystaloop.db.campaigns import CampaignStore
+    from crystaloop.loop.campaign import Campaign
+    from crystaloop.loop.config import parse_campaign_config
+
+    database = get_database()
+    doc = CampaignStore(database).require(name)
+    config = parse_campaign_config(doc.config, source=f"campaign {name}")
+    if not failed and not lost:
+        failed = lost = True
+    campaign = Campaign(config, database=database, log=lambda line: console.print(line, highlight=False))
+    retried = campaign.retry(failed=failed, lost=lost, wait=wait)
+    total = len(retried["failed"]) + len(retried["lost"])
+    console.print(
+        f"retried {len(retried['failed'])} failed and {len(retried['lost'])} lost job(s) of {name}"
+        + ("" if wait or not total else "; the campaign's next harvest collects them"),
+        highlight=False,
+    )
+    if wait and total:
+        _print_jobs(name, "table", ids=retried["failed"] + retried["lost"])
 
 
 @app.command("stop")
@@ -253,6 +291,89 @@ def _print_status(name: str, fmt: str, header: str | None = None) -> None:
         )
     elif summary["lease"]:
         console.print(f"held by: {summary['lease']}", highlight=False)
+
+
+def campaign_jobs(database, name: str, ids: list[str] | None = None) -> list[dict]:
+    """The campaign's DFT jobs as the loop last saw them: one row per candidate sent to DFT.
+
+    Raises
+    ------
+    UserError
+        No campaign of that name.
+    """
+    from crystaloop.db.campaigns import CampaignStore
+    from crystaloop.db.documents import utcnow
+
+    CampaignStore(database).require(name)
+    query: dict = {"campaign": name, "dft_job.backend": {"$exists": True}}
+    if ids is not None:
+        query["candidate_id"] = {"$in": ids}
+    now = utcnow()
+    rows = []
+    for doc in database["candidates"].find(query, {"_id": 0, "candidate_id": 1, "reduced_formula": 1, "state": 1,
+                                                   "dft_job": 1}).sort("candidate_id", 1):  # fmt: skip
+        job = doc["dft_job"]
+        since = job.get("state_since") or job.get("submitted_at")
+        if since is not None and since.tzinfo is None:
+            from datetime import UTC
+
+            since = since.replace(tzinfo=UTC)
+        ids_text = ", ".join(
+            f"{key} {','.join(str(v) for v in value) if isinstance(value, list) else value}"
+            for key, value in job.items()
+            if key in ("fw_ids", "db_ids", "uuids", "pid", "task_id") and value
+        )
+        rows.append(
+            {
+                "candidate_id": doc["candidate_id"],
+                "formula": doc.get("reduced_formula"),
+                "candidate_state": doc["state"],
+                "backend": job.get("backend"),
+                "job_ids": ids_text,
+                "job_state": job.get("state") or ("completed" if job.get("backend") == "cache" else None),
+                "reason": job.get("state_reason"),
+                "attempts": job.get("attempts"),
+                "seconds_in_state": (now - since).total_seconds() if since is not None else None,
+            }
+        )
+    return rows
+
+
+def _print_jobs(name: str, fmt: str, ids: list[str] | None = None) -> None:
+    from rich.table import Table
+
+    from crystaloop.db import get_database
+
+    rows = campaign_jobs(get_database(), name, ids)
+    if fmt == "json":
+        console.print_json(json.dumps(rows, default=str))
+        return
+    table = Table("candidate", "formula", "backend", "job ids", "job state", "attempts", "in state", "candidate state")
+    for r in rows:
+        table.add_row(
+            r["candidate_id"],
+            r["formula"] or "-",
+            r["backend"] or "-",
+            r["job_ids"] or "-",
+            r["job_state"] or "-",
+            _n(r["attempts"]),
+            _duration(r["seconds_in_state"]),
+            r["candidate_state"],
+        )
+    console.print(table)
+    if not rows:
+        console.print(f"{name}: no candidate sent to DFT yet", highlight=False)
+
+
+def _duration(seconds) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _n(value) -> str:

@@ -390,8 +390,14 @@ def remote_config(
     name: str = typer.Option("crystaloop", "--name", help="jobflow-remote project name."),
     scheduler: str = typer.Option("slurm", "--scheduler", help="slurm, pbs or shell."),
     host: str = typer.Option("localhost", "--host", help="Cluster login host."),
-    work_dir: str = typer.Option("/scratch/crystaloop/jobs", "--work-dir"),
-    pre_run: str = typer.Option("module load quantum-espresso", "--pre-run"),
+    worker: str = typer.Option(None, "--worker", help="Worker name (default: the scheduler's, e.g. slurm)."),
+    work_dir: str = typer.Option("/scratch/crystaloop/jobs", "--work-dir", help="Job folders, on scratch."),
+    pre_run: str = typer.Option(
+        None, "--pre-run", help="Shell lines before each job (default: activate this Python environment)."
+    ),
+    partition: str = typer.Option(None, "--partition", help="SLURM partition (PBS queue) of every job."),
+    account: str = typer.Option(None, "--account", help="Account charged for every job."),
+    walltime: str = typer.Option(None, "--walltime", help="Default wall time, [D-]HH:MM:SS."),
     out: Path = typer.Option(Path("~/.jfremote"), "--out", help="Where jf looks for projects."),
     force: bool = typer.Option(False, "--force", help="Replace an existing project file."),
 ) -> None:
@@ -409,6 +415,16 @@ def remote_config(
         raise UserError(f"{target} exists; pass --force to replace it, or another --name")
     if out.expanduser().exists() and not out.expanduser().is_dir():
         raise UserError(f"--out {out} is a file; pass the folder jf reads projects from")
-    config = remote_project_config(name, scheduler=scheduler, host=host, work_dir=work_dir, pre_run=pre_run)
+    config = remote_project_config(
+        name,
+        scheduler=scheduler,
+        host=host,
+        worker=worker,
+        work_dir=work_dir,
+        pre_run=pre_run,
+        partition=partition,
+        account=account,
+        walltime=walltime,
+    )
     path = write_remote_project(config, out)
     console.print(f"wrote {path}; check it with 'jf project check -p {name}'")

@@ -383,7 +383,7 @@ def run_element_reference(
     md5 = family.pseudopotentials[element].md5
     cutoffs = reference_cutoffs(maker, element, compound_elements, family)
     key = reference_key(maker.preset, maker.overrides, cutoffs, element, structure)
-    cached = store.get_reference(element, "espresso", key, md5)
+    cached = store.get_reference(element, "espresso", key, md5) if maker.record else None
     if cached is not None:
         return ElementReference(
             element=element,
@@ -423,9 +423,10 @@ def run_element_reference(
             f"reference relaxation for {element} failed ({'; '.join(doc.reasons)}); "
             f"see {doc.dir_name}"
         )
-    store.put_reference(
-        element, "espresso", key, md5, doc.energy_per_atom, doc.task_id, cutoffs=cutoffs
-    )
+    if maker.record:
+        store.put_reference(
+            element, "espresso", key, md5, doc.energy_per_atom, doc.task_id, cutoffs=cutoffs
+        )
     return ElementReference(
         element=element,
         engine="espresso",

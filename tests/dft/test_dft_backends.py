@@ -50,12 +50,21 @@ def test_fireworks_rapidfire_runs_the_flow(fake_pw, fake_settings, database, tmp
 @pytest.mark.parametrize("scheduler", ["slurm", "pbs"])
 def test_remote_project_config_points_at_the_same_database(fake_settings, tmp_path, scheduler):
     config = remote_project_config(
-        "cl", scheduler=scheduler, host="login.cluster", queue="short", resources={"nodes": 1}
+        "cl",
+        scheduler=scheduler,
+        host="login.cluster",
+        partition="short",
+        account="mat123",
+        walltime="02:00:00",
+        resources={"nodes": 1},
     )
-    worker = config["workers"][f"{scheduler}_worker"]
+    worker = config["workers"][scheduler]  # the name configs/heusler_magnets.yaml uses
     assert worker["scheduler_type"] == scheduler and worker["type"] == "remote"
     assert worker["host"] == "login.cluster"
     assert worker["resources"]["partition" if scheduler == "slurm" else "queue"] == "short"
+    assert worker["resources"]["account"] == "mat123"
+    assert worker["resources"]["time" if scheduler == "slurm" else "walltime"] == "02:00:00"
+    assert worker["pre_run"].startswith("source ") and worker["pre_run"].endswith("/bin/activate")
     assert config["queue"]["store"]["database"] == fake_settings.database
     assert config["jobstore"]["docs_store"]["collection_name"] == "jobflow_outputs"
     assert config["jobstore"]["additional_stores"]["data"]["collection_name"] == "jobflow_data"
@@ -68,7 +77,7 @@ def test_remote_project_config_validates_with_jobflow_remote(fake_settings):
     from jobflow_remote.config.base import Project
 
     project = Project.model_validate(remote_project_config("cl", scheduler="slurm"))
-    assert "slurm_worker" in project.workers
+    assert "slurm" in project.workers
 
 
 @pytest.mark.skipif(importlib.util.find_spec("jobflow_remote") is not None, reason="installed")

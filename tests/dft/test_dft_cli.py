@@ -60,11 +60,17 @@ def test_relax_rejects_bad_input_with_one_line(fake_settings, tmp_path):
 
 def test_remote_config_writes_a_project(fake_settings, tmp_path):
     result = runner.invoke(
-        app, ["dft", "remote-config", "--scheduler", "pbs", "--out", str(tmp_path), "--name", "cl"]
-    )
+        app,
+        ["dft", "remote-config", "--scheduler", "pbs", "--out", str(tmp_path), "--name", "cl",
+         "--partition", "short", "--account", "mat1", "--walltime", "1-00:00:00", "--pre-run", "module load qe"],
+    )  # fmt: skip
     assert result.exit_code == 0, result.output
     config = yaml.safe_load((tmp_path / "cl.yaml").read_text())
-    assert config["workers"]["pbs_worker"]["scheduler_type"] == "pbs"
+    worker = config["workers"]["pbs"]
+    assert worker["scheduler_type"] == "pbs" and worker["pre_run"] == "module load qe"
+    assert worker["resources"] == {"queue": "short", "account": "mat1", "walltime": "1-00:00:00"}
+    bad = runner.invoke(app, ["dft", "remote-config", "--out", str(tmp_path / "x"), "--walltime", "2 hours"])
+    assert "walltime" in str(bad.exception)  # a UserError: one line, exit 2 under `crystaloop`
     # A second run keeps the user's file unless told to replace it; a name must be a file name.
     (tmp_path / "cl.yaml").write_text("# hand edits\n")
     again = runner.invoke(app, ["dft", "remote-config", "--out", str(tmp_path), "--name", "cl"])

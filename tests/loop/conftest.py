@@ -84,3 +84,25 @@ def make_shortlist():
 def shortlist_items():
     """(structure, predicted E_f mean, std) of four B2 binaries."""
     return list(SHORTLIST)
+
+
+@pytest.fixture
+def worker_bin(tmp_path):
+    """A folder with ``jf`` and ``rlaunch`` that run under this interpreter.
+
+    Console scripts of a copied virtualenv keep the original's interpreter in their
+    shebang, so workers started through them could run another checkout's code.
+    """
+    import sys
+
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    scripts = {
+        "jf": "from jobflow_remote.cli.jf import app; app()",
+        "rlaunch": "import sys; from fireworks.scripts.rlaunch_run import rlaunch; sys.exit(rlaunch())",
+    }
+    for name, code in scripts.items():
+        path = folder / name
+        path.write_text(f'#!/bin/sh\nexec {sys.executable} -c "{code}" "$@"\n')
+        path.chmod(0o755)
+    return folder

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 import numpy as np
@@ -148,8 +149,13 @@ def test_harvest_collects_jobs_an_earlier_round_left_running(
     assert campaign.run().status == "finished"
     (cid,) = make_shortlist(database, name, items=[shortlist_items[3]])
     store = CandidateStore(database)
-    store.transition(cid, CandidateState.SELECTED, update={"selected_round": 0})
-    store.transition(cid, CandidateState.SUBMITTED, update={"dft_job": {"backend": "local", "attempts": 0}})
+    doc = store.transition(cid, CandidateState.SELECTED, update={"selected_round": 0})
+    backend = campaign._backend()
+    ids = backend.submit(campaign._flow(doc, 0), cid)
+    store.transition(cid, CandidateState.SUBMITTED, update={"dft_job": {"backend": "local", "attempts": 1, **ids}})
+    deadline = time.monotonic() + 300
+    while backend.state(cid).state in ("queued", "running") and time.monotonic() < deadline:
+        time.sleep(0.2)
     outputs, metrics = campaign._step_harvest(1)
     assert outputs["harvested_now"] == 1 and metrics["relaxed"] == 0  # counted in its own round
     assert store.get(cid).state in (CandidateState.RELAXED.value, CandidateState.FAILED.value)
