@@ -621,7 +621,8 @@ def wilson_interval(hits: int, n: int, level: float = CONFIDENCE) -> tuple[float
     denominator = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denominator
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # At 0 or n hits a bound is exactly 0 or 1; computed, it would carry rounding noise.
+    return (0.0 if hits == 0 else centre - half), (1.0 if hits == n else centre + half)
 
 
 def bootstrap_ratio(
