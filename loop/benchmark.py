@@ -55,7 +55,7 @@ CIRCULARITY = (
 CONFIDENCE = 0.95
 #: Bootstrap resamples of the seeds for the ratios' intervals.
 BOOTSTRAP_RESAMPLES = 10_000
-#: Sites of each role-count of the material classes (AB, ABX3, X2YZ).
+#: Species roles of each material class: AB, ABX3, X2YZ.
 _ROLES = {"binary": 2, "perovskite": 3, "heusler": 3}
 #: The arms, in the order they run.
 ARMS = ("loop", "random", "no_model")
@@ -582,6 +582,7 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
     Rounds are counted from 1 here (round 3 is the third round, index 2). A ratio against an
     arm with no hits is infinite and counts as met only when the loop has hits. A target
     against an arm that did not run (``--arms``) is not measured: its ``_met`` is None.
+    Cumulative rates carry Wilson intervals (:func:`wilson_interval`).
     """
     k = TARGETS["round"] - 1
 
@@ -603,6 +604,15 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
             ran = "loop" in result["arms"] and other in result["arms"]
             out[f"{scope}_target_vs_{other}_met"] = (ratio is not None and ratio >= goal) if ran else None
         out[f"{scope}_hit_rates"] = {arm: at(arm, key, k) for arm in ("loop", "random", "no_model")}
+    # One seed has no spread over seeds to bootstrap: its rates carry Wilson intervals.
+    for scope, hits_key in (("cumulative", "cumulative_hits"), ("cumulative_new", "cumulative_new_hits")):
+        out[f"{scope}_hit_rate_intervals"] = {
+            arm: wilson_interval(hits, n)
+            if (hits := at(arm, hits_key, k)) is not None and n is not None
+            else None
+            for arm in ("loop", "random", "no_model")
+            for n in [at(arm, "cumulative_relaxed", k)]
+        }
     maes = [row["mae_screening"] for row in result["arms"].get("loop", {}).get("rows", [])]
     first, last = (maes[0], maes[-1]) if len(maes) >= 2 else (None, None)
     out["mae_first_round"], out["mae_last_round"] = first, last

@@ -187,7 +187,10 @@ def _print_result(console, result: dict) -> None:
     console.print(table)
     s = result["summary"]
     for scope in ("round", "cumulative", "cumulative_new"):
-        rates = ", ".join(f"{arm} {_pct(v)}" for arm, v in s[f"{scope}_hit_rates"].items())
+        bounds = s.get(f"{scope}_hit_rate_intervals") or {}
+        rates = ", ".join(
+            f"{arm} {_pct(v)}{_interval(bounds.get(arm), _pct)}" for arm, v in s[f"{scope}_hit_rates"].items()
+        )
         console.print(
             f"{_SCOPES[scope]} {s['round']}: {rates}; loop/random "
             f"{_num(s[f'{scope}_ratio_vs_random'], '.1f')}x (target 3x), loop/no model "

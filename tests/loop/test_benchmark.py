@@ -88,6 +88,12 @@ def test_summary_ratios_at_round_three_and_mae_trend():
     assert s["cumulative_ratio_vs_random"] == pytest.approx(12 / 4)
     assert s["cumulative_ratio_vs_no_model"] == pytest.approx(12.0) and s["cumulative_target_vs_no_model_met"]
     assert s["mae_first_round"] == 0.30 and s["mae_last_round"] == 0.12 and s["mae_falls"]
+    assert s["cumulative_hit_rate_intervals"]["loop"] == wilson_interval(12, 24)
+    # 1 of 24: p = 0.0417, Wilson centre 0.1049 and half-width 0.0975 at z = 1.96.
+    assert s["cumulative_hit_rate_intervals"]["no_model"] == (
+        pytest.approx(0.0074, abs=1e-4),
+        pytest.approx(0.2024, abs=1e-4),
+    )
     assert s["anchors"] == ANCHORS and "37.5 %" in ANCHORS["ftcp"]
     # Written out, the unbounded ratio stays readable by strict JSON parsers.
     written = json.loads(to_json({**result, "summary": s}), parse_constant=_reject)
@@ -245,7 +251,9 @@ def test_wilson_intervals_match_the_published_values():
     # 95 % Wilson score intervals: 0/10 -> [0, 0.2775] (upper = z^2 / (n + z^2)), 5/10 -> [0.2366, 0.7634].
     assert wilson_interval(0, 10) == (0.0, pytest.approx(0.27753, abs=1e-5))
     assert wilson_interval(5, 10) == (pytest.approx(0.23659, abs=1e-5), pytest.approx(0.76341, abs=1e-5))
-    assert wilson_interval(10, 10) == (pytest.approx(0.72247, abs=1e-5), 1.0) and wilson_interval(3, 0) is None
+    assert (
+        wilson_interval(10, 10) == (pytest.approx(0.72247, abs=1e-5), 1.0) and wilson_interval(3, 0) is None
+    )
 
 
 def test_bootstrap_over_seeds_spans_the_seeds_ratios():
