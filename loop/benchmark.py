@@ -670,6 +670,56 @@ def bootstrap_ratio(
     return float(lo), float(hi)
 
 
+#: Settings every pooled run must share (a run of another window or budget measures something else).
+SHARED_SETTINGS = (
+    "window",
+    "palette",
+    "material_classes",
+    "dft_per_round",
+    "candidates_per_round",
+    "no_model_per_round",
+)
+
+
+def merge_runs(documents: Sequence[tuple[str, dict[str, Any]]]) -> dict[int, dict[str, Any]]:
+    """Per-seed results of several ``bench campaign --output`` files, for :func:`pool_seeds`.
+
+    ``documents`` are (name, parsed JSON) pairs: a multi-seed output (``seeds``) or a one-seed
+    result (``seed``). Seeds run in parallel processes pool exactly as one ``--seeds`` run does.
+
+    Raises
+    ------
+    UserError
+        If a document is neither, repeats a seed, or differs from the first in :data:`SHARED_SETTINGS`.
+    """
+    from crystaloop.errors import UserError
+
+    merged: dict[int, dict[str, Any]] = {}
+    sources: dict[int, str] = {}
+    for name, doc in documents:
+        if isinstance(doc.get("seeds"), dict):
+            runs = {int(seed): result for seed, result in doc["seeds"].items()}
+        elif isinstance(doc.get("seed"), int) and isinstance(doc.get("arms"), dict):
+            runs = {doc["seed"]: doc}
+        else:
+            raise UserError(
+                f"{name} is not a bench campaign result with its seed (written by --output since "
+                "this option exists); rerun the benchmark to pool it"
+            )
+        for seed, result in runs.items():
+            if seed in merged:
+                raise UserError(f"seed {seed} is in both {sources[seed]} and {name}; pool each seed once")
+            first = next(iter(merged.values()), result)
+            differ = [key for key in SHARED_SETTINGS if result.get(key) != first.get(key)]
+            if differ:
+                raise UserError(
+                    f"{name} (seed {seed}) ran with another {', '.join(differ)} than {sources[next(iter(merged))]}; "
+                    "pool only runs of one benchmark config"
+                )
+            merged[seed], sources[seed] = result, name
+    return merged
+
+
 #: How :func:`pool_seeds` computes its intervals (written into the pooled result).
 INTERVALS = (
     f"rates: {CONFIDENCE:.0%} Wilson score intervals on the pooled counts (relaxations as independent "

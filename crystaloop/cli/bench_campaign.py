@@ -58,6 +58,12 @@ def bench_campaign(
         "--seeds",
         help="Comma-separated seeds, run one after another and pooled (default: the config's seed).",
     ),
+    pool: list[Path] = typer.Option(
+        None,
+        "--pool",
+        help="Run nothing: pool the seeds of earlier --output files (repeat the option; e.g. seeds run "
+        "in parallel processes) and write the pooled JSON to --output.",
+    ),
     fmt: str = typer.Option("table", "--format", help="table or json."),
     output: Path = output_option(
         'Also write the numbers as JSON here (an unbounded ratio is "inf"); with several seeds, '
@@ -76,6 +82,9 @@ def bench_campaign(
     chosen = tuple(a.strip() for a in arms.split(",") if a.strip())
     if not chosen or set(chosen) - set(ARMS):
         raise UserError(f"--arms takes a comma-separated subset of {','.join(ARMS)}, not {arms!r}")
+    if pool:
+        _pool_files(console, pool, output, fmt)
+        return
     seed_list = _parse_seeds(seeds)
     base = load_campaign_config(config_path)
     database = get_database()
@@ -113,6 +122,37 @@ def bench_campaign(
         _print_result(console, result)
     if len(results) > 1:
         _print_pooled(console, out["pooled"])
+    console.print(f"oracle: {CIRCULARITY}", highlight=False)
+
+
+def _pool_files(console, paths: list[Path], output: Path | None, fmt: str) -> None:
+    """Pool the seeds of earlier ``--output`` files into one result, written and printed like a run's."""
+    import json
+
+    from crystaloop.errors import UserError
+    from crystaloop.loop.benchmark import CIRCULARITY, merge_runs, pool_seeds, to_json
+
+    documents = []
+    for path in paths:
+        try:
+            documents.append((str(path), json.loads(path.read_text())))
+        except (OSError, ValueError) as exc:
+            raise UserError(
+                f"cannot read {path} as a bench campaign JSON ({type(exc).__name__}); check the path"
+            ) from None
+    results = merge_runs(documents)
+    out = {
+        "seeds": {str(k): v for k, v in sorted(results.items())},
+        "pooled": pool_seeds(results),
+        "complete": True,
+        "pooled_from": [str(p) for p in paths],
+    }
+    if output:
+        output.write_text(to_json(out, indent=1))
+    if fmt == "json":
+        console.print_json(to_json(out))
+        return
+    _print_pooled(console, out["pooled"])
     console.print(f"oracle: {CIRCULARITY}", highlight=False)
 
 

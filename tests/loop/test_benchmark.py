@@ -16,6 +16,7 @@ from crystaloop.loop.benchmark import (
     bootstrap_ratio,
     campaign_rows,
     draw_no_model,
+    merge_runs,
     no_model_pool,
     no_model_round,
     no_model_rows,
@@ -448,3 +449,62 @@ def test_std_terciles_split_the_hit_rate_by_the_ensembles_std():
     assert [(t["n"], t["hits"]) for t in out["terciles"]] == [(3, 2), (3, 1), (3, 1)]
     assert out["terciles"][0]["hit_rate"] == pytest.approx(2 / 3)
     assert std_terciles([(0.1, True), (None, False)]) is None
+
+
+def _run(seed: int, hits: tuple[int, int, int], window=(-1.6, -1.1)) -> dict:
+    """A one-seed result with three arms of one round each: (loop, random, no_model) hits of 8."""
+    settings = {"window": {"formation_energy_per_atom": list(window)}, "palette": ["Na", "Cl"]}
+    settings.update(
+        material_classes=["binary"], dft_per_round=8, candidates_per_round=100, no_model_per_round=8
+    )
+    arms = {arm: _rows([(h, 8)]) for arm, h in zip(("loop", "random", "no_model"), hits, strict=True)}
+    return {"seed": seed, "arms": arms, "code_version": {"git_commit": f"c{seed}"}, **settings}
+
+
+def test_runs_of_parallel_processes_pool_as_one_run(tmp_path):
+    from crystaloop.errors import UserError
+
+    many = {"seeds": {"2": _run(2, (4, 1, 0)), "3": _run(3, (2, 1, 1))}, "pooled": {}, "complete": False}
+    merged = merge_runs([("a.json", many), ("b.json", _run(4, (3, 0, 1)))])
+    assert sorted(merged) == [2, 3, 4]
+    pooled = pool_seeds(merged)
+    assert pooled["hits"] == {"loop": 9, "random": 2, "no_model": 2} and pooled["relaxed"]["loop"] == 24
+    assert pooled["code_versions"] == {
+        "2": {"git_commit": "c2"},
+        "3": {"git_commit": "c3"},
+        "4": {"git_commit": "c4"},
+    }
+    with pytest.raises(UserError, match="seed 4 is in both b.json and c.json"):
+        merge_runs([("b.json", _run(4, (3, 0, 1))), ("c.json", _run(4, (3, 0, 1)))])
+    with pytest.raises(UserError, match="another window"):
+        merge_runs([("b.json", _run(4, (3, 0, 1))), ("c.json", _run(5, (3, 0, 1), window=(-2, -1)))])
+    with pytest.raises(UserError, match="not a bench campaign result"):
+        merge_runs([("d.json", {"rows": []})])
+
+
+def test_bench_campaign_pools_files(settings, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    files = []
+    for seed, hits in ((4, (3, 0, 1)), (5, (5, 2, 0))):
+        files += ["--pool", str(tmp_path / f"s{seed}.json")]
+        (tmp_path / f"s{seed}.json").write_text(to_json(_run(seed, hits)))
+    exe = Path(sys.executable).parent / "crystaloop"
+    out = tmp_path / "pooled.json"
+    result = subprocess.run(
+        [str(exe), "bench", "campaign", *files, "--output", str(out)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    written = json.loads(out.read_text())
+    assert sorted(written["seeds"]) == ["4", "5"] and written["complete"]
+    assert written["pooled"]["hits"] == {"loop": 8, "random": 2, "no_model": 1}
+    assert written["pooled"]["ratio_vs_random"] == pytest.approx(4.0)
+    assert "loop 8/16 (50 %" in result.stdout
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    result = subprocess.run(
+        [str(exe), "bench", "campaign", "--pool", str(bad)], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "cannot read" in result.stderr and "Traceback" not in result.stderr
