@@ -10,6 +10,7 @@ from pymatgen.core import Structure
 
 from crystaloop.dft import store
 from crystaloop.dft.backends import ROLE_KEY
+from crystaloop.dft.sanity import unphysical_energy
 from crystaloop.dft.schemas import ElementReference, FormationEnergyDocument, QETaskDocument
 
 Engine = Literal["espresso", "surrogate"]
@@ -56,6 +57,14 @@ def formation_energy_job(
             f"references at other cutoffs than the compound's "
             f"{task.input.ecutwfc:g}/{task.input.ecutrho:g} Ry: {', '.join(mismatched)}"
         )
+    checked = task.successful and task.energy_per_atom is not None and energies
+    unphysical = unphysical_energy(task.energy_per_atom, energies) if checked else None
+    if unphysical and not reasons:
+        # A failed relaxation (dft/sanity.py, one rule for pw.x and the surrogate); its record says so.
+        reasons.append(unphysical)
+        if record:
+            failed = task.model_copy(update={"state": "failed", "reasons": [*task.reasons, unphysical]})
+            store.save_task(failed)
     if reasons or task.energy is None or task.final_structure is None:
         return FormationEnergyDocument(
             task_id=task.task_id,

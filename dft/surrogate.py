@@ -19,33 +19,10 @@ from pymatgen.core import Structure
 from crystaloop.dft import store
 from crystaloop.dft.espresso.jobs import DATA_FIELDS, current_task_id
 from crystaloop.dft.references import reference_structure, structure_digest
+from crystaloop.dft.sanity import unphysical_geometry
 from crystaloop.dft.schemas import ElementReference, IonicStep, QEInputDoc, QETaskDocument
 
 SURROGATE_PRESET = "chgnet"
-#: A relaxed structure whose closest pair sits below this fraction of the two covalent radii has
-#: collapsed (CHGNet, far from its training data, can crush a cell: rock-salt SiC to a = 1.1 Å at
-#: +12.9 eV/atom); such a result is a failure, not a formation energy.
-COLLAPSE_RATIO = 0.5
-
-
-def collapsed_pair(structure: Structure, ratio: float = COLLAPSE_RATIO) -> str | None:
-    """The first pair closer than ``ratio`` times its covalent-radius sum, described; None if none."""
-    import numpy as np
-    from pymatgen.core.periodic_table import Element
-
-    if len(structure) < 2:
-        return None
-    radii = np.array([Element(site.specie.symbol).atomic_radius_calculated or 1.0 for site in structure])
-    dist = structure.distance_matrix + np.eye(len(structure)) * 1e6
-    limit = ratio * (radii[:, None] + radii[None, :])
-    bad = np.argwhere(dist < limit)
-    if len(bad) == 0:
-        return None
-    i, j = bad[0]
-    return (
-        f"collapsed: {structure[i].specie}-{structure[j].specie} at {dist[i, j]:.2f} Å, "
-        f"below {ratio:g} x the radii sum {limit[i, j] / ratio:.2f} Å"
-    )
 
 
 @lru_cache(maxsize=1)
@@ -140,9 +117,9 @@ def _surrogate_task(
             converged = n_steps < maker.steps
             if not converged:
                 reasons.append(f"not converged to fmax={maker.fmax} eV/Å in {maker.steps} steps")
-            collapse = collapsed_pair(final)
-            if collapse:
-                reasons.append(collapse)
+            unphysical = unphysical_geometry(structure, final)
+            if unphysical:
+                reasons.extend(unphysical)
                 converged = False
         else:
             final, n_steps, converged = structure.copy(), 1, True

@@ -48,7 +48,7 @@ def bench_campaign(
         None,
         "--no-model-per-round",
         min=1,
-        help="Random prototypes per round in the no-model arm (default 32).",
+        help="Structures relaxed per round in the no-model arm (default: the config's budget.dft_per_round).",
     ),
     arms: str = typer.Option(
         "loop,random,no_model", "--arms", help="Comma-separated subset of loop, random, no_model."
@@ -58,14 +58,23 @@ def bench_campaign(
         "--seeds",
         help="Comma-separated seeds, run one after another and pooled (default: the config's seed).",
     ),
+    pool: list[Path] = typer.Option(
+        None,
+        "--pool",
+        help="Run nothing: pool the seeds of earlier --output files (repeat the option; e.g. seeds run "
+        "in parallel processes) and write the pooled JSON to --output.",
+    ),
     fmt: str = typer.Option("table", "--format", help="table or json."),
-    output: Path = output_option('Also write the numbers as JSON here (an unbounded ratio is "inf").'),
+    output: Path = output_option(
+        'Also write the numbers as JSON here (an unbounded ratio is "inf"); with several seeds, '
+        "rewritten after each one with the seeds done so far pooled."
+    ),
 ) -> None:
     """Hit rate per round and cumulative hits: loop (uncertainty + retraining), random acquisition, no model."""
     from crystaloop.cli._common import console
     from crystaloop.db import get_database
     from crystaloop.errors import UserError
-    from crystaloop.loop.benchmark import ARMS, pool_seeds, run_benchmark, to_json
+    from crystaloop.loop.benchmark import ARMS, CIRCULARITY, pool_seeds, run_benchmark, to_json
     from crystaloop.loop.config import load_campaign_config
 
     if fmt not in ("table", "json"):
@@ -73,6 +82,9 @@ def bench_campaign(
     chosen = tuple(a.strip() for a in arms.split(",") if a.strip())
     if not chosen or set(chosen) - set(ARMS):
         raise UserError(f"--arms takes a comma-separated subset of {','.join(ARMS)}, not {arms!r}")
+    if pool:
+        _pool_files(console, pool, output, fmt)
+        return
     seed_list = _parse_seeds(seeds)
     base = load_campaign_config(config_path)
     database = get_database()
@@ -90,12 +102,17 @@ def bench_campaign(
             arms=chosen,
             suffix="" if seed_list is None or len(seed_list) == 1 else f"-s{seed}",
         )
+        if seed_list is not None and len(seed_list) > 1:
+            # Written after every seed, so that a run stopped early leaves the seeds it finished pooled.
+            done = len(results) == len(seed_list)
+            out = {"seeds": {str(k): v for k, v in results.items()}, "pooled": pool_seeds(results)}
+            out["complete"] = done
+            if output:
+                output.write_text(to_json(out, indent=1))
     if seed_list is None or len(seed_list) == 1:
         out = next(iter(results.values()))
-    else:
-        out = {"seeds": {str(k): v for k, v in results.items()}, "pooled": pool_seeds(results)}
-    if output:
-        output.write_text(to_json(out, indent=1))
+        if output:
+            output.write_text(to_json(out, indent=1))
     if fmt == "json":
         console.print_json(to_json(out))
         return
@@ -104,21 +121,73 @@ def bench_campaign(
             console.print(f"seed {seed}", highlight=False)
         _print_result(console, result)
     if len(results) > 1:
-        pooled = out["pooled"]
+        _print_pooled(console, out["pooled"])
+    console.print(f"oracle: {CIRCULARITY}", highlight=False)
+
+
+def _pool_files(console, paths: list[Path], output: Path | None, fmt: str) -> None:
+    """Pool the seeds of earlier ``--output`` files into one result, written and printed like a run's."""
+    import json
+
+    from crystaloop.errors import UserError
+    from crystaloop.loop.benchmark import CIRCULARITY, merge_runs, pool_seeds, to_json
+
+    documents = []
+    for path in paths:
+        try:
+            documents.append((str(path), json.loads(path.read_text())))
+        except (OSError, ValueError) as exc:
+            raise UserError(
+                f"cannot read {path} as a bench campaign JSON ({type(exc).__name__}); check the path"
+            ) from None
+    results = merge_runs(documents)
+    out = {
+        "seeds": {str(k): v for k, v in sorted(results.items())},
+        "pooled": pool_seeds(results),
+        "complete": True,
+        "pooled_from": [str(p) for p in paths],
+    }
+    if output:
+        output.write_text(to_json(out, indent=1))
+    if fmt == "json":
+        console.print_json(to_json(out))
+        return
+    _print_pooled(console, out["pooled"])
+    console.print(f"oracle: {CIRCULARITY}", highlight=False)
+
+
+def _interval(bounds, fmt) -> str:
+    return "" if bounds is None else f" [{fmt(bounds[0])}, {fmt(bounds[1])}]"
+
+
+def _print_pooled(console, pooled: dict) -> None:
+    """The pooled counts, rates and ratios with their intervals."""
+    for label, key in (("hits", "hits"), ("new hits (not rediscovered)", "new_hits")):
         rates = ", ".join(
-            f"{arm} {pooled['hits'][arm]}/{pooled['relaxed'][arm]} ({_pct(rate)})"
-            for arm, rate in pooled["hit_rates"].items()
+            f"{arm} {count}/{pooled['relaxed'][arm]} ({_pct(pooled[f'{key[:-1]}_rates'][arm])}"
+            f"{_interval(pooled[f'{key[:-1]}_rate_intervals'][arm], _pct)})"
+            for arm, count in pooled[key].items()
         )
+        prefix = "" if key == "hits" else "new_hit_"
         ratios = "; ".join(
-            f"loop/{other} {_num(pooled.get(f'ratio_vs_{other}'), '.1f')}x"
+            f"loop/{other} {_num(pooled.get(f'{prefix}ratio_vs_{other}'), '.1f')}x"
+            + _interval(pooled.get(f"{prefix}ratio_vs_{other}_interval"), lambda v: f"{_num(v, '.1f')}x")
             for other in ("random", "no_model")
-            if f"ratio_vs_{other}" in pooled
+            if f"{prefix}ratio_vs_{other}" in pooled
         )
         console.print(
-            f"pooled over seeds {', '.join(map(str, pooled['seeds']))}, through round {pooled['round']}: "
-            + "; ".join(part for part in (rates, ratios) if part),
+            f"pooled over seeds {', '.join(map(str, pooled['seeds']))}, through round {pooled['round']}, "
+            f"{label}: " + "; ".join(part for part in (rates, ratios) if part),
             highlight=False,
         )
+    failures = ", ".join(
+        f"{arm} {pooled['failed'][arm]} ({pooled['unphysical'][arm]} unphysical)" for arm in pooled["failed"]
+    )
+    console.print(f"failed relaxations: {failures}", highlight=False)
+    console.print(f"intervals: {pooled['intervals']}", highlight=False)
+
+
+_SCOPES = {"round": "round", "cumulative": "through round", "cumulative_new": "new hits through round"}
 
 
 def _print_result(console, result: dict) -> None:
@@ -130,7 +199,9 @@ def _print_result(console, result: dict) -> None:
         "round",
         "shortlisted",
         "relaxed",
+        "failed (unphysical)",
         "hits",
+        "rediscovered",
         "hit rate",
         "cumulative hits",
         "cumulative hit rate",
@@ -144,7 +215,9 @@ def _print_result(console, result: dict) -> None:
                 str(row["round"]),
                 "-" if row["shortlisted"] is None else str(row["shortlisted"]),
                 str(row["relaxed"]),
+                f"{row.get('failed', 0)} ({row.get('unphysical', 0)})",
                 str(row["hits"]),
+                str(row.get("rediscovered", 0)),
                 _pct(row["hit_rate"]),
                 str(row["cumulative_hits"]),
                 _pct(row["cumulative_hit_rate"]),
@@ -153,10 +226,13 @@ def _print_result(console, result: dict) -> None:
             )
     console.print(table)
     s = result["summary"]
-    for scope in ("round", "cumulative"):
-        rates = ", ".join(f"{arm} {_pct(v)}" for arm, v in s[f"{scope}_hit_rates"].items())
+    for scope in ("round", "cumulative", "cumulative_new"):
+        bounds = s.get(f"{scope}_hit_rate_intervals") or {}
+        rates = ", ".join(
+            f"{arm} {_pct(v)}{_interval(bounds.get(arm), _pct)}" for arm, v in s[f"{scope}_hit_rates"].items()
+        )
         console.print(
-            f"{'round' if scope == 'round' else 'through round'} {s['round']}: {rates}; loop/random "
+            f"{_SCOPES[scope]} {s['round']}: {rates}; loop/random "
             f"{_num(s[f'{scope}_ratio_vs_random'], '.1f')}x (target 3x), loop/no model "
             f"{_num(s[f'{scope}_ratio_vs_no_model'], '.1f')}x (target 10x)",
             highlight=False,

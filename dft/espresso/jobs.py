@@ -31,6 +31,7 @@ from crystaloop.dft.espresso.inputs import (
 )
 from crystaloop.dft.pseudos import PseudoFamily, family_from_settings
 from crystaloop.dft.references import SPIN_POLARIZED_REFERENCES, reference_structure, structure_digest
+from crystaloop.dft.sanity import unphysical_geometry
 from crystaloop.dft.schemas import (
     Correction,
     ElementReference,
@@ -251,6 +252,9 @@ def run_espresso_task(
             prev_dir=prev_dir,
             metadata=maker.metadata,
         )
+        unphysical = unphysical_geometry(structure, doc.final_structure) if doc.successful else []
+        if unphysical:
+            doc.state, doc.reasons = "failed", [*doc.reasons, *unphysical]
     except Exception as exc:  # a submitted task must still end as failed, with the reason
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
         doc = _failed_document(maker, structure, task_id, [reason], calculation)

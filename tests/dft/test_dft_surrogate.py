@@ -46,12 +46,10 @@ def test_surrogate_formation_energy_flow(settings, database):
 
 def test_a_collapsed_cell_is_a_failure_not_a_formation_energy(settings):
     """CHGNet crushes rock-salt SiC from its radius-based guess to a = 1.13 Å (Si-C 0.80 Å)."""
-    from crystaloop.dft.surrogate import collapsed_pair, run_surrogate_task
+    from crystaloop.dft.surrogate import run_surrogate_task
     from crystaloop.generative.data.prototypes import Prototype
 
     rock_salt = Prototype("B1", ("Si", "C"))
     doc = run_surrogate_task(SurrogateRelaxMaker(record=False), rock_salt.primitive(rock_salt.lattice_guess()))
-    assert doc.state == "failed" and doc.reasons[-1].startswith("collapsed: Si-C at 0.")
-    zinc_blende = Prototype("B3", ("Si", "C")).primitive(4.36)
-    assert collapsed_pair(zinc_blende) is None
-    assert "Si-C at 0.56 Å" in collapsed_pair(rock_salt.primitive(1.13))
+    assert doc.state == "failed"
+    assert any(r.startswith("unphysical: Si-C at 0.") for r in doc.reasons), doc.reasons

@@ -4,10 +4,31 @@ from __future__ import annotations
 
 import json
 import math
+from datetime import UTC, datetime
 
 import pytest
+from pymatgen.core import Lattice, Structure
 
-from crystaloop.loop.benchmark import ANCHORS, arm_configs, pool_seeds, summarise, to_json
+from crystaloop.loop.benchmark import (
+    ANCHORS,
+    CIRCULARITY,
+    arm_configs,
+    bootstrap_ratio,
+    campaign_rows,
+    draw_no_model,
+    merge_runs,
+    no_model_pool,
+    no_model_round,
+    no_model_rows,
+    pool_seeds,
+    prior_lookup,
+    rediscovered,
+    std_terciles,
+    summarise,
+    to_json,
+    wilson_interval,
+    with_rates,
+)
 from crystaloop.loop.config import load_campaign_config
 
 
@@ -30,21 +51,28 @@ def test_arms_share_the_oracle_and_differ_in_acquisition_and_retraining(repo_roo
 
 
 def _rows(rates, maes=None):
-    rows, hits_total, relaxed_total = [], 0, 0
-    for i, (hits, relaxed) in enumerate(rates):
-        hits_total += hits
-        relaxed_total += relaxed
-        rows.append(
-            {
-                "round": i + 1,
-                "hits": hits,
-                "relaxed": relaxed,
-                "hit_rate": hits / relaxed if relaxed else None,
-                "cumulative_hit_rate": hits_total / relaxed_total if relaxed_total else None,
-                "mae_screening": maes[i] if maes else None,
-            }
-        )
-    return {"rows": rows}
+    rows = [
+        {"round": i + 1, "hits": hits, "relaxed": relaxed, "mae_screening": maes[i] if maes else None}
+        for i, (hits, relaxed) in enumerate(rates)
+    ]
+    return {"rows": with_rates(rows)}
+
+
+def test_with_rates_adds_round_and_cumulative_rates():
+    rows = with_rates(
+        [
+            {"hits": 2, "relaxed": 8, "new_hits": 1},
+            {"hits": 0, "relaxed": 0, "new_hits": 0},  # every relaxation of the round failed
+            {"hits": 3, "relaxed": 6},  # no rediscovery check: every hit is new
+        ]
+    )
+    assert [r["hit_rate"] for r in rows] == [0.25, None, 0.5]
+    assert [r["cumulative_hits"] for r in rows] == [2, 2, 5]
+    assert [r["cumulative_new_hits"] for r in rows] == [1, 1, 4]
+    assert [r["cumulative_relaxed"] for r in rows] == [8, 8, 14]
+    assert [r["cumulative_hit_rate"] for r in rows] == [0.25, 0.25, pytest.approx(5 / 14)]
+    assert [r["cumulative_new_hit_rate"] for r in rows] == [0.125, 0.125, pytest.approx(4 / 14)]
+    assert with_rates([{"hits": 0, "relaxed": 0}])[0]["cumulative_hit_rate"] is None
 
 
 def test_summary_ratios_at_round_three_and_mae_trend():
@@ -61,6 +89,12 @@ def test_summary_ratios_at_round_three_and_mae_trend():
     assert s["cumulative_ratio_vs_random"] == pytest.approx(12 / 4)
     assert s["cumulative_ratio_vs_no_model"] == pytest.approx(12.0) and s["cumulative_target_vs_no_model_met"]
     assert s["mae_first_round"] == 0.30 and s["mae_last_round"] == 0.12 and s["mae_falls"]
+    assert s["cumulative_hit_rate_intervals"]["loop"] == wilson_interval(12, 24)
+    # 1 of 24: p = 0.0417, Wilson centre 0.1049 and half-width 0.0975 at z = 1.96.
+    assert s["cumulative_hit_rate_intervals"]["no_model"] == (
+        pytest.approx(0.0074, abs=1e-4),
+        pytest.approx(0.2024, abs=1e-4),
+    )
     assert s["anchors"] == ANCHORS and "37.5 %" in ANCHORS["ftcp"]
     # Written out, the unbounded ratio stays readable by strict JSON parsers.
     written = json.loads(to_json({**result, "summary": s}), parse_constant=_reject)
@@ -108,8 +142,25 @@ def test_seeds_pool_by_relaxation_through_round_three():
         ),
         1: result([(1, 8), (1, 8), (1, 6)], [(0, 8), (0, 8), (0, 8)], [(0, 30), (0, 32), (0, 32)]),
     }
+    results[0]["code_version"] = {"git_commit": "abc", "git_dirty": False, "package_version": "0.1"}
+    results[0]["arms"]["no_model"]["rows"][0].update(failed=3, unphysical=2)
+    results[1]["arms"]["loop"]["rows"][1].update(new_hits=0, rediscovered=1)
     pooled = pool_seeds(results)
     assert pooled["seeds"] == [0, 1] and pooled["round"] == 3  # round 4 is left out
+    assert pooled["code_versions"] == {"0": results[0]["code_version"], "1": None}
+    assert pooled["failed"]["no_model"] == 3 and pooled["unphysical"] == {
+        "loop": 0,
+        "random": 0,
+        "no_model": 2,
+    }
+    assert pooled["rediscovered"]["loop"] == 1 and pooled["new_hits"]["loop"] == 11
+    assert pooled["new_hit_rates"]["loop"] == pytest.approx(11 / 46)
+    assert pooled["new_hit_ratio_vs_random"] == pytest.approx((11 / 46) / (1 / 48))
+    assert "Wilson" in pooled["intervals"] and "bootstrap over seeds" in pooled["intervals"]
+    lo, hi = pooled["hit_rate_intervals"]["loop"]
+    assert lo < 12 / 46 < hi
+    # Seed 0 alone: loop 9/24 against random 1/24 (9x); seed 1: 3/22 against 0/24 (unbounded).
+    assert pooled["ratio_vs_random_interval"] == (pytest.approx(9.0), math.inf)
     assert pooled["hits"] == {"loop": 12, "random": 1, "no_model": 4}
     assert pooled["relaxed"] == {"loop": 46, "random": 48, "no_model": 189}
     assert pooled["ratio_vs_random"] == pytest.approx((12 / 46) / (1 / 48)) and pooled["target_vs_random_met"]
@@ -183,8 +234,277 @@ def test_no_model_arm_alone_over_two_seeds(settings, repo_root, tmp_path):
     ]
     assert draws[0] != draws[1]  # each seed draws its own prototypes
     pooled = written["pooled"]
-    assert pooled["relaxed"]["no_model"] == sum(
-        written["seeds"][k]["arms"]["no_model"]["rows"][0]["relaxed"] for k in "01"
-    )
+    assert written["complete"] is True
+    # Two structures drawn per seed, so four outcomes in all: relaxed or failed.
+    assert pooled["relaxed"]["no_model"] + pooled["failed"]["no_model"] == 4
     assert "ratio_vs_no_model" not in pooled  # no loop arm to compare
-    assert "pooled over seeds 0, 1, through round 1: no_model" in result.stdout
+    assert set(pooled["code_versions"]) == {"0", "1"}
+    assert all(
+        len(v["git_commit"] or "") == 40 or v["package_version"] for v in pooled["code_versions"].values()
+    )
+    assert written["seeds"]["0"]["oracle"]["circularity"] == CIRCULARITY
+    assert written["seeds"]["0"]["oracle"]["prior_labeller"] == "chgnet-0.3.0"
+    assert CIRCULARITY in " ".join(result.stdout.split())
+    assert "pooled over seeds 0, 1, through round 1, hits: no_model" in result.stdout
+
+
+def test_wilson_intervals_match_the_published_values():
+    # 95 % Wilson score intervals: 0/10 -> [0, 0.2775] (upper = z^2 / (n + z^2)), 5/10 -> [0.2366, 0.7634].
+    assert wilson_interval(0, 10) == (0.0, pytest.approx(0.27753, abs=1e-5))
+    assert wilson_interval(5, 10) == (pytest.approx(0.23659, abs=1e-5), pytest.approx(0.76341, abs=1e-5))
+    assert (
+        wilson_interval(10, 10) == (pytest.approx(0.72247, abs=1e-5), 1.0) and wilson_interval(3, 0) is None
+    )
+
+
+def test_bootstrap_over_seeds_spans_the_seeds_ratios():
+    # Seeds give ratios 1 (1/8 against 1/8) and 3 (3/8 against 1/8); a mixed resample gives 2.
+    # Each of the pure resamples has probability 1/4, so the 95 % interval runs from 1 to 3.
+    assert bootstrap_ratio([(1, 8), (3, 8)], [(1, 8), (1, 8)]) == (1.0, 3.0)
+    # A resample made of the seed where the other arm has no hits is unbounded.
+    assert bootstrap_ratio([(1, 8), (1, 8)], [(0, 8), (2, 8)]) == (0.5, math.inf)
+    # Identical seeds: no spread at all.
+    assert bootstrap_ratio([(2, 8), (2, 8), (2, 8)], [(1, 8), (1, 8), (1, 8)]) == (2.0, 2.0)
+    assert bootstrap_ratio([(2, 8)], [(1, 8)]) is None  # one seed: nothing to resample
+    with pytest.raises(ValueError, match="same seeds"):
+        bootstrap_ratio([(2, 8)], [(1, 8), (1, 8)])
+
+
+def _rock_salt(a: float, species=("Na", "Cl")) -> Structure:
+    lattice = Lattice([[0, a / 2, a / 2], [a / 2, 0, a / 2], [a / 2, a / 2, 0]])
+    return Structure(lattice, list(species), [[0, 0, 0], [0.5, 0.5, 0.5]])
+
+
+def _cesium_chloride(a: float, species=("K", "Na")) -> Structure:
+    return Structure(Lattice.cubic(a), list(species), [[0, 0, 0], [0.5, 0.5, 0.5]])
+
+
+def _prior(formula: str) -> list[Structure]:
+    """A hand-made prior set: rock-salt NaCl only."""
+    return [_rock_salt(5.64)] if formula == "NaCl" else []
+
+
+def test_a_hit_matching_the_prior_or_an_earlier_hit_is_rediscovered():
+    hits = [
+        _rock_salt(5.50),  # NaCl, squeezed: still the prior's rock salt
+        _cesium_chloride(4.2),  # KNa, new
+        _cesium_chloride(4.3),  # the same crystal again, strained: an earlier hit
+        _rock_salt(5.9, ("K", "Na")),  # KNa, another structure: new
+        _cesium_chloride(3.5, ("Na", "Cl")),  # NaCl in CsCl type: not the prior's rock salt
+    ]
+    assert rediscovered(hits, _prior) == [True, False, True, False, False]
+    assert rediscovered([], _prior) == []
+
+
+def _insert_arm(database, name: str) -> None:
+    """Two hand-made rounds of a finished arm: candidates, their relaxations and the round records."""
+    target = "formation_energy_per_atom"
+
+    def candidate(cid, round_, state, dft=None, predicted=None, structure=None, reason=None):
+        doc = {
+            "campaign": name,
+            "candidate_id": cid,
+            "selected_round": round_,
+            "state": state,
+            "state_history": [
+                {"state": "submitted"},
+                {"state": state, **({"reason": reason} if reason else {})},
+            ],
+            # What the collection's summary needs of every candidate.
+            "round": round_,
+            "reduced_formula": "KNa",
+            "chemsys": "K-Na",
+            "elements": ["K", "Na"],
+            "nsites": 2,
+            "created_at": datetime.now(UTC),
+        }
+        if dft is not None:
+            doc.update(dft={target: dft}, predicted={target: {"mean": predicted}}, dft_task_id=f"task-{cid}")
+            database["dft_tasks"].insert_one(
+                {"task_id": f"task-{cid}", "output": {"final_structure": structure}}
+            )
+        database["candidates"].insert_one(doc)
+
+    # Round 1: a hit that is the prior's NaCl, a new hit (CsCl-type KNa), a miss, two failures.
+    candidate("a", 0, "relaxed", -1.4, -1.3, _rock_salt(5.55).as_dict())
+    candidate("b", 0, "relaxed", -1.2, -1.0, _cesium_chloride(4.2).as_dict())
+    candidate("c", 0, "relaxed", -0.5, -0.8, _cesium_chloride(4.0, ("K", "Cl")).as_dict())
+    candidate("d", 0, "failed", reason="relaxation failed; unphysical: Si-C at 0.80 Å, below 0.5 x ...")
+    candidate("e", 0, "failed", reason="no result after 3 attempts")
+    # Round 2: the CsCl-type KNa again (an earlier hit), and rock-salt KNa (new).
+    candidate("f", 1, "relaxed", -1.5, -1.5, _cesium_chloride(4.35).as_dict())
+    candidate("g", 1, "relaxed", -1.3, -1.6, _rock_salt(5.9, ("K", "Na")).as_dict())
+    finetune = {"name": "cgcnn_finetune", "status": "done", "metrics": {"mae_before": {target: 0.25}}}
+    rounds = [
+        {"shortlisted": 10, "relaxed": 3, "failed": 2, "hits": 2},
+        {"shortlisted": 5, "relaxed": 2, "failed": 0, "hits": 2},
+    ]
+    for number, metrics in enumerate(rounds):
+        steps = (
+            {"retrain": {"name": "retrain", "status": "done", "outputs": {"hooks": [finetune]}}}
+            if number
+            else {}
+        )
+        database["campaign_rounds"].insert_one(
+            {"campaign": name, "round": number, "metrics": metrics, "steps": steps}
+        )
+
+
+def test_campaign_rows_of_hand_made_rounds(settings, database, repo_root):
+    config = load_campaign_config(repo_root / "configs" / "bench-campaign.yaml").model_copy(
+        update={"name": "arm"}
+    )
+    _insert_arm(database, "arm")
+    first, second = campaign_rows(database, config, known=_prior)
+    assert (first["round"], first["shortlisted"], first["relaxed"], first["hits"]) == (1, 10, 3, 2)
+    assert (first["failed"], first["unphysical"]) == (2, 1)
+    assert (first["rediscovered"], first["new_hits"]) == (1, 1)
+    assert first["mae_screening"] == pytest.approx((0.1 + 0.2 + 0.3) / 3)
+    assert first["mae_before_finetune"] is None and second["mae_before_finetune"] == 0.25
+    assert (second["hits"], second["rediscovered"], second["new_hits"]) == (2, 1, 1)
+    assert second["mae_screening"] == pytest.approx(0.15)
+    assert sorted(first["std_and_hit"]) == [[None, False], [None, True], [None, True]]  # no std stored here
+    assert (second["cumulative_hits"], second["cumulative_new_hits"], second["cumulative_relaxed"]) == (
+        4,
+        2,
+        5,
+    )
+    assert second["cumulative_hit_rate"] == 0.8 and second["cumulative_new_hit_rate"] == 0.4
+    # Without a prior to compare with, every hit counts as new.
+    assert [r["new_hits"] for r in campaign_rows(database, config)] == [2, 2]
+
+
+def _tiny_palette(repo_root):
+    base = load_campaign_config(repo_root / "configs" / "bench-campaign.yaml")
+    return base.model_copy(
+        update={
+            "elements": base.elements.model_copy(update={"allow": ["Na", "K", "Cl"]}),
+            "material_classes": ["binary"],
+        }
+    )
+
+
+#: Of the nine B1/B2/B3 crystals of Na, K and Cl, the prior set holds rock-salt, zinc-blende and
+#: CsCl-type KCl and rock-salt and zinc-blende NaCl; these four are left.
+NOVEL = {("B1", ("K", "Na")), ("B2", ("Cl", "Na")), ("B2", ("K", "Na")), ("B3", ("K", "Na"))}
+
+
+def test_no_model_draws_follow_the_campaign_rules_and_never_repeat(settings, database, repo_root):
+    import numpy as np
+
+    config = _tiny_palette(repo_root)
+    assert len(no_model_pool(config)) == 9  # species orders of one crystal count once
+    known = prior_lookup(database, "efficiency-bench-no_model")
+    drawn: set = set()
+    first = draw_no_model(config, n=3, rng=np.random.default_rng(0), known=known, exclude=drawn)
+    second = draw_no_model(config, n=3, rng=np.random.default_rng(1), known=known, exclude=drawn)
+    keys = [(p.name, tuple(sorted(p.species))) for p, _ in first + second]
+    assert len(first) == 3 and len(second) == 1  # only one novel crystal was left
+    assert set(keys) == NOVEL and len(keys) == len(set(keys))
+    assert draw_no_model(config, n=3, rng=np.random.default_rng(2), known=known, exclude=drawn) == []
+    small = config.model_copy(update={"filters": config.filters.model_copy(update={"max_nsites": 1})})
+    assert draw_no_model(small, n=3, rng=np.random.default_rng(0), known=known) == []  # the size rule
+
+
+def test_no_model_round_relaxes_the_budget_and_flags_rediscoveries(settings, database, repo_root):
+    config = _tiny_palette(repo_root)
+    known = prior_lookup(database, "efficiency-bench-no_model")
+    drawn: set = set()
+    rounds = [no_model_round(config, n=2, seed=s, known=known, exclude=drawn) for s in (0, 1, 2)]
+    assert [len(r) for r in rounds] == [2, 2, 0]  # the budget, then nothing novel left
+    picked = [p for r in rounds for p in r]
+    assert {(p["prototype"], tuple(sorted(p["species"]))) for p in picked} == NOVEL
+    for p in picked:
+        value = p["formation_energy_per_atom"]
+        assert (value is None) == (p["failed_reason"] is not None) == (p["relaxed_structure"] is None)
+        assert p["hit"] == (value is not None and -1.6 <= value <= -1.1)
+    rows = no_model_rows(rounds, known)
+    assert [r["drawn"] for r in rows] == [2, 2, 0]
+    assert sum(r["relaxed"] + r["failed"] for r in rows) == 4
+    assert sum(r["hits"] for r in rows) == sum(p["hit"] for p in picked)
+    # A relaxed hit that turned into the prior's rock-salt NaCl counts as rediscovered.
+    fake = [
+        [
+            {
+                **picked[0],
+                "hit": True,
+                "formation_energy_per_atom": -1.4,
+                "relaxed_structure": _rock_salt(5.6).as_dict(),
+            }
+        ]
+    ]
+    (row,) = no_model_rows(fake, known)
+    assert (row["hits"], row["rediscovered"], row["new_hits"]) == (1, 1, 0)
+
+
+def test_every_result_states_the_circularity():
+    assert "CHGNet" in CIRCULARITY and "0.3.0" in CIRCULARITY and "prior" in CIRCULARITY
+
+
+def test_std_terciles_split_the_hit_rate_by_the_ensembles_std():
+    pairs = [(0.05, True), (0.08, True), (0.10, False), (0.15, True), (0.18, False), (0.20, False)]
+    pairs += [(0.30, False), (0.35, False), (0.40, True), (None, True)]  # no std: left out
+    out = std_terciles(pairs)
+    assert out["edges_ev_per_atom"] == [pytest.approx(0.1333, abs=1e-4), pytest.approx(0.2333, abs=1e-4)]
+    assert [(t["n"], t["hits"]) for t in out["terciles"]] == [(3, 2), (3, 1), (3, 1)]
+    assert out["terciles"][0]["hit_rate"] == pytest.approx(2 / 3)
+    assert std_terciles([(0.1, True), (None, False)]) is None
+
+
+def _run(seed: int, hits: tuple[int, int, int], window=(-1.6, -1.1)) -> dict:
+    """A one-seed result with three arms of one round each: (loop, random, no_model) hits of 8."""
+    settings = {"window": {"formation_energy_per_atom": list(window)}, "palette": ["Na", "Cl"]}
+    settings.update(
+        material_classes=["binary"], dft_per_round=8, candidates_per_round=100, no_model_per_round=8
+    )
+    arms = {arm: _rows([(h, 8)]) for arm, h in zip(("loop", "random", "no_model"), hits, strict=True)}
+    return {"seed": seed, "arms": arms, "code_version": {"git_commit": f"c{seed}"}, **settings}
+
+
+def test_runs_of_parallel_processes_pool_as_one_run(tmp_path):
+    from crystaloop.errors import UserError
+
+    many = {"seeds": {"2": _run(2, (4, 1, 0)), "3": _run(3, (2, 1, 1))}, "pooled": {}, "complete": False}
+    merged = merge_runs([("a.json", many), ("b.json", _run(4, (3, 0, 1)))])
+    assert sorted(merged) == [2, 3, 4]
+    pooled = pool_seeds(merged)
+    assert pooled["hits"] == {"loop": 9, "random": 2, "no_model": 2} and pooled["relaxed"]["loop"] == 24
+    assert pooled["code_versions"] == {
+        "2": {"git_commit": "c2"},
+        "3": {"git_commit": "c3"},
+        "4": {"git_commit": "c4"},
+    }
+    with pytest.raises(UserError, match="seed 4 is in both b.json and c.json"):
+        merge_runs([("b.json", _run(4, (3, 0, 1))), ("c.json", _run(4, (3, 0, 1)))])
+    with pytest.raises(UserError, match="another window"):
+        merge_runs([("b.json", _run(4, (3, 0, 1))), ("c.json", _run(5, (3, 0, 1), window=(-2, -1)))])
+    with pytest.raises(UserError, match="not a bench campaign result"):
+        merge_runs([("d.json", {"rows": []})])
+
+
+def test_bench_campaign_pools_files(settings, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    files = []
+    for seed, hits in ((4, (3, 0, 1)), (5, (5, 2, 0))):
+        files += ["--pool", str(tmp_path / f"s{seed}.json")]
+        (tmp_path / f"s{seed}.json").write_text(to_json(_run(seed, hits)))
+    exe = Path(sys.executable).parent / "crystaloop"
+    out = tmp_path / "pooled.json"
+    result = subprocess.run(
+        [str(exe), "bench", "campaign", *files, "--output", str(out)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    written = json.loads(out.read_text())
+    assert sorted(written["seeds"]) == ["4", "5"] and written["complete"]
+    assert written["pooled"]["hits"] == {"loop": 8, "random": 2, "no_model": 1}
+    assert written["pooled"]["ratio_vs_random"] == pytest.approx(4.0)
+    assert "loop 8/16 (50 %" in result.stdout
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    result = subprocess.run(
+        [str(exe), "bench", "campaign", "--pool", str(bad)], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "cannot read" in result.stderr and "Traceback" not in result.stderr
