@@ -18,6 +18,7 @@ import numpy as np
 
 from crystaloop.db.documents import CandidateDoc
 from crystaloop.errors import ConfigError
+from crystaloop.loop.config import probability_in_window
 
 ENTRY_POINT_GROUP = "crystaloop.acquisition"
 
@@ -79,21 +80,6 @@ def get_acquisition(name: str) -> AcquisitionFunction:
             f"or register one (entry-point group {ENTRY_POINT_GROUP!r})"
         )
     return ACQUISITIONS[name]
-
-
-def _normal_cdf(x: float) -> float:
-    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
-
-
-def probability_in_window(mean: float, std: float, lower: float | None, upper: float | None) -> float:
-    """P(lower <= X <= upper) for X ~ N(mean, std²); a zero std gives 0 or 1."""
-    if mean is None or not math.isfinite(mean):
-        return 0.0
-    if std is None or not math.isfinite(std) or std <= 0:
-        return float((lower is None or mean >= lower) and (upper is None or mean <= upper))
-    hi = 1.0 if upper is None else _normal_cdf((upper - mean) / std)
-    lo = 0.0 if lower is None else _normal_cdf((lower - mean) / std)
-    return max(hi - lo, 0.0)
 
 
 def combined_estimate(candidate: CandidateDoc, prop: str, context: AcquisitionContext) -> tuple[float, float]:

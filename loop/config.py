@@ -6,6 +6,7 @@ validation problem into one line naming the field and what is allowed.
 
 from __future__ import annotations
 
+import math
 import types
 import typing
 from pathlib import Path
@@ -68,6 +69,28 @@ class TargetWindow(_Strict):
         if value is None:
             return False
         return (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+
+    def probability(self, mean: float | None, std: float | None) -> float:
+        """P(min <= X <= max) for X ~ N(mean, std²) (see :func:`probability_in_window`)."""
+        return probability_in_window(mean, std, self.min, self.max)
+
+
+def probability_in_window(
+    mean: float | None, std: float | None, lower: float | None, upper: float | None
+) -> float:
+    """P(lower <= X <= upper) for X ~ N(mean, std²): an open bound is infinite, a zero or
+    non-finite std gives 0 or 1, and a missing or non-finite mean gives 0."""
+    if mean is None or not math.isfinite(mean):
+        return 0.0
+    if std is None or not math.isfinite(std) or std <= 0:
+        return float((lower is None or mean >= lower) and (upper is None or mean <= upper))
+
+    def cdf(x: float) -> float:
+        return 0.5 * (1.0 + math.erf((x - mean) / (std * math.sqrt(2.0))))
+
+    hi = 1.0 if upper is None else cdf(upper)
+    lo = 0.0 if lower is None else cdf(lower)
+    return max(hi - lo, 0.0)
 
 
 class ElementRules(_Strict):
@@ -407,10 +430,14 @@ class Execution(_Strict):
     )
     category: str | None = Field(None, description="FireWorks category (_category) of the DFT Fireworks.")
     project: str | None = Field(None, description="jobflow-remote project name.")
-    exec_config: str | None = Field(None, description="A named jobflow-remote execution config (pre_run, modules).")
+    exec_config: str | None = Field(
+        None, description="A named jobflow-remote execution config (pre_run, modules)."
+    )
     parallel_jobs: int = Field(1, ge=1, description="Local backend: relaxations run at once.")
     cores: int | None = Field(
-        None, ge=1, description="Local backend: cores shared by the parallel jobs (default: all); {np} in pw_command."
+        None,
+        ge=1,
+        description="Local backend: cores shared by the parallel jobs (default: all); {np} in pw_command.",
     )
     max_attempts: int = Field(3, ge=1, description="Runs of a failed or lost job before its candidate fails.")
     lost_after_s: float = Field(

@@ -112,21 +112,6 @@ def widen(window: TargetWindow, tolerance: float) -> tuple[float, float]:
     return lo, hi
 
 
-def probability_in_window(mean: float, std: float, window: TargetWindow) -> float:
-    """P(lower <= X <= upper) for X ~ N(mean, std^2); an indicator when std is 0."""
-    lo = -math.inf if window.min is None else window.min
-    hi = math.inf if window.max is None else window.max
-    if not math.isfinite(mean):
-        return 0.0
-    if not std or std <= 0 or not math.isfinite(std):
-        return float(lo <= mean <= hi)
-
-    def cdf(x: float) -> float:
-        return 0.5 * (1.0 + math.erf((x - mean) / (std * math.sqrt(2.0))))
-
-    return max(0.0, cdf(hi) - cdf(lo))
-
-
 def relative_window(prop: str, center: float, fraction: float) -> TargetWindow:
     """The window ``center ± fraction·|center|`` on ``prop`` (paper: E_f within 20 % of the base).
 
@@ -377,7 +362,7 @@ class WindowStage:
                 i = names.index(target.property)
                 window = c.window_for(target)
                 m, s = float(mean[row, i]), float(std[row, i])
-                probability = probability_in_window(m, s, window)
+                probability = window.probability(m, s)
                 score *= probability
                 if self.min_probability is None:
                     lo, hi = widen(window, self.tolerance)

@@ -175,3 +175,13 @@ def test_reference_structures_in_the_campaign_file_are_checked(tmp_path, monkeyp
         assert any(
             line.startswith("dft.reference_structures:") and message in line for line in info.value.lines
         )
+
+
+def test_one_probability_of_a_window_for_the_cascade_and_the_acquisition():
+    from crystaloop.loop.config import TargetWindow
+
+    two_sided = TargetWindow(property="band_gap", min=1.0, max=3.0)
+    assert two_sided.probability(2.0, 1.0) == pytest.approx(0.682689, abs=1e-6)
+    assert TargetWindow(property="energy_above_hull", max=0.0).probability(0.0, 0.2) == pytest.approx(0.5)
+    assert two_sided.probability(2.0, 0.0) == 1.0 and two_sided.probability(4.0, 0.0) == 0.0
+    assert two_sided.probability(float("nan"), 1.0) == 0.0 and two_sided.probability(None, 1.0) == 0.0

@@ -14,9 +14,8 @@ from crystaloop.loop.acquire import (
     AcquisitionContext,
     acquire_probability,
     fit_sigma_scale,
-    probability_in_window,
 )
-from crystaloop.loop.config import Acquisition
+from crystaloop.loop.config import Acquisition, probability_in_window
 
 PROP = "formation_energy_per_atom"
 WINDOW = ((PROP, -1.6, -1.1),)

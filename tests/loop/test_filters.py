@@ -21,7 +21,6 @@ from crystaloop.loop.filters import (
     UniqueStage,
     ValidityStage,
     WindowStage,
-    probability_in_window,
     relative_window,
     widen,
 )
@@ -165,7 +164,7 @@ def test_window_mean_rule_with_tolerance_and_probability_rule():
     assert "outside [-2.4, -0.8]" in out[2][1]
     assert cands[0].predicted[EF] == {"mean": -1.5, "std": pytest.approx(0.1), "model_version": "hand-made"}
     assert set(cands[0].predicted) == {EF, "band_gap"}
-    assert cands[0].score == pytest.approx(probability_in_window(-1.5, 0.1, window))
+    assert cands[0].score == pytest.approx(window.probability(-1.5, 0.1))
     assert cands[3].predicted[EF]["mean"] is None
     # probability rule: -0.9 +- 0.5 has P(in [-2, -1]) = 0.4207 - 0.0139 = 0.41
     rule = WindowStage(FixedPredictor(means, stds), [window], tolerance=0.2, min_probability=0.4)
