@@ -68,3 +68,17 @@ def test_console_script_runs():
     )
     assert result.returncode == 0
     assert "campaign" in result.stdout
+
+
+def test_tests_mirror_the_source(repo_root):
+    """Every test module sits under the folder of the package it tests (the CLI under cli/)."""
+    allowed = {"loop", "generative", "dft", "db", "cli"}
+    tests = repo_root / "tests"
+    misplaced = [
+        str(path.relative_to(tests))
+        for path in tests.rglob("test_*.py")
+        if path.parent != tests and path.relative_to(tests).parts[0] not in allowed
+    ]
+    top_level = sorted(p.name for p in tests.glob("test_*.py"))
+    assert not misplaced, misplaced
+    assert top_level == ["test_layout.py"], top_level

@@ -19,7 +19,7 @@ from crystaloop.generative.models.condition import DecileCondition
 from crystaloop.generative.models.shipped import CHECKPOINT_DIR, shipped_models
 from crystaloop.generative.train.config import DataConfig
 from crystaloop.generative.train.lattice_head import checkpoint_sha256
-from tests.models.test_training import _records
+from tests.generative.test_training import _records
 
 
 @pytest.fixture
