@@ -66,9 +66,7 @@ def mark_running(
 
 def save_task(doc: QETaskDocument, database=None) -> None:
     """Write the final record of ``doc`` (replacing its running record)."""
-    _database(database)[TASKS].replace_one(
-        {"task_id": doc.task_id}, task_record(doc), upsert=True
-    )
+    _database(database)[TASKS].replace_one({"task_id": doc.task_id}, task_record(doc), upsert=True)
 
 
 def set_formation_energy(task_id: str, value: float | None, database=None) -> None:
@@ -132,3 +130,22 @@ def tasks_by_state(database=None) -> dict[str, list[dict[str, Any]]]:
     for doc in cursor:
         grouped.setdefault(doc["state"], []).append(doc)
     return grouped
+
+
+def cache_references(references, database=None) -> None:
+    """Cache the element references a flow computed (:class:`ElementReference` outputs), as
+    the jobs do when they reach the database; references read from the cache are skipped."""
+    for ref in references:
+        if ref.cached:
+            continue
+        md5 = None
+        if ref.engine == "espresso":
+            from crystaloop.dft.pseudos import family_from_settings
+
+            entry = family_from_settings().pseudopotentials.get(ref.element)
+            md5 = entry.md5 if entry is not None else None
+        cutoffs = (ref.ecutwfc, ref.ecutrho) if ref.ecutwfc is not None else None
+        put_reference(
+            ref.element, ref.engine, ref.preset, md5, ref.energy_per_atom, ref.task_id,
+            database=database, cutoffs=cutoffs,
+        )  # fmt: skip

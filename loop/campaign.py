@@ -373,7 +373,10 @@ class Campaign:
                     candidate.candidate_id,
                     resources=self._resources(self._dft_start(candidate)),
                 )
-                errors = [*job.get("errors", []), (candidate.state_history[-1].get("reason") or "failed")[:300]]
+                errors = [
+                    *job.get("errors", []),
+                    (candidate.state_history[-1].get("reason") or "failed")[:300],
+                ]
                 self.candidates.transition(
                     candidate.candidate_id,
                     CandidateState.SUBMITTED,
@@ -620,7 +623,9 @@ class Campaign:
                 # The job exists before the candidate says so; a kill in between leaves it
                 # selected, and the rerun's submit finds the same job (keyed by the candidate).
                 ids = backend.submit(
-                    self._flow(candidate, number), candidate.candidate_id, resources=self._resources(structure)
+                    self._flow(candidate, number),
+                    candidate.candidate_id,
+                    resources=self._resources(structure),
                 )
                 fault_point("submit", "queued")
                 now = utcnow()
@@ -898,7 +903,11 @@ class Campaign:
         """Record the job manager's state on the candidate when it changed; the updated job."""
         if job.get("state") == status.state and job.get("state_reason") == status.reason:
             return job
-        fields = {"state": status.state, "state_reason": status.reason, "state_since": status.since or utcnow()}
+        fields = {
+            "state": status.state,
+            "state_reason": status.reason,
+            "state_since": status.since or utcnow(),
+        }
         fields.update({k: v for k, v in status.ids.items() if v is not None})
         self.candidates.set_fields(candidate.candidate_id, {f"dft_job.{k}": v for k, v in fields.items()})
         return {**job, **fields}
@@ -910,14 +919,18 @@ class Campaign:
 
         task, fe = output.task, output.formation_energy
         if task is None:
-            return self._finish(candidate, "failed", reason="its flow completed without a relaxation output", job=job)
+            return self._finish(
+                candidate, "failed", reason="its flow completed without a relaxation output", job=job
+            )
         value = fe.formation_energy_per_atom if fe is not None and fe.state == "successful" else None
         task = task.model_copy(update={"formation_energy_per_atom": value})
         store.save_task(task, database=self.database)
         self._cache_references(output)
         if not task.successful or value is None:
             reasons = (fe.reasons if fe is not None else []) or task.reasons or ["no formation energy"]
-            return self._finish(candidate, "failed", reason="; ".join(reasons)[:300], task_id=task.task_id, job=job)
+            return self._finish(
+                candidate, "failed", reason="; ".join(reasons)[:300], task_id=task.task_id, job=job
+            )
         values = {"formation_energy_per_atom": value, "energy_per_atom": task.energy_per_atom}
         if task.band_gap is not None:
             values["band_gap"] = task.band_gap
@@ -937,20 +950,7 @@ class Campaign:
         """Cache the element references a flow computed, as the jobs do when they reach the database."""
         from crystaloop.dft import store
 
-        for ref in output.references:
-            if ref.cached:
-                continue
-            md5 = None
-            if ref.engine == "espresso":
-                from crystaloop.dft.pseudos import family_from_settings
-
-                entry = family_from_settings().pseudopotentials.get(ref.element)
-                md5 = entry.md5 if entry is not None else None
-            cutoffs = (ref.ecutwfc, ref.ecutrho) if ref.ecutwfc is not None else None
-            store.put_reference(
-                ref.element, ref.engine, ref.preset, md5, ref.energy_per_atom, ref.task_id,
-                database=self.database, cutoffs=cutoffs,
-            )  # fmt: skip
+        store.cache_references(output.references, database=self.database)
 
     def _finish(
         self, candidate: CandidateDoc, state: str, *, values=None, task_id=None, reason=None, job=None
@@ -973,8 +973,9 @@ class Campaign:
         """The candidate's DFT result against its engine's hull (everything relaxed before it)."""
         from crystaloop.loop.stability import dft_hull, stability_of
 
-        dft = self.config.dft
-        hull = dft_hull(self.database, self.name, dft.engine, dft.preset, exclude=candidate.candidate_id)
+        hull = dft_hull(
+            self.database, self.config, exclude=candidate.candidate_id, elements=candidate.elements
+        )
         return stability_of(hull, candidate.reduced_formula, values)
 
     def _dft_results(self) -> list[DFTResult]:

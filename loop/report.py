@@ -364,9 +364,9 @@ def _hull_plots(database, name: str, config, hits, folder: Path, limit: int = 6)
             systems.setdefault(doc["chemsys"], []).append(doc["candidate_id"])
     if not systems:
         return []
-    hull = dft_hull(database, name, config.dft.engine, config.dft.preset)
     out = []
     for chemsys, ids in list(systems.items())[:limit]:
+        hull = dft_hull(database, config, elements=chemsys.split("-"))
         diagram = hull.phase_diagram(chemsys.split("-"))
         marked = [e for e in diagram.all_entries if e.attribute in ids]
         fig, ax = plt.subplots(figsize=(8, 6.5))

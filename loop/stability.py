@@ -7,14 +7,15 @@ Two hulls, never mixed:
   CHGNet-screened structures. The screen, the property model's predicted E_hull and the
   surrogate engine are judged against it (the surrogate's relaxed results join it);
 - the **DFT hull** of an ``espresso`` campaign holds the campaign's own DFT results under its
-  preset. Its corners are the element references of the same preset (zero formation energy).
-  Competing phases of the prior set are not relaxed with pw.x yet, so a system with no relaxed
-  phase of its own is judged against the elements alone, and says so (``against_elements_only``).
+  preset, and the prior set's competing phases of the system relaxed with the same settings
+  (:mod:`crystaloop.loop.hull_phases`, by ``crystaloop campaign hull``). Its corners are the
+  element references of the same preset (zero formation energy). A system with no relaxed
+  phase is judged against the elements alone, and says so (``against_elements_only``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -69,13 +70,17 @@ def chgnet_hull(database, campaign: str, *, exclude: str | None = None) -> Forma
     return hull
 
 
-def dft_hull(
-    database, campaign: str, engine: str, preset: str, *, exclude: str | None = None
-) -> FormationHull:
-    """The hull a DFT result of ``engine`` is verified against (see the module docstring)."""
+def dft_hull(database, config, *, exclude: str | None = None, elements: Iterable[str] = ()) -> FormationHull:
+    """The hull a DFT result of the campaign ``config`` is verified against (see the module
+    docstring); ``elements`` names the system whose relaxed competing phases
+    (:mod:`crystaloop.loop.hull_phases`) join it."""
+    engine, preset = config.dft.engine, config.dft.preset
     if engine == "surrogate":
-        return chgnet_hull(database, campaign, exclude=exclude)
-    return FormationHull(f"{engine}/{preset}", _relaxed_phases(database, campaign, engine, exclude))
+        return chgnet_hull(database, config.name, exclude=exclude)
+    from crystaloop.loop.hull_phases import add_hull_phases
+
+    hull = FormationHull(f"{engine}/{preset}", _relaxed_phases(database, config.name, engine, exclude))
+    return add_hull_phases(hull, database, config, elements) if elements else hull
 
 
 def _relaxed_phases(database, campaign: str, engine: str, exclude: str | None) -> list[HullPhase]:

@@ -8,6 +8,7 @@ temporary directory and stops it at the end.
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -65,3 +66,24 @@ def database(settings):
 def repo_root() -> Path:
     """The repository root."""
     return Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def local_family(tmp_path_factory) -> Path:
+    """A real local PBE family built once per session (pw.x's machine only)."""
+    if shutil.which("pw.x") is None:
+        pytest.skip("pw.x is not installed")
+    from crystaloop.dft.pseudos import build_local_family
+
+    dest = tmp_path_factory.mktemp("local-pbe")
+    build_local_family(dest)
+    return dest
+
+
+@pytest.fixture
+def dft_settings(settings, monkeypatch, local_family):
+    """Settings (fresh DB, temp data_dir) using the real local family."""
+    monkeypatch.setenv("CRYSTALOOP_PSEUDO_DIR", str(local_family))
+    get_settings.cache_clear()
+    yield get_settings()
+    get_settings.cache_clear()

@@ -71,7 +71,9 @@ def run(
     max_rounds: int = typer.Option(None, "--max-rounds", min=1, help="Override max_rounds."),
     fmt: str = typer.Option("table", "--format", help="table or json (the final summary)."),
     until_blocked: bool = typer.Option(
-        False, "--until-blocked", help="Advance as far as possible, then exit 0 while only DFT jobs are left to wait on."
+        False,
+        "--until-blocked",
+        help="Advance as far as possible, then exit 0 while only DFT jobs are left to wait on.",
     ),
 ) -> None:
     """Run a campaign (or resume it): generate, acquire, DFT, harvest, retrain, report."""
@@ -107,7 +109,9 @@ def run(
 def status(
     name: str = typer.Argument(..., help="Campaign name."),
     fmt: str = typer.Option("table", "--format", help="table or json."),
-    jobs: bool = typer.Option(False, "--jobs", help="List the DFT jobs: backend, ids, state, attempts, time in state."),
+    jobs: bool = typer.Option(
+        False, "--jobs", help="List the DFT jobs: backend, ids, state, attempts, time in state."
+    ),
 ) -> None:
     """Rounds, steps, counts, hit rates and running jobs of a campaign."""
     _check_format(fmt)
@@ -145,6 +149,72 @@ def retry(
     )
     if wait and total:
         _print_jobs(name, "table", ids=retried["failed"] + retried["lost"])
+
+
+@app.command("hull")
+def hull(
+    name: str = typer.Argument(..., help="Campaign name."),
+    systems: str = typer.Option(
+        None, "--systems", help="Chemical systems, comma-separated (e.g. Cu-Pd,Ni-Al); default: the hits'."
+    ),
+    all_relaxed: bool = typer.Option(
+        False, "--all", help="The systems of every relaxed candidate, not only hits."
+    ),
+    within: float = typer.Option(
+        0.1, "--within", min=0.0, help="Relax prior phases up to this far above the CHGNet hull (eV/atom)."
+    ),
+    fmt: str = typer.Option("table", "--format", help="table or json."),
+) -> None:
+    """Relax the competing phases of the campaign's chemical systems with its DFT settings (once,
+    cached), then place its relaxed candidates against the DFT hull they complete."""
+    import json
+
+    from crystaloop.db import get_database
+    from crystaloop.db.campaigns import CampaignStore
+    from crystaloop.errors import UserError
+    from crystaloop.loop.config import parse_campaign_config
+    from crystaloop.loop.hull_phases import verify_against_hull
+
+    _check_format(fmt)
+    database = get_database()
+    doc = CampaignStore(database).require(name)
+    config = parse_campaign_config(doc.config, source=f"campaign {name}")
+    chosen = None
+    if systems:
+        from pymatgen.core import Element
+
+        chosen = []
+        for text in systems.split(","):
+            elements = [e for e in text.strip().split("-") if e]
+            if len(elements) < 2 or not all(Element.is_valid_symbol(e) for e in elements):
+                raise UserError(
+                    f"--systems {text!r}: write a system as element symbols joined by '-', e.g. Cu-Pd"
+                )
+            chosen.append("-".join(sorted(elements)))
+    log = (lambda line: None) if fmt == "json" else (lambda line: console.print(line, highlight=False))
+    run, rows = verify_against_hull(
+        database, config, systems=chosen, all_relaxed=all_relaxed, within=within, log=log
+    )
+    if fmt == "json":
+        print(json.dumps({"systems": run.systems, "phases": run.phases, "reused": run.reused,
+                          "relaxed": run.relaxed, "failed": run.failed, "candidates": rows}))  # fmt: skip
+        return
+    console.print(
+        f"{name}: {run.phases} competing phase(s) in {', '.join(run.systems) or 'no system'}: "
+        f"{run.reused} already relaxed, {run.relaxed} relaxed now, {len(run.failed)} failed "
+        f"({run.seconds:.0f} s)",
+        highlight=False,
+    )
+    for line in run.failed:
+        console.print(f"  failed: {line}", highlight=False)
+    for row in rows:
+        before = "-" if row["energy_above_hull_before"] is None else f"{row['energy_above_hull_before']:.3f}"
+        bound = " (upper bound)" if row["upper_bound"] else ""
+        console.print(
+            f"  {row['candidate_id']} {row['formula']}: E_hull {before} -> {row['energy_above_hull']:.3f} eV/atom"
+            f"{bound}, {row['n_phases']} phase(s) besides the elements; {row['decomposition']}",
+            highlight=False,
+        )
 
 
 @app.command("stop")
@@ -348,7 +418,9 @@ def _print_jobs(name: str, fmt: str, ids: list[str] | None = None) -> None:
     if fmt == "json":
         console.print_json(json.dumps(rows, default=str))
         return
-    table = Table("candidate", "formula", "backend", "job ids", "job state", "attempts", "in state", "candidate state")
+    table = Table(
+        "candidate", "formula", "backend", "job ids", "job state", "attempts", "in state", "candidate state"
+    )
     for r in rows:
         table.add_row(
             r["candidate_id"],

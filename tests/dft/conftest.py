@@ -22,27 +22,6 @@ FAKE_FAMILY = HERE / "data" / "family.yaml"
 requires_pwx = pytest.mark.skipif(shutil.which("pw.x") is None, reason="pw.x is not installed")
 
 
-@pytest.fixture(scope="session")
-def local_family(tmp_path_factory) -> Path:
-    """A real local PBE family built once per session (pw.x's machine only)."""
-    if shutil.which("pw.x") is None:
-        pytest.skip("pw.x is not installed")
-    from crystaloop.dft.pseudos import build_local_family
-
-    dest = tmp_path_factory.mktemp("local-pbe")
-    build_local_family(dest)
-    return dest
-
-
-@pytest.fixture
-def dft_settings(settings, monkeypatch, local_family):
-    """Settings (fresh DB, temp data_dir) using the real local family."""
-    monkeypatch.setenv("CRYSTALOOP_PSEUDO_DIR", str(local_family))
-    get_settings.cache_clear()
-    yield get_settings()
-    get_settings.cache_clear()
-
-
 @pytest.fixture
 def fake_settings(settings, monkeypatch, tmp_path):
     """Settings (fresh DB, temp data_dir) using a copy of four local-family entries."""
