@@ -325,3 +325,32 @@ def conditioning_update(context: HookContext) -> HookResult:
             "max_boundary_shift": float(np.max(np.abs(shift))) if shift else 0.0,
         },
     )
+
+
+@register_hook("dft_hull")
+def dft_hull_phases(context: HookContext) -> HookResult:
+    """Relax the competing phases of this round's hits' chemical systems with the campaign's DFT
+    settings (once, cached) and place the campaign's relaxed candidates of those systems against
+    the hull they complete (:func:`crystaloop.loop.hull_phases.verify_against_hull`)."""
+    from crystaloop.loop.hull_phases import verify_against_hull
+
+    systems = sorted(
+        {
+            "-".join(sorted(el.symbol for el in r.structure.composition.elements))
+            for r in context.new_results
+            if context.config.in_all_windows(r.values)
+        }
+    )
+    run, rows = verify_against_hull(context.database, context.config, systems=systems)
+    return HookResult(
+        "dft_hull",
+        metrics={
+            "systems": run.systems,
+            "phases": run.phases,
+            "reused": run.reused,
+            "relaxed": run.relaxed,
+            "failed": run.failed,
+            "placed": len(rows),
+            "seconds": run.seconds,
+        },
+    )
