@@ -74,7 +74,7 @@ def test_a_surrogate_round_with_a_stability_window(settings, prior_subset, loop_
     config = loop_config(
         name,
         targets=[{"property": "energy_above_hull", "max": 0.1}],
-        retrain={"cgcnn": False, "generator_conditioning": False},
+        retrain={"cgcnn": False, "generator_conditioning": False, "hooks": ["dft_hull"]},
     )
     campaign = Campaign(parse_campaign_config(config), database=database, log=lambda line: None)
     assert campaign.run().status == "finished"
@@ -92,6 +92,12 @@ def test_a_surrogate_round_with_a_stability_window(settings, prior_subset, loop_
         assert stability["decomposition"]
     record = CampaignStore(database).round(name, 0)
     assert record.metrics["hits"] == sum(d.dft["energy_above_hull"] <= 0.1 for d in relaxed)
+    # the dft_hull hook re-placed the hits' systems (the surrogate's hull already holds the prior)
+    [hook] = [h for h in record.steps["retrain"].outputs["hooks"] if h["name"] == "dft_hull"]
+    hit_systems = {d.chemsys for d in relaxed if d.dft["energy_above_hull"] <= 0.1}
+    assert hook["status"] == "done", hook["error"]
+    assert sorted(hook["metrics"]["systems"]) == sorted(hit_systems) and hook["metrics"]["relaxed"] == 0
+    assert hook["metrics"]["placed"] == sum(d.chemsys in hit_systems for d in relaxed)
     # `crystaloop query` windows the DFT E_hull like any property
     import json
 
