@@ -104,12 +104,11 @@ def _surrogate_task(
     reasons: list[str] = []
     energies: list[float] = []
     engine_start = time.perf_counter()
+    unphysical: list[str] = []
     try:
         if relax:
             optimizer = StructOptimizer(model=model, use_device="cpu")
-            result = optimizer.relax(
-                structure.copy(), fmax=maker.fmax, steps=maker.steps, verbose=False
-            )
+            result = optimizer.relax(structure.copy(), fmax=maker.fmax, steps=maker.steps, verbose=False)
             final = result["final_structure"]
             trajectory = result["trajectory"]
             energies = [float(e) for e in trajectory.energies]
@@ -123,7 +122,8 @@ def _surrogate_task(
                 converged = False
         else:
             final, n_steps, converged = structure.copy(), 1, True
-        prediction = model.predict_structure(final, task="efsm")
+        # a collapsed cell's neighbour graph takes gigabytes: no second pass of the model over it
+        prediction = None if unphysical else model.predict_structure(final, task="efsm")
         state = "successful" if converged else "failed"
     except Exception as exc:  # a model failure must still end as a failed task
         final, prediction, n_steps, state = None, None, 0, "failed"
