@@ -81,6 +81,7 @@ class HullPhaseRun:
     systems: list[str]
     phases: int = 0
     reused: int = 0
+    from_cache: int = 0
     relaxed: int = 0
     failed: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -98,12 +99,14 @@ def relax_competing_phases(
 ) -> HullPhaseRun:
     """Relax the competing phases of ``systems`` with ``config``'s DFT settings, once each.
 
-    Phases already relaxed (or failed) with the same settings are reused. The rest run as
+    Phases already relaxed (or failed) with the same settings are reused; a phase equivalent to
+    a structure in the DFT cache under these settings (a candidate, often) takes that result
+    (``from_cache``). The rest run as
     formation-energy flows through the campaign's backend; their outputs are written to
     ``dft_tasks``, the element-reference cache, the DFT cache and ``hull_phases``.
     """
     from crystaloop.dft.backends import tag_flow
-    from crystaloop.dft.cache import relaxation_settings
+    from crystaloop.dft.cache import DFTCache, relaxation_settings
     from crystaloop.dft.flows import FormationEnergyFlow
     from crystaloop.loop.campaign import make_backend
 
@@ -111,6 +114,7 @@ def relax_competing_phases(
     dft = config.dft
     run = HullPhaseRun(systems=["-".join(sorted(s)) for s in systems])
     collection = database[COLLECTION]
+    cache = DFTCache(database)
     todo: dict[str, tuple[CompetingPhase, dict[str, Any]]] = {}
     for system in systems:
         for phase in competing_phases(system, within=within):
@@ -123,6 +127,20 @@ def relax_competing_phases(
             run.phases += 1
             if collection.find_one({"_id": key}, {"_id": 1}) is not None:
                 run.reused += 1
+                continue
+            cached = cache.lookup(phase.structure, settings)
+            if cached is not None and (cached.get("values") or {}).get(FORMATION_ENERGY) is not None:
+                # an equivalent structure was relaxed with these settings already (often a candidate)
+                _write(
+                    database,
+                    key,
+                    phase,
+                    settings,
+                    cached["values"][FORMATION_ENERGY],
+                    cached["task_id"],
+                    None,
+                )
+                run.from_cache += 1
                 continue
             todo[key] = (phase, settings)
     if not todo:
@@ -204,6 +222,19 @@ def _record(database, key, phase: CompetingPhase, settings, output, failure: str
                 values,
                 source={"role": "hull_phase", "structure_id": phase.structure_id},
             )
+    _write(
+        database,
+        key,
+        phase,
+        settings,
+        value if reason is None else None,
+        task.task_id if task else None,
+        reason,
+    )
+    return reason
+
+
+def _write(database, key, phase: CompetingPhase, settings, value, task_id, reason) -> None:
     database[COLLECTION].replace_one(
         {"_id": key},
         {
@@ -217,13 +248,12 @@ def _record(database, key, phase: CompetingPhase, settings, output, failure: str
             "structure": phase.structure.as_dict(),
             "state": "failed" if reason else "relaxed",
             "reason": reason,
-            FORMATION_ENERGY: value if reason is None else None,
-            "task_id": task.task_id if task is not None else None,
+            FORMATION_ENERGY: value,
+            "task_id": task_id,
             "chgnet_energy_above_hull": phase.chgnet_energy_above_hull,
         },
         upsert=True,
     )
-    return reason
 
 
 def add_hull_phases(hull: FormationHull, database, config, elements: Iterable[str]) -> FormationHull:
@@ -285,7 +315,12 @@ def verify_against_hull(
     else:
         work_dir = get_settings().data_dir / "campaigns" / config.name / "hull-phases"
         run = relax_competing_phases(
-            database, config, [s.split("-") for s in sorted(wanted)], work_dir=work_dir, within=within, log=log
+            database,
+            config,
+            [s.split("-") for s in sorted(wanted)],
+            work_dir=work_dir,
+            within=within,
+            log=log,
         )
     rows = []
     for candidate in relaxed:

@@ -348,6 +348,7 @@ def dft_hull_phases(context: HookContext) -> HookResult:
             "systems": run.systems,
             "phases": run.phases,
             "reused": run.reused,
+            "from_cache": run.from_cache,
             "relaxed": run.relaxed,
             "failed": run.failed,
             "placed": len(rows),

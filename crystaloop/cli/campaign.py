@@ -197,11 +197,13 @@ def hull(
     )
     if fmt == "json":
         print(json.dumps({"systems": run.systems, "phases": run.phases, "reused": run.reused,
-                          "relaxed": run.relaxed, "failed": run.failed, "candidates": rows}))  # fmt: skip
+                          "from_cache": run.from_cache, "relaxed": run.relaxed, "failed": run.failed,
+                          "candidates": rows}))  # fmt: skip
         return
     console.print(
         f"{name}: {run.phases} competing phase(s) in {', '.join(run.systems) or 'no system'}: "
-        f"{run.reused} already relaxed, {run.relaxed} relaxed now, {len(run.failed)} failed "
+        f"{run.reused} already relaxed, {run.from_cache} from the DFT cache, {run.relaxed} relaxed now, "
+        f"{len(run.failed)} failed "
         f"({run.seconds:.0f} s)",
         highlight=False,
     )

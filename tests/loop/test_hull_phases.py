@@ -104,3 +104,27 @@ def test_a_failed_competing_phase_makes_the_energy_above_hull_an_upper_bound(set
     # the surrogate's own hull is the CHGNet hull, which holds the prior's SiC already
     assert dft_hull(database, config, elements=["Si", "C"]).stability("SiC", -0.3).n_phases >= 1
     assert isinstance(Structure.from_dict(phase.structure.as_dict()), Structure)
+
+
+def test_a_competing_phase_already_in_the_dft_cache_is_not_relaxed_again(settings, database, tmp_path):
+    config = parse_campaign_config(
+        {
+            "name": "cached",
+            "targets": [{"property": "formation_energy_per_atom", "max": 0.0}],
+            "dft": {"engine": "surrogate"},
+            "execution": {"poll_interval_s": 0.5},
+        }  # fmt: skip
+    )
+    first = relax_competing_phases(database, config, [["Si", "C"]], work_dir=tmp_path / "a", poll_s=0.5)
+    assert (first.relaxed, first.from_cache, first.failed) == (1, 0, [])
+    [doc] = database[COLLECTION].find({})
+    assert doc["state"] == "relaxed" and doc["formation_energy_per_atom"] < 0
+    # the same structure under the same settings, as a candidate's relaxation would leave it
+    database[COLLECTION].delete_many({})
+    tasks = database["dft_tasks"].count_documents({})
+    again = relax_competing_phases(database, config, [["Si", "C"]], work_dir=tmp_path / "b", poll_s=0.5)
+    assert (again.relaxed, again.from_cache, again.reused) == (0, 1, 0)
+    assert database["dft_tasks"].count_documents({}) == tasks
+    [cached] = database[COLLECTION].find({})
+    assert cached["formation_energy_per_atom"] == doc["formation_energy_per_atom"]
+    assert cached["task_id"] == doc["task_id"]
