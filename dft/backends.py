@@ -751,9 +751,13 @@ def remote_resources(resources: dict[str, Any]):
     from qtoolkit.core.data_objects import QResources
 
     values = {k: v for k, v in resources.items() if v is not None}
+    nodes, cores = values.get("nodes"), values.get("cores")
+    # qtoolkit takes either processes alone or nodes with processes per node.
+    placement = (
+        {"nodes": nodes, "processes_per_node": -(-(cores or nodes) // nodes)} if nodes else {"processes": cores}
+    )
     return QResources(
-        nodes=values.get("nodes"),
-        processes=values.get("cores"),
+        **placement,
         time_limit=walltime_seconds(values["walltime"]) if "walltime" in values else None,
         queue_name=values.get("partition"),
         account=values.get("account"),
