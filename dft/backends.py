@@ -419,6 +419,7 @@ class LocalBackend:
         self.parallel_jobs = max(1, parallel_jobs)
         self.cores = cores or os.cpu_count() or 1
         self._children: dict[str, subprocess.Popen] = {}
+        self._settled: set[str] = set()
 
     @property
     def cores_per_job(self) -> int:
@@ -472,16 +473,20 @@ class LocalBackend:
             if child.poll() is not None:
                 del self._children[cid]
         running = len(self._children)
+        if running >= self.parallel_jobs:
+            return  # no free slot: no need to look at the queue
         for folder in sorted(self.root.iterdir()):
             if running >= self.parallel_jobs:
                 return
             cid = folder.name
-            if cid in self._children or not (folder / "flow.json").exists():
+            if cid in self._children or cid in self._settled or not (folder / "flow.json").exists():
                 continue
             status = self._status(cid)
             if status is not None:
                 if status["state"] == "running" and self._alive(status):
                     running += 1  # an earlier loop process's worker, still at work
+                elif status["state"] != "running":
+                    self._settled.add(cid)  # ended; only a retry queues it again
                 continue
             self._start(cid)
             running += 1
@@ -526,6 +531,7 @@ class LocalBackend:
         """Queue the flow again (the last status is kept as ``status.<n>.json``)."""
         folder = self._dir(candidate_id)
         self._stop(candidate_id)
+        self._settled.discard(candidate_id)
         path = folder / "status.json"
         if path.exists():
             n = len(list(folder.glob("status.*.json")))
