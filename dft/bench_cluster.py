@@ -95,10 +95,9 @@ class _Workers:
         work.mkdir(parents=True)
         code = "import sys; from fireworks.scripts.rlaunch_run import rlaunch; sys.exit(rlaunch())"
         command = [sys.executable, "-c", code, "-l", str(self.lp_file), "rapidfire", "--nlaunches", "infinite",
-                   "--sleep", "0.5"]  # fmt: skip
-        self.procs[str(work)] = subprocess.Popen(
-            command, cwd=work, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+                   "--sleep", "1"]  # fmt: skip
+        with open(work / "rlaunch.log", "wb") as log:
+            self.procs[str(work)] = subprocess.Popen(command, cwd=work, env=self.env, stdout=log, stderr=log)
 
     def kill_running(self, lpad, fw_ids: list[int]) -> bool:
         launch = lpad.launches.find_one({"fw_id": {"$in": fw_ids}, "state": "RUNNING"}, {"launch_dir": 1})
@@ -112,6 +111,10 @@ class _Workers:
                 self.start()
                 return True
         return False
+
+    def alive(self) -> bool:
+        """True while at least one worker runs."""
+        return any(proc.poll() is None for proc in self.procs.values())
 
     def stop(self) -> None:
         for proc in self.procs.values():
@@ -204,6 +207,8 @@ def run_case(
                         attempts[cid] += 1
                         backend.retry(cid)
             cpu += time.process_time() - c0
+            if fw_workers is not None and not fw_workers.alive():
+                raise RuntimeError(f"every rlaunch worker exited; see {folder / 'workers'}/*/rlaunch.log")
             if pending:
                 time.sleep(poll_s)
         wall = time.monotonic() - start

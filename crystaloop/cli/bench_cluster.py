@@ -67,6 +67,12 @@ def cluster(
                 )
             finally:
                 _client(resolve_uri(settings)).drop_database(settings.database)
+            last = rows[-1]
+            console.print(
+                f"  {last.completed} completed, {last.lost} lost, {last.duplicated} duplicated, "
+                f"{last.killed} killed, {last.retried} retried in {last.wall_s:.1f} s",
+                highlight=False,
+            )
     bench_cluster.efficiency(rows)
     parameters = {"jobs": jobs, "job_s": job_s, "kill_share": kill, "poll_s": poll_s, "cpus": os.cpu_count()}
     path = bench_cluster.write_result(rows, output, parameters)
