@@ -292,6 +292,10 @@ ROLE_KEY = "crystaloop_role"
 """Job metadata key naming a job's part in a formation-energy flow: relax, reference, formation_energy."""
 
 
+class BackendBusy(Exception):
+    """The job manager cannot act on a job right now (a locked workflow); try again at the next poll."""
+
+
 @dataclass(frozen=True)
 class JobStatus:
     """Where a candidate's flow stands with its job manager.
@@ -711,17 +715,28 @@ class FireWorksBackend:
         return read_flow_output(job_store(), candidate_id)
 
     def retry(self, candidate_id: str) -> None:
-        """Rerun lost and fizzled Fireworks, reignite defused ones and resume paused ones."""
-        self.lpad.detect_lostruns(
-            expiration_secs=self.lost_after_s, rerun=True, query={f"spec.{CANDIDATE_KEY}": candidate_id}
-        )
-        for fw in self._fireworks(candidate_id):
-            if fw["state"] == "FIZZLED":
-                self.lpad.rerun_fw(fw["fw_id"])
-            elif fw["state"] == "DEFUSED":
-                self.lpad.reignite_fw(fw["fw_id"])
-            elif fw["state"] == "PAUSED":
-                self.lpad.resume_fw(fw["fw_id"])
+        """Rerun lost and fizzled Fireworks, reignite defused ones and resume paused ones.
+
+        Raises
+        ------
+        BackendBusy
+            A worker holds the workflow's lock; nothing was changed by this call's failure.
+        """
+        from fireworks.core.launchpad import LockedWorkflowError
+
+        try:
+            self.lpad.detect_lostruns(
+                expiration_secs=self.lost_after_s, rerun=True, query={f"spec.{CANDIDATE_KEY}": candidate_id}
+            )
+            for fw in self._fireworks(candidate_id):
+                if fw["state"] == "FIZZLED":
+                    self.lpad.rerun_fw(fw["fw_id"])
+                elif fw["state"] == "DEFUSED":
+                    self.lpad.reignite_fw(fw["fw_id"])
+                elif fw["state"] == "PAUSED":
+                    self.lpad.resume_fw(fw["fw_id"])
+        except LockedWorkflowError as exc:
+            raise BackendBusy(str(exc)) from None
 
     def cancel(self, candidate_id: str) -> None:
         """Defuse the candidate's Fireworks that have not completed."""
