@@ -292,6 +292,10 @@ ROLE_KEY = "crystaloop_role"
 """Job metadata key naming a job's part in a formation-energy flow: relax, reference, formation_energy."""
 
 
+class BackendBusy(Exception):
+    """The job manager cannot act on a job right now (a locked workflow); try again at the next poll."""
+
+
 @dataclass(frozen=True)
 class JobStatus:
     """Where a candidate's flow stands with its job manager.
@@ -419,6 +423,7 @@ class LocalBackend:
         self.parallel_jobs = max(1, parallel_jobs)
         self.cores = cores or os.cpu_count() or 1
         self._children: dict[str, subprocess.Popen] = {}
+        self._settled: set[str] = set()
 
     @property
     def cores_per_job(self) -> int:
@@ -472,16 +477,20 @@ class LocalBackend:
             if child.poll() is not None:
                 del self._children[cid]
         running = len(self._children)
+        if running >= self.parallel_jobs:
+            return  # no free slot: no need to look at the queue
         for folder in sorted(self.root.iterdir()):
             if running >= self.parallel_jobs:
                 return
             cid = folder.name
-            if cid in self._children or not (folder / "flow.json").exists():
+            if cid in self._children or cid in self._settled or not (folder / "flow.json").exists():
                 continue
             status = self._status(cid)
             if status is not None:
                 if status["state"] == "running" and self._alive(status):
                     running += 1  # an earlier loop process's worker, still at work
+                elif status["state"] != "running":
+                    self._settled.add(cid)  # ended; only a retry queues it again
                 continue
             self._start(cid)
             running += 1
@@ -526,6 +535,7 @@ class LocalBackend:
         """Queue the flow again (the last status is kept as ``status.<n>.json``)."""
         folder = self._dir(candidate_id)
         self._stop(candidate_id)
+        self._settled.discard(candidate_id)
         path = folder / "status.json"
         if path.exists():
             n = len(list(folder.glob("status.*.json")))
@@ -705,17 +715,28 @@ class FireWorksBackend:
         return read_flow_output(job_store(), candidate_id)
 
     def retry(self, candidate_id: str) -> None:
-        """Rerun lost and fizzled Fireworks, reignite defused ones and resume paused ones."""
-        self.lpad.detect_lostruns(
-            expiration_secs=self.lost_after_s, rerun=True, query={f"spec.{CANDIDATE_KEY}": candidate_id}
-        )
-        for fw in self._fireworks(candidate_id):
-            if fw["state"] == "FIZZLED":
-                self.lpad.rerun_fw(fw["fw_id"])
-            elif fw["state"] == "DEFUSED":
-                self.lpad.reignite_fw(fw["fw_id"])
-            elif fw["state"] == "PAUSED":
-                self.lpad.resume_fw(fw["fw_id"])
+        """Rerun lost and fizzled Fireworks, reignite defused ones and resume paused ones.
+
+        Raises
+        ------
+        BackendBusy
+            A worker holds the workflow's lock; nothing was changed by this call's failure.
+        """
+        from fireworks.core.launchpad import LockedWorkflowError
+
+        try:
+            self.lpad.detect_lostruns(
+                expiration_secs=self.lost_after_s, rerun=True, query={f"spec.{CANDIDATE_KEY}": candidate_id}
+            )
+            for fw in self._fireworks(candidate_id):
+                if fw["state"] == "FIZZLED":
+                    self.lpad.rerun_fw(fw["fw_id"])
+                elif fw["state"] == "DEFUSED":
+                    self.lpad.reignite_fw(fw["fw_id"])
+                elif fw["state"] == "PAUSED":
+                    self.lpad.resume_fw(fw["fw_id"])
+        except LockedWorkflowError as exc:
+            raise BackendBusy(str(exc)) from None
 
     def cancel(self, candidate_id: str) -> None:
         """Defuse the candidate's Fireworks that have not completed."""
@@ -751,9 +772,13 @@ def remote_resources(resources: dict[str, Any]):
     from qtoolkit.core.data_objects import QResources
 
     values = {k: v for k, v in resources.items() if v is not None}
+    nodes, cores = values.get("nodes"), values.get("cores")
+    # qtoolkit takes either processes alone or nodes with processes per node.
+    placement = (
+        {"nodes": nodes, "processes_per_node": -(-(cores or nodes) // nodes)} if nodes else {"processes": cores}
+    )
     return QResources(
-        nodes=values.get("nodes"),
-        processes=values.get("cores"),
+        **placement,
         time_limit=walltime_seconds(values["walltime"]) if "walltime" in values else None,
         queue_name=values.get("partition"),
         account=values.get("account"),

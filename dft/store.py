@@ -16,7 +16,32 @@ def _database(database=None):
         return database
     from crystaloop.db import get_database
 
+    _refuse_to_start_a_server_in_a_job()
     return get_database()
+
+
+def _refuse_to_start_a_server_in_a_job() -> None:
+    """A job may use a configured MongoDB or this workstation's running server, never start one.
+
+    Raises
+    ------
+    UserError
+        Inside a running jobflow job, with no URI configured and no embedded server running.
+    """
+    from jobflow import CURRENT_JOB
+
+    from crystaloop.db.server import EmbeddedServer
+    from crystaloop.errors import UserError
+    from crystaloop.settings import get_settings
+
+    settings = get_settings()
+    if CURRENT_JOB.job is None or settings.mongodb_uri:
+        return
+    if EmbeddedServer(settings.data_dir).running() is None:
+        raise UserError(
+            "a DFT job asked for the database on a worker that has none (no CRYSTALOOP_MONGODB_URI); "
+            "jobs of a campaign return their results instead: build the flow with record=False"
+        )
 
 
 def task_record(doc: QETaskDocument, preset: str | None = None) -> dict[str, Any]:

@@ -43,7 +43,7 @@ from pymongo.errors import AutoReconnect, ConnectionFailure, ServerSelectionTime
 from crystaloop.db.campaigns import CampaignStore, LeaseLost
 from crystaloop.db.documents import ROUND_STEPS, CandidateDoc, CandidateState, StepRecord, utcnow
 from crystaloop.db.store import CandidateStore
-from crystaloop.dft.backends import Backend, FlowOutput, JobStatus
+from crystaloop.dft.backends import Backend, BackendBusy, FlowOutput, JobStatus
 from crystaloop.errors import DatabaseUnavailable, UserError
 from crystaloop.loop.acquire import AcquisitionContext, get_acquisition, select_batch
 from crystaloop.loop.config import CampaignConfig
@@ -360,14 +360,22 @@ class Campaign:
                 if candidate.dft_job.get("backend") in (None, "cache"):
                     continue
                 if backend.state(candidate.candidate_id).state == "lost":
-                    backend.retry(candidate.candidate_id)
+                    try:
+                        backend.retry(candidate.candidate_id)
+                    except BackendBusy as exc:
+                        self.log(f"  {candidate.candidate_id}: not retried now ({exc}); run retry again")
+                        continue
                     retried["lost"].append(candidate.candidate_id)
         if failed:
             for candidate in self._in_state(CandidateState.FAILED):
                 job = dict(candidate.dft_job)
                 if job.get("backend") in (None, "cache"):
                     continue  # rejected before DFT, or a cached failure: nothing to rerun
-                backend.retry(candidate.candidate_id)
+                try:
+                    backend.retry(candidate.candidate_id)
+                except BackendBusy as exc:
+                    self.log(f"  {candidate.candidate_id}: not retried now ({exc}); run retry again")
+                    continue
                 ids = backend.submit(
                     self._flow(candidate, candidate.selected_round or 0),
                     candidate.candidate_id,
@@ -876,8 +884,12 @@ class Campaign:
             return self._record_output(candidate, backend.output(candidate.candidate_id), job)
         attempts = int(job.get("attempts", 1))
         if attempts < self.config.execution.max_attempts:
+            try:
+                backend.retry(candidate.candidate_id)
+            except BackendBusy as exc:  # a worker holds the job's lock: the next poll tries again
+                self.log(f"  {candidate.candidate_id}: retry deferred ({exc})")
+                return None
             self.log(f"  {candidate.candidate_id}: {status.state} ({status.reason}); attempt {attempts + 1}")
-            backend.retry(candidate.candidate_id)
             # A job that never reached the job manager is submitted (again); a known one is kept.
             ids = backend.submit(
                 self._flow(candidate, candidate.selected_round or 0),

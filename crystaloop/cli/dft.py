@@ -428,3 +428,44 @@ def remote_config(
     )
     path = write_remote_project(config, out)
     console.print(f"wrote {path}; check it with 'jf project check -p {name}'")
+
+
+@app.command("fireworks-config")
+def fireworks_config(
+    out: Path = typer.Option(Path("."), "--out", help="Folder for the worker files."),
+    ping_s: int = typer.Option(60, "--ping-s", min=1, help="Seconds between a running job's pings."),
+    force: bool = typer.Option(False, "--force", help="Replace existing files."),
+) -> None:
+    """Write a FireWorks worker's files: my_launchpad.yaml, jobflow.yaml (its job store), FW_config.yaml.
+
+    Workers run ``JOBFLOW_CONFIG_FILE=jobflow.yaml FW_CONFIG_FILE=FW_config.yaml rlaunch -l
+    my_launchpad.yaml rapidfire``; the Fireworks themselves carry no database address.
+    """
+    import yaml
+
+    from crystaloop.db.connection import resolve_uri
+    from crystaloop.dft.backends import worker_jobflow_config
+    from crystaloop.settings import get_settings
+
+    settings = get_settings()
+    folder = out.expanduser()
+    files = {
+        "my_launchpad.yaml": {"host": resolve_uri(settings), "name": settings.database, "uri_mode": True},
+        "jobflow.yaml": worker_jobflow_config(settings),
+        "FW_config.yaml": {"PING_TIME_SECS": ping_s},
+    }
+    existing = [name for name in files if (folder / name).exists()]
+    if existing and not force:
+        raise UserError(f"{folder / existing[0]} exists; pass --force to replace it, or another --out")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, content in files.items():
+            (folder / name).write_text(yaml.safe_dump(content, sort_keys=False))
+            (folder / name).chmod(0o600)  # the URI may hold a password
+    except OSError as exc:
+        raise UserError(f"cannot write into {folder} ({exc.strerror or exc}); pass --out a folder you can write to") from None
+    console.print(
+        f"wrote {', '.join(files)} in {folder}; set execution.lost_after_s well above {ping_s} s "
+        f"(e.g. {4 * ping_s})",
+        highlight=False,
+    )

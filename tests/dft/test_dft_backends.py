@@ -7,12 +7,14 @@ import importlib.util
 import pytest
 import yaml
 from jobflow import Flow, JobStore
+from maggma.stores import MemoryStore
 
 from crystaloop.dft.backends import (
     job_store,
     launch_rapidfire,
     launchpad,
     remote_project_config,
+    run_local,
     submit_fireworks,
     submit_remote,
     write_remote_project,
@@ -105,3 +107,63 @@ def test_run_local_keeps_jobflow_folder_warnings_out_of_the_log(settings, tmp_pa
         responses = run_local(Flow([step]), root_dir=tmp_path)
     folder = responses[step.uuid][1].output
     assert folder == str(tmp_path)
+
+
+def test_a_job_never_starts_an_embedded_server(tmp_path, monkeypatch):
+    """With no URI and no server running, a recording job fails with one line instead of starting one."""
+    from jobflow import job
+
+    from crystaloop.dft import store
+    from crystaloop.settings import get_settings
+
+    monkeypatch.delenv("CRYSTALOOP_MONGODB_URI", raising=False)
+    monkeypatch.setenv("CRYSTALOOP_DATA_DIR", str(tmp_path / "worker"))
+    get_settings.cache_clear()
+    try:
+        step = job(store.tasks_by_state)()
+        responses = run_local(Flow([step]), store=JobStore(MemoryStore()), root_dir=tmp_path)
+    finally:
+        get_settings.cache_clear()
+    assert step.uuid not in responses  # the job raised
+    assert not (tmp_path / "worker" / "db").exists()
+
+
+def test_backend_protocol_and_resources():
+    from crystaloop.dft.backends import (
+        Backend,
+        FireWorksBackend,
+        JobflowRemoteBackend,
+        LocalBackend,
+        fireworks_queueadapter,
+        remote_resources,
+        walltime_seconds,
+    )
+
+    for cls in (LocalBackend, FireWorksBackend, JobflowRemoteBackend):
+        assert all(callable(getattr(cls, verb)) for verb in ("submit", "state", "output", "retry", "cancel"))
+    assert isinstance(LocalBackend("/tmp/crystaloop-protocol-check"), Backend)
+    resources = {"nodes": 1, "cores": 32, "walltime": "1-02:00:00", "partition": "short", "account": "a", "qos": "q"}
+    assert fireworks_queueadapter(resources) == {
+        "nodes": 1, "ntasks": 32, "walltime": "1-02:00:00", "queue": "short", "account": "a", "qos": "q"
+    }  # fmt: skip
+    q = remote_resources(resources)
+    assert (q.nodes, q.processes_per_node, q.time_limit, q.queue_name, q.account, q.qos) == (
+        1, 32, 93600, "short", "a", "q"
+    )  # fmt: skip
+    assert remote_resources({"cores": 8}).processes == 8
+    assert walltime_seconds("02:00:00") == 7200 and walltime_seconds("45") == 45
+    with pytest.raises(UserError, match="walltime"):
+        walltime_seconds("two hours")
+
+
+def test_resource_rules_scale_with_the_cell(fake_settings):
+    from crystaloop.loop.config import ResourceRules
+
+    rules = ResourceRules.model_validate(
+        {"cores": 16, "walltime": "02:00:00", "partition": "short",
+         "by_sites": [{"max_sites": 40, "nodes": 2, "cores": 64, "walltime": "12:00:00"},
+                      {"max_sites": 8, "cores": 8}]}
+    )  # fmt: skip
+    assert rules.for_sites(4) == {"cores": 8, "walltime": "02:00:00", "partition": "short"}
+    assert rules.for_sites(20) == {"cores": 64, "nodes": 2, "walltime": "12:00:00", "partition": "short"}
+    assert rules.for_sites(100) == {"cores": 16, "walltime": "02:00:00", "partition": "short"}

@@ -133,3 +133,15 @@ def test_output_folders_under_a_file_are_one_line_errors(fake_settings, tmp_path
     assert isinstance(local.exception, UserError) and local.exception.exit_code == 2
     assert f"cannot create the family folder {blocker / 'pseudo'}" in str(local.exception)
     assert blocker.read_text() == "keep me\n"
+
+
+def test_fireworks_config_writes_the_worker_files(fake_settings, tmp_path):
+    result = runner.invoke(app, ["dft", "fireworks-config", "--out", str(tmp_path), "--ping-s", "30"])
+    assert result.exit_code == 0, result.output
+    launchpad_file = yaml.safe_load((tmp_path / "my_launchpad.yaml").read_text())
+    assert launchpad_file["name"] == fake_settings.database and launchpad_file["uri_mode"] is True
+    store = yaml.safe_load((tmp_path / "jobflow.yaml").read_text())["JOB_STORE"]
+    assert store["docs_store"]["collection_name"] == "jobflow_outputs"
+    assert yaml.safe_load((tmp_path / "FW_config.yaml").read_text()) == {"PING_TIME_SECS": 30}
+    again = runner.invoke(app, ["dft", "fireworks-config", "--out", str(tmp_path)])
+    assert "--force" in str(again.exception)

@@ -62,7 +62,7 @@ def test_fireworks_round_survives_a_killed_worker(
                 "backend": "fireworks",
                 "worker": "cluster-a",
                 "category": "dft",
-                "lost_after_s": 8,
+                "lost_after_s": 15,
                 "max_attempts": 3,
                 "poll_interval_s": 0.5,
                 "harvest_timeout_s": 600,

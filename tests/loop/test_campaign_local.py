@@ -159,3 +159,23 @@ def test_sigterm_stops_every_worker_and_until_blocked_resumes(
     selected = [store.get(i) for i in ids if store.get(i).selected_round == 0]
     assert len(selected) == 2 and all(d.state == "relaxed" for d in selected)
     assert all(d.dft_job["attempts"] == 1 for d in selected)
+
+
+def test_a_remote_backend_without_a_mongodb_uri_is_refused(tmp_path, monkeypatch, loop_config):
+    import pytest
+
+    from crystaloop.errors import UserError
+    from crystaloop.settings import get_settings
+
+    monkeypatch.delenv("CRYSTALOOP_MONGODB_URI", raising=False)
+    monkeypatch.setenv("CRYSTALOOP_DATA_DIR", str(tmp_path))
+    get_settings.cache_clear()
+    try:
+        for backend in ("fireworks", "jobflow-remote"):
+            config = parse_campaign_config(loop_config("remote", execution={"backend": backend}))
+            with pytest.raises(UserError, match="needs a MongoDB its workers") as info:
+                Campaign.check_execution(config)
+            assert "\n" not in info.value.message
+        Campaign.check_execution(parse_campaign_config(loop_config("here")))  # local: the embedded server
+    finally:
+        get_settings.cache_clear()

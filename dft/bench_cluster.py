@@ -1,0 +1,288 @@
+"""A scheduling benchmark of the execution backends: sleeping jobs, killed workers, retries.
+
+Its jobs sleep a set time and return a marked synthetic result (``synthetic: True``),
+so many workers fit on one machine: it measures the orchestration (submit, state,
+retry, output, record), never DFT. A given share of the jobs has its worker SIGKILLed
+mid-job; a killed FireWorks worker is replaced by a fresh one, as a cluster's queue
+would, and the local backend starts a new process for the retried job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from jobflow import Flow, job
+
+#: The targets of issue 30 (scheduling benchmark).
+TARGETS = {
+    "lost": 0,
+    "duplicated": 0,
+    "parallel_efficiency_8_workers": 0.8,
+    "loop_cpu_ms_per_job": 50.0,
+    "harvest_latency_over_poll_s": 2.0,
+}
+
+
+@job
+def sleep_job(seconds: float, runs_dir: str) -> dict[str, Any]:
+    """Sleep ``seconds`` and return a synthetic result; each finished run leaves a marker file."""
+    time.sleep(seconds)
+    ended = time.time()
+    Path(runs_dir, f"{uuid.uuid4().hex}.run").write_text(str(ended))
+    return {"synthetic": True, "slept_s": seconds, "ended_at": ended}
+
+
+@dataclass
+class ClusterBenchRow:
+    """One backend at one worker count."""
+
+    backend: str
+    workers: int
+    jobs: int
+    job_s: float
+    killed: int
+    completed: int
+    lost: int
+    duplicated: int
+    retried: int
+    wall_s: float
+    throughput_per_min: float
+    loop_cpu_ms_per_job: float
+    harvest_latency_mean_s: float
+    harvest_latency_max_s: float
+    poll_interval_s: float
+    parallel_efficiency: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _flow(i: int, job_s: float, runs_dir: Path) -> Flow:
+    step = sleep_job(job_s, str(runs_dir))
+    step.name = f"sleep {i}"
+    step.update_metadata({"crystaloop_role": "synthetic"})
+    return Flow([step], name=f"bench {i}")
+
+
+def _output(store, candidate_id: str) -> dict[str, Any] | None:
+    store.connect()
+    doc = store.query_one({"metadata.crystaloop_candidate": candidate_id}, load=True)
+    return (doc or {}).get("output")
+
+
+class _Workers:
+    """FireWorks ``rlaunch`` processes; a killed one is replaced by a fresh one."""
+
+    def __init__(self, folder: Path, count: int, env: dict[str, str], lp_file: Path) -> None:
+        self.folder, self.env, self.lp_file = folder, env, lp_file
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.n = 0
+        for _ in range(count):
+            self.start()
+
+    def start(self) -> None:
+        name = f"w{self.n}"
+        self.n += 1
+        work = self.folder / name
+        work.mkdir(parents=True)
+        code = "import sys; from fireworks.scripts.rlaunch_run import rlaunch; sys.exit(rlaunch())"
+        command = [sys.executable, "-c", code, "-l", str(self.lp_file), "rapidfire", "--nlaunches", "infinite",
+                   "--sleep", "1"]  # fmt: skip
+        with open(work / "rlaunch.log", "wb") as log:
+            self.procs[str(work)] = subprocess.Popen(command, cwd=work, env=self.env, stdout=log, stderr=log)
+
+    def kill_running(self, lpad, fw_ids: list[int]) -> bool:
+        launch = lpad.launches.find_one({"fw_id": {"$in": fw_ids}, "state": "RUNNING"}, {"launch_dir": 1})
+        if not launch:
+            return False
+        for folder, proc in list(self.procs.items()):
+            if launch["launch_dir"].startswith(folder) and proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                del self.procs[folder]
+                self.start()
+                return True
+        return False
+
+    def alive(self) -> bool:
+        """True while at least one worker runs."""
+        return any(proc.poll() is None for proc in self.procs.values())
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def run_case(
+    backend_name: str,
+    workers: int,
+    *,
+    jobs: int,
+    job_s: float,
+    kill_share: float,
+    poll_s: float,
+    folder: Path,
+    database,
+    settings,
+) -> ClusterBenchRow:
+    """Run ``jobs`` sleeping flows through one backend with ``workers`` workers; measure."""
+    from crystaloop.dft import backends
+
+    folder.mkdir(parents=True, exist_ok=True)
+    runs_dir = folder / "runs"
+    runs_dir.mkdir()
+    to_kill = set(range(0, jobs, max(1, round(1 / kill_share)))) if kill_share > 0 else set()
+    to_kill = set(sorted(to_kill)[: round(jobs * kill_share)])
+    fw_workers = None
+    if backend_name == "local":
+        backend = backends.LocalBackend(folder / "jobs", parallel_jobs=workers, cores=workers)
+    else:
+        lpad = backends.launchpad(settings)
+        backend = backends.FireWorksBackend(lpad, lost_after_s=3.0)
+        lp_file = folder / "my_launchpad.yaml"
+        jf_file = folder / "jobflow.yaml"
+        fw_file = folder / "FW_config.yaml"
+        import yaml
+
+        from crystaloop.db.connection import resolve_uri
+
+        lp_file.write_text(yaml.safe_dump({"host": resolve_uri(settings), "name": settings.database, "uri_mode": True}))
+        jf_file.write_text(yaml.safe_dump(backends.worker_jobflow_config(settings)))
+        fw_file.write_text(yaml.safe_dump({"PING_TIME_SECS": 1}))
+        env = {**os.environ, "JOBFLOW_CONFIG_FILE": str(jf_file), "FW_CONFIG_FILE": str(fw_file)}
+        fw_workers = _Workers(folder / "workers", workers, env, lp_file)
+    store = backends.job_store(settings)
+    records = database["bench_cluster_tasks"]
+    ids = [f"bench-{backend_name}-{workers}-{i:04d}" for i in range(jobs)]
+    attempts = dict.fromkeys(ids, 1)
+    pending = set(ids)
+    killed: set[str] = set()
+    lost_final = 0
+    latencies: list[float] = []
+    cpu = 0.0
+    start = time.monotonic()
+    try:
+        c0 = time.process_time()
+        submitted = {cid: backend.submit(_flow(i, job_s, runs_dir), cid) for i, cid in enumerate(ids)}
+        cpu += time.process_time() - c0
+        deadline = start + max(600.0, 20 * jobs * job_s / workers)
+        while pending and time.monotonic() < deadline:
+            c0 = time.process_time()
+            for i, cid in enumerate(ids):
+                if cid not in pending:
+                    continue
+                status = backend.state(cid)
+                if i in to_kill and cid not in killed and status.state == "running":
+                    cpu += time.process_time() - c0
+                    hit = _kill(backend_name, backend, fw_workers, cid, submitted[cid])
+                    c0 = time.process_time()
+                    if hit:
+                        killed.add(cid)
+                    continue
+                if status.state == "completed":
+                    output = _output(store, cid)
+                    now = time.time()
+                    records.replace_one({"candidate_id": cid}, {"candidate_id": cid, "output": output,
+                                        "harvested_at": now}, upsert=True)  # fmt: skip
+                    latencies.append(now - output["ended_at"])
+                    pending.discard(cid)
+                elif status.state in ("failed", "lost"):
+                    if attempts[cid] >= 3:
+                        lost_final += 1
+                        pending.discard(cid)
+                    else:
+                        attempts[cid] += 1
+                        backend.retry(cid)
+            cpu += time.process_time() - c0
+            if fw_workers is not None and not fw_workers.alive():
+                raise RuntimeError(f"every rlaunch worker exited; see {folder / 'workers'}/*/rlaunch.log")
+            if pending:
+                time.sleep(poll_s)
+        wall = time.monotonic() - start
+    finally:
+        if fw_workers is not None:
+            fw_workers.stop()
+        if hasattr(backend, "close"):
+            backend.close()
+    runs = len(list(runs_dir.glob("*.run")))
+    completed = records.count_documents({"candidate_id": {"$in": ids}})
+    notes = [] if not pending else [f"{len(pending)} job(s) unfinished at the deadline"]
+    return ClusterBenchRow(
+        backend=backend_name,
+        workers=workers,
+        jobs=jobs,
+        job_s=job_s,
+        killed=len(killed),
+        completed=completed,
+        lost=lost_final + len(pending),
+        duplicated=max(0, runs - completed),
+        retried=sum(a - 1 for a in attempts.values()),
+        wall_s=wall,
+        throughput_per_min=60 * completed / wall if wall else 0.0,
+        loop_cpu_ms_per_job=1000 * cpu / jobs,
+        harvest_latency_mean_s=sum(latencies) / len(latencies) if latencies else float("nan"),
+        harvest_latency_max_s=max(latencies) if latencies else float("nan"),
+        poll_interval_s=poll_s,
+        notes=notes,
+    )
+
+
+def _kill(backend_name: str, backend, fw_workers: _Workers | None, cid: str, ids: dict[str, Any]) -> bool:
+    """SIGKILL the worker running ``cid``; True when one was killed."""
+    if backend_name == "local":
+        status = json.loads((Path(ids["job_dir"]) / "status.json").read_text())
+        try:
+            os.kill(int(status["pid"]), signal.SIGKILL)
+        except ProcessLookupError:
+            return False
+        return True
+    return fw_workers is not None and fw_workers.kill_running(backend.lpad, ids["fw_ids"])
+
+
+def efficiency(rows: list[ClusterBenchRow]) -> None:
+    """Fill ``parallel_efficiency``: throughput / (workers x the one-worker throughput), per backend."""
+    for row in rows:
+        one = next((r for r in rows if r.backend == row.backend and r.workers == 1), None)
+        if one is not None and one.throughput_per_min:
+            row.parallel_efficiency = row.throughput_per_min / (row.workers * one.throughput_per_min)
+
+
+def scale_note(rows: list[ClusterBenchRow], per_day: int = 10_000) -> dict[str, float]:
+    """What the measured loop cost means for ``per_day`` relaxations a day."""
+    cpu = max(r.loop_cpu_ms_per_job for r in rows) / 1000
+    # Per job the loop writes: the submit transition, one state note per change (about 3),
+    # the dft_tasks record, the DFT cache entry and the final transition.
+    writes_per_job = 7
+    return {
+        "relaxations_per_day": per_day,
+        "loop_cpu_s_per_day": cpu * per_day,
+        "db_writes_per_s": writes_per_job * per_day / 86400,
+    }
+
+
+def write_result(rows: list[ClusterBenchRow], path: Path, parameters: dict[str, Any]) -> Path:
+    """The benchmark's JSON: parameters, rows, targets and the 10,000-a-day note."""
+    doc = {
+        "benchmark": "cluster scheduling (sleeping synthetic jobs; not DFT)",
+        "measured_at": datetime.now(UTC).isoformat(),
+        "parameters": parameters,
+        "targets": TARGETS,
+        "rows": [asdict(r) for r in rows],
+        "scale": scale_note(rows),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1))
+    return path
