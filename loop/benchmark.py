@@ -620,6 +620,11 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _pooled_rate(counts: Sequence[tuple[int, int]]) -> float | None:
+    hits, n = sum(h for h, _ in counts), sum(n for _, n in counts)
+    return hits / n if n else None
+
+
 def wilson_interval(hits: int, n: int, level: float = CONFIDENCE) -> tuple[float, float] | None:
     """The Wilson score interval of the rate ``hits / n`` at ``level``; None when ``n`` is 0."""
     from scipy.stats import norm
@@ -735,7 +740,8 @@ def pool_seeds(results: dict[int, dict[str, Any]]) -> dict[str, Any]:
     every relaxation alike; ``per_seed_hit_rates`` keeps each seed's cumulative rates for the
     spread. Every pooled rate has a Wilson interval and every ratio between the loop and another
     arm a bootstrap interval over seeds (:data:`INTERVALS`), for all hits and for new hits
-    (not rediscovered). ``code_versions`` records the code of each seed's run.
+    (not rediscovered). An arm's rate pools every seed it ran on; a ratio pools only the seeds
+    both arms ran on (``ratio_vs_<arm>_seeds``). ``code_versions`` records each seed's code.
     """
     ran = max((len(d["rows"]) for r in results.values() for d in r["arms"].values()), default=0)
     k = min(TARGETS["round"], ran)  # a shorter run is pooled through its last round
@@ -786,14 +792,15 @@ def pool_seeds(results: dict[int, dict[str, Any]]) -> dict[str, Any]:
     for other, goal in (("random", TARGETS["vs_random"]), ("no_model", TARGETS["vs_no_model"])):
         if "loop" not in relaxed or other not in relaxed:
             continue
+        # A ratio compares the arms on the seeds both ran (an arm may have run on more seeds).
         seeds = sorted(set(per_seed_counts["loop"]) & set(per_seed_counts[other]))
-        for prefix, key, rates in (("", "hits", "hit_rates"), ("new_hit_", "new_hits", "new_hit_rates")):
-            ratio = _ratio(out[rates]["loop"], out[rates][other])
-            out[f"{prefix}ratio_vs_{other}"] = ratio
-            out[f"{prefix}ratio_vs_{other}_interval"] = bootstrap_ratio(
-                [(per_seed_counts["loop"][s][key], per_seed_counts["loop"][s]["relaxed"]) for s in seeds],
-                [(per_seed_counts[other][s][key], per_seed_counts[other][s]["relaxed"]) for s in seeds],
-            )
+        out[f"ratio_vs_{other}_seeds"] = seeds
+        for prefix, key in (("", "hits"), ("new_hit_", "new_hits")):
+            a = [(per_seed_counts["loop"][s][key], per_seed_counts["loop"][s]["relaxed"]) for s in seeds]
+            b = [(per_seed_counts[other][s][key], per_seed_counts[other][s]["relaxed"]) for s in seeds]
+            rate_a, rate_b = (_pooled_rate(counts) for counts in (a, b))
+            out[f"{prefix}ratio_vs_{other}"] = _ratio(rate_a, rate_b)
+            out[f"{prefix}ratio_vs_{other}_interval"] = bootstrap_ratio(a, b)
         out[f"target_vs_{other}_met"] = (
             out[f"ratio_vs_{other}"] is not None and out[f"ratio_vs_{other}"] >= goal
         )

@@ -474,6 +474,12 @@ def test_runs_of_parallel_processes_pool_as_one_run(tmp_path):
         "3": {"git_commit": "c3"},
         "4": {"git_commit": "c4"},
     }
+    # A seed on which only one arm ran counts in that arm's rate, not in the ratios.
+    merged[5] = {**_run(5, (0, 0, 8)), "arms": {"no_model": _rows([(8, 8)])}}
+    pooled = pool_seeds(merged)
+    assert pooled["hits"]["no_model"] == 10 and pooled["relaxed"]["no_model"] == 32
+    assert pooled["ratio_vs_no_model_seeds"] == [2, 3, 4]
+    assert pooled["ratio_vs_no_model"] == pytest.approx((9 / 24) / (2 / 24))
     with pytest.raises(UserError, match="seed 4 is in both b.json and c.json"):
         merge_runs([("b.json", _run(4, (3, 0, 1))), ("c.json", _run(4, (3, 0, 1)))])
     with pytest.raises(UserError, match="another window"):
