@@ -740,7 +740,8 @@ def pool_seeds(results: dict[int, dict[str, Any]]) -> dict[str, Any]:
     every relaxation alike; ``per_seed_hit_rates`` keeps each seed's cumulative rates for the
     spread. Every pooled rate has a Wilson interval and every ratio between the loop and another
     arm a bootstrap interval over seeds (:data:`INTERVALS`), for all hits and for new hits
-    (not rediscovered). An arm's rate pools every seed it ran on; a ratio pools only the seeds
+    (not rediscovered), and per DFT run started (``per_run``: failed relaxations in the
+    denominator, the rate of an equal DFT budget). An arm's rate pools every seed it ran on; a ratio pools only the seeds
     both arms ran on (``ratio_vs_<arm>_seeds``). ``code_versions`` records each seed's code.
     """
     ran = max((len(d["rows"]) for r in results.values() for d in r["arms"].values()), default=0)
@@ -776,6 +777,14 @@ def pool_seeds(results: dict[int, dict[str, Any]]) -> dict[str, Any]:
         "new_hit_rate_intervals": {
             arm: wilson_interval(h, relaxed[arm]) for arm, h in totals["new_hits"].items()
         },
+        # Per DFT run started, failures included: the rate of an equal DFT budget.
+        "hit_rates_per_run": {
+            arm: _pooled_rate([(h, relaxed[arm] + totals["failed"][arm])])
+            for arm, h in totals["hits"].items()
+        },
+        "hit_rate_per_run_intervals": {
+            arm: wilson_interval(h, relaxed[arm] + totals["failed"][arm]) for arm, h in totals["hits"].items()
+        },
         "per_seed_hit_rates": per_seed,
         "intervals": INTERVALS,
     }
@@ -795,9 +804,15 @@ def pool_seeds(results: dict[int, dict[str, Any]]) -> dict[str, Any]:
         # A ratio compares the arms on the seeds both ran (an arm may have run on more seeds).
         seeds = sorted(set(per_seed_counts["loop"]) & set(per_seed_counts[other]))
         out[f"ratio_vs_{other}_seeds"] = seeds
-        for prefix, key in (("", "hits"), ("new_hit_", "new_hits")):
-            a = [(per_seed_counts["loop"][s][key], per_seed_counts["loop"][s]["relaxed"]) for s in seeds]
-            b = [(per_seed_counts[other][s][key], per_seed_counts[other][s]["relaxed"]) for s in seeds]
+        for prefix, key, runs in (
+            ("", "hits", False),
+            ("new_hit_", "new_hits", False),
+            ("per_run_", "hits", True),
+        ):
+            a, b = (
+                [(c[s][key], c[s]["relaxed"] + (c[s]["failed"] if runs else 0)) for s in seeds]
+                for c in (per_seed_counts["loop"], per_seed_counts[other])
+            )
             rate_a, rate_b = (_pooled_rate(counts) for counts in (a, b))
             out[f"{prefix}ratio_vs_{other}"] = _ratio(rate_a, rate_b)
             out[f"{prefix}ratio_vs_{other}_interval"] = bootstrap_ratio(a, b)

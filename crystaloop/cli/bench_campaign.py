@@ -180,6 +180,19 @@ def _print_pooled(console, pooled: dict) -> None:
             f"{label}: " + "; ".join(part for part in (rates, ratios) if part),
             highlight=False,
         )
+    per_run = ", ".join(
+        f"{arm} {pooled['hits'][arm]}/{pooled['relaxed'][arm] + pooled['failed'][arm]} "
+        f"({_pct(rate)}{_interval(pooled['hit_rate_per_run_intervals'][arm], _pct)})"
+        for arm, rate in pooled.get("hit_rates_per_run", {}).items()
+    )
+    ratios = "; ".join(
+        f"loop/{other} {_num(pooled.get(f'per_run_ratio_vs_{other}'), '.1f')}x"
+        + _interval(pooled.get(f"per_run_ratio_vs_{other}_interval"), lambda v: f"{_num(v, '.1f')}x")
+        for other in ("random", "no_model")
+        if f"per_run_ratio_vs_{other}" in pooled
+    )
+    if per_run:
+        console.print(f"hits per DFT run started (failures included): {per_run}; {ratios}", highlight=False)
     failures = ", ".join(
         f"{arm} {pooled['failed'][arm]} ({pooled['unphysical'][arm]} unphysical)" for arm in pooled["failed"]
     )

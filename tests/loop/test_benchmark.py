@@ -153,6 +153,9 @@ def test_seeds_pool_by_relaxation_through_round_three():
         "random": 0,
         "no_model": 2,
     }
+    # Per DFT run started, the three failures join the no-model arm's denominator: 4 of 192.
+    assert pooled["hit_rates_per_run"]["no_model"] == pytest.approx(4 / 192)
+    assert pooled["per_run_ratio_vs_no_model"] == pytest.approx((12 / 46) / (4 / 192))
     assert pooled["rediscovered"]["loop"] == 1 and pooled["new_hits"]["loop"] == 11
     assert pooled["new_hit_rates"]["loop"] == pytest.approx(11 / 46)
     assert pooled["new_hit_ratio_vs_random"] == pytest.approx((11 / 46) / (1 / 48))
