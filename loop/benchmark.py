@@ -620,6 +620,13 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _code_version_of(result: dict[str, Any]) -> Any:
+    """A seed's code version, or one per arm where its arms were run by different code."""
+    per_arm = result.get("arm_code_versions") or {}
+    distinct = {repr(v) for v in per_arm.values()}
+    return per_arm if len(distinct) > 1 else result.get("code_version")
+
+
 def _pooled_rate(counts: Sequence[tuple[int, int]]) -> float | None:
     hits, n = sum(h for h, _ in counts), sum(n for _, n in counts)
     return hits / n if n else None
@@ -686,22 +693,29 @@ SHARED_SETTINGS = (
 )
 
 
-def merge_runs(documents: Sequence[tuple[str, dict[str, Any]]]) -> dict[int, dict[str, Any]]:
+def merge_runs(
+    documents: Sequence[tuple[str, dict[str, Any]] | tuple[str, dict[str, Any], Sequence[str] | None]],
+) -> dict[int, dict[str, Any]]:
     """Per-seed results of several ``bench campaign --output`` files, for :func:`pool_seeds`.
 
-    ``documents`` are (name, parsed JSON) pairs: a multi-seed output (``seeds``) or a one-seed
-    result (``seed``). Seeds run in parallel processes pool exactly as one ``--seeds`` run does.
+    ``documents`` are (name, parsed JSON) pairs, or (name, JSON, arms) to take only those arms
+    of it: a multi-seed output (``seeds``) or a one-seed result (``seed``). Seeds (or arms of
+    one seed) run in parallel processes pool exactly as one ``--seeds`` run does; each arm
+    keeps the code version of the run it came from (``arm_code_versions``).
 
     Raises
     ------
     UserError
-        If a document is neither, repeats a seed, or differs from the first in :data:`SHARED_SETTINGS`.
+        If a document is neither, gives an arm of a seed twice, or differs from the first in
+        :data:`SHARED_SETTINGS`.
     """
     from crystaloop.errors import UserError
 
     merged: dict[int, dict[str, Any]] = {}
-    sources: dict[int, str] = {}
-    for name, doc in documents:
+    sources: dict[tuple[int, str], str] = {}
+    first_name = None
+    for entry in documents:
+        name, doc, wanted = (*entry, None)[:3]
         if isinstance(doc.get("seeds"), dict):
             runs = {int(seed): result for seed, result in doc["seeds"].items()}
         elif isinstance(doc.get("seed"), int) and isinstance(doc.get("arms"), dict):
@@ -712,16 +726,24 @@ def merge_runs(documents: Sequence[tuple[str, dict[str, Any]]]) -> dict[int, dic
                 "this option exists); rerun the benchmark to pool it"
             )
         for seed, result in runs.items():
-            if seed in merged:
-                raise UserError(f"seed {seed} is in both {sources[seed]} and {name}; pool each seed once")
             first = next(iter(merged.values()), result)
             differ = [key for key in SHARED_SETTINGS if result.get(key) != first.get(key)]
             if differ:
                 raise UserError(
-                    f"{name} (seed {seed}) ran with another {', '.join(differ)} than {sources[next(iter(merged))]}; "
+                    f"{name} (seed {seed}) ran with another {', '.join(differ)} than {first_name}; "
                     "pool only runs of one benchmark config"
                 )
-            merged[seed], sources[seed] = result, name
+            first_name = first_name or name
+            arms = {a: d for a, d in result["arms"].items() if wanted is None or a in wanted}
+            target = merged.setdefault(seed, {**result, "arms": {}, "arm_code_versions": {}})
+            for arm, data in arms.items():
+                if (seed, arm) in sources:
+                    raise UserError(
+                        f"seed {seed}'s {arm} arm is in both {sources[seed, arm]} and {name}; pool each once"
+                    )
+                sources[seed, arm] = name
+                target["arms"][arm] = data
+                target["arm_code_versions"][arm] = result.get("code_version")
     return merged
 
 
@@ -766,7 +788,7 @@ def pool_seeds(results: dict[int, dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "round": k,
         "seeds": sorted(results),
-        "code_versions": {str(seed): r.get("code_version") for seed, r in sorted(results.items())},
+        "code_versions": {str(seed): _code_version_of(r) for seed, r in sorted(results.items())},
         "oracle": next((r["oracle"] for r in results.values() if r.get("oracle")), None),
         **totals,
         "hit_rates": {arm: h / relaxed[arm] if relaxed[arm] else None for arm, h in totals["hits"].items()},
