@@ -620,6 +620,18 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _code_version_of(result: dict[str, Any]) -> Any:
+    """A seed's code version, or one per arm where its arms were run by different code."""
+    per_arm = result.get("arm_code_versions") or {}
+    distinct = {repr(v) for v in per_arm.values()}
+    return per_arm if len(distinct) > 1 else result.get("code_version")
+
+
+def _pooled_rate(counts: Sequence[tuple[int, int]]) -> float | None:
+    hits, n = sum(h for h, _ in counts), sum(n for _, n in counts)
+    return hits / n if n else None
+
+
 def wilson_interval(hits: int, n: int, level: float = CONFIDENCE) -> tuple[float, float] | None:
     """The Wilson score interval of the rate ``hits / n`` at ``level``; None when ``n`` is 0."""
     from scipy.stats import norm
@@ -681,22 +693,29 @@ SHARED_SETTINGS = (
 )
 
 
-def merge_runs(documents: Sequence[tuple[str, dict[str, Any]]]) -> dict[int, dict[str, Any]]:
+def merge_runs(
+    documents: Sequence[tuple[str, dict[str, Any]] | tuple[str, dict[str, Any], Sequence[str] | None]],
+) -> dict[int, dict[str, Any]]:
     """Per-seed results of several ``bench campaign --output`` files, for :func:`pool_seeds`.
 
-    ``documents`` are (name, parsed JSON) pairs: a multi-seed output (``seeds``) or a one-seed
-    result (``seed``). Seeds run in parallel processes pool exactly as one ``--seeds`` run does.
+    ``documents`` are (name, parsed JSON) pairs, or (name, JSON, arms) to take only those arms
+    of it: a multi-seed output (``seeds``) or a one-seed result (``seed``). Seeds (or arms of
+    one seed) run in parallel processes pool exactly as one ``--seeds`` run does; each arm
+    keeps the code version of the run it came from (``arm_code_versions``).
 
     Raises
     ------
     UserError
-        If a document is neither, repeats a seed, or differs from the first in :data:`SHARED_SETTINGS`.
+        If a document is neither, gives an arm of a seed twice, or differs from the first in
+        :data:`SHARED_SETTINGS`.
     """
     from crystaloop.errors import UserError
 
     merged: dict[int, dict[str, Any]] = {}
-    sources: dict[int, str] = {}
-    for name, doc in documents:
+    sources: dict[tuple[int, str], str] = {}
+    first_name = None
+    for entry in documents:
+        name, doc, wanted = (*entry, None)[:3]
         if isinstance(doc.get("seeds"), dict):
             runs = {int(seed): result for seed, result in doc["seeds"].items()}
         elif isinstance(doc.get("seed"), int) and isinstance(doc.get("arms"), dict):
@@ -707,16 +726,24 @@ def merge_runs(documents: Sequence[tuple[str, dict[str, Any]]]) -> dict[int, dic
                 "this option exists); rerun the benchmark to pool it"
             )
         for seed, result in runs.items():
-            if seed in merged:
-                raise UserError(f"seed {seed} is in both {sources[seed]} and {name}; pool each seed once")
             first = next(iter(merged.values()), result)
             differ = [key for key in SHARED_SETTINGS if result.get(key) != first.get(key)]
             if differ:
                 raise UserError(
-                    f"{name} (seed {seed}) ran with another {', '.join(differ)} than {sources[next(iter(merged))]}; "
+                    f"{name} (seed {seed}) ran with another {', '.join(differ)} than {first_name}; "
                     "pool only runs of one benchmark config"
                 )
-            merged[seed], sources[seed] = result, name
+            first_name = first_name or name
+            arms = {a: d for a, d in result["arms"].items() if wanted is None or a in wanted}
+            target = merged.setdefault(seed, {**result, "arms": {}, "arm_code_versions": {}})
+            for arm, data in arms.items():
+                if (seed, arm) in sources:
+                    raise UserError(
+                        f"seed {seed}'s {arm} arm is in both {sources[seed, arm]} and {name}; pool each once"
+                    )
+                sources[seed, arm] = name
+                target["arms"][arm] = data
+                target["arm_code_versions"][arm] = result.get("code_version")
     return merged
 
 
@@ -735,7 +762,9 @@ def pool_seeds(results: dict[int, dict[str, Any]]) -> dict[str, Any]:
     every relaxation alike; ``per_seed_hit_rates`` keeps each seed's cumulative rates for the
     spread. Every pooled rate has a Wilson interval and every ratio between the loop and another
     arm a bootstrap interval over seeds (:data:`INTERVALS`), for all hits and for new hits
-    (not rediscovered). ``code_versions`` records the code of each seed's run.
+    (not rediscovered), and per DFT run started (``per_run``: failed relaxations in the
+    denominator, the rate of an equal DFT budget). An arm's rate pools every seed it ran on; a ratio pools only the seeds
+    both arms ran on (``ratio_vs_<arm>_seeds``). ``code_versions`` records each seed's code.
     """
     ran = max((len(d["rows"]) for r in results.values() for d in r["arms"].values()), default=0)
     k = min(TARGETS["round"], ran)  # a shorter run is pooled through its last round
@@ -759,7 +788,7 @@ def pool_seeds(results: dict[int, dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "round": k,
         "seeds": sorted(results),
-        "code_versions": {str(seed): r.get("code_version") for seed, r in sorted(results.items())},
+        "code_versions": {str(seed): _code_version_of(r) for seed, r in sorted(results.items())},
         "oracle": next((r["oracle"] for r in results.values() if r.get("oracle")), None),
         **totals,
         "hit_rates": {arm: h / relaxed[arm] if relaxed[arm] else None for arm, h in totals["hits"].items()},
@@ -769,6 +798,14 @@ def pool_seeds(results: dict[int, dict[str, Any]]) -> dict[str, Any]:
         },
         "new_hit_rate_intervals": {
             arm: wilson_interval(h, relaxed[arm]) for arm, h in totals["new_hits"].items()
+        },
+        # Per DFT run started, failures included: the rate of an equal DFT budget.
+        "hit_rates_per_run": {
+            arm: _pooled_rate([(h, relaxed[arm] + totals["failed"][arm])])
+            for arm, h in totals["hits"].items()
+        },
+        "hit_rate_per_run_intervals": {
+            arm: wilson_interval(h, relaxed[arm] + totals["failed"][arm]) for arm, h in totals["hits"].items()
         },
         "per_seed_hit_rates": per_seed,
         "intervals": INTERVALS,
@@ -786,14 +823,21 @@ def pool_seeds(results: dict[int, dict[str, Any]]) -> dict[str, Any]:
     for other, goal in (("random", TARGETS["vs_random"]), ("no_model", TARGETS["vs_no_model"])):
         if "loop" not in relaxed or other not in relaxed:
             continue
+        # A ratio compares the arms on the seeds both ran (an arm may have run on more seeds).
         seeds = sorted(set(per_seed_counts["loop"]) & set(per_seed_counts[other]))
-        for prefix, key, rates in (("", "hits", "hit_rates"), ("new_hit_", "new_hits", "new_hit_rates")):
-            ratio = _ratio(out[rates]["loop"], out[rates][other])
-            out[f"{prefix}ratio_vs_{other}"] = ratio
-            out[f"{prefix}ratio_vs_{other}_interval"] = bootstrap_ratio(
-                [(per_seed_counts["loop"][s][key], per_seed_counts["loop"][s]["relaxed"]) for s in seeds],
-                [(per_seed_counts[other][s][key], per_seed_counts[other][s]["relaxed"]) for s in seeds],
+        out[f"ratio_vs_{other}_seeds"] = seeds
+        for prefix, key, runs in (
+            ("", "hits", False),
+            ("new_hit_", "new_hits", False),
+            ("per_run_", "hits", True),
+        ):
+            a, b = (
+                [(c[s][key], c[s]["relaxed"] + (c[s]["failed"] if runs else 0)) for s in seeds]
+                for c in (per_seed_counts["loop"], per_seed_counts[other])
             )
+            rate_a, rate_b = (_pooled_rate(counts) for counts in (a, b))
+            out[f"{prefix}ratio_vs_{other}"] = _ratio(rate_a, rate_b)
+            out[f"{prefix}ratio_vs_{other}_interval"] = bootstrap_ratio(a, b)
         out[f"target_vs_{other}_met"] = (
             out[f"ratio_vs_{other}"] is not None and out[f"ratio_vs_{other}"] >= goal
         )

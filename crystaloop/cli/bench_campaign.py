@@ -62,7 +62,7 @@ def bench_campaign(
         None,
         "--pool",
         help="Run nothing: pool the seeds of earlier --output files (repeat the option; e.g. seeds run "
-        "in parallel processes) and write the pooled JSON to --output.",
+        "in parallel processes; FILE:arm,arm takes only those arms) and write the pooled JSON to --output.",
     ),
     fmt: str = typer.Option("table", "--format", help="table or json."),
     output: Path = output_option(
@@ -133,9 +133,13 @@ def _pool_files(console, paths: list[Path], output: Path | None, fmt: str) -> No
     from crystaloop.loop.benchmark import CIRCULARITY, merge_runs, pool_seeds, to_json
 
     documents = []
-    for path in paths:
+    for spec in paths:
+        # FILE or FILE:arm,arm (take only those arms of that file).
+        path, _, picked = str(spec).partition(":")
+        arms = [a.strip() for a in picked.split(",") if a.strip()] or None
+        path = Path(path)
         try:
-            documents.append((str(path), json.loads(path.read_text())))
+            documents.append((str(path), json.loads(path.read_text()), arms))
         except (OSError, ValueError) as exc:
             raise UserError(
                 f"cannot read {path} as a bench campaign JSON ({type(exc).__name__}); check the path"
@@ -180,6 +184,19 @@ def _print_pooled(console, pooled: dict) -> None:
             f"{label}: " + "; ".join(part for part in (rates, ratios) if part),
             highlight=False,
         )
+    per_run = ", ".join(
+        f"{arm} {pooled['hits'][arm]}/{pooled['relaxed'][arm] + pooled['failed'][arm]} "
+        f"({_pct(rate)}{_interval(pooled['hit_rate_per_run_intervals'][arm], _pct)})"
+        for arm, rate in pooled.get("hit_rates_per_run", {}).items()
+    )
+    ratios = "; ".join(
+        f"loop/{other} {_num(pooled.get(f'per_run_ratio_vs_{other}'), '.1f')}x"
+        + _interval(pooled.get(f"per_run_ratio_vs_{other}_interval"), lambda v: f"{_num(v, '.1f')}x")
+        for other in ("random", "no_model")
+        if f"per_run_ratio_vs_{other}" in pooled
+    )
+    if per_run:
+        console.print(f"hits per DFT run started (failures included): {per_run}; {ratios}", highlight=False)
     failures = ", ".join(
         f"{arm} {pooled['failed'][arm]} ({pooled['unphysical'][arm]} unphysical)" for arm in pooled["failed"]
     )

@@ -153,6 +153,9 @@ def test_seeds_pool_by_relaxation_through_round_three():
         "random": 0,
         "no_model": 2,
     }
+    # Per DFT run started, the three failures join the no-model arm's denominator: 4 of 192.
+    assert pooled["hit_rates_per_run"]["no_model"] == pytest.approx(4 / 192)
+    assert pooled["per_run_ratio_vs_no_model"] == pytest.approx((12 / 46) / (4 / 192))
     assert pooled["rediscovered"]["loop"] == 1 and pooled["new_hits"]["loop"] == 11
     assert pooled["new_hit_rates"]["loop"] == pytest.approx(11 / 46)
     assert pooled["new_hit_ratio_vs_random"] == pytest.approx((11 / 46) / (1 / 48))
@@ -474,8 +477,31 @@ def test_runs_of_parallel_processes_pool_as_one_run(tmp_path):
         "3": {"git_commit": "c3"},
         "4": {"git_commit": "c4"},
     }
-    with pytest.raises(UserError, match="seed 4 is in both b.json and c.json"):
+    # A seed on which only one arm ran counts in that arm's rate, not in the ratios.
+    merged[5] = {**_run(5, (0, 0, 8)), "arms": {"no_model": _rows([(8, 8)])}}
+    pooled = pool_seeds(merged)
+    assert pooled["hits"]["no_model"] == 10 and pooled["relaxed"]["no_model"] == 32
+    assert pooled["ratio_vs_no_model_seeds"] == [2, 3, 4]
+    assert pooled["ratio_vs_no_model"] == pytest.approx((9 / 24) / (2 / 24))
+    with pytest.raises(UserError, match="seed 4's loop arm is in both b.json and c.json"):
         merge_runs([("b.json", _run(4, (3, 0, 1))), ("c.json", _run(4, (3, 0, 1)))])
+    # Arms of one seed run apart: the campaign arms of one file, the no-model arm of another.
+    apart = merge_runs(
+        [("b.json", _run(4, (3, 0, 1)), ["loop", "random"]), ("c.json", _run(4, (9, 9, 6)), ["no_model"])]
+    )
+    assert {arm: d["rows"][0]["hits"] for arm, d in apart[4]["arms"].items()} == {
+        "loop": 3,
+        "random": 0,
+        "no_model": 6,
+    }
+    assert pool_seeds(apart)["code_versions"]["4"] == {"git_commit": "c4"}  # one code ran every arm
+    other = {**_run(4, (9, 9, 6)), "code_version": {"git_commit": "d4"}}
+    apart = merge_runs([("b.json", _run(4, (3, 0, 1)), ["loop", "random"]), ("c.json", other, ["no_model"])])
+    assert pool_seeds(apart)["code_versions"]["4"] == {
+        "loop": {"git_commit": "c4"},
+        "random": {"git_commit": "c4"},
+        "no_model": {"git_commit": "d4"},
+    }
     with pytest.raises(UserError, match="another window"):
         merge_runs([("b.json", _run(4, (3, 0, 1))), ("c.json", _run(5, (3, 0, 1), window=(-2, -1)))])
     with pytest.raises(UserError, match="not a bench campaign result"):
