@@ -238,3 +238,55 @@ def stats(
     if figures:
         for p in plot_histograms(doc, figures):
             console.print(f"wrote {p}")
+
+
+@app.command("build-prior-v2")
+def build_prior_v2(
+    out: Annotated[Path, typer.Option("--out", help="Build folder: decorations, labels.jsonl and prior-v2.json.gz.")],
+    limit: Annotated[int | None, typer.Option(help="Label only the first N decorations of the build order.")] = None,
+    workers: Annotated[int, typer.Option(help="Worker processes (one torch thread each).")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of the decoration draw and the build order.")] = 0,
+    per_prototype: Annotated[int, typer.Option(help="Most decorations per prototype.")] = 60,
+    max_sites: Annotated[int, typer.Option(help="Largest prototype cell kept (sites).")] = 20,
+    max_edge: Annotated[float, typer.Option(help="Longest prototype cell edge kept (angstrom).")] = 10.0,
+    threshold: Annotated[float, typer.Option(help="Smallest substitution probability kept.")] = 1e-3,
+) -> None:
+    """Decorate AFLOW prototypes of every crystal system, relax and label them with CHGNet (resumable).
+
+    A killed build resumes where it stopped when rerun with the same --out and settings.
+    """
+    import time
+
+    from crystaloop.generative.data import prior_v2
+    from crystaloop.generative.data.elements import palette
+    from crystaloop.generative.data.references import compute_references, load_references
+
+    for name, value, low in (("--limit", limit, 1), ("--workers", workers, 1), ("--per-prototype", per_prototype, 1),
+                             ("--max-sites", max_sites, 1)):  # fmt: skip
+        if value is not None and value < low:
+            raise UserError(f"{name} must be at least {low}, got {value}")
+    if not max_edge > 0 or not 0 < threshold < 1:
+        raise UserError(f"--max-edge must be positive and --threshold in (0, 1), got {max_edge} and {threshold}")
+    prior_v2.check_build_dir(out)
+    settings = prior_v2.DecorationSettings(seed, max_sites, max_edge, threshold, per_prototype)
+    t0 = time.perf_counter()
+    with console.status("choosing decorations (ICSD substitution probabilities)"):
+        decorations = prior_v2.load_decorations(out, settings, palette())
+    console.print(f"{len(decorations)} decorations in {out / prior_v2.DECORATIONS}")
+    progress, update = eta_progress("labelling", on=console)
+    with progress:
+        report = prior_v2.build(out, decorations, limit=limit, workers=workers, progress=update)
+    from chgnet.model import CHGNet
+
+    labeller = f"chgnet-{CHGNet.load(verbose=False).version}"
+    cache = out / f"references-{labeller}.json"
+    symbols = sorted({new for d in decorations[: report.total] for _, new in d.substitution})
+    compute_references(symbols, labeller, cache=cache)
+    output = out / f"{prior_v2.DATASET}.json.gz"
+    header = prior_v2.finalize(report.labels_path, output, load_references(labeller, cache))
+    per = report.seconds_per_structure
+    console.print(
+        f"labelled {report.labelled_now} now, {report.already_done} already done, {report.total} in this build "
+        f"in {time.perf_counter() - t0:.0f} s" + (f" ({per:.1f} s per structure, {workers} workers)" if per else "")
+    )
+    console.print(f"wrote {output} ({output.stat().st_size / 1e6:.2f} MB), content hash {header['content_hash']}")
