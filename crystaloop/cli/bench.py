@@ -16,3 +16,7 @@ for _module in (bench_db, bench_representation, bench_dft, bench_generate, bench
 from crystaloop.cli import bench_presets  # noqa: E402  (registered on its own line)
 
 bench_presets.register(app)
+
+from crystaloop.cli import bench_realism  # noqa: E402
+
+bench_realism.register(app)

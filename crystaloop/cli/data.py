@@ -290,3 +290,50 @@ def build_prior_v2(
         f"in {time.perf_counter() - t0:.0f} s" + (f" ({per:.1f} s per structure, {workers} workers)" if per else "")
     )
     console.print(f"wrote {output} ({output.stat().st_size / 1e6:.2f} MB), content hash {header['content_hash']}")
+
+
+@app.command("shares-v2")
+def shares_v2(
+    path: Annotated[Path, typer.Argument(help="A prior-v2 build folder, its labels.jsonl, or a prior-v2.json.gz.")],
+    top: Annotated[int, typer.Option(min=1, help="Prototypes listed (most frequent first).")] = 15,
+    fmt: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+) -> None:
+    """Shares of a prior-v2 build by crystal system, prototype, decoration kind and charge balance."""
+    import json
+
+    from crystaloop.generative.data import prior, prior_v2
+    from crystaloop.generative.data.shares import summarize
+
+    if fmt not in ("table", "json"):
+        raise UserError(f"unknown format '{fmt}'; choose table or json")
+    if path.is_dir():
+        path = path / prior_v2.LABELS
+    if not path.exists():
+        raise UserError(f"{path} not found; pass a build folder of `crystaloop data build-prior-v2` or its output")
+    if path.suffix == ".gz":
+        records = prior.read_prior(path)["records"]
+    else:
+        records = list(prior.read_done(path).values())
+    s = summarize(records)
+    if fmt == "json":
+        print(json.dumps(s, indent=2))
+        return
+    console.print(
+        f"{path}: {s['records']} records, {s['labelled']} labelled, {s['rejected']} rejected; "
+        f"{s['crystal_system_changed_by_relaxation']} changed crystal system on relaxation",
+        highlight=False,
+    )
+    for reason, n in s["rejects"].items():
+        console.print(f"  rejected {n}: {reason}", highlight=False)
+    for title, key in (("crystal system", "crystal_system"), ("decoration", "kind"), ("charge balance", "charge_balance")):
+        console.print(f"by {title}:", highlight=False)
+        for name, v in s[key].items():
+            console.print(f"  {name:<20} {v['count']:>6} {100 * v['share']:6.1f} %", highlight=False)
+    console.print(
+        "pymatgen-balanced by decoration: "
+        + ", ".join(f"{k} {v}/{s['kind'][k]['count']}" for k, v in s["pymatgen_balanced_by_kind"].items()),
+        highlight=False,
+    )
+    console.print(f"by prototype ({len(s['prototype'])} prototypes, top {top}):", highlight=False)
+    for name, v in list(s["prototype"].items())[:top]:
+        console.print(f"  {name:<28} {v['count']:>6} {100 * v['share']:6.1f} %", highlight=False)

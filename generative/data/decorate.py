@@ -138,12 +138,7 @@ class Decoration:
         """The decorated cell, its volume scaled from the prototype's by the species' radii (Å³)."""
         proto = aflow_library()[self.prototype].structure
         mapping = dict(self.substitution)
-        old_r = sum(_radius(str(site.specie)) ** 3 for site in proto)
-        new = proto.copy()
-        new.replace_species({Element(o): Element(n) for o, n in self.substitution if o != n})
-        new_r = sum(_radius(mapping[str(site.specie)]) ** 3 for site in proto)
-        new.scale_lattice(proto.volume * new_r / old_r)
-        return new
+        return radius_scaled(proto, [mapping[site.specie.symbol] for site in proto])
 
     @property
     def formula(self) -> str:
@@ -166,6 +161,15 @@ class Decoration:
     def from_dict(cls, d: dict) -> Decoration:
         """Inverse of :meth:`as_dict`."""
         return cls(d["prototype"], tuple(tuple(p) for p in d["substitution"]), d["probability"], d["kind"])
+
+
+def radius_scaled(template: Structure, species: Sequence[str]) -> Structure:
+    """``template`` with ``species`` on its sites, its volume scaled by the sum of atomic radii cubed."""
+    old_r = sum(_radius(site.specie.symbol) ** 3 for site in template)
+    new_r = sum(_radius(s) ** 3 for s in species)
+    out = Structure(template.lattice, list(species), template.frac_coords)
+    out.scale_lattice(template.volume * new_r / old_r)
+    return out
 
 
 @cache
@@ -208,6 +212,12 @@ def substitutions(
     prototype: AflowPrototype, palette: Sequence[str], *, threshold: float = DEFAULT_THRESHOLD
 ) -> list[Decoration]:
     """Every decoration of ``prototype`` above ``threshold`` within ``palette``, most probable first."""
+    return list(_substitutions(prototype.key, tuple(sorted(set(palette))), threshold))
+
+
+@cache
+def _substitutions(key: str, palette: tuple[str, ...], threshold: float) -> tuple[Decoration, ...]:
+    prototype = aflow_library()[key]
     allowed = set(palette)
     elements = sorted(el.symbol for el in prototype.structure.composition)
     out: dict[tuple, Decoration] = {}
@@ -219,7 +229,7 @@ def substitutions(
     if states is None:
         cations = {e: _cation_state(e) for e in elements}
         if any(v is None for v in cations.values()):
-            return list(out.values())  # a non-metal with no cation state (C, S, ...): keep the original only
+            return tuple(out.values())  # a non-metal with no cation state (C, S, ...): keep the original only
         states, kind = cations, "intermetallic"
     species = {e: Species(e, states[e]) for e in elements}
     predictor = _predictor(threshold)
@@ -230,7 +240,7 @@ def substitutions(
         else:
             preds = predictor.list_prediction([str(species[e]) for e in elements], to_this_composition=False)
     except (KeyError, ValueError):  # a species missing from the ICSD table
-        return list(out.values())
+        return tuple(out.values())
     for pred in preds:
         subs = {_symbol(k): _symbol(v) for k, v in pred["substitutions"].items()}
         new = [subs[e] for e in elements]
@@ -241,7 +251,7 @@ def substitutions(
         key = tuple(zip(elements, new, strict=True))
         if key not in out:
             out[key] = Decoration(prototype.key, key, float(pred["probability"]), kind)
-    return sorted(out.values(), key=lambda d: (-d.probability, d.structure_id))
+    return tuple(sorted(out.values(), key=lambda d: (-d.probability, d.structure_id)))
 
 
 def _composition(prototype: AflowPrototype) -> dict[str, float]:
