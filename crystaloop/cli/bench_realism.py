@@ -48,7 +48,7 @@ def bench_realism(
         return
     table = Table(title=f"CHGNet-relaxed volume per atom vs experiment (target within {TARGET_PERCENT:g} %)")
     for column in ("compound", "prototype", "in decorated set", "system", "V start", "V CHGNet",
-                   "V exp", "error (%)", "hit", "relaxed", "source"):  # fmt: skip
+                   "V exp", "error (%)", "a err (%)", "c err (%)", "hit", "relaxed", "source"):  # fmt: skip
         table.add_column(column)
     for r in rows:
         in_set = "n/a (Wyckoff split)" if r.in_decorations is None else (
@@ -57,6 +57,7 @@ def bench_realism(
         table.add_row(
             r.name, r.prototype, in_set, r.crystal_system or "-", f"{r.volume_start:.3f}",
             f"{r.volume_relaxed:.3f}", f"{r.volume_experiment:.3f}", f"{r.error_percent:+.2f}",
+            f"{r.a_error_percent:+.2f}", f"{r.c_error_percent:+.2f}",
             "yes" if r.hit else "NO", "yes" if r.relax_converged else "no", r.source,
         )  # fmt: skip
     console.print(table)

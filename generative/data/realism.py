@@ -62,6 +62,14 @@ def in_decorations(spec: dict[str, Any], formula: str, palette) -> bool | None:
     return formula in {d.formula for d in decorate.substitutions(proto, palette)}
 
 
+def conventional_a_c(structure: Structure) -> tuple[float, float]:
+    """a and c (Å) of the conventional standard cell (hexagonal axes for trigonal cells)."""
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    lattice = SpacegroupAnalyzer(structure, symprec=decorate.SYMPREC).get_conventional_standard_structure().lattice
+    return lattice.a, lattice.c
+
+
 @dataclass
 class RealismRow:
     """One compound: relaxed and experimental volume per atom (Å³/atom) and the error (%)."""
@@ -75,6 +83,8 @@ class RealismRow:
     volume_relaxed: float | None
     volume_experiment: float
     error_percent: float | None
+    a_error_percent: float | None
+    c_error_percent: float | None
     hit: bool
     relax_converged: bool
     crystal_system: str | None
@@ -109,6 +119,7 @@ def measure(compounds: list[str] | None = None, *, labeller=None, palette=None) 
         v_exp = experimental_volume_per_atom(spec)
         v = final.volume / len(final)
         err = 100 * (v - v_exp) / v_exp
+        a, c = conventional_a_c(final)
         rows.append(
             RealismRow(
                 compound=name,
@@ -120,6 +131,8 @@ def measure(compounds: list[str] | None = None, *, labeller=None, palette=None) 
                 volume_relaxed=v,
                 volume_experiment=v_exp,
                 error_percent=err,
+                a_error_percent=100 * (a / spec["lattice"]["a"] - 1),
+                c_error_percent=100 * (c / spec["lattice"]["c"] - 1),
                 hit=abs(err) <= TARGET_PERCENT,
                 relax_converged=reached,
                 crystal_system=decorate.crystal_system(final),

@@ -37,5 +37,9 @@ def test_one_compound_relaxed_against_experiment():
     assert row.relax_converged and row.crystal_system == "trigonal"
     assert row.error_percent == pytest.approx(100 * (row.volume_relaxed - v_exp) / v_exp)
     assert row.hit == (abs(row.error_percent) <= realism.TARGET_PERCENT)
+    # The volume error is the cell's: (1 + a err)^2 (1 + c err) - 1.
+    assert (1 + row.a_error_percent / 100) ** 2 * (1 + row.c_error_percent / 100) == pytest.approx(
+        1 + row.error_percent / 100, abs=1e-3
+    )
     assert row.in_size_limits and row.in_decorations
     assert 0.7 * v_exp < row.volume_relaxed < 1.3 * v_exp
