@@ -11,10 +11,14 @@ pymatgen's ionic substitution probabilities, data-mined from the ICSD
   substitutions starting from the prototype's composition
   (``SubstitutionPredictor.composition_prediction``), so rutile TiO2 gives
   SnO2, VO2, ... and never NaCl2;
-- **intermetallic** and elemental prototypes (no guess, or no anion): each
-  element stands in as its most common cation, and the same table picks
-  similar metals. Metals need no charge balance, so none is imposed; the share
-  of unbalanced compositions is measured by :mod:`shares` instead.
+- **intermetallic** and elemental metal prototypes (no guess with an anion;
+  metals and metalloids only, at least one metal): each element stands in as
+  its most common cation, and the same table picks similar elements, a metal
+  for a metal site and a metal or metalloid for a metalloid site. Metals need
+  no charge balance, so none is imposed; the share of unbalanced compositions
+  is measured by :mod:`shares` instead. Covalent and molecular frameworks
+  (graphite, A7 arsenic, S8) keep only their own element: a metal in a carbon
+  net is no plausible crystal.
 
 Every choice is restricted to prior-v1's element palette. The prototype's own
 compound is kept too when its elements are in the palette (probability 1).
@@ -228,8 +232,8 @@ def _substitutions(key: str, palette: tuple[str, ...], threshold: float) -> tupl
     kind: Kind = "ionic"
     if states is None:
         cations = {e: _cation_state(e) for e in elements}
-        if any(v is None for v in cations.values()):
-            return tuple(out.values())  # a non-metal with no cation state (C, S, ...): keep the original only
+        if not _metallic(elements) or any(v is None for v in cations.values()):
+            return tuple(out.values())  # a covalent or molecular framework (C, As, S8 ...): the original only
         states, kind = cations, "intermetallic"
     species = {e: Species(e, states[e]) for e in elements}
     predictor = _predictor(threshold)
@@ -246,12 +250,25 @@ def _substitutions(key: str, palette: tuple[str, ...], threshold: float) -> tupl
         new = [subs[e] for e in elements]
         if not set(new) <= allowed or len(set(new)) < len(new):
             continue  # off the palette, or two sublattices merged into one element
-        if kind == "intermetallic" and not all(Element(n).is_metal for n in new):
+        if kind == "intermetallic" and not all(_same_character(o, n) for o, n in zip(elements, new, strict=True)):
             continue
         key = tuple(zip(elements, new, strict=True))
         if key not in out:
             out[key] = Decoration(prototype.key, key, float(pred["probability"]), kind)
     return tuple(sorted(out.values(), key=lambda d: (-d.probability, d.structure_id)))
+
+
+def _metallic(elements: Sequence[str]) -> bool:
+    """A prototype an intermetallic decoration fits: metals and metalloids, at least one metal (FeSi, not C)."""
+    return any(Element(e).is_metal for e in elements) and all(
+        Element(e).is_metal or Element(e).is_metalloid for e in elements
+    )
+
+
+def _same_character(old: str, new: str) -> bool:
+    """A metal site takes a metal; a metalloid site a metal or a metalloid (FeSi -> CoGe)."""
+    el = Element(new)
+    return el.is_metal if Element(old).is_metal else el.is_metal or el.is_metalloid
 
 
 def _composition(prototype: AflowPrototype) -> dict[str, float]:

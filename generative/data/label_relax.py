@@ -19,8 +19,8 @@ Rejects, stated in ``reject_reason`` (the record is kept, as in prior-v1):
 - the volume changed by more than a factor :data:`MAX_VOLUME_RATIO` from the
   radius-scaled start;
 - a broken structure: two atoms closer than :data:`MIN_PAIR_ANGSTROM`, or an
-  atom with no neighbour within :data:`MAX_NEIGHBOUR_ANGSTROM` (the same bound
-  prior-v1 keeps its scans in);
+  atom with no neighbour within :data:`MAX_NEIGHBOUR_ANGSTROM` (CHGNet's
+  atom-graph cutoff: such an atom is isolated to the model);
 - CHGNet failed, or the E(V) scan has no interior minimum.
 """
 
@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from pymatgen.core import Lattice, Structure
 
-from crystaloop.generative.data.label import MAX_DISTANCE_ANGSTROM, fit_eos
+from crystaloop.generative.data.label import fit_eos
 
 FMAX = 0.05
 """Force convergence of the relaxation (eV/Å)."""
@@ -41,7 +41,8 @@ MAX_STEPS = 500
 MAX_VOLUME_RATIO = 1.5
 """Largest allowed V_final/V_start or V_start/V_final."""
 MIN_PAIR_ANGSTROM = 0.7
-MAX_NEIGHBOUR_ANGSTROM = MAX_DISTANCE_ANGSTROM
+MAX_NEIGHBOUR_ANGSTROM = 6.0
+"""CHGNet 0.3.0's atom-graph cutoff (Å). prior-v1's 4.2 Å scan bound would reject real Cs metal (5.2 Å)."""
 EOS_VOLUME_RATIOS = tuple(float(x) for x in np.geomspace(0.94, 1 / 0.94, 7))
 STRAIN = 0.01
 RESIDUAL_TOLERANCE = 2e-3

@@ -92,3 +92,19 @@ def test_choice_is_deterministic_given_the_seed_and_capped():
     for key in keys:
         mine = [d for d in a if d.prototype == key]
         assert len(mine) == 5 and sum(d.kind == "identity" for d in mine) == 1
+
+
+@pytest.mark.parametrize(("key", "element"), [("A_hP4_194_bc", "C"), ("A_hR2_166_c.As", "As")])
+def test_covalent_frameworks_keep_only_their_own_element(key, element):
+    decs = decorate.substitutions(decorate.aflow_library()[key], palette())
+    assert [d.formula for d in decs] == [element]
+
+
+def test_metalloid_sites_of_intermetallics_take_metals_or_metalloids():
+    decs = decorate.substitutions(decorate.aflow_library()["AB_cP8_198_a_a.FeSi"], palette())
+    formulas = {d.formula for d in decs}
+    assert {"FeSi", "CoSi", "MnSi"} <= formulas
+    for d in decs:
+        new = dict(d.substitution)
+        assert Element(new["Fe"]).is_metal
+        assert Element(new["Si"]).is_metal or Element(new["Si"]).is_metalloid
