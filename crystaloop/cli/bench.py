@@ -20,3 +20,7 @@ bench_presets.register(app)
 from crystaloop.cli import bench_cluster  # noqa: E402  (registered on its own line)
 
 bench_cluster.register(app)
+
+from crystaloop.cli import bench_realism  # noqa: E402
+
+bench_realism.register(app)

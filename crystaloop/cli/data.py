@@ -238,3 +238,102 @@ def stats(
     if figures:
         for p in plot_histograms(doc, figures):
             console.print(f"wrote {p}")
+
+
+@app.command("build-prior-v2")
+def build_prior_v2(
+    out: Annotated[Path, typer.Option("--out", help="Build folder: decorations, labels.jsonl and prior-v2.json.gz.")],
+    limit: Annotated[int | None, typer.Option(help="Label only the first N decorations of the build order.")] = None,
+    workers: Annotated[int, typer.Option(help="Worker processes (one torch thread each).")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of the decoration draw and the build order.")] = 0,
+    per_prototype: Annotated[int, typer.Option(help="Most decorations per prototype.")] = 60,
+    max_sites: Annotated[int, typer.Option(help="Largest prototype cell kept (sites).")] = 20,
+    max_edge: Annotated[float, typer.Option(help="Longest prototype cell edge kept (angstrom).")] = 10.0,
+    threshold: Annotated[float, typer.Option(help="Smallest substitution probability kept.")] = 1e-3,
+) -> None:
+    """Decorate AFLOW prototypes of every crystal system, relax and label them with CHGNet (resumable).
+
+    A killed build resumes where it stopped when rerun with the same --out and settings.
+    """
+    import time
+
+    from crystaloop.generative.data import prior_v2
+    from crystaloop.generative.data.elements import palette
+    from crystaloop.generative.data.references import compute_references, load_references
+
+    for name, value, low in (("--limit", limit, 1), ("--workers", workers, 1), ("--per-prototype", per_prototype, 1),
+                             ("--max-sites", max_sites, 1)):  # fmt: skip
+        if value is not None and value < low:
+            raise UserError(f"{name} must be at least {low}, got {value}")
+    if not max_edge > 0 or not 0 < threshold < 1:
+        raise UserError(f"--max-edge must be positive and --threshold in (0, 1), got {max_edge} and {threshold}")
+    prior_v2.check_build_dir(out)
+    settings = prior_v2.DecorationSettings(seed, max_sites, max_edge, threshold, per_prototype)
+    t0 = time.perf_counter()
+    with console.status("choosing decorations (ICSD substitution probabilities)"):
+        decorations = prior_v2.load_decorations(out, settings, palette())
+    console.print(f"{len(decorations)} decorations in {out / prior_v2.DECORATIONS}")
+    progress, update = eta_progress("labelling", on=console)
+    with progress:
+        report = prior_v2.build(out, decorations, limit=limit, workers=workers, progress=update)
+    from chgnet.model import CHGNet
+
+    labeller = f"chgnet-{CHGNet.load(verbose=False).version}"
+    cache = out / f"references-{labeller}.json"
+    symbols = sorted({new for d in decorations[: report.total] for _, new in d.substitution})
+    compute_references(symbols, labeller, cache=cache)
+    output = out / f"{prior_v2.DATASET}.json.gz"
+    header = prior_v2.finalize(report.labels_path, output, load_references(labeller, cache))
+    per = report.seconds_per_structure
+    console.print(
+        f"labelled {report.labelled_now} now, {report.already_done} already done, {report.total} in this build "
+        f"in {time.perf_counter() - t0:.0f} s" + (f" ({per:.1f} s per structure, {workers} workers)" if per else "")
+    )
+    console.print(f"wrote {output} ({output.stat().st_size / 1e6:.2f} MB), content hash {header['content_hash']}")
+
+
+@app.command("shares-v2")
+def shares_v2(
+    path: Annotated[Path, typer.Argument(help="A prior-v2 build folder, its labels.jsonl, or a prior-v2.json.gz.")],
+    top: Annotated[int, typer.Option(min=1, help="Prototypes listed (most frequent first).")] = 15,
+    fmt: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+) -> None:
+    """Shares of a prior-v2 build by crystal system, prototype, decoration kind and charge balance."""
+    import json
+
+    from crystaloop.generative.data import prior, prior_v2
+    from crystaloop.generative.data.shares import summarize
+
+    if fmt not in ("table", "json"):
+        raise UserError(f"unknown format '{fmt}'; choose table or json")
+    if path.is_dir():
+        path = path / prior_v2.LABELS
+    if not path.exists():
+        raise UserError(f"{path} not found; pass a build folder of `crystaloop data build-prior-v2` or its output")
+    if path.suffix == ".gz":
+        records = prior.read_prior(path)["records"]
+    else:
+        records = list(prior.read_done(path).values())
+    s = summarize(records)
+    if fmt == "json":
+        print(json.dumps(s, indent=2))
+        return
+    console.print(
+        f"{path}: {s['records']} records, {s['labelled']} labelled, {s['rejected']} rejected; "
+        f"{s['crystal_system_changed_by_relaxation']} changed crystal system on relaxation",
+        highlight=False,
+    )
+    for reason, n in s["rejects"].items():
+        console.print(f"  rejected {n}: {reason}", highlight=False)
+    for title, key in (("crystal system", "crystal_system"), ("decoration", "kind"), ("charge balance", "charge_balance")):
+        console.print(f"by {title}:", highlight=False)
+        for name, v in s[key].items():
+            console.print(f"  {name:<20} {v['count']:>6} {100 * v['share']:6.1f} %", highlight=False)
+    console.print(
+        "pymatgen-balanced by decoration: "
+        + ", ".join(f"{k} {v}/{s['kind'][k]['count']}" for k, v in s["pymatgen_balanced_by_kind"].items()),
+        highlight=False,
+    )
+    console.print(f"by prototype ({len(s['prototype'])} prototypes, top {top}):", highlight=False)
+    for name, v in list(s["prototype"].items())[:top]:
+        console.print(f"  {name:<28} {v['count']:>6} {100 * v['share']:6.1f} %", highlight=False)

@@ -1,0 +1,304 @@
+"""Build prior-v2: decorated AFLOW prototypes of every crystal system, relaxed by CHGNet.
+
+A build folder holds three files:
+
+- ``decorations.json``: the decorations in build order and the settings that
+  chose them (seed, size limits, threshold, cap). Written once; a rerun with
+  other settings is refused, so a resumed build labels the same list.
+- ``labels.jsonl``: one JSON line per labelled (or rejected) structure,
+  appended and synced after every chunk. A rerun skips what is there, so a
+  killed build resumes where it stopped (prior-v1's reader, torn last line
+  included).
+- ``prior-v2.json.gz``: written by :func:`finalize` from the labels, with a
+  SHA-256 content hash as in prior-v1. It is never written inside the
+  package's ``prior/`` folder, where the shipped prior-v1 lives.
+
+The generator is not trained on this set yet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from crystaloop.generative.data import decorate
+from crystaloop.generative.data.prior import _repair_torn_tail, content_hash, read_done, write_prior
+
+DATASET = "prior-v2"
+FORMAT = "crystaloop-prior/2"
+DECORATIONS = "decorations.json"
+LABELS = "labels.jsonl"
+ROUND = 6
+LABEL_KEYS = ("formation_energy_per_atom", "energy_per_atom", "bulk_modulus", "shear_modulus", "poisson_ratio")
+EXTRA_KEYS = ("eos_b1", "eos_residual", "mechanically_stable", "volume_per_atom", "volume_ratio", "steps")
+
+
+@dataclass(frozen=True)
+class DecorationSettings:
+    """What chooses the decorations of a build (see :func:`decorate.decorate_all`)."""
+
+    seed: int = 0
+    max_sites: int = decorate.DEFAULT_MAX_SITES
+    max_edge: float = decorate.DEFAULT_MAX_EDGE_ANGSTROM
+    threshold: float = decorate.DEFAULT_THRESHOLD
+    per_prototype: int = decorate.DEFAULT_PER_PROTOTYPE
+
+
+def shipped_prior_dir() -> Path:
+    """The package folder of the shipped prior-v1 (never written by this build)."""
+    from crystaloop.generative.data.prior import SHIPPED_PATH
+
+    return SHIPPED_PATH.parent.resolve()
+
+
+def check_build_dir(build_dir: Path) -> None:
+    """Refuse a build folder that is a file or that lies in the shipped prior's folder.
+
+    Raises
+    ------
+    crystaloop.errors.UserError
+        With the fix in the message.
+    """
+    from crystaloop.errors import UserError
+
+    if build_dir.exists() and not build_dir.is_dir():
+        raise UserError(f"--out {build_dir} is a file; pass a folder (new or existing) for the prior-v2 build")
+    resolved = build_dir.resolve()
+    shipped = shipped_prior_dir()
+    if resolved == shipped or shipped in resolved.parents:
+        raise UserError(
+            f"--out {build_dir} is the package folder of the shipped prior-v1; pass a folder outside it"
+        )
+
+
+def load_decorations(
+    build_dir: Path, settings: DecorationSettings, palette: Sequence[str], *, prototypes: Sequence[str] | None = None
+) -> list[decorate.Decoration]:
+    """The build's decorations: read from ``decorations.json``, or chosen and written there.
+
+    Raises
+    ------
+    crystaloop.errors.UserError
+        The folder holds decorations chosen with other settings.
+    """
+    from crystaloop.errors import UserError
+
+    path = build_dir / DECORATIONS
+    wanted = {**settings.__dict__, "prototypes": sorted(prototypes) if prototypes else None}
+    if path.exists():
+        try:
+            doc = json.loads(path.read_text())
+            stored = doc["settings"]
+            decorations = [decorate.Decoration.from_dict(d) for d in doc["decorations"]]
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{path} is not a decorations file; delete it (or the folder) to start over") from None
+        if stored != wanted:
+            changed = ", ".join(f"{k} {stored.get(k)!r} -> {v!r}" for k, v in wanted.items() if stored.get(k) != v)
+            raise UserError(
+                f"{build_dir} was started with other decoration settings ({changed}); "
+                "rerun with the same settings or pass a new --out folder"
+            )
+        return decorations
+    decorations = decorate.decorate_all(
+        palette,
+        seed=settings.seed,
+        max_sites=settings.max_sites,
+        max_edge=settings.max_edge,
+        threshold=settings.threshold,
+        per_prototype=settings.per_prototype,
+        prototypes=prototypes,
+    )
+    build_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"settings": wanted, "decorations": [d.as_dict() for d in decorations]}))
+    tmp.replace(path)  # atomic: a killed enumeration leaves no half file
+    return decorations
+
+
+_LABELLER = None
+
+
+def _init_worker(batch_size: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    global _LABELLER
+    from crystaloop.generative.data.label_relax import CHGNetRelaxLabeller
+
+    _LABELLER = CHGNetRelaxLabeller(batch_size=batch_size)
+
+
+def label_decoration(decoration: dict) -> dict:
+    """Relax and label one decoration (a :meth:`Decoration.as_dict`); the labels.jsonl line."""
+    assert _LABELLER is not None, "call _init_worker first"
+    dec = decorate.Decoration.from_dict(decoration)
+    start = dec.structure()
+    res = _LABELLER.label(dec.structure_id, start)
+    rec = {**dec.as_dict(), **res.as_dict(), "labeller": _LABELLER.name, "formula": dec.formula}
+    rec["start_crystal_system"] = decorate.crystal_system(start)
+    if res.structure is not None:
+        from pymatgen.core import Structure
+
+        final = Structure.from_dict(res.structure)
+        rec["crystal_system"] = decorate.crystal_system(final)
+        rec["spacegroup"] = decorate.spacegroup_symbol(final)
+    return rec
+
+
+@dataclass
+class BuildReport:
+    """What one build call did."""
+
+    total: int
+    labelled_now: int
+    already_done: int
+    seconds: float
+    labels_path: Path
+
+    @property
+    def seconds_per_structure(self) -> float | None:
+        """Wall seconds per structure labelled in this call."""
+        return self.seconds / self.labelled_now if self.labelled_now else None
+
+
+def build(
+    build_dir: Path,
+    decorations: Sequence[decorate.Decoration],
+    *,
+    limit: int | None = None,
+    workers: int = 1,
+    batch_size: int = 32,
+    progress: Callable[[int, int], None] | None = None,
+) -> BuildReport:
+    """Label the first ``limit`` decorations into ``build_dir/labels.jsonl``, resuming what is there.
+
+    Parameters
+    ----------
+    workers
+        Worker processes (one torch thread each); 1 labels in this process.
+    progress
+        Called with (done, total) after every structure.
+
+    Raises
+    ------
+    crystaloop.errors.UserError
+        ``labels.jsonl`` has a malformed line other than a torn last one.
+    """
+    build_dir.mkdir(parents=True, exist_ok=True)
+    labels_path = build_dir / LABELS
+    chosen = list(decorations[:limit] if limit else decorations)
+    done = read_done(labels_path)
+    _repair_torn_tail(labels_path)
+    todo = [d.as_dict() for d in chosen if d.structure_id not in done]
+    already = len(chosen) - len(todo)
+    start = time.perf_counter()
+    n_done = already
+    if progress:
+        progress(n_done, len(chosen))
+    with labels_path.open("a") as fh:
+        for rec in _run(todo, workers, batch_size):
+            fh.write(json.dumps(rec) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+            n_done += 1
+            if progress:
+                progress(n_done, len(chosen))
+    return BuildReport(len(chosen), len(todo), already, time.perf_counter() - start, labels_path)
+
+
+def _run(todo: list[dict], workers: int, batch_size: int) -> Iterable[dict]:
+    if not todo:
+        return
+    if workers <= 1:
+        _init_worker(batch_size)
+        for dec in todo:
+            yield label_decoration(dec)
+        return
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(batch_size,)) as pool:
+        yield from pool.imap_unordered(label_decoration, todo)
+
+
+def _r(x: Any) -> Any:
+    return round(x, ROUND) if isinstance(x, float) else x
+
+
+def make_record(result: dict, references: dict[str, float] | None) -> dict:
+    """The compact shipped record of one labelled (or rejected) decoration."""
+    from pymatgen.core import Structure
+
+    rec: dict[str, Any] = {
+        k: result.get(k)
+        for k in (
+            "structure_id", "prototype", "substitution", "probability", "kind", "formula", "labeller",
+            "start_crystal_system", "crystal_system", "spacegroup", "reject_reason",
+        )
+    }  # fmt: skip
+    rec["converged"] = bool(result.get("converged"))
+    if result.get("structure"):
+        s = Structure.from_dict(result["structure"])
+        rec["lattice"] = [[_r(float(x)) for x in row] for row in s.lattice.matrix]
+        rec["species"] = [site.specie.symbol for site in s]
+        rec["frac_coords"] = [[round(float(x), 5) for x in row] for row in s.frac_coords]
+    if rec["reject_reason"]:
+        return rec
+    labels = {k: result.get(k) for k in LABEL_KEYS}
+    if references is not None and result.get("energy_per_atom") is not None:
+        from pymatgen.core import Composition
+
+        comp = Composition(rec["formula"]).fractional_composition
+        if all(el.symbol in references for el in comp):
+            labels["formation_energy_per_atom"] = result["energy_per_atom"] - sum(
+                frac * references[el.symbol] for el, frac in comp.items()
+            )
+    rec["labels"] = {k: _r(v) for k, v in labels.items()}
+    rec.update({k: _r(result.get(k)) for k in EXTRA_KEYS})
+    return rec
+
+
+def finalize(labels_path: Path, output: Path, references: dict[str, dict]) -> dict:
+    """Write ``output`` (prior-v2 format) from finished labels; returns its header.
+
+    Raises
+    ------
+    crystaloop.errors.UserError
+        ``output`` lies in the shipped prior-v1's folder.
+    """
+    import chgnet
+
+    from crystaloop.errors import UserError
+
+    if output.resolve().parent == shipped_prior_dir():
+        raise UserError(f"{output} is in the package folder of the shipped prior-v1; write it elsewhere")
+    done = read_done(labels_path)
+    energies = {s: v["energy_per_atom"] for s, v in references.items()}
+    records = sorted((make_record(r, energies) for r in done.values()), key=lambda r: r["structure_id"])
+    header = {
+        "format": FORMAT,
+        "dataset": DATASET,
+        "labeller": next((r["labeller"] for r in records if r.get("labeller")), None),
+        "chgnet_package": chgnet.__version__,
+        "source": "pymatgen AFLOW prototype library (Mehl et al. 2017), decorated by ICSD substitution "
+        "probabilities (Hautier et al. 2011); CHGNet relaxation of cell and positions",
+        "elastic": "clamped-ion 6x6 tensor from +/-1% Voigt strains, CHGNet stresses; VRH averages",
+        "units": {
+            "energy_per_atom": "eV/atom",
+            "formation_energy_per_atom": "eV/atom",
+            "bulk_modulus": "GPa (Birch-Murnaghan B0, isotropic scan, ions clamped)",
+            "shear_modulus": "GPa (VRH)",
+            "volume_per_atom": "angstrom^3/atom",
+            "lattice": "angstrom",
+        },
+        "references": {s: {k: _r(v) for k, v in ref.items()} for s, ref in sorted(references.items())},
+    }
+    return write_prior(output, header, records)
+
+
+__all__ = ["DATASET", "BuildReport", "DecorationSettings", "build", "content_hash", "finalize", "load_decorations"]
