@@ -79,8 +79,8 @@ def test_jobflow_remote_round_with_a_failed_job_and_a_killed_submit(
 
     database = prior_subset
     name = "jfr-campaign"
-    mnal = Structure(Lattice.cubic(2.95), ["Mn", "Al"], [[0, 0, 0], [0.5, 0.5, 0.5]])  # Mn: no reference
-    ids = make_shortlist(database, name, items=[*shortlist_items[:2], (mnal, -0.4, 0.05)])
+    ual = Structure(Lattice.cubic(3.1), ["U", "Al"], [[0, 0, 0], [0.5, 0.5, 0.5]])  # U: no reference
+    ids = make_shortlist(database, name, items=[*shortlist_items[:2], (ual, -0.4, 0.05)])
     raw = loop_config(
         name,
         budget={"candidates_per_round": 8, "dft_per_round": 3},
@@ -119,9 +119,9 @@ def test_jobflow_remote_round_with_a_failed_job_and_a_killed_submit(
         assert len(relax_jobs) == 1  # one flow per candidate, though the first submit was killed
         assert doc.dft_job["backend"] == "jobflow-remote" and doc.dft_job["db_ids"]
     by_formula = {d.reduced_formula: d for d in selected}
-    failed = by_formula.pop("MnAl")
+    failed = by_formula.pop("UAl")
     assert failed.state == "failed"
-    assert "no built-in reference structure for Mn" in failed.state_history[-1]["reason"]
+    assert "no built-in reference structure for U" in failed.state_history[-1]["reason"]
     for doc in by_formula.values():
         assert doc.state == "relaxed", doc.state_history[-1]
         assert doc.dft["formation_energy_per_atom"] is not None
