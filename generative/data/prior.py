@@ -196,21 +196,30 @@ def build(
 
 
 def _run_chunks(chunks: list[list[str]], workers: int, batch_size: int) -> Iterable[list[dict]]:
-    if not chunks:
+    return worker_map(_label_chunk, chunks, workers=workers, initializer=_init_worker, initargs=(batch_size,))
+
+
+def worker_map(
+    fn: Callable, items: list, *, workers: int, initializer: Callable, initargs: tuple = ()
+) -> Iterable:
+    """``fn`` over ``items``: in this process when ``workers`` <= 1, else in a spawn pool of that
+    many processes, each set up by ``initializer(*initargs)``; results in the order they finish."""
+    if not items:
         return
     if workers <= 1:
-        _init_worker(batch_size)
-        for chunk in chunks:
-            yield _label_chunk(chunk)
+        initializer(*initargs)
+        for item in items:
+            yield fn(item)
         return
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(batch_size,)) as pool:
-        yield from pool.imap_unordered(_label_chunk, chunks)
+    with ctx.Pool(workers, initializer=initializer, initargs=initargs) as pool:
+        yield from pool.imap_unordered(fn, items)
 
 
-def _r(x: Any) -> Any:
+def rounded(x: Any) -> Any:
+    """A float rounded to the stored precision (``ROUND`` decimals); anything else as it is."""
     return round(x, ROUND) if isinstance(x, float) else x
 
 
@@ -228,13 +237,13 @@ def make_record(proto: Prototype, result: dict, references: dict[str, float] | N
         "reject_reason": result.get("reject_reason"),
     }
     if rec["reject_reason"]:
-        rec["a0"] = _r(proto.lattice_guess())
+        rec["a0"] = rounded(proto.lattice_guess())
         return rec
     labels = {k: result.get(k) for k in LABEL_KEYS}
     if references is not None and set(proto.species) <= set(references):
         labels["formation_energy_per_atom"] = formation_energy(proto, result["energy_per_atom"], references)
-    rec["labels"] = {k: _r(v) for k, v in labels.items()}
-    rec.update({k: _r(result.get(k)) for k in EXTRA_KEYS})
+    rec["labels"] = {k: rounded(v) for k, v in labels.items()}
+    rec.update({k: rounded(result.get(k)) for k in EXTRA_KEYS})
     return rec
 
 
@@ -271,7 +280,7 @@ def finalize(
             "c11": "GPa",
             "eos_residual": "eV/atom (RMS)",
         },
-        "references": {s: {k: _r(v) for k, v in ref.items()} for s, ref in sorted(references.items())},
+        "references": {s: {k: rounded(v) for k, v in ref.items()} for s, ref in sorted(references.items())},
     }
     return write_prior(output, header, records)
 

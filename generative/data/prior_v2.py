@@ -27,14 +27,26 @@ from pathlib import Path
 from typing import Any
 
 from crystaloop.generative.data import decorate
-from crystaloop.generative.data.prior import _repair_torn_tail, content_hash, read_done, write_prior
+from crystaloop.generative.data.prior import (
+    _repair_torn_tail,
+    content_hash,
+    read_done,
+    rounded,
+    worker_map,
+    write_prior,
+)
 
 DATASET = "prior-v2"
 FORMAT = "crystaloop-prior/2"
 DECORATIONS = "decorations.json"
 LABELS = "labels.jsonl"
-ROUND = 6
-LABEL_KEYS = ("formation_energy_per_atom", "energy_per_atom", "bulk_modulus", "shear_modulus", "poisson_ratio")
+LABEL_KEYS = (
+    "formation_energy_per_atom",
+    "energy_per_atom",
+    "bulk_modulus",
+    "shear_modulus",
+    "poisson_ratio",
+)
 EXTRA_KEYS = ("eos_b1", "eos_residual", "mechanically_stable", "volume_per_atom", "volume_ratio", "steps")
 
 
@@ -67,7 +79,9 @@ def check_build_dir(build_dir: Path) -> None:
     from crystaloop.errors import UserError
 
     if build_dir.exists() and not build_dir.is_dir():
-        raise UserError(f"--out {build_dir} is a file; pass a folder (new or existing) for the prior-v2 build")
+        raise UserError(
+            f"--out {build_dir} is a file; pass a folder (new or existing) for the prior-v2 build"
+        )
     resolved = build_dir.resolve()
     shipped = shipped_prior_dir()
     if resolved == shipped or shipped in resolved.parents:
@@ -77,7 +91,11 @@ def check_build_dir(build_dir: Path) -> None:
 
 
 def load_decorations(
-    build_dir: Path, settings: DecorationSettings, palette: Sequence[str], *, prototypes: Sequence[str] | None = None
+    build_dir: Path,
+    settings: DecorationSettings,
+    palette: Sequence[str],
+    *,
+    prototypes: Sequence[str] | None = None,
 ) -> list[decorate.Decoration]:
     """The build's decorations: read from ``decorations.json``, or chosen and written there.
 
@@ -96,9 +114,13 @@ def load_decorations(
             stored = doc["settings"]
             decorations = [decorate.Decoration.from_dict(d) for d in doc["decorations"]]
         except (ValueError, KeyError, TypeError):
-            raise UserError(f"{path} is not a decorations file; delete it (or the folder) to start over") from None
+            raise UserError(
+                f"{path} is not a decorations file; delete it (or the folder) to start over"
+            ) from None
         if stored != wanted:
-            changed = ", ".join(f"{k} {stored.get(k)!r} -> {v!r}" for k, v in wanted.items() if stored.get(k) != v)
+            changed = ", ".join(
+                f"{k} {stored.get(k)!r} -> {v!r}" for k, v in wanted.items() if stored.get(k) != v
+            )
             raise UserError(
                 f"{build_dir} was started with other decoration settings ({changed}); "
                 "rerun with the same settings or pass a new --out folder"
@@ -212,22 +234,9 @@ def build(
 
 
 def _run(todo: list[dict], workers: int, batch_size: int) -> Iterable[dict]:
-    if not todo:
-        return
-    if workers <= 1:
-        _init_worker(batch_size)
-        for dec in todo:
-            yield label_decoration(dec)
-        return
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(batch_size,)) as pool:
-        yield from pool.imap_unordered(label_decoration, todo)
-
-
-def _r(x: Any) -> Any:
-    return round(x, ROUND) if isinstance(x, float) else x
+    return worker_map(
+        label_decoration, todo, workers=workers, initializer=_init_worker, initargs=(batch_size,)
+    )
 
 
 def make_record(result: dict, references: dict[str, float] | None) -> dict:
@@ -244,7 +253,7 @@ def make_record(result: dict, references: dict[str, float] | None) -> dict:
     rec["converged"] = bool(result.get("converged"))
     if result.get("structure"):
         s = Structure.from_dict(result["structure"])
-        rec["lattice"] = [[_r(float(x)) for x in row] for row in s.lattice.matrix]
+        rec["lattice"] = [[rounded(float(x)) for x in row] for row in s.lattice.matrix]
         rec["species"] = [site.specie.symbol for site in s]
         rec["frac_coords"] = [[round(float(x), 5) for x in row] for row in s.frac_coords]
     if rec["reject_reason"]:
@@ -258,8 +267,8 @@ def make_record(result: dict, references: dict[str, float] | None) -> dict:
             labels["formation_energy_per_atom"] = result["energy_per_atom"] - sum(
                 frac * references[el.symbol] for el, frac in comp.items()
             )
-    rec["labels"] = {k: _r(v) for k, v in labels.items()}
-    rec.update({k: _r(result.get(k)) for k in EXTRA_KEYS})
+    rec["labels"] = {k: rounded(v) for k, v in labels.items()}
+    rec.update({k: rounded(result.get(k)) for k in EXTRA_KEYS})
     return rec
 
 
@@ -296,9 +305,17 @@ def finalize(labels_path: Path, output: Path, references: dict[str, dict]) -> di
             "volume_per_atom": "angstrom^3/atom",
             "lattice": "angstrom",
         },
-        "references": {s: {k: _r(v) for k, v in ref.items()} for s, ref in sorted(references.items())},
+        "references": {s: {k: rounded(v) for k, v in ref.items()} for s, ref in sorted(references.items())},
     }
     return write_prior(output, header, records)
 
 
-__all__ = ["DATASET", "BuildReport", "DecorationSettings", "build", "content_hash", "finalize", "load_decorations"]
+__all__ = [
+    "DATASET",
+    "BuildReport",
+    "DecorationSettings",
+    "build",
+    "content_hash",
+    "finalize",
+    "load_decorations",
+]
