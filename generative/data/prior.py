@@ -145,6 +145,11 @@ class BuildReport:
     seconds: float
     labels_path: Path
 
+    @property
+    def seconds_per_structure(self) -> float | None:
+        """Wall seconds per structure labelled in this call."""
+        return self.seconds / self.labelled_now if self.labelled_now else None
+
 
 def build(
     build_dir: Path,

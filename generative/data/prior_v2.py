@@ -28,6 +28,7 @@ from typing import Any
 
 from crystaloop.generative.data import decorate
 from crystaloop.generative.data.prior import (
+    BuildReport,
     _repair_torn_tail,
     content_hash,
     read_done,
@@ -170,22 +171,6 @@ def label_decoration(decoration: dict) -> dict:
         rec["crystal_system"] = decorate.crystal_system(final)
         rec["spacegroup"] = decorate.spacegroup_symbol(final)
     return rec
-
-
-@dataclass
-class BuildReport:
-    """What one build call did."""
-
-    total: int
-    labelled_now: int
-    already_done: int
-    seconds: float
-    labels_path: Path
-
-    @property
-    def seconds_per_structure(self) -> float | None:
-        """Wall seconds per structure labelled in this call."""
-        return self.seconds / self.labelled_now if self.labelled_now else None
 
 
 def build(
