@@ -28,15 +28,38 @@ def load_testset() -> dict[str, Any]:
 
 
 def compound_structure(spec: dict[str, Any]) -> Structure:
-    """The structure of one test-set entry (``lattice`` is cubic, fcc or hexagonal)."""
+    """The structure of one test-set entry, as a primitive cell.
+
+    ``lattice`` (cubic, fcc or hexagonal) with ``species`` and ``coords``; ``spacegroup`` with
+    ``lattice`` (cubic, tetragonal or hexagonal) and Wyckoff ``sites``; or ``aflow``, a label
+    of pymatgen's AFLOW prototype library (``formula`` picks the entry).
+    """
+    if "aflow" in spec:
+        from pymatgen.analysis.prototypes import AFLOW_PROTOTYPE_LIBRARY
+
+        entry = next(
+            e
+            for e in AFLOW_PROTOTYPE_LIBRARY
+            if e["tags"]["aflow"] == spec["aflow"]
+            and e["snl"].structure.composition.reduced_formula == spec["formula"]
+        )
+        return entry["snl"].structure.get_primitive_structure()
     kind, value = next(iter(spec["lattice"].items()))
     if kind == "cubic":
         lattice = Lattice.cubic(value)
     elif kind == "hexagonal":
         lattice = Lattice.hexagonal(*value)
+    elif kind == "tetragonal":
+        lattice = Lattice.tetragonal(*value)
     else:  # fcc: primitive cell of the conventional cube ``value``
         h = value / 2
         lattice = Lattice([[0, h, h], [h, 0, h], [h, h, 0]])
+    if "spacegroup" in spec:
+        if kind == "fcc":
+            lattice = Lattice.cubic(value)
+        sites = spec["sites"]
+        conventional = Structure.from_spacegroup(spec["spacegroup"], lattice, list(sites), list(sites.values()))
+        return conventional.get_primitive_structure()
     return Structure(lattice, spec["species"], spec["coords"])
 
 
@@ -56,10 +79,18 @@ class PresetResult:
     wall_s: float
     references_cached: list[str]
     reasons: list[str]
+    band_gap: float | None = None  # eV
+    magnetic_ordering: str | None = None  # the kept ordering of a spin-polarised run
+    orderings: list[dict[str, Any]] | None = None  # every ordering relaxed: energy, moments, gap
+    formation_energy_raw: float | None = None  # eV/atom, before any anion correction
 
 
 def conventional_a(structure: Structure, spec: dict[str, Any]) -> float:
     """The lattice constant comparable with ``exp_a``."""
+    if "aflow" in spec or "spacegroup" in spec:
+        from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+        return SpacegroupAnalyzer(structure, symprec=0.1).get_conventional_standard_structure().lattice.a
     kind = next(iter(spec["lattice"]))
     if kind == "fcc":
         return (4 * structure.volume) ** (1 / 3)
@@ -68,15 +99,24 @@ def conventional_a(structure: Structure, spec: dict[str, Any]) -> float:
     return structure.lattice.a
 
 
-def run_compound(compound: str, preset: str, spec: dict[str, Any]) -> PresetResult:
-    """Relax ``compound`` with ``preset`` and compute E_f (references at its cutoffs)."""
+def run_compound(
+    compound: str, preset: str, spec: dict[str, Any], magnetic_orderings: tuple[str, ...] = ("fm",)
+) -> PresetResult:
+    """Relax ``compound`` with ``preset`` and compute E_f (references at its cutoffs).
+
+    ``magnetic_orderings`` ``("fm", "afm")`` also relaxes the simplest antiferromagnetic
+    ordering of a magnetic compound and keeps the lower (the raw E_f is never corrected here).
+    """
     from crystaloop.dft.backends import run_local
     from crystaloop.dft.flows import FormationEnergyFlow
     from crystaloop.dft.schemas import ElementReference, FormationEnergyDocument, QETaskDocument
 
     structure = compound_structure(spec)
     flow = FormationEnergyFlow(
-        structure, preset=preset, metadata={"benchmark": "bench presets", "compound": compound}
+        structure,
+        preset=preset,
+        metadata={"benchmark": "bench presets", "compound": compound},
+        magnetic_orderings=magnetic_orderings,
     )
     start = time.perf_counter()
     responses = run_local(flow)
@@ -105,11 +145,24 @@ def run_compound(compound: str, preset: str, spec: dict[str, Any]) -> PresetResu
         wall_s=wall,
         references_cached=cached,
         reasons=list(formation.reasons) if formation else ["no formation-energy output"],
+        band_gap=task.band_gap if task is not None else None,
+        magnetic_ordering=task.magnetic_ordering if task is not None else None,
+        orderings=[o.model_dump() for o in task.magnetic_orderings] if task is not None else None,
+        formation_energy_raw=formation.formation_energy_per_atom_raw if formation else None,
     )
 
 
 def _pw_time(tasks) -> float:
-    return float(sum(t.wall_time_s or 0.0 for t in tasks if t is not None))
+    """pw.x time of the relaxations, every magnetic ordering included."""
+    total = 0.0
+    for task in tasks:
+        if task is None:
+            continue
+        if task.magnetic_orderings:
+            total += sum(o.wall_time_s or 0.0 for o in task.magnetic_orderings)
+        else:
+            total += task.wall_time_s or 0.0
+    return float(total)
 
 
 def _reference_pw_time(references) -> float:

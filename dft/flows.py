@@ -10,6 +10,8 @@ from pymatgen.core import Structure
 
 from crystaloop.dft import store
 from crystaloop.dft.backends import ROLE_KEY
+from crystaloop.dft.corrections import NO_CORRECTION, AnionCorrection
+from crystaloop.dft.magnetism import check_orderings
 from crystaloop.dft.sanity import unphysical_energy
 from crystaloop.dft.schemas import ElementReference, FormationEnergyDocument, QETaskDocument
 
@@ -30,8 +32,13 @@ def formation_energy_job(
     task: QETaskDocument,
     references: dict[str, float | ElementReference],
     record: bool = True,
+    correction: dict[str, Any] | None = None,
 ) -> FormationEnergyDocument:
-    """Formation energy of a finished relaxation; stored on its ``dft_tasks`` record."""
+    """Formation energy of a finished relaxation; stored on its ``dft_tasks`` record.
+
+    ``correction`` (``label``, ``values``: an :class:`~crystaloop.dft.corrections.AnionCorrection`
+    as a dict) shifts the stored value; the raw one and the label are kept beside it.
+    """
     task = task if isinstance(task, QETaskDocument) else QETaskDocument.model_validate(task)
     energies = {
         el: (ref.energy_per_atom if isinstance(ref, ElementReference) else float(ref))
@@ -76,9 +83,13 @@ def formation_energy_job(
             preset=task.input.preset,
             **cutoffs,
         )
-    value = formation_energy_per_atom(task.final_structure, task.energy, energies)
+    raw = formation_energy_per_atom(task.final_structure, task.energy, energies)
+    anion = AnionCorrection(correction["label"], dict(correction["values"])) if correction else NO_CORRECTION
+    shift = anion.per_atom(task.final_structure.composition)
+    label = anion.label if anion.anions(task.final_structure.composition) else "none"
+    value = raw + shift
     if record:
-        store.set_formation_energy(task.task_id, value)
+        store.set_formation_energy(task.task_id, value, raw=raw, correction=label)
     return FormationEnergyDocument(
         task_id=task.task_id,
         engine=task.engine,
@@ -86,6 +97,9 @@ def formation_energy_job(
         state="successful",
         energy_per_atom=task.energy_per_atom,
         formation_energy_per_atom=value,
+        formation_energy_per_atom_raw=raw,
+        anion_correction=label,
+        anion_correction_per_atom=shift,
         references=energies,
         preset=task.input.preset,
         **cutoffs,
@@ -118,6 +132,13 @@ class FormationEnergyFlow(Flow):
     record
         Jobs write ``dft_tasks`` and the reference cache themselves. False for jobs on
         workers without a database: they only return their outputs, and the caller records them.
+    anion_correction
+        Apply the shipped anion correction fitted for this family and preset (pw.x engine;
+        :mod:`crystaloop.dft.corrections`). Without a matching fit the energy stays raw, and
+        its document says ``anion_correction: none``.
+    magnetic_orderings
+        ``["fm", "afm"]`` also relaxes the simplest antiferromagnetic ordering of a magnetic
+        compound (and element) and keeps the lower (pw.x engine; :mod:`crystaloop.dft.magnetism`).
     """
 
     def __init__(
@@ -135,11 +156,15 @@ class FormationEnergyFlow(Flow):
         use_cache: bool = True,
         pw_command: str | None = None,
         record: bool = True,
+        anion_correction: bool = False,
+        magnetic_orderings: list[str] | tuple[str, ...] | None = None,
     ) -> None:
         self.structure = structure
         self.engine = engine
         self.preset = preset
         self.overrides = dict(overrides or {})
+        if magnetic_orderings and engine == "espresso" and tuple(magnetic_orderings) != ("fm",):
+            self.overrides["magnetic_orderings"] = list(check_orderings(magnetic_orderings))
         self.relax_maker = relax_maker or _default_relax_maker(engine, preset, self.overrides)
         self.reference_maker = reference_maker or _default_reference_maker(
             engine, preset, self.overrides
@@ -177,11 +202,25 @@ class FormationEnergyFlow(Flow):
             ref_job.update_metadata({ROLE_KEY: "reference"})
             jobs.append(ref_job)
             references[element] = ref_job.output
-        fe = formation_energy_job(relax.output, references, record=relax_maker.record)
+        correction = self._correction() if anion_correction and engine == "espresso" else None
+        fe = formation_energy_job(relax.output, references, record=relax_maker.record, correction=correction)
         fe.name = "formation energy"
         fe.update_metadata({ROLE_KEY: "formation_energy"})
         jobs.append(fe)
         super().__init__(jobs, output=fe.output, name=name)
+
+    def _correction(self) -> dict[str, Any] | None:
+        """The shipped anion correction of this family and preset, as the job's argument."""
+        from crystaloop.dft.corrections import correction_for
+        from crystaloop.dft.espresso.inputs import load_preset
+        from crystaloop.dft.pseudos import family_from_settings
+        from crystaloop.errors import UserError
+
+        try:
+            found = correction_for(family_from_settings(), load_preset(self.preset).label)
+        except UserError:
+            return None
+        return {"label": found.label, "values": found.values} if found else None
 
     def _cached(self, element: str, compound_elements: list[str]) -> ElementReference | None:
         from crystaloop.errors import UserError

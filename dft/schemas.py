@@ -68,6 +68,21 @@ class IonicStep(BaseModel):
     energy: float = Field(description="Total energy, eV.")
 
 
+class OrderingResult(BaseModel):
+    """One magnetic ordering of a compound, relaxed."""
+
+    ordering: Literal["fm", "afm"]
+    state: Literal["successful", "failed"]
+    energy_per_atom: float | None = Field(None, description="eV/atom.")
+    nsites: int
+    total_magnetization: float | None = Field(None, description="Bohr magneton per cell.")
+    absolute_magnetization: float | None = Field(None, description="Bohr magneton per cell.")
+    band_gap: float | None = Field(None, description="eV.")
+    wall_time_s: float | None = Field(None, description="The engine's own wall time, s.")
+    dir_name: str | None = None
+    reasons: list[str] = Field(default_factory=list)
+
+
 class QETaskDocument(BaseModel):
     """The result of one relaxation or static run.
 
@@ -96,6 +111,16 @@ class QETaskDocument(BaseModel):
         None, description="Final stress tensor, GPa, ASE sign (the negative of pw.x's printout)."
     )
     total_magnetization: float | None = Field(None, description="Bohr magneton per cell.")
+    absolute_magnetization: float | None = Field(
+        None, description="Bohr magneton per cell, |m| integrated: nonzero for an antiferromagnet."
+    )
+    magnetic_ordering: Literal["fm", "afm"] | None = Field(
+        None, description="The ordering of this result, for spin-polarised runs."
+    )
+    magnetic_orderings: list[OrderingResult] = Field(
+        default_factory=list,
+        description="Every ordering relaxed (dft.magnetic_orderings); the lowest is this result.",
+    )
     band_gap: float | None = Field(
         None, description="eV; 0.0 for a metal; None when there are no empty bands."
     )
@@ -150,7 +175,16 @@ class FormationEnergyDocument(BaseModel):
     state: Literal["successful", "failed"]
     reasons: list[str] = Field(default_factory=list)
     energy_per_atom: float | None = Field(None, description="eV/atom.")
-    formation_energy_per_atom: float | None = Field(None, description="eV/atom.")
+    formation_energy_per_atom: float | None = Field(
+        None, description="eV/atom; with the anion correction when one was applied."
+    )
+    formation_energy_per_atom_raw: float | None = Field(
+        None, description="eV/atom against the references, before any correction."
+    )
+    anion_correction: str = Field(
+        "none", description="The correction applied: a fit's label (dft/corrections.py) or none."
+    )
+    anion_correction_per_atom: float = Field(0.0, description="The shift applied, eV/atom.")
     references: dict[str, float] = Field(
         default_factory=dict, description="Element -> reference energy, eV/atom."
     )

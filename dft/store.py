@@ -94,14 +94,18 @@ def save_task(doc: QETaskDocument, database=None) -> None:
     _database(database)[TASKS].replace_one({"task_id": doc.task_id}, task_record(doc), upsert=True)
 
 
-def set_formation_energy(task_id: str, value: float | None, database=None) -> None:
-    """Store a formation energy (eV/atom) on a task record."""
+def set_formation_energy(
+    task_id: str, value: float | None, database=None, *, raw: float | None = None, correction: str = "none"
+) -> None:
+    """Store a formation energy (eV/atom) on a task record, with the raw value and its correction."""
     _database(database)[TASKS].update_one(
         {"task_id": task_id},
         {
             "$set": {
                 "formation_energy_per_atom": value,
                 "output.formation_energy_per_atom": value,
+                "formation_energy_per_atom_raw": value if raw is None else raw,
+                "anion_correction": correction,
                 "updated_at": datetime.now(UTC),
             }
         },

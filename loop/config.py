@@ -348,6 +348,25 @@ class DFTSettings(_Strict):
         description="Element -> structure file (CIF, POSCAR...) of its ground state, replacing the "
         "built-in reference; a relative path is read from the current folder and stored absolute.",
     )
+    magnetic_orderings: list[Literal["fm", "afm"]] = Field(
+        default_factory=lambda: ["fm"],
+        description="[fm, afm] also relaxes the simplest antiferromagnetic ordering of a magnetic "
+        "compound (and element reference) and keeps the lower energy per atom (pw.x engine).",
+    )
+    anion_correction: bool = Field(
+        False,
+        description="Apply the anion correction fitted for this family and preset (pw.x engine; "
+        "dft/data/anion_corrections.yaml) to every formation energy and hull phase; the raw "
+        "energies are kept beside the corrected ones.",
+    )
+
+    @model_validator(mode="after")
+    def _orderings_reach_the_preset(self) -> DFTSettings:
+        # The preset carries the orderings, so that the relaxation's cache key includes them.
+        orderings = list(dict.fromkeys(["fm", *self.magnetic_orderings]))
+        if orderings != ["fm"] and self.engine == "espresso" and self.overrides.get("magnetic_orderings") != orderings:
+            self.overrides = {**self.overrides, "magnetic_orderings": orderings}  # validated again, once
+        return self
 
     @field_validator("reference_structures")
     @classmethod

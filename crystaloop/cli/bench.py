@@ -24,3 +24,7 @@ bench_cluster.register(app)
 from crystaloop.cli import bench_realism  # noqa: E402
 
 bench_realism.register(app)
+
+from crystaloop.cli import bench_oracle  # noqa: E402
+
+bench_oracle.register(app)

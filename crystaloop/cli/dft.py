@@ -224,6 +224,12 @@ def relax(
     ),
     worker: str = typer.Option(None, "--worker", help="jobflow-remote worker name."),
     project: str = typer.Option(None, "--project", help="jobflow-remote project name."),
+    magnetic_orderings: str = typer.Option(
+        "fm", "--magnetic-orderings", help="fm, or fm,afm: also relax the simplest AFM ordering, keep the lower."
+    ),
+    anion_correction: bool = typer.Option(
+        False, "--anion-correction/--no-anion-correction", help="Apply the fitted O/F correction to E_f."
+    ),
 ) -> None:
     """Relax one structure (vc-relax) and print the result table."""
     import warnings
@@ -237,6 +243,12 @@ def relax(
         raise UserError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
     if engine not in ("espresso", "surrogate"):
         raise UserError(f"unknown engine '{engine}'; choose espresso or surrogate")
+    from crystaloop.dft.magnetism import check_orderings
+
+    try:
+        orderings = check_orderings(o.strip() for o in magnetic_orderings.split(",") if o.strip())
+    except ValueError as exc:
+        raise UserError(f"{exc} (--magnetic-orderings)") from None
     structure = _read_structure(structure_file)
     if engine == "espresso":
         from crystaloop.dft.espresso.run import require_executables
@@ -247,7 +259,7 @@ def relax(
         family_from_settings().require(structure)
         if backend == "local":  # workers elsewhere run pw.x for the other backends
             require_executables(get_settings().pw_command, "CRYSTALOOP_PW_COMMAND")
-    flow = _build_flow(structure, engine, preset, formation_energy)
+    flow = _build_flow(structure, engine, preset, formation_energy, orderings, anion_correction)
     if backend == "fireworks":
         ids = run_flow(flow, "fireworks")
         console.print(
@@ -265,20 +277,26 @@ def relax(
     _print_result(flow, responses)
 
 
-def _build_flow(structure, engine: str, preset: str, formation_energy: bool):
+def _build_flow(
+    structure, engine: str, preset: str, formation_energy: bool, orderings=("fm",), anion_correction=False
+):
     from jobflow import Flow
 
     from crystaloop.dft.flows import FormationEnergyFlow
 
     if formation_energy:
-        return FormationEnergyFlow(structure, engine=engine, preset=preset)
+        return FormationEnergyFlow(
+            structure, engine=engine, preset=preset, magnetic_orderings=orderings,
+            anion_correction=anion_correction,
+        )
     if engine == "surrogate":
         from crystaloop.dft.surrogate import SurrogateRelaxMaker
 
         return Flow([SurrogateRelaxMaker().make(structure)])
     from crystaloop.dft.espresso.jobs import QERelaxMaker
 
-    return Flow([QERelaxMaker(preset=preset).make(structure)])
+    overrides = {"magnetic_orderings": list(orderings)} if tuple(orderings) != ("fm",) else {}
+    return Flow([QERelaxMaker(preset=preset, overrides=overrides).make(structure)])
 
 
 def _print_result(flow, responses) -> None:
@@ -311,10 +329,27 @@ def _print_result(flow, responses) -> None:
             "formation energy (eV/atom)",
             _fmt(formation.formation_energy_per_atom if formation else None),
         ),
+        (
+            "anion correction",
+            f"{formation.anion_correction} ({formation.anion_correction_per_atom:+.3f} eV/atom; raw "
+            f"{_fmt(formation.formation_energy_per_atom_raw)})"
+            if formation and formation.anion_correction != "none"
+            else "none",
+        ),
+        (
+            "magnetic ordering",
+            ", ".join(
+                f"{o.ordering} {_fmt(o.energy_per_atom, '.4f')} eV/atom"
+                + (" (kept)" if o.ordering == task.magnetic_ordering else "")
+                for o in task.magnetic_orderings
+            )
+            or (task.magnetic_ordering or "-"),
+        ),
         ("lattice a, b, c (Å)", " ".join(f"{x:.4f}" for x in final.lattice.abc) if final else "-"),
         ("volume per atom (Å³)", _fmt(final.volume / len(final) if final else None)),
         ("band gap (eV)", _fmt(task.band_gap)),
         ("total magnetisation (μB/cell)", _fmt(task.total_magnetization)),
+        ("absolute magnetisation (μB/cell)", _fmt(task.absolute_magnetization)),
         ("ionic steps", str(task.n_ionic_steps)),
         ("engine wall time (s)", _fmt(task.wall_time_s, ".2f")),
         ("corrections", str(len(task.corrections))),

@@ -50,6 +50,10 @@ class Preset(BaseModel):
     starting_magnetization: float = Field(
         0.4, ge=-1, le=1, description="Fraction of valence charge, on magnetic elements."
     )
+    magnetic_orderings: list[Literal["fm", "afm"]] = Field(
+        default_factory=lambda: ["fm"],
+        description="Orderings relaxed for a magnetic compound; the lowest energy per atom is kept.",
+    )
     input_data: dict[str, dict[str, Any]]
 
     @property
@@ -254,9 +258,13 @@ def build_pw_input(
     magmoms = None
     if is_spin_polarized(structure, preset):
         data["system"]["nspin"] = 2
+        # An antiferromagnetic trial (dft/magnetism.py) signs the moments with the ``spin`` property.
+        spins = structure.site_properties.get("spin") or [1] * len(structure)
         magmoms = [
-            preset.starting_magnetization if site.specie.symbol in MAGNETIC_ELEMENTS else 0.0
-            for site in structure
+            preset.starting_magnetization * (-1.0 if spin < 0 else 1.0)
+            if site.specie.symbol in MAGNETIC_ELEMENTS
+            else 0.0
+            for site, spin in zip(structure, spins, strict=True)
         ]
         if not any(magmoms):
             magmoms = [preset.starting_magnetization] * len(structure)

@@ -23,12 +23,15 @@ from pymatgen.core import Structure
 from crystaloop.dft import store
 from crystaloop.dft.espresso.handlers import HandledRun, default_handlers, run_with_handlers
 from crystaloop.dft.espresso.inputs import (
+    MAGNETIC_ELEMENTS,
     available_presets,
     build_pw_input,
     deep_merge,
+    is_spin_polarized,
     load_preset,
     resolve_cutoffs,
 )
+from crystaloop.dft.magnetism import SPIN, afm_ordering
 from crystaloop.dft.pseudos import PseudoFamily, family_from_settings
 from crystaloop.dft.references import SPIN_POLARIZED_REFERENCES, reference_structure, structure_digest
 from crystaloop.dft.sanity import unphysical_geometry
@@ -36,6 +39,7 @@ from crystaloop.dft.schemas import (
     Correction,
     ElementReference,
     IonicStep,
+    OrderingResult,
     PseudoRef,
     QEInputDoc,
     QETaskDocument,
@@ -79,6 +83,9 @@ def reference_key(
     from the built-in reference's.
     """
     spin = "+spin" if element in SPIN_POLARIZED_REFERENCES else ""
+    if element is not None and element not in MAGNETIC_ELEMENTS and "magnetic_orderings" in overrides:
+        # Orderings change nothing for a non-magnetic element: share its cached reference.
+        overrides = {k: v for k, v in overrides.items() if k != "magnetic_orderings"}
     own = f"+s{structure_digest(structure)}" if structure is not None else ""
     return f"{preset_key(preset, overrides)}@{cutoffs[0]:g}/{cutoffs[1]:g}Ry{spin}{own}"
 
@@ -218,8 +225,6 @@ def run_espresso_task(
             store.save_task(doc)
         return doc
     preset = _merged_preset(maker, calculation)
-    pw_input = build_pw_input(structure, preset, family, cutoff_elements=cutoff_elements)
-    directory = job_directory(task_id)
     if maker.record:
         store.mark_running(
             task_id,
@@ -229,6 +234,72 @@ def run_espresso_task(
             preset.label,
             maker.metadata,
         )
+    trials = [("fm", structure)]
+    if "afm" in preset.magnetic_orderings and is_spin_polarized(structure, preset):
+        antiferro = afm_ordering(structure)
+        if antiferro is not None:
+            ferro = structure.copy()
+            if SPIN in ferro.site_properties:
+                ferro.remove_site_property(SPIN)
+            trials = [("fm", ferro), ("afm", antiferro)]
+    docs = []
+    for ordering, trial in trials:
+        directory = job_directory(task_id) if ordering == "fm" else job_directory(task_id) / ordering
+        doc = _run_pw(
+            maker, trial, preset, family, task_id, directory, calculation,
+            prev_dir=prev_dir if ordering == "fm" else None, cutoff_elements=cutoff_elements,
+        )
+        if doc.final_structure is not None and ordering == "afm":
+            # The relaxed cell keeps its pattern, so that a later run starts from it.
+            spins = trial.site_properties[SPIN]
+            doc.final_structure.add_site_property(SPIN, spins)
+        if is_spin_polarized(structure, preset):
+            doc.magnetic_ordering = ordering  # type: ignore[assignment]
+        docs.append(doc)
+    doc = _lowest(docs)
+    if len(docs) > 1:
+        doc.magnetic_orderings = [
+            OrderingResult(
+                ordering=d.magnetic_ordering or "fm",
+                state=d.state,
+                energy_per_atom=d.energy_per_atom,
+                nsites=d.nsites,
+                total_magnetization=d.total_magnetization,
+                absolute_magnetization=d.absolute_magnetization,
+                band_gap=d.band_gap,
+                wall_time_s=d.wall_time_s,
+                dir_name=d.dir_name,
+                reasons=d.reasons,
+            )
+            for d in docs
+        ]
+    doc.total_time_s = time.perf_counter() - start
+    if maker.record:
+        store.save_task(doc)
+    return doc
+
+
+def _lowest(docs: list[QETaskDocument]) -> QETaskDocument:
+    """The successful document with the lowest energy per atom, else the first."""
+    done = [d for d in docs if d.successful and d.energy_per_atom is not None]
+    return min(done, key=lambda d: d.energy_per_atom) if done else docs[0]
+
+
+def _run_pw(
+    maker: BaseQEMaker,
+    structure: Structure,
+    preset,
+    family: PseudoFamily,
+    task_id: str,
+    directory: Path,
+    calculation: str,
+    *,
+    prev_dir: str | Path | None,
+    cutoff_elements: list[str] | None,
+) -> QETaskDocument:
+    """One pw.x run with error recovery, as a task document (never raises)."""
+    pw_input = build_pw_input(structure, preset, family, cutoff_elements=cutoff_elements)
+    directory.mkdir(parents=True, exist_ok=True)
     try:
         if prev_dir is not None and (Path(prev_dir) / "out").is_dir():
             shutil.copytree(Path(prev_dir) / "out", directory / "out", dirs_exist_ok=True)
@@ -259,9 +330,6 @@ def run_espresso_task(
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
         doc = _failed_document(maker, structure, task_id, [reason], calculation)
         doc.dir_name = str(directory)
-    doc.total_time_s = time.perf_counter() - start
-    if maker.record:
-        store.save_task(doc)
     return doc
 
 
@@ -300,6 +368,7 @@ def task_document(
         forces=out.forces.tolist() if out is not None and out.forces is not None else None,
         stress=out.stress.tolist() if out is not None and out.stress is not None else None,
         total_magnetization=out.total_magnetization if out is not None else None,
+        absolute_magnetization=out.absolute_magnetization if out is not None else None,
         band_gap=out.band_gap if out is not None else None,
         is_metal=out.is_metal if out is not None else None,
         band_gap_by_spin=out.band_gap_by_spin if out is not None else None,

@@ -21,6 +21,7 @@ EV_PER_A3_TO_GPA = 160.21766208
 _VERSION = re.compile(r"Program PWSCF v\.?\s*(\S+)")
 _WALL = re.compile(r"PWSCF\s*:.*CPU\s+(.*)WALL")
 _TOTAL_MAG = re.compile(r"total magnetization\s*=\s*(-?[\d.]+)")
+_ABS_MAG = re.compile(r"absolute magnetization\s*=\s*([\d.]+)")
 _SCF_FAILED = "convergence NOT achieved"
 _MAX_STEPS = "The maximum number of steps has been reached"
 _RELAX_DONE = ("End of BFGS Geometry Optimization", "End final coordinates", "bfgs converged")
@@ -67,6 +68,7 @@ class PwOutput:
     errors: list[str] = field(default_factory=list)
     band_gap_by_spin: list[float | None] | None = None
     is_half_metal: bool | None = None
+    absolute_magnetization: float | None = None
 
     @property
     def successful(self) -> bool:
@@ -255,6 +257,7 @@ def parse_pw_output(path: Path | str, *, strict: bool = True) -> PwOutput:
         except Exception:  # not printed
             fermi = None
     mags = _TOTAL_MAG.findall(text)
+    abs_mags = _ABS_MAG.findall(text)
     return PwOutput(
         path=path,
         version=version.group(1) if version else None,
@@ -271,6 +274,7 @@ def parse_pw_output(path: Path | str, *, strict: bool = True) -> PwOutput:
         forces=forces,
         stress=stress,
         total_magnetization=float(mags[-1]) if mags else None,
+        absolute_magnetization=float(abs_mags[-1]) if abs_mags else None,
         band_gap=gap.gap,
         is_metal=gap.is_metal,
         band_gap_by_spin=list(gap.by_spin) if gap.by_spin is not None else None,
