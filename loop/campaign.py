@@ -48,6 +48,7 @@ from crystaloop.errors import DatabaseUnavailable, UserError
 from crystaloop.loop.acquire import AcquisitionContext, get_acquisition, select_batch
 from crystaloop.loop.config import CampaignConfig
 from crystaloop.loop.retrain import DFTResult, HookContext, enabled_hooks, run_hooks
+from crystaloop.loop.stability import corrected_values
 
 if TYPE_CHECKING:  # generation imports torch; the campaign loads it only when generating
     from crystaloop.loop.generation import BaseCompound
@@ -969,6 +970,8 @@ class Campaign:
     ) -> str:
         update: dict[str, Any] = {"dft_engine": self.config.dft.engine, "dft_job": job or candidate.dft_job}
         if values is not None:
+            values, correction = corrected_values(self.config, candidate.reduced_formula, values)
+            update["dft_job"] = {**update["dft_job"], "anion_correction": correction}
             stability = self._stability(candidate, values)
             if stability is not None:
                 values = {**values, "energy_above_hull": stability.energy_above_hull}

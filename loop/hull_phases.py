@@ -22,6 +22,7 @@ from typing import Any
 
 from pymatgen.core import Composition, Structure
 
+from crystaloop.dft.corrections import NO_CORRECTION, AnionCorrection
 from crystaloop.dft.hull import FormationHull, HullPhase
 from crystaloop.loop.stability import FORMATION_ENERGY, prior_phases
 
@@ -256,9 +257,12 @@ def _write(database, key, phase: CompetingPhase, settings, value, task_id, reaso
     )
 
 
-def add_hull_phases(hull: FormationHull, database, config, elements: Iterable[str]) -> FormationHull:
+def add_hull_phases(
+    hull: FormationHull, database, config, elements: Iterable[str], correction: AnionCorrection = NO_CORRECTION
+) -> FormationHull:
     """Add to ``hull`` the competing phases of ``elements``' system relaxed with ``config``'s DFT
-    settings (failed ones marked missing, so answers in their systems are upper bounds)."""
+    settings (failed ones marked missing, so answers in their systems are upper bounds), their
+    raw formation energies shifted by ``correction`` as the campaign's own results are."""
     from crystaloop.dft.cache import relaxation_settings
 
     dft = config.dft
@@ -272,7 +276,8 @@ def add_hull_phases(hull: FormationHull, database, config, elements: Iterable[st
         if settings["key"] != doc["settings_key"]:
             continue  # relaxed with other settings: another hull
         if doc["state"] == "relaxed":
-            hull.add(HullPhase(doc["formula"], float(doc[FORMATION_ENERGY]), doc["task_id"] or doc["_id"]))
+            value = correction.correct(doc["formula"], float(doc[FORMATION_ENERGY]))
+            hull.add(HullPhase(doc["formula"], value, doc["task_id"] or doc["_id"]))
         else:
             hull.mark_missing(doc["formula"])
     return hull

@@ -22,10 +22,12 @@ from functools import lru_cache
 import numpy as np
 from pymatgen.core import Structure
 
+from crystaloop.dft.corrections import NO_CORRECTION, AnionCorrection
 from crystaloop.dft.hull import FormationHull, HullPhase, Stability
 
 ENERGY_ABOVE_HULL = "energy_above_hull"
 FORMATION_ENERGY = "formation_energy_per_atom"
+RAW_FORMATION_ENERGY = "formation_energy_per_atom_raw"
 
 
 @lru_cache(maxsize=1)
@@ -70,20 +72,52 @@ def chgnet_hull(database, campaign: str, *, exclude: str | None = None) -> Forma
     return hull
 
 
+def campaign_correction(config) -> AnionCorrection:
+    """The anion correction of the campaign ``config`` (``dft.anion_correction``), or none.
+
+    Only the pw.x engine is corrected, and only with a fit shipped for the campaign's family
+    and preset (:func:`crystaloop.dft.corrections.correction_for`).
+    """
+    if not config.dft.anion_correction or config.dft.engine != "espresso":
+        return NO_CORRECTION
+    from crystaloop.dft.corrections import correction_for
+    from crystaloop.dft.espresso.inputs import load_preset
+    from crystaloop.dft.pseudos import family_from_settings
+
+    found = correction_for(family_from_settings(), load_preset(config.dft.preset).label)
+    return found or NO_CORRECTION
+
+
+def corrected_values(config, formula: str, values: dict) -> tuple[dict, str]:
+    """A DFT result's values with the campaign's anion correction (the corrected formation
+    energy and the raw one, ``formation_energy_per_atom_raw``), and the correction's label."""
+    raw = values.get(RAW_FORMATION_ENERGY, values.get(FORMATION_ENERGY))
+    if raw is None:
+        return values, "none"
+    correction = campaign_correction(config)
+    label = correction.label if correction.anions(formula) else "none"
+    return {**values, RAW_FORMATION_ENERGY: raw, FORMATION_ENERGY: correction.correct(formula, raw)}, label
+
+
 def dft_hull(database, config, *, exclude: str | None = None, elements: Iterable[str] = ()) -> FormationHull:
     """The hull a DFT result of the campaign ``config`` is verified against (see the module
     docstring); ``elements`` names the system whose relaxed competing phases
-    (:mod:`crystaloop.loop.hull_phases`) join it."""
+    (:mod:`crystaloop.loop.hull_phases`) join it. Every phase, the campaign's own results and
+    the competing phases alike, gets the campaign's anion correction from its raw energy."""
     engine, preset = config.dft.engine, config.dft.preset
     if engine == "surrogate":
         return chgnet_hull(database, config.name, exclude=exclude)
     from crystaloop.loop.hull_phases import add_hull_phases
 
-    hull = FormationHull(f"{engine}/{preset}", _relaxed_phases(database, config.name, engine, exclude))
-    return add_hull_phases(hull, database, config, elements) if elements else hull
+    correction = campaign_correction(config)
+    phases = _relaxed_phases(database, config.name, engine, exclude, correction)
+    hull = FormationHull(f"{engine}/{preset}", phases)
+    return add_hull_phases(hull, database, config, elements, correction) if elements else hull
 
 
-def _relaxed_phases(database, campaign: str, engine: str, exclude: str | None) -> list[HullPhase]:
+def _relaxed_phases(
+    database, campaign: str, engine: str, exclude: str | None, correction: AnionCorrection = NO_CORRECTION
+) -> list[HullPhase]:
     phases = []
     for doc in database["candidates"].find(
         {
@@ -92,12 +126,12 @@ def _relaxed_phases(database, campaign: str, engine: str, exclude: str | None) -
             "dft_engine": engine,
             f"dft.{FORMATION_ENERGY}": {"$ne": None},
         },
-        {"_id": 0, "candidate_id": 1, "reduced_formula": 1, f"dft.{FORMATION_ENERGY}": 1},
+        {"_id": 0, "candidate_id": 1, "reduced_formula": 1, "dft": 1},
     ):
         if doc["candidate_id"] != exclude:
-            phases.append(
-                HullPhase(doc["reduced_formula"], float(doc["dft"][FORMATION_ENERGY]), doc["candidate_id"])
-            )
+            raw = doc["dft"].get(RAW_FORMATION_ENERGY, doc["dft"][FORMATION_ENERGY])
+            formula = doc["reduced_formula"]
+            phases.append(HullPhase(formula, correction.correct(formula, float(raw)), doc["candidate_id"]))
     return phases
 
 

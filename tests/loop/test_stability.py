@@ -153,3 +153,67 @@ def test_sun_flags_on_known_structures():
     # rock salt is a prior prototype; wurtzite is new, once: the second one matches the first
     assert [f.novel for f in flags] == [False, True, False]
     assert [f.sun for f in flags] == [False, True, False]
+
+
+def _corrected_config(name: str, correct: bool = True):
+    from crystaloop.loop.config import parse_campaign_config
+
+    return parse_campaign_config(
+        {
+            "name": name,
+            "targets": [{"property": "formation_energy_per_atom", "max": 0.0}],
+            "elements": {"allow": ["Ni", "O"]},
+            "dft": {"engine": "espresso", "preset": "demo", "anion_correction": correct,
+                    "magnetic_orderings": ["fm", "afm"]},
+        }  # fmt: skip
+    )
+
+
+def test_a_corrected_campaign_shifts_its_results_and_its_competing_phases_alike(
+    dft_settings, database, monkeypatch
+):
+    from crystaloop.db.documents import CandidateState
+    from crystaloop.db.store import CandidateStore
+    from crystaloop.dft import corrections
+    from crystaloop.dft.cache import relaxation_settings
+    from crystaloop.dft.pseudos import family_from_settings
+    from crystaloop.loop.hull_phases import COLLECTION
+    from crystaloop.loop.stability import campaign_correction, corrected_values, dft_hull
+
+    family = family_from_settings()
+    fit = {"family": family.name, "preset": "demo@1", "values": {"O": -0.6},
+           "md5": {"O": family.pseudopotentials["O"].md5}}  # fmt: skip
+    monkeypatch.setattr(corrections, "load_fits", lambda path=None: [fit])
+    config = _corrected_config("corrected")
+    assert config.dft.overrides["magnetic_orderings"] == ["fm", "afm"]  # reaches the preset and cache key
+    assert campaign_correction(config).values == {"O": -0.6}
+    assert campaign_correction(_corrected_config("raw", correct=False)).values == {}
+
+    values, label = corrected_values(config, "NiO", {"formation_energy_per_atom": -0.9, "band_gap": 1.0})
+    assert values["formation_energy_per_atom"] == pytest.approx(-1.2)
+    assert values["formation_energy_per_atom_raw"] == -0.9 and label.startswith("anion-fit:")
+    # applied twice (a cached result passes through again) it still starts from the raw value
+    assert corrected_values(config, "NiO", values)[0]["formation_energy_per_atom"] == pytest.approx(-1.2)
+    assert corrected_values(config, "Ni", {"formation_energy_per_atom": 0.0})[1] == "none"
+
+    # A competing phase (raw, as relaxed) and a relaxed candidate (raw kept beside the corrected
+    # value) enter the hull through the same correction.
+    ni3o4 = Structure(Lattice.cubic(5.0), ["Ni"] * 3 + ["O"] * 4,
+                      [[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0.25, 0.25, 0.25], [0.75, 0.75, 0.25],
+                       [0.75, 0.25, 0.75], [0.25, 0.75, 0.75]])  # fmt: skip
+    key = relaxation_settings(ni3o4, engine="espresso", preset="demo", overrides=config.dft.overrides)["key"]
+    database[COLLECTION].insert_one(
+        {"_id": "p", "structure_id": "prior:x", "formula": "Ni3O4", "chemsys": "Ni-O", "engine": "espresso",
+         "settings_key": key, "structure": ni3o4.as_dict(), "state": "relaxed",
+         "formation_energy_per_atom": -0.8, "task_id": "t-ni3o4"}
+    )  # fmt: skip
+    store = CandidateStore(database)
+    rock_salt = Structure(Lattice.cubic(4.18), ["Ni", "O"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    cid, _ = store.add(rock_salt, campaign="corrected", round=0)
+    for state in (CandidateState.SHORTLISTED, CandidateState.SELECTED, CandidateState.SUBMITTED):
+        store.transition(cid, state)
+    store.transition(cid, CandidateState.RELAXED, update={"dft": values, "dft_engine": "espresso"})
+    hull = dft_hull(database, config, elements=["Ni", "O"])
+    energies = {p.formula: p.formation_energy_per_atom for p in hull.phases_in(["Ni", "O"])}
+    assert energies["Ni3O4"] == pytest.approx(-0.8 - 0.6 * 4 / 7)
+    assert energies["NiO"] == pytest.approx(-1.2)
