@@ -148,6 +148,12 @@ def put_reference(
     )
 
 
+def final_structure(task_id: str, database=None) -> dict[str, Any] | None:
+    """The relaxed structure (``Structure.as_dict()``) of the task ``task_id``, or None."""
+    task = _database(database)[TASKS].find_one({"task_id": task_id}, {"output.final_structure": 1})
+    return (task or {}).get("output", {}).get("final_structure")
+
+
 def tasks_by_state(database=None) -> dict[str, list[dict[str, Any]]]:
     """``dft_tasks`` grouped by state (newest first), without the full output."""
     grouped: dict[str, list[dict[str, Any]]] = {}
