@@ -39,7 +39,9 @@ class Heartbeat(threading.Thread):
     def run(self) -> None:
         while not self.stop_event.wait(self.interval):
             try:
-                if not self.lease.campaigns.renew_lease(self.lease.name, self.lease.token, ttl_s=self.lease.ttl_s):
+                if not self.lease.campaigns.renew_lease(
+                    self.lease.name, self.lease.token, ttl_s=self.lease.ttl_s
+                ):
                     self.lost = True
                     return
             except DB_ERRORS:  # the main thread rides out the outage; keep trying

@@ -140,7 +140,9 @@ class Campaign:
             for line in preflight.check_dft(self.config):
                 self.log(f"warning: {line}")
             if existing is not None:
-                self.log(f"resuming campaign {self.name} ({len(self.campaigns.all_rounds(self.name))} round(s) on record)")
+                self.log(
+                    f"resuming campaign {self.name} ({len(self.campaigns.all_rounds(self.name))} round(s) on record)"
+                )
             self.campaigns.update(
                 self.name, self.lease.token, config=self.lease.config, status="running",
                 stop_requested=False, status_reason=None,
@@ -174,7 +176,9 @@ class Campaign:
             self._start_round(number)
             for step in ROUND:
                 if self._stop_requested():
-                    return self._end("stopped", f"stop requested; resumes at round {number} step {step.__name__}", outcomes)
+                    return self._end(
+                        "stopped", f"stop requested; resumes at round {number} step {step.__name__}", outcomes
+                    )
                 self._run_step(number, step)
             record = self._round(number)
             outcomes.append(RoundOutcome(number, dict(record.metrics) if record else {}))
@@ -206,7 +210,9 @@ class Campaign:
         except Exception as exc:
             # The step's record and the campaign say what stopped them; a rerun retries the step.
             error = exc.message if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-            failed = started.model_copy(update={"status": "failed", "error": error[:2000], "finished_at": utcnow()})
+            failed = started.model_copy(
+                update={"status": "failed", "error": error[:2000], "finished_at": utcnow()}
+            )
             self._record_step(number, failed)
             self._set_status("failed", f"round {number} {name}: {error[:300]}")
             raise

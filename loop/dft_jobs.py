@@ -127,7 +127,9 @@ class CampaignJobs:
     def submit(self, candidate: CandidateDoc, number: int) -> dict[str, Any]:
         """Hand the candidate's flow to the backend (keyed by the candidate); the job's ids."""
         return self.backend().submit(
-            self.flow(candidate, number), candidate.candidate_id, resources=self._resources(self.start(candidate))
+            self.flow(candidate, number),
+            candidate.candidate_id,
+            resources=self._resources(self.start(candidate)),
         )
 
     # -- collecting results ----------------------------------------------------------------

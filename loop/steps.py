@@ -252,7 +252,12 @@ def submit(ctx: RoundContext) -> StepResult:
         settings = ctx.jobs.settings(structure)
         hit = cache.lookup(structure, settings)
         if hit is not None:
-            job = {"backend": "cache", "task_id": hit["task_id"], "settings_key": settings["key"], "attempts": 0}
+            job = {
+                "backend": "cache",
+                "task_id": hit["task_id"],
+                "settings_key": settings["key"],
+                "attempts": 0,
+            }
             cached += 1
         else:
             # The job exists before the candidate says so; a kill in between leaves it
@@ -302,7 +307,9 @@ def harvest(ctx: RoundContext) -> StepResult:
             relaxed += outcome == "relaxed"
             failed += outcome == "failed"
             if ctx.progress:
-                ctx.progress("harvest", ctx.candidates.count_selected(ctx.name, ctx.number, states=ended), total)
+                ctx.progress(
+                    "harvest", ctx.candidates.count_selected(ctx.name, ctx.number, states=ended), total
+                )
             if outcome is not None:
                 fault_point("harvest", "mid")
         # Waits for this round's jobs only: an earlier straggler is taken when it ends.
@@ -375,7 +382,13 @@ def retrain(ctx: RoundContext) -> StepResult:
     # The campaign adopts ``versions`` once this step is recorded done (adopt_retrained_models):
     # a kill before that reruns the hooks from the models the round started with.
     hooks = [
-        {"name": o.name, "status": o.status, "metrics": o.metrics, "new_models": o.new_models, "error": o.error}
+        {
+            "name": o.name,
+            "status": o.status,
+            "metrics": o.metrics,
+            "new_models": o.new_models,
+            "error": o.error,
+        }
         for o in outcomes
     ]
     return StepResult({"model_versions": versions, "hooks": hooks}, metrics)
@@ -426,7 +439,8 @@ def hit_documents(
         (
             c
             for c in candidates.in_state(config.name, CandidateState.RELAXED)
-            if (selected_round is None or c.selected_round == selected_round) and config.in_all_windows(c.dft or {})
+            if (selected_round is None or c.selected_round == selected_round)
+            and config.in_all_windows(c.dft or {})
         ),
         key=lambda c: c.candidate_id,
     )

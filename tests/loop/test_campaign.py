@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import time
 from datetime import timedelta
 
 import numpy as np
@@ -46,7 +45,15 @@ def test_round_after_generation(
     assert "max_rounds" in result.reason
 
     record = CampaignStore(database).round(name, 0)
-    assert [s for s in record.steps] == ["generate", "filter", "acquire", "submit", "harvest", "retrain", "report"]
+    assert [s for s in record.steps] == [
+        "generate",
+        "filter",
+        "acquire",
+        "submit",
+        "harvest",
+        "retrain",
+        "report",
+    ]
     assert record.counts["selected"] == 2 and record.counts["relaxed"] == int(record.metrics["relaxed"])
     assert all(step.status == "done" for step in record.steps.values())
     # The shortlist was found, not regenerated.
@@ -87,7 +94,10 @@ def test_round_after_generation(
     )
     pairs = [(d.predicted[PROP].mean, d.predicted[PROP].std, d.dft[PROP]) for d in relaxed]
     expected, _ = fit_sigma_scale(pairs, min_count=1)
-    assert sigma_calibration(campaign.context(1))[PROP] == {"scale": pytest.approx(expected), "n": len(relaxed)}
+    assert sigma_calibration(campaign.context(1))[PROP] == {
+        "scale": pytest.approx(expected),
+        "n": len(relaxed),
+    }
 
     hooks = {h["name"]: h for h in record.steps["retrain"].outputs["hooks"]}
     assert hooks["cgcnn_finetune"]["status"] == "done", hooks["cgcnn_finetune"]["error"]

@@ -6,8 +6,8 @@ import pytest
 from pymatgen.core import Lattice, Structure
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
-from crystaloop.loop.dft_jobs import starting_structure
 from crystaloop.loop.config import parse_campaign_config
+from crystaloop.loop.dft_jobs import starting_structure
 
 
 def distorted_b2() -> Structure:

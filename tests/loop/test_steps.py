@@ -47,7 +47,9 @@ def test_generate_saves_a_batch_that_filter_stores_as_the_one_call_would(setting
 
 def test_filter_decodes_again_when_the_saved_batch_is_gone(settings, prior_subset, loop_config):
     database = prior_subset
-    config = parse_campaign_config(loop_config("lost-batch", budget={"candidates_per_round": 8, "dft_per_round": 1}))
+    config = parse_campaign_config(
+        loop_config("lost-batch", budget={"candidates_per_round": 8, "dft_per_round": 1})
+    )
     ctx = Campaign(config, database=database).context(0)
     lines: list[str] = []
     ctx.log = lines.append
@@ -64,7 +66,9 @@ def test_harvest_collects_jobs_an_earlier_round_left_running(
     """A job still running when its round's harvest timed out is collected by the next harvest."""
     database = prior_subset
     name = "straggler"
-    config = parse_campaign_config(loop_config(name, retrain={"cgcnn": False, "generator_conditioning": False}))
+    config = parse_campaign_config(
+        loop_config(name, retrain={"cgcnn": False, "generator_conditioning": False})
+    )
     make_shortlist(database, name, items=shortlist_items[:2])
     campaign = Campaign(config, database=database)
     assert campaign.run().status == "finished"
@@ -74,7 +78,9 @@ def test_harvest_collects_jobs_an_earlier_round_left_running(
     jobs = campaign.jobs()
     ids = jobs.submit(doc, 0)
     backend = jobs.backend()
-    store.transition(cid, CandidateState.SUBMITTED, update={"dft_job": {"backend": "local", "attempts": 1, **ids}})
+    store.transition(
+        cid, CandidateState.SUBMITTED, update={"dft_job": {"backend": "local", "attempts": 1, **ids}}
+    )
     deadline = time.monotonic() + 300
     while backend.state(cid).state in ("queued", "running") and time.monotonic() < deadline:
         time.sleep(0.2)
