@@ -254,6 +254,7 @@ def relaxed_candidates(database, name: str, config) -> list[dict[str, Any]]:
     S.U.N. flags, hits first, then by round."""
     from pymatgen.core import Structure
 
+    from crystaloop.dft.store import final_structure
     from crystaloop.loop.stability import sun_flags
 
     docs = sorted(
@@ -262,15 +263,7 @@ def relaxed_candidates(database, name: str, config) -> list[dict[str, Any]]:
     )
     rows = []
     for doc in docs:
-        final = None
-        if doc.get("dft_task_id"):
-            task = database["dft_tasks"].find_one(
-                {"task_id": doc["dft_task_id"]}, {"output.final_structure": 1}
-            )
-            final = ((task or {}).get("output") or {}).get("final_structure")
-            if final is None:
-                hit = database["dft_cache"].find_one({"task_id": doc["dft_task_id"]}, {"final_structure": 1})
-                final = (hit or {}).get("final_structure")
+        final = final_structure(doc["dft_task_id"], database) if doc.get("dft_task_id") else None
         structure = Structure.from_dict(final or doc["structure"])
         rows.append({"doc": doc, "structure": structure, "hit": config.in_all_windows(doc.get("dft") or {})})
     flags = sun_flags(

@@ -474,16 +474,10 @@ def sigma_calibration(ctx: RoundContext) -> dict[str, dict[str, float | int | No
 def dft_results(ctx: RoundContext) -> list[DFTResult]:
     """Every relaxed candidate of the campaign with its relaxed structure and values."""
     from crystaloop.dft import store
-    from crystaloop.dft.cache import DFTCache
 
-    cache = DFTCache(ctx.database)
     results = []
     for c in sorted(ctx.candidates.in_state(ctx.name, CandidateState.RELAXED), key=lambda c: c.candidate_id):
-        final = None
-        if c.dft_task_id:
-            final = store.final_structure(c.dft_task_id, database=ctx.database)
-            if not final:
-                final = (cache.by_task_id(c.dft_task_id) or {}).get("final_structure")
+        final = store.final_structure(c.dft_task_id, database=ctx.database) if c.dft_task_id else None
         results.append(
             DFTResult(
                 candidate_id=c.candidate_id,
