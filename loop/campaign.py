@@ -11,14 +11,13 @@ One process acts on a campaign at a time: it holds a lease renewed by a heartbea
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from crystaloop.db.campaigns import CampaignStore, LeaseLost
-from crystaloop.db.documents import CandidateState, RoundDoc, StepRecord, utcnow
+from crystaloop.db.documents import RoundDoc, StepRecord, utcnow
 from crystaloop.db.lease import CampaignLease, rides_out_outages
 from crystaloop.db.store import CandidateStore
 from crystaloop.dft.backends import Backend
@@ -343,20 +342,8 @@ class Campaign:
                 f"campaign {self.name!r} is being run by another process; its harvest collects the "
                 "retried jobs (or pass --no-wait)"
             )
-        execution = self.config.execution
         try:
-            jobs = self.jobs()
-            deadline = time.monotonic() + execution.harvest_timeout_s
-            while todo and time.monotonic() < deadline:
-                for cid in sorted(todo):
-                    candidate = self.candidates.get(cid)
-                    if candidate is None or candidate.state != CandidateState.SUBMITTED.value:
-                        todo.discard(cid)
-                    elif jobs.collect(candidate) is not None:
-                        todo.discard(cid)
-                if todo:
-                    interval = execution.poll_interval_s
-                    time.sleep(min(interval, 0.5) if execution.backend == "local" else interval)
+            self.jobs().collect_all(todo)
         finally:
             self._close_backend()
             self.lease.release()

@@ -7,6 +7,7 @@ DFT caches and the candidate's state from :meth:`Backend.output <crystaloop.dft.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -182,6 +183,22 @@ class CampaignJobs:
             return None
         reason = f"{status.state} after {attempts} attempt(s): {status.reason}"
         return self._finish(candidate, "failed", reason=reason[:300], job=job)
+
+    def collect_all(self, candidate_ids: set[str]) -> None:
+        """Collect these candidates' results until each has ended or ``execution.harvest_timeout_s`` passed."""
+        execution, todo = self.config.execution, set(candidate_ids)
+        deadline = time.monotonic() + execution.harvest_timeout_s
+        while todo and time.monotonic() < deadline:
+            for cid in sorted(todo):
+                candidate = self.candidates.get(cid)
+                if candidate is None or candidate.state != CandidateState.SUBMITTED.value:
+                    todo.discard(cid)
+                elif self.collect(candidate) is not None:
+                    todo.discard(cid)
+            if todo:
+                # Local workers are this machine's processes: their state is cheap to read.
+                interval = execution.poll_interval_s
+                time.sleep(min(interval, 0.5) if execution.backend == "local" else interval)
 
     def _note_state(self, candidate: CandidateDoc, job: dict[str, Any], status: JobStatus) -> dict[str, Any]:
         """Record the job manager's state on the candidate when it changed; the updated job."""
