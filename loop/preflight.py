@@ -15,8 +15,9 @@ def prepare(database, config: CampaignConfig, log: Callable[[str], None]) -> Non
     Both are what ``crystaloop data load-prior`` and ``crystaloop dft pseudos build-local`` do;
     they run only when missing, so a campaign needs no other set-up command.
     """
-    if database["training_structures"].count_documents({"source": "prior"}, limit=1) == 0:
-        from crystaloop.db.training import replace_dataset
+    from crystaloop.db.training import has_source, replace_dataset
+
+    if not has_source(database, "prior"):
         from crystaloop.generative.data import prior
 
         log("loading the shipped prior training data (first run)")
