@@ -180,9 +180,6 @@ class DFTTaskRecord(_Doc):
     updated_at: datetime = Field(default_factory=utcnow)
 
 
-ROUND_STEPS: tuple[str, ...] = ("generate", "acquire", "submit", "harvest", "retrain", "report")
-
-
 class StepRecord(_Doc):
     """One step of a campaign round: what went in, what came out, and which models it used."""
 
@@ -203,7 +200,7 @@ class RoundDoc(_Doc):
     campaign: str
     round: int = Field(ge=0)
     steps: dict[str, StepRecord] = Field(
-        default_factory=dict, description=f"Keyed by {', '.join(ROUND_STEPS)}."
+        default_factory=dict, description="Keyed by step name (the round's steps are loop.steps.ROUND)."
     )
     counts: dict[str, int] = Field(default_factory=dict)
     metrics: dict[str, float | None] = Field(default_factory=dict)

@@ -57,6 +57,10 @@ FIRST_SLICE_FRACTION = 1 / 64
 TIME_SLICE_MIN_MATCHES = 2_000
 
 
+#: The states of a candidate that went to DFT.
+DFT_STATES = (CandidateState.SUBMITTED, CandidateState.RELAXED, CandidateState.FAILED)
+
+
 class StateError(RuntimeError):
     """A transition that the life cycle does not allow, or a candidate in another state."""
 
@@ -711,6 +715,48 @@ class CandidateStore:
             for raw in self.collection.find({"candidate_id": {"$in": chunk}}, {"_id": 0}):
                 by_id[raw["candidate_id"]] = raw
         return [CandidateDoc.model_validate(by_id[c]) for c in candidate_ids if c in by_id]
+
+    # -- a campaign's candidates ------------------------------------------------------------
+
+    def in_state(self, campaign: str, state: CandidateState | str) -> list[CandidateDoc]:
+        """The campaign's candidates in ``state``, found through the query summaries."""
+        return self.get_many(self.matching_ids(campaign=campaign, state=CandidateState(state).value, limit=0))
+
+    def selected_in_round(
+        self, campaign: str, round: int, *, state: CandidateState | str | None = None, up_to: bool = False
+    ) -> list[CandidateDoc]:
+        """Candidates the acquisition of round ``round`` selected (of every round up to it with
+        ``up_to``), optionally only those in ``state``, by candidate id."""
+        query = self._selected_query(campaign, round, [state] if state is not None else None, up_to=up_to)
+        cursor = self.collection.find(query, {"_id": 0}).sort("candidate_id", 1)
+        return [CandidateDoc.model_validate(d) for d in cursor]
+
+    def count_selected(
+        self, campaign: str, round: int, *, states: Sequence[CandidateState | str] | None = None
+    ) -> int:
+        """How many candidates round ``round`` selected (only those now in ``states``, if given)."""
+        return self.collection.count_documents(self._selected_query(campaign, round, states))
+
+    @staticmethod
+    def _selected_query(
+        campaign: str, round: int, states: Sequence[CandidateState | str] | None, *, up_to: bool = False
+    ) -> dict[str, Any]:
+        query: dict[str, Any] = {"campaign": campaign, "selected_round": {"$lte": round} if up_to else round}
+        if states is not None:
+            values = [CandidateState(s).value for s in states]
+            query["state"] = values[0] if len(values) == 1 else {"$in": values}
+        return query
+
+    def count_generated(self, campaign: str, round: int, generation_id: str) -> int:
+        """How many candidates of round ``round`` one generation (``provenance.generation_id``) stored."""
+        return self.collection.count_documents(
+            {"campaign": campaign, "round": round, "provenance.generation_id": generation_id}
+        )
+
+    def dft_total(self, campaign: str) -> int:
+        """The campaign's candidates that went to DFT: submitted, relaxed or failed (by the counters)."""
+        counts = self.count_by_state(campaign)
+        return sum(counts.get(s.value, 0) for s in DFT_STATES)
 
     def matching_ids(
         self,

@@ -53,3 +53,8 @@ def dataset_counts(db: Database) -> dict[str, int]:
     """Documents per dataset name."""
     pipeline = [{"$group": {"_id": "$dataset", "n": {"$sum": 1}}}]
     return {row["_id"]: row["n"] for row in db[COLLECTION].aggregate(pipeline)}
+
+
+def has_source(db: Database, source: str) -> bool:
+    """Whether any training structure came from ``source`` (``prior`` once the shipped prior is loaded)."""
+    return db[COLLECTION].count_documents({"source": source}, limit=1) > 0

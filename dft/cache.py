@@ -155,6 +155,10 @@ class DFTCache:
             upsert=True,
         )
 
+    def by_task_id(self, task_id: str) -> dict[str, Any] | None:
+        """The cached result recorded from the task ``task_id``, or None."""
+        return self.collection.find_one({"task_id": task_id}, {"_id": 0})
+
     def count(self) -> int:
         """Number of cached results."""
         return self.collection.count_documents({})

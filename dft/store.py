@@ -152,6 +152,17 @@ def put_reference(
     )
 
 
+def final_structure(task_id: str, database=None) -> dict[str, Any] | None:
+    """The relaxed structure (``Structure.as_dict()``) of the task ``task_id``, from ``dft_tasks``
+    or else the DFT cache that answered it; None when neither has one."""
+    from crystaloop.dft.cache import DFTCache
+
+    database = _database(database)
+    task = database[TASKS].find_one({"task_id": task_id}, {"output.final_structure": 1})
+    final = ((task or {}).get("output") or {}).get("final_structure")
+    return final or (DFTCache(database).by_task_id(task_id) or {}).get("final_structure")
+
+
 def tasks_by_state(database=None) -> dict[str, list[dict[str, Any]]]:
     """``dft_tasks`` grouped by state (newest first), without the full output."""
     grouped: dict[str, list[dict[str, Any]]] = {}

@@ -1,20 +1,22 @@
-"""One generation step of a campaign: sample, decode, filter, and store the shortlist.
+"""Candidate generation: sample, decode, filter, and store the shortlist.
 
-:func:`generate_candidates` is what the campaign loop calls. It draws latent vectors
-(:mod:`crystaloop.generative.sample`), decodes them with the species restricted to the
-campaign's elements (:class:`crystaloop.generative.decode.Decoder`), runs the filter cascade
-(:mod:`crystaloop.loop.filters`) and writes every survivor as a ``shortlisted`` candidate in one
-``insert_many``, each tagged with the call's ``generation_id``, so a loop killed mid-call can
-tell whether the call's results landed.
+:func:`decode_batch` (a campaign's ``generate`` step) draws latent vectors
+(:mod:`crystaloop.generative.sample`) and decodes them with the species restricted to the
+campaign's elements (:class:`crystaloop.generative.decode.Decoder`). :func:`filter_batch` (the
+``filter`` step) runs the filter cascade (:mod:`crystaloop.loop.filters`) and writes every survivor
+as a ``shortlisted`` candidate in one ``insert_many``, each tagged with the call's
+``generation_id``, so a loop killed mid-call can tell whether the call's results landed.
+:func:`generate_candidates` does both (``crystaloop generate``).
 """
 
 from __future__ import annotations
 
 import math
+import pickle
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -557,64 +559,66 @@ def build_cascade(
     return FilterCascade(stages)
 
 
-def generate_candidates(
+@dataclass
+class DecodedBatch:
+    """What :func:`decode_batch` made: the decoded candidates and how they were sampled.
+
+    A campaign's generate step saves it (:meth:`save`) for its filter step to read.
+    """
+
+    candidates: list[Candidate]
+    strategy: str
+    parameters: dict[str, Any]
+    seed: int
+    n_requested: int
+    restrict_elements: bool
+    allowed_elements: list[str]
+    decoder_method: str | None
+    model_paths: dict[str, str]
+    model_versions: dict[str, str]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def save(self, path: Path) -> Path:
+        """Write the batch to ``path`` (a pickle: structures, latents and sampling rows)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        with partial.open("wb") as handle:
+            pickle.dump(self, handle, protocol=pickle.HIGHEST_PROTOCOL)
+        partial.replace(path)  # a kill mid-write never leaves a truncated batch behind
+        return path
+
+    @staticmethod
+    def load(path: Path) -> DecodedBatch:
+        """The batch :meth:`save` wrote to ``path``."""
+        with path.open("rb") as handle:
+            return pickle.load(handle)
+
+
+def decode_batch(
     config: CampaignConfig,
     *,
     database,
     n: int,
     round: int = 0,
-    generation_id: str | None = None,
     strategy: str | None = None,
-    dry_run: bool = False,
     seed: int | None = None,
     models: dict[str, str] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     restrict_elements: bool | None = None,
-    uip_screen: bool | None = None,
     batch_size: int = 64,
     device: str | None = None,
     workers: int | None = None,
     decoder_method: str | None = None,
     hits: Sequence[BaseCompound] = (),
-) -> GenerationReport:
-    """Sample ``n`` candidates, filter them and store the survivors as ``shortlisted``.
-
-    Parameters
-    ----------
-    config
-        The campaign.
-    database
-        The crystaloop database.
-    n
-        Latent samples to draw.
-    round
-        Campaign round recorded on every candidate.
-    generation_id
-        Tag written into every stored candidate's provenance (default: a new id).
-    strategy
-        ``random``, ``around_base``, ``interpolate`` or ``optimize`` (default ``sampling.mode``).
-    dry_run
-        Run everything, write nothing.
-    seed
-        Sampling seed (default: derived from the campaign seeds and the round).
-    models
-        Checkpoint paths ``{"vae", "unet", "cgcnn"}`` (default: the campaign's, resolved).
-    progress
-        Called as ``progress(step, done, total)``: ``decode`` per batch, then each stage.
-    restrict_elements, uip_screen
-        Override ``sampling.restrict_elements`` and ``filters.uip_screen``.
-    batch_size, device, workers, decoder_method
-        Decoder batch size, device (default from settings), watershed processes and decoding path
-        (``paper``, ``pursuit``, ``sites``; default: the VAE's).
-    hits
-        A campaign's DFT-verified hits, sampled around when ``sampling.around_hits`` > 0.
+) -> DecodedBatch:
+    """Sample ``n`` latent vectors and decode them into candidate crystals (nothing is filtered
+    or stored). The arguments are :func:`generate_candidates`'s.
 
     Raises
     ------
     UserError
         Unknown strategy, base compound or pseudopotential family; no allowed element.
     """
-    from crystaloop.db.store import CandidateStore
     from crystaloop.generative.models.shipped import resolve_models
     from crystaloop.settings import get_settings
 
@@ -624,9 +628,7 @@ def generate_candidates(
     if strategy not in STRATEGIES:
         raise UserError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
     restrict = config.sampling.restrict_elements if restrict_elements is None else restrict_elements
-    uip = config.filters.uip_screen if uip_screen is None else uip_screen
     seed = derive_seed(config, round) if seed is None else int(seed)
-    generation_id = generation_id or uuid.uuid4().hex
     seconds: dict[str, float] = {}
 
     clock = time.perf_counter()
@@ -639,11 +641,7 @@ def generate_candidates(
         decoder = load_decoder(paths["vae"], paths["unet"], device, workers, decoder_method)
     except ValueError as exc:
         raise UserError(f"{exc}; pick another decoder method") from None
-    predictor = EnsemblePredictor(paths["cgcnn"], versions["cgcnn"], device=device)
     allowed = allowed_elements(config, family, decoder.elements)
-    cascade = build_cascade(
-        config, strategy=strategy, database=database, family=family, predictor=predictor, uip=uip
-    )
     seconds["load"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -682,23 +680,78 @@ def generate_candidates(
                 windows={EF: window} if window is not None else {},
             )
         )
-    survivors, counts = cascade.run(candidates, progress=progress)
-    for c in counts:
-        seconds[c.stage] = c.seconds
-
-    report = GenerationReport(
-        generation_id=generation_id,
-        decoder_method=getattr(decoder, "method", None),
-        campaign=config.name,
-        round=round,
+    return DecodedBatch(
+        candidates=candidates,
         strategy=strategy,
         parameters=samples.parameters,
         seed=seed,
         n_requested=n,
         restrict_elements=restrict,
-        allowed_elements=allowed if restrict else None,
-        stages=[StageReport(stage=c.stage, n_in=c.n_in, n_out=c.n_out, seconds=c.seconds) for c in counts],
+        allowed_elements=allowed,
+        decoder_method=getattr(decoder, "method", None),
+        model_paths=paths,
         model_versions=versions,
+        seconds=seconds,
+    )
+
+
+def filter_batch(
+    config: CampaignConfig,
+    batch: DecodedBatch,
+    *,
+    database,
+    round: int = 0,
+    generation_id: str | None = None,
+    dry_run: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+    uip_screen: bool | None = None,
+    device: str | None = None,
+) -> GenerationReport:
+    """Run the filter cascade over a decoded batch and store the survivors as ``shortlisted``.
+
+    The survivors (and, with ``filters.store_rejects``, the rejects) are written in one
+    ``insert_many``, each tagged with ``generation_id`` (default: a new id). The arguments are
+    :func:`generate_candidates`'s.
+    """
+    from crystaloop.db.store import CandidateStore
+    from crystaloop.settings import get_settings
+
+    uip = config.filters.uip_screen if uip_screen is None else uip_screen
+    generation_id = generation_id or uuid.uuid4().hex
+    seconds = dict(batch.seconds)
+
+    clock = time.perf_counter()
+    device = device or get_settings().resolve_device()
+    predictor = EnsemblePredictor(batch.model_paths["cgcnn"], batch.model_versions["cgcnn"], device=device)
+    cascade = build_cascade(
+        config,
+        strategy=batch.strategy,
+        database=database,
+        family=pseudo_family(config),
+        predictor=predictor,
+        uip=uip,
+    )
+    seconds["load"] = seconds.get("load", 0.0) + time.perf_counter() - clock
+
+    candidates = batch.candidates
+    survivors, counts = cascade.run(candidates, progress=progress)
+    for c in counts:
+        seconds[c.stage] = c.seconds
+
+    restrict = batch.restrict_elements
+    report = GenerationReport(
+        generation_id=generation_id,
+        decoder_method=batch.decoder_method,
+        campaign=config.name,
+        round=round,
+        strategy=batch.strategy,
+        parameters=batch.parameters,
+        seed=batch.seed,
+        n_requested=batch.n_requested,
+        restrict_elements=restrict,
+        allowed_elements=batch.allowed_elements if restrict else None,
+        stages=[StageReport(stage=c.stage, n_in=c.n_in, n_out=c.n_out, seconds=c.seconds) for c in counts],
+        model_versions=batch.model_versions,
         dry_run=dry_run,
         rejected_reasons=reason_counts(candidates),
     )
@@ -706,10 +759,10 @@ def generate_candidates(
     clock = time.perf_counter()
     provenance = {
         "generation_id": generation_id,
-        "strategy": strategy,
-        "parameters": samples.parameters,
-        "seed": seed,
-        "model_versions": versions,
+        "strategy": batch.strategy,
+        "parameters": batch.parameters,
+        "seed": batch.seed,
+        "model_versions": batch.model_versions,
         "restrict_elements": restrict,
     }
     docs = [
@@ -733,6 +786,93 @@ def generate_candidates(
     report.n_rejects_stored = 0 if dry_run else len(rejects)
     report.seconds = seconds
     return report
+
+
+def generate_candidates(
+    config: CampaignConfig,
+    *,
+    database,
+    n: int,
+    round: int = 0,
+    generation_id: str | None = None,
+    strategy: str | None = None,
+    dry_run: bool = False,
+    seed: int | None = None,
+    models: dict[str, str] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+    restrict_elements: bool | None = None,
+    uip_screen: bool | None = None,
+    batch_size: int = 64,
+    device: str | None = None,
+    workers: int | None = None,
+    decoder_method: str | None = None,
+    hits: Sequence[BaseCompound] = (),
+) -> GenerationReport:
+    """Sample ``n`` candidates, filter them and store the survivors as ``shortlisted``:
+    :func:`decode_batch`, then :func:`filter_batch`.
+
+    Parameters
+    ----------
+    config
+        The campaign.
+    database
+        The crystaloop database.
+    n
+        Latent samples to draw.
+    round
+        Campaign round recorded on every candidate.
+    generation_id
+        Tag written into every stored candidate's provenance (default: a new id).
+    strategy
+        ``random``, ``around_base``, ``interpolate`` or ``optimize`` (default ``sampling.mode``).
+    dry_run
+        Run everything, write nothing.
+    seed
+        Sampling seed (default: derived from the campaign seeds and the round).
+    models
+        Checkpoint paths ``{"vae", "unet", "cgcnn"}`` (default: the campaign's, resolved).
+    progress
+        Called as ``progress(step, done, total)``: ``decode`` per batch, then each stage.
+    restrict_elements, uip_screen
+        Override ``sampling.restrict_elements`` and ``filters.uip_screen``.
+    batch_size, device, workers, decoder_method
+        Decoder batch size, device (default from settings), watershed processes and decoding path
+        (``paper``, ``pursuit``, ``sites``; default: the VAE's).
+    hits
+        A campaign's DFT-verified hits, sampled around when ``sampling.around_hits`` > 0.
+
+    Raises
+    ------
+    UserError
+        Unknown strategy, base compound or pseudopotential family; no allowed element.
+    """
+    batch = decode_batch(
+        config,
+        database=database,
+        n=n,
+        round=round,
+        strategy=strategy,
+        seed=seed,
+        models=models,
+        progress=progress,
+        restrict_elements=restrict_elements,
+        batch_size=batch_size,
+        device=device,
+        workers=workers,
+        decoder_method=decoder_method,
+        hits=hits,
+    )
+    return filter_batch(
+        config,
+        batch,
+        database=database,
+        round=round,
+        generation_id=generation_id,
+        dry_run=dry_run,
+        progress=progress,
+        uip_screen=uip_screen,
+        device=device,
+    )
 
 
 def why_empty(stages: Sequence[dict], rejected_reasons: dict[str, dict[str, int]]) -> str | None:

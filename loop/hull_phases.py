@@ -109,7 +109,7 @@ def relax_competing_phases(
     from crystaloop.dft.backends import tag_flow
     from crystaloop.dft.cache import DFTCache, relaxation_settings
     from crystaloop.dft.flows import FormationEnergyFlow
-    from crystaloop.loop.campaign import make_backend
+    from crystaloop.loop.dft_jobs import make_backend
 
     start = time.perf_counter()
     dft = config.dft

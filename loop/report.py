@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from crystaloop.db.documents import ROUND_STEPS
+from crystaloop.loop.steps import STEP_NAMES
 from crystaloop.properties import PROPERTIES
 
 
@@ -50,9 +50,10 @@ def round_rows(database, name: str) -> list[dict[str, Any]]:
             for d in relaxed
             if d.get("dft_job", {}).get("mean_displacement_angstrom") is not None
         ]
-        generate = r.steps.get("generate")
-        stages = (generate.outputs.get("stages") if generate else None) or []
-        rejected = (generate.outputs.get("rejected_reasons") if generate else None) or {}
+        # The cascade ran in the filter step (in the generate step of rounds recorded before it existed).
+        cascade = r.steps.get("filter") or r.steps.get("generate")
+        stages = (cascade.outputs.get("stages") if cascade else None) or []
+        rejected = (cascade.outputs.get("rejected_reasons") if cascade else None) or {}
         rows.append(
             {
                 "round": r.round,
@@ -253,6 +254,7 @@ def relaxed_candidates(database, name: str, config) -> list[dict[str, Any]]:
     S.U.N. flags, hits first, then by round."""
     from pymatgen.core import Structure
 
+    from crystaloop.dft.store import final_structure
     from crystaloop.loop.stability import sun_flags
 
     docs = sorted(
@@ -261,15 +263,7 @@ def relaxed_candidates(database, name: str, config) -> list[dict[str, Any]]:
     )
     rows = []
     for doc in docs:
-        final = None
-        if doc.get("dft_task_id"):
-            task = database["dft_tasks"].find_one(
-                {"task_id": doc["dft_task_id"]}, {"output.final_structure": 1}
-            )
-            final = ((task or {}).get("output") or {}).get("final_structure")
-            if final is None:
-                hit = database["dft_cache"].find_one({"task_id": doc["dft_task_id"]}, {"final_structure": 1})
-                final = (hit or {}).get("final_structure")
+        final = final_structure(doc["dft_task_id"], database) if doc.get("dft_task_id") else None
         structure = Structure.from_dict(final or doc["structure"])
         rows.append({"doc": doc, "structure": structure, "hit": config.in_all_windows(doc.get("dft") or {})})
     flags = sun_flags(
@@ -379,7 +373,7 @@ def _hull_plots(database, name: str, config, hits, folder: Path, limit: int = 6)
 
 def _time_lines(rows: list[dict[str, Any]], runs: list[dict[str, Any]]) -> list[str]:
     """The report's "where the time goes" section: wall time per step and round, and each DFT run."""
-    steps = list(ROUND_STEPS)
+    steps = list(STEP_NAMES)
     lines = [
         "## Where the time goes",
         "",

@@ -48,7 +48,7 @@ def validate(path: Path = typer.Argument(..., help="Campaign YAML file.")) -> No
 
 def _dft_checks(config) -> list[str]:
     """Warnings (cutoffs below the family's suggestion); raises on refused elements."""
-    from crystaloop.loop.campaign import Campaign
+    from crystaloop.loop import preflight
     from crystaloop.settings import get_settings
 
     settings = get_settings()
@@ -61,8 +61,8 @@ def _dft_checks(config) -> list[str]:
             f"no pseudopotential family at {settings.resolved_pseudo_family()} yet; `campaign run` builds the "
             "local PBE family on first use, then checks the elements against its verdicts"
         ]
-    Campaign.check_execution(config)
-    return Campaign.check_dft(config)
+    preflight.check_execution(config)
+    return preflight.check_dft(config)
 
 
 @app.command("run")

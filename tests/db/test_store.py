@@ -220,3 +220,31 @@ def test_explain_uses_index(store):
     plan = json.dumps(store.summaries.find({lead: clause}).explain(), default=str)
     assert "IXSCAN" in plan
     assert len(store.query(windows=[Window("formation_energy_per_atom", -1.0, -0.5)], campaign="x")) == 6
+
+
+def test_a_campaigns_named_queries(store):
+    """States, a round's selection (and every round's up to it), a generation's count, the DFT total."""
+    ids = [
+        store.add(rocksalt(a, pair), campaign="named", round=0, provenance={"generation_id": "named-r0"})[0]
+        for a, pair in ((5.6, ("Na", "Cl")), (6.3, ("K", "Cl")), (4.0, ("Li", "F")), (4.2, ("Mg", "O")))
+    ]
+    store.add(rocksalt(5.0, ("K", "Br")), campaign="other", round=0, provenance={"generation_id": "named-r0"})
+    for cid in ids:
+        store.transition(cid, CandidateState.SHORTLISTED)
+    for cid, round in zip(ids[:3], (0, 0, 1), strict=True):
+        store.transition(cid, CandidateState.SELECTED, update={"selected_round": round})
+    store.transition(ids[1], CandidateState.SUBMITTED)
+    store.transition(ids[2], CandidateState.SUBMITTED)
+    store.transition(ids[2], CandidateState.RELAXED)
+
+    assert [c.candidate_id for c in store.in_state("named", CandidateState.SHORTLISTED)] == [ids[3]]
+    assert [c.candidate_id for c in store.in_state("named", "relaxed")] == [ids[2]]
+    assert [c.candidate_id for c in store.selected_in_round("named", 0)] == sorted(ids[:2])
+    assert [c.candidate_id for c in store.selected_in_round("named", 0, state="submitted")] == [ids[1]]
+    assert [c.candidate_id for c in store.selected_in_round("named", 1, up_to=True)] == sorted(ids[:3])
+    assert store.count_selected("named", 0) == 2
+    assert store.count_selected("named", 1, states=["relaxed", "failed"]) == 1
+    assert store.count_selected("named", 0, states=["relaxed", "failed"]) == 0
+    assert store.count_generated("named", 0, "named-r0") == 4
+    assert store.count_generated("named", 0, "preview") == 0
+    assert store.dft_total("named") == 2 and store.dft_total("other") == 0

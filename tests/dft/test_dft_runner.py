@@ -67,7 +67,7 @@ def test_missing_executable_is_a_user_error(tmp_path, settings):
 def test_missing_launcher_is_named_before_a_campaign_starts(monkeypatch):
     from crystaloop.dft.espresso.run import missing_executables
     from crystaloop.errors import UserError
-    from crystaloop.loop.campaign import Campaign
+    from crystaloop.loop import preflight
     from crystaloop.loop.config import parse_campaign_config
 
     monkeypatch.setenv("PATH", "/nonexistent")
@@ -82,14 +82,14 @@ def test_missing_launcher_is_named_before_a_campaign_starts(monkeypatch):
         }
     )
     with pytest.raises(UserError, match="mpirun, pw.x not found on PATH"):
-        Campaign.check_dft(config)
+        preflight.check_dft(config)
     # Also with no element list, and an unknown preset is caught before any work too.
     open_palette = config.model_copy(update={"elements": config.elements.model_copy(update={"allow": None})})
     with pytest.raises(UserError, match="mpirun, pw.x not found on PATH"):
-        Campaign.check_dft(open_palette)
+        preflight.check_dft(open_palette)
     unknown = open_palette.model_copy(update={"dft": open_palette.dft.model_copy(update={"preset": "nope"})})
     with pytest.raises(UserError, match="nope"):
-        Campaign.check_dft(unknown)
+        preflight.check_dft(unknown)
 
 
 @pytest.mark.skipif(shutil.which("pw.x") is None, reason="pw.x is not installed")

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import time
 from datetime import timedelta
 
 import numpy as np
@@ -26,6 +25,7 @@ from crystaloop.loop.accuracy import campaign_accuracy
 from crystaloop.loop.acquire import fit_sigma_scale
 from crystaloop.loop.campaign import Campaign
 from crystaloop.loop.config import parse_campaign_config
+from crystaloop.loop.steps import sigma_calibration
 
 PROP = "formation_energy_per_atom"
 
@@ -45,10 +45,19 @@ def test_round_after_generation(
     assert "max_rounds" in result.reason
 
     record = CampaignStore(database).round(name, 0)
-    assert [s for s in record.steps] == ["generate", "acquire", "submit", "harvest", "retrain", "report"]
+    assert [s for s in record.steps] == [
+        "generate",
+        "filter",
+        "acquire",
+        "submit",
+        "harvest",
+        "retrain",
+        "report",
+    ]
     assert record.counts["selected"] == 2 and record.counts["relaxed"] == int(record.metrics["relaxed"])
     assert all(step.status == "done" for step in record.steps.values())
-    assert record.steps["generate"].outputs["resumed"] is True  # the shortlist was found, not regenerated
+    # The shortlist was found, not regenerated.
+    assert record.steps["generate"].outputs["resumed"] is True and record.steps["filter"].outputs["resumed"]
     # Acquisition took the two most probable in-window candidates (Ni-Al, Fe-Al share no chemsys).
     picked = record.steps["acquire"].outputs["candidate_ids"]
     assert picked == [ids[0], ids[2]]
@@ -79,13 +88,16 @@ def test_round_after_generation(
         "formation_energy_per_atom": {"scale": None, "n": 0}
     }
     # The next round would rescale it from these results, once there are enough of them.
-    assert campaign._sigma_calibration()["formation_energy_per_atom"] == {"scale": None, "n": len(relaxed)}
+    assert sigma_calibration(campaign.context(1))[PROP] == {"scale": None, "n": len(relaxed)}
     campaign.config = campaign.config.model_copy(
         update={"acquisition": campaign.config.acquisition.model_copy(update={"calibrate_min": 1})}
     )
     pairs = [(d.predicted[PROP].mean, d.predicted[PROP].std, d.dft[PROP]) for d in relaxed]
     expected, _ = fit_sigma_scale(pairs, min_count=1)
-    assert campaign._sigma_calibration()[PROP] == {"scale": pytest.approx(expected), "n": len(relaxed)}
+    assert sigma_calibration(campaign.context(1))[PROP] == {
+        "scale": pytest.approx(expected),
+        "n": len(relaxed),
+    }
 
     hooks = {h["name"]: h for h in record.steps["retrain"].outputs["hooks"]}
     assert hooks["cgcnn_finetune"]["status"] == "done", hooks["cgcnn_finetune"]["error"]
@@ -135,32 +147,6 @@ def test_round_after_generation(
         campaign_accuracy(database, name, model=str(unet))
 
 
-def test_harvest_collects_jobs_an_earlier_round_left_running(
-    settings, prior_subset, loop_config, make_shortlist, shortlist_items
-):
-    """A job still running when its round's harvest timed out is collected by the next harvest."""
-    database = prior_subset
-    name = "straggler"
-    config = parse_campaign_config(
-        loop_config(name, retrain={"cgcnn": False, "generator_conditioning": False})
-    )
-    make_shortlist(database, name, items=shortlist_items[:2])
-    campaign = Campaign(config, database=database)
-    assert campaign.run().status == "finished"
-    (cid,) = make_shortlist(database, name, items=[shortlist_items[3]])
-    store = CandidateStore(database)
-    doc = store.transition(cid, CandidateState.SELECTED, update={"selected_round": 0})
-    backend = campaign._backend()
-    ids = backend.submit(campaign._flow(doc, 0), cid)
-    store.transition(cid, CandidateState.SUBMITTED, update={"dft_job": {"backend": "local", "attempts": 1, **ids}})
-    deadline = time.monotonic() + 300
-    while backend.state(cid).state in ("queued", "running") and time.monotonic() < deadline:
-        time.sleep(0.2)
-    outputs, metrics = campaign._step_harvest(1)
-    assert outputs["harvested_now"] == 1 and metrics["relaxed"] == 0  # counted in its own round
-    assert store.get(cid).state in (CandidateState.RELAXED.value, CandidateState.FAILED.value)
-
-
 def test_a_skipped_retrain_leaves_its_results_to_the_next_one(
     settings, prior_subset, loop_config, make_shortlist, shortlist_items
 ):
@@ -190,7 +176,7 @@ def test_a_skipped_retrain_leaves_its_results_to_the_next_one(
     assert database["training_structures"].count_documents({"dataset": campaign_dataset(name)}) == relaxed
 
 
-def test_generate_killed_inside_its_insert_resumes_with_the_stored_candidates(
+def test_filter_killed_inside_its_insert_resumes_with_the_stored_candidates(
     settings, prior_subset, loop_config, make_shortlist, shortlist_items
 ):
     """Candidates stored but not their summaries or counter: the rerun repairs them, generates nothing."""
@@ -204,12 +190,13 @@ def test_generate_killed_inside_its_insert_resumes_with_the_stored_candidates(
     database[COUNTER_COLLECTION].delete_many({"campaign": name})
     store = CampaignStore(database)
     store.start_round(name, 0)
-    store.record_step(name, 0, StepRecord(name="generate"))  # the attempt that was killed
+    store.record_step(name, 0, StepRecord(name="generate", status="done"))
+    store.record_step(name, 0, StepRecord(name="filter"))  # the attempt that was killed
     config = loop_config(name, retrain={"cgcnn": False, "generator_conditioning": False})
     assert Campaign(parse_campaign_config(config), database=database).run().status == "finished"
     record = store.round(name, 0)
-    assert record.steps["generate"].outputs["resumed"] is True
-    assert record.steps["generate"].outputs["n_shortlisted"] == 3
+    assert record.steps["filter"].outputs["resumed"] is True
+    assert record.steps["filter"].outputs["n_shortlisted"] == 3
     assert set(record.steps["acquire"].outputs["candidate_ids"]) <= set(ids)
     assert record.steps["acquire"].outputs["selected"] == 2
 
@@ -227,14 +214,14 @@ def test_candidates_of_another_generation_do_not_stand_for_the_rounds_own(
     calls = []
 
     def generated(config, **kwargs):
-        calls.append(kwargs["generation_id"])
+        calls.append(kwargs["round"])
         raise RuntimeError("stop after the call")  # the call is what this test is about
 
-    monkeypatch.setattr(generation, "generate_candidates", generated)
+    monkeypatch.setattr(generation, "decode_batch", generated)
     config = loop_config(name, retrain={"cgcnn": False, "generator_conditioning": False})
     with pytest.raises(RuntimeError, match="stop after the call"):
         Campaign(parse_campaign_config(config), database=database).run()
-    assert calls == [f"{name}-r0"] and len(ids) == 2
+    assert calls == [0] and len(ids) == 2
 
 
 def test_dft_cache_answers_an_equivalent_structure(
@@ -451,11 +438,14 @@ def test_a_failing_step_is_recorded_and_rerun(
         loop_config(name, retrain={"cgcnn": False, "generator_conditioning": False})
     )
 
-    def broken(self, number):
+    from crystaloop.loop import campaign as campaign_module
+
+    def acquire(ctx):
         raise RuntimeError("acquisition exploded")
 
+    broken_round = tuple(acquire if step.__name__ == "acquire" else step for step in campaign_module.ROUND)
     with monkeypatch.context() as patch:
-        patch.setattr(Campaign, "_step_acquire", broken)
+        patch.setattr(campaign_module, "ROUND", broken_round)
         with pytest.raises(RuntimeError, match="exploded"):
             Campaign(config, database=database).run()
     store = CampaignStore(database)

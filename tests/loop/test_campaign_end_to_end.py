@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from crystaloop.db.campaigns import CampaignStore
-from crystaloop.db.documents import ROUND_STEPS
+from crystaloop.loop.steps import STEP_NAMES
 
 
 def test_two_round_surrogate_campaign(settings, prior_subset, loop_config, tmp_path):
@@ -55,14 +55,15 @@ def test_two_round_surrogate_campaign(settings, prior_subset, loop_config, tmp_p
     rounds = store.all_rounds(name)
     assert [r.round for r in rounds] == [0, 1]
     for r in rounds:
-        assert list(r.steps) == list(ROUND_STEPS)
+        assert list(r.steps) == list(STEP_NAMES)
         assert all(step.status == "done" and step.finished_at is not None for step in r.steps.values())
-        generate = r.steps["generate"].outputs
-        stages = generate["stages"]
+        filtered = r.steps["filter"].outputs
+        stages = filtered["stages"]
         assert stages[0]["n_in"] == 32
         for before, after in zip(stages, stages[1:], strict=False):
             assert after["n_in"] == before["n_out"]
-        assert generate["n_shortlisted"] == stages[-1]["n_out"]
+        assert filtered["n_shortlisted"] == stages[-1]["n_out"]
+        assert r.steps["generate"].outputs["n_requested"] == 32
         assert r.metrics["generated"] == 32
     assert sum(r.metrics["submitted"] for r in rounds) >= 1, "the generator shortlisted nothing in two rounds"
     # Round 0 relaxed both of its picks and found a hit; round 1 draws half of its samples around it.

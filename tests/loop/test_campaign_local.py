@@ -58,7 +58,7 @@ def test_parallel_jobs_overlap_in_time(settings, prior_subset, loop_config, make
         assert database["dft_tasks"].count_documents({"candidate_id": doc.candidate_id}) == 1
     (a_start, a_end), (b_start, b_end) = spans
     assert max(a_start, b_start) < min(a_end, b_end), spans  # they overlap
-    assert LocalBackend(campaign._work_dir() / "jobs", parallel_jobs=2, cores=2).cores_per_job == 1
+    assert LocalBackend(campaign.work_dir() / "jobs", parallel_jobs=2, cores=2).cores_per_job == 1
 
 
 def test_a_lost_local_job_fails_its_candidate_and_retry_relaxes_it(
@@ -77,7 +77,7 @@ def test_a_lost_local_job_fails_its_candidate_and_retry_relaxes_it(
         )
     )
     campaign = Campaign(config, database=database)
-    jobs_dir = campaign._work_dir() / "jobs"
+    jobs_dir = campaign.work_dir() / "jobs"
     killed: list[int] = []
 
     def kill_the_worker() -> None:
@@ -165,6 +165,7 @@ def test_a_remote_backend_without_a_mongodb_uri_is_refused(tmp_path, monkeypatch
     import pytest
 
     from crystaloop.errors import UserError
+    from crystaloop.loop import preflight
     from crystaloop.settings import get_settings
 
     monkeypatch.delenv("CRYSTALOOP_MONGODB_URI", raising=False)
@@ -174,8 +175,8 @@ def test_a_remote_backend_without_a_mongodb_uri_is_refused(tmp_path, monkeypatch
         for backend in ("fireworks", "jobflow-remote"):
             config = parse_campaign_config(loop_config("remote", execution={"backend": backend}))
             with pytest.raises(UserError, match="needs a MongoDB its workers") as info:
-                Campaign.check_execution(config)
+                preflight.check_execution(config)
             assert "\n" not in info.value.message
-        Campaign.check_execution(parse_campaign_config(loop_config("here")))  # local: the embedded server
+        preflight.check_execution(parse_campaign_config(loop_config("here")))  # local: the embedded server
     finally:
         get_settings.cache_clear()

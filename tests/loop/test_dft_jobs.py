@@ -1,4 +1,4 @@
-"""The structure a campaign's DFT starts from: bare of site properties, optionally symmetrised."""
+"""A campaign's DFT jobs: the structure they start from (bare of site properties, optionally symmetrised)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 from pymatgen.core import Lattice, Structure
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
-from crystaloop.loop.campaign import starting_structure
 from crystaloop.loop.config import parse_campaign_config
+from crystaloop.loop.dft_jobs import starting_structure
 
 
 def distorted_b2() -> Structure:
