@@ -30,6 +30,7 @@ from pymatgen.core import Composition, Structure
 
 from crystaloop.db.documents import FilterStep
 from crystaloop.dft.hull import FormationHull
+from crystaloop.generative.measures import shortest_distance_below
 from crystaloop.loop.config import ElementRules, TargetWindow
 
 MIN_EDGE_ANGSTROM = 1.0
@@ -159,19 +160,12 @@ class ValidityStage:
     def judge(self, candidates: Sequence[Candidate]) -> list[Verdict]:
         out = []
         for c in candidates:
-            closest = min_distance(c.structure, self.min_distance)
+            closest = shortest_distance_below(c.structure, self.min_distance)
             if closest is None:
                 out.append((True, None))
             else:
                 out.append((False, f"atoms {closest:.2f} Å apart (minimum {self.min_distance:g} Å)"))
         return out
-
-
-def min_distance(structure: Structure, cutoff: float) -> float | None:
-    """The shortest periodic interatomic distance below ``cutoff`` (Å), or None if there is none."""
-    # exclude_self drops only a site's zero-distance pair with itself, so coincident sites count.
-    _, _, _, distances = structure.get_neighbor_list(r=cutoff, exclude_self=True)
-    return float(distances.min()) if len(distances) else None
 
 
 #: A formula of each material class (its anonymous formula is what the class allows).
