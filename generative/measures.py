@@ -75,6 +75,16 @@ def composition_novel_flags(structures: Sequence, references: Sequence) -> list[
     return [s.composition.reduced_formula not in known for s in structures]
 
 
+def matching_index(structure, others: Sequence, matcher=None) -> int | None:
+    """Index of the first of ``others`` that ``matcher`` (default ``StructureMatcher()``) finds
+    equivalent to ``structure``, else None: the one rule of novelty and uniqueness."""
+    if matcher is None:
+        from pymatgen.analysis.structure_matcher import StructureMatcher
+
+        matcher = StructureMatcher()
+    return next((i for i, other in enumerate(others) if matcher.fit(structure, other)), None)
+
+
 def novelty_flags(structures: Sequence, references: Sequence) -> list[bool]:
     """True where no reference structure of the same reduced formula is StructureMatcher-equivalent."""
     from pymatgen.analysis.structure_matcher import StructureMatcher
@@ -86,7 +96,7 @@ def novelty_flags(structures: Sequence, references: Sequence) -> list[bool]:
     flags = []
     for structure in structures:
         same = by_formula.get(structure.composition.reduced_formula, [])
-        flags.append(not any(matcher.fit(structure, other) for other in same))
+        flags.append(matching_index(structure, same, matcher) is None)
     return flags
 
 
@@ -99,7 +109,7 @@ def unique_flags(structures: Sequence) -> list[bool]:
     flags = []
     for structure in structures:
         group = seen.setdefault(structure.composition.reduced_formula, [])
-        first = not any(matcher.fit(structure, other) for other in group)
+        first = matching_index(structure, group, matcher) is None
         if first:
             group.append(structure)
         flags.append(first)

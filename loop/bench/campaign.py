@@ -36,6 +36,7 @@ import numpy as np
 from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Structure
 
+from crystaloop.generative.measures import matching_index
 from crystaloop.loop.bench.targets import ANCHORS, CAMPAIGN
 from crystaloop.loop.config import CampaignConfig
 
@@ -240,7 +241,7 @@ def rediscovered(
     for structure in hits:
         formula = structure.composition.reduced_formula
         seen = [*known(formula), *earlier.get(formula, [])]
-        flags.append(any(matcher.fit(structure, k) for k in seen))
+        flags.append(matching_index(structure, seen, matcher) is not None)
         earlier.setdefault(formula, []).append(structure)
     return flags
 

@@ -14,6 +14,7 @@ from crystaloop.generative.measures import (
     composition_novel_flags,
     is_valid,
     matched_site_errors,
+    matching_index,
     minimum_distance,
     novelty_flags,
     prototype_novel_flags,
@@ -131,3 +132,13 @@ def test_shortest_distance_below_counts_periodic_images_and_coincident_sites():
     assert shortest_distance_below(single, 1.5) is None
     twin = Structure(Lattice.cubic(4.0), ["Fe", "Fe"], [[0, 0, 0], [0, 0, 0]])
     assert shortest_distance_below(twin, 0.5) == pytest.approx(0.0)
+
+
+def test_matching_index_names_the_first_equivalent_structure():
+    nacl = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5] * 3])
+    cscl_type = Structure(Lattice.cubic(3.4), ["Na", "Cl"], [[0, 0, 0], [0.5] * 3])
+    # the same rock salt as a primitive cell at another volume matches (StructureMatcher scales)
+    others = [cscl_type, nacl.get_primitive_structure().scale_lattice(nacl.volume / 4 * 1.1), nacl]
+    assert matching_index(nacl, others) == 1
+    assert matching_index(nacl, [cscl_type]) is None
+    assert matching_index(nacl, []) is None
