@@ -9,19 +9,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from crystaloop.generative.measures import (
     MIN_DISTANCE_ANGSTROM,
     charge_balanced,
     composition_novel_flags,
     is_valid,
+    matched_site_errors,
+    nearest_prototype,
     novelty_flags,
+    prior_prototypes,
     prototype_novel_flags,
+    prototype_templates,
     reference_prototypes,
     smact_valid,
     unique_flags,
@@ -29,54 +31,7 @@ from crystaloop.generative.measures import (
 from crystaloop.generative.models.cgcnn import CGCNN, collate_graphs
 from crystaloop.generative.models.ensemble import CGCNNEnsemble
 from crystaloop.generative.models.unet import UNet3D, voxel_spacing
-
-PAPER_TABLE5 = {
-    "vae_mse": 0.013,
-    "unet_nonzero_recall": 0.87,
-    "lattice_mae_angstrom": 0.06,
-    "emd_mean_angstrom": 0.090,
-    "delta_nsites_mean": 0.198,
-    "species_exact": 0.668,  # Hoffmann et al., matched sites with the exact element
-}
-TARGETS_TABLE5 = {
-    "species_exact": (">=", 0.80),
-    "unet_nonzero_recall": (">=", 0.87),
-    "lattice_mae_angstrom": ("<=", 0.06),
-    "emd_mean_angstrom": ("<=", 0.10),
-    "delta_nsites_mean": ("<=", 0.25),
-}
-PAPER_TABLE1_MAE = {"formation_energy_per_atom": 0.102, "band_gap": 0.299}
-TARGETS_TABLE1_MAE = {"formation_energy_per_atom": 0.06}
-
-
-def matched_site_errors(
-    true_frac: np.ndarray,
-    true_z: np.ndarray,
-    pred_frac: np.ndarray,
-    pred_z: np.ndarray,
-    lattice,
-    pred_lattice=None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Optimal one-to-one matching of sites by minimum-image distance.
-
-    With only ``lattice`` both site sets are placed in it (the fractional error alone). With
-    ``pred_lattice`` too, each site set is placed in its own cell: a true site at ``f @ lattice``
-    and its predicted partner, at the periodic image nearest in fractional coordinates, at
-    ``f' @ pred_lattice``, so an error of the decoded lattice moves the sites as well.
-    Returns the matched distances (Angstrom) and |Z_pred - Z_true| for min(N, N') pairs.
-    """
-    if len(true_frac) == 0 or len(pred_frac) == 0:
-        return np.zeros(0), np.zeros(0, dtype=int)
-    delta = pred_frac[None, :, :] - true_frac[:, None, :]
-    delta -= np.round(delta)
-    if pred_lattice is None:
-        cart = delta @ np.asarray(lattice.matrix)
-    else:
-        image = true_frac[:, None, :] + delta
-        cart = image @ np.asarray(pred_lattice.matrix) - (true_frac @ np.asarray(lattice.matrix))[:, None, :]
-    cost = np.linalg.norm(cart, axis=-1)
-    rows, cols = linear_sum_assignment(cost)
-    return cost[rows, cols], np.abs(pred_z[cols] - true_z[rows])
+from crystaloop.generative.paper import PAPER_SAMPLING_VALID
 
 
 def recall_counts(unet: UNet3D, density, spacing, true_z) -> tuple[int, int, int]:
@@ -426,55 +381,7 @@ def evaluate_properties(
 # Sampling (issue: random and around-base samples must decode into valid, novel crystals)
 # ---------------------------------------------------------------------------------------------
 
-PAPER_SAMPLING_VALID = {"random": 0.76, "around_base": 0.89}
-"""Court et al.'s valid shares (min distance 0.5 A), measured on decoded sites with no merge: they
-compare with ``valid_before_repair_share``, not with ``valid_share``, which the ``sites`` decoder's
-merge and lattice bounds make true by construction."""
-TARGETS_SAMPLING = {
-    "valid_before_repair_share": {"random": (">=", 0.90), "around_base": (">=", 0.95)},
-    "novel_unique_share_of_valid": (">=", 0.50),
-}
 AROUND_BASE_SIGMA = float(np.sqrt(0.5))  # the paper's sigma for sampling around a base compound
-
-
-@dataclass(frozen=True)
-class PrototypeTemplate:
-    """One of the prior's structure types as a StructureMatcher template."""
-
-    name: str
-    structure: object
-
-
-def prototype_templates() -> list[PrototypeTemplate]:
-    """Ideal B1, B2, B3, perovskite and L21 cells with distinct placeholder species."""
-    from crystaloop.generative.data.prototypes import PROTOTYPES, Prototype
-
-    placeholders = ("Na", "Cl", "Br")
-    out = []
-    for name in PROTOTYPES:
-        roles = 3 if name in ("perovskite", "L21") else 2
-        out.append(PrototypeTemplate(name, Prototype(name, placeholders[:roles]).conventional(5.0)))
-    return out
-
-
-def nearest_prototype(structure, templates: Sequence[PrototypeTemplate]) -> str:
-    """Name of the template the structure matches with species anonymised, else its space group."""
-    from pymatgen.analysis.structure_matcher import StructureMatcher
-    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
-
-    matcher = StructureMatcher(scale=True, attempt_supercell=True)
-    for template in templates:
-        if len(template.structure.composition.elements) != len(structure.composition.elements):
-            continue
-        try:
-            if matcher.fit_anonymous(structure, template.structure):
-                return template.name
-        except Exception:  # noqa: BLE001 -- pymatgen raises several types on degenerate cells
-            continue
-    try:
-        return f"other ({SpacegroupAnalyzer(structure, symprec=0.1).get_space_group_symbol()})"
-    except Exception:  # noqa: BLE001
-        return "other"
 
 
 def prior_records(max_sites: int = 40):
@@ -496,29 +403,6 @@ def prior_records(max_sites: int = 40):
             )
         )
     return out
-
-
-@lru_cache(maxsize=1)
-def prior_prototypes(max_sites: int = 40) -> dict[str, list]:
-    """One structure per prototype of the shipped prior set, grouped by anonymised formula (see
-    :func:`~crystaloop.generative.measures.reference_prototypes`): a structure type the prior
-    holds is one of these, whatever its species."""
-    from crystaloop.generative.data.prior import read_prior
-    from crystaloop.generative.data.prototypes import Prototype
-    from crystaloop.generative.train.data import LabelledStructure
-
-    seen, records, names = set(), [], []
-    for rec in read_prior()["records"]:
-        key = (rec["prototype"], len(set(rec["species"])))
-        if key in seen or not rec.get("converged") or rec.get("reject_reason"):
-            continue
-        proto = Prototype(rec["prototype"], tuple(rec["species"]))
-        if proto.atoms_per_conventional > max_sites:
-            continue
-        seen.add(key)
-        records.append(LabelledStructure(rec["structure_id"], proto.conventional(rec["a0"]), {}))
-        names.append(rec["prototype"])
-    return reference_prototypes(records, names)
 
 
 def composition_shares(records, *, n: int = 1000, seed: int = 0) -> dict:

@@ -3,13 +3,16 @@
 Structural validity (every minimum-image distance at least 0.5 Angstrom, CDVAE's rule),
 compositional validity (pymatgen's oxidation-state guess, and SMACT's charge-neutrality and
 electronegativity rules as CDVAE, DiffCSP and MatterGen report it), novelty by composition, by
-structure (same reduced formula, ``StructureMatcher``) and by prototype (species anonymised), and
-uniqueness within a batch.
+structure (same reduced formula, ``StructureMatcher``) and by prototype (species anonymised),
+uniqueness within a batch, the prior's prototypes, and the matching of decoded sites to true ones.
+The filter cascade, the evaluation and the benchmarks all measure structures with these.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -29,6 +32,13 @@ def minimum_distance(structure) -> float:
     matrix = structure.distance_matrix
     pairs = matrix[np.triu_indices(len(structure), 1)]
     return min(own, float(pairs.min()))
+
+
+def shortest_distance_below(structure, cutoff: float) -> float | None:
+    """The shortest periodic interatomic distance below ``cutoff`` (Angstrom), or None if there is none."""
+    # exclude_self drops only a site's zero-distance pair with itself, so coincident sites count.
+    _, _, _, distances = structure.get_neighbor_list(r=cutoff, exclude_self=True)
+    return float(distances.min()) if len(distances) else None
 
 
 def is_valid(structure, min_distance: float = MIN_DISTANCE_ANGSTROM) -> bool:
@@ -65,6 +75,16 @@ def composition_novel_flags(structures: Sequence, references: Sequence) -> list[
     return [s.composition.reduced_formula not in known for s in structures]
 
 
+def matching_index(structure, others: Sequence, matcher=None) -> int | None:
+    """Index of the first of ``others`` that ``matcher`` (default ``StructureMatcher()``) finds
+    equivalent to ``structure``, else None: the one rule of novelty and uniqueness."""
+    if matcher is None:
+        from pymatgen.analysis.structure_matcher import StructureMatcher
+
+        matcher = StructureMatcher()
+    return next((i for i, other in enumerate(others) if matcher.fit(structure, other)), None)
+
+
 def novelty_flags(structures: Sequence, references: Sequence) -> list[bool]:
     """True where no reference structure of the same reduced formula is StructureMatcher-equivalent."""
     from pymatgen.analysis.structure_matcher import StructureMatcher
@@ -76,7 +96,7 @@ def novelty_flags(structures: Sequence, references: Sequence) -> list[bool]:
     flags = []
     for structure in structures:
         same = by_formula.get(structure.composition.reduced_formula, [])
-        flags.append(not any(matcher.fit(structure, other) for other in same))
+        flags.append(matching_index(structure, same, matcher) is None)
     return flags
 
 
@@ -89,7 +109,7 @@ def unique_flags(structures: Sequence) -> list[bool]:
     flags = []
     for structure in structures:
         group = seen.setdefault(structure.composition.reduced_formula, [])
-        first = not any(matcher.fit(structure, other) for other in group)
+        first = matching_index(structure, group, matcher) is None
         if first:
             group.append(structure)
         flags.append(first)
@@ -146,3 +166,98 @@ def prototype_novel_flags(structures: Sequence, prototypes: dict[str, list]) -> 
         same = prototypes.get(key, [])
         flags.append(not any(_fits_anonymous(matcher, structure, other) for other in same))
     return flags
+
+
+@lru_cache(maxsize=1)
+def prior_prototypes(max_sites: int = 40) -> dict[str, list]:
+    """One structure per prototype of the shipped prior set, grouped by anonymised formula (see
+    :func:`~crystaloop.generative.measures.reference_prototypes`): a structure type the prior
+    holds is one of these, whatever its species."""
+    from crystaloop.generative.data.prior import read_prior
+    from crystaloop.generative.data.prototypes import Prototype
+    from crystaloop.generative.train.data import LabelledStructure
+
+    seen, records, names = set(), [], []
+    for rec in read_prior()["records"]:
+        key = (rec["prototype"], len(set(rec["species"])))
+        if key in seen or not rec.get("converged") or rec.get("reject_reason"):
+            continue
+        proto = Prototype(rec["prototype"], tuple(rec["species"]))
+        if proto.atoms_per_conventional > max_sites:
+            continue
+        seen.add(key)
+        records.append(LabelledStructure(rec["structure_id"], proto.conventional(rec["a0"]), {}))
+        names.append(rec["prototype"])
+    return reference_prototypes(records, names)
+
+
+@dataclass(frozen=True)
+class PrototypeTemplate:
+    """One of the prior's structure types as a StructureMatcher template."""
+
+    name: str
+    structure: object
+
+
+def prototype_templates() -> list[PrototypeTemplate]:
+    """Ideal B1, B2, B3, perovskite and L21 cells with distinct placeholder species."""
+    from crystaloop.generative.data.prototypes import PROTOTYPES, Prototype
+
+    placeholders = ("Na", "Cl", "Br")
+    out = []
+    for name in PROTOTYPES:
+        roles = 3 if name in ("perovskite", "L21") else 2
+        out.append(PrototypeTemplate(name, Prototype(name, placeholders[:roles]).conventional(5.0)))
+    return out
+
+
+def nearest_prototype(structure, templates: Sequence[PrototypeTemplate]) -> str:
+    """Name of the template the structure matches with species anonymised, else its space group."""
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    matcher = StructureMatcher(scale=True, attempt_supercell=True)
+    for template in templates:
+        if len(template.structure.composition.elements) != len(structure.composition.elements):
+            continue
+        try:
+            if matcher.fit_anonymous(structure, template.structure):
+                return template.name
+        except Exception:  # noqa: BLE001 -- pymatgen raises several types on degenerate cells
+            continue
+    try:
+        return f"other ({SpacegroupAnalyzer(structure, symprec=0.1).get_space_group_symbol()})"
+    except Exception:  # noqa: BLE001
+        return "other"
+
+
+def matched_site_errors(
+    true_frac: np.ndarray,
+    true_z: np.ndarray,
+    pred_frac: np.ndarray,
+    pred_z: np.ndarray,
+    lattice,
+    pred_lattice=None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Optimal one-to-one matching of sites by minimum-image distance.
+
+    With only ``lattice`` both site sets are placed in it (the fractional error alone). With
+    ``pred_lattice`` too, each site set is placed in its own cell: a true site at ``f @ lattice``
+    and its predicted partner, at the periodic image nearest in fractional coordinates, at
+    ``f' @ pred_lattice``, so an error of the decoded lattice moves the sites as well.
+    Returns the matched distances (Angstrom) and |Z_pred - Z_true| for min(N, N') pairs.
+    """
+    if len(true_frac) == 0 or len(pred_frac) == 0:
+        return np.zeros(0), np.zeros(0, dtype=int)
+    delta = pred_frac[None, :, :] - true_frac[:, None, :]
+    delta -= np.round(delta)
+    if pred_lattice is None:
+        cart = delta @ np.asarray(lattice.matrix)
+    else:
+        image = true_frac[:, None, :] + delta
+        cart = image @ np.asarray(pred_lattice.matrix) - (true_frac @ np.asarray(lattice.matrix))[:, None, :]
+    cost = np.linalg.norm(cart, axis=-1)
+    from scipy.optimize import linear_sum_assignment
+
+    rows, cols = linear_sum_assignment(cost)
+    return cost[rows, cols], np.abs(pred_z[cols] - true_z[rows])

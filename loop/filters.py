@@ -30,6 +30,7 @@ from pymatgen.core import Composition, Structure
 
 from crystaloop.db.documents import FilterStep
 from crystaloop.dft.hull import FormationHull
+from crystaloop.generative.measures import matching_index, shortest_distance_below
 from crystaloop.loop.config import ElementRules, TargetWindow
 
 MIN_EDGE_ANGSTROM = 1.0
@@ -159,19 +160,12 @@ class ValidityStage:
     def judge(self, candidates: Sequence[Candidate]) -> list[Verdict]:
         out = []
         for c in candidates:
-            closest = min_distance(c.structure, self.min_distance)
+            closest = shortest_distance_below(c.structure, self.min_distance)
             if closest is None:
                 out.append((True, None))
             else:
                 out.append((False, f"atoms {closest:.2f} Å apart (minimum {self.min_distance:g} Å)"))
         return out
-
-
-def min_distance(structure: Structure, cutoff: float) -> float | None:
-    """The shortest periodic interatomic distance below ``cutoff`` (Å), or None if there is none."""
-    # exclude_self drops only a site's zero-distance pair with itself, so coincident sites count.
-    _, _, _, distances = structure.get_neighbor_list(r=cutoff, exclude_self=True)
-    return float(distances.min()) if len(distances) else None
 
 
 #: A formula of each material class (its anonymous formula is what the class allows).
@@ -309,7 +303,7 @@ class NoveltyStage:
             formula = c.structure.composition.reduced_formula
             if formula not in cache:
                 cache[formula] = self.known(formula)
-            if any(self.matcher.fit(c.structure, k) for k in cache[formula]):
+            if matching_index(c.structure, cache[formula], self.matcher) is not None:
                 out.append((False, f"{formula} is already known (training data or campaign)"))
             else:
                 out.append((True, None))
@@ -531,14 +525,11 @@ class UniqueStage:
             members.sort(key=lambda i: (-(candidates[i].score or 0.0), candidates[i].index))
             kept: list[int] = []
             for i in members:
-                twin = next(
-                    (k for k in kept if self.matcher.fit(candidates[i].structure, candidates[k].structure)),
-                    None,
-                )
-                if twin is None:
+                j = matching_index(candidates[i].structure, [candidates[k].structure for k in kept], self.matcher)
+                if j is None:
                     kept.append(i)
                 else:
-                    verdicts[i] = (False, f"equivalent to sample {candidates[twin].index}")
+                    verdicts[i] = (False, f"equivalent to sample {candidates[kept[j]].index}")
         return verdicts
 
 

@@ -201,8 +201,7 @@ METASTABLE_EV_PER_ATOM = 0.1
 
 def sun_flags(structures: Sequence[Structure], energies_above_hull: Sequence[float | None]) -> list[SUNFlags]:
     """S.U.N. flags of relaxed structures in campaign order, with their E_hull (eV/atom)."""
-    from crystaloop.generative.evaluate import prior_prototypes
-    from crystaloop.generative.measures import prototype_novel_flags, unique_flags
+    from crystaloop.generative.measures import prior_prototypes, prototype_novel_flags, unique_flags
 
     known = {key: list(group) for key, group in prior_prototypes().items()}
     unique = unique_flags(structures)

@@ -82,3 +82,17 @@ def test_tests_mirror_the_source(repo_root):
     top_level = sorted(p.name for p in tests.glob("test_*.py"))
     assert not misplaced, misplaced
     assert top_level == ["test_layout.py"], top_level
+
+
+def test_benchmarks_live_in_one_package(repo_root):
+    """Benchmark modules sit in loop/bench/ only, and no library module imports them."""
+    bench = repo_root / "loop" / "bench"
+    library = [p for folder in ("loop", "generative", "dft", "db") for p in (repo_root / folder).rglob("*.py")]
+    strays = [str(p.relative_to(repo_root)) for p in library if "bench" in p.stem and p.parent != bench]
+    users = [
+        str(p.relative_to(repo_root))
+        for p in library
+        if bench not in p.parents and "crystaloop.loop.bench" in p.read_text()
+    ]
+    assert not strays, strays
+    assert not users, users

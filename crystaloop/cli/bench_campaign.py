@@ -74,7 +74,7 @@ def bench_campaign(
     from crystaloop.cli._common import console
     from crystaloop.db import get_database
     from crystaloop.errors import UserError
-    from crystaloop.loop.benchmark import ARMS, CIRCULARITY, pool_seeds, run_benchmark, to_json
+    from crystaloop.loop.bench.campaign import ARMS, CIRCULARITY, run_seeds, to_json
     from crystaloop.loop.config import load_campaign_config
 
     if fmt not in ("table", "json"):
@@ -88,31 +88,16 @@ def bench_campaign(
     seed_list = _parse_seeds(seeds)
     base = load_campaign_config(config_path)
     database = get_database()
-    results = {}
-    for seed in seed_list or [base.seed]:
-        config = base if seed_list is None else base.model_copy(update={"seed": seed})
-        if seed_list is not None:
-            console.print(f"seed {seed}", highlight=False)
-        results[seed] = run_benchmark(
-            config,
-            database=database,
-            rounds=rounds,
-            no_model_per_round=no_model,
-            log=lambda line: console.print(line, highlight=False),
-            arms=chosen,
-            suffix="" if seed_list is None or len(seed_list) == 1 else f"-s{seed}",
-        )
-        if seed_list is not None and len(seed_list) > 1:
-            # Written after every seed, so that a run stopped early leaves the seeds it finished pooled.
-            done = len(results) == len(seed_list)
-            out = {"seeds": {str(k): v for k, v in results.items()}, "pooled": pool_seeds(results)}
-            out["complete"] = done
-            if output:
-                output.write_text(to_json(out, indent=1))
-    if seed_list is None or len(seed_list) == 1:
-        out = next(iter(results.values()))
-        if output:
-            output.write_text(to_json(out, indent=1))
+    results, out = run_seeds(
+        base,
+        database=database,
+        seeds=seed_list,
+        rounds=rounds,
+        no_model_per_round=no_model,
+        arms=chosen,
+        log=lambda line: console.print(line, highlight=False),
+        write=(lambda document: output.write_text(to_json(document, indent=1))) if output else None,
+    )
     if fmt == "json":
         console.print_json(to_json(out))
         return
@@ -127,30 +112,9 @@ def bench_campaign(
 
 def _pool_files(console, paths: list[Path], output: Path | None, fmt: str) -> None:
     """Pool the seeds of earlier ``--output`` files into one result, written and printed like a run's."""
-    import json
+    from crystaloop.loop.bench.campaign import CIRCULARITY, pool_files, to_json
 
-    from crystaloop.errors import UserError
-    from crystaloop.loop.benchmark import CIRCULARITY, merge_runs, pool_seeds, to_json
-
-    documents = []
-    for spec in paths:
-        # FILE or FILE:arm,arm (take only those arms of that file).
-        path, _, picked = str(spec).partition(":")
-        arms = [a.strip() for a in picked.split(",") if a.strip()] or None
-        path = Path(path)
-        try:
-            documents.append((str(path), json.loads(path.read_text()), arms))
-        except (OSError, ValueError) as exc:
-            raise UserError(
-                f"cannot read {path} as a bench campaign JSON ({type(exc).__name__}); check the path"
-            ) from None
-    results = merge_runs(documents)
-    out = {
-        "seeds": {str(k): v for k, v in sorted(results.items())},
-        "pooled": pool_seeds(results),
-        "complete": True,
-        "pooled_from": [str(p) for p in paths],
-    }
+    out = pool_files([str(p) for p in paths])
     if output:
         output.write_text(to_json(out, indent=1))
     if fmt == "json":
@@ -211,6 +175,8 @@ def _print_result(console, result: dict) -> None:
     """The per-round table and the summary lines of one seed."""
     from rich.table import Table
 
+    from crystaloop.loop.bench.targets import CAMPAIGN
+
     table = Table(
         "arm",
         "round",
@@ -250,8 +216,8 @@ def _print_result(console, result: dict) -> None:
         )
         console.print(
             f"{_SCOPES[scope]} {s['round']}: {rates}; loop/random "
-            f"{_num(s[f'{scope}_ratio_vs_random'], '.1f')}x (target 3x), loop/no model "
-            f"{_num(s[f'{scope}_ratio_vs_no_model'], '.1f')}x (target 10x)",
+            f"{_num(s[f'{scope}_ratio_vs_random'], '.1f')}x (target {CAMPAIGN['vs_random']:g}x), loop/no model "
+            f"{_num(s[f'{scope}_ratio_vs_no_model'], '.1f')}x (target {CAMPAIGN['vs_no_model']:g}x)",
             highlight=False,
         )
     console.print(

@@ -27,16 +27,11 @@ def cluster(
     """Scheduling benchmark (not DFT): sleeping jobs through each backend, workers killed mid-job."""
     import json
     import os
-    import tempfile
-    import uuid
 
     from rich.table import Table
 
-    from crystaloop.db import get_database
-    from crystaloop.db.connection import _client, resolve_uri
-    from crystaloop.dft import bench_cluster
     from crystaloop.errors import UserError
-    from crystaloop.settings import get_settings
+    from crystaloop.loop.bench import cluster as bench_cluster
 
     names = [b.strip() for b in backends.split(",") if b.strip()]
     unknown = [b for b in names if b not in ("local", "fireworks")]
@@ -48,32 +43,10 @@ def cluster(
         raise UserError(f"--workers {workers!r}: give worker counts such as 1,4,8") from None
     if fmt not in ("table", "json"):
         raise UserError(f"unknown format {fmt!r}; use --format table or --format json")
-    rows = []
-    scratch = Path(tempfile.mkdtemp(prefix="crystaloop-bench-cluster-"))
-    for backend in names:
-        for count in counts:
-            # A fresh database per case, inherited by the worker processes.
-            os.environ["CRYSTALOOP_DATABASE"] = f"bench_cluster_{uuid.uuid4().hex[:8]}"
-            get_settings.cache_clear()
-            settings = get_settings()
-            database = get_database(settings)
-            console.print(f"{backend}, {count} worker(s): {jobs} jobs of {job_s:g} s", highlight=False)
-            try:
-                rows.append(
-                    bench_cluster.run_case(
-                        backend, count, jobs=jobs, job_s=job_s, kill_share=kill, poll_s=poll_s,
-                        folder=scratch / f"{backend}-{count}", database=database, settings=settings,
-                    )  # fmt: skip
-                )
-            finally:
-                _client(resolve_uri(settings)).drop_database(settings.database)
-            last = rows[-1]
-            console.print(
-                f"  {last.completed} completed, {last.lost} lost, {last.duplicated} duplicated, "
-                f"{last.killed} killed, {last.retried} retried in {last.wall_s:.1f} s",
-                highlight=False,
-            )
-    bench_cluster.efficiency(rows)
+    rows = bench_cluster.run_cases(
+        names, counts, jobs=jobs, job_s=job_s, kill_share=kill, poll_s=poll_s,
+        log=lambda line: console.print(line, highlight=False),
+    )  # fmt: skip
     parameters = {"jobs": jobs, "job_s": job_s, "kill_share": kill, "poll_s": poll_s, "cpus": os.cpu_count()}
     path = bench_cluster.write_result(rows, output, parameters)
     if fmt == "json":

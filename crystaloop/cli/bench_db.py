@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import tempfile
 
 import typer
 
@@ -30,38 +29,18 @@ def register(app: typer.Typer) -> None:
         from rich.progress import Progress
         from rich.table import Table
 
-        from crystaloop.db.benchmark import run_db_benchmark
-        from crystaloop.db.connection import get_client
-        from crystaloop.db.server import EmbeddedServer
-        from crystaloop.settings import CrystaloopSettings, redact_uri
+        from crystaloop.loop.bench.database import run_on_server
 
-        tmp = None
-        server = None
-        if not uri:
-            tmp = tempfile.TemporaryDirectory(prefix="crystaloop-bench-")
-            server = EmbeddedServer(tmp.name)
-            uri = server.start().uri
-            target = "embedded server (fresh)"
-        else:
-            target = redact_uri(uri)
-        try:
-            settings = CrystaloopSettings(mongodb_uri=uri, database="crystaloop_bench")
-            database = get_client(settings)[settings.database]
-            with Progress(console=console, transient=True) as bar:
-                task = bar.add_task("inserting", total=n)
-                result = run_db_benchmark(
-                    database,
-                    n=n,
-                    batch=batch,
-                    repeats=repeats,
-                    legacy=legacy,
-                    progress=lambda k: bar.advance(task, k),
-                )
-        finally:
-            if server:
-                server.stop()
-            if tmp:
-                tmp.cleanup()
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task("inserting", total=n)
+            target, result = run_on_server(
+                uri,
+                n=n,
+                batch=batch,
+                repeats=repeats,
+                legacy=legacy,
+                progress=lambda k: bar.advance(task, k),
+            )
         if as_json:
             print(json.dumps({"target": target, **result.__dict__}))
             return

@@ -26,11 +26,12 @@ def bench_dft(
     from rich.table import Table
 
     from crystaloop.cli._common import console
-    from crystaloop.dft.bench import CELLS, summarise, time_framework_only, time_relaxation
     from crystaloop.dft.espresso.inputs import load_preset
     from crystaloop.dft.espresso.run import pw_available
     from crystaloop.dft.pseudos import family_from_settings
     from crystaloop.errors import UserError
+    from crystaloop.loop.bench.dft import CELLS, framework_only, summarise, time_relaxations
+    from crystaloop.loop.bench.targets import DFT_OVERHEAD, QUACC_OVERHEAD
 
     preset_names = [p.strip() for p in presets.split(",") if p.strip()]
     cell_names = [c.strip() for c in cells.split(",") if c.strip()]
@@ -44,15 +45,9 @@ def bench_dft(
     family = family_from_settings()
     for cell in cell_names:
         family.require(CELLS[cell]())
-    timings = []
-    with console.status("warming up (imports, DB, first job)"):
-        time_relaxation(cell_names[0], preset_names[0])
-    for preset in preset_names:
-        count = repeats if preset == "fast" else standard_repeats
-        for cell in cell_names:
-            for i in range(count):
-                with console.status(f"{cell} / {preset} / run {i + 1} of {count}"):
-                    timings.append(time_relaxation(cell, preset))
+    timings = time_relaxations(
+        cell_names, preset_names, repeats=repeats, standard_repeats=standard_repeats, step=console.status
+    )
     summary = summarise(timings)
     table = Table(title="crystaloop relaxations (run_local, MongoDB JobStore, median)")
     for column in ("cell", "atoms", "preset", "runs", "state", "total (s)", "pw.x process (s)",
@@ -73,14 +68,8 @@ def bench_dft(
             f"{row['overhead_vs_reported_s']:.3f}",
         )
     console.print(table)
-    replayed = {}
-    for t in timings:
-        replayed[(t.cell, t.preset)] = t.pw_output
-    framework = {}
     with console.status("framework only: replaying each cell's pw.x output"):
-        for (cell, preset), text in replayed.items():
-            times = sorted(time_framework_only(cell, preset, text))
-            framework[f"{cell}/{preset}"] = {"median_s": times[len(times) // 2], "max_s": times[-1]}
+        framework = framework_only(timings)
     for key, value in framework.items():
         console.print(
             f"framework only ({key}, pw.x replayed, 10 runs): median {value['median_s']:.3f} s, "
@@ -88,8 +77,8 @@ def bench_dft(
         )
     summary["framework_only"] = framework
     console.print(
-        "targets: overhead <= 0.45 s per job, and <= 5 % on the demo cell "
-        "(anchor: quacc relax_job adds ~0.45 s, 12 % of a 3.7-s Si vc-relax)"
+        f"targets: overhead <= {DFT_OVERHEAD['overhead_s']:g} s per job, and "
+        f"<= {DFT_OVERHEAD['demo_overhead_percent']:g} % on the demo cell (anchor: {QUACC_OVERHEAD})"
     )
     if output:
         output.write_text(json.dumps(summary, indent=2))

@@ -42,7 +42,7 @@ def bench_generate(
     from crystaloop.cli.generate import wide_console
     from crystaloop.db import get_database
     from crystaloop.errors import UserError
-    from crystaloop.loop import generation_bench as bench
+    from crystaloop.loop.bench.generation import measure
     from crystaloop.loop.config import load_campaign_config
     from crystaloop.settings import get_settings
 
@@ -53,44 +53,29 @@ def bench_generate(
     if vae is not None:
         campaign = campaign.model_copy(update={"models": campaign.models.model_copy(update={"vae": vae})})
     database = get_database(get_settings())
-    result: dict = {
+    header = {
         "config": str(config),
         "batch_size": batch_size,
         "vae": vae,
         "threads": threads,
         "device": get_settings().resolve_device(),
-        "paper_per_s": bench.PAPER_RATE_PER_S,
-        "target_per_s_to_valid": bench.TARGET_RATE_TO_VALID_PER_S,
     }
-    with console.status("throughput runs ..."):
-        result["throughput"] = (
-            {}
-            if n == 0
-            else bench.throughput(
-                campaign,
-                database,
-                n=n,
-                batch_size=batch_size,
-                seed=seed,
-                compare=compare,
-                uip=uip,
-                workers=workers,
-                decoder_method=method,
-            )
-        )
-    if table2:
-        for name, restrict in (("unrestricted", False), ("restricted_to_base", True)):
-            with console.status(f"Table 2 ({name}) ..."):
-                result.setdefault("table2", {})[name] = bench.table2(
-                    database,
-                    per_base=per_base,
-                    seed=seed,
-                    restrict_to_base=restrict,
-                    batch_size=batch_size,
-                    decoder_method=method,
-                    vae=vae,
-                    progress=lambda line: console.log(line, highlight=False),
-                )
+    result = measure(
+        campaign,
+        database,
+        n=n,
+        batch_size=batch_size,
+        seed=seed,
+        compare=compare,
+        uip=uip,
+        workers=workers,
+        method=method,
+        vae=vae,
+        table2_per_base=per_base if table2 else None,
+        header=header,
+        step=console.status,
+        log=lambda line: console.log(line, highlight=False),
+    )
     if output is not None:
         output.write_text(json.dumps(result, indent=1) + "\n")
     if output_format == "json":

@@ -30,11 +30,12 @@ def bench_presets(
     from rich.table import Table
 
     from crystaloop.cli._common import console
-    from crystaloop.dft.bench_presets import compound_structure, load_testset, run_bench, summarise
     from crystaloop.dft.espresso.inputs import load_preset
     from crystaloop.dft.espresso.run import pw_available
     from crystaloop.dft.pseudos import family_from_settings
     from crystaloop.errors import UserError
+    from crystaloop.loop.bench.presets import compound_structure, load_testset, run_bench, summarise
+    from crystaloop.loop.bench.targets import PRESETS
     from crystaloop.settings import get_settings
 
     if fmt not in ("table", "json"):
@@ -75,9 +76,9 @@ def bench_presets(
         )
     console.print(table)
     console.print(
-        "targets: standard within 0.10 eV/atom of the PBE reference (experiment shown: plain PBE "
-        "underbinds oxides/nitrides against O2/N2), demo within 0.05 eV/atom of standard, "
-        "lattice within 2 %",
+        f"targets: standard within {PRESETS['standard_vs_reference_ev']:.2f} eV/atom of the PBE reference "
+        "(experiment shown: plain PBE underbinds oxides/nitrides against O2/N2), demo within "
+        f"{PRESETS['demo_vs_standard_ev']:.2f} eV/atom of standard, lattice within {PRESETS['lattice_percent']:g} %",
         highlight=False,
     )
 

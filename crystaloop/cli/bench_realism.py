@@ -25,7 +25,8 @@ def bench_realism(
 
     from crystaloop.cli._common import console
     from crystaloop.errors import UserError
-    from crystaloop.generative.data.realism import TARGET_PERCENT, load_experimental, measure
+    from crystaloop.loop.bench.realism import load_experimental, measure, summarise
+    from crystaloop.loop.bench.targets import REALISM_PERCENT
 
     if fmt not in ("table", "json"):
         raise UserError(f"unknown format '{fmt}'; choose table or json")
@@ -35,18 +36,13 @@ def bench_realism(
     if unknown:
         raise UserError(f"unknown compounds {', '.join(unknown)}; choose from {', '.join(table_data)}")
     rows = measure(names)
-    summary = {
-        "target_percent": TARGET_PERCENT,
-        "hits": sum(r.hit for r in rows),
-        "compounds": len(rows),
-        "rows": [r.as_dict() for r in rows],
-    }
+    summary = summarise(rows)
     if output:
         output.write_text(json.dumps(summary, indent=2))
     if fmt == "json":
         print(json.dumps(summary, indent=2))
         return
-    table = Table(title=f"CHGNet-relaxed volume per atom vs experiment (target within {TARGET_PERCENT:g} %)")
+    table = Table(title=f"CHGNet-relaxed volume per atom vs experiment (target within {REALISM_PERCENT:g} %)")
     for column in ("compound", "prototype", "in decorated set", "system", "V start", "V CHGNet",
                    "V exp", "error (%)", "a err (%)", "c err (%)", "hit", "relaxed", "source"):  # fmt: skip
         table.add_column(column)
@@ -61,4 +57,4 @@ def bench_realism(
             "yes" if r.hit else "NO", "yes" if r.relax_converged else "no", r.source,
         )  # fmt: skip
     console.print(table)
-    console.print(f"{summary['hits']} of {summary['compounds']} within {TARGET_PERCENT:g} % (volumes in A^3/atom)")
+    console.print(f"{summary['hits']} of {summary['compounds']} within {REALISM_PERCENT:g} % (volumes in A^3/atom)")

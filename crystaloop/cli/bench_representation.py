@@ -25,21 +25,20 @@ def bench_representation(
     output: Path = output_option(),
 ) -> None:
     """Round trip voxelize -> segment -> to_structure: accuracy table and median ms per step."""
-    from dataclasses import asdict
-
     from rich.progress import Progress
     from rich.table import Table
 
     from crystaloop.cli._common import console
     from crystaloop.errors import UserError
-    from crystaloop.generative.roundtrip import (
+    from crystaloop.loop.bench.roundtrip import (
         CLASSES,
-        SPEED_TARGETS_MS,
-        TARGETS,
         benchmark_structures,
+        by_prototype,
+        result_document,
         run_round_trip,
         summarize,
     )
+    from crystaloop.loop.bench.targets import ROUNDTRIP, ROUNDTRIP_SPEED_MS
 
     if n < 1:
         raise UserError(f"--n must be at least 1; got {n}")
@@ -78,13 +77,10 @@ def bench_representation(
         ("median voxelize (ms)", "median_voxelize_ms", "f2"),
         ("median segment (ms)", "median_segment_ms", "f2"),
     ]
-    speed = {
-        "median_voxelize_ms": SPEED_TARGETS_MS["voxelize"],
-        "median_segment_ms": SPEED_TARGETS_MS["segment"],
-    }
+    speed = {f"median_{step}_ms": limit for step, limit in ROUNDTRIP_SPEED_MS.items()}
     for label, key, fmt in rows:
-        if key in TARGETS:
-            op, value = TARGETS[key]
+        if key in ROUNDTRIP:
+            op, value = ROUNDTRIP[key]
             target = f"{op} {_format(value, fmt)}"
         elif key in speed:
             target = f"<= {speed[key]:g}"
@@ -97,37 +93,23 @@ def bench_representation(
     per_class.add_column("prototype")
     for name in summaries:
         per_class.add_column(name, justify="right")
+    split = {name: by_prototype(rs) for name, rs in results.items()}
     for prototype in CLASSES:
         cells = []
-        for rs in results.values():
-            subset = [r for r in rs if r.prototype == prototype]
-            if not subset:
-                cells.append("-")
-                continue
-            s = summarize(subset)
+        for parts in split.values():
+            s = parts[prototype]
             cells.append(
-                f"{_format(s.exact_site_count_share, 'pct')} / {_format(s.structure_match_share, 'pct')}"
+                "-"
+                if s is None
+                else f"{_format(s.exact_site_count_share, 'pct')} / {_format(s.structure_match_share, 'pct')}"
             )
         per_class.add_row(prototype, *cells)
     console.print(per_class)
 
-    periodic = summaries["periodic"]
-    missed = periodic.failed_targets()
-    for step, limit in SPEED_TARGETS_MS.items():
-        if getattr(periodic, f"median_{step}_ms") > limit:
-            missed.append(f"median_{step}_ms")
+    missed = summaries["periodic"].missed_targets()
     console.print("periodic: all targets met" if not missed else f"periodic: missed {', '.join(missed)}")
     if output is not None:
-        payload = {
-            "n": n,
-            "grid": grid,
-            "seed": seed,
-            "summaries": {name: asdict(s) for name, s in summaries.items()},
-            "failures": {
-                name: [r.name for r in rs if r.n_true != r.n_predicted or not r.structure_match]
-                for name, rs in results.items()
-            },
-        }
+        payload = result_document(n=n, grid=grid, seed=seed, results=results)
         output.write_text(json.dumps(payload, indent=2))
         console.print(f"wrote {output}")
 

@@ -151,54 +151,23 @@ def bench_loader(
     path: Annotated[Path | None, typer.Option(help="Prior file; default the packaged one.")] = None,
 ) -> None:
     """Samples/s of on-the-fly voxelisation and of shards, against a UNet training step's consumption."""
-    import tempfile
-
     import torch
     from rich.table import Table
 
     from crystaloop.generative.data import prior
-    from crystaloop.generative.data.dataset import VoxelDataset, prior_records
-    from crystaloop.generative.data.loader_bench import loader_throughput, train_step_throughput
-    from crystaloop.generative.data.shards import ShardDataset, ShardOrderSampler, write_shards
-    from crystaloop.properties import LABEL_NAMES
+    from crystaloop.generative.data.dataset import prior_records
+    from crystaloop.loop.bench.loader import measure_loaders
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     records = prior_records(path or prior.SHIPPED_PATH, limit=samples)
-    results = []
-    fly = VoxelDataset(records, LABEL_NAMES, augment=True)
-    for workers in (0, 2):
-        results.append(
-            loader_throughput(
-                f"on the fly, {workers} workers",
-                fly,
-                batch_size=batch_size,
-                num_workers=workers,
-                batches=batches,
-            )
-        )
-    with tempfile.TemporaryDirectory() as tmp:
-        manifest = write_shards(records, Path(tmp), LABEL_NAMES, shard_size=128)
-        size = sum(f.stat().st_size for f in Path(tmp).glob("shard-*.npz"))
-        shard_set = ShardDataset(manifest, augment=True)
-        for workers in (0, 2):
-            results.append(
-                loader_throughput(
-                    f"shards, {workers} workers",
-                    shard_set,
-                    batch_size=batch_size,
-                    num_workers=workers,
-                    batches=batches,
-                    sampler=ShardOrderSampler(shard_set),
-                )
-            )
-    results.append(train_step_throughput(batch_size=batch_size))
+    results, bytes_per_structure = measure_loaders(records, batch_size=batch_size, batches=batches)
     table = Table(title=f"voxel loader throughput ({len(records)} structures, grid 32)")
     table.add_column("configuration")
     table.add_column("samples/s", justify="right")
     for r in results:
         table.add_row(r.name, f"{r.per_second:.1f}")
     console.print(table)
-    console.print(f"shards on disk: {size / len(records) / 1e3:.1f} kB per structure")
+    console.print(f"shards on disk: {bytes_per_structure / 1e3:.1f} kB per structure")
 
 
 @app.command("stats")

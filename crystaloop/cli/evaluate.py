@@ -124,7 +124,8 @@ def reconstruction(
     from rich.table import Table
 
     from crystaloop.db import get_database
-    from crystaloop.generative.evaluate import PAPER_TABLE5, TARGETS_TABLE5, evaluate_reconstruction
+    from crystaloop.generative.evaluate import evaluate_reconstruction
+    from crystaloop.loop.bench.targets import PAPER_TABLE5, RECONSTRUCTION
 
     fmt = _check_format(fmt)
     database = get_database()
@@ -163,7 +164,7 @@ def reconstruction(
     for key, value in metrics.items():
         if key in ("method", "lattice"):
             continue
-        target = TARGETS_TABLE5.get(key)
+        target = RECONSTRUCTION.get(key)
         table.add_row(
             key, _fmt(value), _fmt(PAPER_TABLE5.get(key)), f"{target[0]} {target[1]}" if target else ""
         )
@@ -185,7 +186,8 @@ def properties(
     from rich.table import Table
 
     from crystaloop.db import get_database
-    from crystaloop.generative.evaluate import PAPER_TABLE1_MAE, TARGETS_TABLE1_MAE, evaluate_properties
+    from crystaloop.generative.evaluate import evaluate_properties
+    from crystaloop.loop.bench.targets import PAPER_TABLE1_MAE, PROPERTY_MAE
     from crystaloop.properties import property_spec
 
     fmt = _check_format(fmt)
@@ -208,7 +210,7 @@ def properties(
         table.add_column(column)
     for name, mae in metrics.get("mae", {}).items():
         unit = property_spec(name).unit
-        target = TARGETS_TABLE1_MAE.get(name)
+        target = PROPERTY_MAE.get(name)
         table.add_row(
             f"{name} ({unit})" if unit else name,
             _fmt(mae),
@@ -254,7 +256,8 @@ def sampling(
 
     from crystaloop.db import get_database
     from crystaloop.errors import UserError
-    from crystaloop.generative.evaluate import TARGETS_SAMPLING, evaluate_sampling
+    from crystaloop.generative.evaluate import evaluate_sampling
+    from crystaloop.loop.bench.targets import SAMPLING
 
     fmt = _check_format(fmt)
     if strategy not in ("random", "around_base"):
@@ -300,7 +303,7 @@ def sampling(
     for key, value in metrics.items():
         if isinstance(value, dict):
             value = ", ".join(f"{k}: {v}" for k, v in value.items()) or "-"
-        target = TARGETS_SAMPLING.get(key)
+        target = SAMPLING.get(key)
         if isinstance(target, dict):
             target = target.get(strategy)
         # the paper's share was measured with no merge or lattice bounds: it compares with the share

@@ -9,7 +9,6 @@ import pymongo
 import pytest
 from pymatgen.core import Lattice, Structure
 
-from crystaloop.db.benchmark import synthetic_candidates
 from crystaloop.db.migrate import layout_version
 from crystaloop.db.store import CandidateStore, Window
 from crystaloop.db.summaries import (
@@ -23,6 +22,7 @@ from crystaloop.db.summaries import (
     property_key,
     property_key_range,
 )
+from crystaloop.loop.bench.database import synthetic_candidates
 from crystaloop.properties import PROPERTY_NAMES
 
 

@@ -6,7 +6,6 @@ import pymongo
 import pytest
 from pymatgen.core import Lattice, Structure
 
-from crystaloop.db.benchmark import synthetic_candidates
 from crystaloop.db.migrate import layout_version, migrate_candidates
 from crystaloop.db.store import CandidateStore, Window, property_field
 from crystaloop.db.summaries import (
@@ -15,6 +14,7 @@ from crystaloop.db.summaries import (
     LEGACY_CANDIDATE_INDEXES,
     SUMMARY_COLLECTION,
 )
+from crystaloop.loop.bench.database import synthetic_candidates
 from crystaloop.properties import PROPERTY_NAMES
 
 

@@ -1,4 +1,4 @@
-"""Evaluation helpers: site matching across the periodic boundary, species table, property metrics."""
+"""Evaluation helpers: species table, reconstruction, sampling and property metrics."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from crystaloop.generative.decode import DecodedCandidate
 from crystaloop.generative.evaluate import (
     ReconstructionRow,
     evaluate_properties,
-    matched_site_errors,
     nest_property_metrics,
     property_metrics,
     reconstruction_metrics,
@@ -23,17 +22,6 @@ from crystaloop.generative.evaluate import (
 )
 from crystaloop.generative.models import CGCNN, CGCNNEnsemble, CondDFCVAE, save_model
 from crystaloop.generative.models.cgcnn import structure_to_graph
-
-
-def test_site_matching_uses_minimum_image_and_optimal_pairs():
-    lattice = Lattice.cubic(4.0)
-    true = np.array([[0.0, 0.0, 0.0], [0.5, 0.5, 0.5]])
-    pred = np.array([[0.49, 0.5, 0.5], [0.99, 0.0, 0.0]])  # swapped order, one across the face
-    distances, z_errors = matched_site_errors(true, np.array([8, 22]), pred, np.array([23, 8]), lattice)
-    assert np.allclose(sorted(distances), [0.04, 0.04])
-    assert sorted(z_errors.tolist()) == [0, 1]
-    distances, _ = matched_site_errors(true, np.array([8, 22]), pred[:1], np.array([22]), lattice)
-    assert len(distances) == 1 and np.isclose(distances[0], 0.04)
 
 
 def test_species_accuracy_table():
@@ -117,18 +105,6 @@ def test_properties_of_a_vae_checkpoint_is_a_user_error(tmp_path):
         evaluate_properties(None, model=str(path))
 
 
-def test_site_matching_in_the_decoded_lattice_carries_the_lattice_error():
-    true = np.array([[0.0, 0.0, 0.0], [0.5, 0.5, 0.5]])
-    # exact fractional sites in a cell decoded 0.2 A too long: in the true cell nothing moved,
-    # in its own cell the body-centre site sits 0.2 * sqrt(3) / 2 A away from the truth
-    same, _ = matched_site_errors(true, np.array([8, 8]), true, np.array([8, 8]), Lattice.cubic(4.0))
-    own, _ = matched_site_errors(
-        true, np.array([8, 8]), true, np.array([8, 8]), Lattice.cubic(4.0), Lattice.cubic(4.2)
-    )
-    assert np.allclose(same, 0.0)
-    assert np.allclose(sorted(own), [0.0, 0.1 * np.sqrt(3)])
-
-
 def _row(n_true, n_decoded, z_errors, *, angles=(0.0, 0.0, 0.0), emd=0.1):
     return ReconstructionRow(
         "s",
@@ -168,7 +144,7 @@ def _candidate(index, structure, *, raw, merged=0, reason=None):
 
 
 def test_sampling_metrics_on_hand_built_samples():
-    from crystaloop.generative.evaluate import prototype_templates
+    from crystaloop.generative.measures import prototype_templates
     from crystaloop.generative.train.data import LabelledStructure
 
     def rock_salt(a, cation="Na", anion="Cl"):

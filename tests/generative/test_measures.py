@@ -1,6 +1,7 @@
 """Structure measures on hand-built crystals whose answers are known: minimum distance with
 periodic images, validity, charge balance (pymatgen and SMACT), novelty by composition, structure
-and prototype, and uniqueness."""
+and prototype, uniqueness, the shortest distance below a cutoff, and site matching across the
+periodic boundary."""
 
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ from crystaloop.generative.measures import (
     charge_balanced,
     composition_novel_flags,
     is_valid,
+    matched_site_errors,
+    matching_index,
     minimum_distance,
     novelty_flags,
     prototype_novel_flags,
     reference_prototypes,
+    shortest_distance_below,
     smact_valid,
     unique_flags,
 )
@@ -97,3 +101,44 @@ def test_reference_prototypes_keep_one_structure_per_type():
 def test_unique_flags_keep_the_first_of_each_equivalence_class():
     batch = [rock_salt(5.6), rock_salt(5.65), cscl(3.4, "Na", "Cl"), rock_salt(4.2, "Mg", "O")]
     assert unique_flags(batch) == [True, False, True, True]
+
+
+def test_site_matching_uses_minimum_image_and_optimal_pairs():
+    lattice = Lattice.cubic(4.0)
+    true = np.array([[0.0, 0.0, 0.0], [0.5, 0.5, 0.5]])
+    pred = np.array([[0.49, 0.5, 0.5], [0.99, 0.0, 0.0]])  # swapped order, one across the face
+    distances, z_errors = matched_site_errors(true, np.array([8, 22]), pred, np.array([23, 8]), lattice)
+    assert np.allclose(sorted(distances), [0.04, 0.04])
+    assert sorted(z_errors.tolist()) == [0, 1]
+    distances, _ = matched_site_errors(true, np.array([8, 22]), pred[:1], np.array([22]), lattice)
+    assert len(distances) == 1 and np.isclose(distances[0], 0.04)
+
+
+def test_site_matching_in_the_decoded_lattice_carries_the_lattice_error():
+    true = np.array([[0.0, 0.0, 0.0], [0.5, 0.5, 0.5]])
+    # exact fractional sites in a cell decoded 0.2 A too long: in the true cell nothing moved,
+    # in its own cell the body-centre site sits 0.2 * sqrt(3) / 2 A away from the truth
+    same, _ = matched_site_errors(true, np.array([8, 8]), true, np.array([8, 8]), Lattice.cubic(4.0))
+    own, _ = matched_site_errors(
+        true, np.array([8, 8]), true, np.array([8, 8]), Lattice.cubic(4.0), Lattice.cubic(4.2)
+    )
+    assert np.allclose(same, 0.0)
+    assert np.allclose(sorted(own), [0.0, 0.1 * np.sqrt(3)])
+
+
+def test_shortest_distance_below_counts_periodic_images_and_coincident_sites():
+    single = Structure(Lattice.cubic(2.0), ["Fe"], [[0, 0, 0]])
+    assert shortest_distance_below(single, 2.5) == pytest.approx(2.0)  # its own image
+    assert shortest_distance_below(single, 1.5) is None
+    twin = Structure(Lattice.cubic(4.0), ["Fe", "Fe"], [[0, 0, 0], [0, 0, 0]])
+    assert shortest_distance_below(twin, 0.5) == pytest.approx(0.0)
+
+
+def test_matching_index_names_the_first_equivalent_structure():
+    nacl = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5] * 3])
+    cscl_type = Structure(Lattice.cubic(3.4), ["Na", "Cl"], [[0, 0, 0], [0.5] * 3])
+    # the same rock salt as a primitive cell at another volume matches (StructureMatcher scales)
+    others = [cscl_type, nacl.get_primitive_structure().scale_lattice(nacl.volume / 4 * 1.1), nacl]
+    assert matching_index(nacl, others) == 1
+    assert matching_index(nacl, [cscl_type]) is None
+    assert matching_index(nacl, []) is None

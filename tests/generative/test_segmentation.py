@@ -1,27 +1,16 @@
-"""Periodic watershed segmentation (Algorithm S1), to_structure and the round-trip benchmark."""
+"""Periodic watershed segmentation (Algorithm S1) and to_structure."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
 from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Lattice, Structure
 
-from crystaloop.errors import UserError
+from crystaloop.generative.data.prototypes import Prototype
+from crystaloop.generative.measures import matched_site_errors
 from crystaloop.generative.radii import ionic_radius
 from crystaloop.generative.representation import lattice_from_coordinates, voxelize
-from crystaloop.generative.roundtrip import (
-    benchmark_structures,
-    heusler,
-    match_sites,
-    perovskite,
-    rocksalt,
-    round_trip,
-    run_round_trip,
-    summarize,
-)
 from crystaloop.generative.segmentation import Site, periodic_label, segment, to_structure
 
 
@@ -31,18 +20,22 @@ def _assert_exact_round_trip(structure: Structure, grid: int = 32, **kwargs) -> 
     rebuilt = to_structure(sites, lattice_from_coordinates(vc.coords))
     assert len(rebuilt) == len(structure)
     assert rebuilt.composition == structure.composition
-    rows, cols = match_sites(structure, rebuilt)
-    distances = structure.lattice.get_all_distances(
-        structure.frac_coords[rows], rebuilt.frac_coords[cols]
-    ).diagonal()
+    distances, z_errors = matched_site_errors(
+        structure.frac_coords,
+        np.array([site.specie.Z for site in structure]),
+        rebuilt.frac_coords,
+        np.array([site.specie.Z for site in rebuilt]),
+        structure.lattice,
+    )
     assert distances.mean() < 0.05
-    assert all(structure[i].specie == rebuilt[j].specie for i, j in zip(rows, cols, strict=True))
+    assert not z_errors.any()
     assert StructureMatcher().fit(structure, rebuilt)
     return rebuilt
 
 
 def test_perovskite_with_b_cation_at_the_corner():
-    structure = perovskite("Sr", "Ti", "O", 3.905)
+    structure = Prototype("perovskite", ("Sr", "Ti", "O")).conventional(3.905)
+    structure.translate_sites(range(len(structure)), [0.5, 0.5, 0.5])  # Ti from the body centre to the corner
     vc = voxelize(structure)
     # The Ti density is cut into eight corner pieces of the grid; they must make one site.
     labels, _ = periodic_label(vc.species == 22)
@@ -55,7 +48,7 @@ def test_perovskite_with_b_cation_at_the_corner():
 
 def test_heusler_with_ions_overlapping_within_their_radii():
     # Ag2YPb at 5.9 Å: Ag-Pb neighbours (2.55 Å) sit closer than r_Ag + r_Pb (2.62 Å).
-    structure = heusler("Ag", "Y", "Pb", 5.9)
+    structure = Prototype("L21", ("Ag", "Y", "Pb")).conventional(5.9)
     nearest = 5.9 * np.sqrt(3) / 4
     assert ionic_radius("Ag") + ionic_radius("Pb") > nearest
     _assert_exact_round_trip(structure)
@@ -63,7 +56,7 @@ def test_heusler_with_ions_overlapping_within_their_radii():
 
 def test_two_species_with_radii_differing_by_more_than_two():
     assert ionic_radius("I") / ionic_radius("Li") > 2
-    _assert_exact_round_trip(rocksalt("Li", "I", 6.0))
+    _assert_exact_round_trip(Prototype("B1", ("Li", "I")).conventional(6.0))
     assert ionic_radius("Cs") / ionic_radius("Al") > 2
     _assert_exact_round_trip(
         Structure(Lattice.cubic(4.6), ["Cs", "Al"], [[0.13, 0.21, 0.37], [0.63, 0.71, 0.87]])
@@ -71,7 +64,7 @@ def test_two_species_with_radii_differing_by_more_than_two():
 
 
 def test_non_orthogonal_rhombohedral_primitive_cell():
-    primitive = rocksalt("Na", "Cl", 5.64).get_primitive_structure()
+    primitive = Prototype("B1", ("Na", "Cl")).conventional(5.64).get_primitive_structure()
     assert np.allclose(primitive.lattice.angles, 60)
     vc = voxelize(primitive)
     recovered = lattice_from_coordinates(vc.coords)
@@ -103,7 +96,7 @@ def test_blob_cut_by_the_faces_is_rejoined_only_when_periodic():
 
 
 def test_inputs_probabilities_density_and_paper_erosion_agree():
-    structure = perovskite("Ba", "Zr", "O", 4.19)
+    structure = Prototype("perovskite", ("Ba", "Zr", "O")).conventional(4.19)
     vc = voxelize(structure)
     reference = sorted((s.species, tuple(np.round(s.frac_coords, 4))) for s in segment(vc.species))
     classes = [0, 8, 40, 56]
@@ -115,7 +108,7 @@ def test_inputs_probabilities_density_and_paper_erosion_agree():
         assert len(sites) == 5
         assert sorted(s.species for s in sites) == [8, 8, 8, 40, 56]
     # The paper's binary erosion separates ions that do not touch.
-    cu2mnal = voxelize(heusler("Cu", "Mn", "Al", 5.95))
+    cu2mnal = voxelize(Prototype("L21", ("Cu", "Mn", "Al")).conventional(5.95))
     assert len(segment(cu2mnal.species, cu2mnal.mask, split_species=False)) == 16
     got = sorted(
         (s.species, tuple(np.round(s.frac_coords, 4)))
@@ -134,59 +127,3 @@ def test_to_structure_accepts_pairs_and_lattice_parameters():
         to_structure([], Lattice.cubic(3))
     with pytest.raises(ValueError, match="same 3-D shape"):
         segment(np.zeros((8, 8, 8), dtype=int), np.zeros((4, 4, 4), dtype=bool))
-
-
-def test_benchmark_set_covers_the_three_classes():
-    items = benchmark_structures(2100)
-    assert len(items) >= 2000
-    prototypes = {item.prototype for item in items}
-    assert prototypes == {"rocksalt", "cscl", "zincblende", "perovskite", "heusler"}
-    assert {len(i.structure) for i in items if i.prototype == "heusler"} == {16}
-    assert all(np.allclose(i.structure.lattice.angles, 90) for i in items)
-    lengths = [i.structure.lattice.a for i in items]
-    assert 2.5 < min(lengths) and max(lengths) < 8.5
-    standard = [i for i in items if not i.shifted]
-    assert len(standard) >= 100
-    on_corner = [i for i in standard if np.any(np.all(i.structure.frac_coords % 1 == 0, axis=1))]
-    assert len(on_corner) == len(standard)
-
-
-def test_round_trip_on_a_small_benchmark_meets_the_targets():
-    items = benchmark_structures(51, seed=3)
-    periodic = summarize(run_round_trip(items))
-    assert periodic.failed_targets() == []
-    assert periodic.exact_site_count_share >= 0.99
-    assert periodic.mean_displacement_angstrom <= 0.05
-    flat = summarize(run_round_trip(items, periodic=False))
-    # The paper's non-periodic variant shifts every atom near a face.
-    assert flat.mean_displacement_angstrom > 2 * periodic.mean_displacement_angstrom
-    assert flat.structure_match_share < periodic.structure_match_share
-
-
-def test_bench_representation_command(tmp_path):
-    from typer.testing import CliRunner
-
-    from crystaloop.cli import app
-
-    output = tmp_path / "bench.json"
-    result = CliRunner().invoke(app, ["bench", "representation", "--n", "6", "--output", str(output)])
-    assert result.exit_code == 0, result.output
-    payload = json.loads(output.read_text())
-    assert set(payload["summaries"]) == {"periodic", "periodic=False"}
-    assert payload["summaries"]["periodic"]["n_structures"] == 6
-    assert "median segment (ms)" in result.output
-    bad = CliRunner().invoke(app, ["bench", "representation", "--n", "0"])
-    assert isinstance(bad.exception, UserError)
-
-
-def test_round_trip_of_a_plain_structure():
-    result = round_trip(rocksalt("Mg", "O", 4.21))
-    assert result.n_true == result.n_predicted == 8
-    assert result.structure_match
-
-
-@pytest.mark.slow
-def test_full_round_trip_benchmark_meets_the_targets():
-    summary = summarize(run_round_trip(benchmark_structures(2100)))
-    assert summary.n_structures >= 2000
-    assert summary.failed_targets() == []

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,14 +24,7 @@ from typing import Any
 
 from jobflow import Flow, job
 
-#: The targets of issue 30 (scheduling benchmark).
-TARGETS = {
-    "lost": 0,
-    "duplicated": 0,
-    "parallel_efficiency_8_workers": 0.8,
-    "loop_cpu_ms_per_job": 50.0,
-    "harvest_latency_over_poll_s": 2.0,
-}
+from crystaloop.loop.bench.targets import CLUSTER
 
 
 @job
@@ -279,10 +273,58 @@ def write_result(rows: list[ClusterBenchRow], path: Path, parameters: dict[str, 
         "benchmark": "cluster scheduling (sleeping synthetic jobs; not DFT)",
         "measured_at": datetime.now(UTC).isoformat(),
         "parameters": parameters,
-        "targets": TARGETS,
+        "targets": CLUSTER,
         "rows": [asdict(r) for r in rows],
         "scale": scale_note(rows),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1))
     return path
+
+
+def run_cases(
+    backends: Sequence[str],
+    workers: Sequence[int],
+    *,
+    jobs: int,
+    job_s: float,
+    kill_share: float,
+    poll_s: float,
+    log: Callable[[str], None],
+) -> list[ClusterBenchRow]:
+    """:func:`run_case` for every backend and worker count, each in a fresh database that is dropped
+    after it; the rows carry their parallel efficiency (:func:`efficiency`).
+
+    The database name is set in ``CRYSTALOOP_DATABASE``, so the worker processes inherit it.
+    """
+    import tempfile
+
+    from crystaloop.db import get_database
+    from crystaloop.db.connection import _client, resolve_uri
+    from crystaloop.settings import get_settings
+
+    rows = []
+    scratch = Path(tempfile.mkdtemp(prefix="crystaloop-bench-cluster-"))
+    for backend in backends:
+        for count in workers:
+            os.environ["CRYSTALOOP_DATABASE"] = f"bench_cluster_{uuid.uuid4().hex[:8]}"
+            get_settings.cache_clear()
+            settings = get_settings()
+            database = get_database(settings)
+            log(f"{backend}, {count} worker(s): {jobs} jobs of {job_s:g} s")
+            try:
+                rows.append(
+                    run_case(
+                        backend, count, jobs=jobs, job_s=job_s, kill_share=kill_share, poll_s=poll_s,
+                        folder=scratch / f"{backend}-{count}", database=database, settings=settings,
+                    )  # fmt: skip
+                )
+            finally:
+                _client(resolve_uri(settings)).drop_database(settings.database)
+            last = rows[-1]
+            log(
+                f"  {last.completed} completed, {last.lost} lost, {last.duplicated} duplicated, "
+                f"{last.killed} killed, {last.retried} retried in {last.wall_s:.1f} s"
+            )
+    efficiency(rows)
+    return rows

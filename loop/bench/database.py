@@ -235,3 +235,44 @@ def _drop_campaign(store: CandidateStore, campaign: str) -> None:
     store.collection.delete_many({"campaign": campaign})
     store.summaries.delete_many({"campaign": campaign})
     store.counters.delete_many({"campaign": campaign})
+
+
+def run_on_server(
+    uri: str | None,
+    *,
+    n: int,
+    batch: int,
+    repeats: int,
+    legacy: bool,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[str, DBBenchmarkResult]:
+    """:func:`run_db_benchmark` in the ``crystaloop_bench`` database of ``uri``, or of a fresh
+    embedded server (started and stopped here) when ``uri`` is None; returns the server's
+    description (the URI without its password) and the result."""
+    import tempfile
+
+    from crystaloop.db.connection import get_client
+    from crystaloop.db.server import EmbeddedServer
+    from crystaloop.settings import CrystaloopSettings, redact_uri
+
+    tmp = None
+    server = None
+    if not uri:
+        tmp = tempfile.TemporaryDirectory(prefix="crystaloop-bench-")
+        server = EmbeddedServer(tmp.name)
+        uri = server.start().uri
+        target = "embedded server (fresh)"
+    else:
+        target = redact_uri(uri)
+    try:
+        settings = CrystaloopSettings(mongodb_uri=uri, database="crystaloop_bench")
+        database = get_client(settings)[settings.database]
+        result = run_db_benchmark(
+            database, n=n, batch=batch, repeats=repeats, legacy=legacy, progress=progress
+        )
+    finally:
+        if server:
+            server.stop()
+        if tmp:
+            tmp.cleanup()
+    return target, result

@@ -77,3 +77,43 @@ def train_step_throughput(*, grid: int = 32, batch_size: int = 10, steps: int = 
         steps * batch_size,
         time.perf_counter() - start,
     )
+
+
+def measure_loaders(records, *, batch_size: int, batches: int) -> tuple[list[Throughput], float]:
+    """Samples/s of on-the-fly voxelisation and of shards (0 and 2 workers each), and of UNet
+    training steps; and the shards' size on disk (bytes per structure).
+
+    ``records`` are :class:`~crystaloop.generative.train.data.LabelledStructure` (a prior file's).
+    """
+    import tempfile
+    from pathlib import Path
+
+    from crystaloop.generative.data.dataset import VoxelDataset
+    from crystaloop.generative.data.shards import ShardDataset, ShardOrderSampler, write_shards
+    from crystaloop.properties import LABEL_NAMES
+
+    results = []
+    fly = VoxelDataset(records, LABEL_NAMES, augment=True)
+    for workers in (0, 2):
+        results.append(
+            loader_throughput(
+                f"on the fly, {workers} workers", fly, batch_size=batch_size, num_workers=workers, batches=batches
+            )
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = write_shards(records, Path(tmp), LABEL_NAMES, shard_size=128)
+        size = sum(f.stat().st_size for f in Path(tmp).glob("shard-*.npz"))
+        shard_set = ShardDataset(manifest, augment=True)
+        for workers in (0, 2):
+            results.append(
+                loader_throughput(
+                    f"shards, {workers} workers",
+                    shard_set,
+                    batch_size=batch_size,
+                    num_workers=workers,
+                    batches=batches,
+                    sampler=ShardOrderSampler(shard_set),
+                )
+            )
+    results.append(train_step_throughput(batch_size=batch_size))
+    return results, size / len(records)

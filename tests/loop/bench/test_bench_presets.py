@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from crystaloop.dft.bench_presets import PresetResult, compound_structure, load_testset, summarise
 from crystaloop.dft.references import check_references
+from crystaloop.loop.bench.presets import PresetResult, compound_structure, load_testset, summarise
 
 
 def test_testset_has_the_required_compounds_with_sources():

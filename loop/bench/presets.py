@@ -1,6 +1,6 @@
 """Presets against each other and against reference formation energies: ``bench presets``.
 
-Each compound of the binary test set (``data/binary_testset.yaml``) is relaxed with
+Each compound of the binary test set (``data/binary_testset.yaml`` beside this module) is relaxed with
 each preset through :class:`~crystaloop.dft.flows.FormationEnergyFlow`, with element
 references at the compound's own cutoffs. Per (compound, preset) the result is stored
 as JSON in an output folder, so an interrupted benchmark resumes where it stopped.
@@ -23,7 +23,7 @@ from crystaloop.dft.pseudos import SAFE_LOADER
 
 def load_testset() -> dict[str, Any]:
     """The shipped binary test set: ``{"source": ..., "compounds": {formula: spec}}``."""
-    text = (resources.files("crystaloop.dft") / "data" / "binary_testset.yaml").read_text()
+    text = (resources.files("crystaloop.loop.bench") / "data" / "binary_testset.yaml").read_text()
     return yaml.load(text, Loader=SAFE_LOADER)
 
 

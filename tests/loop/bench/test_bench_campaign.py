@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 import pytest
 from pymatgen.core import Lattice, Structure
 
-from crystaloop.loop.benchmark import (
+from crystaloop.loop.bench.campaign import (
     ANCHORS,
     CIRCULARITY,
     arm_configs,
@@ -199,7 +199,7 @@ def test_bench_campaign_rejects_bad_arms_and_seeds(settings, args, needle):
 def test_the_no_model_arm_needs_a_palette(settings, repo_root):
     from crystaloop.db import get_database
     from crystaloop.errors import UserError
-    from crystaloop.loop.benchmark import run_benchmark
+    from crystaloop.loop.bench.campaign import run_benchmark
     from crystaloop.loop.config import load_campaign_config
 
     base = load_campaign_config(repo_root / "configs" / "bench-campaign.yaml")

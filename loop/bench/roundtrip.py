@@ -1,10 +1,11 @@
 """Round-trip benchmark of the voxel representation: voxelize, segment the true S and S_B, rebuild.
 
-The benchmark set holds cubic crystals of the paper's three classes, built with pymatgen:
+The benchmark set holds cubic crystals of the paper's three classes, the prior's prototypes
+(:mod:`crystaloop.generative.data.prototypes`):
 
-- binaries: rock salt (Fm-3m), CsCl / B2 (Pm-3m) and zinc blende (F-43m);
-- ABX3 perovskites (Pm-3m, B at the cell corner in the standard setting);
-- L2₁ X2YZ Heuslers (Fm-3m, 16-atom conventional cell).
+- binaries: rock salt (B1, Fm-3m), CsCl / B2 (Pm-3m) and zinc blende (B3, F-43m);
+- ABX3 perovskites (Pm-3m, shifted so that B sits at the cell corner in the standard setting);
+- L2₁ X2YZ Heuslers (Fm-3m, 16-atom conventional cell, Y at the origin).
 
 Lattice constants are experimental in scale: they come from sums of radii (ionic for rock salt,
 ionic CsCl and perovskites; pymatgen atomic radii for zinc blende, B2 intermetallics and
@@ -19,27 +20,17 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from pymatgen.core import Element, Lattice, Structure
-from scipy.optimize import linear_sum_assignment
+from pymatgen.core import Element, Structure
 
+from crystaloop.generative.data.prototypes import Prototype
+from crystaloop.generative.measures import matched_site_errors
 from crystaloop.generative.radii import ionic_radius
 from crystaloop.generative.representation import lattice_from_coordinates, voxelize
 from crystaloop.generative.segmentation import segment, to_structure
+from crystaloop.loop.bench.targets import ROUNDTRIP, ROUNDTRIP_SPEED_MS, met
 
 CLASSES = ("rocksalt", "cscl", "zincblende", "perovskite", "heusler")
 """Structure prototypes in the benchmark set."""
-
-TARGETS = {
-    "exact_site_count_share": (">=", 0.99),
-    "species_accuracy": (">=", 0.995),
-    "mean_displacement_angstrom": ("<=", 0.05),
-    "lattice_mae_angstrom": ("<=", 0.01),
-    "structure_match_share": (">=", 0.99),
-}
-"""Acceptance targets of the round trip (issue 3)."""
-
-SPEED_TARGETS_MS = {"voxelize": 5.0, "segment": 20.0}
-"""Median milliseconds per structure at grid 32."""
 
 # Families of real compounds (cation group, anion group); pairs are drawn within a family.
 _ROCKSALT = (
@@ -85,46 +76,11 @@ def _atomic(symbol: str) -> float:
     return float(radius) if radius is not None else ionic_radius(symbol)
 
 
-_FCC = np.array([[0, 0, 0], [0, 0.5, 0.5], [0.5, 0, 0.5], [0.5, 0.5, 0]])
-
-
-def _fcc(lattice_constant: float, species: Sequence[str], basis: Sequence[Sequence[float]]):
-    coords = [(_FCC + np.asarray(b)) % 1.0 for b in basis]
-    names = [name for name in species for _ in range(4)]
-    return Structure(Lattice.cubic(lattice_constant), names, np.concatenate(coords))
-
-
-def rocksalt(a: str, b: str, lattice_constant: float) -> Structure:
-    """Rock-salt AB (Fm-3m), A at the origin."""
-    return _fcc(lattice_constant, [a, b], [[0, 0, 0], [0.5, 0.5, 0.5]])
-
-
-def cscl(a: str, b: str, lattice_constant: float) -> Structure:
-    """CsCl / B2 AB (Pm-3m), A at the origin."""
-    return Structure(Lattice.cubic(lattice_constant), [a, b], [[0, 0, 0], [0.5, 0.5, 0.5]])
-
-
-def zincblende(a: str, b: str, lattice_constant: float) -> Structure:
-    """Zinc-blende AB (F-43m), A at the origin."""
-    return _fcc(lattice_constant, [a, b], [[0, 0, 0], [0.25, 0.25, 0.25]])
-
-
-def perovskite(a: str, b: str, x: str, lattice_constant: float) -> Structure:
-    """Cubic ABX3 perovskite (Pm-3m), B at the cell corner, A at the body centre."""
-    return Structure(
-        Lattice.cubic(lattice_constant),
-        [a, b, x, x, x],
-        [[0.5, 0.5, 0.5], [0, 0, 0], [0.5, 0, 0], [0, 0.5, 0], [0, 0, 0.5]],
-    )
-
-
-def heusler(x: str, y: str, z: str, lattice_constant: float) -> Structure:
-    """L2₁ X2YZ Heusler (Fm-3m), 16-atom conventional cell, Y at the origin."""
-    return _fcc(
-        lattice_constant,
-        [x, x, y, z],
-        [[0.25, 0.25, 0.25], [0.75, 0.75, 0.75], [0, 0, 0], [0.5, 0.5, 0.5]],
-    )
+def perovskite_b_at_corner(a: str, b: str, x: str, lattice_constant: float) -> Structure:
+    """Cubic ABX3 perovskite with B at the cell corner and A at the body centre."""
+    structure = Prototype("perovskite", (a, b, x)).conventional(lattice_constant)
+    structure.translate_sites(range(len(structure)), [0.5, 0.5, 0.5])
+    return structure
 
 
 def benchmark_structures(n: int = 2100, seed: int = 0) -> list[BenchmarkStructure]:
@@ -174,7 +130,7 @@ def _random_binary(rng):
         a, b = _pick(rng, *_ROCKSALT[int(rng.integers(len(_ROCKSALT)))])
         # Cation-anion contact, or anion-anion contact (a / sqrt 2 >= 2 r) for large anions.
         constant = max(2.0 * (ionic_radius(a) + ionic_radius(b)), 2.0**1.5 * ionic_radius(b))
-        return f"{a}{b}-rocksalt", kind, rocksalt(a, b, constant * _spread(rng))
+        return f"{a}{b}-rocksalt", kind, Prototype("B1", (a, b)).conventional(constant * _spread(rng))
     if kind == "cscl":
         if rng.random() < 0.5:
             a, b = _pick(rng, *_CSCL[0])
@@ -185,11 +141,11 @@ def _random_binary(rng):
                 b = "Al"
             distance = 0.93 * (_atomic(a) + _atomic(b))
         constant = 2.0 * distance / np.sqrt(3.0) * _spread(rng)
-        return f"{a}{b}-cscl", kind, cscl(a, b, constant)
+        return f"{a}{b}-cscl", kind, Prototype("B2", (a, b)).conventional(constant)
     a, b = _pick(rng, *_ZINCBLENDE[int(rng.integers(len(_ZINCBLENDE)))])
     constant = 4.0 * (_atomic(a) + _atomic(b)) / np.sqrt(3.0)
     constant = max(constant, 2.0**1.5 * ionic_radius(b))
-    return f"{a}{b}-zincblende", kind, zincblende(a, b, constant * _spread(rng))
+    return f"{a}{b}-zincblende", kind, Prototype("B3", (a, b)).conventional(constant * _spread(rng))
 
 
 def _random_perovskite(rng):
@@ -201,7 +157,7 @@ def _random_perovskite(rng):
         2.0**1.5 * ionic_radius(x),
     )
     constant *= _spread(rng)
-    return f"{a}{b}{x}3-perovskite", "perovskite", perovskite(a, b, x, constant)
+    return f"{a}{b}{x}3-perovskite", "perovskite", perovskite_b_at_corner(a, b, x, constant)
 
 
 def _random_heusler(rng):
@@ -210,7 +166,8 @@ def _random_heusler(rng):
         y = "Ti"
     neighbour = 0.5 * ((_atomic(x) + _atomic(y)) + (_atomic(x) + _atomic(z)))
     constant = 0.94 * 4.0 * neighbour / np.sqrt(3.0) * _spread(rng)
-    return f"{x}2{y}{z}-heusler", "heusler", heusler(x, y, z, constant)
+    # The prototype's Z site (4a) is the origin: Y there, as before the prototypes were shared.
+    return f"{x}2{y}{z}-heusler", "heusler", Prototype("L21", (x, z, y)).conventional(constant)
 
 
 @dataclass(frozen=True)
@@ -248,18 +205,6 @@ class RoundTripResult:
     segment_ms: float
 
 
-def match_sites(true: Structure, predicted: Structure) -> tuple[np.ndarray, np.ndarray]:
-    """Optimal assignment of predicted to true sites on minimum-image distances (true lattice).
-
-    Returns
-    -------
-    (rows, cols) : numpy.ndarray
-        Indices of matched true and predicted sites.
-    """
-    distances = true.lattice.get_all_distances(true.frac_coords, predicted.frac_coords)
-    return linear_sum_assignment(distances)
-
-
 def round_trip(
     item: BenchmarkStructure | Structure,
     grid: int = 32,
@@ -285,20 +230,22 @@ def round_trip(
             (middle - start) * 1e3, (end - middle) * 1e3,
         )  # fmt: skip
     predicted = to_structure(sites, lattice)
-    rows, cols = match_sites(structure, predicted)
-    distances = structure.lattice.get_all_distances(
-        structure.frac_coords[rows], predicted.frac_coords[cols]
-    ).diagonal()
-    same = [structure[i].specie.Z == predicted[j].specie.Z for i, j in zip(rows, cols, strict=True)]
+    distances, z_errors = matched_site_errors(
+        structure.frac_coords,
+        np.array([site.specie.Z for site in structure]),
+        predicted.frac_coords,
+        np.array([site.specie.Z for site in predicted]),
+        structure.lattice,
+    )
     matcher = matcher or StructureMatcher()
     return RoundTripResult(
         name=item.name,
         prototype=item.prototype,
         n_true=len(structure),
         n_predicted=len(predicted),
-        species_correct=int(np.sum(same)),
+        species_correct=int(np.sum(z_errors == 0)),
         displacement_sum_angstrom=float(distances.sum()),
-        n_matched=len(rows),
+        n_matched=len(distances),
         lattice_abs_error_angstrom=lattice_error,
         structure_match=bool(matcher.fit(structure, predicted)),
         voxelize_ms=(middle - start) * 1e3,
@@ -321,13 +268,17 @@ class RoundTripSummary:
     median_segment_ms: float
 
     def failed_targets(self) -> list[str]:
-        """Names of the :data:`TARGETS` this summary misses."""
-        failed = []
-        for name, (op, target) in TARGETS.items():
-            value = getattr(self, name)
-            if not (value >= target if op == ">=" else value <= target):
-                failed.append(name)
-        return failed
+        """Names of the accuracy targets (:data:`~crystaloop.loop.bench.targets.ROUNDTRIP`) this summary misses."""
+        return [name for name, target in ROUNDTRIP.items() if not met(getattr(self, name), target)]
+
+    def missed_targets(self) -> list[str]:
+        """The accuracy targets missed, then the speed targets (``median_<step>_ms``) missed."""
+        slow = [
+            f"median_{step}_ms"
+            for step, limit in ROUNDTRIP_SPEED_MS.items()
+            if getattr(self, f"median_{step}_ms") > limit
+        ]
+        return self.failed_targets() + slow
 
 
 def summarize(results: Sequence[RoundTripResult]) -> RoundTripSummary:
@@ -373,3 +324,30 @@ def run_round_trip(
         if progress is not None:
             progress()
     return results
+
+
+def by_prototype(results: Sequence[RoundTripResult]) -> dict[str, RoundTripSummary | None]:
+    """:func:`summarize` per prototype of :data:`CLASSES` (None where the results hold none)."""
+    out: dict[str, RoundTripSummary | None] = {}
+    for prototype in CLASSES:
+        subset = [r for r in results if r.prototype == prototype]
+        out[prototype] = summarize(subset) if subset else None
+    return out
+
+
+def result_document(
+    *, n: int, grid: int, seed: int, results: dict[str, Sequence[RoundTripResult]]
+) -> dict:
+    """The JSON of ``bench representation --output``: the summary and the failed structures per variant."""
+    from dataclasses import asdict
+
+    return {
+        "n": n,
+        "grid": grid,
+        "seed": seed,
+        "summaries": {name: asdict(summarize(rs)) for name, rs in results.items()},
+        "failures": {
+            name: [r.name for r in rs if r.n_true != r.n_predicted or not r.structure_match]
+            for name, rs in results.items()
+        },
+    }

@@ -1,6 +1,6 @@
 """Realism of CHGNet-relaxed decorated prototypes: volume per atom against experiment.
 
-Each compound of ``realism/experimental.yaml`` is built from its AFLOW library
+Each compound of ``data/realism_experimental.yaml`` is built from its AFLOW library
 entry with the compound's species on the entry's sites (the volume scaled by
 atomic radii, as decorations are), relaxed by CHGNet (cell and positions) and
 its volume per atom compared with the experimental one.
@@ -17,14 +17,12 @@ import yaml
 from pymatgen.core import Structure
 
 from crystaloop.generative.data import decorate
-
-TARGET_PERCENT = 3.0
-"""A compound is a hit when its relaxed volume per atom is within this of experiment."""
+from crystaloop.loop.bench.targets import REALISM_PERCENT
 
 
 def load_experimental() -> dict[str, Any]:
     """The shipped table: ``{"compounds": {formula: spec}}``."""
-    text = (resources.files("crystaloop.generative.data") / "realism" / "experimental.yaml").read_text()
+    text = (resources.files("crystaloop.loop.bench") / "data" / "realism_experimental.yaml").read_text()
     return yaml.safe_load(text)
 
 
@@ -133,10 +131,20 @@ def measure(compounds: list[str] | None = None, *, labeller=None, palette=None) 
                 error_percent=err,
                 a_error_percent=100 * (a / spec["lattice"]["a"] - 1),
                 c_error_percent=100 * (c / spec["lattice"]["c"] - 1),
-                hit=abs(err) <= TARGET_PERCENT,
+                hit=abs(err) <= REALISM_PERCENT,
                 relax_converged=reached,
                 crystal_system=decorate.crystal_system(final),
                 source=spec["source"],
             )
         )
     return rows
+
+
+def summarise(rows: list[RealismRow]) -> dict[str, Any]:
+    """The target, the hits among ``rows`` and the rows as dicts (the JSON of ``bench realism``)."""
+    return {
+        "target_percent": REALISM_PERCENT,
+        "hits": sum(r.hit for r in rows),
+        "compounds": len(rows),
+        "rows": [r.as_dict() for r in rows],
+    }

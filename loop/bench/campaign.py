@@ -36,14 +36,10 @@ import numpy as np
 from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Structure
 
+from crystaloop.generative.measures import matching_index
+from crystaloop.loop.bench.targets import ANCHORS, CAMPAIGN
 from crystaloop.loop.config import CampaignConfig
 
-#: Targets of the benchmark and the papers' figures quoted next to them.
-TARGETS = {
-    "round": 3,
-    "vs_random": 3.0,
-    "vs_no_model": 10.0,
-}
 #: Why the oracle favours the model-guided arms; written into every result and printed with it.
 CIRCULARITY = (
     "The oracle is CHGNet with its 0.3.0 weights, and the CGCNN ensemble that screens the loop and "
@@ -59,10 +55,6 @@ BOOTSTRAP_RESAMPLES = 10_000
 _ROLES = {"binary": 2, "perovskite": 3, "heusler": 3}
 #: The arms, in the order they run.
 ARMS = ("loop", "random", "no_model")
-ANCHORS = {
-    "ftcp": "FTCP (paper 004): 37.5 % DFT-verified success (6 of 16) against under 1 % by random sampling",
-    "gnome": "GNoME: hit rate (precision of stable predictions) from under 6 % to over 80 % through active learning",
-}
 
 
 def arm_configs(base: CampaignConfig, rounds: int, *, suffix: str = "") -> dict[str, CampaignConfig]:
@@ -249,7 +241,7 @@ def rediscovered(
     for structure in hits:
         formula = structure.composition.reduced_formula
         seen = [*known(formula), *earlier.get(formula, [])]
-        flags.append(any(matcher.fit(structure, k) for k in seen))
+        flags.append(matching_index(structure, seen, matcher) is not None)
         earlier.setdefault(formula, []).append(structure)
     return flags
 
@@ -428,7 +420,7 @@ def code_version() -> dict[str, Any]:
     """
     from importlib.metadata import PackageNotFoundError, version
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     out: dict[str, Any] = {"git_commit": None, "git_dirty": None}
     try:
         out["package_version"] = version("crystaloop")
@@ -584,13 +576,13 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
     against an arm that did not run (``--arms``) is not measured: its ``_met`` is None.
     Cumulative rates carry Wilson intervals (:func:`wilson_interval`).
     """
-    k = TARGETS["round"] - 1
+    k = CAMPAIGN["round"] - 1
 
     def at(arm: str, key: str, index: int) -> float | None:
         rows = result["arms"].get(arm, {}).get("rows", [])
         return rows[index][key] if index < len(rows) else None
 
-    out: dict[str, Any] = {"round": TARGETS["round"], "anchors": ANCHORS}
+    out: dict[str, Any] = {"round": CAMPAIGN["round"], "anchors": ANCHORS}
     scopes = (
         ("round", "hit_rate"),
         ("cumulative", "cumulative_hit_rate"),
@@ -598,7 +590,7 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
     )
     for scope, key in scopes:
         loop = at("loop", key, k)
-        for other, goal in (("random", TARGETS["vs_random"]), ("no_model", TARGETS["vs_no_model"])):
+        for other, goal in (("random", CAMPAIGN["vs_random"]), ("no_model", CAMPAIGN["vs_no_model"])):
             ratio = _ratio(loop, at(other, key, k))
             out[f"{scope}_ratio_vs_{other}"] = ratio
             ran = "loop" in result["arms"] and other in result["arms"]
@@ -767,7 +759,7 @@ def pool_seeds(results: dict[int, dict[str, Any]]) -> dict[str, Any]:
     both arms ran on (``ratio_vs_<arm>_seeds``). ``code_versions`` records each seed's code.
     """
     ran = max((len(d["rows"]) for r in results.values() for d in r["arms"].values()), default=0)
-    k = min(TARGETS["round"], ran)  # a shorter run is pooled through its last round
+    k = min(CAMPAIGN["round"], ran)  # a shorter run is pooled through its last round
     keys = ("hits", "new_hits", "rediscovered", "relaxed", "failed", "unphysical")
     totals: dict[str, dict[str, int]] = {key: {} for key in keys}
     per_seed_counts: dict[str, dict[int, dict[str, int]]] = {}
@@ -820,7 +812,7 @@ def pool_seeds(results: dict[int, dict[str, Any]]) -> dict[str, Any]:
             for pair in row.get("std_and_hit", [])
         ]
     )
-    for other, goal in (("random", TARGETS["vs_random"]), ("no_model", TARGETS["vs_no_model"])):
+    for other, goal in (("random", CAMPAIGN["vs_random"]), ("no_model", CAMPAIGN["vs_no_model"])):
         if "loop" not in relaxed or other not in relaxed:
             continue
         # A ratio compares the arms on the seeds both ran (an arm may have run on more seeds).
@@ -842,3 +834,82 @@ def pool_seeds(results: dict[int, dict[str, Any]]) -> dict[str, Any]:
             out[f"ratio_vs_{other}"] is not None and out[f"ratio_vs_{other}"] >= goal
         )
     return out
+
+
+def run_seeds(
+    base: CampaignConfig,
+    *,
+    database,
+    seeds: Sequence[int] | None,
+    rounds: int,
+    no_model_per_round: int | None,
+    arms: Sequence[str],
+    log: Callable[[str], None],
+    write: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[dict[int, dict[str, Any]], dict[str, Any]]:
+    """:func:`run_benchmark` for each seed (``None``: the config's), one after another.
+
+    Returns the per-seed results and the document of ``bench campaign --output``: one seed's
+    result, or with several seeds ``seeds``, ``pooled`` (:func:`pool_seeds`) and ``complete``.
+    ``write(document)`` is called after every seed of several (so that a run stopped early
+    leaves the seeds it finished pooled), else once at the end.
+    """
+    several = seeds is not None and len(seeds) > 1
+    results: dict[int, dict[str, Any]] = {}
+    out: dict[str, Any] = {}
+    for seed in seeds or [base.seed]:
+        config = base if seeds is None else base.model_copy(update={"seed": seed})
+        if seeds is not None:
+            log(f"seed {seed}")
+        results[seed] = run_benchmark(
+            config,
+            database=database,
+            rounds=rounds,
+            no_model_per_round=no_model_per_round,
+            log=log,
+            arms=arms,
+            suffix=f"-s{seed}" if several else "",
+        )
+        if several:
+            out = {"seeds": {str(k): v for k, v in results.items()}, "pooled": pool_seeds(results)}
+            out["complete"] = len(results) == len(seeds)
+            if write:
+                write(out)
+    if not several:
+        out = next(iter(results.values()))
+        if write:
+            write(out)
+    return results, out
+
+
+def pool_files(specs: Sequence[str]) -> dict[str, Any]:
+    """Pool the seeds of earlier ``bench campaign --output`` files (``FILE`` or ``FILE:arm,arm``).
+
+    Raises
+    ------
+    UserError
+        If a file cannot be read as JSON, or :func:`merge_runs` refuses the files.
+    """
+    import json
+
+    from crystaloop.errors import UserError
+
+    documents = []
+    for spec in specs:
+        # FILE or FILE:arm,arm (take only those arms of that file).
+        name, _, picked = str(spec).partition(":")
+        wanted = [a.strip() for a in picked.split(",") if a.strip()] or None
+        path = Path(name)
+        try:
+            documents.append((str(path), json.loads(path.read_text()), wanted))
+        except (OSError, ValueError) as exc:
+            raise UserError(
+                f"cannot read {path} as a bench campaign JSON ({type(exc).__name__}); check the path"
+            ) from None
+    results = merge_runs(documents)
+    return {
+        "seeds": {str(k): v for k, v in sorted(results.items())},
+        "pooled": pool_seeds(results),
+        "complete": True,
+        "pooled_from": [str(p) for p in specs],
+    }

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -156,3 +158,36 @@ def time_framework_only(cell: str, preset: str, pw_output: str, repeats: int = 1
         return times
     finally:
         pw_run.run_pw = real
+
+
+def time_relaxations(
+    cells: list[str],
+    presets: list[str],
+    *,
+    repeats: int,
+    standard_repeats: int,
+    step: Callable[[str], AbstractContextManager] = lambda _: nullcontext(),
+) -> list[RelaxTiming]:
+    """One warm-up relaxation, then ``repeats`` timed runs per cell with ``fast`` (``standard_repeats``
+    with any other preset); ``step(description)`` wraps each run (a progress display)."""
+    timings = []
+    with step("warming up (imports, DB, first job)"):
+        time_relaxation(cells[0], presets[0])
+    for preset in presets:
+        count = repeats if preset == "fast" else standard_repeats
+        for cell in cells:
+            for i in range(count):
+                with step(f"{cell} / {preset} / run {i + 1} of {count}"):
+                    timings.append(time_relaxation(cell, preset))
+    return timings
+
+
+def framework_only(timings: list[RelaxTiming]) -> dict[str, dict[str, float]]:
+    """Median and max wall time (s) of :func:`time_framework_only` per ``cell/preset``, replaying the
+    last pw.x output timed for it."""
+    replayed = {(t.cell, t.preset): t.pw_output for t in timings}
+    out = {}
+    for (cell, preset), text in replayed.items():
+        times = sorted(time_framework_only(cell, preset, text))
+        out[f"{cell}/{preset}"] = {"median_s": times[len(times) // 2], "max_s": times[-1]}
+    return out

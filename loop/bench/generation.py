@@ -4,8 +4,8 @@ Both run :func:`crystaloop.loop.generation.generate_candidates` with ``dry_run``
 written) and read its per-stage counts and times.
 
 - Throughput: candidates per second through sample -> decode -> segment -> structure ->
-  validity, and through the whole cascade. The paper made 12,000 candidates in 12 h on a one-GPU
-  desktop (0.28/s); the target here is 50/s to validity on 2 CPU cores.
+  validity, and through the whole cascade, against the paper's 12,000 candidates in 12 h on a
+  one-GPU desktop and the target to validity on 2 CPU cores (:mod:`~crystaloop.loop.bench.targets`).
 - Table 2 (paper 002): 12 base compounds, 4 per class, drawn with a fixed seed from the training
   data; samples around each at std sqrt(0.5) (the paper's variance 0.5) under the base's decile,
   the stoichiometry filter on and the window "E_f within 20 % of the base's".
@@ -15,24 +15,16 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import numpy as np
 
+from crystaloop.loop.bench.targets import GENERATION_PER_S_TO_VALID, PAPER_CANDIDATES_PER_S, PAPER_TABLE2
 from crystaloop.loop.config import CampaignConfig
 from crystaloop.loop.generation import EF, GenerationReport, generate_candidates
 
-PAPER_RATE_PER_S = 12000 / (12 * 3600)
-TARGET_RATE_TO_VALID_PER_S = 50.0
-PAPER_TABLE2 = {
-    "initial": 1000,
-    "valid": 890,
-    "stoichiometry": 350,
-    "novel": 250,
-    "window": 60,
-    "unique": 20,
-}
-PAPER_RANDOM_VALIDITY = 0.76
 TO_VALIDITY = ("sample", "decode", "decoded", "valid")
 
 
@@ -201,3 +193,60 @@ def table2(
         "paper": PAPER_TABLE2,
         "rows": rows,
     }
+
+
+def measure(
+    campaign: CampaignConfig,
+    database,
+    *,
+    n: int,
+    batch_size: int,
+    seed: int,
+    compare: bool,
+    uip: bool | None,
+    workers: int | None,
+    method: str | None,
+    vae: str | None,
+    table2_per_base: int | None,
+    header: dict[str, Any],
+    step: Callable[[str], AbstractContextManager] = lambda _: nullcontext(),
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """The result of ``bench generate``: ``header``, the paper's and the target rates, :func:`throughput`
+    (``n`` 0 skips it) and, with ``table2_per_base``, :func:`table2` without and with the restriction
+    to the base's elements. ``step(description)`` wraps each run (a progress display)."""
+    result: dict[str, Any] = {
+        **header,
+        "paper_per_s": PAPER_CANDIDATES_PER_S,
+        "target_per_s_to_valid": GENERATION_PER_S_TO_VALID,
+    }
+    with step("throughput runs ..."):
+        result["throughput"] = (
+            {}
+            if n == 0
+            else throughput(
+                campaign,
+                database,
+                n=n,
+                batch_size=batch_size,
+                seed=seed,
+                compare=compare,
+                uip=uip,
+                workers=workers,
+                decoder_method=method,
+            )
+        )
+    if table2_per_base is not None:
+        for name, restrict in (("unrestricted", False), ("restricted_to_base", True)):
+            with step(f"Table 2 ({name}) ..."):
+                result.setdefault("table2", {})[name] = table2(
+                    database,
+                    per_base=table2_per_base,
+                    seed=seed,
+                    restrict_to_base=restrict,
+                    batch_size=batch_size,
+                    decoder_method=method,
+                    vae=vae,
+                    progress=log,
+                )
+    return result

@@ -1,0 +1,101 @@
+"""Every benchmark target, and the papers' figures quoted beside them (one place for both).
+
+The papers' figures are defined in :mod:`crystaloop.generative.paper` (the generative package
+quotes them and never imports ``loop``) and re-exported here.
+"""
+
+from __future__ import annotations
+
+from crystaloop.generative.paper import (
+    ANCHORS,
+    PAPER_CANDIDATES_PER_S,
+    PAPER_SAMPLING_VALID,
+    PAPER_TABLE1_MAE,
+    PAPER_TABLE2,
+    PAPER_TABLE5,
+    QUACC_OVERHEAD,
+)
+
+__all__ = [
+    "ANCHORS",
+    "CAMPAIGN",
+    "CLUSTER",
+    "DFT_OVERHEAD",
+    "GENERATION_PER_S_TO_VALID",
+    "PAPER_CANDIDATES_PER_S",
+    "PAPER_SAMPLING_VALID",
+    "PAPER_TABLE1_MAE",
+    "PAPER_TABLE2",
+    "PAPER_TABLE5",
+    "PRESETS",
+    "PROPERTY_MAE",
+    "QUACC_OVERHEAD",
+    "REALISM_PERCENT",
+    "RECONSTRUCTION",
+    "ROUNDTRIP",
+    "ROUNDTRIP_SPEED_MS",
+    "SAMPLING",
+    "met",
+]
+
+#: ``bench representation``: the voxel round trip (issue 3), as (operator, value).
+ROUNDTRIP = {
+    "exact_site_count_share": (">=", 0.99),
+    "species_accuracy": (">=", 0.995),
+    "mean_displacement_angstrom": ("<=", 0.05),
+    "lattice_mae_angstrom": ("<=", 0.01),
+    "structure_match_share": (">=", 0.99),
+}
+#: ``bench representation``: median milliseconds per structure at grid 32.
+ROUNDTRIP_SPEED_MS = {"voxelize": 5.0, "segment": 20.0}
+
+#: ``evaluate reconstruction``: against :data:`PAPER_TABLE5`.
+RECONSTRUCTION = {
+    "species_exact": (">=", 0.80),
+    "unet_nonzero_recall": (">=", 0.87),
+    "lattice_mae_angstrom": ("<=", 0.06),
+    "emd_mean_angstrom": ("<=", 0.10),
+    "delta_nsites_mean": ("<=", 0.25),
+}
+#: ``evaluate properties``: MAE (eV/atom) against :data:`PAPER_TABLE1_MAE`.
+PROPERTY_MAE = {"formation_energy_per_atom": 0.06}
+#: ``evaluate sampling``: shares per sampling strategy where they differ.
+SAMPLING = {
+    "valid_before_repair_share": {"random": (">=", 0.90), "around_base": (">=", 0.95)},
+    "novel_unique_share_of_valid": (">=", 0.50),
+}
+
+#: ``bench generate``: candidates per second to validity on 2 CPU cores.
+GENERATION_PER_S_TO_VALID = 50.0
+
+#: ``bench campaign``: hit-rate ratios of the loop at the target round (counted from 1).
+CAMPAIGN = {
+    "round": 3,
+    "vs_random": 3.0,
+    "vs_no_model": 10.0,
+}
+
+#: ``bench cluster``: the scheduling benchmark (issue 30).
+CLUSTER = {
+    "lost": 0,
+    "duplicated": 0,
+    "parallel_efficiency_8_workers": 0.8,
+    "loop_cpu_ms_per_job": 50.0,
+    "harvest_latency_over_poll_s": 2.0,
+}
+
+#: ``bench dft``: framework overhead per relaxation (s), and its share of pw.x on the demo cell (%).
+DFT_OVERHEAD = {"overhead_s": 0.45, "demo_overhead_percent": 5.0}
+
+#: ``bench presets``: E_f of ``standard`` against the PBE reference and of ``demo`` against
+#: ``standard`` (eV/atom), and the lattice constant against experiment (%).
+PRESETS = {"standard_vs_reference_ev": 0.10, "demo_vs_standard_ev": 0.05, "lattice_percent": 2.0}
+
+#: ``bench realism``: a relaxed volume per atom within this many percent of experiment is a hit.
+REALISM_PERCENT = 3.0
+
+
+def met(value: float, target: tuple[str, float]) -> bool:
+    """Whether ``value`` meets an (operator, bound) target such as ``(">=", 0.99)``."""
+    op, bound = target
+    return value >= bound if op == ">=" else value <= bound
