@@ -38,8 +38,8 @@ def bench_oracle(
     from rich.table import Table
 
     from crystaloop.cli._common import console
-    from crystaloop.dft.bench_oracle import fit_document, run_oracle, summarise_oracle, write_fits
-    from crystaloop.dft.bench_presets import compound_structure, load_testset
+    from crystaloop.loop.bench.oracle import fit_document, run_oracle, summarise_oracle, write_fits
+    from crystaloop.loop.bench.presets import compound_structure, load_testset
     from crystaloop.dft.espresso.inputs import load_preset
     from crystaloop.dft.espresso.run import pw_available
     from crystaloop.dft.magnetism import check_orderings

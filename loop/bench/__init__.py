@@ -10,6 +10,7 @@ module         command                      measures
 ``roundtrip``  ``bench representation``     voxelize -> segment -> structure round trip
 ``dft``        ``bench dft``                framework overhead per relaxation
 ``presets``    ``bench presets``            DFT presets on the binary test set
+``oracle``     ``bench oracle``             DFT formation energies against experiment
 ``cluster``    ``bench cluster``            scheduling of the execution backends
 ``generation`` ``bench generate``           generation throughput, the paper's Table 2
 ``campaign``   ``bench campaign``           the loop against random and no-model arms
