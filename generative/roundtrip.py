@@ -22,9 +22,10 @@ import numpy as np
 from pymatgen.core import Element, Lattice, Structure
 from scipy.optimize import linear_sum_assignment
 
+from crystaloop.generative.decoders.base import to_structure
+from crystaloop.generative.decoders.watershed import segment
 from crystaloop.generative.radii import ionic_radius
 from crystaloop.generative.representation import lattice_from_coordinates, voxelize
-from crystaloop.generative.segmentation import segment, to_structure
 
 CLASSES = ("rocksalt", "cscl", "zincblende", "perovskite", "heusler")
 """Structure prototypes in the benchmark set."""
