@@ -15,7 +15,7 @@ from pymatgen.core import Structure
 
 from crystaloop.generative.models.cgcnn import collate_graphs
 from crystaloop.generative.models.ensemble import CGCNNEnsemble
-from crystaloop.generative.train.loop import pick_device, seed_everything
+from crystaloop.generative.train.fit import pick_device, seed_everything
 
 
 def label_matrix(

@@ -32,7 +32,7 @@ from crystaloop.generative.train.data import (
     load_records,
     perturbed_copies,
 )
-from crystaloop.generative.train.loop import TrainState, fit, pick_device, seed_everything
+from crystaloop.generative.train.fit import TrainState, fit, pick_device, seed_everything
 from crystaloop.generative.train.tasks import (
     CGCNNTask,
     UNetTask,

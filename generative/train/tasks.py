@@ -1,4 +1,4 @@
-"""Model-specific training tasks for :func:`crystaloop.generative.train.loop.fit`."""
+"""Model-specific training tasks for :func:`crystaloop.generative.train.fit.fit`."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ import math
 import torch
 
 from crystaloop.generative.train.config import OptimConfig
-from crystaloop.generative.train.loop import _scheduler, _stretch_cosine
+from crystaloop.generative.train.fit import _scheduler, _stretch_cosine
 
 
 def _run(optimizer, scheduler, steps: int) -> list[float]:
