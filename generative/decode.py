@@ -1,23 +1,24 @@
 """From latent vectors to crystal structures.
 
 :class:`Decoder` is the one entry point that generation uses. It holds a trained
-:class:`~crystaloop.generative.models.vae.CondDFCVAE` and
-:class:`~crystaloop.generative.models.unet.UNet3D` and turns a batch of latent vectors and
-decile conditions into pymatgen Structures, one :class:`DecodedCandidate` per input row, in the
-input order:
+:class:`~crystaloop.generative.models.vae.CondDFCVAE` and one decoder of
+:mod:`crystaloop.generative.decoders`, and turns a batch of latent vectors and decile conditions
+into pymatgen Structures, one :class:`DecodedCandidate` per input row, in the input order:
 
 1. the VAE decodes z and the condition into voxel channels and coordinate channels (batched on
    the device);
 2. the lattice comes from the VAE's lattice head when it has one (:data:`LATTICE_SOURCES`), else
    from the least-squares fit of the coordinate channels;
-3. the sites come from one of :data:`METHODS` (worker processes): ``paper`` (Court et al. 2020:
-   the UNet's species and mask, then the periodic watershed of Algorithm S1; a density decoded on
-   a coarser grid is upsampled to the UNet's 32^3 first), ``pursuit`` (eq. 1 Gaussians matched to
-   the density, no UNet) or ``sites`` (for a VAE over site channels: heatmap peaks and the nearest
-   element in descriptor space, no UNet);
+3. the decoder named by the method (:data:`METHODS`) reads the sites: ``sites`` (the shipped
+   path, for a VAE over site channels: heatmap peaks and the species head, no UNet), or the
+   plug-ins for eq. 1 density VAEs, ``paper`` (Court et al. 2020: the UNet's species and mask,
+   then the periodic watershed of Algorithm S1) and ``pursuit`` (eq. 1 Gaussians matched to the
+   density, no UNet);
 4. the sites and the lattice become a Structure.
 
-A row fails, with a short reason, when the lattice is not physical or no site is found.
+A row fails, with a short reason, when the lattice is not physical or no site is found. The
+species a decoder may choose are the VAE's own (its species head, or the element list stored in
+its checkpoint); only a VAE that stores neither takes them from a UNet.
 """
 
 from __future__ import annotations
@@ -27,32 +28,32 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
 from pymatgen.core import Element, Lattice, Structure
 
+from crystaloop.generative.decoders import DECODERS, decoder_class
+from crystaloop.generative.decoders.base import (
+    FLAT_MAXIMUM_ANGSTROM,
+    MAX_ANGLE_DEGREES,
+    MAX_EDGE_ANGSTROM,
+    MIN_ANGLE_DEGREES,
+    MIN_EDGE_ANGSTROM,
+    MIN_VOLUME_PER_EDGE3,
+    SEGMENT_GRID,
+    DecodedMaps,
+    DecodedRow,
+    lattice_problem,
+)
 from crystaloop.generative.models.condition import N_DECILES
-from crystaloop.generative.models.unet import UNet3D, voxel_spacing
 from crystaloop.generative.models.vae import CondDFCVAE
 
-# A decoded lattice outside these bounds is not a crystal the DFT stage could run: edges under
-# 1.5 Angstrom hold no ion, edges over 30 Angstrom are beyond the prior's cells by a factor > 3,
-# and cells flatter than these angles or volumes are degenerate fits of noisy coordinate maps.
-MIN_EDGE_ANGSTROM = 1.5
-MAX_EDGE_ANGSTROM = 30.0
-MIN_ANGLE_DEGREES = 30.0
-MAX_ANGLE_DEGREES = 150.0
-MIN_VOLUME_PER_EDGE3 = 0.1
-
-
-METHODS = ("paper", "pursuit", "sites")
-"""Decoding paths. For a VAE over eq. 1's density: ``paper`` is the UNet's species and mask, then
-Algorithm S1; ``pursuit`` reads sites and species from the density alone by matching eq. 1's
-Gaussians (:func:`crystaloop.generative.segmentation.pursuit_sites`). For a VAE over site
-channels: ``sites`` takes the heatmap's peaks and the nearest element in descriptor space
-(:func:`crystaloop.generative.representation.sites_from_channels`)."""
+METHODS = tuple(DECODERS)
+"""Built-in decoding paths (:data:`crystaloop.generative.decoders.DECODERS`). For a VAE over eq. 1's
+density: ``paper`` is the UNet's species and mask, then Algorithm S1; ``pursuit`` reads sites and
+species from the density alone by matching eq. 1's Gaussians. For a VAE over site channels:
+``sites`` takes the heatmap's peaks and the species head's (or the nearest descriptor's) element."""
 
 LATTICE_SOURCES = ("auto", "head", "fit")
 """Where the lattice comes from: ``head`` (the VAE's lattice head, from z and the condition),
@@ -60,12 +61,22 @@ LATTICE_SOURCES = ("auto", "head", "fit")
 one, else the fit). Sites are read in fractional coordinates of the voxel grid, so either lattice
 gives a consistent crystal."""
 
-FLAT_MAXIMUM_ANGSTROM = 0.05
-"""Raw peaks closer than this are the tied voxels of one flat maximum (they refine to one point),
-not two sites: the only merge applied before validity is measured before repair."""
-
-SEGMENT_GRID = 32
-"""Grid the UNet was trained on: a coarser decoded density is upsampled to it (periodic, linear)."""
+__all__ = [
+    "FLAT_MAXIMUM_ANGSTROM",
+    "LATTICE_SOURCES",
+    "MAX_ANGLE_DEGREES",
+    "MAX_EDGE_ANGSTROM",
+    "METHODS",
+    "MIN_ANGLE_DEGREES",
+    "MIN_EDGE_ANGSTROM",
+    "MIN_VOLUME_PER_EDGE3",
+    "SEGMENT_GRID",
+    "DecodedCandidate",
+    "DecodedRow",
+    "Decoder",
+    "lattice_problem",
+    "vae_channels",
+]
 
 
 @dataclass(frozen=True)
@@ -96,87 +107,6 @@ class DecodedCandidate:
     merged_sites: int = 0
 
 
-class DecodedRow(NamedTuple):
-    """One row of :meth:`Decoder.structures_from_maps`.
-
-    ``raw_min_distance`` (Angstrom) is the shortest minimum-image distance, a site's own images
-    included, of the sites as first read from the maps, in the lattice as first decoded: before
-    close peaks are merged and before a lattice outside the physical bounds is rejected. It is
-    ``None`` when no site was found or the lattice is not finite. ``merged_sites`` counts the
-    peaks dropped for lying within the merge distance of a kept one.
-    """
-
-    structure: Structure | None
-    reason: str | None
-    raw_min_distance: float | None = None
-    merged_sites: int = 0
-
-
-def lattice_problem(lattice: Lattice) -> str | None:
-    """Why ``lattice`` is not physical (one phrase), or ``None`` if it is."""
-    abc = np.asarray(lattice.abc, dtype=float)
-    angles = np.asarray(lattice.angles, dtype=float)
-    if not (np.all(np.isfinite(abc)) and np.all(np.isfinite(angles))):
-        return "unphysical lattice"
-    if abc.min() < MIN_EDGE_ANGSTROM or abc.max() > MAX_EDGE_ANGSTROM:
-        return "unphysical lattice"
-    if angles.min() < MIN_ANGLE_DEGREES or angles.max() > MAX_ANGLE_DEGREES:
-        return "unphysical lattice"
-    if not lattice.volume > MIN_VOLUME_PER_EDGE3 * float(np.prod(abc)):
-        return "unphysical lattice"
-    return None
-
-
-def _segment_row(args) -> tuple[list[tuple[int, np.ndarray]], str | None, list[tuple[int, np.ndarray]]]:
-    """Worker: a species map and density (``paper``), a density and lattice (``pursuit``) or site
-    channels and lattice (``sites``) to [(Z, frac)] sites or a failure reason, and the raw sites
-    before any merge (the same sites where the path merges nothing)."""
-    from crystaloop.generative.segmentation import pursuit_sites, segment
-
-    method, first, second, elements, *head = args
-    if method == "sites":
-        from pymatgen.core import Lattice as _Lattice
-
-        from crystaloop.generative.representation import sites_from_channels
-
-        logits, vocabulary = head if head else (None, ())
-        lattice = _Lattice(second)
-        found = sites_from_channels(first, lattice, elements, species_logits=logits, vocabulary=vocabulary)
-        raw = sites_from_channels(
-            first,
-            lattice,
-            elements,
-            species_logits=logits,
-            vocabulary=vocabulary,
-            min_separation=FLAT_MAXIMUM_ANGSTROM,
-        )
-        return (found, None, raw) if found else ([], "no sites", raw)
-    if method == "pursuit":
-        sites = pursuit_sites(first, second, elements)
-    else:
-        species, density = first, second
-        if not (species > 0).any():
-            return [], "no sites", []
-        sites = segment(species, species > 0, density=density)
-    if not sites:
-        return [], "no sites", []
-    found = [(s.species, s.frac_coords) for s in sites]
-    return found, None, found
-
-
-def _raw_min_distance(sites: Sequence[tuple[int, np.ndarray]], lattice: Lattice | None) -> float | None:
-    """Shortest minimum-image distance (Angstrom) of ``sites`` in ``lattice``, own images included."""
-    if not sites or lattice is None or not np.all(np.isfinite(lattice.matrix)):
-        return None
-    from crystaloop.generative.measures import minimum_distance
-
-    try:
-        structure = Structure(lattice, [int(z) for z, _ in sites], [f for _, f in sites])
-        return minimum_distance(structure)
-    except (ValueError, np.linalg.LinAlgError):  # a singular decoded cell has no distances
-        return None
-
-
 def vae_channels(vae: CondDFCVAE, structures: Sequence[Structure]) -> tuple[torch.Tensor, torch.Tensor]:
     """The voxel channels the VAE reads (eq. 1 density or site channels) and coordinates, batched."""
     from crystaloop.generative.representation import coordinate_channels, site_channels, voxelize
@@ -191,49 +121,45 @@ def vae_channels(vae: CondDFCVAE, structures: Sequence[Structure]) -> tuple[torc
     return torch.from_numpy(channels.astype(np.float32)), torch.from_numpy(coords.astype(np.float32))
 
 
-def upsample(density: torch.Tensor, grid: int) -> torch.Tensor:
-    """Periodic trilinear upsampling of (B, g, g, g) maps to (B, grid, grid, grid)."""
-    g = density.shape[-1]
-    if g == grid:
-        return density
-    padded = torch.nn.functional.pad(density[:, None], (1, 1, 1, 1, 1, 1), mode="circular")
-    # voxel centres of the fine grid in the padded coarse grid's index space (centres at i + 1)
-    t = (torch.arange(grid, dtype=density.dtype, device=density.device) + 0.5) * g / grid + 0.5
-    coords = 2 * t / (g + 1) - 1  # align_corners=True: -1 and 1 are the padded grid's end centres
-    zz, yy, xx = torch.meshgrid(coords, coords, coords, indexing="ij")
-    sampling = torch.stack([xx, yy, zz], dim=-1)[None].expand(density.shape[0], -1, -1, -1, -1)
-    out = torch.nn.functional.grid_sample(padded, sampling, mode="bilinear", align_corners=True)
-    return out[:, 0]
-
-
 class Decoder:
-    """Latent vectors to structures with a trained VAE and UNet.
+    """Latent vectors to structures with a trained VAE and one decoder of
+    :mod:`crystaloop.generative.decoders`.
 
     Parameters
     ----------
     vae
         The conditional VAE (its ``condition`` gives the decile boundaries).
     unet
-        The UNet whose vocabulary gives the species that can be decoded.
+        A UNet, or the path of its checkpoint (loaded when first needed). The ``paper`` decoder
+        needs one; other paths use it only for the element list of a VAE that stores none.
     device
         Where the networks run (``"auto"``: CUDA when available).
     workers
-        Processes for the watershed (``None``: all cores; ``1``: in this process).
+        Processes that read the sites (``None``: all cores; ``1``: in this process).
     method
-        Decoding path (:data:`METHODS`; default: the VAE's own).
+        Decoder name (:data:`METHODS`; default: the VAE's own, ``sites`` or ``paper``).
     lattice
         Lattice source (:data:`LATTICE_SOURCES`).
+    elements
+        Atomic numbers the decoder may choose from, when the VAE has no species head (a VAE
+        checkpoint's ``elements``); default: the species head's, else the UNet's.
+
+    Raises
+    ------
+    ValueError
+        If the method or lattice source does not fit the VAE, or no element list can be found.
     """
 
     def __init__(
         self,
         vae: CondDFCVAE,
-        unet: UNet3D,
+        unet=None,
         *,
         device: str | torch.device = "auto",
         workers: int | None = None,
         method: str | None = None,
         lattice: str = "auto",
+        elements: Sequence[int] | None = None,
     ) -> None:
         if lattice not in LATTICE_SOURCES:
             raise ValueError(f"lattice must be one of {LATTICE_SOURCES}; got {lattice!r}")
@@ -244,50 +170,104 @@ class Decoder:
             if lattice == "head" or (lattice == "auto" and getattr(vae, "has_lattice_head", False))
             else "fit"
         )
-        sites = getattr(vae, "representation", "density") == "sites"
-        method = method or ("sites" if sites else "paper")
-        if method not in METHODS or (method == "sites") != sites:
-            allowed = "sites" if sites else "paper or pursuit"
+        representation = getattr(vae, "representation", "density")
+        method = method or ("sites" if representation == "sites" else "paper")
+        cls = decoder_class(method) if method in METHODS else None
+        if cls is None or cls.representation != representation:
+            allowed = " or ".join(m for m in METHODS if decoder_class(m).representation == representation)
             raise ValueError(
-                f"this VAE ({'site channels' if sites else 'density'}) decodes with {allowed}, not {method!r}"
+                f"this VAE ({'site channels' if representation == 'sites' else 'density'}) decodes with "
+                f"{allowed}, not {method!r}"
             )
         self.method = method
         if str(device) == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.vae = vae.to(self.device).eval()
-        self.unet = unet.to(self.device).eval()
+        self._unet = unet
         self.workers = max(1, int(workers if workers is not None else (os.cpu_count() or 1)))
+        self._atomic_numbers = [int(z) for z in (getattr(vae, "species", None) or elements or ())]
+        if not self._atomic_numbers and self._unet is None:
+            raise ValueError(
+                "this VAE stores no element list (no species head); pass a UNet for its elements"
+            )
+        self.map_decoder = cls(self.vae, unet=self.unet if cls.needs_unet else None, device=self.device)
 
     @classmethod
     def from_checkpoints(
         cls,
         vae: str | Path,
-        unet: str | Path,
+        unet: str | Path | None = None,
         *,
         device: str = "auto",
         workers: int | None = None,
         method: str | None = None,
         lattice: str = "auto",
     ) -> Decoder:
-        """Load both networks from checkpoint files (see ``crystaloop models list``)."""
+        """Load the VAE (and, when the decoder needs it, the UNet) from checkpoint files.
+
+        The UNet checkpoint is read only when needed: by the ``paper`` decoder, for a VAE that
+        stores no element list, or when :attr:`unet` is asked for.
+        """
         from crystaloop.generative.models.checkpoint import load_model
 
-        vae_model, _ = load_model(vae)
-        unet_model, _ = load_model(unet)
-        if not isinstance(vae_model, CondDFCVAE) or not isinstance(unet_model, UNet3D):
+        vae_model, extra = load_model(vae)
+        if not isinstance(vae_model, CondDFCVAE):
             from crystaloop.errors import UserError
 
-            raise UserError(f"{vae} must be a VAE checkpoint and {unet} a UNet checkpoint")
-        return cls(vae_model, unet_model, device=device, workers=workers, method=method, lattice=lattice)
+            raise UserError(f"{vae} must be a VAE checkpoint")
+        return cls(
+            vae_model,
+            Path(unet) if unet is not None else None,
+            device=device,
+            workers=workers,
+            method=method,
+            lattice=lattice,
+            elements=extra.get("elements"),
+        )
+
+    @property
+    def unet(self):
+        """The UNet (loaded from its checkpoint on first use); ``None`` when none was given.
+
+        Raises
+        ------
+        UserError
+            If the checkpoint holds no UNet.
+        """
+        if isinstance(self._unet, str | Path):
+            from crystaloop.generative.models.checkpoint import load_model
+            from crystaloop.generative.models.unet import UNet3D
+
+            path, (model, _) = self._unet, load_model(self._unet)
+            if not isinstance(model, UNet3D):
+                from crystaloop.errors import UserError
+
+                raise UserError(f"{path} must be a UNet checkpoint")
+            self._unet = model.to(self.device).eval()
+        return self._unet
+
+    @property
+    def atomic_numbers(self) -> list[int]:
+        """Atomic numbers of the elements this decoder can decode."""
+        if not self._atomic_numbers:
+            self._atomic_numbers = [int(z) for z in self.unet.vocabulary.atomic_numbers[1:]]
+        return self._atomic_numbers
 
     @property
     def elements(self) -> list[str]:
-        """Symbols of the elements the UNet can decode."""
-        return [Element.from_Z(z).symbol for z in self.unet.vocabulary.atomic_numbers[1:]]
+        """Symbols of the elements this decoder can decode."""
+        return [Element.from_Z(z).symbol for z in self.atomic_numbers]
 
-    def _class_filter(self, allowed_elements: Sequence[str] | None) -> torch.Tensor | None:
-        """Boolean (n_classes,) of the classes that may be chosen, background excluded."""
+    def allowed_atomic_numbers(self, allowed_elements: Sequence[str] | None) -> list[int] | None:
+        """The decodable atomic numbers among ``allowed_elements`` (symbols), in decoder order;
+        ``None`` when ``allowed_elements`` is.
+
+        Raises
+        ------
+        UserError
+            If a symbol is not an element, or none of them can be decoded.
+        """
         if allowed_elements is None:
             return None
         from crystaloop.errors import UserError
@@ -298,30 +278,12 @@ class Decoder:
                 wanted.add(Element(str(symbol)).Z)
             except ValueError as error:
                 raise UserError(f"{symbol!r} is not an element symbol; use symbols such as 'Na'") from error
-        keep = torch.tensor([z in wanted for z in self.unet.vocabulary.atomic_numbers], dtype=torch.bool)
-        keep[0] = False
-        if not keep.any():
+        keep = [z for z in self.atomic_numbers if z in wanted]
+        if not keep:
             raise UserError(
-                f"none of {sorted(allowed_elements)} can be decoded; the UNet knows {', '.join(self.elements)}"
+                f"none of {sorted(allowed_elements)} can be decoded; the decoder knows {', '.join(self.elements)}"
             )
         return keep
-
-    @torch.no_grad()
-    def species_maps(
-        self, density: torch.Tensor, spacing: torch.Tensor, keep: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Atomic numbers per voxel (B, g, g, g) inside the UNet's mask, 0 outside.
-
-        ``spacing`` (B, 3) are the voxel edges (Angstrom); ``keep`` (n_classes,) restricts the
-        species head's choice to the allowed classes.
-        """
-        out = self.unet(density[:, None], spacing)
-        logits = out.species_logits[:, 1:]
-        if keep is not None:
-            logits = logits.masked_fill(~keep[1:].to(logits.device)[None, :, None, None, None], float("-inf"))
-        best = self.unet.vocabulary.decode(logits.argmax(dim=1) + 1)
-        inside = torch.sigmoid(out.mask_logits[:, 0]) > 0.5
-        return torch.where(inside, best, torch.zeros_like(best))
 
     @torch.no_grad()
     def decode(
@@ -359,7 +321,7 @@ class Decoder:
             raise ValueError(
                 f"condition must be shaped ({z.shape[0]}, {N_DECILES}); got {tuple(condition.shape)}"
             )
-        keep = self._class_filter(allowed_elements)
+        keep = self.allowed_atomic_numbers(allowed_elements)
         total = z.shape[0]
         results: list[DecodedCandidate] = []
         pool = ProcessPoolExecutor(self.workers) if self.workers > 1 and total > 1 else None
@@ -413,28 +375,26 @@ class Decoder:
         density: torch.Tensor,
         coords: torch.Tensor,
         *,
-        keep: torch.Tensor | None = None,
+        keep: Sequence[int] | None = None,
         pool: ProcessPoolExecutor | None = None,
         species_logits: torch.Tensor | None = None,
         lattices: Sequence[Lattice] | None = None,
     ) -> list[DecodedRow]:
-        """Structures (or failure reasons) from decoded density (B, g, g, g) and coordinates (B, 3, g, g, g).
+        """Structures (or failure reasons) from decoded density (B, g, g, g) or site channels
+        (B, C, g, g, g) and coordinates (B, 3, g, g, g).
 
         ``lattices`` (one per row, e.g. :meth:`head_lattices`) replace the least-squares fit of
-        the coordinate channels.
-        ``keep`` is :meth:`_class_filter`'s output: the classes species may be chosen from.
-        ``species_logits`` (B, K, g, g, g) are a species head's outputs (``sites`` path): sites
-        then take the head's most likely allowed element (see
-        :func:`~crystaloop.generative.representation.sites_from_channels`).
+        the coordinate channels. ``keep`` (atomic numbers, :meth:`allowed_atomic_numbers`)
+        restricts the species; ``None``: every element of the decoder. ``species_logits``
+        (B, K, g, g, g) are a species head's outputs (``sites`` path).
         """
-        from crystaloop.generative.representation import coordinate_channels, lattice_from_coordinates
-        from crystaloop.generative.segmentation import to_structure
+        from crystaloop.generative.representation import lattice_from_coordinates
 
         density = density.float()
         if density.ndim == 4:  # eq. 1 density; site channels carry signed descriptors
             density = density.clamp_min(0.0)
         coords_np = coords.float().cpu().numpy()
-        given, lattices, problems = lattices, [], []
+        given, settled, problems = lattices, [], []
         for i in range(len(coords_np)):
             try:
                 lattice = given[i] if given is not None else lattice_from_coordinates(coords_np[i])
@@ -442,53 +402,10 @@ class Decoder:
             except (ValueError, np.linalg.LinAlgError):
                 lattice = None
                 problems.append("unphysical lattice")
-            lattices.append(lattice)
-        # raw sites are read wherever the lattice is finite, so validity before the lattice bounds
-        # and the merge can be measured; only rows without a problem become structures
-        readable = [lat is not None and bool(np.all(np.isfinite(lat.matrix))) for lat in lattices]
-        if self.method in ("pursuit", "sites"):
-            zs = self.unet.vocabulary.atomic_numbers[1:]
-            if keep is not None:
-                zs = [z for z, k in zip(self.unet.vocabulary.atomic_numbers, keep.tolist(), strict=True) if k]
-            density_np = density.cpu().numpy()
-            logits_np = species_logits.float().cpu().numpy() if species_logits is not None else None
-            vocabulary = list(getattr(self.vae, "species", []))
-            jobs = [
-                (self.method, density_np[i], lattices[i].matrix, zs)
-                + ((logits_np[i], vocabulary) if logits_np is not None else ())
-                for i in range(len(density_np))
-                if readable[i]
-            ]
-        else:
-            fine = upsample(density, SEGMENT_GRID) if density.shape[-1] < SEGMENT_GRID else density
-            grid = fine.shape[-1]
-            spacing = torch.stack(
-                [
-                    voxel_spacing(torch.from_numpy(coordinate_channels(lattices[i], grid))[None])[0]
-                    if problems[i] is None
-                    else voxel_spacing(coords[i : i + 1].float().cpu())[0]
-                    for i in range(len(lattices))
-                ]
-            ).to(fine.device)
-            species = self.species_maps(fine, spacing, keep).cpu().numpy()
-            fine_np = fine.cpu().numpy()
-            jobs = [("paper", species[i], fine_np[i], None) for i in range(len(species)) if readable[i]]
-        segmented = iter(list(pool.map(_segment_row, jobs)) if pool else [_segment_row(j) for j in jobs])
-        rows: list[DecodedRow] = []
-        for lattice, problem, ok in zip(lattices, problems, readable, strict=True):
-            if not ok:
-                rows.append(DecodedRow(None, problem or "unphysical lattice"))
-                continue
-            sites, reason, raw = next(segmented)
-            raw_min = _raw_min_distance(raw, lattice)
-            merged = len(raw) - len(sites) if sites else 0
-            if problem is not None:
-                rows.append(DecodedRow(None, problem, raw_min, merged))
-            elif reason is not None:
-                rows.append(DecodedRow(None, reason, raw_min, merged))
-            else:
-                rows.append(DecodedRow(to_structure(sites, lattice), None, raw_min, merged))
-        return rows
+            settled.append(lattice)
+        maps = DecodedMaps(density, coords, species_logits, settled, problems)
+        elements = list(keep) if keep is not None else self.atomic_numbers
+        return self.map_decoder.decode(maps, elements=elements, pool=pool)
 
     @torch.no_grad()
     def encode(

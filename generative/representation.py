@@ -25,6 +25,7 @@ from functools import cache
 import numpy as np
 from pymatgen.core import Lattice, Structure
 
+from crystaloop.generative.grid import coordinate_channels, cube_rotations, voxel_centres
 from crystaloop.generative.radii import ionic_radius
 
 _NORM = (2.0 * np.pi) ** -1.5
@@ -81,23 +82,6 @@ class VoxelCrystal:
     def channels(self) -> np.ndarray:
         """The 4-channel model input ``(density, x, y, z)``, shape ``(4, g, g, g)``, float32."""
         return np.concatenate([self.density[None], self.coords], axis=0).astype(np.float32, copy=False)
-
-
-def voxel_centres(grid: int) -> np.ndarray:
-    """Fractional coordinates ``(i + 1/2) / grid`` of the voxel centres along one axis."""
-    return (np.arange(grid, dtype=np.float64) + 0.5) / grid
-
-
-def coordinate_channels(lattice: Lattice | np.ndarray, grid: int = 32) -> np.ndarray:
-    """Cartesian coordinates (Å) of the voxel centres, shape ``(3, g, g, g)``, float32."""
-    matrix = _matrix(lattice)
-    t = voxel_centres(grid)
-    coords = (
-        t[None, :, None, None] * matrix[0][:, None, None, None]
-        + t[None, None, :, None] * matrix[1][:, None, None, None]
-        + t[None, None, None, :] * matrix[2][:, None, None, None]
-    )
-    return coords.astype(np.float32)
 
 
 def lattice_from_coordinates(coords: np.ndarray) -> Lattice:
@@ -233,22 +217,6 @@ def _voxelize_general(frac, z, radii, lattice, grid, periodic):
     return density.reshape(shape), species.reshape(shape)
 
 
-@cache
-def cube_rotations() -> tuple[tuple[tuple[int, int, int], tuple[int, int, int]], ...]:
-    """The 24 proper rotations of the cube as ``(axis permutation, axis signs)``, identity first.
-
-    Rotation ``(perm, signs)`` sends fractional offsets from the cell centre ``u`` to ``u'`` with
-    ``u'[r] = signs[r] * u[perm[r]]``.
-    """
-    rotations = []
-    for perm in itertools.permutations(range(3)):
-        parity = np.linalg.det(np.eye(3)[list(perm)])
-        for signs in itertools.product((1, -1), repeat=3):
-            if round(parity * np.prod(signs)) == 1:
-                rotations.append((tuple(perm), tuple(signs)))
-    return tuple(rotations)
-
-
 def _rotation(k: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     if not 0 <= int(k) < 24 or int(k) != k:
         raise ValueError(f"rotation index k must be an integer in range(24); got {k}")
@@ -305,15 +273,6 @@ def rotate_structure(structure: Structure, k: int) -> Structure:
     frac = np.asarray(structure.frac_coords, dtype=np.float64)
     rotated = np.array(signs)[None, :] * (frac[:, list(perm)] - 0.5) + 0.5
     return Structure(lattice, structure.species, rotated)
-
-
-def _matrix(lattice: Lattice | np.ndarray) -> np.ndarray:
-    if isinstance(lattice, Lattice):
-        return np.asarray(lattice.matrix, dtype=np.float64)
-    matrix = np.asarray(lattice, dtype=np.float64)
-    if matrix.shape != (3, 3):
-        raise ValueError(f"lattice matrix must be 3 × 3; got {matrix.shape}")
-    return matrix
 
 
 # ---------------------------------------------------------------------------------------------

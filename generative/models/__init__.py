@@ -1,36 +1,39 @@
-"""Generative and property models: Cond-DFC-VAE, 3-D UNet and the CGCNN ensemble."""
+"""Generative and property models: Cond-DFC-VAE, 3-D UNet and the CGCNN ensemble.
 
-from crystaloop.generative.models.cgcnn import (
-    CGCNN,
-    CrystalGraph,
-    GraphBatch,
-    collate_graphs,
-    masked_mse,
-    structure_to_graph,
-)
-from crystaloop.generative.models.checkpoint import load_model, save_model
-from crystaloop.generative.models.condition import DecileCondition
-from crystaloop.generative.models.ensemble import CGCNNEnsemble, bootstrap_indices
-from crystaloop.generative.models.unet import SpeciesVocabulary, UNet3D, class_weights, unet_loss
-from crystaloop.generative.models.vae import CondDFCVAE, VAELossWeights, vae_loss
+Names are imported on first use, so that ``crystaloop.generative.models.vae`` (torch alone) loads
+without pymatgen, which the CGCNN needs: the GPU trainer has only torch and numpy.
+"""
 
-__all__ = [
-    "CGCNN",
-    "CGCNNEnsemble",
-    "CondDFCVAE",
-    "CrystalGraph",
-    "DecileCondition",
-    "GraphBatch",
-    "SpeciesVocabulary",
-    "UNet3D",
-    "VAELossWeights",
-    "bootstrap_indices",
-    "class_weights",
-    "collate_graphs",
-    "load_model",
-    "masked_mse",
-    "save_model",
-    "structure_to_graph",
-    "unet_loss",
-    "vae_loss",
-]
+from __future__ import annotations
+
+import importlib
+
+_HOMES = {
+    "CGCNN": "cgcnn",
+    "CrystalGraph": "cgcnn",
+    "GraphBatch": "cgcnn",
+    "collate_graphs": "cgcnn",
+    "masked_mse": "cgcnn",
+    "structure_to_graph": "cgcnn",
+    "load_model": "checkpoint",
+    "save_model": "checkpoint",
+    "DecileCondition": "condition",
+    "CGCNNEnsemble": "ensemble",
+    "bootstrap_indices": "ensemble",
+    "SpeciesVocabulary": "unet",
+    "UNet3D": "unet",
+    "class_weights": "unet",
+    "unet_loss": "unet",
+    "CondDFCVAE": "vae",
+    "VAELossWeights": "vae",
+    "vae_loss": "vae",
+}
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_HOMES)

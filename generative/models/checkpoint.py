@@ -8,17 +8,26 @@ from typing import Any
 import torch
 from torch import nn
 
-from crystaloop.generative.models.cgcnn import CGCNN
-from crystaloop.generative.models.ensemble import CGCNNEnsemble
-from crystaloop.generative.models.unet import UNet3D
-from crystaloop.generative.models.vae import CondDFCVAE
+# the model classes are imported when a payload is read: writing one needs torch alone (the GPU
+# trainer), and the CGCNN needs pymatgen
+_CLASSES = {
+    "unet": "crystaloop.generative.models.unet:UNet3D",
+    "vae": "crystaloop.generative.models.vae:CondDFCVAE",
+    "cgcnn": "crystaloop.generative.models.cgcnn:CGCNN",
+    "cgcnn-ensemble": "crystaloop.generative.models.ensemble:CGCNNEnsemble",
+}
 
-_CLASSES: dict[str, type[nn.Module]] = {"unet": UNet3D, "vae": CondDFCVAE, "cgcnn": CGCNN}
+
+def _class(kind: str) -> type[nn.Module]:
+    import importlib
+
+    module, _, name = _CLASSES[kind].partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def model_payload(model: nn.Module) -> dict[str, Any]:
     """The picklable description of ``model`` (kind, hparams, state dict)."""
-    if isinstance(model, CGCNNEnsemble):
+    if model.kind == "cgcnn-ensemble":
         return {
             "kind": model.kind,
             "members": [model_payload(m) for m in model.members],
@@ -33,17 +42,17 @@ def model_payload(model: nn.Module) -> dict[str, Any]:
 
 def model_from_payload(payload: dict[str, Any]) -> nn.Module:
     """Rebuild a model from :func:`model_payload` output."""
-    if payload["kind"] == CGCNNEnsemble.kind:
-        ensemble = CGCNNEnsemble([model_from_payload(m) for m in payload["members"]])
+    if payload["kind"] == "cgcnn-ensemble":
+        ensemble = _class("cgcnn-ensemble")([model_from_payload(m) for m in payload["members"]])
         if "sigma_scale" in payload:
             ensemble.sigma_scale.copy_(torch.as_tensor(payload["sigma_scale"], dtype=torch.float32))
         return ensemble
-    cls = _CLASSES[payload["kind"]]
+    cls = _class(payload["kind"])
     hparams = dict(payload["hparams"])
-    if cls is UNet3D:
+    if payload["kind"] == "unet":
         hparams.setdefault("input_transform", "none")  # checkpoints that predate the option
         model = cls(hparams.pop("atomic_numbers"), **hparams)
-    elif cls is CGCNN:
+    elif payload["kind"] == "cgcnn":
         model = cls(hparams.pop("properties"), **hparams)
     else:
         model = cls(**hparams)

@@ -1,4 +1,5 @@
-"""Fine-tune a trained CGCNN ensemble on new labelled structures (e.g. DFT results).
+"""Fine-tune a trained CGCNN ensemble on new labelled structures (e.g. DFT results): a task of
+:func:`crystaloop.generative.train.fit.fit`.
 
 Each member is fine-tuned on its own bootstrap sample of the data, with a
 per-structure weight, so DFT labels can outrank the prior labels they correct.
@@ -15,7 +16,9 @@ from pymatgen.core import Structure
 
 from crystaloop.generative.models.cgcnn import collate_graphs
 from crystaloop.generative.models.ensemble import CGCNNEnsemble
-from crystaloop.generative.train.loop import pick_device, seed_everything
+from crystaloop.generative.train.config import OptimConfig
+from crystaloop.generative.train.fit import fit, pick_device, seed_everything
+from crystaloop.generative.train.tasks import CGCNNTask
 
 
 def label_matrix(
@@ -99,32 +102,48 @@ def finetune_ensemble(
     values, present = label_matrix(labels, properties)
     graphs = [ensemble.members[0].graph(s) for s in structures]
     w = np.asarray(weights, dtype=np.float32)
+    # no validation split, no gradient clipping, a constant rate: the last weights are kept
+    optim = OptimConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, grad_clip=None)
     first, last = [], []
     ensemble.to(torch_device)
     for k, member in enumerate(ensemble.members):
         rng = np.random.default_rng(seed + 1000 * k)
         sample = rng.integers(0, len(graphs), size=len(graphs)) if len(graphs) > 1 else np.zeros(1, int)
-        optimizer = torch.optim.Adam(member.parameters(), lr=lr)
-        member.train()
-        for epoch in range(epochs):
-            order = rng.permutation(sample)
-            total, norm = 0.0, 0.0
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
-                batch = collate_graphs([graphs[i] for i in idx]).to(torch_device)
-                target = torch.from_numpy(np.nan_to_num(values[idx])).to(torch_device)
-                mask = torch.from_numpy(present[idx]).to(torch_device)
-                weight = torch.from_numpy(w[idx]).to(torch_device)[:, None]
-                normalised = (target - member.target_mean) / member.target_std
-                error = (member(batch) - normalised) ** 2 * mask * weight
-                loss = error.sum() / (mask * weight).sum().clamp_min(1e-8)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                total += loss.item() * len(idx)
-                norm += len(idx)
-            if epoch == 0:
-                first.append(total / norm)
-        last.append(total / norm)
+        batches = WeightedBatches(graphs, values, present, w, sample, batch_size, rng)
+        state = fit(
+            FinetuneTask(member, torch_device), batches, None, optim, device=torch_device, progress=False
+        )
+        first.append(state.history[0]["train_loss"])
+        last.append(state.history[-1]["train_loss"])
         member.eval()
     return {"loss_first_epoch": float(np.mean(first)), "loss_last_epoch": float(np.mean(last))}
+
+
+class WeightedBatches:
+    """Batches ``(graphs, labels, presence, weights)`` of a bootstrap ``sample``, shuffled anew
+    by ``rng`` at each pass."""
+
+    def __init__(self, graphs, values, present, weights, sample, batch_size: int, rng) -> None:
+        self.graphs, self.values, self.present, self.weights = graphs, values, present, weights
+        self.sample, self.batch_size, self.rng = sample, batch_size, rng
+
+    def __len__(self) -> int:
+        return -(-len(self.sample) // self.batch_size)
+
+    def __iter__(self):
+        order = self.rng.permutation(self.sample)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            yield (
+                collate_graphs([self.graphs[i] for i in idx]),
+                torch.from_numpy(self.values[idx]),
+                torch.from_numpy(self.present[idx]),
+                torch.from_numpy(self.weights[idx])[:, None],
+            )
+
+
+class FinetuneTask(CGCNNTask):
+    """:class:`CGCNNTask` on weighted samples, its epoch loss a mean over samples."""
+
+    def batch_size(self, batch) -> int:
+        return len(batch[1])

@@ -1,23 +1,26 @@
-"""Train the Cond-DFC-VAE from precomputed shards on one GPU: torch and numpy only.
+"""Train the Cond-DFC-VAE from precomputed shards on one GPU: a task of the one training loop,
+:func:`crystaloop.generative.train.fit.fit`, in its step mode. It needs torch and numpy alone.
 
-Run as a script from the repository root, with or without crystaloop installed (the GPU machine
-has neither pymatgen nor the project's other dependencies)::
+The GPU machine has neither pymatgen nor the project's other dependencies: install crystaloop
+there without them (``pip install --no-deps --no-build-isolation .`` from a checkout, or a wheel
+built here), then::
 
-    python generative/train/gpu.py --shards SHARDS --out RUN --steps 6000 --batch-size 512
+    python -m crystaloop.generative.train.gpu --shards SHARDS --out RUN --steps 6000 --batch-size 512
 
-``SHARDS`` is a directory of ``shard-*.npz`` files and ``manifest.json``: the output of
+(``python generative/train/gpu.py ...`` from the checkout runs the same.) ``SHARDS`` is a
+directory of ``shard-*.npz`` files and ``manifest.json``: the output of
 ``crystaloop data shards`` (eq. 1 density, the paper's representation) or of
 ``crystaloop train site-shards`` (site channels). The representation and grid are read from the
 manifest. Site shards that carry ``species`` train the species head too (cross-entropy at the
 site voxels, ``--species-weight``; ``--species-weight 0`` trains without the head), and after
 training a Gaussian mixture is fitted to the posterior means of the shard structures and stored
-as the latent prior of random samples (``--prior-components``). Training uses automatic mixed precision (bfloat16 autocast on CUDA), random cube
-rotations, a cosine learning-rate schedule, and writes ``RUN/last.pt`` (resumable with
-``--resume``: it holds the batch and rotation generator and the torch RNGs too, so a resumed
-run draws the batches a straight run would; resuming a finished run writes ``RUN/vae.pt``
-again) and ``RUN/vae.pt`` in the checkpoint format of
-:mod:`crystaloop.generative.models.checkpoint`; register it on the CPU side with
-``crystaloop models register RUN/vae.pt --version NAME``.
+as the latent prior of random samples (``--prior-components``). Training uses automatic mixed
+precision (bfloat16 autocast on CUDA), random cube rotations, a cosine learning-rate schedule to
+0, and writes ``RUN/last.pt`` every ``--save-every`` steps (resumable with ``--resume``: it holds
+the batch and rotation generator and the torch RNGs too, so a resumed run draws the batches a
+straight run would; resuming a finished run writes ``RUN/vae.pt`` again) and ``RUN/vae.pt`` in
+the checkpoint format of :mod:`crystaloop.generative.models.checkpoint`; register it on the CPU
+side with ``crystaloop models register RUN/vae.pt --version NAME``.
 
 The decile condition is fitted on the shard labels of the condition property, like
 ``crystaloop train vae`` does on its training split; the shards hold only training structures
@@ -27,41 +30,20 @@ when they were written from one (``--split train``).
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import itertools
 import json
-import math
 import sys
 import time
-import types
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-_REPO = Path(__file__).resolve().parents[2]
-
-
-def _import_models():
-    """``CondDFCVAE``, ``vae_loss``, ``VAELossWeights``, ``DecileCondition`` and ``save_model``.
-
-    With crystaloop installed they are imported normally; otherwise the package directories of
-    this checkout are mapped by hand (as pyproject's package-dir does) without running the
-    package ``__init__`` files, which import pymatgen.
-    """
-    if importlib.util.find_spec("crystaloop") is None:
-        for name, folder in (
-            ("crystaloop", _REPO / "crystaloop"),
-            ("crystaloop.generative", _REPO / "generative"),
-            ("crystaloop.generative.models", _REPO / "generative" / "models"),
-        ):
-            module = types.ModuleType(name)
-            module.__path__ = [str(folder)]
-            sys.modules[name] = module
-    from crystaloop.generative.models.condition import DecileCondition
-    from crystaloop.generative.models.vae import CondDFCVAE, VAELossWeights, vae_loss
-
-    return CondDFCVAE, vae_loss, VAELossWeights, DecileCondition
+from crystaloop.generative.grid import coordinate_channels, cube_rotations
+from crystaloop.generative.models.checkpoint import save_model
+from crystaloop.generative.models.condition import DecileCondition
+from crystaloop.generative.models.vae import CondDFCVAE, VAELossWeights, vae_loss
+from crystaloop.generative.train.fit import fit
 
 
 def load_shards(directory: Path) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
@@ -78,29 +60,6 @@ def load_shards(directory: Path) -> tuple[dict, np.ndarray, np.ndarray, np.ndarr
             species.append(data["species"].astype(np.int16) if "species" in data.files else None)
     targets = None if any(s is None for s in species) else np.concatenate(species)
     return manifest, np.concatenate(channels), np.concatenate(lattices), np.concatenate(labels), targets
-
-
-def coordinate_channels(lattices: torch.Tensor, grid: int) -> torch.Tensor:
-    """Cartesian voxel-centre coordinates (B, 3, g, g, g; Angstrom) of (B, 3, 3) lattices."""
-    t = (torch.arange(grid, dtype=lattices.dtype, device=lattices.device) + 0.5) / grid
-    fi, fj, fk = torch.meshgrid(t, t, t, indexing="ij")
-    frac = torch.stack([fi, fj, fk], dim=-1)  # (g, g, g, 3)
-    return torch.einsum("xyzi,bij->bjxyz", frac, lattices)
-
-
-def cube_rotations() -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-    """The 24 proper cube rotations as ``(axis permutation, axis signs)``, identity first.
-
-    The same list, in the same order, as ``crystaloop.generative.representation.cube_rotations``
-    (not imported here: that module needs pymatgen).
-    """
-    rotations = []
-    for perm in itertools.permutations(range(3)):
-        inversions = sum(perm[i] > perm[j] for i in range(3) for j in range(i + 1, 3))
-        for signs in itertools.product((1, -1), repeat=3):
-            if (-1) ** inversions * math.prod(signs) == 1:
-                rotations.append((perm, signs))
-    return rotations
 
 
 def standard_lattice(lattices: torch.Tensor) -> torch.Tensor:
@@ -187,6 +146,68 @@ def posterior_means(vae, channels, lattices, deciles, grid: int, representation:
     return torch.cat(means)
 
 
+class RandomBatches:
+    """Endless batches of ``batch_size`` random shard indices (with replacement), drawn by
+    ``generator``; a pass (:func:`len`) is ``per_pass`` batches, the steps between two saves."""
+
+    def __init__(self, n: int, batch_size: int, per_pass: int, generator: torch.Generator, device) -> None:
+        self.n, self.batch_size, self.per_pass = n, batch_size, per_pass
+        self.generator, self.device = generator, device
+
+    def __len__(self) -> int:
+        return self.per_pass
+
+    def __iter__(self):
+        while True:
+            yield torch.randint(self.n, (self.batch_size,), generator=self.generator).to(self.device)
+
+
+class ShardVAETask:
+    """A task of :func:`~crystaloop.generative.train.fit.fit`: the VAE loss of a batch of shard
+    rows, rotated by a random cube rotation each (:func:`rotate`) and with their coordinate
+    channels rebuilt from the rotated lattices.
+
+    The shard arrays stay on ``data_device`` (the GPU when training there: a batch is gathered in
+    place instead of copied over each step); ``generator`` draws the rotations.
+    """
+
+    def __init__(self, vae, weights, data: dict, generator: torch.Generator, device: torch.device) -> None:
+        self.vae, self.weights, self.generator, self.device = vae, weights, generator, device
+        self.channels, self.lattices = data["channels"], data["lattices"]
+        self.deciles, self.species = data["deciles"], data["species"]
+        self.grid, self.representation = vae.grid, vae.representation
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"vae": self.vae}
+
+    def trainable(self):
+        return self.vae.parameters()
+
+    def train_step(self, index: torch.Tensor):
+        x_vox = self.channels[index].to(self.device, non_blocking=True).float()
+        if self.species is not None:  # rotated with the channels, as one more channel
+            x_vox = torch.cat([x_vox, self.species[index].to(self.device)[:, None].float()], dim=1)
+        lat = self.lattices[index].to(self.device)
+        x_vox, lat = rotate(x_vox, lat, self.generator)
+        site_classes = None
+        if self.species is not None:
+            site_classes = self.vae.species_classes(x_vox[:, -1].round().long())
+            x_vox = x_vox[:, :-1]
+        coords = coordinate_channels(lat, self.grid)
+        cond = torch.nn.functional.one_hot(self.deciles[index.cpu()], 10).float().to(self.device)
+        x = self.vae.to_input(x_vox if self.representation == "sites" else x_vox[:, 0], coords)
+        output = self.vae(x, cond)
+        # the loss in full precision, as the network's outputs come from the autocast region
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            return vae_loss(output, x, self.weights, site_classes=site_classes)
+
+    def evaluate(self, batches) -> dict[str, float]:
+        return {}
+
+    def final_model(self) -> torch.nn.Module:
+        return self.vae
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shards", type=Path, required=True, help="Directory with manifest.json.")
@@ -210,7 +231,6 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
 
-    CondDFCVAE, vae_loss, VAELossWeights, DecileCondition = _import_models()
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
@@ -230,7 +250,7 @@ def main(argv: list[str] | None = None) -> Path:
         species, vocabulary = None, []
     condition = DecileCondition.fit(labels, args.condition_property)
     widths = [int(w) for w in args.widths.split(",")]
-    hparams = dict(
+    vae = CondDFCVAE(
         grid=grid,
         latent_dim=args.latent_dim,
         widths=widths,
@@ -240,88 +260,65 @@ def main(argv: list[str] | None = None) -> Path:
         density_scale=0.25 if representation == "sites" else 1.0,
         representation=representation,
         species=vocabulary,
-    )
-    vae = CondDFCVAE(**hparams).to(device)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, args.steps) / args.steps))
-    )
+    ).to(device)
     weights = VAELossWeights(alpha=0.0, beta=args.beta, species_weight=args.species_weight)
-    args.out.mkdir(parents=True, exist_ok=True)
-    last = args.out / "last.pt"
-    step, parts = 0, {}
-    if args.resume and last.is_file():
-        state = torch.load(last, map_location=device, weights_only=False)
-        vae.load_state_dict(state["vae"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        step, parts = state["step"], state.get("parts", {})
-        if "rng" in state:  # older last.pt files hold none: their batches restart from the seed
-            generator.set_state(state["rng"]["generator"].cpu())  # map_location moved it
-            torch.set_rng_state(state["rng"]["torch"].cpu())
-            if device.type == "cuda" and state["rng"].get("cuda"):
-                torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
     deciles = torch.as_tensor(condition.index(labels), dtype=torch.long)
-    channels_t = torch.from_numpy(channels)
-    lattices_t = torch.from_numpy(lattices)
-    species_t = torch.from_numpy(species) if species is not None else None
-    use_amp = device.type == "cuda"
     # the shards are small next to GPU memory (8,571 site maps at 16^3: 0.35 GB with the species
     # targets): held there, a batch is gathered on the device instead of copied over each step
     data_device = device if device.type == "cuda" else torch.device("cpu")
-    channels_t, lattices_t = channels_t.to(data_device), lattices_t.to(data_device)
-    species_t = species_t.to(data_device) if species_t is not None else None
-    start, first_step = time.perf_counter(), step
-    vae.train()
-    while step < args.steps:
-        index = torch.randint(len(channels_t), (args.batch_size,), generator=generator).to(data_device)
-        x_vox = channels_t[index].to(device, non_blocking=True).float()
-        if species_t is not None:  # rotated with the channels, as one more channel
-            x_vox = torch.cat([x_vox, species_t[index].to(device)[:, None].float()], dim=1)
-        lat = lattices_t[index].to(device)
-        x_vox, lat = rotate(x_vox, lat, generator)
-        site_classes = None
-        if species_t is not None:
-            site_classes = vae.species_classes(x_vox[:, -1].round().long())
-            x_vox = x_vox[:, :-1]
-        coords = coordinate_channels(lat, grid)
-        cond = torch.nn.functional.one_hot(deciles[index.cpu()], 10).float().to(device)
-        x = vae.to_input(x_vox if representation == "sites" else x_vox[:, 0], coords)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-            output = vae(x, cond)
-        loss, parts = vae_loss(output, x, weights, site_classes=site_classes)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 10.0)
-        optimizer.step()
-        schedule.step()
-        step += 1
-        if step % args.save_every == 0 or step == args.steps:
-            torch.save(
-                {
-                    "vae": vae.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "schedule": schedule.state_dict(),
-                    "step": step,
-                    "parts": parts,
-                    "rng": {
-                        "generator": generator.get_state(),
-                        "torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
-                    },
-                },
-                last.with_suffix(".tmp"),
-            )
-            last.with_suffix(".tmp").replace(last)
-            rate = (step - first_step) / (time.perf_counter() - start)
-            print(
-                f"step {step}/{args.steps} loss {parts['loss']:.4f} mse {parts['mse']:.4f} kld {parts['kld']:.2f} species_ce {parts.get('species_ce', float('nan')):.3f} ({rate:.1f} steps/s)",
-                flush=True,
-            )
+    data = {
+        "channels": torch.from_numpy(channels).to(data_device),
+        "lattices": torch.from_numpy(lattices).to(data_device),
+        "deciles": deciles,
+        "species": torch.from_numpy(species).to(data_device) if species is not None else None,
+    }
+    # fit reads these OptimConfig attributes; pydantic is not at hand on the GPU machine
+    optim = SimpleNamespace(
+        epochs=1,
+        lr=args.lr,
+        weight_decay=0.0,
+        patience=sys.maxsize,
+        min_delta=0.0,
+        max_batches_per_epoch=None,
+        seed=args.seed,
+        grad_clip=10.0,
+        schedule="cosine",
+    )
+    use_amp = device.type == "cuda"
+    started = {"time": time.perf_counter(), "step": None}
+
+    def report(state) -> None:
+        if started["step"] is None:  # the first save of this process: the step it resumed at
+            started["step"] = state.history[-2]["step"] if len(state.history) > 1 else 0
+        parts = state.last_parts
+        rate = (state.step - started["step"]) / (time.perf_counter() - started["time"])
+        print(
+            f"step {state.step}/{args.steps} loss {parts['loss']:.4f} mse {parts['mse']:.4f} kld {parts['kld']:.2f} "
+            f"species_ce {parts.get('species_ce', float('nan')):.3f} ({rate:.1f} steps/s)",
+            flush=True,
+        )
+
+    state = fit(
+        ShardVAETask(vae, weights, data, generator, device),
+        RandomBatches(len(channels), args.batch_size, args.save_every, generator, data_device),
+        None,
+        optim,
+        args.out,
+        device=device,
+        resume=args.resume,
+        label="vae",
+        steps=args.steps,
+        optimizer="adamw",
+        final_lr_divisor=float("inf"),
+        amp_dtype="bfloat16",
+        progress=False,
+        on_epoch=report,
+    )
     vae.eval()
     if args.prior_components:
         vae.fit_latent_prior(
-            posterior_means(vae, channels_t, lattices_t, deciles, grid, representation), args.prior_components
+            posterior_means(vae, data["channels"], data["lattices"], deciles, grid, representation),
+            args.prior_components,
         )
     config = {
         "kind": "vae",
@@ -351,22 +348,18 @@ def main(argv: list[str] | None = None) -> Path:
         "species_weight": args.species_weight,
         "latent_prior_components": args.prior_components,
         "condition_property": args.condition_property,
-        "trainer": "generative/train/gpu.py",
+        "trainer": "crystaloop.generative.train.gpu",
     }
-    payload = {
-        "kind": "vae",
-        "hparams": dict(vae.hparams),
-        "state_dict": {k: v.detach().cpu() for k, v in vae.state_dict().items()},
-        "extra": {
-            "config": config,
-            "dataset_hash": manifest.get("dataset_hash"),
-            "metrics": {k: parts[k] for k in ("loss", "mse", "kld") if k in parts},
-            "command": "python generative/train/gpu.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        },
-        "torch_version": torch.__version__,
-    }
-    path = args.out / "vae.pt"
-    torch.save(payload, path)
+    path = save_model(
+        vae,
+        args.out / "vae.pt",
+        config=config,
+        dataset_hash=manifest.get("dataset_hash"),
+        metrics={k: state.last_parts[k] for k in ("loss", "mse", "kld") if k in state.last_parts},
+        command="python -m crystaloop.generative.train.gpu "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+        elements=manifest.get("elements") or list(vocabulary),
+    )
     print(f"wrote {path}", flush=True)
     return path
 

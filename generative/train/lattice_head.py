@@ -116,6 +116,58 @@ def head_parameters(head: LatticeHead, posterior: Posterior) -> np.ndarray:
     return head.parameters_of(z, condition).double().numpy()
 
 
+class PosteriorBatches:
+    """Row indices of the training posteriors, reshuffled by ``generator`` at each pass."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator) -> None:
+        self.n, self.batch_size, self.generator = n, batch_size, generator
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=self.generator)
+        for start in range(0, self.n, self.batch_size):
+            yield order[start : start + self.batch_size]
+
+
+class LatticeHeadTask:
+    """A task of :func:`~crystaloop.generative.train.fit.fit`: MSE of the head's standardised
+    lattice targets at z drawn from each training posterior; validated by the lattice MAE at mu.
+
+    Each step draws z = mu + ``noise`` * sigma * eps with ``generator`` (the batches' own).
+    """
+
+    def __init__(self, head: LatticeHead, train: Posterior, val: Posterior, noise: float, generator) -> None:
+        self.head, self.val, self.noise, self.generator = head, val, noise, generator
+        targets = LatticeHead.targets(torch.from_numpy(train.lattice))
+        head.target_mean.copy_(targets.mean(dim=0))
+        head.target_std.copy_(targets.std(dim=0).clamp_min(1e-6))
+        self.standardised = (targets - head.target_mean) / head.target_std
+        self.mu = torch.from_numpy(train.mu).float()
+        self.sigma = torch.exp(0.5 * torch.from_numpy(train.logvar).float())
+        self.condition = torch.from_numpy(train.condition).float()
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"lattice_head": self.head}
+
+    def trainable(self):
+        return self.head.parameters()
+
+    def train_step(self, rows: torch.Tensor):
+        eps = torch.randn(len(rows), self.mu.shape[1], generator=self.generator)
+        z = self.mu[rows] + self.noise * self.sigma[rows] * eps
+        loss = torch.nn.functional.mse_loss(self.head(z, self.condition[rows]), self.standardised[rows])
+        return loss, {}
+
+    def evaluate(self, batches) -> dict[str, float]:
+        metrics = lattice_errors(head_parameters(self.head, self.val), self.val.lattice)
+        return {"loss": metrics["lattice_mae_angstrom"], **metrics}
+
+    def final_model(self) -> torch.nn.Module:
+        return self.head
+
+
 def train_lattice_head(
     train: Posterior,
     val: Posterior,
@@ -131,42 +183,43 @@ def train_lattice_head(
 ) -> tuple[LatticeHead, dict[str, float]]:
     """Train a :class:`LatticeHead` with MSE on standardised targets; the best validation epoch wins.
 
-    Each step draws z = mu + ``noise`` * sigma * eps from the training posteriors. Returns the
-    head and its validation metrics (:func:`lattice_errors` at z = mu, plus ``epoch``).
+    Runs through :func:`~crystaloop.generative.train.fit.fit` (AdamW, a per-epoch cosine down to
+    lr/50, no checkpoint files). Each step draws z = mu + ``noise`` * sigma * eps from the
+    training posteriors. Returns the head and its validation metrics (:func:`lattice_errors` at
+    z = mu, plus ``epoch``).
     """
+    from crystaloop.generative.train.config import OptimConfig
+    from crystaloop.generative.train.fit import fit
+
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     head = LatticeHead(train.mu.shape[1], hidden)
-    targets = LatticeHead.targets(torch.from_numpy(train.lattice))
-    head.target_mean.copy_(targets.mean(dim=0))
-    head.target_std.copy_(targets.std(dim=0).clamp_min(1e-6))
-    standardised = (targets - head.target_mean) / head.target_std
-    mu = torch.from_numpy(train.mu).float()
-    sigma = torch.exp(0.5 * torch.from_numpy(train.logvar).float())
-    condition = torch.from_numpy(train.condition).float()
-    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs, eta_min=lr / 50)
-    best, best_state = None, None
-    for epoch in range(epochs):
-        head.train()
-        order = torch.randperm(len(mu), generator=generator)
-        for start in range(0, len(mu), batch_size):
-            rows = order[start : start + batch_size]
-            z = mu[rows] + noise * sigma[rows] * torch.randn(len(rows), mu.shape[1], generator=generator)
-            loss = torch.nn.functional.mse_loss(head(z, condition[rows]), standardised[rows])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        schedule.step()
-        metrics = lattice_errors(head_parameters(head, val), val.lattice)
-        if best is None or metrics["lattice_mae_angstrom"] < best["lattice_mae_angstrom"]:
-            best = {**metrics, "epoch": epoch + 1}
-            best_state = {k: v.clone() for k, v in head.state_dict().items()}
-        if progress is not None:
-            progress(epoch + 1, epochs)
-    head.load_state_dict(best_state)
+    task = LatticeHeadTask(head, train, val, noise, generator)
+    optim = OptimConfig(
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        patience=epochs,  # no early stop: every epoch is validated, the best one is kept
+        seed=seed,
+        grad_clip=None,
+        schedule="cosine",
+    )
+    state = fit(
+        task,
+        PosteriorBatches(len(task.mu), batch_size, generator),
+        [],
+        optim,
+        device=torch.device("cpu"),
+        optimizer="adamw",
+        schedule_unit="epoch",
+        final_lr_divisor=50,
+        progress=False,
+        on_epoch=(lambda s: progress(s.epoch, epochs)) if progress is not None else None,
+    )
     head.eval()
-    return head, best
+    best = {k: v for k, v in state.best_metrics.items() if k != "loss"}
+    return head, {**best, "epoch": state.best_epoch}
 
 
 def checkpoint_sha256(path: Path) -> str:

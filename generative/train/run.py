@@ -32,7 +32,7 @@ from crystaloop.generative.train.data import (
     load_records,
     perturbed_copies,
 )
-from crystaloop.generative.train.loop import TrainState, fit, pick_device, seed_everything
+from crystaloop.generative.train.fit import TrainState, fit, pick_device, seed_everything
 from crystaloop.generative.train.tasks import (
     CGCNNTask,
     UNetTask,
@@ -213,7 +213,8 @@ def train_vae(config: VAETrainConfig, database, run_dir: Path, *, resume=False, 
     weights = VAELossWeights(
         config.alpha, config.beta, config.gamma, config.property_weight, config.species_weight
     )
-    extra = _extra(config, data_hash, train, val, unet=unet_ref)
+    # the element list the decoder chooses from when the VAE has no species head
+    extra = _extra(config, data_hash, train, val, unet=unet_ref, elements=list(elements))
     train_set = VoxelDataset(
         train, properties, grid=config.data.grid, augment=config.data.augment, representation=m.representation
     )

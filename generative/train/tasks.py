@@ -1,4 +1,4 @@
-"""Model-specific training tasks for :func:`crystaloop.generative.train.loop.fit`."""
+"""Model-specific training tasks for :func:`crystaloop.generative.train.fit.fit`."""
 
 from __future__ import annotations
 
@@ -192,7 +192,11 @@ def graph_collate(items: Sequence[tuple[CrystalGraph, np.ndarray, np.ndarray]]):
 
 
 class CGCNNTask:
-    """Multi-property regression with masks for missing labels (normalised targets)."""
+    """Multi-property regression with masks for missing labels (normalised targets).
+
+    A batch is ``(graphs, labels, presence)`` or, with sample weights, ``(graphs, labels,
+    presence, weights (B, 1))``: the loss is then the weighted mean over present labels.
+    """
 
     def __init__(self, model: CGCNN, device: torch.device) -> None:
         self.model, self.device = model.to(device), device
@@ -204,10 +208,16 @@ class CGCNNTask:
         return self.model.parameters()
 
     def _loss(self, batch):
-        graphs, values, present = batch
+        graphs, values, present, *weights = batch
         graphs: GraphBatch = graphs.to(self.device)
         values, present = values.to(self.device), present.to(self.device)
         prediction = self.model(graphs)
+        if weights:
+            weight = weights[0].to(self.device)
+            normalised = (torch.nan_to_num(values) - self.model.target_mean) / self.model.target_std
+            error = (prediction - normalised) ** 2 * present * weight
+            loss = error.sum() / (present * weight).sum().clamp_min(1e-8)
+            return loss, prediction, values, present
         targets = (values - self.model.target_mean) / self.model.target_std
         return masked_mse(prediction, targets, present), prediction, values, present
 

@@ -23,10 +23,11 @@ import numpy as np
 from pymatgen.core import Element, Structure
 
 from crystaloop.generative.data.prototypes import Prototype
+from crystaloop.generative.decoders.base import to_structure
+from crystaloop.generative.decoders.watershed import segment
 from crystaloop.generative.measures import matched_site_errors
 from crystaloop.generative.radii import ionic_radius
 from crystaloop.generative.representation import lattice_from_coordinates, voxelize
-from crystaloop.generative.segmentation import segment, to_structure
 from crystaloop.loop.bench.targets import ROUNDTRIP, ROUNDTRIP_SPEED_MS, met
 
 CLASSES = ("rocksalt", "cscl", "zincblende", "perovskite", "heusler")

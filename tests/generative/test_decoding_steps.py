@@ -7,9 +7,9 @@ import numpy as np
 import torch
 from pymatgen.core import Lattice, Structure
 
-from crystaloop.generative.decode import upsample
+from crystaloop.generative.decoders.pursuit import element_table, pursuit_sites
+from crystaloop.generative.decoders.watershed import upsample
 from crystaloop.generative.representation import site_channels, sites_from_channels, voxelize
-from crystaloop.generative.segmentation import element_table, pursuit_sites
 
 # K+ (Z 19, r 1.52 A) and Se2- (Z 34, r 1.84 A): eq. 1 peak heights within 1 % of each other
 K, SE = 19, 34

@@ -85,12 +85,20 @@ def test_gpu_rotation_matches_the_cpu_augmentation():
     import numpy as np
     from pymatgen.core import Lattice
 
-    from crystaloop.generative.representation import _rotate_array, _rotated_lattice, cube_rotations
+    from crystaloop.generative.representation import (
+        _rotate_array,
+        _rotated_lattice,
+        coordinate_channels,
+        cube_rotations,
+    )
 
     spec = importlib.util.spec_from_file_location("gpu_trainer", SCRIPT)
     gpu = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu)
-    assert gpu.cube_rotations() == [tuple(map(tuple, r)) for r in cube_rotations()]
+    # the trainer imports the package (no module patching) and uses its own rotations and
+    # coordinate channels, not copies of them
+    assert gpu.cube_rotations is cube_rotations and gpu.coordinate_channels is coordinate_channels
+    assert "sys.modules" not in SCRIPT.read_text()
 
     lattice = Lattice.from_parameters(4.1, 5.3, 6.7, 80, 95, 110)
     batch = 120

@@ -7,7 +7,7 @@ import math
 import torch
 
 from crystaloop.generative.train.config import OptimConfig
-from crystaloop.generative.train.loop import _scheduler, _stretch_cosine
+from crystaloop.generative.train.fit import _scheduler, _stretch_cosine
 
 
 def _run(optimizer, scheduler, steps: int) -> list[float]:
@@ -27,10 +27,10 @@ def test_a_cosine_resumed_with_twice_the_epochs_follows_the_longer_cosine():
 
     longer = OptimConfig(epochs=2, lr=1.0, schedule="cosine")
     second = torch.optim.Adam([weight], lr=1.0)
-    resumed = _scheduler(second, longer, 10)
+    resumed = _scheduler(second, longer, 20)  # 2 epochs of 10 steps
     second.load_state_dict(first.state_dict())
     resumed.load_state_dict(short.state_dict())
-    _stretch_cosine(resumed, longer, 10)
+    _stretch_cosine(resumed, longer, 20)
     expected = [0.01 + 0.99 * (1 + math.cos(math.pi * t / 20)) / 2 for t in range(10, 21)]
     assert all(
         math.isclose(a, b, rel_tol=1e-6) for a, b in zip(_run(second, resumed, 10), expected, strict=True)

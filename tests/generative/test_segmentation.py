@@ -8,10 +8,11 @@ from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Lattice, Structure
 
 from crystaloop.generative.data.prototypes import Prototype
+from crystaloop.generative.decoders.base import Site, to_structure
+from crystaloop.generative.decoders.watershed import periodic_label, segment
 from crystaloop.generative.measures import matched_site_errors
 from crystaloop.generative.radii import ionic_radius
 from crystaloop.generative.representation import lattice_from_coordinates, voxelize
-from crystaloop.generative.segmentation import Site, periodic_label, segment, to_structure
 
 
 def _assert_exact_round_trip(structure: Structure, grid: int = 32, **kwargs) -> Structure:

@@ -33,6 +33,8 @@ def test_manifest_lists_every_kind_with_its_provenance():
         assert re.fullmatch(r"[0-9a-f]{16}", entry["dataset_hash"])
         assert entry["torch_version"] and entry["metrics"] and entry["config"]
     assert total < 50 * 2**20
+    # the package ships only what the manifest lists; other checkpoints are rebuilt from configs
+    assert {p.name for p in CHECKPOINT_DIR.glob("*.pt")} == {e["file"] for e in ENTRIES.values()}
 
 
 @pytest.fixture(scope="module")

@@ -90,7 +90,7 @@ def test_decoder_masks_the_species_head_to_the_allowed_elements():
         decoder.structures_from_maps(
             torch.from_numpy(channels)[None], coords, keep=keep, species_logits=logits
         )[0][0]
-        for keep in (None, decoder._class_filter(["Na", "Cl"]))
+        for keep in (None, decoder.allowed_atomic_numbers(["Na", "Cl"]))
     )
     assert sorted(site.specie.Z for site in free) == [CL, K]
     assert sorted(site.specie.Z for site in masked) == [NA, CL]
