@@ -38,13 +38,13 @@ def bench_oracle(
     from rich.table import Table
 
     from crystaloop.cli._common import console
-    from crystaloop.loop.bench.oracle import fit_document, run_oracle, summarise_oracle, write_fits
-    from crystaloop.loop.bench.presets import compound_structure, load_testset
     from crystaloop.dft.espresso.inputs import load_preset
     from crystaloop.dft.espresso.run import pw_available
     from crystaloop.dft.magnetism import check_orderings
     from crystaloop.dft.pseudos import family_from_settings
     from crystaloop.errors import UserError
+    from crystaloop.loop.bench.oracle import fit_document, run_oracle, summarise_oracle, write_fits
+    from crystaloop.loop.bench.presets import compound_structure, load_testset
     from crystaloop.settings import get_settings
 
     if fmt not in ("table", "json"):

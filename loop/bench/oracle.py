@@ -21,9 +21,9 @@ import numpy as np
 import yaml
 from pymatgen.core import Composition
 
-from crystaloop.loop.bench.presets import PresetResult, compound_structure, load_testset, run_compound
 from crystaloop.dft.corrections import AnionCorrection, fit_anion_corrections
 from crystaloop.dft.magnetism import magnetic_sites
+from crystaloop.loop.bench.presets import PresetResult, compound_structure, load_testset, run_compound
 from crystaloop.loop.bench.targets import ORACLE
 
 #: Classes whose compounds the anion constants are fitted on.
