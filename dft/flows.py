@@ -18,9 +18,7 @@ from crystaloop.dft.schemas import ElementReference, FormationEnergyDocument, QE
 Engine = Literal["espresso", "surrogate"]
 
 
-def formation_energy_per_atom(
-    structure: Structure, energy: float, references: dict[str, float]
-) -> float:
+def formation_energy_per_atom(structure: Structure, energy: float, references: dict[str, float]) -> float:
     """``(E - sum_i n_i mu_i) / N`` in eV/atom; ``energy`` in eV, ``references`` in eV/atom."""
     comp = structure.composition
     reference_total = sum(amount * references[el.symbol] for el, amount in comp.element_composition.items())
@@ -84,7 +82,13 @@ def formation_energy_job(
             **cutoffs,
         )
     raw = formation_energy_per_atom(task.final_structure, task.energy, energies)
-    anion = AnionCorrection(correction["label"], dict(correction["values"])) if correction else NO_CORRECTION
+    anion = (
+        AnionCorrection(
+            correction["label"], dict(correction["values"]), metals=dict(correction.get("metals") or {})
+        )
+        if correction
+        else NO_CORRECTION
+    )
     shift = anion.per_atom(task.final_structure.composition)
     label = anion.label if anion.anions(task.final_structure.composition) else "none"
     value = raw + shift
@@ -166,9 +170,7 @@ class FormationEnergyFlow(Flow):
         if magnetic_orderings and engine == "espresso" and tuple(magnetic_orderings) != ("fm",):
             self.overrides["magnetic_orderings"] = list(check_orderings(magnetic_orderings))
         self.relax_maker = relax_maker or _default_relax_maker(engine, preset, self.overrides)
-        self.reference_maker = reference_maker or _default_reference_maker(
-            engine, preset, self.overrides
-        )
+        self.reference_maker = reference_maker or _default_reference_maker(engine, preset, self.overrides)
         if pw_command and engine == "espresso":
             self.relax_maker = replace(self.relax_maker, pw_command=pw_command)
             self.reference_maker = replace(self.reference_maker, pw_command=pw_command)
@@ -220,7 +222,7 @@ class FormationEnergyFlow(Flow):
             found = correction_for(family_from_settings(), load_preset(self.preset).label)
         except UserError:
             return None
-        return {"label": found.label, "values": found.values} if found else None
+        return {"label": found.label, "values": found.values, "metals": found.metals} if found else None
 
     def _cached(self, element: str, compound_elements: list[str]) -> ElementReference | None:
         from crystaloop.errors import UserError

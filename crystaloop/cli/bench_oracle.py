@@ -29,7 +29,7 @@ def bench_oracle(
     fit: Path = typer.Option(
         None,
         "--fit",
-        help="Write the fitted anion constants to this YAML (the shipped file: dft/data/anion_corrections.yaml).",
+        help="Write the fitted constants to this YAML (the shipped file: dft/data/anion_corrections.yaml).",
     ),
     output: Path = output_option("Write the summary as JSON here."),
     fmt: str = typer.Option("table", "--format", help="table or json."),
@@ -80,9 +80,10 @@ def bench_oracle(
         return
     for preset, block in summary["presets"].items():
         values = ", ".join(f"{x} {v:+.3f}" for x, v in block["fit"]["values"].items()) or "none"
+        metals = ", ".join(f"{m} {v:+.3f}" for m, v in block["fit"]["metals"].items()) or "none"
         table = Table(
             title=f"{preset}, family {family.name}: E_f in eV/atom (experiment: {summary['source']}); "
-            f"anion constants per anion atom: {values}"
+            f"constants per anion atom: {values}; per metal atom in oxides and fluorides: {metals}"
         )
         for column in (
             "compound",
@@ -118,8 +119,8 @@ def bench_oracle(
         mae = block["mae"]
         console.print(
             f"MAE over {mae['all']['n']} compounds: raw {_f(mae['all']['raw'])}, corrected "
-            f"{_f(mae['all']['corrected'])} eV/atom; fit MAE {_f(block['fit']['mae'])}, "
-            f"leave-one-out {_f(block['fit']['loo_mae'])}",
+            f"{_f(mae['all']['corrected'])}, out of sample {_f(mae['all']['out_of_sample'])} eV/atom; "
+            f"fit MAE {_f(block['fit']['mae'])}, leave-one-out {_f(block['fit']['loo_mae'])}",
             highlight=False,
         )
         for cls, m in mae["by_class"].items():

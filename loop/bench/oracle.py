@@ -4,7 +4,8 @@ Every compound of the binary test set (``data/binary_testset.yaml``: oxides, flu
 nitrides, a carbide, a pnictide, an iodide and an intermetallic, each with its experimental
 formation enthalpy and source) is relaxed per preset through
 :func:`~crystaloop.loop.bench.presets.run_compound`, magnetic ones in both orderings
-(:mod:`crystaloop.dft.magnetism`). The anion constants are fitted on the oxides and fluorides
+(:mod:`crystaloop.dft.magnetism`). The anion constants are fitted on the oxides, fluorides and nitrides,
+the d-metal constants on the oxides and fluorides of those metals
 (:func:`~crystaloop.dft.corrections.fit_anion_corrections`) and applied to every compound.
 Per (compound, preset) the relaxation is kept as JSON, so a rerun resumes.
 """
@@ -21,13 +22,13 @@ import numpy as np
 import yaml
 from pymatgen.core import Composition
 
-from crystaloop.dft.corrections import AnionCorrection, fit_anion_corrections
+from crystaloop.dft.corrections import fit_anion_corrections
 from crystaloop.dft.magnetism import magnetic_sites
 from crystaloop.loop.bench.presets import PresetResult, compound_structure, load_testset, run_compound
 from crystaloop.loop.bench.targets import ORACLE
 
 #: Classes whose compounds the anion constants are fitted on.
-FIT_CLASSES = ("oxide", "fluoride")
+FIT_CLASSES = ("oxide", "fluoride", "nitride")
 TARGET_MAE = ORACLE["corrected_mae_ev"]
 NIO_EXPERIMENT = ORACLE["nio_experiment_ev"]
 NIO_TOLERANCE = ORACLE["nio_tolerance_ev"]
@@ -82,7 +83,7 @@ def summarise_oracle(results: list[PresetResult]) -> dict[str, Any]:
             if compounds[r.compound]["class"] in FIT_CLASSES
         ]
         fit = fit_anion_corrections(fit_rows)
-        correction = AnionCorrection("fit", fit.values)
+        correction = fit.correction()
         loo = {row["formula"]: row["loo_predicted"] for row in fit.rows}
         rows = []
         for r in results:
@@ -102,6 +103,9 @@ def summarise_oracle(results: list[PresetResult]) -> dict[str, Any]:
                     "experiment": spec["exp_ef"],
                     "raw_error": None if raw is None else raw - spec["exp_ef"],
                     "error": None if corrected is None else corrected - spec["exp_ef"],
+                    "loo_error": None
+                    if corrected is None
+                    else _held_out(loo, r.compound, corrected) - spec["exp_ef"],
                     "sign_error": corrected is not None and corrected * spec["exp_ef"] < 0,
                     "magnetic_ordering": r.magnetic_ordering,
                     "orderings": r.orderings or [],
@@ -115,6 +119,7 @@ def summarise_oracle(results: list[PresetResult]) -> dict[str, Any]:
         out["presets"][preset] = {
             "fit": {
                 "values": fit.values,
+                "metals": fit.metals,
                 "compounds": [row[0] for row in fit_rows],
                 "mae": fit.mae if fit.rows else None,
                 "loo_mae": fit.loo_mae,
@@ -126,8 +131,18 @@ def summarise_oracle(results: list[PresetResult]) -> dict[str, Any]:
     return out
 
 
+def _held_out(loo: dict[str, float | None], compound: str, corrected: float) -> float:
+    """The compound's leave-one-out prediction, or its corrected value where it has none."""
+    predicted = loo.get(Composition(compound).reduced_formula)
+    return corrected if predicted is None else predicted
+
+
 def _maes(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """MAE (eV/atom) raw and corrected, over all done compounds and per class."""
+    """MAE (eV/atom) raw, corrected and out of sample, over all done compounds and per class.
+
+    Out of sample is each fitted compound's leave-one-out prediction (the corrected value for
+    a compound the fit did not use, or could not leave out).
+    """
     done = [r for r in rows if r["corrected"] is not None]
 
     def mae(subset, key):
@@ -135,7 +150,12 @@ def _maes(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
     classes = sorted({r["class"] for r in done})
     return {
-        "all": {"n": len(done), "raw": mae(done, "raw_error"), "corrected": mae(done, "error")},
+        "all": {
+            "n": len(done),
+            "raw": mae(done, "raw_error"),
+            "corrected": mae(done, "error"),
+            "out_of_sample": mae(done, "loo_error"),
+        },
         "by_class": {
             c: {
                 "n": len([r for r in done if r["class"] == c]),
@@ -185,7 +205,8 @@ def fit_document(summary: dict[str, Any], family) -> dict[str, Any]:
                 "family": family.name,
                 "preset": load_preset(preset).label,
                 "values": {x: round(v, 4) for x, v in values.items()},
-                "md5": {x: family.pseudopotentials[x].md5 for x in values},
+                "metals": {m: round(v, 4) for m, v in block["fit"]["metals"].items()},
+                "md5": {x: family.pseudopotentials[x].md5 for x in [*values, *block["fit"]["metals"]]},
                 "fitted_on": block["fit"]["compounds"],
                 "mae": _round(block["fit"]["mae"]),
                 "loo_mae": _round(block["fit"]["loo_mae"]),
@@ -214,8 +235,9 @@ def write_fits(document: dict[str, Any], path: Path) -> None:
         if (f["family"], f["preset"]) not in {(n["family"], n["preset"]) for n in document["fits"]}
     ]
     header = (
-        "# Fitted anion corrections (eV per anion atom), written by 'crystaloop bench oracle --fit'.\n"
-        "# E_f(corrected) = E_f(raw) + c_X * n_X / N, for the family's files with these md5s.\n"
+        "# Fitted corrections, written by 'crystaloop bench oracle --fit': values are eV per anion atom,\n"
+        "# metals eV per metal atom in an oxide or fluoride, for the family's files with these md5s:\n"
+        "# E_f(corrected) = E_f(raw) + sum_X c_X * n_X / N + sum_M c_M * n_M / N\n"
     )
     path.write_text(header + yaml.safe_dump({"fits": kept + document["fits"]}, sort_keys=False))
 

@@ -7,6 +7,7 @@ import yaml
 
 from crystaloop.dft.corrections import AnionCorrection, correction_for, fit_anion_corrections
 from crystaloop.dft.hull import FormationHull, HullPhase
+from crystaloop.errors import UserError
 
 
 def test_the_fit_recovers_the_constants_that_made_the_data():
@@ -16,7 +17,7 @@ def test_the_fit_recovers_the_constants_that_made_the_data():
     # raw = experiment - shift, plus a residual that the fit must not absorb into the mean
     noise = {"MgO": 0.02, "Al2O3": -0.02, "NiO": 0.0, "LiF": 0.01, "NiF2": -0.01, "AgF": 0.0}
     rows = [(f, e - made.per_atom(f) + noise[f], e) for f, e in experiment.items()]
-    fit = fit_anion_corrections(rows)
+    fit = fit_anion_corrections(rows, metals=())
     assert fit.values["O"] == pytest.approx(-0.70, abs=0.02)
     assert fit.values["F"] == pytest.approx(-0.45, abs=0.02)
     assert fit.mae < 0.02
@@ -26,10 +27,35 @@ def test_the_fit_recovers_the_constants_that_made_the_data():
 
 
 def test_leave_one_out_skips_a_compound_whose_anion_has_no_other_data():
-    fit = fit_anion_corrections([("MgO", -2.7, -3.11), ("NiO", -0.9, -1.24), ("AgF", -0.8, -1.06)])
+    fit = fit_anion_corrections([("MgO", -2.7, -3.11), ("NiO", -0.9, -1.24), ("AgF", -0.8, -1.06)], metals=())
     by = {r["formula"]: r for r in fit.rows}
     assert by["AgF"]["loo_predicted"] is None
     assert by["MgO"]["loo_predicted"] is not None
+
+
+def test_metal_constants_apply_in_oxides_and_fluorides_only():
+    correction = AnionCorrection("test", {"O": -0.4, "N": -0.3}, metals={"Ni": -0.8})
+    assert correction.per_atom("NiO") == pytest.approx((-0.4 - 0.8) / 2)
+    assert correction.terms("NiO") == pytest.approx({"O": -0.2, "Ni": -0.4})
+    assert correction.per_atom("Ni3N") == pytest.approx(-0.3 / 4)  # no O or F: no metal term
+    assert correction.per_atom("NiAl") == 0.0
+    assert correction.per_atom("Ni") == 0.0
+
+
+def test_the_fit_separates_anion_and_metal_constants_and_refuses_what_it_cannot():
+    made = AnionCorrection("truth", {"O": -0.4, "F": -0.3}, metals={"Ni": -0.8, "Fe": -0.6})
+    experiment = {
+        "MgO": -3.11, "SiO2": -3.15, "AgF": -1.06, "LiF": -3.19, "NiO": -1.24,
+        "NiF2": -2.25, "FeO": -1.41, "Fe2O3": -1.71, "FeF2": -2.46,
+    }  # fmt: skip
+    rows = [(f, e - made.per_atom(f), e) for f, e in experiment.items()]
+    fit = fit_anion_corrections(rows)
+    assert fit.values == pytest.approx({"O": -0.4, "F": -0.3}, abs=1e-6)
+    assert fit.metals == pytest.approx({"Fe": -0.6, "Ni": -0.8}, abs=1e-6)
+    assert fit.mae < 1e-6 and fit.loo_mae < 1e-6
+    # NiO alone cannot tell the O constant from the Ni one
+    with pytest.raises(UserError, match="cannot separate"):
+        fit_anion_corrections([("NiO", -0.65, -1.24)])
 
 
 def test_the_constant_applies_to_the_anion_only():
