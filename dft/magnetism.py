@@ -57,20 +57,20 @@ def magnetic_sites(structure: Structure) -> list[int]:
     return [i for i, site in enumerate(structure) if site.specie.symbol in MAGNETIC_ELEMENTS]
 
 
+def _shortest(structure: Structure, sites: list[int], others: list[int]) -> float | None:
+    """The shortest distance (within 4 Å) from one of ``sites`` to one of ``others``."""
+    distances = (
+        n.nn_distance for i in sites for n in structure.get_neighbors(structure[i], 4.0) if n.index in others
+    )
+    return min(distances, default=None)
+
+
 def _bridges(structure: Structure, sites: list[int]) -> list[tuple[int, int, tuple[int, ...], float]]:
     """``(i, j, image of j relative to i, weight)`` for every exchange path between magnetic sites."""
     anions = [i for i, s in enumerate(structure) if s.specie.symbol in ANIONS and i not in sites]
     paths: list[tuple[int, int, tuple[int, ...], float]] = []
     if anions:
-        bond = min(
-            (
-                n.nn_distance
-                for i in sites
-                for n in structure.get_neighbors(structure[i], 4.0)
-                if n.index in anions
-            ),
-            default=None,
-        )
+        bond = _shortest(structure, sites, anions)
         if bond is None:
             return paths
         cutoff = bond * BOND_TOLERANCE
@@ -89,15 +89,7 @@ def _bridges(structure: Structure, sites: list[int]) -> list[tuple[int, int, tup
                     # ``j.image`` is j's translation from its own site in the cell
                     paths.append((i, j.index, tuple(int(a) for a in j.image), -cos))
         return paths
-    nearest = min(
-        (
-            n.nn_distance
-            for i in sites
-            for n in structure.get_neighbors(structure[i], 4.0)
-            if n.index in sites
-        ),
-        default=None,
-    )
+    nearest = _shortest(structure, sites, sites)
     if nearest is None:
         return paths
     for i in sites:

@@ -38,13 +38,10 @@ def bench_oracle(
     from rich.table import Table
 
     from crystaloop.cli._common import console
-    from crystaloop.dft.espresso.inputs import load_preset
-    from crystaloop.dft.espresso.run import pw_available
     from crystaloop.dft.magnetism import check_orderings
-    from crystaloop.dft.pseudos import family_from_settings
     from crystaloop.errors import UserError
     from crystaloop.loop.bench.oracle import fit_document, run_oracle, summarise_oracle, write_fits
-    from crystaloop.loop.bench.presets import compound_structure, load_testset
+    from crystaloop.loop.bench.presets import select_runs
     from crystaloop.settings import get_settings
 
     if fmt not in ("table", "json"):
@@ -53,19 +50,7 @@ def bench_oracle(
         chosen = check_orderings(o.strip() for o in orderings.split(",") if o.strip())
     except ValueError as exc:
         raise UserError(f"{exc} (--magnetic-orderings)") from None
-    testset = load_testset()["compounds"]
-    names = [c.strip() for c in compounds.split(",") if c.strip()] if compounds else list(testset)
-    unknown = sorted(set(names) - set(testset))
-    if unknown:
-        raise UserError(f"unknown compounds {', '.join(unknown)}; choose from {', '.join(testset)}")
-    preset_names = [p.strip() for p in presets.split(",") if p.strip()]
-    for name in preset_names:
-        load_preset(name)
-    if not pw_available():
-        raise UserError("pw.x not found; install quantum-espresso or set CRYSTALOOP_PW_COMMAND")
-    family = family_from_settings()
-    for name in names:
-        family.require(compound_structure(testset[name]))
+    names, preset_names, family = select_runs(compounds, presets)
     folder = out_dir or get_settings().data_dir / "bench" / "oracle"
     results = run_oracle(
         names, preset_names, folder, orderings=chosen, log=lambda m: console.print(m, highlight=False)

@@ -30,29 +30,14 @@ def bench_presets(
     from rich.table import Table
 
     from crystaloop.cli._common import console
-    from crystaloop.dft.espresso.inputs import load_preset
-    from crystaloop.dft.espresso.run import pw_available
-    from crystaloop.dft.pseudos import family_from_settings
     from crystaloop.errors import UserError
-    from crystaloop.loop.bench.presets import compound_structure, load_testset, run_bench, summarise
+    from crystaloop.loop.bench.presets import run_bench, select_runs, summarise
     from crystaloop.loop.bench.targets import PRESETS
     from crystaloop.settings import get_settings
 
     if fmt not in ("table", "json"):
         raise UserError(f"unknown format '{fmt}'; choose table or json")
-    testset = load_testset()["compounds"]
-    names = [c.strip() for c in compounds.split(",") if c.strip()] if compounds else list(testset)
-    unknown = sorted(set(names) - set(testset))
-    if unknown:
-        raise UserError(f"unknown compounds {', '.join(unknown)}; choose from {', '.join(testset)}")
-    preset_names = [p.strip() for p in presets.split(",") if p.strip()]
-    for name in preset_names:
-        load_preset(name)
-    if not pw_available():
-        raise UserError("pw.x not found; install quantum-espresso or set CRYSTALOOP_PW_COMMAND")
-    family = family_from_settings()
-    for name in names:
-        family.require(compound_structure(testset[name]))
+    names, preset_names, family = select_runs(compounds, presets)
     folder = out_dir or get_settings().data_dir / "bench" / "presets"
     results = run_bench(names, preset_names, folder, log=lambda m: console.print(m, highlight=False))
     summary = summarise(results)
@@ -61,18 +46,41 @@ def bench_presets(
     if fmt == "json":
         print(json.dumps(summary, indent=2))
         return
-    table = Table(title=f"binary test set, family {family.name} (E_f in eV/atom; experiment: {summary['source']})")
-    for column in ("compound", "preset", "state", "cutoffs (Ry)", "E_f", "E_f exp", "E_f - exp",
-                   "E_f - standard", "a (Å)", "a exp", "a err (%)", "pw.x (s)"):
+    table = Table(
+        title=f"binary test set, family {family.name} (E_f in eV/atom; experiment: {summary['source']})"
+    )
+    for column in (
+        "compound",
+        "preset",
+        "state",
+        "cutoffs (Ry)",
+        "E_f",
+        "E_f exp",
+        "E_f - exp",
+        "E_f - standard",
+        "a (Å)",
+        "a exp",
+        "a err (%)",
+        "pw.x (s)",
+    ):
         table.add_column(column)
     for row in summary["rows"]:
         cut = "-" if row["ecutwfc"] is None else f"{row['ecutwfc']:g}/{row['ecutrho']:g}"
         if row["below_suggested_cutoffs"]:
             cut += " (below)"
         table.add_row(
-            row["compound"], row["preset"], row["state"], cut, _f(row["formation_energy"]),
-            _f(row["exp_ef"]), _f(row["ef_minus_exp"]), _f(row["ef_minus_standard"]),
-            _f(row["a"]), _f(row["exp_a"]), _f(row["a_error_pct"], ".2f"), _f(row["pw_time_s"], ".0f"),
+            row["compound"],
+            row["preset"],
+            row["state"],
+            cut,
+            _f(row["formation_energy"]),
+            _f(row["exp_ef"]),
+            _f(row["ef_minus_exp"]),
+            _f(row["ef_minus_standard"]),
+            _f(row["a"]),
+            _f(row["exp_a"]),
+            _f(row["a_error_pct"], ".2f"),
+            _f(row["pw_time_s"], ".0f"),
         )
     console.print(table)
     console.print(

@@ -153,7 +153,9 @@ def run_case(
 
         from crystaloop.db.connection import resolve_uri
 
-        lp_file.write_text(yaml.safe_dump({"host": resolve_uri(settings), "name": settings.database, "uri_mode": True}))
+        lp_file.write_text(
+            yaml.safe_dump({"host": resolve_uri(settings), "name": settings.database, "uri_mode": True})
+        )
         jf_file.write_text(yaml.safe_dump(backends.worker_jobflow_config(settings)))
         fw_file.write_text(yaml.safe_dump({"PING_TIME_SECS": 1}))
         env = {**os.environ, "JOBFLOW_CONFIG_FILE": str(jf_file), "FW_CONFIG_FILE": str(fw_file)}
@@ -315,8 +317,15 @@ def run_cases(
             try:
                 rows.append(
                     run_case(
-                        backend, count, jobs=jobs, job_s=job_s, kill_share=kill_share, poll_s=poll_s,
-                        folder=scratch / f"{backend}-{count}", database=database, settings=settings,
+                        backend,
+                        count,
+                        jobs=jobs,
+                        job_s=job_s,
+                        kill_share=kill_share,
+                        poll_s=poll_s,
+                        folder=scratch / f"{backend}-{count}",
+                        database=database,
+                        settings=settings,
                     )  # fmt: skip
                 )
             finally:

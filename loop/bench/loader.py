@@ -97,7 +97,11 @@ def measure_loaders(records, *, batch_size: int, batches: int) -> tuple[list[Thr
     for workers in (0, 2):
         results.append(
             loader_throughput(
-                f"on the fly, {workers} workers", fly, batch_size=batch_size, num_workers=workers, batches=batches
+                f"on the fly, {workers} workers",
+                fly,
+                batch_size=batch_size,
+                num_workers=workers,
+                batches=batches,
             )
         )
     with tempfile.TemporaryDirectory() as tmp:

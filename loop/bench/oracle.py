@@ -12,8 +12,6 @@ Per (compound, preset) the relaxation is kept as JSON, so a rerun resumes.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,8 +21,7 @@ import yaml
 from pymatgen.core import Composition
 
 from crystaloop.dft.corrections import fit_anion_corrections
-from crystaloop.dft.magnetism import magnetic_sites
-from crystaloop.loop.bench.presets import PresetResult, compound_structure, load_testset, run_compound
+from crystaloop.loop.bench.presets import PresetResult, load_testset, run_bench
 from crystaloop.loop.bench.targets import ORACLE
 
 #: Classes whose compounds the anion constants are fitted on.
@@ -32,11 +29,6 @@ FIT_CLASSES = ("oxide", "fluoride", "nitride")
 TARGET_MAE = ORACLE["corrected_mae_ev"]
 NIO_EXPERIMENT = ORACLE["nio_experiment_ev"]
 NIO_TOLERANCE = ORACLE["nio_tolerance_ev"]
-
-
-def result_path(out_dir: Path, compound: str, preset: str, afm: bool) -> Path:
-    """Where one relaxation's JSON lives; an antiferromagnetic trial has its own file."""
-    return out_dir / f"{compound}_{preset}{'_afm' if afm else ''}.json"
 
 
 def run_oracle(
@@ -47,23 +39,8 @@ def run_oracle(
     orderings: tuple[str, ...] = ("fm", "afm"),
     log=print,
 ) -> list[PresetResult]:
-    """Relax every (compound, preset) not yet in ``out_dir``; return all results."""
-    testset = load_testset()["compounds"]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results = []
-    for preset in presets:
-        for compound in compounds:
-            magnetic = bool(magnetic_sites(compound_structure(testset[compound])))
-            afm = magnetic and "afm" in orderings
-            path = result_path(out_dir, compound, preset, afm)
-            if path.is_file():
-                results.append(PresetResult(**json.loads(path.read_text())))
-                continue
-            log(f"relaxing {compound} with {preset}{' (fm and afm)' if afm else ''}")
-            result = run_compound(compound, preset, testset[compound], orderings if afm else ("fm",))
-            path.write_text(json.dumps(asdict(result), indent=2))
-            results.append(result)
-    return results
+    """Relax every (compound, preset) not yet in ``out_dir``, magnetic ones in ``orderings``."""
+    return run_bench(compounds, presets, out_dir, orderings=orderings, log=log)
 
 
 def _raw(result: PresetResult) -> float | None:

@@ -58,7 +58,9 @@ def compound_structure(spec: dict[str, Any]) -> Structure:
         if kind == "fcc":
             lattice = Lattice.cubic(value)
         sites = spec["sites"]
-        conventional = Structure.from_spacegroup(spec["spacegroup"], lattice, list(sites), list(sites.values()))
+        conventional = Structure.from_spacegroup(
+            spec["spacegroup"], lattice, list(sites), list(sites.values())
+        )
         return conventional.get_primitive_structure()
     return Structure(lattice, spec["species"], spec["coords"])
 
@@ -178,21 +180,64 @@ def _reference_pw_time(references) -> float:
     return total
 
 
+def select_runs(compounds: str | None, presets: str):
+    """Check a benchmark's ``--compounds`` and ``--presets`` options and that pw.x and the
+    family's files are there; return ``(names, preset_names, family)``.
+
+    Raises :class:`~crystaloop.errors.UserError` with one line for whatever is missing.
+    """
+    from crystaloop.dft.espresso.inputs import load_preset
+    from crystaloop.dft.espresso.run import pw_available
+    from crystaloop.dft.pseudos import family_from_settings
+    from crystaloop.errors import UserError
+
+    testset = load_testset()["compounds"]
+    names = [c.strip() for c in compounds.split(",") if c.strip()] if compounds else list(testset)
+    unknown = sorted(set(names) - set(testset))
+    if unknown:
+        raise UserError(f"unknown compounds {', '.join(unknown)}; choose from {', '.join(testset)}")
+    preset_names = [p.strip() for p in presets.split(",") if p.strip()]
+    for name in preset_names:
+        load_preset(name)
+    if not pw_available():
+        raise UserError("pw.x not found; install quantum-espresso or set CRYSTALOOP_PW_COMMAND")
+    family = family_from_settings()
+    for name in names:
+        family.require(compound_structure(testset[name]))
+    return names, preset_names, family
+
+
+def result_path(out_dir: Path, compound: str, preset: str, afm: bool = False) -> Path:
+    """Where one relaxation's JSON lives; an antiferromagnetic trial has its own file."""
+    return out_dir / f"{compound}_{preset}{'_afm' if afm else ''}.json"
+
+
 def run_bench(
-    compounds: list[str], presets: list[str], out_dir: Path, log=print
+    compounds: list[str],
+    presets: list[str],
+    out_dir: Path,
+    *,
+    orderings: tuple[str, ...] = ("fm",),
+    log=print,
 ) -> list[PresetResult]:
-    """Run every (compound, preset) not already in ``out_dir``; return all results there."""
+    """Run every (compound, preset) not already in ``out_dir``; return all results there.
+
+    With ``"afm"`` in ``orderings``, magnetic compounds are relaxed in both orderings.
+    """
+    from crystaloop.dft.magnetism import magnetic_sites
+
     testset = load_testset()["compounds"]
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for preset in presets:
         for compound in compounds:
-            path = out_dir / f"{compound}_{preset}.json"
+            afm = "afm" in orderings and bool(magnetic_sites(compound_structure(testset[compound])))
+            path = result_path(out_dir, compound, preset, afm)
             if path.is_file():
                 results.append(PresetResult(**json.loads(path.read_text())))
                 continue
-            log(f"relaxing {compound} with {preset}")
-            result = run_compound(compound, preset, testset[compound])
+            log(f"relaxing {compound} with {preset}{' (fm and afm)' if afm else ''}")
+            result = run_compound(compound, preset, testset[compound], orderings if afm else ("fm",))
             path.write_text(json.dumps(asdict(result), indent=2))
             results.append(result)
     return results

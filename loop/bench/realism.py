@@ -64,7 +64,9 @@ def conventional_a_c(structure: Structure) -> tuple[float, float]:
     """a and c (Å) of the conventional standard cell (hexagonal axes for trigonal cells)."""
     from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
-    lattice = SpacegroupAnalyzer(structure, symprec=decorate.SYMPREC).get_conventional_standard_structure().lattice
+    lattice = (
+        SpacegroupAnalyzer(structure, symprec=decorate.SYMPREC).get_conventional_standard_structure().lattice
+    )
     return lattice.a, lattice.c
 
 

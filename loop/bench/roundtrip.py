@@ -336,9 +336,7 @@ def by_prototype(results: Sequence[RoundTripResult]) -> dict[str, RoundTripSumma
     return out
 
 
-def result_document(
-    *, n: int, grid: int, seed: int, results: dict[str, Sequence[RoundTripResult]]
-) -> dict:
+def result_document(*, n: int, grid: int, seed: int, results: dict[str, Sequence[RoundTripResult]]) -> dict:
     """The JSON of ``bench representation --output``: the summary and the failed structures per variant."""
     from dataclasses import asdict
 

@@ -23,15 +23,25 @@ requires_pwx = pytest.mark.skipif(shutil.which("pw.x") is None, reason="pw.x is 
 
 
 @pytest.fixture
-def fake_settings(settings, monkeypatch, tmp_path):
-    """Settings (fresh DB, temp data_dir) using a copy of four local-family entries."""
-    pseudo_dir = tmp_path / "pseudo"
-    pseudo_dir.mkdir()
-    shutil.copyfile(FAKE_FAMILY, pseudo_dir / "family.yaml")
-    monkeypatch.setenv("CRYSTALOOP_PSEUDO_DIR", str(pseudo_dir))
+def family_settings(settings, monkeypatch, tmp_path):
+    """A function that points the settings (fresh DB, temp data_dir) at a copy of a family file."""
+
+    def use(family: Path):
+        pseudo_dir = tmp_path / "pseudo"
+        pseudo_dir.mkdir(exist_ok=True)
+        shutil.copyfile(family, pseudo_dir / "family.yaml")
+        monkeypatch.setenv("CRYSTALOOP_PSEUDO_DIR", str(pseudo_dir))
+        get_settings.cache_clear()
+        return get_settings()
+
+    yield use
     get_settings.cache_clear()
-    yield get_settings()
-    get_settings.cache_clear()
+
+
+@pytest.fixture
+def fake_settings(family_settings):
+    """Settings using a copy of four local-family entries."""
+    return family_settings(FAKE_FAMILY)
 
 
 @pytest.fixture

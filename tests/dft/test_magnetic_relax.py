@@ -5,7 +5,6 @@ antiferromagnetic 4-atom cell, pw.x 6.7 with the local family's Ni and O files).
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,6 @@ from pymatgen.core import Lattice, Structure
 from crystaloop.dft.backends import run_local
 from crystaloop.dft.espresso.jobs import QERelaxMaker
 from crystaloop.dft.flows import formation_energy_job
-from crystaloop.settings import get_settings
 
 FAMILY = Path(__file__).parent / "data" / "family_nio.yaml"
 RY = 13.605693122994
@@ -24,14 +22,8 @@ FM_RY, AFM_RY = -470.73092090, -941.49456000
 
 
 @pytest.fixture
-def nio_settings(settings, monkeypatch, tmp_path):
-    pseudo_dir = tmp_path / "pseudo"
-    pseudo_dir.mkdir()
-    shutil.copyfile(FAMILY, pseudo_dir / "family.yaml")
-    monkeypatch.setenv("CRYSTALOOP_PSEUDO_DIR", str(pseudo_dir))
-    get_settings.cache_clear()
-    yield get_settings()
-    get_settings.cache_clear()
+def nio_settings(family_settings):
+    return family_settings(FAMILY)
 
 
 def _nio() -> Structure:
@@ -71,7 +63,9 @@ def test_the_anion_correction_shifts_a_replayed_result_by_the_fitted_amount(fake
     fitted = formation_energy_job.original(
         task, references, record=False, correction={"label": "anion-fit:test", "values": {"O": -0.64}}
     )
-    assert raw.anion_correction == "none" and raw.formation_energy_per_atom == raw.formation_energy_per_atom_raw
+    assert (
+        raw.anion_correction == "none" and raw.formation_energy_per_atom == raw.formation_energy_per_atom_raw
+    )
     assert fitted.formation_energy_per_atom_raw == pytest.approx(raw.formation_energy_per_atom)
     assert fitted.anion_correction == "anion-fit:test"
     assert fitted.anion_correction_per_atom == pytest.approx(-0.32)  # one O in two atoms

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from crystaloop.dft.corrections import AnionCorrection
-from crystaloop.loop.bench.oracle import result_path, run_oracle, summarise_oracle, write_fits
-from crystaloop.loop.bench.presets import PresetResult, load_testset
+from crystaloop.loop.bench.oracle import run_oracle, summarise_oracle, write_fits
+from crystaloop.loop.bench.presets import PresetResult, load_testset, result_path
 
 TRUTH = AnionCorrection("truth", {"O": -0.40, "F": -0.30, "N": -0.25}, metals={"Fe": -0.6, "Ni": -0.8})
 
