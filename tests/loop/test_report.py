@@ -68,7 +68,7 @@ def test_the_report_says_where_the_time_went_and_why_a_round_found_nothing(datab
     store.finish_round("timed", 0, {})
     write_report(database, "timed", tmp_path)
     text = (tmp_path / "report.md").read_text()
-    assert "| 0 | 12.5 | - | - | 30.0 | - | - | 42.5 |" in text
+    assert "| 0 | 12.5 | - | - | - | 30.0 | - | - | 42.5 |" in text  # generate, filter, ..., harvest
     assert "| 0 | c1 | NaCl | successful | 41.0 |" in text
     assert "1 DFT runs, 41 s of engine time in all." in text
     assert (
