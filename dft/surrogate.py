@@ -180,9 +180,37 @@ class SurrogateElementReferenceMaker(SurrogateRelaxMaker):
     name: str = "surrogate element reference"
 
     @job(output_schema=ElementReference)
-    def make(self, element: str, structure: Structure | None = None) -> ElementReference:
-        """A Job returning the element's CHGNet reference energy (eV/atom)."""
+    def make(
+        self,
+        element: str,
+        structure: Structure | None = None,
+        compound_elements: list[str] | None = None,
+    ) -> ElementReference:
+        """A Job returning the element's CHGNet reference energy (eV/atom).
+
+        ``compound_elements`` keeps the interface of the pw.x Maker; CHGNet has no cutoffs to match.
+        """
         return run_surrogate_reference(self, element, structure)
+
+    def cached(
+        self,
+        element: str,
+        structure: Structure | None = None,
+        compound_elements: list[str] | None = None,
+    ) -> ElementReference | None:
+        """The element's reference from the ``element_references`` cache, or None (reads the database)."""
+        key = surrogate_reference_key(self.preset, structure)
+        hit = store.get_reference(element, "surrogate", key, None)
+        if hit is None:
+            return None
+        return ElementReference(
+            element=element,
+            engine="surrogate",
+            preset=key,
+            energy_per_atom=hit["energy_per_atom"],
+            task_id=hit["task_id"],
+            cached=True,
+        )
 
 
 def surrogate_reference_key(preset: str, structure: Structure | None = None) -> str:
@@ -196,17 +224,10 @@ def run_surrogate_reference(
     """Look up, or relax and cache, the CHGNet reference for ``element``."""
     from crystaloop.errors import UserError
 
-    key = surrogate_reference_key(maker.preset, structure)
-    cached = store.get_reference(element, "surrogate", key, None) if maker.record else None
+    cached = maker.cached(element, structure) if maker.record else None
     if cached is not None:
-        return ElementReference(
-            element=element,
-            engine="surrogate",
-            preset=key,
-            energy_per_atom=cached["energy_per_atom"],
-            task_id=cached["task_id"],
-            cached=True,
-        )
+        return cached
+    key = surrogate_reference_key(maker.preset, structure)
     ref_structure, calculation = reference_structure(element, structure)
     runner = SurrogateRelaxMaker(
         name=f"{maker.name} {element}",
