@@ -465,7 +465,9 @@ def pseudo_family(config: CampaignConfig):
     UserError
         If the family cannot be found or the configured one has another name.
     """
-    if config.dft.engine != "espresso":
+    from crystaloop.dft.engines import get_engine
+
+    if not get_engine(config.dft.engine).dft:
         return None
     from crystaloop.dft.pseudos import family_from_settings, load_family
 
