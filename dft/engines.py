@@ -17,13 +17,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from jobflow import Maker
-from pymatgen.core import Structure
-
-from crystaloop.dft.corrections import AnionCorrection
 from crystaloop.errors import UserError
+
+if TYPE_CHECKING:  # the engines load their Makers only when asked: configs import this module
+    from jobflow import Maker
+    from pymatgen.core import Structure
+
+    from crystaloop.dft.corrections import AnionCorrection
 
 
 @dataclass(frozen=True)
