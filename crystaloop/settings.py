@@ -131,11 +131,9 @@ class CrystaloopSettings(BaseSettings):
 
     def resolve_device(self) -> str:
         """``cuda`` when asked for or available under ``auto``, else ``cpu``."""
-        if self.device != "auto":
-            return self.device
-        import torch
+        from crystaloop.generative.device import resolve_device
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return resolve_device(self.device)
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in type(self).model_fields if k != "mongodb_uri")

@@ -11,17 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
-import shlex
-import shutil
-import subprocess
-import tempfile
 from functools import lru_cache
 from typing import Any
 
 from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Structure
 
+from crystaloop.dft.engines import get_engine
 from crystaloop.dft.schemas import QETaskDocument
 
 COLLECTION = "dft_cache"
@@ -31,29 +27,9 @@ COLLECTION = "dft_cache"
 def engine_version(engine: str, pw_command: str | None = None) -> str:
     """The version string the engine records in its task documents (``pw.x 6.7MaX``, ``chgnet 0.3.0``).
 
-    For pw.x the executable is started once with empty input and its banner read;
-    ``unknown`` when it cannot be run (such results are then never reused).
+    ``unknown`` when pw.x cannot be run (such results are then never reused).
     """
-    if engine == "surrogate":
-        import chgnet
-
-        return f"chgnet {chgnet.__version__}"
-    from crystaloop.settings import get_settings
-
-    argv = shlex.split(pw_command or get_settings().pw_command)
-    exe = next((a for a in argv if a.endswith("pw.x")), argv[-1] if argv else "pw.x")
-    if shutil.which(exe) is None:
-        return "unknown"
-    try:
-        # pw.x leaves CRASH and input_tmp.in behind on empty input: let it, in a scratch folder.
-        with tempfile.TemporaryDirectory(prefix="crystaloop-pwx-") as scratch:
-            banner = subprocess.run(
-                [exe], input="", capture_output=True, text=True, timeout=30, check=False, cwd=scratch
-            ).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    found = re.search(r"Program PWSCF v\.(\S+)", banner)
-    return f"pw.x {found.group(1)}" if found else "unknown"
+    return get_engine(engine).code_version(pw_command)
 
 
 def settings_key(engine: str, preset_key: str, md5s: dict[str, str], code_version: str) -> str:
@@ -69,16 +45,9 @@ def relaxation_settings(
     structure: Structure, *, engine: str, preset: str, overrides: dict[str, Any]
 ) -> dict[str, Any]:
     """The settings a relaxation of ``structure`` would run with, and their key."""
-    if engine == "surrogate":
-        from crystaloop.dft.surrogate import SURROGATE_PRESET
-
-        label, md5s = SURROGATE_PRESET, {}
-    else:
-        from crystaloop.dft.espresso.jobs import preset_key
-        from crystaloop.dft.pseudos import family_from_settings
-
-        label = preset_key(preset, overrides)
-        md5s = family_from_settings().md5s_for(structure)
+    chosen = get_engine(engine)
+    label = chosen.preset_label(preset, overrides)
+    md5s = chosen.pseudopotential_md5s(structure)
     version = engine_version(engine)
     return {
         "engine": engine,

@@ -1,21 +1,25 @@
-"""Formation-energy flow: relax, then E_f per atom against cached element references."""
+"""Formation energy per atom: relax, then compare with the elements' (cached) references.
+
+:class:`FormationEnergyMaker` builds the flow; building it reads no database, and each
+element-reference job looks up its cache when it runs.
+"""
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Any, Literal
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import Any
 
-from jobflow import Flow, Job, job
+from jobflow import Flow, Job, Maker, job
 from pymatgen.core import Structure
 
 from crystaloop.dft import store
 from crystaloop.dft.backends import ROLE_KEY
 from crystaloop.dft.corrections import NO_CORRECTION, AnionCorrection
-from crystaloop.dft.magnetism import check_orderings
+from crystaloop.dft.engines import Engine, get_engine
 from crystaloop.dft.sanity import unphysical_energy
 from crystaloop.dft.schemas import ElementReference, FormationEnergyDocument, QETaskDocument
-
-Engine = Literal["espresso", "surrogate"]
+from crystaloop.errors import UserError
 
 
 def formation_energy_per_atom(structure: Structure, energy: float, references: dict[str, float]) -> float:
@@ -110,23 +114,27 @@ def formation_energy_job(
     )
 
 
-class FormationEnergyFlow(Flow):
-    """Relax ``structure``, then compute its formation energy per atom.
+@dataclass
+class FormationEnergyMaker(Maker):
+    """Relax a crystal, then compute its formation energy per atom.
 
-    Element references are looked up in the ``element_references`` cache when
-    the flow is built; only missing ones get a reference job (which checks the
-    cache again when it runs and stores its result there).
+    ``make(structure)`` returns a Flow of three kinds of jobs: the relaxation, one element
+    reference per element of the compound, and the formation energy. Building it reads no
+    database: each reference job returns the cached reference when there is one (looked up when
+    it runs, at the compound's cutoffs), and otherwise relaxes the element and caches it. Only
+    the elements given in ``references`` get no job.
 
     Parameters
     ----------
-    structure
-        The crystal to relax.
+    name
+        The flow's name.
     engine
-        ``espresso`` (pw.x) or ``surrogate`` (CHGNet, labelled as such everywhere).
+        ``espresso`` (pw.x) or ``surrogate`` (CHGNet, labelled as such everywhere); see
+        :mod:`crystaloop.dft.engines`.
     preset, overrides
         pw.x preset and overrides (ignored by the surrogate).
     relax_maker, reference_maker
-        Replace the default Makers.
+        Replace the engine's Makers (None: the engine's, with ``preset`` and ``overrides``).
     pw_command
         The pw.x command of both Makers (pw.x engine only); None keeps the settings'.
     reference_structures
@@ -134,8 +142,9 @@ class FormationEnergyFlow(Flow):
     metadata
         Stored on the relaxation's record (``candidate_id``, ``campaign``, ``round``...).
     record
-        Jobs write ``dft_tasks`` and the reference cache themselves. False for jobs on
-        workers without a database: they only return their outputs, and the caller records them.
+        Jobs write ``dft_tasks`` and the reference cache, and read that cache, themselves.
+        False for jobs on workers without a database: they only return their outputs, and the
+        caller records them (see :meth:`cached_references` for the references they cannot read).
     anion_correction
         Apply the shipped anion correction fitted for this family and preset (pw.x engine;
         :mod:`crystaloop.dft.corrections`). Without a matching fit the energy stays raw, and
@@ -143,13 +152,114 @@ class FormationEnergyFlow(Flow):
     magnetic_orderings
         ``["fm", "afm"]`` also relaxes the simplest antiferromagnetic ordering of a magnetic
         compound (and element) and keeps the lower (pw.x engine; :mod:`crystaloop.dft.magnetism`).
+    references
+        Element -> reference already known (as :meth:`cached_references` gives them); these
+        elements get no reference job.
+    """
+
+    name: str = "formation energy"
+    engine: str = "espresso"
+    preset: str = "fast"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    relax_maker: Maker | None = None
+    reference_maker: Maker | None = None
+    pw_command: str | None = None
+    reference_structures: dict[str, Structure] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    record: bool = True
+    anion_correction: bool = False
+    magnetic_orderings: list[str] | tuple[str, ...] | None = None
+    references: dict[str, ElementReference] = field(default_factory=dict)
+
+    def make(self, structure: Structure) -> Flow:
+        """The flow relaxing ``structure`` and computing its formation energy (eV/atom)."""
+        jobs = self.jobs(structure)
+        return Flow(jobs, output=jobs[-1].output, name=self.name)
+
+    def jobs(self, structure: Structure) -> list[Job]:
+        """The flow's jobs: the relaxation, the references, the formation energy (last)."""
+        engine = get_engine(self.engine)
+        relax_maker, reference_maker = self.makers()
+        if self.metadata:
+            relax_maker = replace(relax_maker, metadata={**relax_maker.metadata, **self.metadata})
+        relax = relax_maker.make(structure)
+        relax.update_metadata({ROLE_KEY: "relax"})
+        jobs: list[Job] = [relax]
+        references: dict[str, Any] = {}
+        compound_elements = sorted(el.symbol for el in structure.composition.elements)
+        for element in compound_elements:
+            if element in self.references:
+                references[element] = self.references[element]
+                continue
+            # The reference runs at the compound's cutoffs, not at the element's own.
+            ref_job = reference_maker.make(element, self.reference_structures.get(element), compound_elements)
+            ref_job.name = f"{reference_maker.name} {element}"
+            ref_job.update_metadata({ROLE_KEY: "reference"})
+            jobs.append(ref_job)
+            references[element] = ref_job.output
+        correction = _correction_argument(engine, self.preset) if self.anion_correction else None
+        fe = formation_energy_job(relax.output, references, record=relax_maker.record, correction=correction)
+        fe.name = "formation energy"
+        fe.update_metadata({ROLE_KEY: "formation_energy"})
+        jobs.append(fe)
+        return jobs
+
+    def makers(self) -> tuple[Maker, Maker]:
+        """The relaxation and element-reference Makers the flow runs, with its settings applied."""
+        engine = get_engine(self.engine)
+        overrides = engine.with_orderings(self.overrides, self.magnetic_orderings)
+        relax = self.relax_maker or engine.relax_maker(self.preset, overrides)
+        reference = self.reference_maker or engine.reference_maker(self.preset, overrides)
+        relax = engine.with_pw_command(relax, self.pw_command)
+        reference = engine.with_pw_command(reference, self.pw_command)
+        if not self.record:
+            relax, reference = replace(relax, record=False), replace(reference, record=False)
+        return relax, reference
+
+    def cached_references(self, structure: Structure) -> dict[str, ElementReference]:
+        """The references of ``structure``'s elements already in the cache (reads the database).
+
+        For flows whose jobs cannot read the database (``record=False``): looked up where the
+        database is, and passed as ``references``, they spare those jobs recomputing them.
+        """
+        _, reference_maker = self.makers()
+        compound_elements = sorted(el.symbol for el in structure.composition.elements)
+        found = {}
+        for element in compound_elements:
+            try:
+                hit = reference_maker.cached(
+                    element, self.reference_structures.get(element), compound_elements
+                )
+            except UserError:
+                hit = None
+            if hit is not None:
+                found[element] = hit
+        return found
+
+
+def _correction_argument(engine: Engine, preset: str) -> dict[str, Any] | None:
+    """The shipped anion correction of ``engine`` and ``preset``, as the formation-energy job's argument."""
+    try:
+        found = engine.anion_correction(preset)
+    except UserError:
+        return None
+    return {"label": found.label, "values": found.values, "metals": found.metals} if found else None
+
+
+class FormationEnergyFlow(Flow):
+    """Deprecated: use :class:`FormationEnergyMaker`.
+
+    The flow of ``FormationEnergyMaker(...).make(structure)``, with the elements already in the
+    reference cache looked up while it is built (``use_cache``), so that they get no job. The
+    keyword arguments are the Maker's fields; ``relax_maker`` and ``reference_maker`` are the
+    Makers it runs.
     """
 
     def __init__(
         self,
         structure: Structure,
         *,
-        engine: Engine = "espresso",
+        engine: str = "espresso",
         preset: str = "fast",
         overrides: dict[str, Any] | None = None,
         relax_maker=None,
@@ -163,120 +273,28 @@ class FormationEnergyFlow(Flow):
         anion_correction: bool = False,
         magnetic_orderings: list[str] | tuple[str, ...] | None = None,
     ) -> None:
-        self.structure = structure
-        self.engine = engine
-        self.preset = preset
-        self.overrides = dict(overrides or {})
-        if magnetic_orderings and engine == "espresso" and tuple(magnetic_orderings) != ("fm",):
-            self.overrides["magnetic_orderings"] = list(check_orderings(magnetic_orderings))
-        self.relax_maker = relax_maker or _default_relax_maker(engine, preset, self.overrides)
-        self.reference_maker = reference_maker or _default_reference_maker(engine, preset, self.overrides)
-        if pw_command and engine == "espresso":
-            self.relax_maker = replace(self.relax_maker, pw_command=pw_command)
-            self.reference_maker = replace(self.reference_maker, pw_command=pw_command)
-        if not record:
-            self.relax_maker = replace(self.relax_maker, record=False)
-            self.reference_maker = replace(self.reference_maker, record=False)
-        self.reference_structures = dict(reference_structures or {})
-        self.metadata = dict(metadata or {})
-        self.use_cache = use_cache
-        relax_maker = self.relax_maker
-        if self.metadata:
-            relax_maker = replace(relax_maker, metadata={**relax_maker.metadata, **self.metadata})
-        relax = relax_maker.make(structure)
-        relax.update_metadata({ROLE_KEY: "relax"})
-        jobs: list[Job] = [relax]
-        references: dict[str, Any] = {}
-        compound_elements = sorted(el.symbol for el in structure.composition.elements)
-        for element in compound_elements:
-            cached = self._cached(element, compound_elements) if use_cache else None
-            if cached is not None:
-                references[element] = cached
-                continue
-            if engine == "surrogate":
-                ref_job = self.reference_maker.make(element, self.reference_structures.get(element))
-            else:
-                # The reference runs at the compound's cutoffs, not at the element's own.
-                ref_job = self.reference_maker.make(
-                    element, self.reference_structures.get(element), compound_elements
-                )
-            ref_job.name = f"{self.reference_maker.name} {element}"
-            ref_job.update_metadata({ROLE_KEY: "reference"})
-            jobs.append(ref_job)
-            references[element] = ref_job.output
-        correction = self._correction() if anion_correction and engine == "espresso" else None
-        fe = formation_energy_job(relax.output, references, record=relax_maker.record, correction=correction)
-        fe.name = "formation energy"
-        fe.update_metadata({ROLE_KEY: "formation_energy"})
-        jobs.append(fe)
-        super().__init__(jobs, output=fe.output, name=name)
-
-    def _correction(self) -> dict[str, Any] | None:
-        """The shipped anion correction of this family and preset, as the job's argument."""
-        from crystaloop.dft.corrections import correction_for
-        from crystaloop.dft.espresso.inputs import load_preset
-        from crystaloop.dft.pseudos import family_from_settings
-        from crystaloop.errors import UserError
-
-        try:
-            found = correction_for(family_from_settings(), load_preset(self.preset).label)
-        except UserError:
-            return None
-        return {"label": found.label, "values": found.values, "metals": found.metals} if found else None
-
-    def _cached(self, element: str, compound_elements: list[str]) -> ElementReference | None:
-        from crystaloop.errors import UserError
-
-        structure = self.reference_structures.get(element)
-        try:
-            if self.engine == "surrogate":
-                from crystaloop.dft.surrogate import surrogate_reference_key
-
-                key = surrogate_reference_key(self.reference_maker.preset, structure)
-                hit = store.get_reference(element, "surrogate", key, None)
-            else:
-                from crystaloop.dft.espresso.jobs import reference_cutoffs, reference_key
-                from crystaloop.dft.pseudos import family_from_settings
-
-                family = family_from_settings()
-                entry = family.pseudopotentials.get(element)
-                if entry is None or family.missing(compound_elements):
-                    return None
-                maker = self.reference_maker
-                cutoffs = reference_cutoffs(maker, element, compound_elements, family)
-                key = reference_key(maker.preset, maker.overrides, cutoffs, element, structure)
-                hit = store.get_reference(element, "espresso", key, entry.md5)
-        except UserError:
-            return None
-        if not hit:
-            return None
-        return ElementReference(
-            element=element,
-            engine=self.engine,
-            preset=hit["preset"],
-            energy_per_atom=float(hit["energy_per_atom"]),
-            task_id=hit["task_id"],
-            cached=True,
-            ecutwfc=hit.get("ecutwfc"),
-            ecutrho=hit.get("ecutrho"),
+        warnings.warn(
+            "FormationEnergyFlow is deprecated; use FormationEnergyMaker(...).make(structure)",
+            DeprecationWarning,
+            stacklevel=2,
         )
-
-
-def _default_relax_maker(engine: Engine, preset: str, overrides: dict[str, Any]):
-    if engine == "surrogate":
-        from crystaloop.dft.surrogate import SurrogateRelaxMaker
-
-        return SurrogateRelaxMaker()
-    from crystaloop.dft.espresso.jobs import QERelaxMaker
-
-    return QERelaxMaker(preset=preset, overrides=overrides)
-
-
-def _default_reference_maker(engine: Engine, preset: str, overrides: dict[str, Any]):
-    if engine == "surrogate":
-        from crystaloop.dft.surrogate import SurrogateElementReferenceMaker
-
-        return SurrogateElementReferenceMaker()
-    from crystaloop.dft.espresso.jobs import ElementReferenceMaker
-
-    return ElementReferenceMaker(preset=preset, overrides=overrides)
+        maker = FormationEnergyMaker(
+            name=name,
+            engine=engine,
+            preset=preset,
+            overrides=dict(overrides or {}),
+            relax_maker=relax_maker,
+            reference_maker=reference_maker,
+            pw_command=pw_command,
+            reference_structures=dict(reference_structures or {}),
+            metadata=dict(metadata or {}),
+            record=record,
+            anion_correction=anion_correction,
+            magnetic_orderings=magnetic_orderings,
+        )
+        if use_cache:
+            maker = replace(maker, references=maker.cached_references(structure))
+        self.structure, self.engine, self.preset = structure, engine, preset
+        self.relax_maker, self.reference_maker = maker.makers()
+        jobs = maker.jobs(structure)
+        super().__init__(jobs, output=jobs[-1].output, name=name)

@@ -175,15 +175,12 @@ def tasks_by_state(database=None) -> dict[str, list[dict[str, Any]]]:
 def cache_references(references, database=None) -> None:
     """Cache the element references a flow computed (:class:`ElementReference` outputs), as
     the jobs do when they reach the database; references read from the cache are skipped."""
+    from crystaloop.dft.engines import get_engine
+
     for ref in references:
         if ref.cached:
             continue
-        md5 = None
-        if ref.engine == "espresso":
-            from crystaloop.dft.pseudos import family_from_settings
-
-            entry = family_from_settings().pseudopotentials.get(ref.element)
-            md5 = entry.md5 if entry is not None else None
+        md5 = get_engine(ref.engine).reference_md5(ref.element)
         cutoffs = (ref.ecutwfc, ref.ecutrho) if ref.ecutwfc is not None else None
         put_reference(
             ref.element, ref.engine, ref.preset, md5, ref.energy_per_atom, ref.task_id,

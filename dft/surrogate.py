@@ -34,6 +34,97 @@ def load_chgnet():
 
 
 @dataclass
+class CHGNetRelaxation:
+    """How a CHGNet relaxation ended.
+
+    Attributes
+    ----------
+    structure
+        The last structure.
+    energies
+        Energy of each optimiser step, eV per cell.
+    steps
+        Optimiser steps taken.
+    converged
+        The forces fell below ``fmax`` before ``steps`` ran out.
+    stopped_early
+        Stopped (not converged) because the volume changed more than allowed.
+    """
+
+    structure: Structure
+    energies: list[float]
+    steps: int
+    converged: bool
+    stopped_early: bool
+
+
+class CHGNetRelaxer:
+    """Cell and position relaxation with the bundled CHGNet, for the screen and the surrogate engine.
+
+    The relaxation runs in chunks of ``chunk`` steps (all of them in one chunk when None) and
+    stops early once the volume has changed by more than ``max_volume_change`` (a fraction): a
+    collapsing cell grows its neighbour graph with every step, and the screen rejects it anyway.
+
+    Parameters
+    ----------
+    fmax
+        Force convergence, eV/Å.
+    steps
+        Maximum optimiser steps.
+    max_volume_change
+        Stop once ``|V/V0 - 1|`` exceeds it; None never stops early.
+    chunk
+        Steps per optimiser call, between two volume checks.
+    """
+
+    def __init__(
+        self,
+        *,
+        fmax: float = 0.1,
+        steps: int = 100,
+        max_volume_change: float | None = None,
+        chunk: int | None = 25,
+    ) -> None:
+        from chgnet.model import StructOptimizer
+
+        self.model = load_chgnet()
+        self.optimizer = StructOptimizer(model=self.model, use_device="cpu")
+        self.fmax, self.steps, self.chunk = fmax, steps, chunk or steps
+        self.max_volume_change = max_volume_change
+        self.version = f"chgnet-{self.model.version}"
+
+    def run(self, structure: Structure) -> CHGNetRelaxation:
+        """Relax ``structure`` (a copy); the final structure is never handed to the model again."""
+        import warnings
+
+        current, energies, converged, stopped = structure.copy(), [], False, False
+        while len(energies) < self.steps and not converged and not stopped:
+            todo = min(self.chunk, self.steps - len(energies))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                result = self.optimizer.relax(current, fmax=self.fmax, steps=todo, verbose=False)
+            chunk = [float(e) for e in result["trajectory"].energies]
+            current = result["final_structure"]
+            energies.extend(chunk)
+            converged = len(chunk) < todo
+            change = current.volume / structure.volume - 1.0
+            stopped = self.max_volume_change is not None and abs(change) > self.max_volume_change
+        return CHGNetRelaxation(current, energies, len(energies), converged, stopped and not converged)
+
+    def relax(self, structure: Structure) -> dict[str, Any]:
+        """Relaxed structure, initial and final energies (eV/atom), steps, convergence, early stop."""
+        run = self.run(structure)
+        return {
+            "structure": run.structure,
+            "initial_energy_per_atom": run.energies[0] / len(structure) if run.energies else None,
+            "energy_per_atom": float(self.model.predict_structure(run.structure, task="e")["e"]),
+            "steps": run.steps,
+            "converged": run.converged,
+            "stopped_early": run.stopped_early,
+        }
+
+
+@dataclass
 class SurrogateRelaxMaker(Maker):
     """Relax with CHGNet (cell and positions); output is a QETaskDocument labelled surrogate.
 
@@ -95,7 +186,6 @@ def _surrogate_task(
     maker: SurrogateRelaxMaker, structure: Structure, *, prev_dir, relax: bool | None
 ) -> QETaskDocument:
     import chgnet
-    from chgnet.model import StructOptimizer
 
     start = time.perf_counter()
     relax = maker.relax_cell if relax is None else relax
@@ -107,13 +197,8 @@ def _surrogate_task(
     unphysical: list[str] = []
     try:
         if relax:
-            optimizer = StructOptimizer(model=model, use_device="cpu")
-            result = optimizer.relax(structure.copy(), fmax=maker.fmax, steps=maker.steps, verbose=False)
-            final = result["final_structure"]
-            trajectory = result["trajectory"]
-            energies = [float(e) for e in trajectory.energies]
-            n_steps = len(energies)
-            converged = n_steps < maker.steps
+            run = CHGNetRelaxer(fmax=maker.fmax, steps=maker.steps, chunk=None).run(structure)
+            final, energies, n_steps, converged = run.structure, run.energies, run.steps, run.converged
             if not converged:
                 reasons.append(f"not converged to fmax={maker.fmax} eV/Å in {maker.steps} steps")
             unphysical = unphysical_geometry(structure, final)
@@ -180,9 +265,37 @@ class SurrogateElementReferenceMaker(SurrogateRelaxMaker):
     name: str = "surrogate element reference"
 
     @job(output_schema=ElementReference)
-    def make(self, element: str, structure: Structure | None = None) -> ElementReference:
-        """A Job returning the element's CHGNet reference energy (eV/atom)."""
+    def make(
+        self,
+        element: str,
+        structure: Structure | None = None,
+        compound_elements: list[str] | None = None,
+    ) -> ElementReference:
+        """A Job returning the element's CHGNet reference energy (eV/atom).
+
+        ``compound_elements`` keeps the interface of the pw.x Maker; CHGNet has no cutoffs to match.
+        """
         return run_surrogate_reference(self, element, structure)
+
+    def cached(
+        self,
+        element: str,
+        structure: Structure | None = None,
+        compound_elements: list[str] | None = None,
+    ) -> ElementReference | None:
+        """The element's reference from the ``element_references`` cache, or None (reads the database)."""
+        key = surrogate_reference_key(self.preset, structure)
+        hit = store.get_reference(element, "surrogate", key, None)
+        if hit is None:
+            return None
+        return ElementReference(
+            element=element,
+            engine="surrogate",
+            preset=key,
+            energy_per_atom=hit["energy_per_atom"],
+            task_id=hit["task_id"],
+            cached=True,
+        )
 
 
 def surrogate_reference_key(preset: str, structure: Structure | None = None) -> str:
@@ -196,17 +309,10 @@ def run_surrogate_reference(
     """Look up, or relax and cache, the CHGNet reference for ``element``."""
     from crystaloop.errors import UserError
 
-    key = surrogate_reference_key(maker.preset, structure)
-    cached = store.get_reference(element, "surrogate", key, None) if maker.record else None
+    cached = maker.cached(element, structure) if maker.record else None
     if cached is not None:
-        return ElementReference(
-            element=element,
-            engine="surrogate",
-            preset=key,
-            energy_per_atom=cached["energy_per_atom"],
-            task_id=cached["task_id"],
-            cached=True,
-        )
+        return cached
+    key = surrogate_reference_key(maker.preset, structure)
     ref_structure, calculation = reference_structure(element, structure)
     runner = SurrogateRelaxMaker(
         name=f"{maker.name} {element}",

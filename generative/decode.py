@@ -46,6 +46,7 @@ from crystaloop.generative.decoders.base import (
     DecodedRow,
     lattice_problem,
 )
+from crystaloop.generative.device import resolve_device
 from crystaloop.generative.models.condition import N_DECILES
 from crystaloop.generative.models.vae import CondDFCVAE
 
@@ -180,9 +181,7 @@ class Decoder:
                 f"{allowed}, not {method!r}"
             )
         self.method = method
-        if str(device) == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = torch.device(resolve_device(device))
         self.vae = vae.to(self.device).eval()
         self._unet = unet
         self.workers = max(1, int(workers if workers is not None else (os.cpu_count() or 1)))

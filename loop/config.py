@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pymatgen.core import Composition, Element, Structure
 
+from crystaloop.dft.engines import get_engine
 from crystaloop.errors import ConfigError, read_yaml
 from crystaloop.properties import PROPERTIES, PROPERTY_NAMES
 
@@ -363,9 +364,9 @@ class DFTSettings(_Strict):
     @model_validator(mode="after")
     def _orderings_reach_the_preset(self) -> DFTSettings:
         # The preset carries the orderings, so that the relaxation's cache key includes them.
-        orderings = list(dict.fromkeys(["fm", *self.magnetic_orderings]))
-        if orderings != ["fm"] and self.engine == "espresso" and self.overrides.get("magnetic_orderings") != orderings:
-            self.overrides = {**self.overrides, "magnetic_orderings": orderings}  # validated again, once
+        overrides = get_engine(self.engine).with_orderings(self.overrides, self.magnetic_orderings)
+        if overrides != self.overrides:
+            self.overrides = overrides  # validated again, once
         return self
 
     @field_validator("reference_structures")
@@ -510,13 +511,6 @@ class Models(_Strict):
     cgcnn: str | None = Field(None, description="CGCNN (ensemble) version or path; None: default.")
 
 
-#: What each DFT engine's relaxation yields, i.e. the properties a target window can be verified on.
-DFT_PROPERTIES: dict[str, tuple[str, ...]] = {
-    "espresso": ("formation_energy_per_atom", "energy_per_atom", "band_gap", "energy_above_hull"),
-    "surrogate": ("formation_energy_per_atom", "energy_per_atom", "energy_above_hull"),
-}
-
-
 class CampaignConfig(_Strict):
     """A whole campaign."""
 
@@ -549,7 +543,7 @@ class CampaignConfig(_Strict):
 
     @model_validator(mode="after")
     def _verifiable_targets(self) -> CampaignConfig:
-        computed = DFT_PROPERTIES[self.dft.engine]
+        computed = get_engine(self.dft.engine).properties
         unverifiable = [t.property for t in self.targets if t.property not in computed]
         if unverifiable:
             raise ValueError(

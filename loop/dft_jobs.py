@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -96,20 +97,25 @@ class CampaignJobs:
         return relaxation_settings(structure, engine=dft.engine, preset=dft.preset, overrides=dft.overrides)
 
     def flow(self, candidate: CandidateDoc, number: int):
-        """The candidate's formation-energy flow; its jobs return results and never write the database."""
-        from crystaloop.dft.flows import FormationEnergyFlow
+        """The candidate's formation-energy flow; its jobs return results and never touch the database.
 
-        return FormationEnergyFlow(
-            self.start(candidate),
+        The element references already cached are looked up here, where the database is, so that
+        the flow runs jobs for the missing ones only.
+        """
+        from crystaloop.dft.flows import FormationEnergyMaker
+
+        structure = self.start(candidate)
+        maker = FormationEnergyMaker(
+            name=f"formation energy {candidate.reduced_formula}",
             engine=self.config.dft.engine,
             preset=self.config.dft.preset,
             overrides=dict(self.config.dft.overrides),
             pw_command=self._pw_command(),
             metadata={"candidate_id": candidate.candidate_id, "campaign": self.name, "round": number},
-            name=f"formation energy {candidate.reduced_formula}",
             reference_structures=self.config.dft.reference_structure_objects(),
             record=False,
         )
+        return replace(maker, references=maker.cached_references(structure)).make(structure)
 
     def _pw_command(self) -> str | None:
         """``dft.pw_command`` with ``{np}`` set to each local job's share of the cores."""

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pymatgen.core import Composition, Structure
 
 from crystaloop.db.documents import CandidateDoc, CandidateState, utcnow
+from crystaloop.dft.surrogate import CHGNetRelaxer
 from crystaloop.errors import UserError
 from crystaloop.loop.config import CampaignConfig, TargetWindow
 from crystaloop.loop.filters import (
@@ -154,55 +155,6 @@ class EnsemblePredictor:
             idx = rows[start : start + self.batch_size]
             mean[idx], std[idx] = m.cpu().numpy(), s.cpu().numpy()
         return mean, std
-
-
-class CHGNetRelaxer:
-    """Cell and position relaxation with the bundled CHGNet (eV/atom energies).
-
-    The relaxation runs in chunks of ``chunk`` steps and stops early once the volume has changed
-    by more than ``max_volume_change`` (a fraction): a collapsing cell grows its neighbour graph
-    with every step, and the screen rejects it anyway.
-    """
-
-    def __init__(
-        self, *, fmax: float = 0.1, steps: int = 100, max_volume_change: float | None = None, chunk: int = 25
-    ) -> None:
-        from chgnet.model import StructOptimizer
-
-        from crystaloop.dft.surrogate import load_chgnet
-
-        self.model = load_chgnet()
-        self.optimizer = StructOptimizer(model=self.model, use_device="cpu")
-        self.fmax, self.steps, self.chunk = fmax, steps, chunk
-        self.max_volume_change = max_volume_change
-        self.version = f"chgnet-{self.model.version}"
-
-    def relax(self, structure: Structure) -> dict[str, Any]:
-        """Relaxed structure, initial and final energies (eV/atom), steps, convergence, early stop."""
-        import warnings
-
-        current, done, converged, stopped, initial = structure.copy(), 0, False, False, None
-        while done < self.steps and not converged and not stopped:
-            todo = min(self.chunk, self.steps - done)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                result = self.optimizer.relax(current, fmax=self.fmax, steps=todo, verbose=False)
-            energies = result["trajectory"].energies
-            if initial is None:
-                initial = float(energies[0]) / len(structure)
-            current = result["final_structure"]
-            done += len(energies)
-            converged = len(energies) < todo
-            change = current.volume / structure.volume - 1.0
-            stopped = self.max_volume_change is not None and abs(change) > self.max_volume_change
-        return {
-            "structure": current,
-            "initial_energy_per_atom": initial,
-            "energy_per_atom": float(self.model.predict_structure(current, task="e")["e"]),
-            "steps": done,
-            "converged": converged,
-            "stopped_early": stopped and not converged,
-        }
 
 
 def chgnet_references(labeller: str) -> Callable[[Iterable[str]], dict[str, float]]:
@@ -465,7 +417,9 @@ def pseudo_family(config: CampaignConfig):
     UserError
         If the family cannot be found or the configured one has another name.
     """
-    if config.dft.engine != "espresso":
+    from crystaloop.dft.engines import get_engine
+
+    if not get_engine(config.dft.engine).dft:
         return None
     from crystaloop.dft.pseudos import family_from_settings, load_family
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from typing import Any
 from pymatgen.core import Composition, Structure
 
 from crystaloop.dft.corrections import NO_CORRECTION, AnionCorrection
+from crystaloop.dft.engines import get_engine
 from crystaloop.dft.hull import FormationHull, HullPhase
 from crystaloop.loop.stability import FORMATION_ENERGY, prior_phases
 
@@ -108,7 +109,7 @@ def relax_competing_phases(
     """
     from crystaloop.dft.backends import tag_flow
     from crystaloop.dft.cache import DFTCache, relaxation_settings
-    from crystaloop.dft.flows import FormationEnergyFlow
+    from crystaloop.dft.flows import FormationEnergyMaker
     from crystaloop.loop.dft_jobs import make_backend
 
     start = time.perf_counter()
@@ -149,17 +150,18 @@ def relax_competing_phases(
         return run
     backend = make_backend(config.execution, work_dir)
     for key, (phase, _) in todo.items():
-        flow = FormationEnergyFlow(
-            phase.structure,
+        maker = FormationEnergyMaker(
+            name=f"hull phase {phase.formula}",
             engine=dft.engine,
             preset=dft.preset,
             overrides=dict(dft.overrides),
             pw_command=dft.pw_command,
             reference_structures=dft.reference_structure_objects(),
             metadata={"hull_phase": phase.structure_id, "campaign": config.name},
-            name=f"hull phase {phase.formula}",
             record=False,
         )
+        # the jobs never read the database: the references already cached are resolved here
+        flow = replace(maker, references=maker.cached_references(phase.structure)).make(phase.structure)
         job_id = _job_id(key)
         tag_flow(flow, job_id)
         backend.submit(flow, job_id)
@@ -258,7 +260,11 @@ def _write(database, key, phase: CompetingPhase, settings, value, task_id, reaso
 
 
 def add_hull_phases(
-    hull: FormationHull, database, config, elements: Iterable[str], correction: AnionCorrection = NO_CORRECTION
+    hull: FormationHull,
+    database,
+    config,
+    elements: Iterable[str],
+    correction: AnionCorrection = NO_CORRECTION,
 ) -> FormationHull:
     """Add to ``hull`` the competing phases of ``elements``' system relaxed with ``config``'s DFT
     settings (failed ones marked missing, so answers in their systems are upper bounds), their
@@ -314,7 +320,7 @@ def verify_against_hull(
         chosen = [c for c in relaxed if all_relaxed or config.in_all_windows(c.dft)]
         systems = sorted({c.chemsys for c in chosen})
     wanted = set(systems)
-    if config.dft.engine == "surrogate":
+    if not get_engine(config.dft.engine).dft:
         # the surrogate's hull (the CHGNet hull) already holds every prior phase: nothing to relax
         run = HullPhaseRun(systems=sorted(wanted))
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from crystaloop.dft.engines import get_engine
 from crystaloop.errors import UserError
 from crystaloop.loop.config import CampaignConfig
 
@@ -23,7 +24,7 @@ def prepare(database, config: CampaignConfig, log: Callable[[str], None]) -> Non
         log("loading the shipped prior training data (first run)")
         doc = prior.read_prior(prior.SHIPPED_PATH)
         replace_dataset(database, doc["dataset"], prior.to_documents(doc))
-    if config.dft.engine == "espresso":
+    if get_engine(config.dft.engine).dft:
         from crystaloop.settings import get_settings
 
         settings = get_settings()
@@ -47,21 +48,16 @@ def check_dft(config: CampaignConfig) -> list[str]:
     UserError
         An allowed element without a reference structure, or refused by the verification.
     """
-    if config.dft.engine == "espresso":
-        from crystaloop.dft.espresso.inputs import load_preset
-
-        load_preset(config.dft.preset)  # an unknown or invalid preset is one line now, not at submit
-        if config.dft.pw_command:
-            from crystaloop.dft.espresso.run import require_executables
-
-            require_executables(config.dft.pw_command, "dft.pw_command")
+    engine = get_engine(config.dft.engine)
+    # an unknown or invalid preset is one line now, not at submit
+    engine.check(config.dft.preset, pw_command=config.dft.pw_command, pw_command_setting="dft.pw_command")
     elements = [e for e in (config.elements.allow or []) if e not in set(config.elements.deny)]
     if not elements:
         return []
     from crystaloop.dft.references import check_references
 
     check_references(elements, supplied=config.dft.reference_structures)
-    if config.dft.engine != "espresso":
+    if not engine.dft:
         return []
     from crystaloop.dft.verification import campaign_dft_problems
 

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from pymatgen.core import Structure
 
+from crystaloop.dft.engines import get_engine
 from crystaloop.errors import ConfigError
 
 #: DFT values on an absolute scale of their own: pw.x's total energy per atom depends on the
@@ -54,7 +55,7 @@ class DFTResult:
     @property
     def labels(self) -> dict[str, float | None]:
         """The values a model may learn from (without pw.x's absolute energies)."""
-        if self.engine == "surrogate":
+        if get_engine(self.engine).portable_energies:
             return dict(self.values)
         return {k: v for k, v in self.values.items() if k not in ABSOLUTE_LABELS}
 
@@ -298,7 +299,7 @@ def conditioning_update(context: HookContext) -> HookResult:
         docs.append(
             TrainingStructureDoc(
                 structure_id=f"{r.engine}:{context.campaign}:{r.candidate_id}",
-                source="dft" if r.engine == "espresso" else "surrogate",
+                source=get_engine(r.engine).source,
                 dataset=campaign_dataset(context.campaign),
                 labels={k: v for k, v in r.labels.items() if v is not None},
                 labeller=r.engine,

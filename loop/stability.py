@@ -23,6 +23,7 @@ import numpy as np
 from pymatgen.core import Structure
 
 from crystaloop.dft.corrections import NO_CORRECTION, AnionCorrection
+from crystaloop.dft.engines import get_engine
 from crystaloop.dft.hull import FormationHull, HullPhase, Stability
 
 ENERGY_ABOVE_HULL = "energy_above_hull"
@@ -75,17 +76,12 @@ def chgnet_hull(database, campaign: str, *, exclude: str | None = None) -> Forma
 def campaign_correction(config) -> AnionCorrection:
     """The anion correction of the campaign ``config`` (``dft.anion_correction``), or none.
 
-    Only the pw.x engine is corrected, and only with a fit shipped for the campaign's family
-    and preset (:func:`crystaloop.dft.corrections.correction_for`).
+    Only a DFT engine (pw.x) is corrected, and only with a fit shipped for the campaign's family
+    and preset (:meth:`crystaloop.dft.engines.Engine.anion_correction`).
     """
-    if not config.dft.anion_correction or config.dft.engine != "espresso":
+    if not config.dft.anion_correction:
         return NO_CORRECTION
-    from crystaloop.dft.corrections import correction_for
-    from crystaloop.dft.espresso.inputs import load_preset
-    from crystaloop.dft.pseudos import family_from_settings
-
-    found = correction_for(family_from_settings(), load_preset(config.dft.preset).label)
-    return found or NO_CORRECTION
+    return get_engine(config.dft.engine).anion_correction(config.dft.preset) or NO_CORRECTION
 
 
 def corrected_values(config, formula: str, values: dict) -> tuple[dict, str]:
@@ -105,7 +101,7 @@ def dft_hull(database, config, *, exclude: str | None = None, elements: Iterable
     (:mod:`crystaloop.loop.hull_phases`) join it. Every phase, the campaign's own results and
     the competing phases alike, gets the campaign's anion correction from its raw energy."""
     engine, preset = config.dft.engine, config.dft.preset
-    if engine == "surrogate":
+    if not get_engine(engine).dft:
         return chgnet_hull(database, config.name, exclude=exclude)
     from crystaloop.loop.hull_phases import add_hull_phases
 

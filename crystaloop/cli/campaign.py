@@ -48,12 +48,13 @@ def validate(path: Path = typer.Argument(..., help="Campaign YAML file.")) -> No
 
 def _dft_checks(config) -> list[str]:
     """Warnings (cutoffs below the family's suggestion); raises on refused elements."""
+    from crystaloop.dft.engines import get_engine
     from crystaloop.loop import preflight
     from crystaloop.settings import get_settings
 
     settings = get_settings()
     if (
-        config.dft.engine == "espresso"
+        get_engine(config.dft.engine).dft
         and not settings.pseudo_family
         and not settings.resolved_pseudo_family().is_file()
     ):

@@ -225,7 +225,9 @@ def relax(
     worker: str = typer.Option(None, "--worker", help="jobflow-remote worker name."),
     project: str = typer.Option(None, "--project", help="jobflow-remote project name."),
     magnetic_orderings: str = typer.Option(
-        "fm", "--magnetic-orderings", help="fm, or fm,afm: also relax the simplest AFM ordering, keep the lower."
+        "fm",
+        "--magnetic-orderings",
+        help="fm, or fm,afm: also relax the simplest AFM ordering, keep the lower.",
     ),
     anion_correction: bool = typer.Option(
         False, "--anion-correction/--no-anion-correction", help="Apply the fitted O/F correction to E_f."
@@ -235,14 +237,12 @@ def relax(
     import warnings
 
     from crystaloop.dft.backends import BACKENDS, run_flow
+    from crystaloop.dft.engines import get_engine
 
     warnings.filterwarnings("ignore", message=".*_symmetry_equiv_pos_as_xyz.*")
-    from crystaloop.dft.espresso.inputs import load_preset
-
     if backend not in BACKENDS:
         raise UserError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
-    if engine not in ("espresso", "surrogate"):
-        raise UserError(f"unknown engine '{engine}'; choose espresso or surrogate")
+    chosen = get_engine(engine)
     from crystaloop.dft.magnetism import check_orderings
 
     try:
@@ -250,15 +250,15 @@ def relax(
     except ValueError as exc:
         raise UserError(f"{exc} (--magnetic-orderings)") from None
     structure = _read_structure(structure_file)
-    if engine == "espresso":
-        from crystaloop.dft.espresso.run import require_executables
-        from crystaloop.dft.pseudos import family_from_settings
-        from crystaloop.settings import get_settings
+    from crystaloop.settings import get_settings
 
-        load_preset(preset)
-        family_from_settings().require(structure)
-        if backend == "local":  # workers elsewhere run pw.x for the other backends
-            require_executables(get_settings().pw_command, "CRYSTALOOP_PW_COMMAND")
+    chosen.check(
+        preset,
+        structure=structure,
+        # workers elsewhere run pw.x for the other backends
+        pw_command=get_settings().pw_command if backend == "local" else None,
+        pw_command_setting="CRYSTALOOP_PW_COMMAND",
+    )
     flow = _build_flow(structure, engine, preset, formation_energy, orderings, anion_correction)
     if backend == "fireworks":
         ids = run_flow(flow, "fireworks")
@@ -282,26 +282,23 @@ def _build_flow(
 ):
     from jobflow import Flow
 
-    from crystaloop.dft.flows import FormationEnergyFlow
+    from crystaloop.dft.engines import get_engine
+    from crystaloop.dft.flows import FormationEnergyMaker
 
     if formation_energy:
-        return FormationEnergyFlow(
-            structure, engine=engine, preset=preset, magnetic_orderings=orderings,
-            anion_correction=anion_correction,
+        maker = FormationEnergyMaker(
+            engine=engine, preset=preset, magnetic_orderings=orderings, anion_correction=anion_correction
         )
-    if engine == "surrogate":
-        from crystaloop.dft.surrogate import SurrogateRelaxMaker
-
-        return Flow([SurrogateRelaxMaker().make(structure)])
-    from crystaloop.dft.espresso.jobs import QERelaxMaker
-
-    overrides = {"magnetic_orderings": list(orderings)} if tuple(orderings) != ("fm",) else {}
-    return Flow([QERelaxMaker(preset=preset, overrides=overrides).make(structure)])
+        return maker.make(structure)
+    chosen = get_engine(engine)
+    overrides = chosen.with_orderings({}, orderings)
+    return Flow([chosen.relax_maker(preset, overrides).make(structure)])
 
 
 def _print_result(flow, responses) -> None:
     from rich.table import Table
 
+    from crystaloop.dft.engines import get_engine
     from crystaloop.dft.schemas import FormationEnergyDocument, QETaskDocument
 
     task = formation = None
@@ -365,8 +362,9 @@ def _print_result(flow, responses) -> None:
             f"family's suggestion {task.input.suggested_ecutwfc:g}/{task.input.suggested_ecutrho:g} Ry"
             "[/]: energies and lattice are not converged; use --preset demo or standard."
         )
-    if task.engine == "surrogate":
-        console.print("[bold yellow]engine: surrogate[/] - CHGNet estimate, not DFT.")
+    caveat = get_engine(task.engine).caveat
+    if caveat:
+        console.print(f"[bold yellow]engine: {task.engine}[/] - {caveat}")
 
 
 def _cutoffs(task) -> str:
@@ -498,7 +496,9 @@ def fireworks_config(
             (folder / name).write_text(yaml.safe_dump(content, sort_keys=False))
             (folder / name).chmod(0o600)  # the URI may hold a password
     except OSError as exc:
-        raise UserError(f"cannot write into {folder} ({exc.strerror or exc}); pass --out a folder you can write to") from None
+        raise UserError(
+            f"cannot write into {folder} ({exc.strerror or exc}); pass --out a folder you can write to"
+        ) from None
     console.print(
         f"wrote {', '.join(files)} in {folder}; set execution.lost_after_s well above {ping_s} s "
         f"(e.g. {4 * ping_s})",

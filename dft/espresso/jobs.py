@@ -100,9 +100,10 @@ def preset_key(preset: str, overrides: dict[str, Any]) -> str:
     loaded = load_preset(preset)
     label = loaded.label
     settings = loaded.model_dump(exclude={"description"})
-    if loaded.name not in available_presets() or load_preset(loaded.name).model_dump(
-        exclude={"description"}
-    ) != settings:
+    if (
+        loaded.name not in available_presets()
+        or load_preset(loaded.name).model_dump(exclude={"description"}) != settings
+    ):
         label = f"{label}~{_digest(settings)}"
     if not overrides:
         return label
@@ -246,8 +247,15 @@ def run_espresso_task(
     for ordering, trial in trials:
         directory = job_directory(task_id) if ordering == "fm" else job_directory(task_id) / ordering
         doc = _run_pw(
-            maker, trial, preset, family, task_id, directory, calculation,
-            prev_dir=prev_dir if ordering == "fm" else None, cutoff_elements=cutoff_elements,
+            maker,
+            trial,
+            preset,
+            family,
+            task_id,
+            directory,
+            calculation,
+            prev_dir=prev_dir if ordering == "fm" else None,
+            cutoff_elements=cutoff_elements,
         )
         if doc.final_structure is not None and ordering == "afm":
             # The relaxed cell keeps its pattern, so that a later run starts from it.
@@ -426,6 +434,36 @@ class ElementReferenceMaker(BaseQEMaker):
         """A Job returning the element's reference energy (eV/atom), cached in the DB."""
         return run_element_reference(self, element, structure, compound_elements)
 
+    def cached(
+        self,
+        element: str,
+        structure: Structure | None = None,
+        compound_elements: list[str] | None = None,
+    ) -> ElementReference | None:
+        """The element's reference from the ``element_references`` cache, or None (reads the database).
+
+        None also when the family lacks ``element`` or any of ``compound_elements``.
+        """
+        family = family_from_settings()
+        entry = family.pseudopotentials.get(element)
+        if entry is None or family.missing(compound_elements or []):
+            return None
+        cutoffs = reference_cutoffs(self, element, compound_elements, family)
+        key = reference_key(self.preset, self.overrides, cutoffs, element, structure)
+        hit = store.get_reference(element, "espresso", key, entry.md5)
+        if hit is None:
+            return None
+        return ElementReference(
+            element=element,
+            engine="espresso",
+            preset=key,
+            energy_per_atom=hit["energy_per_atom"],
+            task_id=hit["task_id"],
+            cached=True,
+            ecutwfc=cutoffs[0],
+            ecutrho=cutoffs[1],
+        )
+
 
 def reference_cutoffs(
     maker: BaseQEMaker, element: str, compound_elements: list[str] | None, family: PseudoFamily
@@ -450,24 +488,13 @@ def run_element_reference(
     """
     family = family_from_settings()
     if element not in family.pseudopotentials:
-        raise UserError(
-            f"no pseudopotential for {element} in family '{family.name}'; add one to the family"
-        )
+        raise UserError(f"no pseudopotential for {element} in family '{family.name}'; add one to the family")
+    cached = maker.cached(element, structure, compound_elements) if maker.record else None
+    if cached is not None:
+        return cached
     md5 = family.pseudopotentials[element].md5
     cutoffs = reference_cutoffs(maker, element, compound_elements, family)
     key = reference_key(maker.preset, maker.overrides, cutoffs, element, structure)
-    cached = store.get_reference(element, "espresso", key, md5) if maker.record else None
-    if cached is not None:
-        return ElementReference(
-            element=element,
-            engine="espresso",
-            preset=key,
-            energy_per_atom=cached["energy_per_atom"],
-            task_id=cached["task_id"],
-            cached=True,
-            ecutwfc=cutoffs[0],
-            ecutrho=cutoffs[1],
-        )
     ref_structure, calculation = reference_structure(element, structure)
     overrides = maker.overrides
     if calculation == "relax":
@@ -493,13 +520,10 @@ def run_element_reference(
     )
     if not doc.successful or doc.energy_per_atom is None:
         raise UserError(
-            f"reference relaxation for {element} failed ({'; '.join(doc.reasons)}); "
-            f"see {doc.dir_name}"
+            f"reference relaxation for {element} failed ({'; '.join(doc.reasons)}); see {doc.dir_name}"
         )
     if maker.record:
-        store.put_reference(
-            element, "espresso", key, md5, doc.energy_per_atom, doc.task_id, cutoffs=cutoffs
-        )
+        store.put_reference(element, "espresso", key, md5, doc.energy_per_atom, doc.task_id, cutoffs=cutoffs)
     return ElementReference(
         element=element,
         engine="espresso",

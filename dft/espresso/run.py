@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +95,29 @@ def require_executables(pw_command: str, setting: str) -> None:
             "(pw.x: apt-get install -y quantum-espresso; mpirun: apt-get install -y openmpi-bin) "
             f"or set {setting} to pw.x"
         )
+
+
+def pw_version(pw_command: str | None = None) -> str:
+    """The version pw.x prints in its banner (``pw.x 6.7MaX``), or ``unknown``.
+
+    The executable is started once with empty input, in a scratch folder (on empty input it
+    leaves ``CRASH`` and ``input_tmp.in`` behind); ``unknown`` when it cannot be run.
+    """
+    from crystaloop.settings import get_settings
+
+    argv = shlex.split(pw_command or get_settings().pw_command)
+    exe = next((a for a in argv if a.endswith("pw.x")), argv[-1] if argv else "pw.x")
+    if shutil.which(exe) is None:
+        return "unknown"
+    try:
+        with tempfile.TemporaryDirectory(prefix="crystaloop-pwx-") as scratch:
+            banner = subprocess.run(
+                [exe], input="", capture_output=True, text=True, timeout=30, check=False, cwd=scratch
+            ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    found = re.search(r"Program PWSCF v\.(\S+)", banner)
+    return f"pw.x {found.group(1)}" if found else "unknown"
 
 
 def run_pw(

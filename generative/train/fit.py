@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from crystaloop.generative.device import resolve_device
+
 if TYPE_CHECKING:
     from crystaloop.generative.train.config import OptimConfig
 
@@ -85,7 +87,7 @@ def seed_everything(seed: int) -> None:
 
 def pick_device(requested: str = "auto") -> torch.device:
     """CUDA when available (or asked for), else CPU using every core (or ``OMP_NUM_THREADS``)."""
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+    if resolve_device(requested) == "cuda":
         return torch.device("cuda")
     threads = os.environ.get("OMP_NUM_THREADS", "")
     torch.set_num_threads(

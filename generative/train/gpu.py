@@ -39,6 +39,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from crystaloop.generative.device import resolve_device
 from crystaloop.generative.grid import coordinate_channels, cube_rotations
 from crystaloop.generative.models.checkpoint import save_model
 from crystaloop.generative.models.condition import DecileCondition
@@ -231,9 +232,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
 
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
+    device = torch.device(resolve_device(args.device))
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     manifest, channels, lattices, labels, species = load_shards(args.shards)

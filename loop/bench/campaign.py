@@ -174,14 +174,16 @@ def no_model_round(
     relaxed structure as a dict (for the rediscovery check).
     """
     from crystaloop.dft.backends import run_local
-    from crystaloop.dft.flows import FormationEnergyFlow
+    from crystaloop.dft.flows import FormationEnergyMaker
     from crystaloop.dft.sanity import PREFIX
     from crystaloop.dft.schemas import FormationEnergyDocument, QETaskDocument
 
     rng = np.random.default_rng(seed)
     out = []
     for proto, structure in draw_no_model(config, n=n, rng=rng, known=known, exclude=exclude):
-        flow = FormationEnergyFlow(structure, engine="surrogate", metadata={"role": "benchmark_no_model"})
+        flow = FormationEnergyMaker(engine="surrogate", metadata={"role": "benchmark_no_model"}).make(
+            structure
+        )
         responses = run_local(flow)
         docs = [r.output for response in responses.values() for r in response.values()]
         fe = next(d for d in docs if isinstance(d, FormationEnergyDocument))

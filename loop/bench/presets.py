@@ -1,7 +1,7 @@
 """Presets against each other and against reference formation energies: ``bench presets``.
 
 Each compound of the binary test set (``data/binary_testset.yaml`` beside this module) is relaxed with
-each preset through :class:`~crystaloop.dft.flows.FormationEnergyFlow`, with element
+each preset through :class:`~crystaloop.dft.flows.FormationEnergyMaker`, with element
 references at the compound's own cutoffs. Per (compound, preset) the result is stored
 as JSON in an output folder, so an interrupted benchmark resumes where it stopped.
 """
@@ -110,16 +110,15 @@ def run_compound(
     ordering of a magnetic compound and keeps the lower (the raw E_f is never corrected here).
     """
     from crystaloop.dft.backends import run_local
-    from crystaloop.dft.flows import FormationEnergyFlow
+    from crystaloop.dft.flows import FormationEnergyMaker
     from crystaloop.dft.schemas import ElementReference, FormationEnergyDocument, QETaskDocument
 
     structure = compound_structure(spec)
-    flow = FormationEnergyFlow(
-        structure,
+    flow = FormationEnergyMaker(
         preset=preset,
         metadata={"benchmark": "bench presets", "compound": compound},
         magnetic_orderings=magnetic_orderings,
-    )
+    ).make(structure)
     start = time.perf_counter()
     responses = run_local(flow)
     wall = time.perf_counter() - start
@@ -129,9 +128,7 @@ def run_compound(
         outputs.append(response[max(response)].output if response else None)
     task = next((o for o in outputs if isinstance(o, QETaskDocument)), None)
     formation = next((o for o in outputs if isinstance(o, FormationEnergyDocument)), None)
-    cached = sorted(
-        el for el in structure.composition.as_dict() if el not in {j.name.split()[-1] for j in flow.jobs}
-    )
+    cached = sorted(o.element for o in outputs if isinstance(o, ElementReference) and o.cached)
     pw_time = _pw_time([task]) + _reference_pw_time([o for o in outputs if isinstance(o, ElementReference)])
     final = task.final_structure if task is not None else None
     return PresetResult(
