@@ -196,6 +196,7 @@ def test_seeds_pool_by_relaxation_through_round_three():
         (["--seeds", "0,x"], "--seeds"),
         (["--seeds", "1,1"], "distinct"),
         (["--seeds=-1,2"], ">= 0"),
+        (["--target", "hull"], "--target sun or --target window"),
     ],
 )
 def test_bench_campaign_rejects_bad_arms_and_seeds(settings, args, needle):
