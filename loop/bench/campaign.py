@@ -1069,6 +1069,9 @@ def pool_seeds(results: dict[int, dict[str, Any]]) -> dict[str, Any]:
     (not rediscovered), and per DFT run started (``per_run``: failed relaxations in the
     denominator, the rate of an equal DFT budget). An arm's rate pools every seed it ran on; a ratio pools only the seeds
     both arms ran on (``ratio_vs_<arm>_seeds``). ``code_versions`` records each seed's code.
+    The target round and the arms compared are the result's target's (:func:`goals`); a S.U.N.
+    result's hits are S.U.N. hits, its oracle calls are relaxed plus failed, and
+    :func:`pool_sun` adds the per-round rates, ratios and ``sun_targets``.
     """
     target = next((r.get("target") for r in results.values() if r.get("target")), "window")
     goal_round, goal = goals(target)
