@@ -1,4 +1,5 @@
-"""`crystaloop bench campaign`: the loop against random acquisition and against no model."""
+"""`crystaloop bench campaign`: the loop against random acquisition and the model-free baselines,
+on stable, unique and novel hits (``--target sun``) or on a formation-energy window (``--target window``)."""
 
 from __future__ import annotations
 
@@ -48,10 +49,20 @@ def bench_campaign(
         None,
         "--no-model-per-round",
         min=1,
-        help="Structures relaxed per round in the no-model arm (default: the config's budget.dft_per_round).",
+        help="Structures relaxed per round in each model-free arm (no_model, rss, substitution; default: "
+        "the config's budget.dft_per_round).",
+    ),
+    target: str = typer.Option(
+        "sun",
+        "--target",
+        help="sun: stable (E_hull <= 0 on the CHGNet hull), unique and novel hits per 100 oracle calls; "
+        "window: hits in the config's formation-energy window.",
     ),
     arms: str = typer.Option(
-        "loop,random,no_model", "--arms", help="Comma-separated subset of loop, random, no_model."
+        None,
+        "--arms",
+        help="Comma-separated subset of loop, random, no_model, rss, substitution (default: "
+        "loop,random,rss,substitution for --target sun, loop,random,no_model for --target window).",
     ),
     seeds: str = typer.Option(
         None,
@@ -70,15 +81,19 @@ def bench_campaign(
         "rewritten after each one with the seeds done so far pooled."
     ),
 ) -> None:
-    """Hit rate per round and cumulative hits: loop (uncertainty + retraining), random acquisition, no model."""
+    """Hits per round and cumulative: loop (uncertainty + retraining), random acquisition, and the
+    model-free arms (random structure search, prototype substitution, decorated cubic prototypes)."""
     from crystaloop.cli._common import console
     from crystaloop.db import get_database
     from crystaloop.errors import UserError
-    from crystaloop.loop.bench.campaign import ARMS, CIRCULARITY, run_seeds, to_json
+    from crystaloop.loop.bench.campaign import ARMS, CIRCULARITY, DEFAULT_ARMS, TARGETS, run_seeds, to_json
     from crystaloop.loop.config import load_campaign_config
 
     if fmt not in ("table", "json"):
         raise UserError(f"unknown format {fmt!r}; use --format table or --format json")
+    if target not in TARGETS:
+        raise UserError(f"unknown --target {target!r}; use --target sun or --target window")
+    arms = arms if arms is not None else ",".join(DEFAULT_ARMS[target])
     chosen = tuple(a.strip() for a in arms.split(",") if a.strip())
     if not chosen or set(chosen) - set(ARMS):
         raise UserError(f"--arms takes a comma-separated subset of {','.join(ARMS)}, not {arms!r}")
@@ -97,6 +112,7 @@ def bench_campaign(
         arms=chosen,
         log=lambda line: console.print(line, highlight=False),
         write=(lambda document: output.write_text(to_json(document, indent=1))) if output else None,
+        target=target,
     )
     if fmt == "json":
         console.print_json(to_json(out))
@@ -104,7 +120,7 @@ def bench_campaign(
     for seed, result in results.items():
         if len(results) > 1:
             console.print(f"seed {seed}", highlight=False)
-        _print_result(console, result)
+        (_print_sun_result if target == "sun" else _print_result)(console, result)
     if len(results) > 1:
         _print_pooled(console, out["pooled"])
     console.print(f"oracle: {CIRCULARITY}", highlight=False)
@@ -130,6 +146,9 @@ def _interval(bounds, fmt) -> str:
 
 def _print_pooled(console, pooled: dict) -> None:
     """The pooled counts, rates and ratios with their intervals."""
+    if pooled.get("target") == "sun":
+        _print_sun_pooled(console, pooled)
+        return
     for label, key in (("hits", "hits"), ("new hits (not rediscovered)", "new_hits")):
         rates = ", ".join(
             f"{arm} {count}/{pooled['relaxed'][arm]} ({_pct(pooled[f'{key[:-1]}_rates'][arm])}"
@@ -226,4 +245,113 @@ def _print_result(console, result: dict) -> None:
         highlight=False,
     )
     for line in s["anchors"].values():
+        console.print(f"anchor: {line}", highlight=False)
+
+
+def _per_100(value, bounds) -> str:
+    text = "-" if value is None else f"{value:.1f}"
+    return text + _interval(bounds, lambda v: f"{v:.1f}")
+
+
+def _print_sun_result(console, result: dict) -> None:
+    """One seed's S.U.N. table (per arm and round) and the summary against the targets."""
+    from rich.table import Table
+
+    table = Table(
+        "arm",
+        "round",
+        "oracle calls",
+        "failed (unphysical)",
+        "stable",
+        "unique",
+        "novel",
+        "S.U.N.",
+        "S.U.N. per 100 calls",
+        "cumulative per 100 calls",
+        "S.U.N. hits",
+    )
+    for arm, data in result["arms"].items():
+        for row in data["rows"]:
+            table.add_row(
+                arm,
+                str(row["round"]),
+                str(row["oracle_calls"]),
+                f"{row['failed']} ({row['unphysical']})",
+                str(row["stable"]),
+                str(row["unique"]),
+                str(row["novel"]),
+                str(row["hits"]),
+                _num(row["sun_per_100_calls"], ".1f"),
+                _num(row["cumulative_sun_per_100_calls"], ".1f"),
+                ", ".join(row.get("sun_formulas") or []) or "-",
+            )
+    console.print(table)
+    s = result["summary"]
+    rates = ", ".join(
+        f"{arm} {s['sun_hits'][arm]}/{s['oracle_calls'][arm]} = "
+        f"{_per_100(s['sun_per_100_calls'][arm], s['sun_per_100_calls_intervals'][arm])}"
+        for arm in s["sun_hits"]
+    )
+    console.print(f"S.U.N. hits per 100 oracle calls through round {s['round']}: {rates}", highlight=False)
+    _print_sun_targets(
+        console, {o: (s.get(f"ratio_vs_{o}"), None, s.get(f"target_vs_{o}_met")) for o in _goal()}
+    )
+    if s["round"] < s["goal_round"]:
+        console.print(
+            f"the targets are judged through round {s['goal_round']}; this run stopped at round {s['round']}, "
+            "so they are not measured",
+            highlight=False,
+        )
+    for line in s["anchors"].values():
+        console.print(f"anchor: {line}", highlight=False)
+
+
+def _goal() -> dict:
+    from crystaloop.loop.bench.campaign import goals
+
+    return goals("sun")[1]
+
+
+def _print_sun_targets(console, ratios: dict) -> None:
+    """``ratios``: other arm -> (ratio, interval, met)."""
+    goal = _goal()
+    parts = []
+    for other, (ratio, bounds, met) in ratios.items():
+        verdict = "not measured" if met is None else ("met" if met else "missed")
+        parts.append(
+            f"loop/{other} {_num(ratio, '.1f')}x"
+            + _interval(bounds, lambda v: f"{_num(v, '.1f')}x")
+            + f" (target {goal[other]:g}x: {verdict})"
+        )
+    console.print("ratios: " + "; ".join(parts), highlight=False)
+
+
+def _print_sun_pooled(console, pooled: dict) -> None:
+    """Pooled S.U.N. hits per 100 oracle calls per round and arm, and the ratios against the targets."""
+    from crystaloop.loop.bench.targets import SUN_ANCHORS
+
+    seeds = ", ".join(map(str, pooled["seeds"]))
+    for entry in pooled["per_round"]:
+        rates = "; ".join(
+            f"{arm} {v['sun_hits']}/{v['oracle_calls']} = {_per_100(v['per_100'], v['interval'])}"
+            f" (cumulative {_per_100(entry['cumulative'][arm]['per_100'], entry['cumulative'][arm]['interval'])})"
+            for arm, v in entry["arms"].items()
+        )
+        console.print(
+            f"pooled over seeds {seeds}, round {entry['round']}, S.U.N. per 100 oracle calls: {rates}",
+            highlight=False,
+        )
+    console.print(
+        f"through round {pooled['round']} (targets judged through round {pooled['goal_round']}):",
+        highlight=False,
+    )
+    _print_sun_targets(
+        console, {o: (t["ratio"], t["interval"], t["met"]) for o, t in pooled["sun_targets"].items()}
+    )
+    failures = ", ".join(
+        f"{arm} {pooled['failed'][arm]} ({pooled['unphysical'][arm]} unphysical)" for arm in pooled["failed"]
+    )
+    console.print(f"failed relaxations: {failures}", highlight=False)
+    console.print(f"intervals: {pooled['intervals']}", highlight=False)
+    for line in SUN_ANCHORS.values():
         console.print(f"anchor: {line}", highlight=False)

@@ -185,14 +185,20 @@ def _radius(symbol: str) -> float:
 
 def prototype_oxidation_states(prototype: AflowPrototype) -> dict[str, int] | None:
     """Integer oxidation states of the original compound with cations and anions, else None."""
-    comp = prototype.structure.composition
+    return oxidation_states(prototype.structure.composition)
+
+
+def oxidation_states(comp: Composition) -> dict[str, int] | None:
+    """Integer oxidation states of a compound with cations and anions (pymatgen's guess), else None."""
     if len(comp) < 2:
         return None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         guesses = comp.oxi_state_guesses(max_sites=-50)
     for guess in guesses:
-        if all(float(v).is_integer() for v in guess.values()) and min(guess.values()) < 0 < max(guess.values()):
+        if all(float(v).is_integer() for v in guess.values()) and min(guess.values()) < 0 < max(
+            guess.values()
+        ):
             return {el: int(v) for el, v in guess.items()}
     return None
 
@@ -222,40 +228,57 @@ def substitutions(
 @cache
 def _substitutions(key: str, palette: tuple[str, ...], threshold: float) -> tuple[Decoration, ...]:
     prototype = aflow_library()[key]
+    choices = substitution_choices(prototype.structure.composition, palette, threshold=threshold)
+    out = [Decoration(prototype.key, subs, probability, kind) for subs, probability, kind in choices]
+    return tuple(sorted(out, key=lambda d: (-d.probability, d.structure_id)))
+
+
+def substitution_choices(
+    composition: Composition, palette: Sequence[str], *, threshold: float = DEFAULT_THRESHOLD
+) -> list[tuple[tuple[tuple[str, str], ...], float, Kind]]:
+    """Every element substitution of a compound above ``threshold`` within ``palette``.
+
+    The rules of the module docstring (ionic, intermetallic, the original kept when its
+    elements are in the palette): (``(original, new)`` pairs sorted by the original element,
+    probability, kind), in the predictor's order, the original first.
+    """
     allowed = set(palette)
-    elements = sorted(el.symbol for el in prototype.structure.composition)
-    out: dict[tuple, Decoration] = {}
+    elements = sorted(el.symbol for el in composition)
+    out: dict[tuple, tuple[tuple[tuple[str, str], ...], float, Kind]] = {}
     if set(elements) <= allowed:
         ident = tuple((e, e) for e in elements)
-        out[ident] = Decoration(prototype.key, ident, 1.0, "identity")
-    states = prototype_oxidation_states(prototype)
+        out[ident] = (ident, 1.0, "identity")
+    states = oxidation_states(composition)
     kind: Kind = "ionic"
     if states is None:
         cations = {e: _cation_state(e) for e in elements}
         if not _metallic(elements) or any(v is None for v in cations.values()):
-            return tuple(out.values())  # a covalent or molecular framework (C, As, S8 ...): the original only
+            return list(out.values())  # a covalent or molecular framework (C, As, S8 ...): the original only
         states, kind = cations, "intermetallic"
     species = {e: Species(e, states[e]) for e in elements}
     predictor = _predictor(threshold)
+    reduced = {el.symbol: n for el, n in composition.reduced_composition.items()}
     try:
         if kind == "ionic":
-            comp = Composition({species[e]: n for e, n in _composition(prototype).items()})
+            comp = Composition({species[e]: n for e, n in reduced.items()})
             preds = predictor.composition_prediction(comp, to_this_composition=False)
         else:
             preds = predictor.list_prediction([str(species[e]) for e in elements], to_this_composition=False)
     except (KeyError, ValueError):  # a species missing from the ICSD table
-        return tuple(out.values())
+        return list(out.values())
     for pred in preds:
         subs = {_symbol(k): _symbol(v) for k, v in pred["substitutions"].items()}
         new = [subs[e] for e in elements]
         if not set(new) <= allowed or len(set(new)) < len(new):
             continue  # off the palette, or two sublattices merged into one element
-        if kind == "intermetallic" and not all(_same_character(o, n) for o, n in zip(elements, new, strict=True)):
+        if kind == "intermetallic" and not all(
+            _same_character(o, n) for o, n in zip(elements, new, strict=True)
+        ):
             continue
         key = tuple(zip(elements, new, strict=True))
         if key not in out:
-            out[key] = Decoration(prototype.key, key, float(pred["probability"]), kind)
-    return tuple(sorted(out.values(), key=lambda d: (-d.probability, d.structure_id)))
+            out[key] = (key, float(pred["probability"]), kind)
+    return list(out.values())
 
 
 def _metallic(elements: Sequence[str]) -> bool:
@@ -269,10 +292,6 @@ def _same_character(old: str, new: str) -> bool:
     """A metal site takes a metal; a metalloid site a metal or a metalloid (FeSi -> CoGe)."""
     el = Element(new)
     return el.is_metal if Element(old).is_metal else el.is_metal or el.is_metalloid
-
-
-def _composition(prototype: AflowPrototype) -> dict[str, float]:
-    return {el.symbol: n for el, n in prototype.structure.composition.reduced_composition.items()}
 
 
 def _symbol(species) -> str:
@@ -323,4 +342,3 @@ def decorate_all(
         out += choose(substitutions(proto, palette, threshold=threshold), per_prototype, seed)
     order = np.random.default_rng(seed).permutation(len(out))
     return [out[i] for i in order]
-

@@ -1,14 +1,33 @@
 """Efficiency benchmark: does the loop find hits faster than chance?
 
-Three arms with the same seeds, palette, window, filters and DFT budget per round, all
-judged by the same oracle (the surrogate engine, so that five or more rounds fit):
+Two targets (``target``):
+
+- ``sun`` (the default): a hit is stable, unique and novel (S.U.N.). Stable: E_hull <= 0 by the
+  oracle on the CHGNet hull of the prior set plus everything the arm relaxed before it
+  (:func:`sun_classify`; pymatgen's ``PhaseDiagram`` through :class:`~crystaloop.dft.hull.FormationHull`);
+  unique: no earlier result of the arm matches it; novel: its structure type (species anonymised)
+  is neither a prior prototype nor one of the arm's earlier results
+  (:func:`crystaloop.loop.stability.sun_flags`). Counted per 100 oracle calls (relaxations
+  started, failures included). The campaign arms steer at a predicted E_hull of at most
+  :data:`SUN_STEER_MAX` eV/atom. Default arms: ``loop``, ``random``, ``rss`` and ``substitution``.
+- ``window``: a hit lies in the campaign's formation-energy window (arms ``loop``, ``random``,
+  ``no_model``), as described below.
+
+The arms, with the same seeds, palette, filters and DFT budget per round, all judged by the
+same oracle (the surrogate engine, so that five or more rounds fit):
 
 - ``loop``: the campaign as configured, with ``uncertainty`` acquisition and retraining;
 - ``random``: the same generator and filters, ``random`` acquisition, no retraining and no
   sampling around hits (``sampling.around_hits``), so nothing the oracle says feeds back;
 - ``no_model``: cubic prototypes of the campaign's classes decorated with random palette
   elements, through the same validity, element, size and novelty rules as the campaign
-  arms, never the same crystal twice, ``budget.dft_per_round`` of them a round; no model.
+  arms, never the same crystal twice, ``budget.dft_per_round`` of them a round; no model;
+- ``rss``: random structure search, random symmetric crystals of the palette's compositions
+  made with pyxtal (:mod:`crystaloop.loop.bench.baselines`); no model;
+- ``substitution``: known prototypes decorated by ionic substitution probability
+  (:mod:`crystaloop.loop.bench.baselines`); no model.
+
+The model-free arms relax the same number a round, never the same crystal twice.
 
 The oracle is CHGNet, so the CHGNet screen is off in both campaign arms: it would be the
 oracle itself. It is also the labeller of the prior data that the ensemble learnt
@@ -34,18 +53,19 @@ from typing import Any
 
 import numpy as np
 from pymatgen.analysis.structure_matcher import StructureMatcher
-from pymatgen.core import Structure
+from pymatgen.core import Composition, Structure
 
 from crystaloop.generative.measures import matching_index
-from crystaloop.loop.bench.targets import ANCHORS, CAMPAIGN
+from crystaloop.loop.bench.targets import ANCHORS, CAMPAIGN, SUN_ANCHORS, SUN_CAMPAIGN
 from crystaloop.loop.config import CampaignConfig
 
 #: Why the oracle favours the model-guided arms; written into every result and printed with it.
 CIRCULARITY = (
     "The oracle is CHGNet with its 0.3.0 weights, and the CGCNN ensemble that screens the loop and "
     "random arms was trained on the prior set's labels, which CHGNet 0.3.0 computed: the ensemble "
-    "learnt to imitate the judge. A hit here is a structure CHGNet puts in the window, not a "
-    "DFT-verified one, and the agreement favours both campaign arms over the no-model arm."
+    "learnt to imitate the judge. A hit here is a structure CHGNet puts in the window or on its "
+    "hull, not a DFT-verified one, and the agreement favours both campaign arms over the "
+    "model-free arms (no model, random structure search, substitution)."
 )
 #: Confidence level of every interval the benchmark reports.
 CONFIDENCE = 0.95
@@ -54,13 +74,25 @@ BOOTSTRAP_RESAMPLES = 10_000
 #: Species roles of each material class: AB, ABX3, X2YZ.
 _ROLES = {"binary": 2, "perovskite": 3, "heusler": 3}
 #: The arms, in the order they run.
-ARMS = ("loop", "random", "no_model")
+ARMS = ("loop", "random", "no_model", "rss", "substitution")
+#: The arms without a model: drawn, relaxed by the oracle, ``n`` a round.
+MODEL_FREE = ("no_model", "rss", "substitution")
+#: What counts as a hit: stable, unique and novel, or in the campaign's window.
+TARGETS = ("sun", "window")
+#: The arms each target runs unless ``arms`` says otherwise.
+DEFAULT_ARMS = {"sun": ("loop", "random", "rss", "substitution"), "window": ("loop", "random", "no_model")}
+#: The S.U.N. target's window for the campaign arms' screen and acquisition: predicted E_hull at
+#: most this (eV/atom, the metastable bound; the filter widens it by ``filters.window_tolerance``).
+SUN_STEER_MAX = 0.1
 
 
-def arm_configs(base: CampaignConfig, rounds: int, *, suffix: str = "") -> dict[str, CampaignConfig]:
+def arm_configs(
+    base: CampaignConfig, rounds: int, *, suffix: str = "", target: str = "window"
+) -> dict[str, CampaignConfig]:
     """The ``loop`` and ``random`` arm configs derived from ``base`` (surrogate oracle, no UIP screen).
 
-    Campaigns are named ``<base>-bench-<arm><suffix>``.
+    Campaigns are named ``<base>-bench-<arm><suffix>``. With ``target="sun"`` both aim at an
+    energy above the CHGNet hull of at most :data:`SUN_STEER_MAX` instead of ``base``'s window.
     """
     common = {
         "max_rounds": rounds,
@@ -72,6 +104,8 @@ def arm_configs(base: CampaignConfig, rounds: int, *, suffix: str = "") -> dict[
         # arm run second is not barred from what the first one relaxed.
         "filters": {**base.filters.model_dump(), "uip_screen": False, "novelty_scope": "own"},
     }
+    if target == "sun":
+        common["targets"] = [{"property": "energy_above_hull", "min": None, "max": SUN_STEER_MAX}]
     loop = base.model_copy(deep=True).model_dump()
     loop.update(common, name=f"{base.name}-bench-loop{suffix}")
     loop["acquisition"] = {**loop["acquisition"], "strategy": "uncertainty"}
@@ -173,38 +207,94 @@ def no_model_round(
     whether the failure was unphysical (``crystaloop.dft.sanity``), whether it hit, and the
     relaxed structure as a dict (for the rediscovery check).
     """
+    rng = np.random.default_rng(seed)
+    out = []
+    for proto, structure in draw_no_model(config, n=n, rng=rng, known=known, exclude=exclude):
+        fields = {"prototype": proto.name, "species": list(proto.species)}
+        out.append(oracle_relax(config, structure, "benchmark_no_model", fields))
+    return out
+
+
+def oracle_relax(
+    config: CampaignConfig, structure: Structure, role: str, fields: dict[str, Any]
+) -> dict[str, Any]:
+    """Relax ``structure`` with the oracle (the surrogate engine) and describe the outcome.
+
+    ``fields`` (what was drawn) come first; then formula, E_f (None for a failed relaxation, with
+    its reason), whether the failure was unphysical (``crystaloop.dft.sanity``), whether it lies in
+    ``config``'s windows, and the relaxed structure as a dict.
+    """
     from crystaloop.dft.backends import run_local
     from crystaloop.dft.flows import FormationEnergyMaker
     from crystaloop.dft.sanity import PREFIX
     from crystaloop.dft.schemas import FormationEnergyDocument, QETaskDocument
 
+    flow = FormationEnergyMaker(engine="surrogate", metadata={"role": role}).make(structure)
+    responses = run_local(flow)
+    docs = [r.output for response in responses.values() for r in response.values()]
+    fe = next(d for d in docs if isinstance(d, FormationEnergyDocument))
+    relaxed = next(
+        (d.final_structure for d in docs if isinstance(d, QETaskDocument) and d.task_id == fe.task_id),
+        None,
+    )
+    value = fe.formation_energy_per_atom if fe.state == "successful" else None
+    return {
+        **fields,
+        "formula": structure.composition.reduced_formula,
+        "formation_energy_per_atom": value,
+        "failed_reason": None if value is not None else "; ".join(fe.reasons)[:300],
+        "unphysical": value is None and any(r.startswith(PREFIX) for r in fe.reasons),
+        "hit": value is not None and config.in_all_windows({"formation_energy_per_atom": value}),
+        "relaxed_structure": relaxed.as_dict() if relaxed is not None and value is not None else None,
+    }
+
+
+def model_free_round(
+    arm: str,
+    config: CampaignConfig,
+    *,
+    n: int,
+    seed: int,
+    known: Callable[[str], Sequence[Structure]],
+    state: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """One round of a model-free arm: draw ``n`` structures and relax them with the oracle.
+
+    ``state`` carries what the arm drew in earlier rounds (never drawn twice) and its pools;
+    pass the same dict every round. Returns :func:`oracle_relax`'s records.
+    """
+    from crystaloop.loop.bench.baselines import draw_rss, draw_substitution, substitution_pool
+
+    if arm == "no_model":
+        return no_model_round(config, n=n, seed=seed, known=known, exclude=state.setdefault("drawn", set()))
     rng = np.random.default_rng(seed)
     out = []
-    for proto, structure in draw_no_model(config, n=n, rng=rng, known=known, exclude=exclude):
-        flow = FormationEnergyMaker(engine="surrogate", metadata={"role": "benchmark_no_model"}).make(
-            structure
-        )
-        responses = run_local(flow)
-        docs = [r.output for response in responses.values() for r in response.values()]
-        fe = next(d for d in docs if isinstance(d, FormationEnergyDocument))
-        relaxed = next(
-            (d.final_structure for d in docs if isinstance(d, QETaskDocument) and d.task_id == fe.task_id),
-            None,
-        )
-        value = fe.formation_energy_per_atom if fe.state == "successful" else None
-        out.append(
-            {
-                "formula": structure.composition.reduced_formula,
-                "prototype": proto.name,
-                "species": list(proto.species),
-                "formation_energy_per_atom": value,
-                "failed_reason": None if value is not None else "; ".join(fe.reasons)[:300],
-                "unphysical": value is None and any(r.startswith(PREFIX) for r in fe.reasons),
-                "hit": value is not None and config.in_all_windows({"formation_energy_per_atom": value}),
-                "relaxed_structure": relaxed.as_dict() if relaxed is not None and value is not None else None,
+    if arm == "rss":
+        for info, structure in draw_rss(config, n=n, rng=rng, exclude=state.setdefault("drawn", {})):
+            fields = {
+                "prototype": f"random {info.material_class}",
+                "species": list(info.species),
+                "spacegroup": info.spacegroup,
+                "formula_units": info.formula_units,
             }
+            out.append(oracle_relax(config, structure, "benchmark_rss", fields))
+        return out
+    if arm == "substitution":
+        if "pool" not in state:
+            state["pool"] = substitution_pool(config)
+        draws = draw_substitution(
+            config, n=n, rng=rng, known=known, exclude=state.setdefault("drawn", {}), pool=state["pool"]
         )
-    return out
+        for decoration, structure in draws:
+            fields = {
+                "prototype": decoration.prototype,
+                "species": [new for _, new in decoration.substitution],
+                "substitution": [list(pair) for pair in decoration.substitution],
+                "probability": decoration.probability,
+            }
+            out.append(oracle_relax(config, structure, "benchmark_substitution", fields))
+        return out
+    raise ValueError(f"{arm} is not a model-free arm ({', '.join(MODEL_FREE)})")
 
 
 def prior_lookup(database, arm_campaign: str) -> Callable[[str], list[Structure]]:
@@ -414,6 +504,165 @@ def with_rates(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def sun_classify(records: Sequence[dict[str, Any]], hull: Any = None) -> list[dict[str, Any] | None]:
+    """The S.U.N. verdict of each of an arm's relaxations, in the order the arm ran them.
+
+    ``records`` give ``formula``, ``formation_energy_per_atom`` (eV/atom; None for a failed
+    relaxation) and ``structure`` (the relaxed :class:`Structure`). Each result is placed on
+    ``hull`` (a :class:`~crystaloop.dft.hull.FormationHull`; default: the CHGNet hull of the prior
+    set) as it stands before it, then joins it, so that the hull holds the prior set plus
+    everything the arm relaxed so far; the hull is pymatgen's (:func:`crystaloop.loop.stability.stability_of`).
+    Uniqueness and prototype novelty are :func:`crystaloop.loop.stability.sun_flags`'s. Returns,
+    per record, None for a failed relaxation, else ``energy_above_hull`` and the flags
+    ``stable`` (E_hull <= 0), ``metastable``, ``unique``, ``novel`` and ``sun``.
+    """
+    from crystaloop.dft.hull import FormationHull, HullPhase
+    from crystaloop.loop.stability import FORMATION_ENERGY, prior_phases, stability_of, sun_flags
+
+    if hull is None:
+        labeller, phases = prior_phases()
+        hull = FormationHull(labeller, phases)
+    placed: list[tuple[int, float | None]] = []
+    for i, record in enumerate(records):
+        value = record.get(FORMATION_ENERGY)
+        if value is None:
+            continue
+        formula = Composition(record["formula"]).reduced_formula
+        stability = stability_of(hull, formula, {FORMATION_ENERGY: value})
+        if stability is not None:
+            hull.add(HullPhase(formula, float(value), str(record.get("id", f"relaxation {i}"))))
+        if record.get("structure") is not None:
+            placed.append((i, None if stability is None else stability.energy_above_hull))
+    flags = sun_flags([records[i]["structure"] for i, _ in placed], [e for _, e in placed])
+    out: list[dict[str, Any] | None] = [None] * len(records)
+    for (i, e_hull), flag in zip(placed, flags, strict=True):
+        out[i] = {
+            "energy_above_hull": e_hull,
+            "stable": flag.stable,
+            "metastable": flag.metastable,
+            "unique": flag.unique,
+            "novel": flag.novel,
+            "sun": flag.sun,
+        }
+    return out
+
+
+def sun_rows(rounds: Sequence[Sequence[dict[str, Any]]], hull: Any = None) -> list[dict[str, Any]]:
+    """Per-round S.U.N. counts of one arm from its records per round (as :func:`sun_classify` takes them,
+    plus ``unphysical`` for a failed one), in the order the arm ran them.
+
+    An oracle call is a relaxation started, failed ones included. ``hits`` are the S.U.N. hits
+    (all new: novelty is part of the target); ``sun_per_100_calls`` and its cumulative twin are
+    the benchmark's rates. Each record gets its verdict as ``sun`` (None if it failed).
+    """
+    verdicts = iter(sun_classify([r for records in rounds for r in records], hull))
+    rows = []
+    calls_total = hits_total = 0
+    for number, records in enumerate(rounds):
+        counts = dict.fromkeys(("stable", "metastable", "unique", "novel", "sun"), 0)
+        hits = []
+        for record in records:
+            verdict = record["sun"] = next(verdicts)
+            for key in counts:
+                counts[key] += bool(verdict and verdict[key])
+            if verdict and verdict["sun"]:
+                hits.append(record["formula"])
+        failed = sum(r.get("formation_energy_per_atom") is None for r in records)
+        calls_total += len(records)
+        hits_total += counts["sun"]
+        rows.append(
+            {
+                "round": number + 1,
+                "oracle_calls": len(records),
+                "relaxed": len(records) - failed,
+                "failed": failed,
+                "unphysical": sum(bool(r.get("unphysical")) for r in records),
+                **{key: counts[key] for key in ("stable", "metastable", "unique", "novel")},
+                "hits": counts["sun"],
+                "new_hits": counts["sun"],
+                "rediscovered": 0,
+                "sun_formulas": hits,
+                "sun_per_100_calls": 100 * counts["sun"] / len(records) if records else None,
+                "cumulative_oracle_calls": calls_total,
+                "cumulative_sun_per_100_calls": 100 * hits_total / calls_total if calls_total else None,
+            }
+        )
+    return with_rates(rows)
+
+
+def campaign_sun_rows(database, config: CampaignConfig) -> list[dict[str, Any]]:
+    """:func:`campaign_rows` of a finished campaign arm with the S.U.N. counts (:func:`sun_rows`).
+
+    Its relaxed and failed candidates per round, in candidate order, are the records; the
+    campaign's own window hits (its steering window) stay as ``window_hits``.
+    """
+    from crystaloop.db.campaigns import CampaignStore
+    from crystaloop.db.store import CandidateStore
+    from crystaloop.dft.sanity import PREFIX
+
+    rows = campaign_rows(database, config)
+    candidates = CandidateStore(database).collection
+    per_round = []
+    for r in CampaignStore(database).all_rounds(config.name):
+        records = []
+        for d in candidates.find(
+            {"campaign": config.name, "selected_round": r.round, "state": {"$in": ["relaxed", "failed"]}},
+            {
+                "candidate_id": 1,
+                "reduced_formula": 1,
+                "state": 1,
+                "dft": 1,
+                "dft_task_id": 1,
+                "state_history": 1,
+            },
+            sort=[("candidate_id", 1)],
+        ):
+            value = (d.get("dft") or {}).get("formation_energy_per_atom") if d["state"] == "relaxed" else None
+            reason = (
+                ((d.get("state_history") or [{}])[-1].get("reason") or "") if d["state"] == "failed" else ""
+            )
+            records.append(
+                {
+                    "id": d["candidate_id"],
+                    "formula": d["reduced_formula"],
+                    "formation_energy_per_atom": value,
+                    "structure": _relaxed_structure(database, d) if value is not None else None,
+                    "unphysical": f"{PREFIX}:" in reason,
+                }
+            )
+        per_round.append(records)
+    out = []
+    for row, sun in zip(rows, sun_rows(per_round), strict=True):
+        out.append({**row, "window_hits": row["hits"], **sun})
+    return out
+
+
+def model_free_sun_rows(rounds: Sequence[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """:func:`sun_rows` of a model-free arm from :func:`model_free_round`'s lists; each round's
+    records (with their verdicts) stay in the row as ``structures``."""
+    records = [
+        [
+            {
+                **p,
+                "structure": Structure.from_dict(p["relaxed_structure"])
+                if p.get("relaxed_structure")
+                else None,
+            }
+            for p in picked
+        ]
+        for picked in rounds
+    ]
+    rows = sun_rows(records)
+    for row, picked, done in zip(rows, rounds, records, strict=True):
+        for p, record in zip(picked, done, strict=True):
+            p["sun"] = record["sun"]
+        row["drawn"] = len(picked)
+        row["shortlisted"] = None
+        row["mae_screening"] = row["mae_before_finetune"] = None
+        row["structures"] = picked
+    return rows
+
+
 @cache
 def code_version() -> dict[str, Any]:
     """The code that ran: git commit (and whether tracked files differed from it), else the package version.
@@ -465,29 +714,38 @@ def run_benchmark(
     rounds: int = 5,
     no_model_per_round: int | None = None,
     log: Callable[[str], None] | None = None,
-    arms: Sequence[str] = ARMS,
+    arms: Sequence[str] | None = None,
     suffix: str = "",
+    target: str = "window",
 ) -> dict[str, Any]:
-    """Run the arms (all three by default) and return per-round hit rates, cumulative hits, MAEs and a summary.
+    """Run the arms (by default :data:`DEFAULT_ARMS` of ``target``) and return per-round rows and a summary.
 
-    The no-model arm relaxes ``no_model_per_round`` structures a round, by default the campaign
-    arms' DFT budget (``budget.dft_per_round``); with another number its rates carry Wilson
-    intervals in :func:`pool_seeds` and :func:`summarise` as every rate does.
-    ``suffix`` is appended to the arms' campaign names (several seeds in one database).
+    ``target`` is ``window`` (hits in the campaign's window) or ``sun`` (stable, unique and novel
+    hits per 100 oracle calls; module docstring). The model-free arms relax
+    ``no_model_per_round`` structures a round, by default the campaign arms' DFT budget
+    (``budget.dft_per_round``); with another number their rates carry Wilson intervals in
+    :func:`pool_seeds` and :func:`summarise` as every rate does. ``suffix`` is appended to the
+    arms' campaign names (several seeds in one database).
     """
+    from crystaloop.errors import UserError
     from crystaloop.loop.campaign import Campaign
 
+    if target not in TARGETS:
+        raise UserError(f"unknown benchmark target {target!r}; choose from {', '.join(TARGETS)}")
+    arms = tuple(arms) if arms is not None else DEFAULT_ARMS[target]
     log = log or (lambda line: None)
-    n_no_model = no_model_per_round or base.budget.dft_per_round
-    window = {t.property: [t.min, t.max] for t in base.targets}
+    n_model_free = no_model_per_round or base.budget.dft_per_round
+    configs = arm_configs(base, rounds, suffix=suffix, target=target)
+    window = {t.property: [t.min, t.max] for t in next(iter(configs.values())).targets}
     result: dict[str, Any] = {
+        "target": target,
         "rounds": rounds,
         "seed": base.seed,
         "code_version": code_version(),
         "oracle": oracle_description(),
         "dft_per_round": base.budget.dft_per_round,
         "candidates_per_round": base.budget.candidates_per_round,
-        "no_model_per_round": n_no_model,
+        "no_model_per_round": n_model_free,
         "window": window,
         "palette": base.elements.allow,
         "material_classes": list(base.material_classes),
@@ -495,53 +753,50 @@ def run_benchmark(
     }
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:
-        from crystaloop.errors import UserError
-
         raise UserError(f"unknown benchmark arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
-    if "no_model" in arms and not base.elements.allow:
-        from crystaloop.errors import UserError
-
-        # The no-model arm decorates prototypes with the palette: without one it would relax nothing.
+    free = [a for a in MODEL_FREE if a in arms]
+    if free and not base.elements.allow:
+        # The model-free arms draw from the palette: without one they would relax nothing.
         raise UserError(
-            "the no-model arm draws from elements.allow, which this config leaves open; list the "
-            "palette's elements (as configs/bench-campaign.yaml does) or leave no_model out of --arms"
+            f"the {'no-model arm' if free == ['no_model'] else 'model-free arms'} draws from elements.allow, "
+            "which this config leaves open; list the palette's elements (as configs/bench-campaign.yaml "
+            f"does) or leave {', '.join(free)} out of --arms"
         )
     # Prior structures only: the no-model arm's campaign name has no DFT results in the training data.
     known = prior_lookup(database, f"{base.name}-bench-no_model{suffix}")
-    for arm, config in arm_configs(base, rounds, suffix=suffix).items():
+    for arm, config in configs.items():
         if arm not in arms:
             continue
         start = time.perf_counter()
         log(f"arm {arm}: campaign {config.name}")
         Campaign(config, database=database, log=lambda line, a=arm: log(f"  [{a}] {line}")).run()
+        if target == "sun":
+            rows = campaign_sun_rows(database, config)
+        else:
+            rows = campaign_rows(database, config, known=known)
         result["arms"][arm] = {
             "campaign": config.name,
             "acquisition": config.acquisition.strategy,
             "retrain": config.retrain.cgcnn,
-            "rows": campaign_rows(database, config, known=known),
+            "rows": rows,
             "seconds": time.perf_counter() - start,
         }
-    if "no_model" not in arms:
-        result["summary"] = summarise(result)
-        return result
-    start = time.perf_counter()
-    drawn: set = set()  # crystals of earlier rounds: never drawn twice
-    picked = []
-    for r in range(rounds):
-        log(f"arm no_model: round {r}")
-        picked.append(
-            no_model_round(base, n=n_no_model, seed=base.seed * 1000 + r, known=known, exclude=drawn)
-        )
-        last = picked[-1]
-        log(
-            f"  [no_model] drew {len(last)}, failed {sum(p['formation_energy_per_atom'] is None for p in last)}, "
-            f"hits {sum(p['hit'] for p in last)}"
-        )
-    result["arms"]["no_model"] = {
-        "campaign": None,
-        "rows": no_model_rows(picked, known),
-        "seconds": time.perf_counter() - start,
-    }
+    for arm in free:
+        start = time.perf_counter()
+        state: dict[str, Any] = {}  # what the arm drew before: never drawn twice
+        picked = []
+        for r in range(rounds):
+            log(f"arm {arm}: round {r}")
+            picked.append(
+                model_free_round(
+                    arm, base, n=n_model_free, seed=base.seed * 1000 + r, known=known, state=state
+                )
+            )
+            last = picked[-1]
+            failed = sum(p["formation_energy_per_atom"] is None for p in last)
+            log(f"  [{arm}] drew {len(last)}, failed {failed}, window hits {sum(p['hit'] for p in last)}")
+        rows = model_free_sun_rows(picked) if target == "sun" else no_model_rows(picked, known)
+        result["arms"][arm] = {"campaign": None, "rows": rows, "seconds": time.perf_counter() - start}
     result["summary"] = summarise(result)
     return result
 
@@ -576,8 +831,11 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
     Rounds are counted from 1 here (round 3 is the third round, index 2). A ratio against an
     arm with no hits is infinite and counts as met only when the loop has hits. A target
     against an arm that did not run (``--arms``) is not measured: its ``_met`` is None.
-    Cumulative rates carry Wilson intervals (:func:`wilson_interval`).
+    Cumulative rates carry Wilson intervals (:func:`wilson_interval`). A S.U.N. result is
+    summarised by :func:`summarise_sun`.
     """
+    if result.get("target") == "sun":
+        return summarise_sun(result)
     k = CAMPAIGN["round"] - 1
 
     def at(arm: str, key: str, index: int) -> float | None:
@@ -611,6 +869,58 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
     first, last = (maes[0], maes[-1]) if len(maes) >= 2 else (None, None)
     out["mae_first_round"], out["mae_last_round"] = first, last
     out["mae_falls"] = first is not None and last is not None and last < first
+    return out
+
+
+def goals(target: str) -> tuple[int, dict[str, float]]:
+    """The round a target is judged at (counted from 1) and the loop's ratio target against each arm."""
+    if target == "sun":
+        return SUN_CAMPAIGN["round"], {
+            arm: SUN_CAMPAIGN[f"vs_{arm}"] for arm in ("rss", "substitution", "random")
+        }
+    return CAMPAIGN["round"], {"random": CAMPAIGN["vs_random"], "no_model": CAMPAIGN["vs_no_model"]}
+
+
+def _per_100(hits: int, calls: int) -> tuple[float | None, tuple[float, float] | None]:
+    """Hits per 100 oracle calls and its Wilson interval (both per 100)."""
+    bounds = wilson_interval(hits, calls)
+    return (100 * hits / calls if calls else None), (
+        None if bounds is None else (100 * bounds[0], 100 * bounds[1])
+    )
+
+
+def summarise_sun(result: dict[str, Any]) -> dict[str, Any]:
+    """One seed's S.U.N. hits per 100 oracle calls through the target round, with Wilson intervals,
+    and the loop's ratio to every other arm against :data:`SUN_CAMPAIGN`.
+
+    A run shorter than the target round is summarised through its last round and its targets
+    are not measured (``_met`` None), as is a target against an arm that did not run.
+    """
+    goal_round, goal = goals("sun")
+    ran = max((len(d["rows"]) for d in result["arms"].values()), default=0)
+    k = min(goal_round, ran)
+    out: dict[str, Any] = {
+        "target": "sun",
+        "round": k,
+        "goal_round": goal_round,
+        "anchors": SUN_ANCHORS,
+        "sun_hits": {},
+        "oracle_calls": {},
+        "sun_per_100_calls": {},
+        "sun_per_100_calls_intervals": {},
+    }
+    for arm, data in result["arms"].items():
+        rows = data["rows"][:k]
+        hits, calls = sum(r["hits"] for r in rows), sum(r["oracle_calls"] for r in rows)
+        out["sun_hits"][arm], out["oracle_calls"][arm] = hits, calls
+        out["sun_per_100_calls"][arm], out["sun_per_100_calls_intervals"][arm] = _per_100(hits, calls)
+    for other, target in goal.items():
+        ran_both = "loop" in result["arms"] and other in result["arms"]
+        ratio = _ratio(out["sun_per_100_calls"].get("loop"), out["sun_per_100_calls"].get(other))
+        out[f"ratio_vs_{other}"] = ratio if ran_both else None
+        out[f"target_vs_{other}_met"] = (
+            (ratio is not None and ratio >= target) if ran_both and k >= goal_round else None
+        )
     return out
 
 
@@ -759,9 +1069,14 @@ def pool_seeds(results: dict[int, dict[str, Any]]) -> dict[str, Any]:
     (not rediscovered), and per DFT run started (``per_run``: failed relaxations in the
     denominator, the rate of an equal DFT budget). An arm's rate pools every seed it ran on; a ratio pools only the seeds
     both arms ran on (``ratio_vs_<arm>_seeds``). ``code_versions`` records each seed's code.
+    The target round and the arms compared are the result's target's (:func:`goals`); a S.U.N.
+    result's hits are S.U.N. hits, its oracle calls are relaxed plus failed, and
+    :func:`pool_sun` adds the per-round rates, ratios and ``sun_targets``.
     """
+    target = next((r.get("target") for r in results.values() if r.get("target")), "window")
+    goal_round, goal = goals(target)
     ran = max((len(d["rows"]) for r in results.values() for d in r["arms"].values()), default=0)
-    k = min(CAMPAIGN["round"], ran)  # a shorter run is pooled through its last round
+    k = min(goal_round, ran)  # a shorter run is pooled through its last round
     keys = ("hits", "new_hits", "rediscovered", "relaxed", "failed", "unphysical")
     totals: dict[str, dict[str, int]] = {key: {} for key in keys}
     per_seed_counts: dict[str, dict[int, dict[str, int]]] = {}
@@ -780,6 +1095,7 @@ def pool_seeds(results: dict[int, dict[str, Any]]) -> dict[str, Any]:
             per_seed[str(seed)][arm] = counts["hits"] / n if n else None
     relaxed = totals["relaxed"]
     out: dict[str, Any] = {
+        "target": target,
         "round": k,
         "seeds": sorted(results),
         "code_versions": {str(seed): _code_version_of(r) for seed, r in sorted(results.items())},
@@ -814,7 +1130,7 @@ def pool_seeds(results: dict[int, dict[str, Any]]) -> dict[str, Any]:
             for pair in row.get("std_and_hit", [])
         ]
     )
-    for other, goal in (("random", CAMPAIGN["vs_random"]), ("no_model", CAMPAIGN["vs_no_model"])):
+    for other, factor in goal.items():
         if "loop" not in relaxed or other not in relaxed:
             continue
         # A ratio compares the arms on the seeds both ran (an arm may have run on more seeds).
@@ -832,9 +1148,85 @@ def pool_seeds(results: dict[int, dict[str, Any]]) -> dict[str, Any]:
             rate_a, rate_b = (_pooled_rate(counts) for counts in (a, b))
             out[f"{prefix}ratio_vs_{other}"] = _ratio(rate_a, rate_b)
             out[f"{prefix}ratio_vs_{other}_interval"] = bootstrap_ratio(a, b)
-        out[f"target_vs_{other}_met"] = (
-            out[f"ratio_vs_{other}"] is not None and out[f"ratio_vs_{other}"] >= goal
-        )
+        if target != "sun":  # S.U.N. targets are per oracle call: pool_sun's sun_targets
+            out[f"target_vs_{other}_met"] = (
+                out[f"ratio_vs_{other}"] is not None and out[f"ratio_vs_{other}"] >= factor
+            )
+    if target == "sun":
+        out.update(pool_sun(results, k, goal_round))
+    return out
+
+
+def pool_sun(results: dict[int, dict[str, Any]], k: int, goal_round: int) -> dict[str, Any]:
+    """The S.U.N. block of :func:`pool_seeds`: per arm and round, hits per 100 oracle calls pooled
+    over seeds with Wilson intervals, that round's and cumulative; the loop's cumulative ratio
+    to each other arm after every round, with a bootstrap interval over the seeds both ran; and
+    whether each target of :data:`SUN_CAMPAIGN` is met (measured only through the target round).
+    """
+    _, goal = goals("sun")
+    arms = sorted({arm for r in results.values() for arm in r["arms"]}, key=ARMS.index)
+    # counts[arm][seed] = [(hits, oracle calls) per round]
+    counts = {
+        arm: {
+            seed: [(row["hits"], row["oracle_calls"]) for row in r["arms"][arm]["rows"][:k]]
+            for seed, r in sorted(results.items())
+            if arm in r["arms"]
+        }
+        for arm in arms
+    }
+    per_round = []
+    for number in range(1, k + 1):
+        entry: dict[str, Any] = {"round": number, "arms": {}, "cumulative": {}, "ratios": {}}
+        for arm in arms:
+            rows = [c[:number] for c in counts[arm].values() if len(c) >= number]
+            for scope, picked in (("arms", [c[-1:] for c in rows]), ("cumulative", rows)):
+                hits = sum(h for c in picked for h, _ in c)
+                calls = sum(n for c in picked for _, n in c)
+                rate, bounds = _per_100(hits, calls)
+                entry[scope][arm] = {
+                    "sun_hits": hits,
+                    "oracle_calls": calls,
+                    "per_100": rate,
+                    "interval": bounds,
+                }
+        for other in goal:
+            if "loop" not in counts or other not in counts:
+                continue
+            seeds = sorted(
+                s
+                for s in set(counts["loop"]) & set(counts[other])
+                if len(counts["loop"][s]) >= number and len(counts[other][s]) >= number
+            )
+            a, b = (
+                [
+                    (sum(h for h, _ in counts[arm][s][:number]), sum(n for _, n in counts[arm][s][:number]))
+                    for s in seeds
+                ]
+                for arm in ("loop", other)
+            )
+            entry["ratios"][other] = {
+                "ratio": _ratio(_pooled_rate(a), _pooled_rate(b)),
+                "interval": bootstrap_ratio(a, b),
+                "seeds": seeds,
+            }
+        per_round.append(entry)
+    last = per_round[-1] if per_round else {"cumulative": {}, "ratios": {}}
+    out: dict[str, Any] = {
+        "goal_round": goal_round,
+        "per_round": per_round,
+        "sun_per_100_calls": {arm: v["per_100"] for arm, v in last["cumulative"].items()},
+        "sun_per_100_calls_intervals": {arm: v["interval"] for arm, v in last["cumulative"].items()},
+        "sun_targets": {},
+    }
+    for other, factor in goal.items():
+        ratio = last["ratios"].get(other)
+        measured = ratio is not None and k >= goal_round
+        out["sun_targets"][other] = {
+            "goal": factor,
+            "ratio": None if ratio is None else ratio["ratio"],
+            "interval": None if ratio is None else ratio["interval"],
+            "met": (ratio["ratio"] is not None and ratio["ratio"] >= factor) if measured else None,
+        }
     return out
 
 
@@ -845,9 +1237,10 @@ def run_seeds(
     seeds: Sequence[int] | None,
     rounds: int,
     no_model_per_round: int | None,
-    arms: Sequence[str],
+    arms: Sequence[str] | None,
     log: Callable[[str], None],
     write: Callable[[dict[str, Any]], None] | None = None,
+    target: str = "window",
 ) -> tuple[dict[int, dict[str, Any]], dict[str, Any]]:
     """:func:`run_benchmark` for each seed (``None``: the config's), one after another.
 
@@ -871,6 +1264,7 @@ def run_seeds(
             log=log,
             arms=arms,
             suffix=f"-s{seed}" if several else "",
+            target=target,
         )
         if several:
             out = {"seeds": {str(k): v for k, v in results.items()}, "pooled": pool_seeds(results)}

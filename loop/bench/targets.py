@@ -35,6 +35,8 @@ __all__ = [
     "ROUNDTRIP",
     "ROUNDTRIP_SPEED_MS",
     "SAMPLING",
+    "SUN_ANCHORS",
+    "SUN_CAMPAIGN",
     "met",
 ]
 
@@ -73,6 +75,21 @@ CAMPAIGN = {
     "round": 3,
     "vs_random": 3.0,
     "vs_no_model": 10.0,
+}
+
+#: ``bench campaign --target sun``: the loop's S.U.N. hits per 100 oracle calls, pooled over seeds
+#: through the target round (counted from 1), at least this many times each other arm's: random
+#: structure search (``rss``), prototype substitution and random acquisition (issue 28).
+SUN_CAMPAIGN = {
+    "round": 5,
+    "vs_rss": 5.0,
+    "vs_substitution": 2.0,
+    "vs_random": 2.0,
+}
+#: The papers' figures quoted beside the S.U.N. numbers (both also in :data:`ANCHORS`).
+SUN_ANCHORS = {
+    "gnome": "GNoME: precision of stable predictions from under 6 % to over 80 % through active learning",
+    "ftcp": "FTCP: 37.5 % DFT-verified success (6 of 16) against under 1 % by random sampling",
 }
 
 #: ``bench cluster``: the scheduling benchmark (issue 30).

@@ -9,9 +9,19 @@ from datetime import UTC, datetime
 import pytest
 from pymatgen.core import Lattice, Structure
 
+from crystaloop.loop.bench.baselines import (
+    CLASS_COUNTS,
+    VOLUME_FACTOR,
+    draw_rss,
+    draw_substitution,
+    substitution_pool,
+)
 from crystaloop.loop.bench.campaign import (
     ANCHORS,
+    ARMS,
     CIRCULARITY,
+    DEFAULT_ARMS,
+    SUN_STEER_MAX,
     arm_configs,
     bootstrap_ratio,
     campaign_rows,
@@ -25,10 +35,13 @@ from crystaloop.loop.bench.campaign import (
     rediscovered,
     std_terciles,
     summarise,
+    sun_classify,
+    sun_rows,
     to_json,
     wilson_interval,
     with_rates,
 )
+from crystaloop.loop.bench.targets import SUN_CAMPAIGN
 from crystaloop.loop.config import load_campaign_config
 
 
@@ -183,6 +196,7 @@ def test_seeds_pool_by_relaxation_through_round_three():
         (["--seeds", "0,x"], "--seeds"),
         (["--seeds", "1,1"], "distinct"),
         (["--seeds=-1,2"], ">= 0"),
+        (["--target", "hull"], "--target sun or --target window"),
     ],
 )
 def test_bench_campaign_rejects_bad_arms_and_seeds(settings, args, needle):
@@ -222,7 +236,7 @@ def test_no_model_arm_alone_over_two_seeds(settings, repo_root, tmp_path):
     out = tmp_path / "bench.json"
     exe = Path(sys.executable).parent / "crystaloop"
     args = ["bench", "campaign", "--config", str(config), "--arms", "no_model", "--rounds", "1"]
-    args += ["--no-model-per-round", "2", "--seeds", "0,1", "--output", str(out)]
+    args += ["--no-model-per-round", "2", "--seeds", "0,1", "--output", str(out), "--target", "window"]
     result = subprocess.run([str(exe), *args], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     written = json.loads(out.read_text())
@@ -534,3 +548,282 @@ def test_bench_campaign_pools_files(settings, tmp_path):
         [str(exe), "bench", "campaign", "--pool", str(bad)], capture_output=True, text=True
     )
     assert result.returncode == 2 and "cannot read" in result.stderr and "Traceback" not in result.stderr
+
+
+# -- the S.U.N. target and the model-free baselines (random structure search, substitution) ----
+
+
+def _palette_config(repo_root, palette, classes=("binary",), max_nsites=5):
+    base = load_campaign_config(repo_root / "configs" / "bench-campaign.yaml")
+    return base.model_copy(
+        update={
+            "elements": base.elements.model_copy(update={"allow": list(palette)}),
+            "material_classes": list(classes),
+            "filters": base.filters.model_copy(update={"max_nsites": max_nsites}),
+        }
+    )
+
+
+def test_sun_arms_steer_at_the_hull_and_keep_the_window_mode(repo_root):
+    base = load_campaign_config(repo_root / "configs" / "bench-campaign.yaml")
+    sun = arm_configs(base, rounds=5, target="sun")
+    for config in sun.values():
+        (window,) = config.targets
+        assert (window.property, window.min, window.max) == ("energy_above_hull", None, SUN_STEER_MAX)
+    assert [t.property for t in arm_configs(base, rounds=5)["loop"].targets] == ["formation_energy_per_atom"]
+    assert DEFAULT_ARMS["sun"] == ("loop", "random", "rss", "substitution")
+    assert "no_model" in ARMS and DEFAULT_ARMS["window"] == ("loop", "random", "no_model")
+
+
+def test_random_structure_search_obeys_composition_size_and_validity_and_repeats_for_a_seed(repo_root):
+    import numpy as np
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    from crystaloop.generative.measures import minimum_distance
+
+    config = _palette_config(repo_root, ["Na", "K", "Mg", "O", "F"], classes=("binary", "perovskite"))
+    drawn: dict = {}
+    first = draw_rss(config, n=6, rng=np.random.default_rng(3), exclude=drawn)
+    second = draw_rss(config, n=6, rng=np.random.default_rng(4), exclude=drawn)
+    assert len(first) == len(second) == 6
+    groups = set()
+    for info, structure in first + second:
+        composition = structure.composition
+        assert {el.symbol for el in composition.elements} == set(info.species) <= set(config.elements.allow)
+        # The class's stoichiometry in role order: AB or ABX3.
+        amounts = tuple(int(composition[el] / min(composition.values())) for el in info.species)
+        assert amounts == CLASS_COUNTS[info.material_class]
+        assert composition.reduced_formula == info.formula
+        assert len(structure) <= 5 and 1 <= info.spacegroup <= 230
+        assert minimum_distance(structure) >= config.filters.min_distance
+        groups.add(info.spacegroup)
+    assert len(groups) > 3  # random space groups, not one favourite
+    # Never the same crystal twice: no draw of the second round matches one of the first.
+    matcher = StructureMatcher()
+    for _, a in second:
+        assert not any(
+            a.composition.reduced_formula == b.composition.reduced_formula and matcher.fit(a, b)
+            for _, b in first
+        )
+    assert sum(len(v) for v in drawn.values()) == 12
+    again = draw_rss(config, n=6, rng=np.random.default_rng(3))
+    assert [i for i, _ in again] == [i for i, _ in first]
+    assert all(
+        np.allclose(a.lattice.matrix, b.lattice.matrix) and a == b
+        for (_, a), (_, b) in zip(again, first, strict=True)
+    )
+    assert [i for i, _ in draw_rss(config, n=6, rng=np.random.default_rng(5))] != [i for i, _ in first]
+    # The size limit holds for every draw: one site per cell leaves nothing (no class fits).
+    tiny = _palette_config(repo_root, ["Na", "K", "Mg", "O", "F"], max_nsites=1)
+    assert draw_rss(tiny, n=2, rng=np.random.default_rng(0), max_draws=5) == []
+
+
+def test_random_structure_search_draws_volumes_from_pyxtals_factor(repo_root):
+    import numpy as np
+
+    config = _palette_config(repo_root, ["Na", "Cl", "K", "F"])
+    volumes = [s.volume / len(s) for _, s in draw_rss(config, n=8, rng=np.random.default_rng(0))]
+    # Alkali halides at pyxtal's factor 1.1: tens of cubic Angstrom per atom, neither crushed nor empty.
+    assert VOLUME_FACTOR == 1.1 and all(8 < v < 120 for v in volumes)
+
+
+def test_substitution_draws_decorated_prototypes_by_probability_without_repeats(
+    settings, database, repo_root
+):
+    import numpy as np
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    from crystaloop.generative.data import decorate
+
+    config = _palette_config(repo_root, ["Na", "K", "Cl"])
+    pool = substitution_pool(config)
+    assert pool and all(d.kind != "identity" for d in pool)
+    assert all(d.prototype in decorate.aflow_library() for d in pool)
+    assert all({new for _, new in d.substitution} <= {"Na", "K", "Cl"} for d in pool)
+    assert [d.probability for d in pool] == sorted((d.probability for d in pool), reverse=True)
+    known = prior_lookup(database, "efficiency-bench-no_model")
+    drawn: dict = {}
+    rounds = [
+        draw_substitution(config, n=2, rng=np.random.default_rng(s), known=known, exclude=drawn, pool=pool)
+        for s in range(6)
+    ]
+    picked = [pair for r in rounds for pair in r]
+    assert len(rounds[0]) == 2 and 2 < len(picked) < len(pool)  # the pool runs out; some were known
+    matcher = StructureMatcher()
+    for i, (decoration, structure) in enumerate(picked):
+        assert decoration in pool
+        formula = structure.composition.reduced_formula
+        assert not any(matcher.fit(structure, p) for p in known(formula))  # not a prior compound
+        assert not any(
+            formula == other.composition.reduced_formula and matcher.fit(structure, other)
+            for _, other in picked[:i]
+        )  # never the same crystal twice, across rounds
+    assert (
+        draw_substitution(config, n=2, rng=np.random.default_rng(9), known=known, exclude=drawn, pool=pool)
+        == []
+    )
+    # Drawn in proportion to the probability: of two decorations, the 10,000 times likelier comes first.
+    likely = decorate.Decoration("AB_cF8_225_a_b", (("Cl", "Cl"), ("Na", "K")), 0.5, "ionic")
+    rare = decorate.Decoration("AB_cP2_221_b_a", (("Cl", "Cl"), ("Cs", "Na")), 0.00005, "ionic")
+    firsts = [
+        draw_substitution(config, n=1, rng=np.random.default_rng(s), known=lambda f: [], pool=[rare, likely])[
+            0
+        ][0]
+        for s in range(20)
+    ]
+    assert firsts.count(likely) >= 19
+
+
+def _relaxed(structure, value, formula=None):
+    return {
+        "formula": formula or structure.composition.reduced_formula,
+        "formation_energy_per_atom": value,
+        "structure": structure,
+    }
+
+
+def _tungsten_carbide(species=("Na", "Cl")) -> Structure:
+    """The WC type (hP2): not one of the prior's AB prototypes (B1, B2, B3)."""
+    return Structure(Lattice.hexagonal(3.6, 3.4), list(species), [[0, 0, 0], [1 / 3, 2 / 3, 0.5]])
+
+
+def test_sun_classification_of_hand_made_results_on_a_hand_made_hull():
+    from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
+    from pymatgen.core import Composition
+
+    from crystaloop.dft.hull import FormationHull, HullPhase
+
+    hull = FormationHull("test", [HullPhase("NaCl", -2.0, "prior")])
+    records = [
+        _relaxed(_rock_salt(5.6), -2.1),  # below the prior's NaCl, but rock salt is a prior prototype
+        _relaxed(_tungsten_carbide(), -2.15),  # below the hull that now holds the first: S.U.N.
+        _relaxed(_tungsten_carbide(), -2.3),  # the same crystal again: stable, not unique, not novel
+        {"formula": "NaCl", "formation_energy_per_atom": None, "structure": None},  # a failed relaxation
+        _relaxed(_tungsten_carbide(("K", "Cl")), 0.2),  # above the elements: not stable
+    ]
+    verdicts = sun_classify(records, hull)
+    assert verdicts[3] is None
+    flags = [(v["stable"], v["unique"], v["novel"], v["sun"]) for v in verdicts if v is not None]
+    assert flags == [
+        (True, True, False, False),
+        (True, True, True, True),
+        (True, False, False, False),
+        (False, True, False, False),  # a new formula, but the arm's WC type is no longer new
+    ]
+    # The E_hull is pymatgen's, on the hull of the prior plus the arm's earlier results.
+    na, cl = (PDEntry(Composition(el), 0.0) for el in ("Na", "Cl"))
+    nacl = Composition("NaCl")
+    diagram = PhaseDiagram([na, cl, PDEntry(nacl, -2.0 * 2), PDEntry(nacl, -2.1 * 2)])
+    expected = diagram.get_e_above_hull(PDEntry(nacl, -2.15 * 2), allow_negative=True)
+    assert verdicts[1]["energy_above_hull"] == pytest.approx(expected) == pytest.approx(-0.05)
+    assert verdicts[0]["energy_above_hull"] == pytest.approx(-0.1)
+    assert verdicts[2]["energy_above_hull"] == pytest.approx(-0.15)
+    assert verdicts[4]["energy_above_hull"] == pytest.approx(0.2)  # K-Cl has no phase: against the elements
+    assert [p.formation_energy_per_atom for p in hull.phases_in(["Na", "Cl"])] == [-2.0, -2.1, -2.15, -2.3]
+    # Per round: the rows count S.U.N. hits per 100 oracle calls, failures included.
+    rows = sun_rows([records[:2], records[2:]], FormationHull("test", [HullPhase("NaCl", -2.0, "prior")]))
+    assert [(r["oracle_calls"], r["relaxed"], r["failed"], r["hits"]) for r in rows] == [
+        (2, 2, 0, 1),
+        (3, 2, 1, 0),
+    ]
+    assert [r["stable"] for r in rows] == [2, 1] and [r["novel"] for r in rows] == [1, 0]
+    assert rows[0]["sun_per_100_calls"] == 50.0 and rows[1]["sun_per_100_calls"] == 0.0
+    assert rows[1]["cumulative_sun_per_100_calls"] == 20.0 and rows[0]["sun_formulas"] == ["NaCl"]
+
+
+def _sun_rows(counts):
+    """Rows of one arm from (S.U.N. hits, oracle calls) per round, every call relaxed."""
+    rows = [
+        {"round": i + 1, "hits": h, "new_hits": h, "relaxed": n, "failed": 0, "oracle_calls": n}
+        for i, (h, n) in enumerate(counts)
+    ]
+    return {"rows": with_rates(rows)}
+
+
+def _sun_run(seed, arms):
+    return {"seed": seed, "target": "sun", "arms": {arm: _sun_rows(c) for arm, c in arms.items()}}
+
+
+def test_pooled_sun_rates_per_round_and_ratios_against_the_targets():
+    results = {
+        0: _sun_run(0, {"loop": [(2, 8), (3, 8)], "rss": [(0, 8), (1, 8)], "random": [(1, 8), (1, 8)]}),
+        1: _sun_run(1, {"loop": [(4, 8), (1, 8)], "rss": [(1, 8), (0, 8)], "random": [(0, 8), (2, 8)]}),
+    }
+    pooled = pool_seeds(results)
+    assert pooled["target"] == "sun" and pooled["round"] == 2 and pooled["goal_round"] == 5
+    first, second = pooled["per_round"]
+    assert first["arms"]["loop"] == {
+        "sun_hits": 6,
+        "oracle_calls": 16,
+        "per_100": 37.5,
+        "interval": pytest.approx(tuple(100 * b for b in wilson_interval(6, 16))),
+    }
+    assert second["arms"]["loop"]["per_100"] == 25.0 and second["cumulative"]["loop"]["per_100"] == 31.25
+    assert (
+        second["cumulative"]["rss"]["per_100"] == 6.25 and second["cumulative"]["random"]["per_100"] == 12.5
+    )
+    assert first["ratios"]["rss"]["ratio"] == pytest.approx(6.0)
+    assert second["ratios"]["rss"]["ratio"] == pytest.approx(5.0)
+    assert second["ratios"]["random"]["ratio"] == pytest.approx(2.5)
+    low, high = second["ratios"]["rss"]["interval"]
+    assert low <= 5.0 <= high  # the bootstrap over the two seeds spans the pooled ratio
+    # Two rounds of five: the ratios are reported, the targets are not measured.
+    target = pooled["sun_targets"]["rss"]
+    assert target["goal"] == 5.0 and target["ratio"] == pytest.approx(5.0) and target["met"] is None
+    assert target["interval"] == (low, high)
+    assert pooled["sun_targets"]["substitution"]["ratio"] is None  # the arm did not run
+    # Through round 5: loop 20/80 against rss 4/80 (5x, met) and random 5/80 (4x, met).
+    none = (0, 8)
+    five = {
+        0: _sun_run(
+            0, {"loop": [(2, 8)] * 5, "rss": [(1, 8), (1, 8), none, none, none], "random": [(1, 8)] * 5}
+        ),
+        1: _sun_run(
+            1, {"loop": [(2, 8)] * 5, "rss": [none, none, (1, 8), (1, 8), none], "random": [none] * 5}
+        ),
+    }
+    targets = pool_seeds(five)["sun_targets"]
+    assert targets["rss"]["ratio"] == pytest.approx(5.0) and targets["rss"]["met"] is True
+    assert targets["random"]["ratio"] == pytest.approx(4.0) and targets["random"]["met"] is True
+    five[1]["arms"]["random"] = _sun_rows([(3, 8)] * 5)
+    assert pool_seeds(five)["sun_targets"]["random"]["met"] is False  # 20/80 against 20/80: 1x
+    assert SUN_CAMPAIGN == {"round": 5, "vs_rss": 5.0, "vs_substitution": 2.0, "vs_random": 2.0}
+    summary = summarise(five[0])
+    assert summary["sun_per_100_calls"]["loop"] == 25.0 and summary["ratio_vs_rss"] == pytest.approx(5.0)
+    assert summary["target_vs_rss_met"] is True and summary["target_vs_substitution_met"] is None
+    assert "GNoME" in summary["anchors"]["gnome"] and "37.5 %" in summary["anchors"]["ftcp"]
+
+
+def test_a_sun_benchmark_of_the_model_free_arms_with_a_stand_in_oracle(
+    settings, database, repo_root, monkeypatch
+):
+    """The wiring of run_benchmark's S.U.N. mode; the oracle is replaced so that nothing is relaxed."""
+    import crystaloop.loop.bench.campaign as campaign
+
+    config = _palette_config(repo_root, ["Na", "K", "Cl"])
+
+    def oracle(config, structure, role, fields):
+        return {
+            **fields,
+            "formula": structure.composition.reduced_formula,
+            "formation_energy_per_atom": -5.0,  # far below every prior phase: stable
+            "failed_reason": None,
+            "unphysical": False,
+            "hit": False,
+            "relaxed_structure": structure.as_dict(),
+        }
+
+    monkeypatch.setattr(campaign, "oracle_relax", oracle)
+    result = campaign.run_benchmark(
+        config, database=database, rounds=2, no_model_per_round=2, arms=("rss", "substitution"), target="sun"
+    )
+    assert result["target"] == "sun" and result["window"] == {"energy_above_hull": [None, SUN_STEER_MAX]}
+    rss = result["arms"]["rss"]["rows"]
+    assert [r["oracle_calls"] for r in rss] == [2, 2] and all(r["stable"] == 2 for r in rss)
+    # Every random crystal is stable here; S.U.N. needs it unique and of a new structure type too.
+    assert all(r["hits"] == sum(p["sun"]["sun"] for p in r["structures"]) for r in rss)
+    assert all(p["sun"]["novel"] or not p["sun"]["sun"] for r in rss for p in r["structures"])
+    sub = result["arms"]["substitution"]["rows"]
+    assert sum(r["oracle_calls"] for r in sub) >= 2
+    assert result["summary"]["target_vs_rss_met"] is None  # no loop arm ran
+    assert CIRCULARITY == result["oracle"]["circularity"]
