@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from crystaloop.dft.schemas import QETaskDocument
+from crystaloop.dft.schemas import ElementReference, QETaskDocument
 
 TASKS = "dft_tasks"
 REFERENCES = "element_references"
@@ -123,6 +123,27 @@ def get_reference(
     """The cached reference (``energy_per_atom`` in eV/atom, ``task_id``), or None."""
     return _database(database)[REFERENCES].find_one(
         reference_key(element, engine, preset_key, md5), {"_id": 0}
+    )
+
+
+def cached_reference(
+    element: str, engine: str, preset_key: str, md5: str | None, **fields: Any
+) -> ElementReference | None:
+    """The cached reference as an :class:`ElementReference` (``cached=True``), or None.
+
+    ``fields`` (the cutoffs of a pw.x reference) are set on it.
+    """
+    hit = get_reference(element, engine, preset_key, md5)
+    if hit is None:
+        return None
+    return ElementReference(
+        element=element,
+        engine=engine,
+        preset=preset_key,
+        energy_per_atom=hit["energy_per_atom"],
+        task_id=hit["task_id"],
+        cached=True,
+        **fields,
     )
 
 

@@ -285,17 +285,7 @@ class SurrogateElementReferenceMaker(SurrogateRelaxMaker):
     ) -> ElementReference | None:
         """The element's reference from the ``element_references`` cache, or None (reads the database)."""
         key = surrogate_reference_key(self.preset, structure)
-        hit = store.get_reference(element, "surrogate", key, None)
-        if hit is None:
-            return None
-        return ElementReference(
-            element=element,
-            engine="surrogate",
-            preset=key,
-            energy_per_atom=hit["energy_per_atom"],
-            task_id=hit["task_id"],
-            cached=True,
-        )
+        return store.cached_reference(element, "surrogate", key, None)
 
 
 def surrogate_reference_key(preset: str, structure: Structure | None = None) -> str:

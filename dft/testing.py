@@ -105,3 +105,26 @@ class FakePw:
             timed_out=meta["timed_out"],
             directory=directory,
         )
+
+
+#: Recorded runs of zinc-blende SiC and its element references, by job name (``make_references.py``).
+SIC_RUNS = {
+    "qe relax": "sic_relax",
+    "qe element reference Si": "si_relax",
+    "qe element reference C": "c_relax",
+}
+#: The same with the ``demo`` preset, the references at the compound's cutoffs.
+DEMO_SIC_RUNS = {
+    "qe relax": "sic_relax_demo",
+    "qe element reference C": "c_ref_demo_in_sic",
+    "qe element reference Si": "si_ref_demo_in_sic",
+}
+
+
+def sic_cell():
+    """The zinc-blende SiC cell the recorded SiC runs started from."""
+    from crystaloop.dft.references import bulk_structure
+
+    sic = bulk_structure("Si", "diamond", 4.36)
+    sic.replace(1, "C")
+    return sic

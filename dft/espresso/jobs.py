@@ -450,18 +450,8 @@ class ElementReferenceMaker(BaseQEMaker):
             return None
         cutoffs = reference_cutoffs(self, element, compound_elements, family)
         key = reference_key(self.preset, self.overrides, cutoffs, element, structure)
-        hit = store.get_reference(element, "espresso", key, entry.md5)
-        if hit is None:
-            return None
-        return ElementReference(
-            element=element,
-            engine="espresso",
-            preset=key,
-            energy_per_atom=hit["energy_per_atom"],
-            task_id=hit["task_id"],
-            cached=True,
-            ecutwfc=cutoffs[0],
-            ecutrho=cutoffs[1],
+        return store.cached_reference(
+            element, "espresso", key, entry.md5, ecutwfc=cutoffs[0], ecutrho=cutoffs[1]
         )
 
 

@@ -8,22 +8,10 @@ from crystaloop.dft.backends import run_local
 from crystaloop.dft.engines import ENGINES, get_engine
 from crystaloop.dft.espresso.jobs import ElementReferenceMaker, QERelaxMaker
 from crystaloop.dft.flows import FormationEnergyFlow, FormationEnergyMaker
-from crystaloop.dft.references import bulk_structure
 from crystaloop.dft.schemas import ElementReference, FormationEnergyDocument
 from crystaloop.dft.surrogate import SurrogateElementReferenceMaker, SurrogateRelaxMaker
+from crystaloop.dft.testing import SIC_RUNS, sic_cell
 from crystaloop.errors import UserError
-
-SIC_REFS = {
-    "qe relax": "sic_relax",
-    "qe element reference Si": "si_relax",
-    "qe element reference C": "c_relax",
-}
-
-
-def _sic():
-    sic = bulk_structure("Si", "diamond", 4.36)
-    sic.replace(1, "C")
-    return sic
 
 
 def _outputs(responses, flow) -> list:
@@ -65,21 +53,21 @@ def test_building_the_flow_reads_no_database(fake_settings, monkeypatch):
         raise AssertionError("the database was read while the flow was built")
 
     monkeypatch.setattr(store, "get_reference", refuse)
-    flow = FormationEnergyMaker(preset="demo", magnetic_orderings=["fm", "afm"]).make(_sic())
+    flow = FormationEnergyMaker(preset="demo", magnetic_orderings=["fm", "afm"]).make(sic_cell())
     names = [j.name for j in flow.jobs]
     assert names == ["qe relax", "qe element reference C", "qe element reference Si", "formation energy"]
     assert flow.jobs[0].function.__self__.overrides == {"magnetic_orderings": ["fm", "afm"]}
 
 
 def test_cached_references_are_looked_up_when_the_job_runs(fake_pw, fake_settings, database):
-    fake = fake_pw(SIC_REFS)
+    fake = fake_pw(SIC_RUNS)
     maker = FormationEnergyMaker()
-    flow = maker.make(_sic())
+    flow = maker.make(sic_cell())
     first = _outputs(run_local(flow), flow)[-1]
     assert isinstance(first, FormationEnergyDocument) and first.state == "successful"
     assert len(fake.calls) == 3
 
-    again = maker.make(_sic())
+    again = maker.make(sic_cell())
     assert len(again.jobs) == 4  # the same flow: the cache is read by its reference jobs
     outputs = _outputs(run_local(again), again)
     assert len(fake.calls) == 4  # only the relaxation ran
@@ -89,17 +77,17 @@ def test_cached_references_are_looked_up_when_the_job_runs(fake_pw, fake_setting
 
 
 def test_references_resolved_beforehand_get_no_job(fake_pw, fake_settings, database):
-    fake_pw(SIC_REFS)
+    fake_pw(SIC_RUNS)
     maker = FormationEnergyMaker(record=False)
-    assert maker.cached_references(_sic()) == {}
-    run_local(FormationEnergyMaker().make(_sic()))
-    known = maker.cached_references(_sic())
+    assert maker.cached_references(sic_cell()) == {}
+    run_local(FormationEnergyMaker().make(sic_cell()))
+    known = maker.cached_references(sic_cell())
     assert sorted(known) == ["C", "Si"] and all(r.cached for r in known.values())
-    flow = FormationEnergyMaker(record=False, references=known).make(_sic())
+    flow = FormationEnergyMaker(record=False, references=known).make(sic_cell())
     assert [j.name for j in flow.jobs] == ["qe relax", "formation energy"]
 
 
 def test_the_deprecated_flow_still_builds(fake_settings, database):
     with pytest.warns(DeprecationWarning, match="FormationEnergyMaker"):
-        flow = FormationEnergyFlow(_sic(), preset="demo")
+        flow = FormationEnergyFlow(sic_cell(), preset="demo")
     assert [j.name for j in flow.jobs][-1] == "formation energy"

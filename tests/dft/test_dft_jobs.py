@@ -13,18 +13,7 @@ from crystaloop.dft.espresso.jobs import QERelaxMaker, QEStaticMaker, run_espres
 from crystaloop.dft.flows import FormationEnergyFlow, formation_energy_per_atom
 from crystaloop.dft.references import bulk_structure
 from crystaloop.dft.schemas import FormationEnergyDocument, QETaskDocument
-
-SIC_REFS = {
-    "qe relax": "sic_relax",
-    "qe element reference Si": "si_relax",
-    "qe element reference C": "c_relax",
-}
-
-
-def _sic():
-    sic = bulk_structure("Si", "diamond", 4.36)
-    sic.replace(1, "C")
-    return sic
+from crystaloop.dft.testing import SIC_RUNS, sic_cell
 
 
 def _output(responses, job) -> object:
@@ -76,8 +65,8 @@ def test_missing_pseudopotential_never_starts_pwx(fake_pw, fake_settings, databa
 
 
 def test_formation_energy_flow_caches_references(fake_pw, fake_settings, database):
-    fake = fake_pw(SIC_REFS)
-    flow = FormationEnergyFlow(_sic())
+    fake = fake_pw(SIC_RUNS)
+    flow = FormationEnergyFlow(sic_cell())
     assert len(flow.jobs) == 4
     responses = run_local(flow)
     result = _output(responses, flow.jobs[-1])
@@ -97,7 +86,7 @@ def test_formation_energy_flow_caches_references(fake_pw, fake_settings, databas
     assert record["formation_energy_per_atom"] == pytest.approx(result.formation_energy_per_atom)
     assert len(fake.calls) == 3
 
-    again = FormationEnergyFlow(_sic())
+    again = FormationEnergyFlow(sic_cell())
     assert [j.name for j in again.jobs] == ["qe relax", "formation energy"]
     second = _output(run_local(again), again.jobs[-1])
     assert second.formation_energy_per_atom == pytest.approx(result.formation_energy_per_atom)
@@ -146,20 +135,20 @@ def test_flow_pw_command_reaches_both_makers(fake_settings):
 
 
 def test_a_user_reference_structure_is_cached_apart_from_the_built_in_one(fake_pw, fake_settings, database):
-    fake = fake_pw(SIC_REFS)
-    run_local(FormationEnergyFlow(_sic()))
+    fake = fake_pw(SIC_RUNS)
+    run_local(FormationEnergyFlow(sic_cell()))
     assert len(fake.calls) == 3
     # The user's Si (here the same diamond cell, given explicitly) must not be answered by the
     # built-in reference's cache entry, nor overwrite it.
     user_si = {"Si": bulk_structure("Si", "diamond", 5.431)}
-    flow = FormationEnergyFlow(_sic(), reference_structures=user_si)
+    flow = FormationEnergyFlow(sic_cell(), reference_structures=user_si)
     assert [j.name for j in flow.jobs] == ["qe relax", "qe element reference Si", "formation energy"]
     run_local(flow)
     assert len(fake.calls) == 5
     keys = sorted(d["preset"] for d in database["element_references"].find({"element": "Si"}))
     assert keys[0] == "fast@1@25/200Ry" and keys[1].startswith("fast@1@25/200Ry+s") and len(keys) == 2
     # The same user structure is then a cache hit.
-    again = FormationEnergyFlow(_sic(), reference_structures=user_si)
+    again = FormationEnergyFlow(sic_cell(), reference_structures=user_si)
     assert [j.name for j in again.jobs] == ["qe relax", "formation energy"]
 
 

@@ -14,21 +14,11 @@ from crystaloop.dft.espresso.inputs import load_preset
 from crystaloop.dft.flows import FormationEnergyFlow, formation_energy_job
 from crystaloop.dft.references import bulk_structure, check_references, default_reference
 from crystaloop.dft.schemas import ElementReference, FormationEnergyDocument, QETaskDocument
+from crystaloop.dft.testing import DEMO_SIC_RUNS, sic_cell
 from crystaloop.errors import UserError
 
-DEMO_SIC = {
-    "qe relax": "sic_relax_demo",
-    "qe element reference C": "c_ref_demo_in_sic",
-    "qe element reference Si": "si_ref_demo_in_sic",
-}
 #: The elements of the local PBE family.
 LOCAL_FAMILY = "H Be B C N O F Si Cr Fe Ni Cu Ga Ge As Rh Pd Ag I".split()
-
-
-def _sic():
-    sic = bulk_structure("Si", "diamond", 4.36)
-    sic.replace(1, "C")
-    return sic
 
 
 def _outputs(responses, flow):
@@ -36,8 +26,8 @@ def _outputs(responses, flow):
 
 
 def test_references_use_the_compounds_cutoffs_and_are_cached_per_cutoffs(fake_pw, fake_settings, database):
-    fake = fake_pw(DEMO_SIC)
-    flow = FormationEnergyFlow(_sic(), preset="demo")
+    fake = fake_pw(DEMO_SIC_RUNS)
+    flow = FormationEnergyFlow(sic_cell(), preset="demo")
     outputs = _outputs(run_local(flow), flow)
     assert len(fake.calls) == 3  # relax + both references, each input checked against pw.x's
     result = outputs[-1]
@@ -53,15 +43,15 @@ def test_references_use_the_compounds_cutoffs_and_are_cached_per_cutoffs(fake_pw
     assert tasks["SiC"]["ecutwfc"] == 45.0 and not tasks["SiC"]["below_suggested_cutoffs"]
 
     # The same compound reuses both references; diamond C alone (40/320 Ry) must not.
-    again = FormationEnergyFlow(_sic(), preset="demo")
+    again = FormationEnergyFlow(sic_cell(), preset="demo")
     assert [j.name for j in again.jobs] == ["qe relax", "formation energy"]
     alone = FormationEnergyFlow(bulk_structure("C", "diamond", 3.567), preset="demo")
     assert "qe element reference C" in [j.name for j in alone.jobs]
 
 
 def test_formation_energy_refuses_references_at_other_cutoffs(fake_pw, fake_settings, database):
-    fake_pw(DEMO_SIC)
-    flow = FormationEnergyFlow(_sic(), preset="demo")
+    fake_pw(DEMO_SIC_RUNS)
+    flow = FormationEnergyFlow(sic_cell(), preset="demo")
     outputs = _outputs(run_local(flow), flow)
     task = next(o for o in outputs if isinstance(o, QETaskDocument))
     refs = {o.element: o for o in outputs if isinstance(o, ElementReference)}

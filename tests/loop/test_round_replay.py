@@ -23,12 +23,11 @@ from pathlib import Path
 
 import pytest
 from ase.units import create_units
-from pymatgen.core import Structure
 
 from crystaloop.db.campaigns import CampaignStore
 from crystaloop.db.documents import CandidateState
 from crystaloop.db.store import CandidateStore
-from crystaloop.dft.references import bulk_structure
+from crystaloop.dft.testing import DEMO_SIC_RUNS, sic_cell
 from crystaloop.loop.campaign import Campaign
 from crystaloop.loop.config import parse_campaign_config
 from crystaloop.loop.report import round_rows
@@ -37,12 +36,6 @@ from crystaloop.settings import get_settings
 DFT_TESTS = Path(__file__).resolve().parents[1] / "dft"
 REFERENCE = DFT_TESTS / "reference"
 FAKE_FAMILY = DFT_TESTS / "data" / "family.yaml"
-#: The flow's jobs and the real pw.x runs that answer them (``make_references.py``).
-DEMO_SIC = {
-    "qe relax": "sic_relax_demo",
-    "qe element reference C": "c_ref_demo_in_sic",
-    "qe element reference Si": "si_ref_demo_in_sic",
-}
 NO_RETRAIN = {"cgcnn": False, "generator_conditioning": False}
 FAKE_ENV = "CRYSTALOOP_TEST_FAKE_PW"
 #: eV per Ry as ASE's pw.x output reader converts (CODATA 2006).
@@ -105,13 +98,6 @@ if os.environ.get("CRYSTALOOP_TEST_FAKE_PW"):
 """
 
 
-def sic() -> Structure:
-    """The SiC cell of the recorded relaxation, built as ``tests/dft`` builds it."""
-    structure = bulk_structure("Si", "diamond", 4.36)
-    structure.replace(1, "C")
-    return structure
-
-
 def final_energy_per_atom(folder: str) -> float:
     """eV/atom of a recorded run: its last ``!`` total energy over its number of atoms."""
     with gzip.open(REFERENCE / folder / "attempt_0" / "pw.out.gz", "rt") as fh:
@@ -134,7 +120,7 @@ def replayed_pw(settings, monkeypatch, tmp_path):
     log = tmp_path / "fake-pw.jsonl"
     monkeypatch.setenv("PYTHONPATH", ":".join(p for p in (str(site), *_pythonpath()) if p))
     monkeypatch.setenv(
-        FAKE_ENV, json.dumps({"mapping": DEMO_SIC, "reference": str(REFERENCE), "log": str(log)})
+        FAKE_ENV, json.dumps({"mapping": DEMO_SIC_RUNS, "reference": str(REFERENCE), "log": str(log)})
     )
     get_settings.cache_clear()
 
@@ -188,7 +174,7 @@ def _shortlist_sic(database, name: str) -> str:
     """Store the SiC cell as the round's shortlisted candidate (as its filter step would)."""
     store = CandidateStore(database)
     cid, inserted = store.add(
-        sic(),
+        sic_cell(),
         campaign=name,
         round=0,
         predicted={"formation_energy_per_atom": {"mean": -0.3, "std": 0.05}},
@@ -211,7 +197,7 @@ def test_a_round_relaxes_sic_with_replayed_pwx_runs(replayed_pw, prior_loaded):
     # The worker's FakePw answered each job once, each input checked against pw.x's.
     calls = replayed_pw()
     assert not [c for c in calls if "rejected" in c], calls
-    assert sorted((c["job"], c["attempt"]) for c in calls) == sorted((job, 0) for job in DEMO_SIC)
+    assert sorted((c["job"], c["attempt"]) for c in calls) == sorted((job, 0) for job in DEMO_SIC_RUNS)
 
     candidate = CandidateStore(database).get(cid)
     assert candidate.state == "relaxed", candidate.state_history[-1]
@@ -223,13 +209,13 @@ def test_a_round_relaxes_sic_with_replayed_pwx_runs(replayed_pw, prior_loaded):
     # The relaxation the worker recorded ran where the fake wrote the recorded pw.x output.
     relax_dir = next(Path(c["directory"]) for c in calls if c["job"] == "qe relax")
     assert Path(task["output"]["dir_name"]) == relax_dir
-    with gzip.open(REFERENCE / DEMO_SIC["qe relax"] / "attempt_0" / "pw.out.gz", "rt") as fh:
+    with gzip.open(REFERENCE / DEMO_SIC_RUNS["qe relax"] / "attempt_0" / "pw.out.gz", "rt") as fh:
         assert (relax_dir / "pw.out").read_text() == fh.read()
 
     # E_f from the recorded energies: E(SiC) - (E(Si) + E(C)) / 2, per atom.
-    e_sic = final_energy_per_atom(DEMO_SIC["qe relax"])
-    e_si = final_energy_per_atom(DEMO_SIC["qe element reference Si"])
-    e_c = final_energy_per_atom(DEMO_SIC["qe element reference C"])
+    e_sic = final_energy_per_atom(DEMO_SIC_RUNS["qe relax"])
+    e_si = final_energy_per_atom(DEMO_SIC_RUNS["qe element reference Si"])
+    e_c = final_energy_per_atom(DEMO_SIC_RUNS["qe element reference C"])
     expected = e_sic - (e_si + e_c) / 2
     assert expected == pytest.approx(-0.275, abs=0.01)  # the recorded runs are the SiC demo ones
     assert candidate.dft["formation_energy_per_atom"] == pytest.approx(expected, abs=1e-6)
@@ -264,7 +250,7 @@ def test_an_input_unlike_the_recorded_one_is_rejected(replayed_pw, prior_loaded)
     calls = replayed_pw()
     # Each job's input was refused (fast: nstep 30, looser thresholds, 25/200 Ry) before any
     # recorded output was copied in.
-    assert len(calls) == len(DEMO_SIC) and all("rejected" in c for c in calls), calls
+    assert len(calls) == len(DEMO_SIC_RUNS) and all("rejected" in c for c in calls), calls
     assert all("&control differs" in c["rejected"] and "'nstep': 50" in c["rejected"] for c in calls)
     assert not any((Path(c["directory"]) / "pw.out").exists() for c in calls)
     # The reference jobs raise on their failed relaxation, so the worker records the flow failed.
