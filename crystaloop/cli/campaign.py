@@ -307,6 +307,7 @@ def _print_status(name: str, fmt: str, header: str | None = None) -> None:
     from rich.table import Table
 
     from crystaloop.db import get_database
+    from crystaloop.loop.steps import STEP_NAMES
 
     summary = campaign_summary(get_database(), name)
     if fmt == "json":
@@ -338,7 +339,7 @@ def _print_status(name: str, fmt: str, header: str | None = None) -> None:
     for r in summary["rounds"]:
         table.add_row(
             str(r["round"]),
-            f"{len(r['steps_done'])}/6",
+            f"{len(r['steps_done'])}/{len(STEP_NAMES)}",
             _n(r.get("generated")),
             _n(r.get("shortlisted")),
             _n(r.get("submitted")),
