@@ -13,7 +13,7 @@ from typing import Any
 from jobflow import Flow, Job, Maker, job
 from pymatgen.core import Structure
 
-from crystaloop.dft import store
+from crystaloop.dft import records
 from crystaloop.dft.backends import ROLE_KEY
 from crystaloop.dft.corrections import NO_CORRECTION, AnionCorrection
 from crystaloop.dft.engines import Engine, get_engine
@@ -73,7 +73,7 @@ def formation_energy_job(
         reasons.append(unphysical)
         if record:
             failed = task.model_copy(update={"state": "failed", "reasons": [*task.reasons, unphysical]})
-            store.save_task(failed)
+            records.save_task(failed)
     if reasons or task.energy is None or task.final_structure is None:
         return FormationEnergyDocument(
             task_id=task.task_id,
@@ -97,7 +97,7 @@ def formation_energy_job(
     label = anion.label if anion.anions(task.final_structure.composition) else "none"
     value = raw + shift
     if record:
-        store.set_formation_energy(task.task_id, value, raw=raw, correction=label)
+        records.set_formation_energy(task.task_id, value, raw=raw, correction=label)
     return FormationEnergyDocument(
         task_id=task.task_id,
         engine=task.engine,

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 from jobflow import Maker, job
 from pymatgen.core import Structure
 
-from crystaloop.dft import store
+from crystaloop.dft import records
 from crystaloop.dft.espresso.jobs import DATA_FIELDS, current_task_id
 from crystaloop.dft.references import reference_structure, structure_digest
 from crystaloop.dft.sanity import unphysical_geometry
@@ -246,7 +246,7 @@ def _surrogate_task(
         doc.stress = _full_stress(doc.stress)
     doc.total_time_s = time.perf_counter() - start
     if maker.record:
-        store.save_task(doc)
+        records.save_task(doc)
     return doc
 
 
@@ -285,7 +285,7 @@ class SurrogateElementReferenceMaker(SurrogateRelaxMaker):
     ) -> ElementReference | None:
         """The element's reference from the ``element_references`` cache, or None (reads the database)."""
         key = surrogate_reference_key(self.preset, structure)
-        return store.cached_reference(element, "surrogate", key, None)
+        return records.cached_reference(element, "surrogate", key, None)
 
 
 def surrogate_reference_key(preset: str, structure: Structure | None = None) -> str:
@@ -316,7 +316,7 @@ def run_surrogate_reference(
     if doc.energy_per_atom is None:
         raise UserError(f"surrogate reference for {element} failed ({'; '.join(doc.reasons)})")
     if maker.record:
-        store.put_reference(element, "surrogate", key, None, doc.energy_per_atom, doc.task_id)
+        records.put_reference(element, "surrogate", key, None, doc.energy_per_atom, doc.task_id)
     return ElementReference(
         element=element,
         engine="surrogate",

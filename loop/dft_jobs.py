@@ -222,7 +222,7 @@ class CampaignJobs:
 
     def _record_output(self, candidate: CandidateDoc, output: FlowOutput, job: dict[str, Any]) -> str:
         """Write a finished flow's outputs: ``dft_tasks``, the reference and DFT caches, the candidate."""
-        from crystaloop.dft import store
+        from crystaloop.dft import records
         from crystaloop.dft.cache import DFTCache
 
         task, fe = output.task, output.formation_energy
@@ -232,9 +232,9 @@ class CampaignJobs:
             )
         value = fe.formation_energy_per_atom if fe is not None and fe.state == "successful" else None
         task = task.model_copy(update={"formation_energy_per_atom": value})
-        store.save_task(task, database=self.database)
+        records.save_task(task, database=self.database)
         # The element references the flow computed, cached as the jobs do when they reach the database.
-        store.cache_references(output.references, database=self.database)
+        records.cache_references(output.references, database=self.database)
         if not task.successful or value is None:
             reasons = (fe.reasons if fe is not None else []) or task.reasons or ["no formation energy"]
             return self._finish(

@@ -200,7 +200,7 @@ def _job_id(key: str) -> str:
 
 def _record(database, key, phase: CompetingPhase, settings, output, failure: str | None) -> str | None:
     """Write a phase's outcome; the reason it failed, or None."""
-    from crystaloop.dft import store
+    from crystaloop.dft import records
     from crystaloop.dft.cache import DFTCache
 
     task = output.task if output is not None else None
@@ -211,8 +211,8 @@ def _record(database, key, phase: CompetingPhase, settings, output, failure: str
         reason = failure or "its flow gave no relaxation"
     else:
         task = task.model_copy(update={"formation_energy_per_atom": value})
-        store.save_task(task, database=database)
-        store.cache_references(output.references, database=database)
+        records.save_task(task, database=database)
+        records.cache_references(output.references, database=database)
         if not task.successful or value is None:
             reasons = (fe.reasons if fe is not None else []) or task.reasons or ["no formation energy"]
             reason = "; ".join(reasons)[:300]

@@ -254,7 +254,7 @@ def relaxed_candidates(database, name: str, config) -> list[dict[str, Any]]:
     S.U.N. flags, hits first, then by round."""
     from pymatgen.core import Structure
 
-    from crystaloop.dft.store import final_structure
+    from crystaloop.dft.records import final_structure
     from crystaloop.loop.stability import sun_flags
 
     docs = sorted(

@@ -473,11 +473,11 @@ def sigma_calibration(ctx: RoundContext) -> dict[str, dict[str, float | int | No
 
 def dft_results(ctx: RoundContext) -> list[DFTResult]:
     """Every relaxed candidate of the campaign with its relaxed structure and values."""
-    from crystaloop.dft import store
+    from crystaloop.dft import records
 
     results = []
     for c in sorted(ctx.candidates.in_state(ctx.name, CandidateState.RELAXED), key=lambda c: c.candidate_id):
-        final = store.final_structure(c.dft_task_id, database=ctx.database) if c.dft_task_id else None
+        final = records.final_structure(c.dft_task_id, database=ctx.database) if c.dft_task_id else None
         results.append(
             DFTResult(
                 candidate_id=c.candidate_id,

@@ -383,7 +383,7 @@ def status(limit: int = typer.Option(10, "--limit", min=0, help="Rows per state.
     """List DFT jobs by state."""
     from rich.table import Table
 
-    from crystaloop.dft.store import tasks_by_state
+    from crystaloop.dft.records import tasks_by_state
 
     grouped = tasks_by_state()
     if not grouped:

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 from jobflow import Maker, job
 from pymatgen.core import Structure
 
-from crystaloop.dft import store
+from crystaloop.dft import records
 from crystaloop.dft.espresso.handlers import HandledRun, default_handlers, run_with_handlers
 from crystaloop.dft.espresso.inputs import (
     MAGNETIC_ELEMENTS,
@@ -223,11 +223,11 @@ def run_espresso_task(
             calculation,
         )
         if maker.record:
-            store.save_task(doc)
+            records.save_task(doc)
         return doc
     preset = _merged_preset(maker, calculation)
     if maker.record:
-        store.mark_running(
+        records.mark_running(
             task_id,
             structure.composition.reduced_formula,
             sorted(el.symbol for el in structure.composition.elements),
@@ -283,7 +283,7 @@ def run_espresso_task(
         ]
     doc.total_time_s = time.perf_counter() - start
     if maker.record:
-        store.save_task(doc)
+        records.save_task(doc)
     return doc
 
 
@@ -450,7 +450,7 @@ class ElementReferenceMaker(BaseQEMaker):
             return None
         cutoffs = reference_cutoffs(self, element, compound_elements, family)
         key = reference_key(self.preset, self.overrides, cutoffs, element, structure)
-        return store.cached_reference(
+        return records.cached_reference(
             element, "espresso", key, entry.md5, ecutwfc=cutoffs[0], ecutrho=cutoffs[1]
         )
 
@@ -513,7 +513,9 @@ def run_element_reference(
             f"reference relaxation for {element} failed ({'; '.join(doc.reasons)}); see {doc.dir_name}"
         )
     if maker.record:
-        store.put_reference(element, "espresso", key, md5, doc.energy_per_atom, doc.task_id, cutoffs=cutoffs)
+        records.put_reference(
+            element, "espresso", key, md5, doc.energy_per_atom, doc.task_id, cutoffs=cutoffs
+        )
     return ElementReference(
         element=element,
         engine="espresso",

@@ -166,13 +166,15 @@ def _pw_time(tasks) -> float:
 
 def _reference_pw_time(references) -> float:
     """pw.x time of the references this flow ran (cached ones cost nothing now)."""
-    from crystaloop.dft import store
+    from crystaloop.dft import records
 
     total = 0.0
     for ref in references:
         if ref.cached:
             continue
-        record = store._database()[store.TASKS].find_one({"task_id": ref.task_id}, {"output.wall_time_s": 1})
+        record = records._database()[records.TASKS].find_one(
+            {"task_id": ref.task_id}, {"output.wall_time_s": 1}
+        )
         total += float((record or {}).get("output", {}).get("wall_time_s") or 0.0)
     return total
 

@@ -113,14 +113,14 @@ def test_a_job_never_starts_an_embedded_server(tmp_path, monkeypatch):
     """With no URI and no server running, a recording job fails with one line instead of starting one."""
     from jobflow import job
 
-    from crystaloop.dft import store
+    from crystaloop.dft import records
     from crystaloop.settings import get_settings
 
     monkeypatch.delenv("CRYSTALOOP_MONGODB_URI", raising=False)
     monkeypatch.setenv("CRYSTALOOP_DATA_DIR", str(tmp_path / "worker"))
     get_settings.cache_clear()
     try:
-        step = job(store.tasks_by_state)()
+        step = job(records.tasks_by_state)()
         responses = run_local(Flow([step]), store=JobStore(MemoryStore()), root_dir=tmp_path)
     finally:
         get_settings.cache_clear()

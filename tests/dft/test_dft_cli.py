@@ -84,7 +84,7 @@ def test_remote_config_writes_a_project(fake_settings, tmp_path):
 def test_relax_refuses_a_folder_a_disordered_cif_and_a_missing_pwx(fake_settings, tmp_path, monkeypatch):
     from pymatgen.core import Lattice, Structure
 
-    from crystaloop.dft.store import tasks_by_state
+    from crystaloop.dft.records import tasks_by_state
     from crystaloop.errors import UserError
     from crystaloop.settings import get_settings
 

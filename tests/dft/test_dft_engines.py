@@ -47,12 +47,12 @@ def test_magnetic_orderings_reach_only_the_pwx_overrides():
 
 
 def test_building_the_flow_reads_no_database(fake_settings, monkeypatch):
-    from crystaloop.dft import store
+    from crystaloop.dft import records
 
     def refuse(*args, **kwargs):
         raise AssertionError("the database was read while the flow was built")
 
-    monkeypatch.setattr(store, "get_reference", refuse)
+    monkeypatch.setattr(records, "get_reference", refuse)
     flow = FormationEnergyMaker(preset="demo", magnetic_orderings=["fm", "afm"]).make(sic_cell())
     names = [j.name for j in flow.jobs]
     assert names == ["qe relax", "qe element reference C", "qe element reference Si", "formation energy"]

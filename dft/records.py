@@ -1,4 +1,4 @@
-"""DFT results in MongoDB: ``dft_tasks`` records and the ``element_references`` cache."""
+"""DFT records in MongoDB: the `dft_tasks` records of every relaxation and the `element_references` cache."""
 
 from __future__ import annotations
 
