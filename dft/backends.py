@@ -405,6 +405,12 @@ class LocalBackend:
     recorded an end is reported ``lost``; one started by an earlier loop process that is
     still alive is ``running``. :meth:`close` stops every worker this object started.
 
+    Each worker is a process of its own, in a session of its own. With ``fork_server``
+    (the default) it is forked by one ``local_worker --serve`` process that has imported
+    jobflow, the job store and the flows' job modules once, so a flow does not pay a fresh
+    Python start and those imports; without it (or when that server fails) each worker is
+    a fresh ``python -m crystaloop.dft.local_worker DIR``.
+
     Parameters
     ----------
     root_dir
@@ -413,16 +419,29 @@ class LocalBackend:
         How many flows run at once.
     cores
         Cores shared among them (default: all of this machine's).
+    fork_server
+        Fork workers from a server that has the imports done (see above).
     """
 
     name = "local"
+    #: Seconds to wait for the fork server's answer (its first answer includes the imports).
+    fork_timeout_s = 300.0
 
-    def __init__(self, root_dir: Path | str, *, parallel_jobs: int = 1, cores: int | None = None) -> None:
+    def __init__(
+        self,
+        root_dir: Path | str,
+        *,
+        parallel_jobs: int = 1,
+        cores: int | None = None,
+        fork_server: bool = True,
+    ) -> None:
         self.root = Path(root_dir)
         self.root.mkdir(parents=True, exist_ok=True)
         self.parallel_jobs = max(1, parallel_jobs)
         self.cores = cores or os.cpu_count() or 1
-        self._children: dict[str, subprocess.Popen] = {}
+        self.fork_server = fork_server
+        self._server: subprocess.Popen | None = None
+        self._children: dict[str, subprocess.Popen | _Forked] = {}
         self._settled: set[str] = set()
 
     @property
@@ -464,12 +483,7 @@ class LocalBackend:
         pid = status.get("pid")
         if not pid or status.get("host") != socket.gethostname():
             return False
-        try:
-            os.kill(int(pid), 0)
-        except (ProcessLookupError, PermissionError):
-            return False
-        cmdline = Path(f"/proc/{pid}/cmdline")
-        return not cmdline.exists() or b"local_worker" in cmdline.read_bytes()
+        return _worker_alive(int(pid))
 
     def _schedule(self) -> None:
         """Start queued flows while fewer than ``parallel_jobs`` run."""
@@ -497,6 +511,11 @@ class LocalBackend:
 
     def _start(self, candidate_id: str) -> None:
         folder = self._dir(candidate_id)
+        if self.fork_server:
+            pid = self._fork(folder)
+            if pid is not None:
+                self._children[candidate_id] = _Forked(pid)
+                return
         env = {**os.environ, "OMP_NUM_THREADS": str(self.cores_per_job)}
         log = open(folder / "worker.log", "ab")  # noqa: SIM115 - the child owns it
         try:
@@ -509,6 +528,55 @@ class LocalBackend:
             )
         finally:
             log.close()
+
+    def _fork(self, folder: Path) -> int | None:
+        """A worker for ``folder`` forked by the fork server (started if needed); None if it fails."""
+        import selectors
+
+        server = self._server
+        if server is None or server.poll() is not None:
+            log = open(self.root / "fork_server.log", "ab")  # noqa: SIM115 - the server owns it
+            try:
+                server = self._server = subprocess.Popen(
+                    [sys.executable, "-m", "crystaloop.dft.local_worker", "--serve"],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=log,
+                    env={**os.environ, "OMP_NUM_THREADS": str(self.cores_per_job)},
+                    start_new_session=True,  # no terminal signal of the loop's reaches it
+                )
+            except OSError:
+                return None
+            finally:
+                log.close()
+        request = {"folder": str(folder), "env": {"OMP_NUM_THREADS": str(self.cores_per_job)}}
+        try:
+            server.stdin.write(json.dumps(request).encode() + b"\n")
+            server.stdin.flush()
+            with selectors.DefaultSelector() as selector:
+                selector.register(server.stdout, selectors.EVENT_READ)
+                if not selector.select(self.fork_timeout_s):
+                    raise TimeoutError
+            return int(server.stdout.readline())
+        except (OSError, ValueError, TimeoutError):  # a dead or stuck server: fresh processes from now on
+            self._stop_server()
+            self.fork_server = False
+            return None
+
+    def _stop_server(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        for stream in (server.stdin, server.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+        try:
+            server.wait(timeout=5)  # it ends when its stdin closes
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
 
     def state(self, candidate_id: str) -> JobStatus:
         """Start queued flows where slots are free, then report this one."""
@@ -571,6 +639,47 @@ class LocalBackend:
                 status = self._status(cid)
                 if status is not None and status.get("state") == "running":  # not one that just ended
                     (self._dir(cid) / "status.json").unlink(missing_ok=True)
+        self._stop_server()
+
+
+class _Forked:
+    """A worker forked by the fork server: not this process's child, so watched by its pid.
+
+    The server lets the kernel reap its workers; a worker orphaned by the server's end may
+    stay a zombie under an init that does not reap, which counts as ended here.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        """None while the worker runs; then -1 (its exit status is its server's to see)."""
+        if self.returncode is None and not _worker_alive(self.pid):
+            self.returncode = -1
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
+            time.sleep(0.05)
+        return self.returncode
+
+
+def _worker_alive(pid: int) -> bool:
+    """True while ``pid`` is a running (not zombie) local worker process."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):  # PermissionError: another user's process
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # gone since, or no /proc here
+        return not Path("/proc/self").exists()
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z" and b"local_worker" in cmdline
 
 
 def _stop_group(pid: int, grace_s: float, child: subprocess.Popen | None = None) -> None:
