@@ -441,6 +441,7 @@ class LocalBackend:
         self.cores = cores or os.cpu_count() or 1
         self.fork_server = fork_server
         self._server: subprocess.Popen | None = None
+        self._store = None
         self._children: dict[str, subprocess.Popen | _Forked] = {}
         self._settled: set[str] = set()
 
@@ -597,7 +598,9 @@ class LocalBackend:
 
     def output(self, candidate_id: str) -> FlowOutput:
         """The flow's outputs in crystaloop's job store."""
-        return read_flow_output(job_store(), candidate_id)
+        if self._store is None:
+            self._store = job_store()
+        return read_flow_output(self._store, candidate_id)
 
     def retry(self, candidate_id: str) -> None:
         """Queue the flow again (the last status is kept as ``status.<n>.json``)."""
@@ -727,6 +730,13 @@ class FireWorksBackend:
     ``lost_after_s`` is lost, as ``lpad detect_lostruns`` finds it (workers ping every
     ``PING_TIME_SECS`` of their FireWorks settings, which must be shorter).
 
+    A poll that asks :meth:`state` for many candidates costs one query for all their
+    Fireworks (and one for the pings of those running), not one per candidate: a call
+    answers from the last batch read when that batch is under ``batch_max_age_s`` old and
+    this candidate has not been answered from it yet; otherwise it reads a new batch, of
+    every candidate asked about in the last three batches or submitted since (those
+    reported completed leave it). :meth:`states` reads one batch for the candidates given.
+
     Parameters
     ----------
     lpad
@@ -738,6 +748,10 @@ class FireWorksBackend:
     """
 
     name = "fireworks"
+    #: A batch of states older than this is read again (s).
+    batch_max_age_s = 1.0
+    _PROJECTION = {"fw_id": 1, "state": 1, "updated_on": 1, "name": 1, "launches": 1, "_id": 0,
+                   f"spec.{CANDIDATE_KEY}": 1}  # fmt: skip
 
     def __init__(
         self, lpad=None, *, worker: str | None = None, category: str | None = None, lost_after_s: float = 14400.0
@@ -745,20 +759,28 @@ class FireWorksBackend:
         self.lpad = lpad or launchpad()
         ensure_launchpad(self.lpad)
         self.worker, self.category, self.lost_after_s = worker, category, lost_after_s
+        self._store = None
+        self._batch: dict[str, JobStatus] = {}
+        self._batch_at = 0.0
+        self._answered: set[str] = set()
+        self._watch: dict[str, int] = {}  # candidate -> number of the batch it was last asked about in
+        self._batches = 0
 
     def _fireworks(self, candidate_id: str) -> list[dict[str, Any]]:
         return list(
-            self.lpad.fireworks.find(
-                {f"spec.{CANDIDATE_KEY}": candidate_id},
-                {"fw_id": 1, "state": 1, "updated_on": 1, "name": 1, "launches": 1, "_id": 0},
-            ).sort("fw_id", 1)
+            self.lpad.fireworks.find({f"spec.{CANDIDATE_KEY}": candidate_id}, self._PROJECTION).sort("fw_id", 1)
         )
+
+    def _forget_batch(self) -> None:
+        self._batch, self._answered = {}, set()
 
     def submit(self, flow, candidate_id: str, *, resources: dict[str, Any] | None = None) -> dict[str, Any]:
         """Add the flow's workflow unless the candidate already has one; returns ``fw_ids``."""
+        self._watch[candidate_id] = self._batches
         known = self._fireworks(candidate_id)
         if known:
             return {"fw_ids": [fw["fw_id"] for fw in known]}
+        self._forget_batch()
         tag_flow(flow, candidate_id)
         spec: dict[str, Any] = {}
         if self.worker:
@@ -775,12 +797,6 @@ class FireWorksBackend:
         mapping = self.lpad.add_wf(workflow)
         return {"fw_ids": sorted(mapping.values())}
 
-    def _lost(self, candidate_id: str) -> list[int]:
-        _, lost, _ = self.lpad.detect_lostruns(
-            expiration_secs=self.lost_after_s, query={f"spec.{CANDIDATE_KEY}": candidate_id}
-        )
-        return lost
-
     def _error(self, fw: dict[str, Any]) -> str | None:
         launch = self.lpad.launches.find_one(
             {"fw_id": fw["fw_id"]}, {"action.stored_data": 1}, sort=[("launch_id", -1)]
@@ -789,9 +805,78 @@ class FireWorksBackend:
         exc = data.get("_exception") or {}
         return _first_line(exc.get("_stacktrace") if isinstance(exc, dict) else str(exc))
 
+    def _lost_among(self, fws: list[dict[str, Any]]) -> set[int]:
+        """The RUNNING ones of ``fws`` that are lost, found as ``lpad detect_lostruns`` finds them.
+
+        A launch is stale when it is RUNNING and its RUNNING entry was last updated (pinged)
+        over ``lost_after_s`` ago; a Firework is lost when each of its launches is stale or
+        ended no better than FIZZLED. Two queries at most, whatever the number of Fireworks.
+        """
+        from datetime import timedelta
+
+        from fireworks import Firework
+
+        running = {fw["fw_id"]: fw for fw in fws if fw["state"] == "RUNNING"}
+        if not running:
+            return set()
+        cutoff = (datetime.now(UTC) - timedelta(seconds=self.lost_after_s)).isoformat()
+        stale = self.lpad.launches.find(
+            {"fw_id": {"$in": list(running)}, "state": "RUNNING",
+             "state_history": {"$elemMatch": {"state": "RUNNING", "updated_on": {"$lte": cutoff}}}},
+            {"launch_id": 1, "fw_id": 1, "_id": 0},
+        )  # fmt: skip
+        stale_launches: dict[int, set[int]] = {}
+        for launch in stale:
+            stale_launches.setdefault(launch["fw_id"], set()).add(launch["launch_id"])
+        if not stale_launches:
+            return set()
+        others = {lid for fw_id, ids in stale_launches.items() for lid in running[fw_id].get("launches", [])
+                  if lid not in ids}  # fmt: skip
+        states = (
+            {d["launch_id"]: d["state"] for d in self.lpad.launches.find(
+                {"launch_id": {"$in": list(others)}}, {"launch_id": 1, "state": 1, "_id": 0})}
+            if others
+            else {}
+        )  # fmt: skip
+        fizzled = Firework.STATE_RANKS["FIZZLED"]
+        return {
+            fw_id
+            for fw_id, ids in stale_launches.items()
+            if all(
+                Firework.STATE_RANKS.get(states.get(lid, "UNKNOWN"), 0) <= fizzled
+                for lid in running[fw_id].get("launches", [])
+                if lid not in ids
+            )
+        }
+
+    def states(self, candidate_ids) -> dict[str, JobStatus]:
+        """The state of each candidate's flow, read in one batch (see the class)."""
+        ids = list(dict.fromkeys(candidate_ids))
+        by_candidate: dict[str, list[dict[str, Any]]] = {cid: [] for cid in ids}
+        for fw in self.lpad.fireworks.find({f"spec.{CANDIDATE_KEY}": {"$in": ids}}, self._PROJECTION).sort(
+            "fw_id", 1
+        ):
+            by_candidate[fw["spec"][CANDIDATE_KEY]].append(fw)
+        lost = self._lost_among([fw for fws in by_candidate.values() for fw in fws])
+        return {cid: self._status(fws, lost) for cid, fws in by_candidate.items()}
+
     def state(self, candidate_id: str) -> JobStatus:
         """COMPLETED everywhere: completed; FIZZLED, DEFUSED or PAUSED: failed; stale RUNNING: lost."""
-        fws = self._fireworks(candidate_id)
+        fresh = time.monotonic() - self._batch_at < self.batch_max_age_s
+        if not fresh or candidate_id not in self._batch or candidate_id in self._answered:
+            self._batches += 1
+            self._watch[candidate_id] = self._batches
+            recent = [cid for cid, n in self._watch.items() if n >= self._batches - 3]
+            self._batch, self._answered = self.states(recent), set()
+            self._batch_at = time.monotonic()
+        self._watch[candidate_id] = self._batches
+        self._answered.add(candidate_id)
+        status = self._batch[candidate_id]
+        if status.state == "completed":
+            self._watch.pop(candidate_id, None)
+        return status
+
+    def _status(self, fws: list[dict[str, Any]], lost_fw_ids: set[int]) -> JobStatus:
         if not fws:
             return JobStatus("lost", reason="no Firework of its flow is on the LaunchPad")
         ids = {"fw_ids": [fw["fw_id"] for fw in fws]}
@@ -810,7 +895,7 @@ class FireWorksBackend:
                     reason = f"Firework {fw['fw_id']} is {name} (retry, or '{how} -i {fw['fw_id']}')"
                     return JobStatus("failed", reason=reason, ids=ids, since=since, detail=detail)
         if "RUNNING" in states:
-            lost = self._lost(candidate_id)
+            lost = [fw["fw_id"] for fw in fws if fw["fw_id"] in lost_fw_ids]
             if lost:
                 reason = f"Firework {lost[0]} RUNNING without a ping for over {self.lost_after_s:g} s"
                 return JobStatus("lost", reason=reason, ids=ids, since=since, detail=detail)
@@ -821,7 +906,9 @@ class FireWorksBackend:
 
     def output(self, candidate_id: str) -> FlowOutput:
         """The outputs the workers wrote to their job store (crystaloop's)."""
-        return read_flow_output(job_store(), candidate_id)
+        if self._store is None:
+            self._store = job_store()
+        return read_flow_output(self._store, candidate_id)
 
     def retry(self, candidate_id: str) -> None:
         """Rerun lost and fizzled Fireworks, reignite defused ones and resume paused ones.
@@ -833,6 +920,7 @@ class FireWorksBackend:
         """
         from fireworks.core.launchpad import LockedWorkflowError
 
+        self._forget_batch()
         try:
             self.lpad.detect_lostruns(
                 expiration_secs=self.lost_after_s, rerun=True, query={f"spec.{CANDIDATE_KEY}": candidate_id}
@@ -849,6 +937,7 @@ class FireWorksBackend:
 
     def cancel(self, candidate_id: str) -> None:
         """Defuse the candidate's Fireworks that have not completed."""
+        self._forget_batch()
         for fw in self._fireworks(candidate_id):
             if fw["state"] not in ("COMPLETED", "DEFUSED"):
                 self.lpad.defuse_fw(fw["fw_id"])

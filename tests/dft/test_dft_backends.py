@@ -217,3 +217,38 @@ def test_local_workers_are_forked_by_one_server_and_a_killed_one_is_lost(
     assert server is None or server.poll() is not None  # the fork server ended with close()
     assert not (tmp_path / "jobs" / "slow" / "status.json").exists()  # back in the queue
     assert len(list(runs.glob("*.run"))) == 1
+
+
+def test_fireworks_states_are_read_in_one_batch_per_sweep(settings, database, tmp_path):
+    """A sweep of state() over the pending candidates reads their Fireworks in one query."""
+    from crystaloop.dft.backends import FireWorksBackend, launch_rapidfire, launchpad
+    from crystaloop.loop.bench.cluster import _flow
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    lpad = launchpad()
+    backend = FireWorksBackend(lpad, lost_after_s=3600)
+    ids = [f"c{i}" for i in range(4)]
+    for i, cid in enumerate(ids):
+        backend.submit(_flow(i, 0.0, runs), cid)
+
+    finds = []
+    collection = type(lpad.fireworks)
+
+    class Counting(collection):
+        def find(self, *args, **kwargs):
+            finds.append(args[0] if args else kwargs.get("filter"))
+            return super().find(*args, **kwargs)
+
+    lpad.fireworks.__class__ = Counting
+    try:
+        assert [backend.state(cid).state for cid in ids] == ["queued"] * 4
+        assert len(finds) == 1  # one query for the four
+        assert backend.states(ids) == {cid: backend.state(cid) for cid in ids}
+        launch_rapidfire(lpad=lpad, launch_dir=tmp_path / "launches")
+        finds.clear()
+        assert [backend.state(cid).state for cid in ids] == ["completed"] * 4  # a new sweep: a fresh batch
+        assert len(finds) == 1
+    finally:
+        lpad.fireworks.__class__ = collection
+    assert backend.output("c0").task is None
