@@ -442,6 +442,7 @@ class LocalBackend:
         self.fork_server = fork_server
         self._server: subprocess.Popen | None = None
         self._store = None
+        self._queued = True  # flows may wait in root_dir (an earlier loop process's, too)
         self._children: dict[str, subprocess.Popen | _Forked] = {}
         self._settled: set[str] = set()
 
@@ -474,6 +475,7 @@ class LocalBackend:
             doc = {"name": flow.name, "uuid": flow.uuid, "output": flow.output, "jobs": list(flow.jobs)}
             tmp.write_text(json.dumps(jsanitize(doc, strict=True, enum_values=True)))
             os.replace(tmp, path)
+            self._queued = True
         self._schedule()
         return {"job_dir": str(folder)}
 
@@ -492,8 +494,8 @@ class LocalBackend:
             if child.poll() is not None:
                 del self._children[cid]
         running = len(self._children)
-        if running >= self.parallel_jobs:
-            return  # no free slot: no need to look at the queue
+        if running >= self.parallel_jobs or not self._queued:
+            return  # no free slot, or nothing queued since the last full look: no need to look
         for folder in sorted(self.root.iterdir()):
             if running >= self.parallel_jobs:
                 return
@@ -509,13 +511,14 @@ class LocalBackend:
                 continue
             self._start(cid)
             running += 1
+        self._queued = False  # every flow is started, running or ended; a submit or retry queues again
 
     def _start(self, candidate_id: str) -> None:
         folder = self._dir(candidate_id)
         if self.fork_server:
             pid = self._fork(folder)
             if pid is not None:
-                self._children[candidate_id] = _Forked(pid)
+                self._children[candidate_id] = _Forked(pid, self._server)
                 return
         env = {**os.environ, "OMP_NUM_THREADS": str(self.cores_per_job)}
         log = open(folder / "worker.log", "ab")  # noqa: SIM115 - the child owns it
@@ -611,6 +614,7 @@ class LocalBackend:
         if path.exists():
             n = len(list(folder.glob("status.*.json")))
             os.replace(path, folder / f"status.{n}.json")
+        self._queued = True
         self._schedule()
 
     def cancel(self, candidate_id: str) -> None:
@@ -648,18 +652,28 @@ class LocalBackend:
 class _Forked:
     """A worker forked by the fork server: not this process's child, so watched by its pid.
 
-    The server lets the kernel reap its workers; a worker orphaned by the server's end may
-    stay a zombie under an init that does not reap, which counts as ended here.
+    While the server runs, the kernel reaps its ended workers at once, so a pid that still
+    answers signal 0 is the running worker. A worker orphaned by the server's end may stay a
+    zombie under an init that does not reap; then /proc is read, and a zombie counts as ended.
     """
 
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
+    def __init__(self, pid: int, server: subprocess.Popen | None = None) -> None:
+        self.pid, self.server = pid, server
         self.returncode: int | None = None
 
     def poll(self) -> int | None:
         """None while the worker runs; then -1 (its exit status is its server's to see)."""
-        if self.returncode is None and not _worker_alive(self.pid):
-            self.returncode = -1
+        if self.returncode is None:
+            if self.server is not None and self.server.poll() is None:
+                try:
+                    os.kill(self.pid, 0)
+                    return None
+                except ProcessLookupError:
+                    alive = False
+            else:
+                alive = _worker_alive(self.pid)
+            if not alive:
+                self.returncode = -1
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:

@@ -126,8 +126,10 @@ def _child(request: dict, ready: int) -> None:
     try:
         os.setsid()  # its pw.x (or mpirun) is stopped with it, as a group
         os.close(ready)
-        for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGPIPE):
-            signal.signal(signum, signal.SIG_DFL)
+        # As in a fresh Python: ended children (pw.x) waited for, SIGINT a KeyboardInterrupt.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         folder = Path(request["folder"])
         log = os.open(folder / "worker.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         null = os.open(os.devnull, os.O_RDONLY)
