@@ -778,6 +778,7 @@ class FireWorksBackend:
         self._batch_at = 0.0
         self._answered: set[str] = set()
         self._watch: dict[str, int] = {}  # candidate -> number of the batch it was last asked about in
+        self._locked_since: dict[Any, float] = {}  # workflow -> when retry first found it locked
         self._batches = 0
 
     def _fireworks(self, candidate_id: str) -> list[dict[str, Any]]:
@@ -935,6 +936,7 @@ class FireWorksBackend:
         from fireworks.core.launchpad import LockedWorkflowError
 
         self._forget_batch()
+        self._unlock_or_wait(candidate_id)
         try:
             self.lpad.detect_lostruns(
                 expiration_secs=self.lost_after_s, rerun=True, query={f"spec.{CANDIDATE_KEY}": candidate_id}
@@ -948,6 +950,36 @@ class FireWorksBackend:
                     self.lpad.resume_fw(fw["fw_id"])
         except LockedWorkflowError as exc:
             raise BackendBusy(str(exc)) from None
+
+    def _unlock_or_wait(self, candidate_id: str) -> None:
+        """Raise BackendBusy while the candidate's workflow is locked, without waiting on the lock.
+
+        FireWorks' own lock waits up to ``WFLOCK_EXPIRATION_SECS`` (300 s) inside the call,
+        which would hold the whole loop; and a worker SIGKILLed while it held the lock (at a
+        job's checkout or end) never releases it. A lock this backend has seen held for
+        ``lost_after_s`` is taken as such a dead worker's and removed, as ``lpad admin unlock``
+        (or FireWorks' ``WFLOCK_EXPIRATION_KILL``) would.
+
+        Raises
+        ------
+        BackendBusy
+            The workflow is locked, and has not been for ``lost_after_s`` yet.
+        """
+        fw_ids = [fw["fw_id"] for fw in self._fireworks(candidate_id)]
+        locked = (
+            self.lpad.workflows.find_one({"nodes": {"$in": fw_ids}, "locked": True}, {"_id": 1})
+            if fw_ids
+            else None
+        )
+        if locked is None:
+            return
+        first = self._locked_since.setdefault(locked["_id"], time.monotonic())
+        if time.monotonic() - first < self.lost_after_s:
+            raise BackendBusy(
+                f"the workflow of Fireworks {fw_ids} is locked by a worker; retried at a later poll"
+            )
+        self.lpad.workflows.update_one({"_id": locked["_id"], "locked": True}, {"$unset": {"locked": True}})
+        self._locked_since.pop(locked["_id"], None)
 
     def cancel(self, candidate_id: str) -> None:
         """Defuse the candidate's Fireworks that have not completed."""

@@ -252,3 +252,25 @@ def test_fireworks_states_are_read_in_one_batch_per_sweep(settings, database, tm
     finally:
         lpad.fireworks.__class__ = collection
     assert backend.output("c0").task is None
+
+
+def test_fireworks_retry_never_waits_on_a_dead_workers_lock(settings, database, tmp_path):
+    """A locked workflow: retry is busy at once (not after FireWorks' 300 s); after lost_after_s it is unlocked."""
+    import time
+
+    from crystaloop.dft.backends import BackendBusy, FireWorksBackend, launchpad
+    from crystaloop.loop.bench.cluster import _flow
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    lpad = launchpad()
+    backend = FireWorksBackend(lpad, lost_after_s=1.0)
+    (fw_id,) = backend.submit(_flow(0, 0.0, runs), "c0")["fw_ids"]
+    lpad.workflows.update_one({"nodes": fw_id}, {"$set": {"locked": True}})  # as a killed worker leaves it
+    start = time.monotonic()
+    with pytest.raises(BackendBusy, match="locked"):
+        backend.retry("c0")
+    assert time.monotonic() - start < 5
+    time.sleep(1.1)
+    backend.retry("c0")  # held past lost_after_s: removed
+    assert lpad.workflows.find_one({"nodes": fw_id}).get("locked") is None
