@@ -405,6 +405,12 @@ class LocalBackend:
     recorded an end is reported ``lost``; one started by an earlier loop process that is
     still alive is ``running``. :meth:`close` stops every worker this object started.
 
+    Each worker is a process of its own, in a session of its own. With ``fork_server``
+    (the default) it is forked by one ``local_worker --serve`` process that has imported
+    jobflow, the job store and the flows' job modules once, so a flow does not pay a fresh
+    Python start and those imports; without it (or when that server fails) each worker is
+    a fresh ``python -m crystaloop.dft.local_worker DIR``.
+
     Parameters
     ----------
     root_dir
@@ -413,16 +419,31 @@ class LocalBackend:
         How many flows run at once.
     cores
         Cores shared among them (default: all of this machine's).
+    fork_server
+        Fork workers from a server that has the imports done (see above).
     """
 
     name = "local"
+    #: Seconds to wait for the fork server's answer (its first answer includes the imports).
+    fork_timeout_s = 300.0
 
-    def __init__(self, root_dir: Path | str, *, parallel_jobs: int = 1, cores: int | None = None) -> None:
+    def __init__(
+        self,
+        root_dir: Path | str,
+        *,
+        parallel_jobs: int = 1,
+        cores: int | None = None,
+        fork_server: bool = True,
+    ) -> None:
         self.root = Path(root_dir)
         self.root.mkdir(parents=True, exist_ok=True)
         self.parallel_jobs = max(1, parallel_jobs)
         self.cores = cores or os.cpu_count() or 1
-        self._children: dict[str, subprocess.Popen] = {}
+        self.fork_server = fork_server
+        self._server: subprocess.Popen | None = None
+        self._store = None
+        self._queued = True  # flows may wait in root_dir (an earlier loop process's, too)
+        self._children: dict[str, subprocess.Popen | _Forked] = {}
         self._settled: set[str] = set()
 
     @property
@@ -454,6 +475,7 @@ class LocalBackend:
             doc = {"name": flow.name, "uuid": flow.uuid, "output": flow.output, "jobs": list(flow.jobs)}
             tmp.write_text(json.dumps(jsanitize(doc, strict=True, enum_values=True)))
             os.replace(tmp, path)
+            self._queued = True
         self._schedule()
         return {"job_dir": str(folder)}
 
@@ -464,12 +486,7 @@ class LocalBackend:
         pid = status.get("pid")
         if not pid or status.get("host") != socket.gethostname():
             return False
-        try:
-            os.kill(int(pid), 0)
-        except (ProcessLookupError, PermissionError):
-            return False
-        cmdline = Path(f"/proc/{pid}/cmdline")
-        return not cmdline.exists() or b"local_worker" in cmdline.read_bytes()
+        return _worker_alive(int(pid))
 
     def _schedule(self) -> None:
         """Start queued flows while fewer than ``parallel_jobs`` run."""
@@ -477,8 +494,8 @@ class LocalBackend:
             if child.poll() is not None:
                 del self._children[cid]
         running = len(self._children)
-        if running >= self.parallel_jobs:
-            return  # no free slot: no need to look at the queue
+        if running >= self.parallel_jobs or not self._queued:
+            return  # no free slot, or nothing queued since the last full look: no need to look
         for folder in sorted(self.root.iterdir()):
             if running >= self.parallel_jobs:
                 return
@@ -494,9 +511,15 @@ class LocalBackend:
                 continue
             self._start(cid)
             running += 1
+        self._queued = False  # every flow is started, running or ended; a submit or retry queues again
 
     def _start(self, candidate_id: str) -> None:
         folder = self._dir(candidate_id)
+        if self.fork_server:
+            pid = self._fork(folder)
+            if pid is not None:
+                self._children[candidate_id] = _Forked(pid, self._server)
+                return
         env = {**os.environ, "OMP_NUM_THREADS": str(self.cores_per_job)}
         log = open(folder / "worker.log", "ab")  # noqa: SIM115 - the child owns it
         try:
@@ -509,6 +532,55 @@ class LocalBackend:
             )
         finally:
             log.close()
+
+    def _fork(self, folder: Path) -> int | None:
+        """A worker for ``folder`` forked by the fork server (started if needed); None if it fails."""
+        import selectors
+
+        server = self._server
+        if server is None or server.poll() is not None:
+            log = open(self.root / "fork_server.log", "ab")  # noqa: SIM115 - the server owns it
+            try:
+                server = self._server = subprocess.Popen(
+                    [sys.executable, "-m", "crystaloop.dft.local_worker", "--serve"],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=log,
+                    env={**os.environ, "OMP_NUM_THREADS": str(self.cores_per_job)},
+                    start_new_session=True,  # no terminal signal of the loop's reaches it
+                )
+            except OSError:
+                return None
+            finally:
+                log.close()
+        request = {"folder": str(folder), "env": {"OMP_NUM_THREADS": str(self.cores_per_job)}}
+        try:
+            server.stdin.write(json.dumps(request).encode() + b"\n")
+            server.stdin.flush()
+            with selectors.DefaultSelector() as selector:
+                selector.register(server.stdout, selectors.EVENT_READ)
+                if not selector.select(self.fork_timeout_s):
+                    raise TimeoutError
+            return int(server.stdout.readline())
+        except (OSError, ValueError, TimeoutError):  # a dead or stuck server: fresh processes from now on
+            self._stop_server()
+            self.fork_server = False
+            return None
+
+    def _stop_server(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        for stream in (server.stdin, server.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+        try:
+            server.wait(timeout=5)  # it ends when its stdin closes
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
 
     def state(self, candidate_id: str) -> JobStatus:
         """Start queued flows where slots are free, then report this one."""
@@ -529,7 +601,9 @@ class LocalBackend:
 
     def output(self, candidate_id: str) -> FlowOutput:
         """The flow's outputs in crystaloop's job store."""
-        return read_flow_output(job_store(), candidate_id)
+        if self._store is None:
+            self._store = job_store()
+        return read_flow_output(self._store, candidate_id)
 
     def retry(self, candidate_id: str) -> None:
         """Queue the flow again (the last status is kept as ``status.<n>.json``)."""
@@ -540,6 +614,7 @@ class LocalBackend:
         if path.exists():
             n = len(list(folder.glob("status.*.json")))
             os.replace(path, folder / f"status.{n}.json")
+        self._queued = True
         self._schedule()
 
     def cancel(self, candidate_id: str) -> None:
@@ -571,6 +646,57 @@ class LocalBackend:
                 status = self._status(cid)
                 if status is not None and status.get("state") == "running":  # not one that just ended
                     (self._dir(cid) / "status.json").unlink(missing_ok=True)
+        self._stop_server()
+
+
+class _Forked:
+    """A worker forked by the fork server: not this process's child, so watched by its pid.
+
+    While the server runs, the kernel reaps its ended workers at once, so a pid that still
+    answers signal 0 is the running worker. A worker orphaned by the server's end may stay a
+    zombie under an init that does not reap; then /proc is read, and a zombie counts as ended.
+    """
+
+    def __init__(self, pid: int, server: subprocess.Popen | None = None) -> None:
+        self.pid, self.server = pid, server
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        """None while the worker runs; then -1 (its exit status is its server's to see)."""
+        if self.returncode is None:
+            if self.server is not None and self.server.poll() is None:
+                try:
+                    os.kill(self.pid, 0)
+                    return None
+                except ProcessLookupError:
+                    alive = False
+            else:
+                alive = _worker_alive(self.pid)
+            if not alive:
+                self.returncode = -1
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
+            time.sleep(0.05)
+        return self.returncode
+
+
+def _worker_alive(pid: int) -> bool:
+    """True while ``pid`` is a running (not zombie) local worker process."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):  # PermissionError: another user's process
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # gone since, or no /proc here
+        return not Path("/proc/self").exists()
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z" and b"local_worker" in cmdline
 
 
 def _stop_group(pid: int, grace_s: float, child: subprocess.Popen | None = None) -> None:
@@ -618,6 +744,13 @@ class FireWorksBackend:
     ``lost_after_s`` is lost, as ``lpad detect_lostruns`` finds it (workers ping every
     ``PING_TIME_SECS`` of their FireWorks settings, which must be shorter).
 
+    A poll that asks :meth:`state` for many candidates costs one query for all their
+    Fireworks (and one for the pings of those running), not one per candidate: a call
+    answers from the last batch read when that batch is under ``batch_max_age_s`` old and
+    this candidate has not been answered from it yet; otherwise it reads a new batch, of
+    every candidate asked about in the last three batches or submitted since (those
+    reported completed leave it). :meth:`states` reads one batch for the candidates given.
+
     Parameters
     ----------
     lpad
@@ -629,6 +762,10 @@ class FireWorksBackend:
     """
 
     name = "fireworks"
+    #: A batch of states older than this is read again (s).
+    batch_max_age_s = 1.0
+    _PROJECTION = {"fw_id": 1, "state": 1, "updated_on": 1, "name": 1, "launches": 1, "_id": 0,
+                   f"spec.{CANDIDATE_KEY}": 1}  # fmt: skip
 
     def __init__(
         self, lpad=None, *, worker: str | None = None, category: str | None = None, lost_after_s: float = 14400.0
@@ -636,20 +773,29 @@ class FireWorksBackend:
         self.lpad = lpad or launchpad()
         ensure_launchpad(self.lpad)
         self.worker, self.category, self.lost_after_s = worker, category, lost_after_s
+        self._store = None
+        self._batch: dict[str, JobStatus] = {}
+        self._batch_at = 0.0
+        self._answered: set[str] = set()
+        self._watch: dict[str, int] = {}  # candidate -> number of the batch it was last asked about in
+        self._locked_since: dict[Any, float] = {}  # workflow -> when retry first found it locked
+        self._batches = 0
 
     def _fireworks(self, candidate_id: str) -> list[dict[str, Any]]:
         return list(
-            self.lpad.fireworks.find(
-                {f"spec.{CANDIDATE_KEY}": candidate_id},
-                {"fw_id": 1, "state": 1, "updated_on": 1, "name": 1, "launches": 1, "_id": 0},
-            ).sort("fw_id", 1)
+            self.lpad.fireworks.find({f"spec.{CANDIDATE_KEY}": candidate_id}, self._PROJECTION).sort("fw_id", 1)
         )
+
+    def _forget_batch(self) -> None:
+        self._batch, self._answered = {}, set()
 
     def submit(self, flow, candidate_id: str, *, resources: dict[str, Any] | None = None) -> dict[str, Any]:
         """Add the flow's workflow unless the candidate already has one; returns ``fw_ids``."""
+        self._watch[candidate_id] = self._batches
         known = self._fireworks(candidate_id)
         if known:
             return {"fw_ids": [fw["fw_id"] for fw in known]}
+        self._forget_batch()
         tag_flow(flow, candidate_id)
         spec: dict[str, Any] = {}
         if self.worker:
@@ -666,12 +812,6 @@ class FireWorksBackend:
         mapping = self.lpad.add_wf(workflow)
         return {"fw_ids": sorted(mapping.values())}
 
-    def _lost(self, candidate_id: str) -> list[int]:
-        _, lost, _ = self.lpad.detect_lostruns(
-            expiration_secs=self.lost_after_s, query={f"spec.{CANDIDATE_KEY}": candidate_id}
-        )
-        return lost
-
     def _error(self, fw: dict[str, Any]) -> str | None:
         launch = self.lpad.launches.find_one(
             {"fw_id": fw["fw_id"]}, {"action.stored_data": 1}, sort=[("launch_id", -1)]
@@ -680,9 +820,78 @@ class FireWorksBackend:
         exc = data.get("_exception") or {}
         return _first_line(exc.get("_stacktrace") if isinstance(exc, dict) else str(exc))
 
+    def _lost_among(self, fws: list[dict[str, Any]]) -> set[int]:
+        """The RUNNING ones of ``fws`` that are lost, found as ``lpad detect_lostruns`` finds them.
+
+        A launch is stale when it is RUNNING and its RUNNING entry was last updated (pinged)
+        over ``lost_after_s`` ago; a Firework is lost when each of its launches is stale or
+        ended no better than FIZZLED. Two queries at most, whatever the number of Fireworks.
+        """
+        from datetime import timedelta
+
+        from fireworks import Firework
+
+        running = {fw["fw_id"]: fw for fw in fws if fw["state"] == "RUNNING"}
+        if not running:
+            return set()
+        cutoff = (datetime.now(UTC) - timedelta(seconds=self.lost_after_s)).isoformat()
+        stale = self.lpad.launches.find(
+            {"fw_id": {"$in": list(running)}, "state": "RUNNING",
+             "state_history": {"$elemMatch": {"state": "RUNNING", "updated_on": {"$lte": cutoff}}}},
+            {"launch_id": 1, "fw_id": 1, "_id": 0},
+        )  # fmt: skip
+        stale_launches: dict[int, set[int]] = {}
+        for launch in stale:
+            stale_launches.setdefault(launch["fw_id"], set()).add(launch["launch_id"])
+        if not stale_launches:
+            return set()
+        others = {lid for fw_id, ids in stale_launches.items() for lid in running[fw_id].get("launches", [])
+                  if lid not in ids}  # fmt: skip
+        states = (
+            {d["launch_id"]: d["state"] for d in self.lpad.launches.find(
+                {"launch_id": {"$in": list(others)}}, {"launch_id": 1, "state": 1, "_id": 0})}
+            if others
+            else {}
+        )  # fmt: skip
+        fizzled = Firework.STATE_RANKS["FIZZLED"]
+        return {
+            fw_id
+            for fw_id, ids in stale_launches.items()
+            if all(
+                Firework.STATE_RANKS.get(states.get(lid, "UNKNOWN"), 0) <= fizzled
+                for lid in running[fw_id].get("launches", [])
+                if lid not in ids
+            )
+        }
+
+    def states(self, candidate_ids) -> dict[str, JobStatus]:
+        """The state of each candidate's flow, read in one batch (see the class)."""
+        ids = list(dict.fromkeys(candidate_ids))
+        by_candidate: dict[str, list[dict[str, Any]]] = {cid: [] for cid in ids}
+        for fw in self.lpad.fireworks.find({f"spec.{CANDIDATE_KEY}": {"$in": ids}}, self._PROJECTION).sort(
+            "fw_id", 1
+        ):
+            by_candidate[fw["spec"][CANDIDATE_KEY]].append(fw)
+        lost = self._lost_among([fw for fws in by_candidate.values() for fw in fws])
+        return {cid: self._status(fws, lost) for cid, fws in by_candidate.items()}
+
     def state(self, candidate_id: str) -> JobStatus:
         """COMPLETED everywhere: completed; FIZZLED, DEFUSED or PAUSED: failed; stale RUNNING: lost."""
-        fws = self._fireworks(candidate_id)
+        fresh = time.monotonic() - self._batch_at < self.batch_max_age_s
+        if not fresh or candidate_id not in self._batch or candidate_id in self._answered:
+            self._batches += 1
+            self._watch[candidate_id] = self._batches
+            recent = [cid for cid, n in self._watch.items() if n >= self._batches - 3]
+            self._batch, self._answered = self.states(recent), set()
+            self._batch_at = time.monotonic()
+        self._watch[candidate_id] = self._batches
+        self._answered.add(candidate_id)
+        status = self._batch[candidate_id]
+        if status.state == "completed":
+            self._watch.pop(candidate_id, None)
+        return status
+
+    def _status(self, fws: list[dict[str, Any]], lost_fw_ids: set[int]) -> JobStatus:
         if not fws:
             return JobStatus("lost", reason="no Firework of its flow is on the LaunchPad")
         ids = {"fw_ids": [fw["fw_id"] for fw in fws]}
@@ -701,7 +910,7 @@ class FireWorksBackend:
                     reason = f"Firework {fw['fw_id']} is {name} (retry, or '{how} -i {fw['fw_id']}')"
                     return JobStatus("failed", reason=reason, ids=ids, since=since, detail=detail)
         if "RUNNING" in states:
-            lost = self._lost(candidate_id)
+            lost = [fw["fw_id"] for fw in fws if fw["fw_id"] in lost_fw_ids]
             if lost:
                 reason = f"Firework {lost[0]} RUNNING without a ping for over {self.lost_after_s:g} s"
                 return JobStatus("lost", reason=reason, ids=ids, since=since, detail=detail)
@@ -712,7 +921,9 @@ class FireWorksBackend:
 
     def output(self, candidate_id: str) -> FlowOutput:
         """The outputs the workers wrote to their job store (crystaloop's)."""
-        return read_flow_output(job_store(), candidate_id)
+        if self._store is None:
+            self._store = job_store()
+        return read_flow_output(self._store, candidate_id)
 
     def retry(self, candidate_id: str) -> None:
         """Rerun lost and fizzled Fireworks, reignite defused ones and resume paused ones.
@@ -724,6 +935,8 @@ class FireWorksBackend:
         """
         from fireworks.core.launchpad import LockedWorkflowError
 
+        self._forget_batch()
+        self._unlock_or_wait(candidate_id)
         try:
             self.lpad.detect_lostruns(
                 expiration_secs=self.lost_after_s, rerun=True, query={f"spec.{CANDIDATE_KEY}": candidate_id}
@@ -738,8 +951,39 @@ class FireWorksBackend:
         except LockedWorkflowError as exc:
             raise BackendBusy(str(exc)) from None
 
+    def _unlock_or_wait(self, candidate_id: str) -> None:
+        """Raise BackendBusy while the candidate's workflow is locked, without waiting on the lock.
+
+        FireWorks' own lock waits up to ``WFLOCK_EXPIRATION_SECS`` (300 s) inside the call,
+        which would hold the whole loop; and a worker SIGKILLed while it held the lock (at a
+        job's checkout or end) never releases it. A lock this backend has seen held for
+        ``lost_after_s`` is taken as such a dead worker's and removed, as ``lpad admin unlock``
+        (or FireWorks' ``WFLOCK_EXPIRATION_KILL``) would.
+
+        Raises
+        ------
+        BackendBusy
+            The workflow is locked, and has not been for ``lost_after_s`` yet.
+        """
+        fw_ids = [fw["fw_id"] for fw in self._fireworks(candidate_id)]
+        locked = (
+            self.lpad.workflows.find_one({"nodes": {"$in": fw_ids}, "locked": True}, {"_id": 1})
+            if fw_ids
+            else None
+        )
+        if locked is None:
+            return
+        first = self._locked_since.setdefault(locked["_id"], time.monotonic())
+        if time.monotonic() - first < self.lost_after_s:
+            raise BackendBusy(
+                f"the workflow of Fireworks {fw_ids} is locked by a worker; retried at a later poll"
+            )
+        self.lpad.workflows.update_one({"_id": locked["_id"], "locked": True}, {"$unset": {"locked": True}})
+        self._locked_since.pop(locked["_id"], None)
+
     def cancel(self, candidate_id: str) -> None:
         """Defuse the candidate's Fireworks that have not completed."""
+        self._forget_batch()
         for fw in self._fireworks(candidate_id):
             if fw["state"] not in ("COMPLETED", "DEFUSED"):
                 self.lpad.defuse_fw(fw["fw_id"])

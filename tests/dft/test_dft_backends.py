@@ -167,3 +167,110 @@ def test_resource_rules_scale_with_the_cell(fake_settings):
     assert rules.for_sites(4) == {"cores": 8, "walltime": "02:00:00", "partition": "short"}
     assert rules.for_sites(20) == {"cores": 64, "nodes": 2, "walltime": "12:00:00", "partition": "short"}
     assert rules.for_sites(100) == {"cores": 16, "walltime": "02:00:00", "partition": "short"}
+
+
+@pytest.mark.parametrize("fork_server", [True, False])
+def test_local_workers_are_forked_by_one_server_and_a_killed_one_is_lost(
+    settings, database, tmp_path, fork_server
+):
+    """Workers come from the fork server (or fresh processes); SIGKILL: lost; retry: running again."""
+    import json
+    import os
+    import signal
+    import time
+
+    from crystaloop.dft.backends import LocalBackend
+    from crystaloop.loop.bench.cluster import _flow
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    backend = LocalBackend(tmp_path / "jobs", parallel_jobs=2, cores=2, fork_server=fork_server)
+
+    def wait_for(cid: str, states: tuple[str, ...], timeout: float = 120.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = backend.state(cid).state
+            if state in states:
+                return state
+            time.sleep(0.05)
+        raise AssertionError(f"{cid} never reached {states}")
+
+    try:
+        backend.submit(_flow(0, 0.0, runs), "quick")
+        backend.submit(_flow(1, 60.0, runs), "slow")
+        assert wait_for("quick", ("completed", "failed", "lost")) == "completed"
+        assert backend.output("quick").task is None  # a synthetic job: no relax role
+        assert wait_for("slow", ("running",)) == "running"
+        server = backend._server
+        assert (server is not None and server.poll() is None) if fork_server else server is None
+        status = json.loads((tmp_path / "jobs" / "slow" / "status.json").read_text())
+        assert os.getpgid(status["pid"]) == status["pid"]  # a session of its own
+        os.kill(status["pid"], signal.SIGKILL)
+        assert wait_for("slow", ("lost",)) == "lost"
+        backend.retry("slow")
+        assert wait_for("slow", ("running",)) == "running"
+        again = json.loads((tmp_path / "jobs" / "slow" / "status.json").read_text())["pid"]
+        assert again != status["pid"]
+    finally:
+        backend.close(grace_s=5)
+    assert not os.path.exists(f"/proc/{again}")
+    assert server is None or server.poll() is not None  # the fork server ended with close()
+    assert not (tmp_path / "jobs" / "slow" / "status.json").exists()  # back in the queue
+    assert len(list(runs.glob("*.run"))) == 1
+
+
+def test_fireworks_states_are_read_in_one_batch_per_sweep(settings, database, tmp_path):
+    """A sweep of state() over the pending candidates reads their Fireworks in one query."""
+    from crystaloop.dft.backends import FireWorksBackend, launch_rapidfire, launchpad
+    from crystaloop.loop.bench.cluster import _flow
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    lpad = launchpad()
+    backend = FireWorksBackend(lpad, lost_after_s=3600)
+    ids = [f"c{i}" for i in range(4)]
+    for i, cid in enumerate(ids):
+        backend.submit(_flow(i, 0.0, runs), cid)
+
+    finds = []
+    collection = type(lpad.fireworks)
+
+    class Counting(collection):
+        def find(self, *args, **kwargs):
+            finds.append(args[0] if args else kwargs.get("filter"))
+            return super().find(*args, **kwargs)
+
+    lpad.fireworks.__class__ = Counting
+    try:
+        assert [backend.state(cid).state for cid in ids] == ["queued"] * 4
+        assert len(finds) == 1  # one query for the four
+        assert backend.states(ids) == {cid: backend.state(cid) for cid in ids}
+        launch_rapidfire(lpad=lpad, launch_dir=tmp_path / "launches")
+        finds.clear()
+        assert [backend.state(cid).state for cid in ids] == ["completed"] * 4  # a new sweep: a fresh batch
+        assert len(finds) == 1
+    finally:
+        lpad.fireworks.__class__ = collection
+    assert backend.output("c0").task is None
+
+
+def test_fireworks_retry_never_waits_on_a_dead_workers_lock(settings, database, tmp_path):
+    """A locked workflow: retry is busy at once (not after FireWorks' 300 s); after lost_after_s it is unlocked."""
+    import time
+
+    from crystaloop.dft.backends import BackendBusy, FireWorksBackend, launchpad
+    from crystaloop.loop.bench.cluster import _flow
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    lpad = launchpad()
+    backend = FireWorksBackend(lpad, lost_after_s=1.0)
+    (fw_id,) = backend.submit(_flow(0, 0.0, runs), "c0")["fw_ids"]
+    lpad.workflows.update_one({"nodes": fw_id}, {"$set": {"locked": True}})  # as a killed worker leaves it
+    start = time.monotonic()
+    with pytest.raises(BackendBusy, match="locked"):
+        backend.retry("c0")
+    assert time.monotonic() - start < 5
+    time.sleep(1.1)
+    backend.retry("c0")  # held past lost_after_s: removed
+    assert lpad.workflows.find_one({"nodes": fw_id}).get("locked") is None
