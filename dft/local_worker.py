@@ -67,7 +67,8 @@ def main(folder: Path) -> int:
     run_dir = folder / "run"
     run_dir.mkdir(exist_ok=True)
     errors = _LastError()
-    logging.getLogger("jobflow").addHandler(errors)
+    # On the manager's own logger: run_local(log=True) resets the handlers of "jobflow".
+    logging.getLogger("jobflow.managers.local").addHandler(errors)
     try:
         responses = run_local(flow, root_dir=run_dir, log=True)
     except Exception as exc:  # recorded as the flow's failure, with its reason

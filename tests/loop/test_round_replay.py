@@ -258,6 +258,7 @@ def test_an_input_unlike_the_recorded_one_is_rejected(replayed_pw, prior_loaded)
     assert candidate.state == "failed"
     reason = candidate.state_history[-1]["reason"]
     assert "failed after 1 attempt" in reason and "qe element reference" in reason, reason
+    assert "AssertionError: &control differs" in reason, reason  # the job's own error, not "an error"
     worker_log = (Path(candidate.dft_job["job_dir"]) / "worker.log").read_text()
     assert "AssertionError: &control differs" in worker_log
     assert database["dft_tasks"].count_documents({}) == 0
