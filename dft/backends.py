@@ -876,7 +876,11 @@ class FireWorksBackend:
         return {cid: self._status(fws, lost) for cid, fws in by_candidate.items()}
 
     def state(self, candidate_id: str) -> JobStatus:
-        """COMPLETED everywhere: completed; FIZZLED, DEFUSED or PAUSED: failed; stale RUNNING: lost."""
+        """The candidate's state, read from the batch of its Fireworks' states.
+
+        COMPLETED everywhere: completed; FIZZLED, DEFUSED or PAUSED: failed; a stale RUNNING
+        Firework or an abandoned checkout (see :meth:`_abandoned_checkout`): lost.
+        """
         fresh = time.monotonic() - self._batch_at < self.batch_max_age_s
         if not fresh or candidate_id not in self._batch or candidate_id in self._answered:
             self._batches += 1
@@ -916,8 +920,29 @@ class FireWorksBackend:
                 return JobStatus("lost", reason=reason, ids=ids, since=since, detail=detail)
             return JobStatus("running", ids=ids, since=since, detail=detail)
         if "RESERVED" in states:
+            abandoned = [fw["fw_id"] for fw in fws if self._abandoned_checkout(fw)]
+            if abandoned:
+                reason = (
+                    f"Firework {abandoned[0]} RESERVED by a worker that never started it "
+                    f"(killed at checkout) for over {self.lost_after_s:g} s"
+                )
+                return JobStatus("lost", reason=reason, ids=ids, since=since, detail=detail)
             return JobStatus("running", ids=ids, since=since, detail=detail)
         return JobStatus("queued", ids=ids, since=since, detail=detail)
+
+    def _abandoned_checkout(self, fw: dict[str, Any]) -> bool:
+        """A RESERVED Firework with no launch of its own, untouched for ``lost_after_s``.
+
+        A worker checks a Firework out in two writes: the Firework becomes RESERVED, then its
+        launch is recorded and it becomes RUNNING. A worker killed between the two leaves it
+        RESERVED with no launch, which ``lpad detect_lostruns`` never reports (it looks only at
+        RUNNING Fireworks). A Firework reserved in a queue (``qlaunch`` with reservations)
+        carries its RESERVED launch, and is not taken for one of these.
+        """
+        if fw["state"] != "RESERVED" or fw.get("launches"):
+            return False
+        updated = _parse_time(fw.get("updated_on"))
+        return updated is not None and (datetime.now(UTC) - updated).total_seconds() > self.lost_after_s
 
     def output(self, candidate_id: str) -> FlowOutput:
         """The outputs the workers wrote to their job store (crystaloop's)."""
@@ -926,7 +951,7 @@ class FireWorksBackend:
         return read_flow_output(self._store, candidate_id)
 
     def retry(self, candidate_id: str) -> None:
-        """Rerun lost and fizzled Fireworks, reignite defused ones and resume paused ones.
+        """Rerun lost, abandoned and fizzled Fireworks, reignite defused ones, resume paused ones.
 
         Raises
         ------
@@ -948,6 +973,8 @@ class FireWorksBackend:
                     self.lpad.reignite_fw(fw["fw_id"])
                 elif fw["state"] == "PAUSED":
                     self.lpad.resume_fw(fw["fw_id"])
+                elif self._abandoned_checkout(fw):
+                    self.lpad.rerun_fw(fw["fw_id"])
         except LockedWorkflowError as exc:
             raise BackendBusy(str(exc)) from None
 

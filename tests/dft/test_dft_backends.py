@@ -274,3 +274,58 @@ def test_fireworks_retry_never_waits_on_a_dead_workers_lock(settings, database, 
     time.sleep(1.1)
     backend.retry("c0")  # held past lost_after_s: removed
     assert lpad.workflows.find_one({"nodes": fw_id}).get("locked") is None
+
+
+def test_fireworks_checkout_abandoned_by_a_killed_worker_is_lost_and_rerun(settings, database, tmp_path):
+    """A worker killed between reserving a Firework and recording its launch leaves it RESERVED
+    with no launch: lost once untouched for lost_after_s, and retry puts it back to run."""
+    import datetime
+
+    from fireworks import FWorker
+
+    from crystaloop.dft.backends import FireWorksBackend, launch_rapidfire, launchpad
+    from crystaloop.loop.bench.cluster import _flow
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    lpad = launchpad()
+    backend = FireWorksBackend(lpad, lost_after_s=60)
+    (fw_id,) = backend.submit(_flow(0, 0.0, runs), "c0")["fw_ids"]
+    # The first of checkout's two writes, as the killed worker made it; then its launch, never attached.
+    lpad._get_a_fw_to_run(FWorker().query, fw_id=fw_id, checkout=True)
+    assert lpad.fireworks.find_one({"fw_id": fw_id})["state"] == "RESERVED"
+    assert backend.states(["c0"])["c0"].state == "running"  # fresh: a worker may still be starting it
+
+    old = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=120)
+    lpad.fireworks.update_one({"fw_id": fw_id}, {"$set": {"updated_on": old}})
+    status = backend.states(["c0"])["c0"]
+    assert status.state == "lost"
+    assert f"Firework {fw_id} RESERVED" in status.reason and "killed at checkout" in status.reason
+
+    backend.retry("c0")
+    assert lpad.fireworks.find_one({"fw_id": fw_id})["state"] == "READY"
+    launch_rapidfire(lpad=lpad, launch_dir=tmp_path / "launches")
+    assert backend.states(["c0"])["c0"].state == "completed"
+    assert len(list(runs.glob("*.run"))) == 1  # ran once
+
+
+def test_fireworks_reserved_in_a_queue_is_not_lost(settings, database, tmp_path):
+    """A Firework reserved for a queue job (qlaunch's reservation) carries its RESERVED launch:
+    however long it waits in the queue, it is not an abandoned checkout."""
+    import datetime
+
+    from fireworks import FWorker
+
+    from crystaloop.dft.backends import FireWorksBackend, launchpad
+    from crystaloop.loop.bench.cluster import _flow
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    lpad = launchpad()
+    backend = FireWorksBackend(lpad, lost_after_s=60)
+    (fw_id,) = backend.submit(_flow(0, 0.0, runs), "c0")["fw_ids"]
+    lpad.checkout_fw(FWorker(), str(tmp_path), fw_id=fw_id, state="RESERVED")
+    old = datetime.datetime.now(datetime.UTC) - datetime.timedelta(hours=5)
+    lpad.fireworks.update_one({"fw_id": fw_id}, {"$set": {"updated_on": old}})
+    assert lpad.fireworks.find_one({"fw_id": fw_id})["launches"]
+    assert backend.states(["c0"])["c0"].state == "running"
