@@ -735,7 +735,55 @@ def _write_status(folder: Path, **fields: Any) -> None:
 # -- FireWorks ------------------------------------------------------------------------------------
 
 
-class FireWorksBackend:
+class BatchedStates:
+    """``state(candidate_id)`` answered from batches of ``states(ids)``: one query a poll, not one a candidate.
+
+    A campaign's harvest (and the cluster benchmark) asks for the state of each pending
+    candidate in turn. A call answers from the last batch read when that batch is under
+    ``batch_max_age_s`` old and this candidate has not been answered from it yet; otherwise
+    it reads a new batch, of every candidate asked about in the last three batches or
+    submitted since (those reported completed leave it). Subclasses give :meth:`states`
+    and call :meth:`_watch_candidate` on submit and :meth:`_forget_batch` on any change
+    they make themselves.
+    """
+
+    #: A batch of states older than this is read again (s).
+    batch_max_age_s = 1.0
+
+    def _init_batches(self) -> None:
+        self._batch: dict[str, JobStatus] = {}
+        self._batch_at = 0.0
+        self._answered: set[str] = set()
+        self._watch: dict[str, int] = {}  # candidate -> number of the batch it was last asked about in
+        self._batches = 0
+
+    def states(self, candidate_ids) -> dict[str, JobStatus]:  # pragma: no cover - each backend's own
+        raise NotImplementedError
+
+    def _watch_candidate(self, candidate_id: str) -> None:
+        self._watch[candidate_id] = self._batches
+
+    def _forget_batch(self) -> None:
+        self._batch, self._answered = {}, set()
+
+    def state(self, candidate_id: str) -> JobStatus:
+        """The candidate's state, from the current batch or a new one (see the class)."""
+        fresh = time.monotonic() - self._batch_at < self.batch_max_age_s
+        if not fresh or candidate_id not in self._batch or candidate_id in self._answered:
+            self._batches += 1
+            self._watch[candidate_id] = self._batches
+            recent = [cid for cid, n in self._watch.items() if n >= self._batches - 3]
+            self._batch, self._answered = self.states(recent), set()
+            self._batch_at = time.monotonic()
+        self._watch[candidate_id] = self._batches
+        self._answered.add(candidate_id)
+        status = self._batch[candidate_id]
+        if status.state == "completed":
+            self._watch.pop(candidate_id, None)
+        return status
+
+
+class FireWorksBackend(BatchedStates):
     """Flows as FireWorks workflows on crystaloop's LaunchPad.
 
     Every Firework carries the candidate id in ``spec.crystaloop_candidate``, the worker
@@ -745,11 +793,8 @@ class FireWorksBackend:
     ``PING_TIME_SECS`` of their FireWorks settings, which must be shorter).
 
     A poll that asks :meth:`state` for many candidates costs one query for all their
-    Fireworks (and one for the pings of those running), not one per candidate: a call
-    answers from the last batch read when that batch is under ``batch_max_age_s`` old and
-    this candidate has not been answered from it yet; otherwise it reads a new batch, of
-    every candidate asked about in the last three batches or submitted since (those
-    reported completed leave it). :meth:`states` reads one batch for the candidates given.
+    Fireworks (and one for the pings of those running), not one per candidate
+    (:class:`BatchedStates`).
 
     Parameters
     ----------
@@ -762,8 +807,6 @@ class FireWorksBackend:
     """
 
     name = "fireworks"
-    #: A batch of states older than this is read again (s).
-    batch_max_age_s = 1.0
     _PROJECTION = {"fw_id": 1, "state": 1, "updated_on": 1, "name": 1, "launches": 1, "_id": 0,
                    f"spec.{CANDIDATE_KEY}": 1}  # fmt: skip
 
@@ -774,24 +817,17 @@ class FireWorksBackend:
         ensure_launchpad(self.lpad)
         self.worker, self.category, self.lost_after_s = worker, category, lost_after_s
         self._store = None
-        self._batch: dict[str, JobStatus] = {}
-        self._batch_at = 0.0
-        self._answered: set[str] = set()
-        self._watch: dict[str, int] = {}  # candidate -> number of the batch it was last asked about in
+        self._init_batches()
         self._locked_since: dict[Any, float] = {}  # workflow -> when retry first found it locked
-        self._batches = 0
 
     def _fireworks(self, candidate_id: str) -> list[dict[str, Any]]:
         return list(
             self.lpad.fireworks.find({f"spec.{CANDIDATE_KEY}": candidate_id}, self._PROJECTION).sort("fw_id", 1)
         )
 
-    def _forget_batch(self) -> None:
-        self._batch, self._answered = {}, set()
-
     def submit(self, flow, candidate_id: str, *, resources: dict[str, Any] | None = None) -> dict[str, Any]:
         """Add the flow's workflow unless the candidate already has one; returns ``fw_ids``."""
-        self._watch[candidate_id] = self._batches
+        self._watch_candidate(candidate_id)
         known = self._fireworks(candidate_id)
         if known:
             return {"fw_ids": [fw["fw_id"] for fw in known]}
@@ -865,7 +901,11 @@ class FireWorksBackend:
         }
 
     def states(self, candidate_ids) -> dict[str, JobStatus]:
-        """The state of each candidate's flow, read in one batch (see the class)."""
+        """The state of each candidate's flow, read in one batch.
+
+        COMPLETED everywhere: completed; FIZZLED, DEFUSED or PAUSED: failed; a stale RUNNING
+        Firework or an abandoned checkout (see :meth:`_abandoned_checkout`): lost.
+        """
         ids = list(dict.fromkeys(candidate_ids))
         by_candidate: dict[str, list[dict[str, Any]]] = {cid: [] for cid in ids}
         for fw in self.lpad.fireworks.find({f"spec.{CANDIDATE_KEY}": {"$in": ids}}, self._PROJECTION).sort(
@@ -874,26 +914,6 @@ class FireWorksBackend:
             by_candidate[fw["spec"][CANDIDATE_KEY]].append(fw)
         lost = self._lost_among([fw for fws in by_candidate.values() for fw in fws])
         return {cid: self._status(fws, lost) for cid, fws in by_candidate.items()}
-
-    def state(self, candidate_id: str) -> JobStatus:
-        """The candidate's state, read from the batch of its Fireworks' states.
-
-        COMPLETED everywhere: completed; FIZZLED, DEFUSED or PAUSED: failed; a stale RUNNING
-        Firework or an abandoned checkout (see :meth:`_abandoned_checkout`): lost.
-        """
-        fresh = time.monotonic() - self._batch_at < self.batch_max_age_s
-        if not fresh or candidate_id not in self._batch or candidate_id in self._answered:
-            self._batches += 1
-            self._watch[candidate_id] = self._batches
-            recent = [cid for cid, n in self._watch.items() if n >= self._batches - 3]
-            self._batch, self._answered = self.states(recent), set()
-            self._batch_at = time.monotonic()
-        self._watch[candidate_id] = self._batches
-        self._answered.add(candidate_id)
-        status = self._batch[candidate_id]
-        if status.state == "completed":
-            self._watch.pop(candidate_id, None)
-        return status
 
     def _status(self, fws: list[dict[str, Any]], lost_fw_ids: set[int]) -> JobStatus:
         if not fws:
@@ -1121,11 +1141,12 @@ def ensure_remote_queue(controller) -> None:
     controller.reset(max_limit=1)
 
 
-class JobflowRemoteBackend:
+class JobflowRemoteBackend(BatchedStates):
     """Flows submitted to a jobflow-remote project; its runner moves them and stores their outputs.
 
     Workers need no database: the runner uploads inputs, and inserts the outputs into the
-    project's job store, where :meth:`output` reads them.
+    project's job store, where :meth:`output` reads them. A poll over many candidates reads
+    their jobs in one query (:class:`BatchedStates`).
 
     Parameters
     ----------
@@ -1147,13 +1168,25 @@ class JobflowRemoteBackend:
             ) from None
         self.project, self.worker, self.exec_config = project, worker, exec_config
         try:
-            self.controller = JobController.from_project_name(project)
+            from jobflow_remote.config.manager import ConfigManager
+
+            # What jobflow-remote's submit_flow checks at every call, checked once: the
+            # project, its worker and the execution config (submit then costs one insert).
+            manager = ConfigManager()
+            project_obj = manager.get_project(project)
+            if self.worker is None:
+                self.worker = next(iter(project_obj.workers), None)
+            manager.get_worker(worker_name=self.worker, project_name=project_obj.name)
+            if exec_config:
+                manager.get_exec_config(exec_config_name=exec_config, project_name=project_obj.name)
+            self.controller = JobController.from_project(project_obj)
         except Exception as exc:  # jobflow-remote's own ConfigError and friends
             raise UserError(
                 f"jobflow-remote project {project or '(default)'}: {str(exc).splitlines()[0][:200]}; "
                 "write one with 'crystaloop dft remote-config' and check it with 'jf project check'"
             ) from None
         ensure_remote_queue(self.controller)
+        self._init_batches()
 
     def _jobs(self, candidate_id: str):
         return sorted(
@@ -1162,24 +1195,33 @@ class JobflowRemoteBackend:
 
     def submit(self, flow, candidate_id: str, *, resources: dict[str, Any] | None = None) -> dict[str, Any]:
         """Submit the flow unless the candidate already has jobs; returns ``db_ids`` and ``uuids``."""
+        self._watch_candidate(candidate_id)
         jobs = self._jobs(candidate_id)
         if not jobs:
-            from jobflow_remote import submit_flow
-
+            self._forget_batch()
             tag_flow(flow, candidate_id)
-            submit_flow(
-                flow,
+            self.controller.add_flow(
+                flow=flow,
                 worker=self.worker,
-                project=self.project,
                 exec_config=self.exec_config,
                 resources=remote_resources(resources) if resources else None,
             )
             jobs = self._jobs(candidate_id)
         return {"db_ids": [j.db_id for j in jobs], "uuids": [j.uuid for j in jobs]}
 
-    def state(self, candidate_id: str) -> JobStatus:
-        """FAILED, REMOTE_ERROR and STOPPED are failures, with jobflow-remote's error text."""
-        jobs = self._jobs(candidate_id)
+    def states(self, candidate_ids) -> dict[str, JobStatus]:
+        """The state of each candidate's flow, from one query of the queue.
+
+        FAILED, REMOTE_ERROR and STOPPED are failures, with jobflow-remote's error text.
+        """
+        ids = list(dict.fromkeys(candidate_ids))
+        by_candidate: dict[str, list] = {cid: [] for cid in ids}
+        key = f"job.metadata.{CANDIDATE_KEY}"
+        for info in self.controller.get_jobs_info_query({key: {"$in": ids}}):
+            by_candidate[info.metadata[CANDIDATE_KEY]].append(info)
+        return {cid: self._status(sorted(jobs, key=lambda j: int(j.db_id))) for cid, jobs in by_candidate.items()}
+
+    def _status(self, jobs) -> JobStatus:
         if not jobs:
             return JobStatus("lost", reason="no job of its flow in the jobflow-remote queue")
         ids = {"db_ids": [j.db_id for j in jobs], "uuids": [j.uuid for j in jobs]}
@@ -1203,6 +1245,7 @@ class JobflowRemoteBackend:
 
     def retry(self, candidate_id: str) -> None:
         """Retry REMOTE_ERROR jobs and rerun FAILED or STOPPED ones."""
+        self._forget_batch()
         for job in self._jobs(candidate_id):
             if job.state.value == "REMOTE_ERROR":
                 self.controller.retry_job(db_id=job.db_id)
@@ -1211,6 +1254,7 @@ class JobflowRemoteBackend:
 
     def cancel(self, candidate_id: str) -> None:
         """Stop the candidate's jobs that have not completed."""
+        self._forget_batch()
         for job in self._jobs(candidate_id):
             if REMOTE_STATES.get(job.state.value) in ("queued", "running"):
                 self.controller.stop_job(db_id=job.db_id)

@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
 
 
 def cluster(
-    backends: str = typer.Option("local,fireworks", "--backends", help="Comma-separated: local, fireworks."),
+    backends: str = typer.Option("local,fireworks", "--backends", help="Comma-separated: local, fireworks, jobflow-remote."),
     workers: str = typer.Option("1,4,8", "--workers", help="Worker counts, comma-separated."),
     jobs: int = typer.Option(100, "--jobs", min=1, help="Jobs per campaign."),
     job_s: float = typer.Option(5.0, "--job-s", min=0.0, help="Seconds each job sleeps."),
@@ -34,9 +34,9 @@ def cluster(
     from crystaloop.loop.bench import cluster as bench_cluster
 
     names = [b.strip() for b in backends.split(",") if b.strip()]
-    unknown = [b for b in names if b not in ("local", "fireworks")]
+    unknown = [b for b in names if b not in ("local", "fireworks", "jobflow-remote")]
     if unknown:
-        raise UserError(f"--backends {unknown[0]}: this benchmark runs local and fireworks")
+        raise UserError(f"--backends {unknown[0]}: this benchmark runs local, fireworks and jobflow-remote")
     try:
         counts = sorted({int(w) for w in workers.split(",")})
     except ValueError:

@@ -4,7 +4,8 @@ Its jobs sleep a set time and return a marked synthetic result (``synthetic: Tru
 so many workers fit on one machine: it measures the orchestration (submit, state,
 retry, output, record), never DFT. A given share of the jobs has its worker SIGKILLed
 mid-job; a killed FireWorks worker is replaced by a fresh one, as a cluster's queue
-would, and the local backend starts a new process for the retried job.
+would, the local backend starts a new process for the retried job, and jobflow-remote's
+runner submits the rerun job to its ``shell`` worker again.
 """
 
 from __future__ import annotations
@@ -154,8 +155,11 @@ def run_case(
     to_kill = set(range(0, jobs, max(1, round(1 / kill_share)))) if kill_share > 0 else set()
     to_kill = set(sorted(to_kill)[: round(jobs * kill_share)])
     fw_workers = None
+    runner = None
     if backend_name == "local":
         backend = backends.LocalBackend(folder / "jobs", parallel_jobs=workers, cores=workers)
+    elif backend_name == "jobflow-remote":
+        backend, runner = _remote_backend(folder, workers, poll_s, settings)
     else:
         lpad = backends.launchpad(settings)
         backend = backends.FireWorksBackend(lpad, lost_after_s=3.0)
@@ -222,12 +226,16 @@ def run_case(
             cpu += time.process_time() - c0
             if fw_workers is not None and not fw_workers.alive():
                 raise RuntimeError(f"every rlaunch worker exited; see {folder / 'workers'}/*/rlaunch.log")
+            if runner is not None and runner.poll() is not None:
+                raise RuntimeError(f"the jobflow-remote runner exited; see {folder / 'runner.log'}")
             if pending:
                 time.sleep(poll_s)
         wall = time.monotonic() - start
     finally:
         if fw_workers is not None:
             fw_workers.stop()
+        if runner is not None:
+            _stop(runner)
         if hasattr(backend, "close"):
             backend.close()
     runs = len(list(runs_dir.glob("*.run")))
@@ -254,11 +262,74 @@ def run_case(
     )
 
 
+def _remote_backend(folder: Path, workers: int, poll_s: float, settings):
+    """A jobflow-remote project with one local ``shell`` worker of ``workers`` slots, and its runner.
+
+    The project lives in ``folder`` (``JFREMOTE_PROJECTS_FOLDER`` points there, for this
+    process and the runner); the runner checks its queue every ``poll_s`` seconds (at least 1,
+    jobflow-remote's unit), and retries a failed step after 1 s rather than its default minutes.
+    Returns the backend and the runner's process.
+    """
+    import yaml
+
+    from crystaloop.dft import backends
+
+    projects = folder / "projects"
+    projects.mkdir()
+    os.environ["JFREMOTE_PROJECTS_FOLDER"] = str(projects)
+    import jobflow_remote
+
+    jobflow_remote.SETTINGS.projects_folder = str(projects)
+    name = f"bench-{folder.name}"
+    config = backends.remote_project_config(
+        name, scheduler="shell", worker="bench_shell", work_dir=str(folder / "work"),
+        runner_delay_s=max(1, round(poll_s)), settings=settings,
+    )  # fmt: skip
+    config["workers"]["bench_shell"]["max_jobs"] = workers
+    config["runner"].update({"delta_retry": [1], "max_step_attempts": 3})
+    config["base_dir"] = str(folder / "jfbase")
+    (projects / f"{name}.yaml").write_text(yaml.safe_dump(config))
+    backend = backends.JobflowRemoteBackend(name, "bench_shell")
+    with open(folder / "runner.log", "w") as log:
+        runner = subprocess.Popen(
+            [sys.executable, "-c", f"from jobflow_remote.jobs.runner import Runner; Runner({name!r}).run()"],
+            env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    return backend, runner
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def _kill_tree(pid: int) -> bool:
+    """SIGKILL a process and everything under it; False when it had already ended."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        family = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return False
+    for proc in family:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=10)
+    return True
+
+
 def _warm_up(backend_name: str, runs_dir: Path) -> float:
     """Serialise one flow as the backend's submit does, untimed; returns the CPU seconds it took.
 
     The first serialisation in a process imports what jobflow and FireWorks load lazily
-    (networkx, matplotlib, jinja2: about a second of CPU). A loop process pays that once,
+    (networkx, matplotlib, jinja2: about a second of CPU; jobflow-remote's submit walks the
+    job graph with networkx). A loop process pays that once,
     not per job, so it is kept out of the per-job loop CPU and reported as ``setup_cpu_s``;
     it lands on the first case of each run.
     """
@@ -268,6 +339,11 @@ def _warm_up(backend_name: str, runs_dir: Path) -> float:
         from jobflow.managers.fireworks import flow_to_workflow
 
         flow_to_workflow(flow, store=None).to_dict()
+    elif backend_name == "jobflow-remote":
+        from jobflow.core.flow import get_flow
+
+        flow = get_flow(flow)
+        [(job.as_dict(), parents) for job, parents in flow.iterflow()]  # the job graph (networkx), as add_flow
     else:
         from monty.json import jsanitize
 
@@ -279,6 +355,10 @@ def _kill(
     backend_name: str, backend, fw_workers: _Workers | None, cid: str, ids: dict[str, Any], within_s: float
 ) -> bool:
     """SIGKILL the worker running ``cid`` (a FireWorks one only in its job's first ``within_s``)."""
+    if backend_name == "jobflow-remote":
+        jobs = backend._jobs(cid)
+        running = [j for j in jobs if j.state.value == "RUNNING" and j.remote.process_id]
+        return bool(running) and _kill_tree(int(running[0].remote.process_id))
     if backend_name == "local":
         status = json.loads((Path(ids["job_dir"]) / "status.json").read_text())
         try:
