@@ -78,7 +78,8 @@ def bench_campaign(
     fmt: str = typer.Option("table", "--format", help="table or json."),
     output: Path = output_option(
         'Also write the numbers as JSON here (an unbounded ratio is "inf"); with several seeds, '
-        "rewritten after each one with the seeds done so far pooled."
+        "rewritten after each one with the seeds done so far pooled. Run again with the same file, "
+        "the seeds it holds for the same settings are not run again."
     ),
 ) -> None:
     """Hits per round and cumulative: loop (uncertainty + retraining), random acquisition, and the
@@ -102,6 +103,7 @@ def bench_campaign(
         return
     seed_list = _parse_seeds(seeds)
     base = load_campaign_config(config_path)
+    finished = _finished(output, base, rounds=rounds, no_model_per_round=no_model, arms=chosen, target=target)
     database = get_database()
     results, out = run_seeds(
         base,
@@ -113,6 +115,7 @@ def bench_campaign(
         log=lambda line: console.print(line, highlight=False),
         write=(lambda document: output.write_text(to_json(document, indent=1))) if output else None,
         target=target,
+        finished=finished,
     )
     if fmt == "json":
         console.print_json(to_json(out))
@@ -124,6 +127,25 @@ def bench_campaign(
     if len(results) > 1:
         _print_pooled(console, out["pooled"])
     console.print(f"oracle: {CIRCULARITY}", highlight=False)
+
+
+def _finished(output: Path | None, base, **question) -> dict:
+    """The seeds an earlier run with this ``--output`` finished for the same question (see
+    :func:`crystaloop.loop.bench.campaign.finished_seeds`); none when there is no such file."""
+    import json
+
+    from crystaloop.errors import UserError
+    from crystaloop.loop.bench.campaign import finished_seeds
+
+    if output is None or not output.is_file():
+        return {}
+    try:
+        document = json.loads(output.read_text())
+    except ValueError:
+        raise UserError(
+            f"--output {output} exists and is not a bench campaign JSON; move it away or name another file"
+        ) from None
+    return finished_seeds(document, base, **question) if isinstance(document, dict) else {}
 
 
 def _pool_files(console, paths: list[Path], output: Path | None, fmt: str) -> None:

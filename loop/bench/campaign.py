@@ -1230,6 +1230,46 @@ def pool_sun(results: dict[int, dict[str, Any]], k: int, goal_round: int) -> dic
     return out
 
 
+def finished_seeds(
+    document: dict[str, Any],
+    base: CampaignConfig,
+    *,
+    rounds: int,
+    no_model_per_round: int | None,
+    arms: Sequence[str] | None,
+    target: str = "window",
+) -> dict[int, dict[str, Any]]:
+    """The seeds of an earlier ``--output`` document that asked the same question as this run.
+
+    A seed counts when its result has the same target, rounds, arms, window, palette, material
+    classes and budgets; a document from other settings gives none. :func:`run_seeds` takes
+    these as done, so a benchmark stopped after some seeds resumes at the next one (the arms'
+    campaigns themselves resume from their last step, as every campaign does).
+    """
+    stored = document.get("seeds") if isinstance(document.get("seeds"), dict) else None
+    results = stored.values() if stored is not None else [document]
+    arms = tuple(arms) if arms is not None else DEFAULT_ARMS.get(target, ())
+    configs = arm_configs(base, rounds, target=target)
+    expected = {
+        "target": target,
+        "rounds": rounds,
+        "window": {t.property: [t.min, t.max] for t in next(iter(configs.values())).targets},
+        "palette": base.elements.allow,
+        "material_classes": list(base.material_classes),
+        "dft_per_round": base.budget.dft_per_round,
+        "candidates_per_round": base.budget.candidates_per_round,
+        "no_model_per_round": no_model_per_round or base.budget.dft_per_round,
+    }
+    done = {}
+    for result in results:
+        if not isinstance(result, dict) or not isinstance(result.get("seed"), int):
+            continue
+        same = all(result.get(key, "window" if key == "target" else None) == value for key, value in expected.items())
+        if same and set(result.get("arms", {})) == set(arms):
+            done[result["seed"]] = result
+    return done
+
+
 def run_seeds(
     base: CampaignConfig,
     *,
@@ -1241,19 +1281,25 @@ def run_seeds(
     log: Callable[[str], None],
     write: Callable[[dict[str, Any]], None] | None = None,
     target: str = "window",
+    finished: dict[int, dict[str, Any]] | None = None,
 ) -> tuple[dict[int, dict[str, Any]], dict[str, Any]]:
     """:func:`run_benchmark` for each seed (``None``: the config's), one after another.
 
     Returns the per-seed results and the document of ``bench campaign --output``: one seed's
     result, or with several seeds ``seeds``, ``pooled`` (:func:`pool_seeds`) and ``complete``.
     ``write(document)`` is called after every seed of several (so that a run stopped early
-    leaves the seeds it finished pooled), else once at the end.
+    leaves the seeds it finished pooled), else once at the end. Seeds in ``finished``
+    (:func:`finished_seeds`) are taken from there and not run again.
     """
     several = seeds is not None and len(seeds) > 1
     results: dict[int, dict[str, Any]] = {}
     out: dict[str, Any] = {}
     for seed in seeds or [base.seed]:
         config = base if seeds is None else base.model_copy(update={"seed": seed})
+        if finished and seed in finished:
+            log(f"seed {seed}: finished in an earlier run, taken from its output")
+            results[seed] = finished[seed]
+            continue
         if seeds is not None:
             log(f"seed {seed}")
         results[seed] = run_benchmark(
@@ -1273,7 +1319,7 @@ def run_seeds(
                 write(out)
     if not several:
         out = next(iter(results.values()))
-        if write:
+        if write and not (finished and out is finished.get(out["seed"])):
             write(out)
     return results, out
 

@@ -264,6 +264,42 @@ def test_no_model_arm_alone_over_two_seeds(settings, repo_root, tmp_path):
     assert CIRCULARITY in " ".join(result.stdout.split())
     assert "pooled over seeds 0, 1, through round 1, hits: no_model" in result.stdout
 
+    # Run again with one more seed and the same --output: seeds 0 and 1 are not run again.
+    args[args.index("0,1")] = "0,1,2"
+    again = subprocess.run([str(exe), *args], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    flat = " ".join(again.stdout.split())
+    assert "seed 0: finished in an earlier run" in flat and "seed 1: finished in an earlier run" in flat
+    assert "seed 2: finished" not in flat
+    resumed = json.loads(out.read_text())
+    assert sorted(resumed["seeds"]) == ["0", "1", "2"] and resumed["complete"] is True
+    for seed in ("0", "1"):
+        assert resumed["seeds"][seed] == written["seeds"][seed]
+    assert resumed["pooled"]["relaxed"]["no_model"] + resumed["pooled"]["failed"]["no_model"] == 6
+
+
+def test_finished_seeds_are_those_of_the_same_question(repo_root):
+    """Only a stored seed with the same target, rounds, arms, window, palette and budgets counts."""
+    from crystaloop.loop.bench.campaign import finished_seeds
+
+    base = load_campaign_config(repo_root / "configs" / "bench-campaign.yaml")
+    question = {"rounds": 3, "no_model_per_round": None, "arms": ("no_model",), "target": "window"}
+    result = {
+        "seed": 4, "target": "window", "rounds": 3, "window": {"formation_energy_per_atom": [-1.6, -1.1]},
+        "palette": base.elements.allow, "material_classes": list(base.material_classes),
+        "dft_per_round": base.budget.dft_per_round, "candidates_per_round": base.budget.candidates_per_round,
+        "no_model_per_round": base.budget.dft_per_round, "arms": {"no_model": {}},
+    }  # fmt: skip
+    assert [t.min for t in base.targets] == [-1.6] and [t.max for t in base.targets] == [-1.1]
+    assert set(finished_seeds({"seeds": {"4": result}}, base, **question)) == {4}
+    assert set(finished_seeds(result, base, **question)) == {4}  # a one-seed document is the result
+    assert finished_seeds({"seeds": {"4": result}}, base, **{**question, "rounds": 5}) == {}
+    assert finished_seeds({"seeds": {"4": result}}, base, **{**question, "arms": ("loop", "no_model")}) == {}
+    assert finished_seeds({"seeds": {"4": {**result, "target": "sun"}}}, base, **question) == {}
+    assert finished_seeds({"seeds": {"4": {**result, "palette": ["Na", "Cl"]}}}, base, **question) == {}
+    older = {k: v for k, v in result.items() if k != "target"}  # files written before --target: window
+    assert set(finished_seeds({"seeds": {"4": older}}, base, **question)) == {4}
+
 
 def test_wilson_intervals_match_the_published_values():
     # 95 % Wilson score intervals: 0/10 -> [0, 0.2775] (upper = z^2 / (n + z^2)), 5/10 -> [0.2366, 0.7634].
