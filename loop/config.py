@@ -20,6 +20,7 @@ from crystaloop.errors import ConfigError, read_yaml
 from crystaloop.properties import PROPERTIES, PROPERTY_NAMES
 
 MaterialClass = Literal["binary", "perovskite", "heusler"]
+CrystalSystem = Literal["triclinic", "monoclinic", "orthorhombic", "tetragonal", "trigonal", "hexagonal", "cubic"]
 
 
 class _Strict(BaseModel):
@@ -141,7 +142,14 @@ class StopRules(_Strict):
 class Sampling(_Strict):
     """How latent vectors are drawn."""
 
-    mode: Literal["random", "around_base", "interpolate", "optimize"] = "random"
+    mode: Literal["random", "around_base", "interpolate", "optimize", "prototypes"] = Field(
+        "random",
+        description=(
+            "How candidates are proposed: from the VAE's latent space (random, around_base, interpolate, "
+            "optimize), or prototypes: known AFLOW prototypes of any crystal system decorated with the "
+            "palette (elements.allow) by ionic substitution probability."
+        ),
+    )
     base_formulas: list[str] = Field(
         default_factory=list,
         description="Compounds to sample around: formulas in the training data or CIF paths.",
@@ -237,6 +245,10 @@ class Filters(_Strict):
     )
     allowed_formulas: list[str] = Field(
         default_factory=list, description="Anonymous formulas (e.g. 'ABC3') the stoichiometry stage keeps."
+    )
+    crystal_systems: list[CrystalSystem] | None = Field(
+        None,
+        description="Keep only candidates of these crystal systems (spglib at size_symprec, or 0.1 Å); null: any.",
     )
 
     @field_validator("allowed_formulas")

@@ -271,6 +271,30 @@ class SizeStage:
         return out
 
 
+@dataclass
+class CrystalSystemStage:
+    """The candidate's crystal system (spglib at ``symprec`` Å) is one of ``systems``."""
+
+    systems: Sequence[str]
+    symprec: float = 0.1
+    name: str = "crystal_system"
+
+    def judge(self, candidates: Sequence[Candidate]) -> list[Verdict]:
+        from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+        out = []
+        for c in candidates:
+            try:
+                system = SpacegroupAnalyzer(c.structure, symprec=self.symprec).get_crystal_system()
+            except (TypeError, ValueError):  # spglib found no cell
+                system = "triclinic"
+            if system in self.systems:
+                out.append((True, None))
+            else:
+                out.append((False, f"{system}, not one of crystal_systems {', '.join(self.systems)}"))
+        return out
+
+
 def primitive_cell(structure: Structure, symprec: float) -> Structure:
     """The primitive standard cell spglib finds at ``symprec`` (Å); ``structure`` itself if none."""
     from pymatgen.symmetry.analyzer import SpacegroupAnalyzer

@@ -32,6 +32,7 @@ from crystaloop.errors import UserError
 from crystaloop.loop.config import CampaignConfig, TargetWindow
 from crystaloop.loop.filters import (
     Candidate,
+    CrystalSystemStage,
     DecodedStage,
     ElementStage,
     FilterCascade,
@@ -48,7 +49,7 @@ from crystaloop.loop.filters import (
 )
 from crystaloop.loop.stability import ENERGY_ABOVE_HULL, HullPredictor, chgnet_hull
 
-STRATEGIES = ("random", "around_base", "interpolate", "optimize")
+STRATEGIES = ("random", "around_base", "interpolate", "optimize", "prototypes")
 EF = "formation_energy_per_atom"
 
 
@@ -483,6 +484,8 @@ def build_cascade(
     stages.append(ElementStage(config.elements, covered, family.name if family is not None else None))
     if f.max_nsites is not None:
         stages.append(SizeStage(f.max_nsites, f.size_symprec))
+    if f.crystal_systems:
+        stages.append(CrystalSystemStage(f.crystal_systems, f.size_symprec or 0.1))
     if f.novelty:
         from crystaloop.db.training import COLLECTION
 
@@ -583,6 +586,10 @@ def decode_batch(
         raise UserError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
     restrict = config.sampling.restrict_elements if restrict_elements is None else restrict_elements
     seed = derive_seed(config, round) if seed is None else int(seed)
+    if strategy == "prototypes":
+        from crystaloop.loop.prototypes import prototype_batch
+
+        return prototype_batch(config, database=database, n=n, seed=seed, models=models)
     seconds: dict[str, float] = {}
 
     clock = time.perf_counter()
@@ -778,7 +785,7 @@ def generate_candidates(
     generation_id
         Tag written into every stored candidate's provenance (default: a new id).
     strategy
-        ``random``, ``around_base``, ``interpolate`` or ``optimize`` (default ``sampling.mode``).
+        ``random``, ``around_base``, ``interpolate``, ``optimize`` or ``prototypes`` (default ``sampling.mode``).
     dry_run
         Run everything, write nothing.
     seed

@@ -145,7 +145,10 @@ def generate(ctx: RoundContext) -> StepResult:
     if around:
         ctx.log(f"  {around} of the samples drawn around {len(hits)} hit(s)")
     decoded = sum(c.structure is not None for c in batch.candidates)
-    ctx.log(f"  generated {batch.n_requested}, decoded {decoded}")
+    if batch.strategy == "prototypes":
+        ctx.log(f"  drew {decoded} of {batch.parameters['pool']} prototype decorations (asked for {batch.n_requested})")
+    else:
+        ctx.log(f"  generated {batch.n_requested}, decoded {decoded}")
     outputs = {
         "generation_id": ctx.generation_id,
         "batch": str(path),

@@ -13,7 +13,7 @@ def generate(
     config: Path = typer.Option(..., "--config", "-c", help="Campaign YAML file."),
     n: int = typer.Option(None, "--n", help="Latent samples to draw (default: budget.candidates_per_round)."),
     strategy: str = typer.Option(
-        None, "--strategy", help="random, around_base, interpolate or optimize (default: sampling.mode)."
+        None, "--strategy", help="random, around_base, interpolate, optimize or prototypes (default: sampling.mode)."
     ),
     round: int = typer.Option(0, "--round", min=0, help="Campaign round recorded on the candidates."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Run everything, write nothing."),

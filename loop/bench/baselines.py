@@ -11,7 +11,8 @@ prototype substitution.
 - **Prototype substitution** (``substitution``): known prototypes, the AFLOW library entries that
   prior-v2 is built from, of the campaign's stoichiometries and size limit, decorated with palette
   elements by pymatgen's ionic substitution probabilities (Hautier et al. 2011), exactly as the
-  prior-v2 builder decorates them (:func:`crystaloop.generative.data.decorate.substitutions`).
+  prior-v2 builder decorates them (:mod:`crystaloop.loop.prototypes`, which a campaign's
+  ``sampling.mode: prototypes`` draws from as well).
   The prototype's own compound and decorations equivalent to a prior compound are known, not
   predictions, and are left out; the rest are drawn in proportion to their probability, without
   replacement, through the same validity and size checks. (The prior-v1 set already holds the
@@ -24,12 +25,18 @@ a random generator's seed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from pymatgen.core import Composition, Structure
+
+from crystaloop.loop.prototypes import (  # noqa: F401 -- the substitution arm's draws, re-exported
+    draw_substitution,
+    model_free_checks,
+    palette_of,
+    passes,
+    substitution_pool,
+)
 
 #: pyxtal's volume factor (its default): the random cell's volume over the sum of atomic volumes.
 VOLUME_FACTOR = 1.1
@@ -37,36 +44,6 @@ VOLUME_FACTOR = 1.1
 CLASS_COUNTS: dict[str, tuple[int, ...]] = {"binary": (1, 1), "perovskite": (1, 1, 3), "heusler": (2, 1, 1)}
 #: Lattice points of a conventional cell by the space group's centring letter (pyxtal's settings).
 _CENTRING = {"P": 1, "A": 2, "B": 2, "C": 2, "I": 2, "F": 4, "R": 3}
-
-
-def _checks(config) -> list[Any]:
-    """The model-free checks both baselines pass their draws through: validity and size."""
-    from crystaloop.loop.filters import SizeStage, ValidityStage
-
-    f = config.filters
-    stages: list[Any] = [ValidityStage(f.min_distance)]
-    if f.max_nsites is not None:
-        stages.append(SizeStage(f.max_nsites, f.size_symprec))
-    return stages
-
-
-def _passes(stages: Sequence[Any], structure: Structure) -> Structure | None:
-    """``structure`` after the checks (a size stage may reduce it to its primitive cell), or None."""
-    from crystaloop.loop.filters import Candidate, FilterCascade
-
-    survivors, _ = FilterCascade(list(stages)).run([Candidate(0, structure)])
-    return survivors[0].structure if survivors else None
-
-
-def _palette(config) -> list[str]:
-    from crystaloop.errors import UserError
-
-    if not config.elements.allow:
-        raise UserError(
-            "the model-free arms draw from elements.allow, which this config leaves open; list the "
-            "palette's elements (as configs/bench-campaign.yaml does) or leave them out of --arms"
-        )
-    return sorted(config.elements.allow)
 
 
 @dataclass(frozen=True)
@@ -96,7 +73,7 @@ def random_crystal(
     from pyxtal import pyxtal
     from pyxtal.symmetry import Group
 
-    palette = _palette(config)
+    palette = palette_of(config)
     classes = [c for c in config.material_classes if c in CLASS_COUNTS]
     max_nsites = config.filters.max_nsites or 20
     for _ in range(max_tries):
@@ -147,7 +124,7 @@ def draw_rss(
     from crystaloop.generative.measures import matching_index
 
     exclude = exclude if exclude is not None else {}
-    stages = _checks(config)
+    stages = model_free_checks(config)
     matcher = StructureMatcher()
     out: list[tuple[RandomCrystal, Structure]] = []
     for _ in range(max_draws or 200 * n):
@@ -157,7 +134,7 @@ def draw_rss(
         if drawn is None:
             break  # nothing fits the palette and size limit
         info, structure = drawn
-        checked = _passes(stages, structure)
+        checked = passes(stages, structure)
         if checked is None:
             continue
         earlier = exclude.setdefault(checked.composition.reduced_formula, [])
@@ -165,73 +142,4 @@ def draw_rss(
             continue
         earlier.append(checked)
         out.append((info, checked))
-    return out
-
-
-def substitution_pool(config, *, threshold: float | None = None) -> list:
-    """Every decoration of the known prototypes (module docstring), most probable first.
-
-    The prototypes are the AFLOW library entries (:func:`crystaloop.generative.data.decorate.load_prototypes`)
-    with at most ``filters.max_nsites`` sites whose anonymous formula is one of the campaign's
-    classes (AB, ABC3, AB2C); the decorations are
-    :func:`~crystaloop.generative.data.decorate.substitutions` within the palette and the element
-    rules, less each prototype's own compound (a known one, not a prediction).
-    """
-    from crystaloop.generative.data import decorate
-    from crystaloop.loop.filters import anonymous_formula, material_class_formulas
-
-    palette = _palette(config)
-    formulas = {anonymous_formula(f) for f in material_class_formulas(config.material_classes)}
-    max_sites = config.filters.max_nsites or decorate.DEFAULT_MAX_SITES
-    pool = []
-    for proto in decorate.load_prototypes(max_sites=max_sites):
-        if formulas and proto.structure.composition.anonymized_formula not in formulas:
-            continue
-        for decoration in decorate.substitutions(
-            proto, palette, threshold=threshold or decorate.DEFAULT_THRESHOLD
-        ):
-            species = [new for _, new in decoration.substitution]
-            if decoration.kind != "identity" and config.elements.permits(species):
-                pool.append(decoration)
-    return sorted(pool, key=lambda d: (-d.probability, d.structure_id))
-
-
-def draw_substitution(
-    config,
-    *,
-    n: int,
-    rng: np.random.Generator,
-    known,
-    exclude: dict[str, list[Structure]] | None = None,
-    pool: Sequence | None = None,
-) -> list[tuple[Any, Structure]]:
-    """Up to ``n`` decorations from :func:`substitution_pool`, drawn in proportion to their
-    probability without replacement, that pass validity, size and novelty against the prior.
-
-    ``known(reduced_formula)`` gives the prior structures: a decoration that ``StructureMatcher``
-    finds equivalent to a prior compound is a known compound and is skipped. ``exclude`` maps a
-    reduced formula to the crystals drawn before (earlier rounds); a decoration equivalent to one
-    of them, or to an earlier draw of this call, is skipped, and the kept ones are added to it.
-    The structure is the prototype with the new species, its volume scaled by their radii
-    (``decorate.radius_scaled``).
-    """
-    from crystaloop.loop.filters import NoveltyStage
-
-    exclude = exclude if exclude is not None else {}
-    pool = list(pool if pool is not None else substitution_pool(config))
-    if not pool:
-        return []
-    # Weighted sampling without replacement: the order of log(p) plus Gumbel noise (Efraimidis-Spirakis).
-    keys = np.log([d.probability for d in pool]) + rng.gumbel(size=len(pool))
-    stages = [*_checks(config), NoveltyStage(lambda formula: [*known(formula), *exclude.get(formula, [])])]
-    out: list[tuple[Any, Structure]] = []
-    for i in np.argsort(-keys, kind="stable"):
-        if len(out) >= n:
-            break
-        decoration = pool[int(i)]
-        checked = _passes(stages, decoration.structure())
-        if checked is None:
-            continue
-        exclude.setdefault(checked.composition.reduced_formula, []).append(checked)
-        out.append((decoration, checked))
     return out
