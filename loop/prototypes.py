@@ -88,6 +88,14 @@ def substitution_pool(
     return sorted(pool, key=lambda d: (-d.probability, d.structure_id))
 
 
+def weighted_order(pool: Sequence, rng: np.random.Generator) -> np.ndarray:
+    """Indices of ``pool`` in a random order where each decoration comes early in proportion to
+    its probability: weighted sampling without replacement, as the order of log(p) plus Gumbel
+    noise (Efraimidis-Spirakis)."""
+    keys = np.log([d.probability for d in pool]) + rng.gumbel(size=len(pool))
+    return np.argsort(-keys, kind="stable")
+
+
 def draw_substitution(
     config,
     *,
@@ -113,11 +121,9 @@ def draw_substitution(
     pool = list(pool if pool is not None else substitution_pool(config))
     if not pool:
         return []
-    # Weighted sampling without replacement: the order of log(p) plus Gumbel noise (Efraimidis-Spirakis).
-    keys = np.log([d.probability for d in pool]) + rng.gumbel(size=len(pool))
     stages = [*model_free_checks(config), NoveltyStage(lambda formula: [*known(formula), *exclude.get(formula, [])])]
     out: list[tuple[Any, Structure]] = []
-    for i in np.argsort(-keys, kind="stable"):
+    for i in weighted_order(pool, rng):
         if len(out) >= n:
             break
         decoration = pool[int(i)]
@@ -161,11 +167,8 @@ def prototype_batch(config, *, database, n: int, seed: int, models: dict[str, st
             + f" with at most {config.filters.max_nsites or decorate.DEFAULT_MAX_SITES} sites decorates with the "
             "palette; widen elements.allow, material_classes, filters.crystal_systems or filters.max_nsites"
         )
-    rng = np.random.default_rng(seed)
-    # Weighted sampling without replacement: the order of log(p) plus Gumbel noise (Efraimidis-Spirakis).
-    keys = np.log([d.probability for d in pool]) + rng.gumbel(size=len(pool))
     candidates = []
-    for index, i in enumerate(np.argsort(-keys, kind="stable")[:n]):
+    for index, i in enumerate(weighted_order(pool, np.random.default_rng(seed))[:n]):
         decoration = pool[int(i)]
         row = {
             "strategy": "prototypes",
