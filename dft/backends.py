@@ -1244,13 +1244,25 @@ class JobflowRemoteBackend(BatchedStates):
         return read_flow_output(self.controller.jobstore, candidate_id)
 
     def retry(self, candidate_id: str) -> None:
-        """Retry REMOTE_ERROR jobs and rerun FAILED or STOPPED ones."""
+        """Retry REMOTE_ERROR jobs and rerun FAILED or STOPPED ones.
+
+        Raises
+        ------
+        BackendBusy
+            The runner holds a job's lock at this moment (it is moving the job); the jobs
+            handled before it stay handled, and the next poll tries again.
+        """
+        from jobflow_remote.utils.db import JobLockedError
+
         self._forget_batch()
         for job in self._jobs(candidate_id):
-            if job.state.value == "REMOTE_ERROR":
-                self.controller.retry_job(db_id=job.db_id)
-            elif job.state.value in ("FAILED", "STOPPED", "USER_STOPPED"):
-                self.controller.rerun_job(db_id=job.db_id, force=True)
+            try:
+                if job.state.value == "REMOTE_ERROR":
+                    self.controller.retry_job(db_id=job.db_id)
+                elif job.state.value in ("FAILED", "STOPPED", "USER_STOPPED"):
+                    self.controller.rerun_job(db_id=job.db_id, force=True)
+            except JobLockedError as exc:
+                raise BackendBusy(f"job {job.db_id} is locked by the runner; retried at a later poll ({exc})") from None
 
     def cancel(self, candidate_id: str) -> None:
         """Stop the candidate's jobs that have not completed."""

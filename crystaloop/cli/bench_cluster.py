@@ -43,11 +43,12 @@ def cluster(
         raise UserError(f"--workers {workers!r}: give worker counts such as 1,4,8") from None
     if fmt not in ("table", "json"):
         raise UserError(f"unknown format {fmt!r}; use --format table or --format json")
+    parameters = {"jobs": jobs, "job_s": job_s, "kill_share": kill, "poll_s": poll_s, "cpus": os.cpu_count()}
     rows = bench_cluster.run_cases(
         names, counts, jobs=jobs, job_s=job_s, kill_share=kill, poll_s=poll_s,
         log=lambda line: console.print(line, highlight=False),
+        on_row=lambda done: bench_cluster.write_result(done, output, parameters),  # kept if stopped part-way
     )  # fmt: skip
-    parameters = {"jobs": jobs, "job_s": job_s, "kill_share": kill, "poll_s": poll_s, "cpus": os.cpu_count()}
     path = bench_cluster.write_result(rows, output, parameters)
     if fmt == "json":
         console.print_json(path.read_text())

@@ -414,11 +414,14 @@ def run_cases(
     kill_share: float,
     poll_s: float,
     log: Callable[[str], None],
+    on_row: Callable[[list[ClusterBenchRow]], None] | None = None,
 ) -> list[ClusterBenchRow]:
     """:func:`run_case` for every backend and worker count, each in a fresh database that is dropped
     after it; the rows carry their parallel efficiency (:func:`efficiency`).
 
     The database name is set in ``CRYSTALOOP_DATABASE``, so the worker processes inherit it.
+    ``on_row(rows)`` is called after each case with the rows so far (their efficiency filled),
+    so that a run stopped part-way keeps what it measured.
     """
     import tempfile
 
@@ -456,5 +459,8 @@ def run_cases(
                 f"  {last.completed} completed, {last.lost} lost, {last.duplicated} duplicated, "
                 f"{last.killed} killed, {last.retried} retried in {last.wall_s:.1f} s"
             )
+            if on_row is not None:
+                efficiency(rows)
+                on_row(rows)
     efficiency(rows)
     return rows

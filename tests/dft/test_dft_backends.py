@@ -329,3 +329,32 @@ def test_fireworks_reserved_in_a_queue_is_not_lost(settings, database, tmp_path)
     lpad.fireworks.update_one({"fw_id": fw_id}, {"$set": {"updated_on": old}})
     assert lpad.fireworks.find_one({"fw_id": fw_id})["launches"]
     assert backend.states(["c0"])["c0"].state == "running"
+
+
+def test_jobflow_remote_retry_of_a_job_the_runner_holds_is_busy_not_an_error():
+    """The runner locks a job while it moves it; a retry at that moment waits for the next poll."""
+    pytest.importorskip("jobflow_remote")
+    from types import SimpleNamespace
+
+    from jobflow_remote.utils.db import JobLockedError
+
+    from crystaloop.dft.backends import BackendBusy, JobflowRemoteBackend
+
+    calls = []
+
+    class Controller:
+        def get_jobs_info(self, **query):
+            state = SimpleNamespace(value="FAILED")
+            return [SimpleNamespace(db_id="7", state=state), SimpleNamespace(db_id="8", state=state)]
+
+        def rerun_job(self, db_id, force):
+            calls.append(db_id)
+            if db_id == "8":
+                raise JobLockedError("Job with db_id 8 is locked")
+
+    backend = JobflowRemoteBackend.__new__(JobflowRemoteBackend)
+    backend.controller = Controller()
+    backend._init_batches()
+    with pytest.raises(BackendBusy, match="job 8 is locked by the runner"):
+        backend.retry("c0")
+    assert calls == ["7", "8"]  # the first was rerun; the locked one is left for the next poll
