@@ -159,6 +159,22 @@ class CandidateDoc(StructureFields):
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
 
+    def order_key(self) -> tuple:
+        """A reproducible order: round, then the generator's sample index, then the structure.
+
+        ``candidate_id`` is random, so ordering by it alone would make the same seed pick a
+        different random batch, break score ties differently and fine-tune on the results in
+        another order; it only breaks the ties that remain.
+        """
+        index = self.provenance.get("sample_index")
+        return (
+            self.round,
+            index if isinstance(index, int) else -1,
+            self.reduced_formula,
+            self.fingerprint,
+            self.candidate_id,
+        )
+
 
 class DFTTaskRecord(_Doc):
     """One DFT (or surrogate) relaxation, as seen by the loop and the query CLI."""

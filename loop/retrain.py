@@ -266,17 +266,20 @@ def _replay_records(database, n: int, *, seed: int) -> list[tuple[Structure, dic
     if n <= 0:
         return []
     query = {"source": "prior", "converged": True, "reject_reason": None}
-    ids = [
+    # Sorted ids, and the documents in that order: the same seed replays the same structures in
+    # the same order, whatever order the server returns them in.
+    ids = sorted(
         d["structure_id"] for d in database["training_structures"].find(query, {"structure_id": 1, "_id": 0})
-    ]
+    )
     if not ids:
         return []
     rng = np.random.default_rng(seed)
     picked = sorted(rng.choice(len(ids), size=min(n, len(ids)), replace=False))
     chosen = [ids[i] for i in picked]
     docs = database["training_structures"].find(
-        {"structure_id": {"$in": chosen}}, {"_id": 0, "structure": 1, "labels": 1}
+        {"structure_id": {"$in": chosen}}, {"_id": 0, "structure_id": 1, "structure": 1, "labels": 1}
     )
+    docs = sorted(docs, key=lambda d: d["structure_id"])
     return [(Structure.from_dict(d["structure"]), dict(d.get("labels") or {})) for d in docs]
 
 

@@ -146,7 +146,9 @@ def generate(ctx: RoundContext) -> StepResult:
         ctx.log(f"  {around} of the samples drawn around {len(hits)} hit(s)")
     decoded = sum(c.structure is not None for c in batch.candidates)
     if batch.strategy == "prototypes":
-        ctx.log(f"  drew {decoded} of {batch.parameters['pool']} prototype decorations (asked for {batch.n_requested})")
+        ctx.log(
+            f"  drew {decoded} of {batch.parameters['pool']} prototype decorations (asked for {batch.n_requested})"
+        )
     else:
         ctx.log(f"  generated {batch.n_requested}, decoded {decoded}")
     outputs = {
@@ -196,7 +198,7 @@ def acquire(ctx: RoundContext) -> StepResult:
     if config.stop.max_dft is not None:
         budget = min(budget, config.stop.max_dft - ctx.candidates.dft_total(ctx.name) + already)
     need = max(budget - already, 0)
-    pool = sorted(ctx.candidates.in_state(ctx.name, CandidateState.SHORTLISTED), key=lambda c: c.candidate_id)
+    pool = sorted(ctx.candidates.in_state(ctx.name, CandidateState.SHORTLISTED), key=CandidateDoc.order_key)
     rng = np.random.default_rng(config.seed * 7919 + ctx.number)
     calibration = sigma_calibration(ctx) if acq.calibrate else {}
     context = AcquisitionContext(
@@ -479,7 +481,7 @@ def dft_results(ctx: RoundContext) -> list[DFTResult]:
     from crystaloop.dft import records
 
     results = []
-    for c in sorted(ctx.candidates.in_state(ctx.name, CandidateState.RELAXED), key=lambda c: c.candidate_id):
+    for c in sorted(ctx.candidates.in_state(ctx.name, CandidateState.RELAXED), key=CandidateDoc.order_key):
         final = records.final_structure(c.dft_task_id, database=ctx.database) if c.dft_task_id else None
         results.append(
             DFTResult(

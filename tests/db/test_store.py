@@ -248,3 +248,25 @@ def test_a_campaigns_named_queries(store):
     assert store.count_generated("named", 0, "named-r0") == 4
     assert store.count_generated("named", 0, "preview") == 0
     assert store.dft_total("named") == 2 and store.dft_total("other") == 0
+
+
+def test_order_key_does_not_depend_on_the_random_candidate_id():
+    """The same generation sorts the same way whatever ids the documents drew."""
+
+    def batch():
+        docs = []
+        for index, a in [(2, 4.1), (0, 5.6), (1, 3.9)]:
+            doc = CandidateStore.new_document(
+                rocksalt(a), campaign="c", round=1, provenance={"sample_index": index}
+            )
+            docs.append(doc)
+        docs.append(CandidateStore.new_document(perovskite(3.9), campaign="c", round=0))
+        return docs
+
+    first = [
+        (d.round, d.provenance.get("sample_index")) for d in sorted(batch(), key=lambda d: d.order_key())
+    ]
+    second = [
+        (d.round, d.provenance.get("sample_index")) for d in sorted(batch(), key=lambda d: d.order_key())
+    ]
+    assert first == second == [(0, None), (1, 0), (1, 1), (1, 2)]
