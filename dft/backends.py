@@ -1193,6 +1193,14 @@ class JobflowRemoteBackend(BatchedStates):
             self.controller.get_jobs_info(metadata={CANDIDATE_KEY: candidate_id}), key=lambda j: int(j.db_id)
         )
 
+    def running_process_ids(self, candidate_id: str) -> list[int]:
+        """Process ids of the candidate's running jobs on their workers, as the runner recorded them."""
+        return [
+            int(j.remote.process_id)
+            for j in self._jobs(candidate_id)
+            if j.state.value == "RUNNING" and j.remote is not None and j.remote.process_id
+        ]
+
     def submit(self, flow, candidate_id: str, *, resources: dict[str, Any] | None = None) -> dict[str, Any]:
         """Submit the flow unless the candidate already has jobs; returns ``db_ids`` and ``uuids``."""
         self._watch_candidate(candidate_id)

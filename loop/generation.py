@@ -535,6 +535,20 @@ class DecodedBatch:
     model_versions: dict[str, str]
     seconds: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def n_decoded(self) -> int:
+        """How many samples gave a structure."""
+        return sum(c.structure is not None for c in self.candidates)
+
+    def summary(self) -> str:
+        """One line for the round's log: what was asked for and what came out."""
+        if "pool" in self.parameters:  # drawn from a finite pool (sampling.mode: prototypes)
+            return (
+                f"drew {self.n_decoded} of {self.parameters['pool']} prototype decorations "
+                f"(asked for {self.n_requested})"
+            )
+        return f"generated {self.n_requested}, decoded {self.n_decoded}"
+
     def save(self, path: Path) -> Path:
         """Write the batch to ``path`` (a pickle: structures, latents and sampling rows)."""
         path.parent.mkdir(parents=True, exist_ok=True)

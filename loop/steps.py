@@ -144,13 +144,8 @@ def generate(ctx: RoundContext) -> StepResult:
     around = batch.parameters.get("around_hits")
     if around:
         ctx.log(f"  {around} of the samples drawn around {len(hits)} hit(s)")
-    decoded = sum(c.structure is not None for c in batch.candidates)
-    if batch.strategy == "prototypes":
-        ctx.log(
-            f"  drew {decoded} of {batch.parameters['pool']} prototype decorations (asked for {batch.n_requested})"
-        )
-    else:
-        ctx.log(f"  generated {batch.n_requested}, decoded {decoded}")
+    decoded = batch.n_decoded
+    ctx.log(f"  {batch.summary()}")
     outputs = {
         "generation_id": ctx.generation_id,
         "batch": str(path),

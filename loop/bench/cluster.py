@@ -356,9 +356,8 @@ def _kill(
 ) -> bool:
     """SIGKILL the worker running ``cid`` (a FireWorks one only in its job's first ``within_s``)."""
     if backend_name == "jobflow-remote":
-        jobs = backend._jobs(cid)
-        running = [j for j in jobs if j.state.value == "RUNNING" and j.remote.process_id]
-        return bool(running) and _kill_tree(int(running[0].remote.process_id))
+        running = backend.running_process_ids(cid)
+        return bool(running) and _kill_tree(running[0])
     if backend_name == "local":
         status = json.loads((Path(ids["job_dir"]) / "status.json").read_text())
         try:

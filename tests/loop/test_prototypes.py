@@ -80,6 +80,8 @@ def test_prototype_batches_are_drawn_by_probability_and_reproducible(loop_config
     # More than the pool asks for: the whole pool, once.
     everything = prototype_batch(config, database=database, n=10_000, seed=3)
     assert len(everything.candidates) == first.parameters["pool"]
+    pool = first.parameters["pool"]
+    assert everything.summary() == f"drew {pool} of {pool} prototype decorations (asked for 10000)"
 
 
 def test_no_prototype_for_the_settings_is_one_clear_line(loop_config, settings, database):
