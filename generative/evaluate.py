@@ -24,6 +24,7 @@ from crystaloop.generative.measures import (
     prior_prototypes,
     prototype_novel_flags,
     prototype_templates,
+    reconstruction_match,
     reference_prototypes,
     smact_valid,
     unique_flags,
@@ -80,6 +81,12 @@ class ReconstructionRow:
     recall_correct: int
     recall_total: int
     recall_masked: int
+    matched: bool = False
+    """StructureMatcher(ltol 0.3, stol 0.5, angle_tol 10) finds the decoded crystal equal to the true one."""
+    valid: bool = False
+    """The decoded crystal has no two sites closer than 0.5 Å (before any repair)."""
+    crystal_system: str = ""
+    """spglib's crystal system of the true crystal."""
 
     @property
     def delta_nsites(self) -> int:
@@ -125,8 +132,15 @@ def reconstruct_one(decoder, record) -> ReconstructionRow:
     angle_error = np.abs(np.array(lattice.angles) - np.array(true.lattice.angles))
     common = (record.structure_id, vae_mse, lattice_error, angle_error)
     recall = (correct, total, masked)
+    from crystaloop.generative.data.decorate import crystal_system
+
+    judged = {
+        "matched": reconstruction_match(true, structure),
+        "valid": bool(is_valid(structure)),
+        "crystal_system": crystal_system(true),
+    }
     if structure is None:
-        return ReconstructionRow(*common, None, None, len(true), 0, np.zeros(0, dtype=int), *recall)
+        return ReconstructionRow(*common, None, None, len(true), 0, np.zeros(0, dtype=int), *recall, **judged)
     true_z = np.array([s.specie.Z for s in true])
     decoded_z = np.array([s.specie.Z for s in structure])
     distances, z_errors = matched_site_errors(
@@ -143,6 +157,7 @@ def reconstruct_one(decoder, record) -> ReconstructionRow:
         len(structure),
         z_errors,
         *recall,
+        **judged,
     )
 
 
@@ -172,7 +187,24 @@ def reconstruction_metrics(rows: Sequence[ReconstructionRow]) -> dict[str, float
         "no_sites_found": sum(r.emd is None for r in rows),
         **species_accuracy(z_errors),
         "species_exact_of_all_sites": int((z_errors == 0).sum()) / max(all_sites, 1),
+        "match_rate": float(np.mean([r.matched for r in rows])),
+        "valid_share": float(np.mean([r.valid for r in rows])),
+        "by_crystal_system": _by_crystal_system(rows),
     }
+
+
+def _by_crystal_system(rows: Sequence[ReconstructionRow]) -> dict[str, dict[str, float]]:
+    """Count, match rate and lattice/angle MAE of ``rows`` per true crystal system."""
+    out = {}
+    for system in sorted({r.crystal_system for r in rows}):
+        chosen = [r for r in rows if r.crystal_system == system]
+        out[system] = {
+            "n": len(chosen),
+            "match_rate": float(np.mean([r.matched for r in chosen])),
+            "lattice_mae_angstrom": float(np.mean([r.lattice_abs_error for r in chosen])),
+            "angle_mae_degrees": float(np.mean([r.angle_abs_error for r in chosen])),
+        }
+    return out
 
 
 @torch.no_grad()
@@ -405,6 +437,20 @@ def prior_records(max_sites: int = 40):
     return out
 
 
+def dataset_references(database, data) -> tuple[list, list[str | None]]:
+    """The records of ``data``'s dataset (training and held-out) and their prototype labels."""
+    from crystaloop.generative.train.data import load_records
+
+    records = load_records(database, data)
+    names = {
+        d["structure_id"]: d.get("prototype")
+        for d in database["training_structures"].find(
+            {"dataset": data.dataset}, {"_id": 0, "structure_id": 1, "prototype": 1}
+        )
+    }
+    return records, [names.get(r.structure_id) for r in records]
+
+
 def composition_shares(records, *, n: int = 1000, seed: int = 0) -> dict:
     """Charge-balanced (pymatgen) and SMACT-valid shares of up to ``n`` records drawn at random:
     the chemistry a model trained on ``records`` has seen."""
@@ -457,6 +503,51 @@ def sampling_latents(
     mu, _ = decoder.encode([r.structure for r in picks], property_values=values)
     z = mu + sigma * torch.randn(mu.shape, generator=generator)
     return z, decoder.vae.condition.one_hot(values), picks
+
+
+def crystal_system_shares(structures: Sequence) -> dict[str, float]:
+    """Share of ``structures`` per crystal system (spglib at the prior-v2 builder's tolerance)."""
+    from collections import Counter
+
+    from crystaloop.generative.data.decorate import crystal_system
+
+    counts = Counter()
+    for structure in structures:
+        try:
+            counts[crystal_system(structure)] += 1
+        except Exception:  # noqa: BLE001 -- spglib fails on a few degenerate cells
+            counts["undetermined"] += 1
+    total = max(sum(counts.values()), 1)
+    return {system: n / total for system, n in sorted(counts.items())}
+
+
+def distribution_distances(samples: Sequence, references: Sequence) -> dict[str, float | None]:
+    """Wasserstein distances of density (g/cm^3) and of the number of elements, samples against
+    ``references`` (the held-out split), as CDVAE reports them."""
+    from scipy.stats import wasserstein_distance
+
+    if not samples or not references:
+        return {"wasserstein_density": None, "wasserstein_n_elements": None}
+
+    def columns(structures):
+        return (
+            [float(s.density) for s in structures],
+            [len(s.composition.elements) for s in structures],
+        )
+
+    (rho_s, n_s), (rho_r, n_r) = columns(samples), columns(references)
+    return {
+        "wasserstein_density": float(wasserstein_distance(rho_s, rho_r)),
+        "wasserstein_n_elements": float(wasserstein_distance(n_s, n_r)),
+    }
+
+
+def system_share_table(samples: dict[str, float], training: dict[str, float]) -> dict:
+    """Per crystal system the sample and training shares, and the largest gap in percentage points."""
+    systems = sorted(set(samples) | set(training))
+    rows = {s: {"samples": samples.get(s, 0.0), "training": training.get(s, 0.0)} for s in systems}
+    gap = max((abs(r["samples"] - r["training"]) for r in rows.values()), default=0.0)
+    return {"by_system": rows, "largest_gap_points": 100 * gap}
 
 
 def sampling_metrics(
@@ -585,8 +676,14 @@ def evaluate_sampling(
         raise UserError(f"{error}; pass a matching --method or --lattice") from error
     _, extra = load_model(paths["vae"])
     data = DataConfig.model_validate(extra.get("config", {}).get("data", {}))
-    references = prior_records(data.max_sites)
+    general = data.dataset not in (None, "prior-v1")
+    if general:  # a model of another dataset (prior-v2): its own records are the references
+        references, labels = dataset_references(database, data)
+        prototypes = reference_prototypes(references, labels)
+    else:
+        references, prototypes = prior_records(data.max_sites), prior_prototypes(data.max_sites)
     training, bases = composition_split(references, data.test_fraction, data.split_seed)
+    held_out = bases
     if strategy != "around_base":
         bases = None
     if prior == "fitted" and not getattr(decoder.vae, "has_latent_prior", False):
@@ -607,9 +704,14 @@ def evaluate_sampling(
         references=references,
         templates=prototype_templates(),
         bases=[p.structure for p in picks] if picks else None,
-        prototypes=prior_prototypes(data.max_sites),
+        prototypes=prototypes,
     )
     training_shares = composition_shares(training, seed=seed)
+    valid = [c.structure for c in candidates if c.structure is not None and is_valid(c.structure)]
+    metrics["crystal_systems"] = system_share_table(
+        crystal_system_shares(valid), crystal_system_shares([r.structure for r in training])
+    )
+    metrics.update(distribution_distances(valid, [r.structure for r in held_out]))
     return {
         "strategy": strategy,
         "latent_prior": ("fitted mixture" if fitted else "N(0, I)") if strategy == "random" else None,

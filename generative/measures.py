@@ -69,6 +69,22 @@ def smact_valid(structure) -> bool:
     return bool(smact_validity(composition, use_pauling_test=True, include_alloys=True))
 
 
+RECONSTRUCTION_MATCHER = {"ltol": 0.3, "stol": 0.5, "angle_tol": 10.0}
+"""StructureMatcher tolerances of the field's reconstruction match rate (CDVAE, DiffCSP)."""
+
+
+def reconstruction_match(true, decoded) -> bool:
+    """``decoded`` is the same crystal as ``true`` under :data:`RECONSTRUCTION_MATCHER` (False if None)."""
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    if decoded is None:
+        return False
+    try:
+        return bool(StructureMatcher(**RECONSTRUCTION_MATCHER).fit(true, decoded))
+    except (ValueError, RuntimeError):  # a degenerate decoded cell
+        return False
+
+
 def composition_novel_flags(structures: Sequence, references: Sequence) -> list[bool]:
     """True where no reference record has the structure's reduced formula (no structural check)."""
     known = {record.structure.composition.reduced_formula for record in references}

@@ -70,8 +70,11 @@ def build_prior(
 @app.command("load-prior")
 def load_prior(
     path: Annotated[
-        Path | None, typer.Option(help="Prior file; default the packaged prior-v1.json.gz.")
+        Path | None, typer.Option(help="Prior file; default the packaged file of --dataset.")
     ] = None,
+    dataset: Annotated[
+        str, typer.Option(help="Packaged set: prior-v1 (cubic) or prior-v2 (general cells).")
+    ] = "prior-v1",
 ) -> None:
     """Load the shipped prior set into the ``training_structures`` collection (replaces that dataset)."""
     import time
@@ -80,8 +83,11 @@ def load_prior(
     from crystaloop.db.training import replace_dataset
     from crystaloop.generative.data import prior
 
+    packaged = {"prior-v1": prior.SHIPPED_PATH, "prior-v2": prior.SHIPPED_V2_PATH}
+    if dataset not in packaged:
+        raise UserError(f"unknown --dataset {dataset!r}; choose prior-v1 or prior-v2")
     t0 = time.perf_counter()
-    doc = prior.read_prior(path or prior.SHIPPED_PATH)
+    doc = prior.read_prior(path or packaged[dataset])
     docs = prior.to_documents(doc)
     n = replace_dataset(get_database(), doc["dataset"], docs)
     rejected = sum(1 for d in docs if d["reject_reason"])
@@ -219,10 +225,15 @@ def build_prior_v2(
     max_sites: Annotated[int, typer.Option(help="Largest prototype cell kept (sites).")] = 20,
     max_edge: Annotated[float, typer.Option(help="Longest prototype cell edge kept (angstrom).")] = 10.0,
     threshold: Annotated[float, typer.Option(help="Smallest substitution probability kept.")] = 1e-3,
+    finalize_only: Annotated[
+        bool, typer.Option(help="Label nothing: write prior-v2.json.gz from the labels done so far.")
+    ] = False,
 ) -> None:
     """Decorate AFLOW prototypes of every crystal system, relax and label them with CHGNet (resumable).
 
     A killed build resumes where it stopped when rerun with the same --out and settings.
+    ``--finalize-only`` writes the file of a partial build (a build still running in another
+    process may go on appending).
     """
     import time
 
@@ -242,14 +253,18 @@ def build_prior_v2(
     with console.status("choosing decorations (ICSD substitution probabilities)"):
         decorations = prior_v2.load_decorations(out, settings, palette())
     console.print(f"{len(decorations)} decorations in {out / prior_v2.DECORATIONS}")
-    progress, update = eta_progress("labelling", on=console)
-    with progress:
-        report = prior_v2.build(out, decorations, limit=limit, workers=workers, progress=update)
+    if finalize_only:
+        report, chosen = prior_v2.labelled_so_far(out, decorations)
+    else:
+        progress, update = eta_progress("labelling", on=console)
+        with progress:
+            report = prior_v2.build(out, decorations, limit=limit, workers=workers, progress=update)
+        chosen = decorations[: report.total]
     from chgnet.model import CHGNet
 
     labeller = f"chgnet-{CHGNet.load(verbose=False).version}"
     cache = out / f"references-{labeller}.json"
-    symbols = sorted({new for d in decorations[: report.total] for _, new in d.substitution})
+    symbols = sorted({new for d in chosen for _, new in d.substitution})
     compute_references(symbols, labeller, cache=cache)
     output = out / f"{prior_v2.DATASET}.json.gz"
     header = prior_v2.finalize(report.labels_path, output, load_references(labeller, cache))

@@ -162,13 +162,22 @@ def reconstruction(
     for column in ("metric", "this model", "paper", "target"):
         table.add_column(column)
     for key, value in metrics.items():
-        if key in ("method", "lattice"):
+        if key in ("method", "lattice", "by_crystal_system"):
             continue
         target = RECONSTRUCTION.get(key)
         table.add_row(
             key, _fmt(value), _fmt(PAPER_TABLE5.get(key)), f"{target[0]} {target[1]}" if target else ""
         )
     console.print(table)
+    systems = Table(title="by crystal system of the true crystal")
+    for column in ("crystal system", "n", "match rate", "lattice MAE (A)", "angle MAE (deg)"):
+        systems.add_column(column)
+    for system, row in metrics["by_crystal_system"].items():
+        systems.add_row(
+            system, str(row["n"]), _fmt(row["match_rate"]), _fmt(row["lattice_mae_angstrom"]),
+            _fmt(row["angle_mae_degrees"]),
+        )  # fmt: skip
+    console.print(systems)
 
 
 @app.command("properties")
@@ -301,7 +310,11 @@ def sampling(
     for column in ("measure", "this model", "paper", "target"):
         table.add_column(column, overflow="fold")
     for key, value in metrics.items():
-        if isinstance(value, dict):
+        if key == "crystal_systems":  # samples vs training, per system
+            rows = value["by_system"].items()
+            value = ", ".join(f"{k}: {r['samples']:.2f} vs {r['training']:.2f}" for k, r in rows)
+            value += f" (largest gap {metrics['crystal_systems']['largest_gap_points']:.1f} points)"
+        elif isinstance(value, dict):
             value = ", ".join(f"{k}: {v}" for k, v in value.items()) or "-"
         target = SAMPLING.get(key)
         if isinstance(target, dict):

@@ -26,6 +26,8 @@ from crystaloop.generative.data.prototypes import Prototype, enumerate_all, prot
 
 DATASET = "prior-v1"
 SHIPPED_PATH = Path(__file__).parent / "prior" / f"{DATASET}.json.gz"
+SHIPPED_V2_PATH = SHIPPED_PATH.parent / "prior-v2.json.gz"
+"""The shipped prior-v2 (general cells): a partial build, copied here by hand, never built here."""
 FORMAT = "crystaloop-prior/1"
 ORDER_SEED = 20240607
 """Seed of the build order (classes interleaved, so the ETA is steady and --limit spans classes)."""
@@ -333,9 +335,13 @@ def read_prior(path: Path = SHIPPED_PATH) -> dict:
 
 
 def to_documents(doc: dict) -> list[dict]:
-    """TrainingStructureDoc dicts for every record of a shipped document."""
+    """TrainingStructureDoc dicts for every record of a shipped document (prior-v1 or prior-v2)."""
     from crystaloop.db.documents import StructureFields, TrainingStructureDoc
 
+    if doc.get("format") != FORMAT:
+        from crystaloop.generative.data import prior_v2
+
+        return prior_v2.to_documents(doc)
     out = []
     for rec in doc["records"]:
         proto = Prototype(rec["prototype"], tuple(rec["species"]))

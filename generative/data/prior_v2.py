@@ -218,6 +218,24 @@ def build(
     return BuildReport(len(chosen), len(todo), already, time.perf_counter() - start, labels_path)
 
 
+def labelled_so_far(build_dir: Path, decorations: Sequence[decorate.Decoration]) -> tuple[BuildReport, list]:
+    """The report of what ``build_dir`` holds now, and those decorations (for ``--finalize-only``).
+
+    Raises
+    ------
+    crystaloop.errors.UserError
+        The folder has no labels yet.
+    """
+    from crystaloop.errors import UserError
+
+    labels_path = build_dir / LABELS
+    if not labels_path.exists():
+        raise UserError(f"{labels_path} not found; run the build without --finalize-only first")
+    done = read_done(labels_path)
+    chosen = [d for d in decorations if d.structure_id in done]
+    return BuildReport(len(chosen), 0, len(chosen), 0.0, labels_path), chosen
+
+
 def _run(todo: list[dict], workers: int, batch_size: int) -> Iterable[dict]:
     return worker_map(
         label_decoration, todo, workers=workers, initializer=_init_worker, initargs=(batch_size,)
@@ -295,6 +313,43 @@ def finalize(labels_path: Path, output: Path, references: dict[str, dict]) -> di
     return write_prior(output, header, records)
 
 
+def to_documents(doc: dict) -> list[dict]:
+    """TrainingStructureDoc dicts of a prior-v2 document's records that hold a structure.
+
+    Records rejected before relaxation (a broken starting cell) carry no structure and are left
+    out; every other reject is kept with its ``reject_reason``, as prior-v1 keeps its rejects.
+    Cells are stored Niggli-reduced, so that the lattice head learns one setting per crystal. The
+    AFLOW label is the ``prototype``; every record is of material class ``other``.
+    """
+    from pymatgen.core import Lattice, Structure
+
+    from crystaloop.db.documents import StructureFields, TrainingStructureDoc
+
+    out = []
+    for rec in doc["records"]:
+        if not rec.get("lattice"):
+            continue
+        relaxed = Structure(Lattice(rec["lattice"]), rec["species"], rec["frac_coords"])
+        structure = relaxed.get_reduced_structure("niggli")  # one setting per cell, for the lattice head
+        fields = StructureFields.fields_from(structure, spacegroup=False)
+        fields["spacegroup"] = rec.get("spacegroup")
+        model = TrainingStructureDoc(
+            **fields,
+            structure_id=rec["structure_id"],
+            source="prior",
+            dataset=doc["dataset"],
+            material_class="other",
+            prototype=rec.get("prototype"),
+            labels=rec.get("labels") or {},
+            labeller=rec.get("labeller"),
+            converged=bool(rec.get("converged")),
+            eos_residual=rec.get("eos_residual"),
+            reject_reason=rec.get("reject_reason"),
+        )
+        out.append(model.model_dump())
+    return out
+
+
 __all__ = [
     "DATASET",
     "BuildReport",
@@ -302,5 +357,7 @@ __all__ = [
     "build",
     "content_hash",
     "finalize",
+    "labelled_so_far",
     "load_decorations",
+    "to_documents",
 ]

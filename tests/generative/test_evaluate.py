@@ -13,13 +13,17 @@ from crystaloop.errors import UserError
 from crystaloop.generative.decode import DecodedCandidate
 from crystaloop.generative.evaluate import (
     ReconstructionRow,
+    crystal_system_shares,
+    distribution_distances,
     evaluate_properties,
     nest_property_metrics,
     property_metrics,
     reconstruction_metrics,
     sampling_metrics,
     species_accuracy,
+    system_share_table,
 )
+from crystaloop.generative.measures import reconstruction_match
 from crystaloop.generative.models import CGCNN, CGCNNEnsemble, CondDFCVAE, save_model
 from crystaloop.generative.models.cgcnn import structure_to_graph
 
@@ -105,7 +109,7 @@ def test_properties_of_a_vae_checkpoint_is_a_user_error(tmp_path):
         evaluate_properties(None, model=str(path))
 
 
-def _row(n_true, n_decoded, z_errors, *, angles=(0.0, 0.0, 0.0), emd=0.1):
+def _row(n_true, n_decoded, z_errors, *, angles=(0.0, 0.0, 0.0), emd=0.1, **judged):
     return ReconstructionRow(
         "s",
         0.01,
@@ -119,6 +123,7 @@ def _row(n_true, n_decoded, z_errors, *, angles=(0.0, 0.0, 0.0), emd=0.1):
         1,
         1,
         1,
+        **judged,
     )
 
 
@@ -137,6 +142,59 @@ def test_reconstruction_metrics_count_missing_and_extra_sites_against_species():
     assert metrics["emd_decoded_lattice_mean_angstrom"] == pytest.approx(0.2)
     assert metrics["delta_nsites_mean"] == pytest.approx((0 + 2 + 1 + 2) / 4)
     assert metrics["no_sites_found"] == 1
+
+
+def _wurtzite(a=3.25, c=5.21, u=0.382, species=("Zn", "O")):
+    return Structure.from_spacegroup(
+        "P6_3mc", Lattice.hexagonal(a, c), list(species), [[1 / 3, 2 / 3, 0], [1 / 3, 2 / 3, u]]
+    )
+
+
+def test_reconstruction_match_uses_the_fields_tolerances_on_a_general_cell():
+    true = _wurtzite()
+    # the same crystal in another setting, strained 5 % and with every site moved a little
+    decoded = true.copy()
+    decoded.apply_strain([0.05, 0.0, 0.0])
+    decoded.perturb(0.05, min_distance=0.0)
+    decoded = decoded.get_reduced_structure("niggli")
+    assert reconstruction_match(true, decoded)
+    assert not reconstruction_match(true, _wurtzite(species=("Zn", "S"))), "other species"
+    rock_salt = Structure.from_spacegroup(
+        "Fm-3m", Lattice.cubic(4.28), ["Zn", "O"], [[0, 0, 0], [0.5, 0.5, 0.5]]
+    )
+    assert not reconstruction_match(true, rock_salt), "another structure of the same formula"
+    assert not reconstruction_match(true, None)
+
+
+def test_reconstruction_metrics_report_match_validity_and_each_crystal_system():
+    rows = [
+        _row(2, 2, [0, 0], matched=True, valid=True, crystal_system="hexagonal"),
+        _row(2, 2, [0, 0], angles=(0.0, 0.0, 6.0), matched=False, valid=True, crystal_system="hexagonal"),
+        _row(2, 2, [0, 0], matched=True, valid=True, crystal_system="cubic"),
+        _row(2, 0, [], crystal_system="monoclinic"),
+    ]
+    metrics = reconstruction_metrics(rows)
+    assert metrics["match_rate"] == pytest.approx(2 / 4)
+    assert metrics["valid_share"] == pytest.approx(3 / 4)
+    hexagonal = metrics["by_crystal_system"]["hexagonal"]
+    assert hexagonal["n"] == 2 and hexagonal["match_rate"] == pytest.approx(0.5)
+    assert hexagonal["angle_mae_degrees"] == pytest.approx(6.0 / 6)
+    assert metrics["by_crystal_system"]["monoclinic"]["match_rate"] == 0.0
+    assert set(metrics["by_crystal_system"]) == {"cubic", "hexagonal", "monoclinic"}
+
+
+def test_crystal_system_shares_of_samples_against_training():
+    rock_salt = Structure.from_spacegroup(
+        "Fm-3m", Lattice.cubic(4.2), ["Mg", "O"], [[0, 0, 0], [0.5, 0.5, 0.5]]
+    )
+    rutile = Structure.from_spacegroup(
+        "P4_2/mnm", Lattice.tetragonal(4.59, 2.96), ["Ti", "O"], [[0, 0, 0], [0.305, 0.305, 0]]
+    )
+    samples = crystal_system_shares([_wurtzite(), _wurtzite(), rutile, rock_salt])
+    assert samples == {"cubic": 0.25, "hexagonal": 0.5, "tetragonal": 0.25}
+    table = system_share_table(samples, crystal_system_shares([rock_salt, rutile]))
+    assert table["by_system"]["hexagonal"] == {"samples": 0.5, "training": 0.0}
+    assert table["largest_gap_points"] == pytest.approx(50.0)
 
 
 def _candidate(index, structure, *, raw, merged=0, reason=None):
@@ -176,3 +234,16 @@ def test_sampling_metrics_on_hand_built_samples():
     assert m["valid_smact_novel_unique_share"] == pytest.approx(1 / 6)  # MgO only: KBr2 fails SMACT
     assert m["seconds_per_sample"] == pytest.approx(1.0)
     assert m["failures"] == {"unphysical lattice": 1, "no sites": 1}
+
+
+def test_wasserstein_distances_of_density_and_element_count():
+    zno = _wurtzite()
+    denser = zno.copy()
+    denser.scale_lattice(zno.volume / 2)  # twice the density
+    same = distribution_distances([zno, zno], [zno])
+    assert same == {"wasserstein_density": 0.0, "wasserstein_n_elements": 0.0}
+    moved = distribution_distances([denser], [zno])
+    assert moved["wasserstein_density"] == pytest.approx(float(zno.density))
+    ternary = Structure(zno.lattice, ["Zn", "O", "Mg", "O"], zno.frac_coords)
+    assert distribution_distances([ternary], [zno])["wasserstein_n_elements"] == 1.0
+    assert distribution_distances([], [zno])["wasserstein_density"] is None

@@ -78,6 +78,43 @@ def test_finalize_writes_a_hashed_file_with_the_structures(small, tmp_path):
         assert -5 < rec["labels"]["formation_energy_per_atom"] < 2
 
 
+def test_a_partial_build_is_finalized_from_what_it_holds(small, tmp_path):
+    build_dir, decorations, _ = small
+    report, chosen = prior_v2.labelled_so_far(build_dir, decorations)
+    lines = (build_dir / prior_v2.LABELS).read_text().splitlines()
+    assert report.total == report.already_done == len(lines) and report.labelled_now == 0
+    assert {d.structure_id for d in chosen} == {json.loads(line)["structure_id"] for line in lines}
+    with pytest.raises(UserError, match="run the build without --finalize-only"):
+        prior_v2.labelled_so_far(tmp_path / "empty", decorations)
+
+
+def test_the_file_loads_as_general_cells_for_training(small, tmp_path, database):
+    from pymatgen.core import Lattice, Structure
+
+    from crystaloop.db.training import replace_dataset
+    from crystaloop.generative.train.config import DataConfig
+    from crystaloop.generative.train.data import load_records
+
+    build_dir, _, _ = small
+    out = tmp_path / "prior-v2.json.gz"
+    prior_v2.finalize(build_dir / prior_v2.LABELS, out, load_references("chgnet-0.3.0"))
+    doc = prior.read_prior(out)
+    docs = prior.to_documents(doc)  # the same entry point as prior-v1's (`data load-prior --path`)
+    with_structure = [r for r in doc["records"] if r.get("lattice")]
+    assert len(docs) == len(with_structure)
+    assert replace_dataset(database, "prior-v2", docs) == len(docs)
+    records = load_records(database, DataConfig(dataset="prior-v2", max_sites=20))
+    accepted = {r["structure_id"]: r for r in with_structure if r["converged"] and not r["reject_reason"]}
+    assert records and {r.structure_id for r in records} == set(accepted)
+    for record in records:
+        rec = accepted[record.structure_id]
+        relaxed = Structure(Lattice(rec["lattice"]), rec["species"], rec["frac_coords"])
+        assert record.structure.composition.reduced_formula == rec["formula"]
+        assert record.structure.volume == pytest.approx(relaxed.volume, rel=1e-6)
+        assert record.structure.lattice.abc == pytest.approx(relaxed.get_reduced_structure().lattice.abc)
+        assert record.labels["formation_energy_per_atom"] == rec["labels"]["formation_energy_per_atom"]
+
+
 def test_the_shipped_prior_v1_is_never_a_target(tmp_path):
     shipped = prior.SHIPPED_PATH.read_bytes()
     with pytest.raises(UserError, match="shipped prior-v1"):
