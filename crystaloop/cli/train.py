@@ -76,6 +76,9 @@ def site_shards(
     grid: int = typer.Option(16, "--grid", min=8, help="Voxels per cell edge."),
     split: str = typer.Option("train", "--split", help="train (the held-out formulas left out) or all."),
     limit: int = typer.Option(None, "--limit", min=2, help="Only N structures (a quick test)."),
+    dataset: str = typer.Option(
+        None, "--dataset", help="Only this loaded dataset (prior-v1, prior-v2 for general cells); default all."
+    ),
 ) -> None:
     """Site-channel shards of the loaded training data for `python generative/train/gpu.py`."""
     from crystaloop.db import get_database
@@ -88,7 +91,7 @@ def site_shards(
     if split not in ("train", "all"):
         raise UserError(f"--split must be 'train' or 'all', not {split!r}")
     check_out_dir(out_dir, "the shards")
-    data = DataConfig(grid=grid, limit=limit)
+    data = DataConfig(grid=grid, limit=limit, dataset=dataset)
     records = load_records(get_database(), data)
     if split == "train":
         records, _ = composition_split(records, data.test_fraction, data.split_seed)

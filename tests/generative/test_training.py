@@ -543,6 +543,11 @@ def test_site_shards_command_shows_progress_and_refuses_a_file(labelled, tmp_pat
     assert result.exit_code == 0, result.output
     assert "site channels: 10/10" in result.stderr and "eta" in result.stderr
     assert json.loads((out / "manifest.json").read_text())["count"] == 10
+    general = tmp_path / "general"  # --dataset picks one loaded set (prior-v2 for general cells)
+    result = CliRunner().invoke(app, ["train", "site-shards", str(general), "--grid", "8", "--dataset", "test"])
+    assert result.exit_code == 0 and json.loads((general / "manifest.json").read_text())["count"] == 8
+    result = CliRunner().invoke(app, ["train", "site-shards", str(tmp_path / "x"), "--dataset", "prior-v2"])
+    assert isinstance(result.exception, UserError) and "no training structures match" in str(result.exception)
     result = CliRunner().invoke(app, ["train", "site-shards", str(out / "manifest.json"), "--grid", "8"])
     assert isinstance(result.exception, UserError)
     assert "is a file; pass a folder (new or existing) for the shards" in str(result.exception)

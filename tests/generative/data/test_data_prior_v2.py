@@ -167,3 +167,30 @@ def test_shares_cli_prints_the_table(small):
     assert s["records"] == len((build_dir / prior_v2.LABELS).read_text().splitlines())
     bad = run_cli("data", "shares-v2", str(build_dir / "missing"))
     assert bad.returncode == 2 and "not found" in bad.stderr
+
+
+def test_the_shipped_prior_v2_loads_with_every_crystal_system(database):
+    """`data load-prior --dataset prior-v2`: the packaged partial build, general cells of all systems."""
+    from typer.testing import CliRunner
+
+    from crystaloop.cli import app
+    from crystaloop.generative.data.decorate import crystal_system
+
+    doc = prior.read_prior(prior.SHIPPED_V2_PATH)
+    assert doc["dataset"] == "prior-v2" and doc["format"] == prior_v2.FORMAT
+    result = CliRunner().invoke(app, ["data", "load-prior", "--dataset", "prior-v2"])
+    assert result.exit_code == 0, result.output
+    stored = database["training_structures"].count_documents({"dataset": "prior-v2"})
+    assert stored == sum(1 for r in doc["records"] if r.get("lattice")) > 500
+    labelled = [r for r in doc["records"] if r["converged"] and not r["reject_reason"]]
+    systems = {r["crystal_system"] for r in labelled}
+    assert {"cubic", "hexagonal", "trigonal", "tetragonal", "orthorhombic", "monoclinic"} <= systems
+    sample = next(r for r in labelled if r["crystal_system"] == "hexagonal")
+    from pymatgen.core import Lattice, Structure
+
+    assert (
+        crystal_system(Structure(Lattice(sample["lattice"]), sample["species"], sample["frac_coords"]))
+        == "hexagonal"
+    )
+    bad = run_cli("data", "load-prior", "--dataset", "prior-v3")
+    assert bad.returncode == 2 and "choose prior-v1 or prior-v2" in bad.stderr
