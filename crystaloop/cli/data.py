@@ -100,7 +100,11 @@ def load_prior(
 @app.command("import-mp")
 def import_mp(
     classes: Annotated[
-        list[str] | None, typer.Option("--class", help="binary, perovskite, heusler (repeatable).")
+        list[str] | None, typer.Option(
+            "--class",
+            help="binary, perovskite, heusler, or general: any crystal system, <= 20 sites, within "
+            "0.1 eV/atom of the hull (repeatable; default the three cubic classes).",
+        )
     ] = None,
     max_per_query: Annotated[int | None, typer.Option(help="Cap on documents per MP search.")] = None,
 ) -> None:
@@ -112,7 +116,7 @@ def import_mp(
     from crystaloop.db.training import upsert_documents
     from crystaloop.generative.data import materials_project
 
-    chosen = classes or list(materials_project.QUERIES)
+    chosen = classes or list(materials_project.CUBIC_CLASSES)
     with console.status("querying the Materials Project"):
         docs = materials_project.fetch(chosen, max_per_query=max_per_query)
     n = upsert_documents(get_database(), docs)

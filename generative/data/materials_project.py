@@ -1,4 +1,5 @@
-"""Import cubic structures of the prior classes from the Materials Project (optional ``mp-api``).
+"""Import structures from the Materials Project (optional ``mp-api``): cubic ones of the prior
+classes, or general cells of every crystal system (``general``).
 
 One ``materials.summary.search`` per (class, space group), documents returned
 as plain dicts (``use_document_model=False``), mapped to
@@ -31,6 +32,7 @@ from crystaloop.errors import UserError
 from crystaloop.properties import PROPERTIES
 
 DATASET = "materials-project"
+GENERAL_DATASET = "materials-project-general"
 FIELDS = [
     "material_id",
     "structure",
@@ -47,12 +49,19 @@ FIELDS = [
     "n",
     "e_total",
 ]
+CUBIC_CLASSES = ("binary", "perovskite", "heusler")
+GENERAL_MAX_SITES = 20
+GENERAL_MAX_E_HULL = 0.1
+"""eV/atom above the Materials Project hull."""
 QUERIES: dict[str, list[dict[str, Any]]] = {
     "binary": [{"spacegroup_number": sg, "num_elements": (2, 2), "formula": "AB"} for sg in (221, 225, 216)],
     "perovskite": [{"spacegroup_number": 221, "num_elements": (3, 3), "formula": "ABC3"}],
     "heusler": [{"spacegroup_number": 225, "num_elements": (3, 3), "formula": "ABC2"}],
+    "general": [{"num_sites": (1, GENERAL_MAX_SITES), "energy_above_hull": (0.0, GENERAL_MAX_E_HULL)}],
 }
-"""Summary searches per material class (MP anonymous formulas: AB, ABC3, ABC2)."""
+"""Summary searches per material class (MP anonymous formulas: AB, ABC3, ABC2). ``general``: any
+crystal system, at most 20 sites and within 0.1 eV/atom of the hull (an MP-20-like set), stored
+Niggli-reduced as prior-v2 stores its cells, for training the generator on general cells."""
 PROTOTYPE_BY_SPACEGROUP = {("binary", 221): "B2", ("binary", 225): "B1", ("binary", 216): "B3",
                            ("perovskite", 221): "perovskite", ("heusler", 225): "L21"}  # fmt: skip
 
@@ -106,8 +115,10 @@ def labels_from_summary(doc: dict) -> dict[str, float | None]:
     return {k: _in_range(k, v) for k, v in raw.items()}
 
 
-def to_document(doc: dict, material_class: str, spacegroup_number: int) -> dict:
-    """A TrainingStructureDoc dict for one summary document (conventional standard cell)."""
+def to_document(doc: dict, material_class: str, spacegroup_number: int | None) -> dict:
+    """A TrainingStructureDoc dict for one summary document: the conventional standard cell for
+    the cubic classes, the Niggli-reduced cell (dataset ``materials-project-general``) for
+    ``general``."""
     from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
     from crystaloop.db.documents import StructureFields, TrainingStructureDoc
@@ -115,15 +126,19 @@ def to_document(doc: dict, material_class: str, spacegroup_number: int) -> dict:
     structure = doc["structure"]
     if isinstance(structure, dict):
         structure = Structure.from_dict(structure)
-    conventional = SpacegroupAnalyzer(structure, symprec=0.1).get_conventional_standard_structure()
-    fields = StructureFields.fields_from(conventional)
+    general = material_class == "general"
+    if general:
+        cell = structure.get_reduced_structure("niggli")
+    else:
+        cell = SpacegroupAnalyzer(structure, symprec=0.1).get_conventional_standard_structure()
+    fields = StructureFields.fields_from(cell)
     material_id = str(doc["material_id"])
     return TrainingStructureDoc(
         **fields,
         structure_id=material_id,
         source="materials_project",
-        dataset=DATASET,
-        material_class=material_class,
+        dataset=GENERAL_DATASET if general else DATASET,
+        material_class="other" if general else material_class,
         prototype=PROTOTYPE_BY_SPACEGROUP.get((material_class, spacegroup_number)),
         labels=labels_from_summary(doc),
         labeller="mp-api",
@@ -164,7 +179,7 @@ def fetch(
     for material_class in classes:
         for query in QUERIES[material_class]:
             for doc in _search(client, query, max_per_query):
-                mapped = to_document(doc, material_class, query["spacegroup_number"])
+                mapped = to_document(doc, material_class, query.get("spacegroup_number"))
                 out.setdefault(mapped["structure_id"], mapped)
     return list(out.values())
 

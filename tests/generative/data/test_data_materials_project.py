@@ -29,6 +29,8 @@ class FakeSummary:
         self.calls.append(kwargs)
         if self.fail:
             raise self.fail
+        if "num_sites" in kwargs:
+            return json.loads(json.dumps(RESPONSES["general"]))
         cls = {(2, 2): "binary", (3, 3): "heusler" if kwargs["formula"] == "ABC2" else "perovskite"}
         key = f"{cls[tuple(kwargs['num_elements'])]}/{kwargs['spacegroup_number']}"
         return json.loads(json.dumps(RESPONSES.get(key, [])))
@@ -78,6 +80,30 @@ def test_fetch_maps_summary_docs_to_training_documents(fake):
     assert all(
         "structure" in c["fields"] and "homogeneous_poisson" in c["fields"] for c in fake.summary.calls
     )
+
+
+def test_general_cells_of_every_system_feed_the_same_pipeline(fake, database):
+    from crystaloop.generative.data.decorate import crystal_system
+    from crystaloop.generative.train.config import DataConfig
+    from crystaloop.generative.train.data import load_records
+
+    docs = mp.fetch(["general"])
+    [query] = fake.summary.calls
+    assert query["num_sites"] == (1, 20) and query["energy_above_hull"] == (0.0, 0.1)
+    by_id = {d["structure_id"]: d for d in docs}
+    assert set(by_id) == {"mp-2133", "mp-2657"}
+    zno = by_id["mp-2133"]
+    assert (zno["dataset"], zno["material_class"], zno["prototype"]) == (
+        "materials-project-general",
+        "other",
+        None,
+    )
+    assert zno["labels"]["formation_energy_per_atom"] == -1.8 and zno["nsites"] == 4
+    result = CliRunner().invoke(app, ["data", "import-mp", "--class", "general"])
+    assert result.exit_code == 0, result.output
+    records = load_records(database, DataConfig(dataset="materials-project-general", max_sites=20))
+    systems = {r.structure_id: crystal_system(r.structure) for r in records}
+    assert systems == {"mp-2133": "hexagonal", "mp-2657": "tetragonal"}
 
 
 def test_import_mp_cli_upserts_into_the_collection(fake, database):
