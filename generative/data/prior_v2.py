@@ -11,9 +11,12 @@ A build folder holds three files:
   included).
 - ``prior-v2.json.gz``: written by :func:`finalize` from the labels, with a
   SHA-256 content hash as in prior-v1. It is never written inside the
-  package's ``prior/`` folder, where the shipped prior-v1 lives.
+  package's ``prior/`` folder, where the shipped sets live: a build's file is
+  copied there by hand (``prior/prior-v2.json.gz``, a partial build).
 
-The generator is not trained on this set yet.
+:func:`to_documents` turns the records into training structures (Niggli-reduced
+cells), which ``crystaloop data load-prior --dataset prior-v2`` loads for the
+general-cell VAE (``configs/train/cpu/vae_sites_general.yaml``).
 """
 
 from __future__ import annotations
