@@ -64,8 +64,16 @@ def resolve_checkpoint(reference: str | None, kind: str, database) -> Path:
 
     registry = ModelRegistry(database)
     doc = None
-    for k in [kind, "cgcnn-ensemble"] if kind == "cgcnn" else [kind]:
+    kinds = [kind, "cgcnn-ensemble"] if kind == "cgcnn" else [kind]
+    for k in kinds:
         doc = doc or registry.get(k, version=reference)
+    if doc is None and reference:  # a checkpoint packaged beside the defaults, by its version
+        from crystaloop.generative.models.shipped import CHECKPOINT_DIR
+
+        packaged = [CHECKPOINT_DIR / f"{k}-{reference}.pt" for k in kinds]
+        found = next((p for p in packaged if p.is_file()), None)
+        if found is not None:
+            return found
     if doc is None or not Path(doc.checkpoint).is_file():
         what = f"version {reference!r}" if reference else "a default"
         raise UserError(

@@ -65,3 +65,15 @@ def test_shipped_unet_and_vae_run_on_a_voxelised_crystal(shipped):
     with torch.no_grad():
         out = vae(vae.to_input(channels, vae_coords), vae.condition.for_window(-2.5, -1.5)[None])
     assert out.recon.shape == (1, vae.in_channels, vae.grid, vae.grid, vae.grid) and torch.isfinite(out.recon).all()
+
+
+def test_a_packaged_checkpoint_resolves_by_its_version_without_the_registry(database):
+    from crystaloop.errors import UserError
+    from crystaloop.generative.train.run import resolve_checkpoint
+
+    unet = ENTRIES["unet"]
+    assert resolve_checkpoint(unet["version"], "unet", database) == CHECKPOINT_DIR / unet["file"]
+    cgcnn = ENTRIES["cgcnn-ensemble"]
+    assert resolve_checkpoint(cgcnn["version"], "cgcnn", database) == CHECKPOINT_DIR / cgcnn["file"]
+    with pytest.raises(UserError, match="no vae checkpoint"):
+        resolve_checkpoint(unet["version"], "vae", database)  # a unet file is not a vae
