@@ -20,7 +20,8 @@ def shipped_models() -> list[dict]:
 
 
 def register_shipped(database, kinds: Iterable[str] | None = None) -> list:
-    """Register every shipped checkpoint (or those of ``kinds``) as the default of its kind.
+    """Register every shipped checkpoint (or those of ``kinds``), as the default of its kind unless
+    its manifest entry says ``"default": false`` (a second model of a kind, chosen by version).
 
     ``kinds`` are model names as the campaign uses them (``vae``, ``unet``, ``cgcnn``); a
     ``cgcnn-ensemble`` entry counts as ``cgcnn``.
@@ -61,7 +62,7 @@ def register_shipped(database, kinds: Iterable[str] | None = None) -> list:
             checkpoint=str(path),
             torch_version=entry.get("torch_version"),
         )
-        docs.append(registry.register(doc, make_default=True))
+        docs.append(registry.register(doc, make_default=entry.get("default", True)))
     return docs
 
 
@@ -191,7 +192,7 @@ def record_held_out(
     return doc
 
 
-def ship(doc, command: str) -> dict:
+def ship(doc, command: str, *, default: bool = True) -> dict:
     """Copy a registered model's checkpoint into the package and record it in the manifest.
 
     The entry's ``metrics`` are the validation-split metrics registered at training time;
@@ -205,6 +206,9 @@ def ship(doc, command: str) -> dict:
         The :class:`~crystaloop.db.documents.ModelDoc` of the trained model.
     command
         The exact command that trained it.
+    default
+        Replace the kind's default entry (True), or ship beside it, chosen by version
+        (``models.vae: <version>``), with ``"default": false`` in its entry.
     """
     import shutil
 
@@ -227,6 +231,8 @@ def ship(doc, command: str) -> dict:
         "torch_version": doc.torch_version,
         "config": doc.config,
     }
+    if not default:
+        entry["default"] = False
     if calibration:
         entry["calibration"] = calibration
     for block in EVALUATIONS:
@@ -234,6 +240,10 @@ def ship(doc, command: str) -> dict:
             entry[block] = previous[block]
         elif block in held_out:
             entry[block] = {"command": f"crystaloop evaluate (registry {block}_* metrics)", **held_out[block]}
-    entries = [e for e in shipped_models() if e["kind"] != doc.kind] + [entry]
+    def replaced(e: dict) -> bool:
+        same_kind = e["kind"] == doc.kind
+        return same_kind and (e["version"] == doc.version or (default and e.get("default", True)))
+
+    entries = [e for e in shipped_models() if not replaced(e)] + [entry]
     _write_manifest(entries)
     return entry

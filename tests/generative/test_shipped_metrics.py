@@ -38,7 +38,11 @@ SAMPLING_KEYS = {
 
 def _ship_real(monkeypatch, tmp_path, database) -> dict[str, ModelDoc]:
     """Ship copies of the packaged VAE and UNet into a temporary manifest; returns their docs."""
-    sources = {e["kind"]: shipped.CHECKPOINT_DIR / e["file"] for e in shipped.shipped_models()}
+    sources = {
+        e["kind"]: shipped.CHECKPOINT_DIR / e["file"]
+        for e in shipped.shipped_models()
+        if e.get("default", True)
+    }
     monkeypatch.setattr(shipped, "CHECKPOINT_DIR", tmp_path / "ckpt")
     monkeypatch.setattr(shipped, "MANIFEST", tmp_path / "ckpt" / "manifest.json")
     docs = {}
@@ -151,3 +155,25 @@ def test_reconstruction_gives_the_vae_and_the_unet_each_their_own_numbers():
         "angle_mae_degrees": 0.1,
     }
     assert unet == {"n_structures": 5, "unet_nonzero_recall": 0.9, "unet_nonzero_recall_masked": 0.8}
+
+
+def test_a_second_model_of_a_kind_ships_beside_the_default(monkeypatch, tmp_path, database):
+    docs = _ship_real(monkeypatch, tmp_path, database)
+    general = ModelDoc(
+        kind="vae", version="vae-general-t1", dataset_hash="g", checkpoint=docs["vae"].checkpoint
+    )
+    general = ModelRegistry(database).register(general, make_default=False)
+    shipped.ship(
+        general, "crystaloop train vae --config configs/train/cpu/vae_sites_general.yaml", default=False
+    )
+    entries = {e["version"]: e for e in shipped.shipped_models()}
+    assert set(entries) == {"vae-t1", "unet-t1", "vae-general-t1"}
+    assert entries["vae-general-t1"]["default"] is False and "default" not in entries["vae-t1"]
+    database["models"].delete_many({})
+    shipped.register_shipped(database, kinds=["vae"])
+    registry = ModelRegistry(database)
+    assert registry.get("vae").version == "vae-t1"  # the default stays the default
+    assert registry.get("vae", version="vae-general-t1").checkpoint.endswith("vae-vae-general-t1.pt")
+    # re-shipping the default replaces only the default
+    shipped.ship(docs["vae"], "crystaloop train vae --config configs/train/cpu/vae.yaml")
+    assert {e["version"] for e in shipped.shipped_models()} == {"vae-t1", "unet-t1", "vae-general-t1"}
