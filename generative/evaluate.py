@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from crystaloop.generative.data.decorate import crystal_system
 from crystaloop.generative.measures import (
     MIN_DISTANCE_ANGSTROM,
     charge_balanced,
@@ -83,8 +84,9 @@ class ReconstructionRow:
     recall_masked: int
     matched: bool = False
     """StructureMatcher(ltol 0.3, stol 0.5, angle_tol 10) finds the decoded crystal equal to the true one."""
-    valid: bool = False
-    """The decoded crystal has no two sites closer than 0.5 Å (before any repair)."""
+    valid_before_repair: bool = False
+    """The sites as first read, in the lattice as first decoded, keep every distance >= 0.5 Å
+    (before the decoder merges close peaks or rejects a lattice), as in sampling."""
     crystal_system: str = ""
     """spglib's crystal system of the true crystal."""
 
@@ -132,11 +134,10 @@ def reconstruct_one(decoder, record) -> ReconstructionRow:
     angle_error = np.abs(np.array(lattice.angles) - np.array(true.lattice.angles))
     common = (record.structure_id, vae_mse, lattice_error, angle_error)
     recall = (correct, total, masked)
-    from crystaloop.generative.data.decorate import crystal_system
-
+    raw = row.raw_min_distance
     judged = {
         "matched": reconstruction_match(true, structure),
-        "valid": bool(is_valid(structure)),
+        "valid_before_repair": raw is not None and raw >= MIN_DISTANCE_ANGSTROM,
         "crystal_system": crystal_system(true),
     }
     if structure is None:
@@ -188,7 +189,7 @@ def reconstruction_metrics(rows: Sequence[ReconstructionRow]) -> dict[str, float
         **species_accuracy(z_errors),
         "species_exact_of_all_sites": int((z_errors == 0).sum()) / max(all_sites, 1),
         "match_rate": float(np.mean([r.matched for r in rows])),
-        "valid_share": float(np.mean([r.valid for r in rows])),
+        "valid_before_repair_share": float(np.mean([r.valid_before_repair for r in rows])),
         "by_crystal_system": _by_crystal_system(rows),
     }
 
@@ -509,8 +510,6 @@ def crystal_system_shares(structures: Sequence) -> dict[str, float]:
     """Share of ``structures`` per crystal system (spglib at the prior-v2 builder's tolerance)."""
     from collections import Counter
 
-    from crystaloop.generative.data.decorate import crystal_system
-
     counts = Counter()
     for structure in structures:
         try:
@@ -551,7 +550,15 @@ def system_share_table(samples: dict[str, float], training: dict[str, float]) ->
 
 
 def sampling_metrics(
-    candidates, seconds: float, *, references, templates, bases=None, prototypes=None
+    candidates,
+    seconds: float,
+    *,
+    references,
+    templates,
+    bases=None,
+    prototypes=None,
+    training=None,
+    held_out=None,
 ) -> dict:
     """Shares of decoded, valid, charge-balanced, novel and unique samples; distributions; timing.
 
@@ -562,7 +569,9 @@ def sampling_metrics(
     reference matches) and by prototype (no structure type of ``prototypes``, see
     :func:`~crystaloop.generative.measures.reference_prototypes`, matches with species anonymised).
     ``sun_share`` is the share of all samples that are valid, SMACT-valid, structurally novel and
-    unique.
+    unique. With ``training`` (structures), ``crystal_systems`` compares the valid samples' shares
+    per crystal system with it; with ``held_out``, the Wasserstein distances of density and
+    element count are taken against it.
     """
     from collections import Counter
 
@@ -611,6 +620,12 @@ def sampling_metrics(
         "prototypes": dict(Counter(nearest_prototype(s, templates) for s in valid).most_common()),
         "failures": dict(reasons.most_common()),
     }
+    if training is not None:
+        out["crystal_systems"] = system_share_table(
+            crystal_system_shares(valid), crystal_system_shares(training)
+        )
+    if held_out is not None:
+        out.update(distribution_distances(valid, held_out))
     if bases is not None:
         # around a base: how often the decoded crystal is the base itself
         from pymatgen.analysis.structure_matcher import StructureMatcher
@@ -705,13 +720,10 @@ def evaluate_sampling(
         templates=prototype_templates(),
         bases=[p.structure for p in picks] if picks else None,
         prototypes=prototypes,
+        training=[r.structure for r in training],
+        held_out=[r.structure for r in held_out],
     )
     training_shares = composition_shares(training, seed=seed)
-    valid = [c.structure for c in candidates if c.structure is not None and is_valid(c.structure)]
-    metrics["crystal_systems"] = system_share_table(
-        crystal_system_shares(valid), crystal_system_shares([r.structure for r in training])
-    )
-    metrics.update(distribution_distances(valid, [r.structure for r in held_out]))
     return {
         "strategy": strategy,
         "latent_prior": ("fitted mixture" if fitted else "N(0, I)") if strategy == "random" else None,

@@ -61,7 +61,7 @@ RECONSTRUCTION = {
     # the field's measure for general cells (StructureMatcher ltol 0.3, stol 0.5, angle_tol 10);
     # CDVAE reconstructs 45 % of MP-20
     "match_rate": (">=", 0.60),
-    "valid_share": (">=", 0.90),
+    "valid_before_repair_share": (">=", 0.90),
     "angle_mae_degrees": ("<=", 1.0),
 }
 #: ``evaluate properties``: MAE (eV/atom) against :data:`PAPER_TABLE1_MAE`.

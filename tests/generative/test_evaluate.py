@@ -168,14 +168,22 @@ def test_reconstruction_match_uses_the_fields_tolerances_on_a_general_cell():
 
 def test_reconstruction_metrics_report_match_validity_and_each_crystal_system():
     rows = [
-        _row(2, 2, [0, 0], matched=True, valid=True, crystal_system="hexagonal"),
-        _row(2, 2, [0, 0], angles=(0.0, 0.0, 6.0), matched=False, valid=True, crystal_system="hexagonal"),
-        _row(2, 2, [0, 0], matched=True, valid=True, crystal_system="cubic"),
+        _row(2, 2, [0, 0], matched=True, valid_before_repair=True, crystal_system="hexagonal"),
+        _row(
+            2,
+            2,
+            [0, 0],
+            angles=(0.0, 0.0, 6.0),
+            matched=False,
+            valid_before_repair=True,
+            crystal_system="hexagonal",
+        ),
+        _row(2, 2, [0, 0], matched=True, valid_before_repair=True, crystal_system="cubic"),
         _row(2, 0, [], crystal_system="monoclinic"),
     ]
     metrics = reconstruction_metrics(rows)
     assert metrics["match_rate"] == pytest.approx(2 / 4)
-    assert metrics["valid_share"] == pytest.approx(3 / 4)
+    assert metrics["valid_before_repair_share"] == pytest.approx(3 / 4)
     hexagonal = metrics["by_crystal_system"]["hexagonal"]
     assert hexagonal["n"] == 2 and hexagonal["match_rate"] == pytest.approx(0.5)
     assert hexagonal["angle_mae_degrees"] == pytest.approx(6.0 / 6)
@@ -234,6 +242,20 @@ def test_sampling_metrics_on_hand_built_samples():
     assert m["valid_smact_novel_unique_share"] == pytest.approx(1 / 6)  # MgO only: KBr2 fails SMACT
     assert m["seconds_per_sample"] == pytest.approx(1.0)
     assert m["failures"] == {"unphysical lattice": 1, "no sites": 1}
+    assert "crystal_systems" not in m and "wasserstein_density" not in m
+    # against a training set and a held-out set: the four valid samples (three cubic, the KBr2 cell
+    # tetragonal) are compared
+    hexagonal = Structure.from_spacegroup(
+        "P6_3mc", Lattice.hexagonal(3.25, 5.21), ["Zn", "O"], [[1 / 3, 2 / 3, 0], [1 / 3, 2 / 3, 0.382]]
+    )
+    kw = {"references": references, "templates": prototype_templates()}
+    m = sampling_metrics(
+        candidates, 6.0, **kw, training=[rock_salt(5.64), hexagonal], held_out=[rock_salt(5.64)]
+    )
+    assert m["crystal_systems"]["by_system"]["cubic"] == {"samples": 0.75, "training": 0.5}
+    assert m["crystal_systems"]["by_system"]["hexagonal"] == {"samples": 0.0, "training": 0.5}
+    assert m["crystal_systems"]["largest_gap_points"] == pytest.approx(50.0)
+    assert m["wasserstein_n_elements"] == pytest.approx(0.0) and m["wasserstein_density"] > 0
 
 
 def test_wasserstein_distances_of_density_and_element_count():
