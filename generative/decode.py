@@ -144,6 +144,9 @@ class Decoder:
     elements
         Atomic numbers the decoder may choose from, when the VAE has no species head (a VAE
         checkpoint's ``elements``); default: the species head's, else the UNet's.
+    symprec
+        Refine every decoded crystal onto the space group spglib finds at this tolerance
+        (angstrom; :func:`crystaloop.generative.symmetry.symmetrize`). ``None``: as decoded.
 
     Raises
     ------
@@ -161,7 +164,11 @@ class Decoder:
         method: str | None = None,
         lattice: str = "auto",
         elements: Sequence[int] | None = None,
+        symprec: float | None = None,
     ) -> None:
+        if symprec is not None and not symprec > 0:
+            raise ValueError(f"symprec must be positive (angstrom); got {symprec}")
+        self.symprec = symprec
         if lattice not in LATTICE_SOURCES:
             raise ValueError(f"lattice must be one of {LATTICE_SOURCES}; got {lattice!r}")
         if lattice == "head" and not getattr(vae, "has_lattice_head", False):
@@ -202,6 +209,7 @@ class Decoder:
         workers: int | None = None,
         method: str | None = None,
         lattice: str = "auto",
+        symprec: float | None = None,
     ) -> Decoder:
         """Load the VAE (and, when the decoder needs it, the UNet) from checkpoint files.
 
@@ -223,6 +231,7 @@ class Decoder:
             method=method,
             lattice=lattice,
             elements=extra.get("elements"),
+            symprec=symprec,
         )
 
     @property
@@ -383,7 +392,8 @@ class Decoder:
         (B, C, g, g, g) and coordinates (B, 3, g, g, g).
 
         ``lattices`` (one per row, e.g. :meth:`head_lattices`) replace the least-squares fit of
-        the coordinate channels. ``keep`` (atomic numbers, :meth:`allowed_atomic_numbers`)
+        the coordinate channels. With :attr:`symprec`, each structure is symmetrised (the raw
+        minimum distance stays that of the sites as first read). ``keep`` (atomic numbers, :meth:`allowed_atomic_numbers`)
         restricts the species; ``None``: every element of the decoder. ``species_logits``
         (B, K, g, g, g) are a species head's outputs (``sites`` path).
         """
@@ -404,7 +414,17 @@ class Decoder:
             settled.append(lattice)
         maps = DecodedMaps(density, coords, species_logits, settled, problems)
         elements = list(keep) if keep is not None else self.atomic_numbers
-        return self.map_decoder.decode(maps, elements=elements, pool=pool)
+        rows = self.map_decoder.decode(maps, elements=elements, pool=pool)
+        if self.symprec is None:
+            return rows
+        from crystaloop.generative.symmetry import symmetrize
+
+        return [
+            row._replace(structure=symmetrize(row.structure, self.symprec).structure)
+            if row.structure is not None
+            else row
+            for row in rows
+        ]
 
     @torch.no_grad()
     def encode(

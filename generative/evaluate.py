@@ -314,12 +314,14 @@ def evaluate_reconstruction(
     seed: int = 0,
     method: str | None = None,
     lattice: str = "auto",
+    symprec: float | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Table 5 metrics of the registered (or given) VAE and UNet on the VAE's held-out split.
 
     ``method`` is the decoding path (:data:`crystaloop.generative.decode.METHODS`; default: the
     VAE's own); ``lattice`` the lattice source (:data:`~crystaloop.generative.decode.LATTICE_SOURCES`);
+    ``symprec`` symmetrises each decoded crystal (:mod:`crystaloop.generative.symmetry`);
     ``progress(done, total)`` is called after each structure.
     """
     from crystaloop.generative.decode import Decoder
@@ -330,7 +332,12 @@ def evaluate_reconstruction(
     _, vae_extra = load_model(vae_path)
     try:
         decoder = Decoder.from_checkpoints(
-            vae_path, resolve_checkpoint(unet, "unet", database), workers=1, method=method, lattice=lattice
+            vae_path,
+            resolve_checkpoint(unet, "unet", database),
+            workers=1,
+            method=method,
+            lattice=lattice,
+            symprec=symprec,
         )
     except ValueError as error:
         from crystaloop.errors import UserError
@@ -354,7 +361,12 @@ def evaluate_reconstruction(
         from crystaloop.errors import UserError
 
         raise UserError("no held-out structures to evaluate; check the data and the UNet's elements")
-    return {"method": decoder.method, "lattice": decoder.lattice_source, **reconstruction_metrics(rows)}
+    return {
+        "method": decoder.method,
+        "lattice": decoder.lattice_source,
+        "symprec": symprec,
+        **reconstruction_metrics(rows),
+    }
 
 
 def load_cgcnn(model: str | None, database):
@@ -652,6 +664,7 @@ def evaluate_sampling(
     workers: int | None = None,
     prior: str = "auto",
     lattice: str = "auto",
+    symprec: float | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Decode ``n`` samples of the registered (or given) VAE and UNet and measure them.
@@ -659,8 +672,9 @@ def evaluate_sampling(
     Novelty is judged against the whole shipped prior set (training and held-out structures);
     around-base samples start from the VAE's held-out split of it. ``prior`` picks the latent
     distribution of random samples (see :func:`sampling_latents`); ``lattice`` the lattice source
-    (:data:`~crystaloop.generative.decode.LATTICE_SOURCES`); ``progress(done, total)`` is called
-    after each decoded batch.
+    (:data:`~crystaloop.generative.decode.LATTICE_SOURCES`); ``symprec`` symmetrises each decoded
+    crystal (:mod:`crystaloop.generative.symmetry`); ``progress(done, total)`` is called after each
+    decoded batch.
     """
     import time
 
@@ -683,7 +697,7 @@ def evaluate_sampling(
             paths[kind] = resolve_checkpoint(None, kind, database)
     try:
         decoder = Decoder.from_checkpoints(
-            paths["vae"], paths["unet"], workers=workers, method=method, lattice=lattice
+            paths["vae"], paths["unet"], workers=workers, method=method, lattice=lattice, symprec=symprec
         )
     except ValueError as error:
         from crystaloop.errors import UserError
@@ -729,6 +743,7 @@ def evaluate_sampling(
         "latent_prior": ("fitted mixture" if fitted else "N(0, I)") if strategy == "random" else None,
         "method": decoder.method,
         "lattice": decoder.lattice_source,
+        "symprec": symprec,
         "vae": str(paths["vae"]),
         "unet": str(paths["unet"]),
         "paper_valid_share": PAPER_SAMPLING_VALID.get(strategy),

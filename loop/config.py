@@ -178,6 +178,15 @@ class Sampling(_Strict):
         0.7, gt=0, description="Standard deviation of the latent perturbation around hits."
     )
     store_latent: bool = Field(False, description="Keep each candidate's latent vector in its provenance.")
+    symprec: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description=(
+            "Symmetrise each decoded crystal onto the space group spglib finds at this tolerance (angstrom, "
+            "e.g. 0.3) before it is filtered; null: as decoded. See `crystaloop evaluate sampling --symprec`."
+        ),
+    )
     seed: int = Field(0, ge=0)
 
     @field_validator("base_formulas")

@@ -103,16 +103,22 @@ class GenerationReport(BaseModel):
 
 @lru_cache(maxsize=4)
 def load_decoder(
-    vae: str, unet: str, device: str = "auto", workers: int | None = None, method: str | None = None
+    vae: str,
+    unet: str,
+    device: str = "auto",
+    workers: int | None = None,
+    method: str | None = None,
+    symprec: float | None = None,
 ):
     """A :class:`~crystaloop.generative.decode.Decoder`, kept for the life of the process.
 
-    ``method`` is the decoder's path (``paper``, ``pursuit``, ``sites``; None: the VAE's default).
+    ``method`` is the decoder's path (``paper``, ``pursuit``, ``sites``; None: the VAE's default);
+    ``symprec`` symmetrises what it decodes (``sampling.symprec``).
     """
     from crystaloop.generative.decode import Decoder
 
     kwargs = {"method": method} if method is not None else {}
-    return Decoder.from_checkpoints(vae, unet, device=device, workers=workers, **kwargs)
+    return Decoder.from_checkpoints(vae, unet, device=device, workers=workers, symprec=symprec, **kwargs)
 
 
 class EnsemblePredictor:
@@ -613,7 +619,9 @@ def decode_batch(
     versions = model_versions(database, paths)
     device = device or get_settings().resolve_device()
     try:
-        decoder = load_decoder(paths["vae"], paths["unet"], device, workers, decoder_method)
+        decoder = load_decoder(
+            paths["vae"], paths["unet"], device, workers, decoder_method, config.sampling.symprec
+        )
     except ValueError as exc:
         raise UserError(f"{exc}; pick another decoder method") from None
     allowed = allowed_elements(config, family, decoder.elements)

@@ -232,12 +232,17 @@ def build_prior_v2(
     finalize_only: Annotated[
         bool, typer.Option(help="Label nothing: write prior-v2.json.gz from the labels done so far.")
     ] = False,
+    seed_from: Annotated[
+        Path | None,
+        typer.Option(help="A finished prior-v2.json.gz (e.g. the shipped one) whose records count as done."),
+    ] = None,
 ) -> None:
     """Decorate AFLOW prototypes of every crystal system, relax and label them with CHGNet (resumable).
 
     A killed build resumes where it stopped when rerun with the same --out and settings.
     ``--finalize-only`` writes the file of a partial build (a build still running in another
-    process may go on appending).
+    process may go on appending). ``--seed-from`` extends a finished file, such as the shipped
+    partial prior-v2, instead of labelling its structures again.
     """
     import time
 
@@ -252,23 +257,30 @@ def build_prior_v2(
     if not max_edge > 0 or not 0 < threshold < 1:
         raise UserError(f"--max-edge must be positive and --threshold in (0, 1), got {max_edge} and {threshold}")
     prior_v2.check_build_dir(out)
+    if seed_from is not None and not seed_from.is_file():
+        raise UserError(f"--seed-from {seed_from} not found; pass a prior-v2.json.gz (for example the shipped one)")
     settings = prior_v2.DecorationSettings(seed, max_sites, max_edge, threshold, per_prototype)
     t0 = time.perf_counter()
     with console.status("choosing decorations (ICSD substitution probabilities)"):
         decorations = prior_v2.load_decorations(out, settings, palette())
     console.print(f"{len(decorations)} decorations in {out / prior_v2.DECORATIONS}")
+    if seed_from is not None:
+        seeded, foreign = prior_v2.seed_labels(out, seed_from, decorations)
+        console.print(
+            f"seeded {seeded} records from {seed_from}"
+            + (f", {foreign} of them drawn outside this build's decorations (kept)" if foreign else "")
+        )
     if finalize_only:
-        report, chosen = prior_v2.labelled_so_far(out, decorations)
+        report, _ = prior_v2.labelled_so_far(out, decorations)
     else:
         progress, update = eta_progress("labelling", on=console)
         with progress:
             report = prior_v2.build(out, decorations, limit=limit, workers=workers, progress=update)
-        chosen = decorations[: report.total]
     from chgnet.model import CHGNet
 
     labeller = f"chgnet-{CHGNet.load(verbose=False).version}"
     cache = out / f"references-{labeller}.json"
-    symbols = sorted({new for d in chosen for _, new in d.substitution})
+    symbols = prior_v2.label_elements(report.labels_path)
     compute_references(symbols, labeller, cache=cache)
     output = out / f"{prior_v2.DATASET}.json.gz"
     header = prior_v2.finalize(report.labels_path, output, load_references(labeller, cache))

@@ -54,6 +54,20 @@ def _command(name: str, **options) -> str:
     return " ".join(parts)
 
 
+_SYMPREC = typer.Option(
+    None,
+    "--symprec",
+    help="Symmetrise each decoded crystal onto the space group spglib finds at this tolerance (angstrom, e.g. 0.3).",
+)
+
+
+def _check_symprec(symprec: float | None) -> None:
+    from crystaloop.errors import UserError
+
+    if symprec is not None and not 0 < symprec <= 1.0:
+        raise UserError(f"--symprec must be in (0, 1] angstrom, not {symprec}; 0.3 suits decoded samples")
+
+
 _MANIFEST = typer.Option(
     False,
     "--update-manifest",
@@ -117,6 +131,7 @@ def reconstruction(
     ),
     limit: int = _LIMIT,
     seed: int = _SEED,
+    symprec: float = _SYMPREC,
     fmt: str = _FORMAT,
     update_manifest: bool = _MANIFEST,
 ) -> None:
@@ -128,6 +143,7 @@ def reconstruction(
     from crystaloop.loop.bench.targets import PAPER_TABLE5, RECONSTRUCTION
 
     fmt = _check_format(fmt)
+    _check_symprec(symprec)
     database = get_database()
     progress, update = eta_progress("reconstructing")
     with progress:
@@ -139,6 +155,7 @@ def reconstruction(
             seed=seed,
             method=method,
             lattice=lattice,
+            symprec=symprec,
             progress=update,
         )
     command = _command(
@@ -149,10 +166,13 @@ def reconstruction(
         lattice=lattice if lattice != "auto" else None,
         limit=limit,
         seed=seed or None,
+        symprec=symprec,
     )
     vae_only, unet_only = split_reconstruction(metrics)
-    _record(database, {"vae": vae}, command, vae_only, manifest=update_manifest)
-    _record(database, {"unet": unet}, command, unet_only, manifest=update_manifest)
+    key = "held_out" if symprec is None else "held_out_symmetrized"
+    _record(database, {"vae": vae}, command, vae_only, key=key, manifest=update_manifest)
+    if symprec is None:  # the UNet's recall does not depend on the symmetrisation
+        _record(database, {"unet": unet}, command, unet_only, manifest=update_manifest)
     if fmt == "json":
         print(json.dumps(metrics))
         return
@@ -162,7 +182,7 @@ def reconstruction(
     for column in ("metric", "this model", "paper", "target"):
         table.add_column(column)
     for key, value in metrics.items():
-        if key in ("method", "lattice", "by_crystal_system"):
+        if key in ("method", "lattice", "symprec", "by_crystal_system"):
             continue
         target = RECONSTRUCTION.get(key)
         table.add_row(
@@ -255,6 +275,7 @@ def sampling(
     unet: str = typer.Option(None, "--unet", help="UNet version or checkpoint (default: registry default)."),
     workers: int = typer.Option(None, "--workers", min=1, help="Watershed processes (default: all cores)."),
     seed: int = _SEED,
+    symprec: float = _SYMPREC,
     fmt: str = _FORMAT,
     update_manifest: bool = _MANIFEST,
 ) -> None:
@@ -273,6 +294,7 @@ def sampling(
         raise UserError(f"--strategy must be 'random' or 'around_base', not {strategy!r}")
     if prior not in ("auto", "fitted", "normal"):
         raise UserError(f"--prior must be 'auto', 'fitted' or 'normal', not {prior!r}")
+    _check_symprec(symprec)
     database = get_database()
     progress, update = eta_progress("decoding samples")
     with progress:
@@ -287,6 +309,7 @@ def sampling(
             workers=workers,
             prior=prior,
             lattice=lattice,
+            symprec=symprec,
             progress=update,
         )
     normal = strategy == "random" and prior == "normal"
@@ -300,13 +323,15 @@ def sampling(
         vae=vae,
         unet=unet,
         seed=seed or None,
+        symprec=symprec,
     )
-    key = "sampling_normal" if normal else f"sampling_{strategy}"
+    key = ("sampling_normal" if normal else f"sampling_{strategy}") + ("_symmetrized" if symprec else "")
     _record(database, {"vae": vae}, command, _numbers(metrics), key=key, manifest=update_manifest)
     if fmt == "json":
         print(json.dumps(metrics))
         return
-    table = Table(title=f"sampling ({n} {strategy} samples, {metrics['method']} decoding)")
+    symmetrized = f", symmetrised at {symprec} A" if symprec else ""
+    table = Table(title=f"sampling ({n} {strategy} samples, {metrics['method']} decoding{symmetrized})")
     for column in ("measure", "this model", "paper", "target"):
         table.add_column(column, overflow="fold")
     for key, value in metrics.items():
@@ -322,7 +347,7 @@ def sampling(
         # the paper's share was measured with no merge or lattice bounds: it compares with the share
         # before them; the share after them is true by construction on the sites path
         paper = metrics["paper_valid_share"] if key == "valid_before_repair_share" else None
-        if key == "paper_valid_share":
+        if key in ("paper_valid_share", "symprec"):
             continue
         table.add_row(
             key,

@@ -42,6 +42,8 @@ DEFAULT_THRESHOLD = 1e-3
 """Smallest substitution probability kept (the predictor's own default)."""
 DEFAULT_PER_PROTOTYPE = 60
 """Most decorations per prototype; more are subsampled, weighted by probability."""
+PROBABILITY_DIGITS = 12
+"""Decimals kept of a substitution probability (the predictor's sums differ in the last digits)."""
 SYMPREC = 0.1
 """spglib tolerance (Å) for crystal-system tags; loose enough for relaxed cells."""
 CRYSTAL_SYSTEMS = ("triclinic", "monoclinic", "orthorhombic", "tetragonal", "trigonal", "hexagonal", "cubic")
@@ -276,8 +278,12 @@ def substitution_choices(
         ):
             continue
         key = tuple(zip(elements, new, strict=True))
-        if key not in out:
-            out[key] = (key, float(pred["probability"]), kind)
+        # Several predictions (other oxidation states) can name one substitution, and the
+        # predictor's order and last float digits follow set iteration: keep the largest,
+        # rounded, so that the same seed draws the same decorations in every process.
+        probability = round(float(pred["probability"]), PROBABILITY_DIGITS)
+        if key not in out or probability > out[key][1]:
+            out[key] = (key, probability, kind)
     return list(out.values())
 
 

@@ -221,6 +221,75 @@ def build(
     return BuildReport(len(chosen), len(todo), already, time.perf_counter() - start, labels_path)
 
 
+def labels_line(record: dict) -> dict:
+    """The ``labels.jsonl`` line of one shipped prior-v2 record (the inverse of :func:`make_record`).
+
+    The structure is rebuilt from the stored lattice, species and fractional coordinates, and the
+    labels and extras are lifted back to the top level, so that :func:`make_record` of the line
+    gives the record again (the formation energy recomputed from the same references).
+    """
+    from pymatgen.core import Lattice, Structure
+
+    line = {k: v for k, v in record.items() if k not in ("lattice", "species", "frac_coords", "labels")}
+    if record.get("lattice"):
+        structure = Structure(Lattice(record["lattice"]), record["species"], record["frac_coords"])
+        line["structure"] = structure.as_dict()
+    line.update(record.get("labels") or {})
+    return line
+
+
+def seed_labels(build_dir: Path, source: Path, decorations: Sequence[decorate.Decoration]) -> tuple[int, int]:
+    """Write the records of a finished prior-v2 file into ``build_dir/labels.jsonl`` as done.
+
+    A build seeded from the shipped file labels only the decorations that file lacks. Records
+    already in the folder are kept as they are. Records of decorations that are not in this
+    build's list (drawn with another seed or settings, or by a release whose draw followed the
+    process's hash seed) are written too: they are labelled by the same rules, and the finished
+    file holds every labelled record.
+
+    Returns
+    -------
+    (seeded, foreign)
+        Records written now, and how many of them are not in this build's list.
+
+    Raises
+    ------
+    crystaloop.errors.UserError
+        ``source`` is missing or is not a prior-v2 file.
+    """
+    from crystaloop.errors import UserError
+    from crystaloop.generative.data.prior import read_prior
+
+    if not source.exists():
+        raise UserError(f"--seed-from {source} not found; pass a prior-v2.json.gz (for example the shipped one)")
+    doc = read_prior(source)
+    if doc.get("format") != FORMAT:
+        raise UserError(f"--seed-from {source} is not a prior-v2 file (format {doc.get('format')!r})")
+    build_dir.mkdir(parents=True, exist_ok=True)
+    labels_path = build_dir / LABELS
+    _repair_torn_tail(labels_path)
+    done = read_done(labels_path)
+    wanted = {d.structure_id for d in decorations}
+    seeded = foreign = 0
+    with labels_path.open("a") as fh:
+        for record in doc["records"]:
+            sid = record["structure_id"]
+            if sid not in done:
+                fh.write(json.dumps(labels_line(record)) + "\n")
+                seeded += 1
+                foreign += sid not in wanted
+        fh.flush()
+        os.fsync(fh.fileno())
+    return seeded, foreign
+
+
+def label_elements(labels_path: Path) -> list[str]:
+    """The elements of every record in ``labels_path``, sorted: the references a finished file needs."""
+    from pymatgen.core import Composition
+
+    return sorted({el.symbol for rec in read_done(labels_path).values() for el in Composition(rec["formula"])})
+
+
 def labelled_so_far(build_dir: Path, decorations: Sequence[decorate.Decoration]) -> tuple[BuildReport, list]:
     """The report of what ``build_dir`` holds now, and those decorations (for ``--finalize-only``).
 

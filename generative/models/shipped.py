@@ -100,7 +100,10 @@ HELD_OUT_PREFIX = "held_out_"
 
 EVALUATIONS = ("held_out", "sampling_random", "sampling_around_base", "sampling_normal")
 """Blocks that ``crystaloop evaluate`` writes: reconstruction or property metrics on the held-out
-split, and the sampling shares of each strategy. Registry metrics carry ``<block>_`` prefixes."""
+split, and the sampling shares of each strategy. Registry metrics carry ``<block>_`` prefixes.
+Each may also be written with the suffix ``_symmetrized`` (decoded crystals refined by spglib,
+``--symprec``)."""
+EVALUATIONS += tuple(f"{block}_symmetrized" for block in EVALUATIONS)
 
 CALIBRATION_PREFIXES = ("within_1sigma_", "within_2sigma_")
 """Ensemble coverage on the validation split, where the sigma scale was fitted: about 68 % and 95 %
@@ -123,7 +126,8 @@ def split_metrics(metrics: dict) -> tuple[dict, dict, dict]:
     registry doc's metrics."""
     validation, calibration, held_out = {}, {}, {}
     for key, value in metrics.items():
-        block = next((b for b in EVALUATIONS if key.startswith(b + "_")), None)
+        # the longest block first: "held_out_symmetrized_x" is not "held_out" + "symmetrized_x"
+        block = next((b for b in sorted(EVALUATIONS, key=len, reverse=True) if key.startswith(b + "_")), None)
         if block is not None:
             held_out.setdefault(block, {})[key[len(block) + 1 :]] = value
         elif key.startswith(CALIBRATION_PREFIXES):

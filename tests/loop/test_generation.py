@@ -240,3 +240,23 @@ def test_novelty_scope_own_leaves_out_other_campaigns_results(database):
 
     assert groups("all") == [216, 221, 225]
     assert groups("own") == [216, 225]  # the other campaign's B2 result is not known to this one
+
+
+def test_sampling_symprec_symmetrises_what_the_campaign_shortlists(database):
+    from pymatgen.core import Structure
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    config = parse_campaign_config(campaign(sampling={"mode": "random", "seed": 3, "symprec": 0.3}))
+    report = generate_candidates(config, database=database, n=16, round=1, seed=7, generation_id="sym")
+    assert report.n_shortlisted > 0
+    for doc in database["candidates"].find({"provenance.generation_id": "sym"}):
+        structure = Structure.from_dict(doc["structure"])
+        # exact symmetry: a tight tolerance finds what the loose one found
+        tight = SpacegroupAnalyzer(structure, symprec=1e-3).get_space_group_symbol()
+        assert tight == SpacegroupAnalyzer(structure, symprec=0.3).get_space_group_symbol()
+    from crystaloop.errors import ConfigError
+
+    for bad in (0, 2.0):
+        with pytest.raises(ConfigError) as info:
+            parse_campaign_config(campaign(sampling={"mode": "random", "symprec": bad}))
+        assert any("symprec" in line for line in info.value.lines)

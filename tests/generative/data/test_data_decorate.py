@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 from pymatgen.core import Composition, Element, Lattice, Structure
 
@@ -108,3 +112,20 @@ def test_metalloid_sites_of_intermetallics_take_metals_or_metalloids():
         new = dict(d.substitution)
         assert Element(new["Fe"]).is_metal
         assert Element(new["Si"]).is_metal or Element(new["Si"]).is_metalloid
+
+
+def test_the_draw_does_not_follow_the_processs_hash_seed():
+    # the predictor iterates sets: duplicates and last digits once depended on PYTHONHASHSEED
+    code = (
+        "from crystaloop.generative.data import decorate; from crystaloop.generative.data.elements import palette;"
+        "print(sorted(d.structure_id for d in decorate.decorate_all(palette(), per_prototype=20, "
+        "prototypes=['A3B_cP8_223_c_a', 'AB_cP2_221_b_a'])))"
+    )
+    env = {**os.environ}
+    runs = []
+    for hash_seed in ("1", "2"):
+        env["PYTHONHASHSEED"] = hash_seed
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        runs.append(out.stdout)
+    assert runs[0] == runs[1] and runs[0].count("prior2:") == 40

@@ -88,6 +88,34 @@ def test_a_partial_build_is_finalized_from_what_it_holds(small, tmp_path):
         prior_v2.labelled_so_far(tmp_path / "empty", decorations)
 
 
+def test_a_build_seeded_from_a_finished_file_labels_only_what_it_lacks(small, tmp_path):
+    build_dir, decorations, _ = small
+    finished = tmp_path / "finished.json.gz"
+    references = load_references("chgnet-0.3.0")
+    prior_v2.finalize(build_dir / prior_v2.LABELS, finished, references)
+    records = prior.read_prior(finished)["records"]
+
+    seeded_dir = tmp_path / "seeded"
+    assert prior_v2.seed_labels(seeded_dir, finished, decorations) == (len(records), 0)
+    assert prior_v2.seed_labels(seeded_dir, finished, decorations) == (0, 0)  # a rerun adds nothing
+    report = prior_v2.build(seeded_dir, decorations, limit=2, workers=1)
+    assert (report.labelled_now, report.already_done) == (0, 2)  # nothing relabelled
+    again = tmp_path / "again.json.gz"
+    prior_v2.finalize(seeded_dir / prior_v2.LABELS, again, references)
+    for before, after in zip(records, prior.read_prior(again)["records"], strict=True):
+        assert {k: v for k, v in after.items() if k != "labels"} == {k: v for k, v in before.items() if k != "labels"}
+        for key, value in (before.get("labels") or {}).items():  # recomputed from rounded energies
+            assert after["labels"][key] == pytest.approx(value, abs=2e-6)
+    assert prior_v2.label_elements(seeded_dir / prior_v2.LABELS) == sorted(
+        {el for r in records for el in r["species"]}
+    )
+
+    other = tmp_path / "other"  # records drawn outside this build's list are kept, and counted
+    assert prior_v2.seed_labels(other, finished, []) == (len(records), len(records))
+    with pytest.raises(UserError, match="not a prior-v2 file"):
+        prior_v2.seed_labels(tmp_path / "v1", prior.SHIPPED_PATH, decorations)
+
+
 def test_the_file_loads_as_general_cells_for_training(small, tmp_path, database):
     from pymatgen.core import Lattice, Structure
 
@@ -131,6 +159,7 @@ def test_the_shipped_prior_v1_is_never_a_target(tmp_path):
         (["--out", "{tmp}", "--workers", "0"], "--workers must be at least 1"),
         (["--out", "{tmp}", "--limit", "0"], "--limit must be at least 1"),
         (["--out", "{file}"], "is a file; pass a folder"),
+        (["--out", "{tmp}", "--seed-from", "{tmp}/none.json.gz"], "--seed-from"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
