@@ -451,14 +451,14 @@ def prior_records(max_sites: int = 40):
 
 
 def dataset_references(database, data) -> tuple[list, list[str | None]]:
-    """The records of ``data``'s dataset (training and held-out) and their prototype labels."""
+    """The records of ``data``'s dataset and mix (training and held-out) and their prototype labels."""
     from crystaloop.generative.train.data import load_records
 
     records = load_records(database, data)
     names = {
         d["structure_id"]: d.get("prototype")
         for d in database["training_structures"].find(
-            {"dataset": data.dataset}, {"_id": 0, "structure_id": 1, "prototype": 1}
+            {"dataset": {"$in": [data.dataset, *data.mix]}}, {"_id": 0, "structure_id": 1, "prototype": 1}
         )
     }
     return records, [names.get(r.structure_id) for r in records]

@@ -38,7 +38,21 @@ class DataConfig(_Config):
 
     dataset: str | None = Field(None, description="training_structures 'dataset' name; None: all.")
     material_classes: list[Literal["binary", "perovskite", "heusler", "other"]] | None = None
+    mix: dict[str, int] = Field(
+        default_factory=dict,
+        description="Other datasets mixed into 'dataset', each as a random subset (fixed seed) of at most "
+        "this many records, e.g. {prior-v1: 1500}: a stated share of another set, not all of it.",
+    )
     limit: int | None = Field(None, ge=2, description="Random subset (fixed seed) of the records.")
+
+    @model_validator(mode="after")
+    def _mix_needs_a_dataset(self) -> DataConfig:
+        if self.mix and not self.dataset:
+            raise ValueError("data.mix needs data.dataset (without it every dataset is already loaded)")
+        for name, most in self.mix.items():
+            if name == self.dataset or most < 1:
+                raise ValueError(f"data.mix: {name}: {most} must name another dataset and at least 1 record")
+        return self
     max_sites: int = Field(40, ge=1, description="Skip larger cells (the paper used <= 40 atoms).")
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Held-out share, by composition.")
     split_seed: int = 0

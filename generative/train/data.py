@@ -91,6 +91,20 @@ def load_records(database, config: DataConfig) -> list[LabelledStructure]:
             "no training structures match the config; run `crystaloop data load-prior` "
             "(or check data.dataset / data.material_classes)"
         )
+    for name, most in sorted(config.mix.items()):
+        extra = sorted(
+            database["training_structures"].find({**query, "dataset": name}, projection),
+            key=lambda d: d["structure_id"],
+        )
+        if not extra:
+            raise UserError(
+                f"data.mix names dataset {name!r}, which holds no matching structures; load it first "
+                f"(`crystaloop data load-prior --dataset {name}`) or remove it from data.mix"
+            )
+        picks = np.random.default_rng(config.split_seed).permutation(len(extra))[:most]
+        docs += [extra[i] for i in sorted(picks)]
+    if config.mix:
+        docs.sort(key=lambda d: d["structure_id"])
     order = np.random.default_rng(config.split_seed).permutation(len(docs))
     if config.limit:
         order = order[: config.limit]

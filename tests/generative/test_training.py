@@ -75,6 +75,26 @@ def _config(tmp_path, name: str, body: dict):
     return path
 
 
+def test_another_dataset_is_mixed_in_as_a_stated_subset(labelled):
+    others = []
+    for doc in _records()[:6]:  # the rock salts again, as a second dataset
+        others.append({**doc, "structure_id": doc["structure_id"].replace("test:", "other:"), "dataset": "other"})
+    labelled["training_structures"].insert_many(others)
+    alone = load_records(labelled, DataConfig(dataset="test"))
+    mixed = load_records(labelled, DataConfig(dataset="test", mix={"other": 4}))
+    assert len(alone) == 10 and len(mixed) == 14
+    picked = {r.structure_id for r in mixed} - {r.structure_id for r in alone}
+    assert len(picked) == 4 and all(sid.startswith("other:") for sid in picked)
+    again = load_records(labelled, DataConfig(dataset="test", mix={"other": 4}))
+    assert [r.structure_id for r in again] == [r.structure_id for r in mixed]  # the same draw
+    assert len(load_records(labelled, DataConfig(dataset="test", mix={"other": 100}))) == 16
+    with pytest.raises(UserError, match="data.mix names dataset 'absent'"):
+        load_records(labelled, DataConfig(dataset="test", mix={"absent": 5}))
+    for bad in ({"dataset": None, "mix": {"other": 4}}, {"dataset": "test", "mix": {"test": 4}}, {"dataset": "test", "mix": {"other": 0}}):
+        with pytest.raises(ValueError, match="data.mix"):
+            DataConfig(**bad)
+
+
 def test_split_is_by_composition_and_stable(labelled):
     config = DataConfig(grid=GRID, test_fraction=0.3)
     records = load_records(labelled, config)
