@@ -68,5 +68,7 @@ def symmetrize(structure: Structure, symprec: float = DEFAULT_SYMPREC) -> Symmet
         return Symmetrized(structure, False, symbol, "refinement changed the number of sites")
     per_site = (refined.volume / len(refined)) / (structure.volume / len(structure))
     if abs(per_site - 1.0) > 0.05:
-        return Symmetrized(structure, False, symbol, "refinement changed the volume per site by more than 5 %")
+        return Symmetrized(
+            structure, False, symbol, "refinement changed the volume per site by more than 5 %"
+        )
     return Symmetrized(refined, True, symbol)

@@ -79,8 +79,13 @@ def site_shards(
     dataset: str = typer.Option(
         None, "--dataset", help="Only this loaded dataset (prior-v1, prior-v2 for general cells); default all."
     ),
+    mix: list[str] = typer.Option(
+        None, "--mix", help="NAME=N: N random records of another dataset with --dataset (data.mix); repeatable."
+    ),
 ) -> None:
     """Site-channel shards of the loaded training data for `python generative/train/gpu.py`."""
+    from pydantic import ValidationError
+
     from crystaloop.db import get_database
     from crystaloop.errors import UserError
     from crystaloop.generative.train.config import DataConfig
@@ -90,8 +95,17 @@ def site_shards(
 
     if split not in ("train", "all"):
         raise UserError(f"--split must be 'train' or 'all', not {split!r}")
+    mixed = {}
+    for item in mix or ():
+        name, _, count = item.partition("=")
+        if not name or not count.isdigit():
+            raise UserError(f"--mix {item!r} must read NAME=N, e.g. prior-v1=1000")
+        mixed[name] = int(count)
     check_out_dir(out_dir, "the shards")
-    data = DataConfig(grid=grid, limit=limit, dataset=dataset)
+    try:
+        data = DataConfig(grid=grid, limit=limit, dataset=dataset, mix=mixed)
+    except ValidationError as error:  # the validator's own message names data.mix
+        raise UserError(f"--mix: {error.errors()[0]['msg'].removeprefix('Value error, ')}") from None
     records = load_records(get_database(), data)
     if split == "train":
         records, _ = composition_split(records, data.test_fraction, data.split_seed)

@@ -261,7 +261,9 @@ def seed_labels(build_dir: Path, source: Path, decorations: Sequence[decorate.De
     from crystaloop.generative.data.prior import read_prior
 
     if not source.exists():
-        raise UserError(f"--seed-from {source} not found; pass a prior-v2.json.gz (for example the shipped one)")
+        raise UserError(
+            f"--seed-from {source} not found; pass a prior-v2.json.gz (for example the shipped one)"
+        )
     doc = read_prior(source)
     if doc.get("format") != FORMAT:
         raise UserError(f"--seed-from {source} is not a prior-v2 file (format {doc.get('format')!r})")
@@ -287,7 +289,9 @@ def label_elements(labels_path: Path) -> list[str]:
     """The elements of every record in ``labels_path``, sorted: the references a finished file needs."""
     from pymatgen.core import Composition
 
-    return sorted({el.symbol for rec in read_done(labels_path).values() for el in Composition(rec["formula"])})
+    return sorted(
+        {el.symbol for rec in read_done(labels_path).values() for el in Composition(rec["formula"])}
+    )
 
 
 def labelled_so_far(build_dir: Path, decorations: Sequence[decorate.Decoration]) -> tuple[BuildReport, list]:

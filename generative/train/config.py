@@ -53,6 +53,7 @@ class DataConfig(_Config):
             if name == self.dataset or most < 1:
                 raise ValueError(f"data.mix: {name}: {most} must name another dataset and at least 1 record")
         return self
+
     max_sites: int = Field(40, ge=1, description="Skip larger cells (the paper used <= 40 atoms).")
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Held-out share, by composition.")
     split_seed: int = 0

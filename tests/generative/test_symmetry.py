@@ -67,7 +67,12 @@ def test_symmetrised_evaluations_are_their_own_blocks():
     from crystaloop.generative.models.shipped import split_metrics
 
     validation, _, blocks = split_metrics(
-        {"held_out_match_rate": 0.48, "held_out_symmetrized_match_rate": 0.5, "sampling_random_symmetrized_valid_share": 1.0, "loss": 2.0}
+        {
+            "held_out_match_rate": 0.48,
+            "held_out_symmetrized_match_rate": 0.5,
+            "sampling_random_symmetrized_valid_share": 1.0,
+            "loss": 2.0,
+        }
     )
     assert blocks == {
         "held_out": {"match_rate": 0.48},

@@ -568,6 +568,9 @@ def test_site_shards_command_shows_progress_and_refuses_a_file(labelled, tmp_pat
     assert result.exit_code == 0 and json.loads((general / "manifest.json").read_text())["count"] == 8
     result = CliRunner().invoke(app, ["train", "site-shards", str(tmp_path / "x"), "--dataset", "prior-v2"])
     assert isinstance(result.exception, UserError) and "no training structures match" in str(result.exception)
+    for bad, message in (("test=x", "must read NAME=N"), ("test=3", "must name another dataset")):
+        result = CliRunner().invoke(app, ["train", "site-shards", str(tmp_path / "y"), "--dataset", "test", "--mix", bad])
+        assert isinstance(result.exception, UserError) and message in str(result.exception), result.output
     result = CliRunner().invoke(app, ["train", "site-shards", str(out / "manifest.json"), "--grid", "8"])
     assert isinstance(result.exception, UserError)
     assert "is a file; pass a folder (new or existing) for the shards" in str(result.exception)

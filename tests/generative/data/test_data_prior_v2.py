@@ -103,7 +103,9 @@ def test_a_build_seeded_from_a_finished_file_labels_only_what_it_lacks(small, tm
     again = tmp_path / "again.json.gz"
     prior_v2.finalize(seeded_dir / prior_v2.LABELS, again, references)
     for before, after in zip(records, prior.read_prior(again)["records"], strict=True):
-        assert {k: v for k, v in after.items() if k != "labels"} == {k: v for k, v in before.items() if k != "labels"}
+        assert {k: v for k, v in after.items() if k != "labels"} == {
+            k: v for k, v in before.items() if k != "labels"
+        }
         for key, value in (before.get("labels") or {}).items():  # recomputed from rounded energies
             assert after["labels"][key] == pytest.approx(value, abs=2e-6)
     assert prior_v2.label_elements(seeded_dir / prior_v2.LABELS) == sorted(
